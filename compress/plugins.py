@@ -1,0 +1,87 @@
+"""The contracts that plug-ins implement (losses, inheritance strategies, schedules).
+
+``compress`` defines them; ``strategies`` (and third-party packages) implement them and
+register the implementations in ``compress.registry``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from compress.outputs import ClipOutput
+
+
+class DistillLoss(nn.Module):
+    """A loss plug-in: ``forward(student, teacher, batch) -> {term name: scalar tensor}``.
+
+    The trainer multiplies every term by the configured weight, sums them, and logs each.
+    Features are gathered across ranks with :func:`compress.distributed.gather_with_grad`,
+    never by the loss on its own. ``needs_teacher = False`` lets a run without a teacher
+    (training from scratch with the CLIP loss alone) skip the teacher's forward pass.
+    ``needs`` names optional :class:`ClipOutput` extras the loss reads (``image_embeds``...).
+    """
+
+    needs_teacher: bool = True
+    needs: tuple[str, ...] = ()
+
+    def forward(  # type: ignore[override]
+        self, student: ClipOutput, teacher: ClipOutput | None, batch: Mapping[str, Any] | None = None
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+class Inheritance:
+    """An inheritance plug-in: how a student gets its first weights from a source model.
+
+    ``inherit(student, source)`` receives the freshly built (randomly initialised) student
+    and the source (the teacher, or the previous stage's exported student) and returns the
+    module to train. Strategies that learn their structure (masks) add a regulariser and
+    parameter groups, and may make the model smaller during training (``on_step``).
+    ``export(student)`` returns the physically smaller model that is saved and evaluated.
+    """
+
+    #: False when the strategy does not need a student architecture (it derives it itself).
+    needs_student_config: bool = True
+
+    def inherit(self, student: nn.Module | None, source: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def regularizer(self, student: nn.Module, step: int) -> dict[str, Tensor]:
+        """Extra loss terms added to the distillation loss (e.g. a sparsity Lagrangian)."""
+        return {}
+
+    def param_groups(self, student: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer groups for the strategy's own parameters (mask logits, multipliers)."""
+        return []
+
+    def owned_parameters(self, student: nn.Module) -> set[int]:
+        """ids of parameters that belong to ``param_groups`` and not to the weight groups."""
+        return {id(p) for group in self.param_groups(student) for p in group["params"]}
+
+    def on_step(self, student: nn.Module, step: int) -> nn.Module | None:
+        """Called after every optimizer step; return a new module to replace the student
+        (the trainer then rebuilds its optimizer), or None to go on unchanged."""
+        return None
+
+    def log_values(self, student: nn.Module) -> dict[str, float]:
+        return {}
+
+    def export(self, student: nn.Module) -> nn.Module:
+        return student
+
+
+class Schedule:
+    """A schedule plug-in: ``value(step) -> float`` (learning rate, target sparsity, weights).
+
+    The engine offers context to the constructor (``base_value``, ``total_steps``); a
+    schedule declares the ones it uses as parameters.
+    """
+
+    def value(self, step: int) -> float:
+        raise NotImplementedError
+
+    def __call__(self, step: int) -> float:
+        return self.value(step)
