@@ -1,0 +1,303 @@
+"""The distillation loop: student vs frozen teacher, loss plug-ins, schedules, checkpoints.
+
+Written for one process now and for torch.distributed later: rank decisions go through
+:mod:`compress.distributed`, the batch stream (and so the sampler) is passed in, and the
+teacher's outputs come through one callable (:mod:`compress.teacher`) that a cache can
+replace.
+
+Gradient accumulation follows open_clip's scheme so that distillation stays exact: the
+student's features for every micro-batch are first computed without gradient; then, for
+each micro-batch j, its features are recomputed with gradient and the loss is evaluated
+over the whole accumulated batch (the other micro-batches' features held constant), so the
+summed gradients equal the full-batch gradient. The student's logit scale (and a strategy's
+regulariser) take part in the first micro-batch's backward only, so they are not counted
+``accum_steps`` times.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from compress import distributed
+from compress.config import TrainConfig
+from compress.models.forward import clip_forward
+from compress.optim import build_adamw, weight_groups
+from compress.outputs import ClipOutput
+from compress.plugins import DistillLoss, Inheritance, Schedule
+from compress.precision import Precision
+from compress.teacher import TeacherSource
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+@dataclass
+class LossTerm:
+    """A configured loss plug-in and the weight its terms are multiplied by."""
+
+    name: str
+    weight: float
+    module: DistillLoss
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    final_terms: dict[str, float]
+    nonfinite_steps: int
+    samples_per_s: float
+    duration_s: float
+    replaced_at: list[int] = field(default_factory=list)
+
+
+class CosineFrom(Schedule):
+    """Cosine decay from ``start_value`` at ``start_step`` to 0 at ``total_steps`` (no warm-up):
+    the lr after a strategy made the student smaller (TinyCLIP continues this way after pruning)."""
+
+    def __init__(self, start_value: float, start_step: int, total_steps: int) -> None:
+        self.start_value, self.start_step = start_value, start_step
+        self.span = max(total_steps - start_step, 1)
+
+    def value(self, step: int) -> float:
+        progress = min(max((step - self.start_step) / self.span, 0.0), 1.0)
+        return self.start_value * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
+    """Split every tensor (and list) of a batch into ``parts`` equal micro-batches."""
+    if parts == 1:
+        return [dict(batch)]
+    size = len(batch["images"])
+    if size % parts:
+        raise TrainingError(f"batch of {size} cannot be split into {parts} equal micro-batches")
+    step = size // parts
+    return [
+        {k: v[i * step : (i + 1) * step] if isinstance(v, Tensor | list) else v for k, v in batch.items()}
+        for i in range(parts)
+    ]
+
+
+def splice(cached: list[ClipOutput], live: ClipOutput, index: int, live_scale: bool) -> ClipOutput:
+    """The accumulated batch's outputs with micro-batch ``index`` replaced by ``live``."""
+    parts = cached[:index] + [live] + cached[index + 1 :]
+    full = ClipOutput.cat(parts)
+    full.logit_scale = live.logit_scale if live_scale else live.logit_scale.detach()
+    return full
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Trains ``student`` for ``cfg.steps`` optimizer steps; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        student: nn.Module,
+        losses: list[LossTerm],
+        lr_schedule: Schedule,
+        batches: Iterator[Mapping[str, Any]],
+        precision: Precision,
+        teacher: TeacherSource | None = None,
+        inheritance: Inheritance | None = None,
+        run_dir: Path | None = None,
+        on_log: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        self.student = student
+        self.losses = losses
+        self.lr_schedule = lr_schedule
+        self.batches = batches
+        self.precision = precision
+        self.device = precision.device
+        self.teacher = teacher
+        self.inheritance = inheritance or Inheritance()
+        self.run_dir = run_dir
+        self.on_log = on_log
+        self.needs = tuple(sorted({n for term in losses for n in term.module.needs}))
+        self.uses_teacher = any(term.module.needs_teacher for term in losses)
+        if self.uses_teacher and teacher is None:
+            raise TrainingError("a configured loss needs a teacher, but there is none")
+        self.scaler = precision.grad_scaler()
+        self.step = 0
+        self.optimizer = self._build_optimizer()
+
+    # -- setup --------------------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        own = self.inheritance.param_groups(self.student)
+        skip = {id(p) for g in own for p in g["params"]}
+        modules = [("", self.student)] + [(f"loss.{t.name}", t.module) for t in self.losses]
+        groups = weight_groups(modules, self.cfg.weight_decay, skip) + own
+        fused = self.device.type == "cuda" and not any(g.get("maximize") for g in own)
+        return build_adamw(groups, self.cfg.lr, tuple(self.cfg.betas), self.cfg.eps, fused=fused)
+
+    def _set_lr(self, step: int) -> float:
+        lr = self.lr_schedule(step)
+        for group in self.optimizer.param_groups:
+            if group.get("follows_schedule"):
+                group["lr"] = lr
+        return lr
+
+    # -- one step -----------------------------------------------------------------------
+    def _loss(self, student_out: ClipOutput, teacher_out: ClipOutput | None, batch: Mapping[str, Any]):
+        terms: dict[str, Tensor] = {}
+        total = student_out.image_features.new_zeros(())
+        for term in self.losses:
+            for key, value in term.module(student_out, teacher_out, batch).items():
+                name = key if key not in terms else f"{term.name}.{key}"
+                terms[name] = value
+                total = total + term.weight * value.float()
+        return total, terms
+
+    def _backward(self, loss: Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _forward_backward(self, batch: Mapping[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        micro = split_batch(batch, self.cfg.accum_steps)
+        teacher_outs = [self.teacher(m) for m in micro] if self.uses_teacher else None
+        teacher_full = ClipOutput.cat(teacher_outs) if teacher_outs else None
+        regular = self.inheritance.regularizer(self.student, step)
+        if len(micro) == 1:
+            with self.precision.autocast():
+                out = clip_forward(self.student, micro[0]["images"], micro[0]["texts"], self.needs)
+                total, terms = self._loss(out, teacher_full, batch)
+            loss = total + sum(regular.values(), total.new_zeros(()))
+            self._backward(loss)
+            return total.detach(), {**terms, **regular}
+        with torch.no_grad(), self.precision.autocast():
+            cached = [clip_forward(self.student, m["images"], m["texts"], self.needs) for m in micro]
+        for j, m in enumerate(micro):
+            with self.precision.autocast():
+                live = clip_forward(self.student, m["images"], m["texts"], self.needs)
+                total, terms = self._loss(splice(cached, live, j, live_scale=j == 0), teacher_full, batch)
+            loss = total + sum(regular.values(), total.new_zeros(())) if j == 0 else total
+            self._backward(loss)
+        return total.detach(), {**terms, **regular}
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.grad_clip:
+            params = [p for g in self.optimizer.param_groups if g.get("follows_schedule") for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    # -- loop ---------------------------------------------------------------------------
+    def fit(self) -> TrainSummary:
+        cfg = self.cfg
+        main = distributed.is_main_process()
+        bar = tqdm(total=cfg.steps, disable=not (cfg.progress and main), desc="train", dynamic_ncols=True)
+        nonfinite = in_a_row = 0
+        replaced_at: list[int] = []
+        last_terms: dict[str, float] = {}
+        samples = 0
+        start = window_start = time.perf_counter()
+        window_samples = 0
+        self.student.train()
+        for step in range(cfg.steps):
+            self.step = step
+            lr = self._set_lr(step)
+            batch = to_device(next(self.batches), self.device)
+            batch_size = len(batch["images"])
+            total, terms = self._forward_backward(batch, step)
+            if not torch.isfinite(total):
+                nonfinite += 1
+                in_a_row += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.update()
+                if in_a_row >= cfg.max_nonfinite_in_row:
+                    raise TrainingError(
+                        f"the loss was not finite for {in_a_row} steps in a row (last at step {step}); "
+                        "lower the learning rate, use bf16 instead of fp16, or check the data"
+                    )
+                bar.update(1)
+                continue
+            in_a_row = 0
+            self._optimizer_step()
+            self.optimizer.zero_grad(set_to_none=True)
+            samples += batch_size
+            window_samples += batch_size
+            replacement = self.inheritance.on_step(self.student, step + 1)
+            if replacement is not None:
+                self._replace_student(replacement, step + 1, lr)
+                replaced_at.append(step + 1)
+            is_last = step + 1 == cfg.steps
+            if (step + 1) % cfg.log_every == 0 or is_last or step == 0:
+                now = time.perf_counter()
+                rate = window_samples / max(now - window_start, 1e-9)
+                window_start, window_samples = now, 0
+                last_terms = {k: float(v) for k, v in terms.items()}
+                record = {"step": step + 1, "lr": lr, "loss": float(total), "samples_per_s": rate}
+                record.update({f"loss/{k}": v for k, v in last_terms.items()})
+                record.update({f"inherit/{k}": v for k, v in self.inheritance.log_values(self.student).items()})
+                record["nonfinite_steps"] = nonfinite
+                self._log(record)
+                bar.set_postfix(loss=f"{float(total):.4f}", sps=f"{rate:.0f}")
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not is_last:
+                self.save_checkpoint(step + 1)
+            bar.update(1)
+        bar.close()
+        self.student.eval()
+        duration = time.perf_counter() - start
+        self.save_checkpoint(cfg.steps)
+        return TrainSummary(
+            steps=cfg.steps,
+            final_terms=last_terms,
+            nonfinite_steps=nonfinite,
+            samples_per_s=samples / max(duration, 1e-9),
+            duration_s=duration,
+            replaced_at=replaced_at,
+        )
+
+    def _replace_student(self, student: nn.Module, step: int, lr: float) -> None:
+        """A strategy made the student smaller: new optimizer, cosine decay without warm-up."""
+        self.student = student.to(self.device).train()
+        self.optimizer = self._build_optimizer()
+        self.lr_schedule = CosineFrom(lr, step, self.cfg.steps)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not distributed.is_main_process():
+            return
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.on_log is not None:
+            self.on_log(record)
+
+    def save_checkpoint(self, step: int) -> Path | None:
+        """``checkpoints/last.pt`` (student, optimizer, step), written atomically by rank 0."""
+        if self.run_dir is None or not distributed.is_main_process():
+            return None
+        path = self.run_dir / "checkpoints" / "last.pt"
+        atomic_torch_save(
+            {"step": step, "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict()},
+            path,
+        )
+        return path

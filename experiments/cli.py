@@ -1,0 +1,140 @@
+"""The ``clip-compress`` command line: run, eval, list, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from compress.registry import REGISTRIES
+
+    kinds = [args.kind] if args.kind else list(REGISTRIES)
+    for kind in kinds:
+        entries = REGISTRIES[kind].entries()
+        print(f"{kind}:")
+        width = max((len(e.name) for e in entries), default=0)
+        for e in entries:
+            print(f"  {e.name:<{width}}  {e.description}")
+        print()
+    if not args.kind:
+        from compress.models import list_shipped_configs
+
+        print("shipped model configs:")
+        for name in list_shipped_configs():
+            print(f"  {name}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from compress.config import load_config
+    from experiments.dispatch import dispatch
+
+    cfg = load_config(args.config, args.set or [])
+    rows = dispatch([cfg], backend=args.backend, force=args.force)
+    return 0 if all(r.get("status") in ("completed", "skipped") for r in rows) else 1
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from compress.run import evaluate_only
+
+    metrics = evaluate_only(
+        args.model,
+        data=args.data,
+        kind=args.kind,
+        device=args.device,
+        batch_size=args.batch_size,
+        throughput=not args.no_throughput,
+        output=args.output,
+    )
+    width = max(len(k) for k in metrics) if metrics else 0
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from experiments.demo import run_demo
+
+    run_demo(quick=args.quick, results_dir=args.results, cache_dir=args.cache_dir, force=args.force)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clip-compress",
+        description="Compress CLIP models by distillation and weight inheritance (TinyCLIP and relatives).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run one experiment config", description="Run one experiment config.")
+    p.add_argument("config", help="YAML experiment config (see experiments/configs/)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set train.lr=3e-4"
+    )
+    p.add_argument(
+        "--backend", choices=["inprocess", "local", "slurm"], default=None,
+        help="where to run (default: the config's dispatch.backend)",
+    )
+    p.add_argument("--force", action="store_true", help="rerun even if a completed result exists")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "eval", help="evaluate a model", description="Zero-shot, retrieval, params, MACs and throughput of a model."
+    )
+    p.add_argument("model", help="open_clip name[@tag], checkpoint, config JSON, or exported model folder")
+    p.add_argument("--data", default="synthetic", help="'synthetic', an ImageNet-layout folder, or a CSV for retrieval")
+    p.add_argument("--kind", choices=["synthetic", "folder", "csv"], default=None, help="data kind (guessed)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
+    p.add_argument("--output", default=None, help="write the metrics as JSON to this file")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("list", help="list plug-ins and model configs", description="List registered plug-ins.")
+    p.add_argument("kind", nargs="?", choices=["losses", "inheritance", "schedules"], help="only this kind")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser(
+        "demo", help="compress a CLIP on the embedded data set",
+        description="Train a small teacher on the embedded shapes data set, distil students, print a table.",
+    )
+    p.add_argument("--quick", action="store_true", help="a smaller version of the same pipeline (~2 min)")
+    p.add_argument("--results", default="results/demo", help="folder for the result rows")
+    p.add_argument("--cache-dir", default=None, help="where the trained teacher is cached")
+    p.add_argument("--force", action="store_true", help="retrain the teacher and rerun every student")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from compress.config import ConfigError
+    from compress.models import ModelLoadError
+    from compress.registry import RegistryError
+
+    try:
+        return args.func(args)
+    except (ConfigError, RegistryError, ModelLoadError, CliError, FileNotFoundError) as e:
+        if args.verbose:
+            raise
+        print(f"clip-compress: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clip-compress: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
