@@ -1,0 +1,54 @@
+"""Shared pieces of the loss plug-ins: temperature handling and the soft-target cross-entropy."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from compress.outputs import ClipOutput
+
+#: the string value of a ``scale`` parameter that selects each model's own ``logit_scale``
+MODEL_SCALE = "model"
+
+
+def check_scale(scale: float | str) -> float | str:
+    """Validate a ``scale`` parameter: a positive number (fixed s = 1/tau) or ``"model"``."""
+    if isinstance(scale, str):
+        if scale != MODEL_SCALE:
+            raise ValueError(
+                f"scale: expected a positive number (a fixed s = 1/tau, e.g. 50 as in TinyCLIP's "
+                f"scripts) or the string {MODEL_SCALE!r} (each model's own logit_scale), got {scale!r}"
+            )
+        return scale
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
+        raise ValueError(f"scale: expected a positive number or {MODEL_SCALE!r}, got {scale!r}")
+    return float(scale)
+
+
+def scale_of(scale: float | str, output: ClipOutput, *, detach: bool = False) -> Tensor | float:
+    """The multiplier s of the logits: the fixed number, or the output's exponentiated logit_scale."""
+    if scale != MODEL_SCALE:
+        return scale
+    s = output.logit_scale
+    return s.detach() if detach else s
+
+
+def scaled_similarity(rows: Tensor, cols: Tensor, scale: Tensor | float) -> Tensor:
+    """``s * rows @ cols^T``, computed in at least float32 (half-precision logits lose the tail)."""
+    if rows.dtype in (torch.float16, torch.bfloat16):
+        rows, cols = rows.float(), cols.float()
+    return scale * rows @ cols.T
+
+
+def soft_cross_entropy(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
+    """CE(p -> q) = -sum_j p_j log q_j averaged over rows, p = softmax(teacher), q = softmax(student).
+
+    Its gradient w.r.t. the student logits equals that of KL(p || q) (they differ by H(p))."""
+    p = teacher_logits.detach().softmax(dim=1)
+    return -(p * student_logits.log_softmax(dim=1)).sum(dim=1).mean()
+
+
+def require_teacher(teacher: ClipOutput | None, loss: str) -> ClipOutput:
+    if teacher is None:
+        raise ValueError(f"loss {loss!r} distils from a teacher, but no teacher output was given")
+    return teacher.detach()
