@@ -12,6 +12,8 @@ before the output projection: z_h * softmax(q_h k_h^T / sqrt(d_h)) v_h.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,7 +38,9 @@ class HeadAttention(nn.Module):
         inner = num_heads * head_dim
         self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
-        self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
+        with warnings.catch_warnings():  # nn.Linear(0, D) warns that initialising nothing is a no-op
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
         self.head_gate: Tensor | None = None
         if inner:
             nn.init.xavier_uniform_(self.in_proj_weight)
@@ -50,29 +54,60 @@ class HeadAttention(nn.Module):
         query: Tensor,
         key: Tensor | None = None,
         value: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
         need_weights: bool = False,
         attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
     ) -> tuple[Tensor, None]:
-        """Same call signature as ``nn.MultiheadAttention`` as open_clip uses it (self-attention)."""
-        if key is not None and key is not query or value is not None and value is not query:
+        """Same call signature and mask semantics as ``nn.MultiheadAttention`` (self-attention only).
+
+        ``attn_mask``: [L, L] or [N * H, L, L]; boolean ``True`` or float ``-inf`` masks a position.
+        ``key_padding_mask``: [N, L]; boolean ``True`` ignores that key. Attention weights are
+        never returned (the second output is ``None``)."""
+        if (key is not None and key is not query) or (value is not None and value is not query):
             raise NotImplementedError("HeadAttention implements self-attention only")
-        x = query if self.batch_first else query.transpose(0, 1)
+        if need_weights:
+            raise NotImplementedError("HeadAttention does not return attention weights")
+        unbatched = query.dim() == 2
+        x = query.unsqueeze(0) if unbatched else query if self.batch_first else query.transpose(0, 1)
         if self.num_heads == 0:
-            out = self.out_proj.bias if self.out_proj.bias is not None else x.new_zeros(self.embed_dim)
-            out = out.to(x.dtype).expand_as(x)
+            bias = self.out_proj.bias if self.out_proj.bias is not None else x.new_zeros(self.embed_dim)
+            out = bias.to(x.dtype).expand_as(x)
         else:
-            b, n, _ = x.shape
-            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-            qkv = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            if attn_mask is not None and attn_mask.dtype != torch.bool:
-                attn_mask = attn_mask.to(x.dtype)
-            heads = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
-            if self.head_gate is not None:
-                heads = heads * self.head_gate.to(heads.dtype).view(1, -1, 1, 1)
-            out = self.out_proj(heads.transpose(1, 2).reshape(b, n, self.inner_dim))
-        if not self.batch_first:
-            out = out.transpose(0, 1)
-        return out, None
+            mask = self._merge_masks(x, attn_mask, key_padding_mask, is_causal)
+            out = self._attend(x, mask)
+        if unbatched:
+            return out.squeeze(0), None
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _attend(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """``out_proj(concat_h gate_h * softmax(q_h k_h^T / sqrt(d_h) + mask) v_h)``; x is [N, L, D]."""
+        b, n, _ = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.head_gate is not None:
+            heads = heads * self.head_gate.to(device=heads.device, dtype=heads.dtype).view(1, -1, 1, 1)
+        return self.out_proj(heads.transpose(1, 2).reshape(b, n, self.inner_dim))
+
+    def _merge_masks(
+        self, x: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool
+    ) -> Tensor | None:
+        """One additive float mask broadcastable to [N, H, L, L] (``nn.MultiheadAttention``'s
+        boolean convention, ``True`` = masked, is the opposite of SDPA's, so booleans become
+        ``-inf``)."""
+        b, n, _ = x.shape
+        if is_causal and attn_mask is None:
+            attn_mask = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+        mask = _additive(attn_mask, x.dtype)
+        if mask is not None and mask.dim() == 3:
+            mask = mask.view(b, self.num_heads, n, n)
+        padding = _additive(key_padding_mask, x.dtype)
+        if padding is not None:
+            padding = padding.view(b, 1, 1, n)
+            mask = padding if mask is None else mask + padding
+        return mask
 
     @classmethod
     def from_multihead(cls, mha: nn.MultiheadAttention) -> HeadAttention:
@@ -102,15 +137,38 @@ class HeadAttention(nn.Module):
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
 
 
-def convert_attention(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.MultiheadAttention`` in ``model`` by an exact :class:`HeadAttention`
-    (in place; returns ``model``). Idempotent."""
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
+def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A boolean mask (``True`` = masked) as a float mask of 0 / -inf; a float mask as ``dtype``."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _self_attention_children(model: nn.Module) -> list[tuple[nn.Module, str, nn.MultiheadAttention]]:
+    """``(parent, name, mha)`` for every ``nn.MultiheadAttention`` used as self-attention.
+
+    Cross-attention (CoCa's ``AttentionalPooler``, blocks built with ``is_cross_attention``)
+    is left alone: its keys are not its queries."""
+    found = []
+    for parent in model.modules():
+        if type(parent).__name__ == "AttentionalPooler" or hasattr(parent, "ln_1_kv"):
+            continue
+        for child_name, child in parent.named_children():
             if isinstance(child, nn.MultiheadAttention):
-                setattr(parent, child_name, HeadAttention.from_multihead(child))
+                found.append((parent, child_name, child))
+    return found
+
+
+def convert_attention(model: nn.Module) -> nn.Module:
+    """Replace every self-attention ``nn.MultiheadAttention`` in ``model`` by an exact
+    :class:`HeadAttention` (in place; returns ``model``). Idempotent; state dict keys unchanged."""
+    for parent, child_name, child in _self_attention_children(model):
+        setattr(parent, child_name, HeadAttention.from_multihead(child))
     return model
 
 
 def is_converted(model: nn.Module) -> bool:
-    return not any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+    """Whether no self-attention ``nn.MultiheadAttention`` is left in ``model``."""
+    return not _self_attention_children(model)

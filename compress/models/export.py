@@ -11,22 +11,27 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from open_clip.model import set_model_preprocess_cfg
+from open_clip.transform import PreprocessCfg
 from safetensors.torch import save_file
 from torch import nn
 
+from compress.models.attention import HeadAttention
 from compress.models.factory import (
     METADATA_CONFIG_KEY,
     OPEN_CLIP_CONFIG_FILE,
     OPEN_CLIP_WEIGHTS_FILE,
     ModelLoadError,
     _finish,
-    _load_checkpoint_into,
     build_from_config,
-    read_config_file,
+    check_fits,
+    load_weights,
 )
 
 
@@ -43,47 +48,95 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Atomically write a state dict (shared storage cloned, tensors made contiguous)."""
+def save_safetensors(
+    state: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Atomically write a state dict (shared storage cloned, tensors made contiguous).
+
+    With ``metadata=checkpoint_metadata(model)`` the file describes itself, and
+    ``load_model(path)`` needs nothing else."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=dict(metadata) if metadata else None)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_metadata(model: nn.Module) -> dict[str, str]:
+    """Safetensors metadata recording ``model.clip_cfg`` (read back by ``load_model``)."""
+    cfg = getattr(model, "clip_cfg", None)
+    if cfg is None:
+        raise ModelLoadError("the model has no clip_cfg: create it with compress.models.load_model")
+    return {METADATA_CONFIG_KEY: json.dumps(cfg)}
 
 
 def preprocess_config(model: nn.Module) -> dict[str, Any]:
-    visual = getattr(model, "visual", None)
-    size = getattr(visual, "image_size", 224)
-    return {
-        "size": list(size) if isinstance(size, tuple | list) else size,
-        "mean": list(getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)),
-        "std": list(getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)),
-        "interpolation": "bicubic",
-        "resize_mode": "shortest",
-    }
+    """The model's open_clip preprocess config (``model.visual.preprocess_cfg``), JSON-ready."""
+    visual = getattr(model, "visual", model)
+    cfg = getattr(visual, "preprocess_cfg", None)
+    if cfg is None:
+        size = getattr(visual, "image_size", 224)
+        cfg = asdict(PreprocessCfg(size=size))
+    return json.loads(json.dumps(cfg))  # tuples -> lists
+
+
+def check_uniform(model: nn.Module, cfg: dict[str, Any]) -> None:
+    """Refuse a model that open_clip could not rebuild from ``cfg`` alone.
+
+    Every tensor must have the shape a fresh model of ``cfg`` has (same heads, inner size and
+    MLP width in every layer), and no head gate other than all ones may be set."""
+    for name, module in model.named_modules():
+        gate = module.head_gate if isinstance(module, HeadAttention) else None
+        if gate is not None and not bool(torch.all(gate == 1)):
+            raise ModelLoadError(
+                f"{name} has a head gate that is not all ones; fold the gates into the weights "
+                f"(or prune the gated heads) before exporting for open_clip"
+            )
+    with torch.device("meta"):
+        reference = build_from_config(cfg, convert=False)
+    try:
+        check_fits(reference, model.state_dict(), "open_clip export")
+    except ModelLoadError as e:
+        raise ModelLoadError(
+            f"the model is not uniformly shaped like its clip_cfg, so open_clip cannot load it ({e})"
+        ) from None
 
 
 def save_open_clip(model: nn.Module, folder: str | Path) -> Path:
-    """Write a uniform model as an open_clip ``local-dir:`` folder; returns the folder."""
+    """Write a uniform model as an open_clip ``local-dir:`` folder; returns the folder.
+
+    ``open_clip.create_model('local-dir:' + folder)`` and ``load_model(folder)`` both load it."""
     folder = Path(folder)
     cfg = getattr(model, "clip_cfg", None)
     if cfg is None:
         raise ModelLoadError("the model has no clip_cfg: create it with compress.models.load_model")
-    save_safetensors(
-        model.state_dict(), folder / OPEN_CLIP_WEIGHTS_FILE, {METADATA_CONFIG_KEY: json.dumps(cfg)}
-    )
+    check_uniform(model, cfg)
+    save_safetensors(model.state_dict(), folder / OPEN_CLIP_WEIGHTS_FILE, checkpoint_metadata(model))
     config = {"model_cfg": cfg, "preprocess_cfg": preprocess_config(model)}
     atomic_write_text(folder / OPEN_CLIP_CONFIG_FILE, json.dumps(config, indent=2))
     return folder
 
 
 def load_exported(folder: Path, convert: bool = True) -> nn.Module:
-    """Load a folder written by :func:`save_open_clip`."""
+    """Load a folder written by :func:`save_open_clip` (or any open_clip ``local-dir`` folder
+    holding ``open_clip_config.json`` and ``open_clip_model.safetensors``)."""
     config_file = folder / OPEN_CLIP_CONFIG_FILE
     if not config_file.is_file():
         raise ModelLoadError(f"{folder}: no {OPEN_CLIP_CONFIG_FILE} (not a model exported by clip-compress)")
-    cfg = read_config_file(config_file)
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{config_file}: not valid JSON: {e}") from None
+    cfg = config.get("model_cfg", config)
     model = build_from_config(cfg, convert=False)
-    _load_checkpoint_into(model, folder / OPEN_CLIP_WEIGHTS_FILE)
+    load_weights(model, folder / OPEN_CLIP_WEIGHTS_FILE)
+    # as open_clip does: the file's preprocess config, its size taken from the built model
+    preprocess = {**asdict(PreprocessCfg()), **config.get("preprocess_cfg", {}), "size": model.visual.image_size}
+    set_model_preprocess_cfg(model, preprocess)
     return _finish(model, cfg, name=folder.name, convert=convert)

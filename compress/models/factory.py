@@ -10,22 +10,30 @@ Resolution of a :class:`~compress.config.ModelSpec` ``model`` string:
 - ``ViT-B-32`` (+ ``pretrained: tag-or-file``): an open_clip or shipped config, random or loaded;
 - ``path/to/config.json``: an open_clip model config (``{embed_dim, vision_cfg, text_cfg}``)
   or an open_clip ``open_clip_config.json`` (``{model_cfg, preprocess_cfg}``);
-- ``path/to/dir``: a model exported by this project (uniform: open_clip layout);
+- ``path/to/dir`` (or ``local-dir:path/to/dir``): a model exported by this project;
 - ``path/to/weights.safetensors`` / ``.pt``: a checkpoint that carries its config in its
   metadata (written by this project), or is given one with ``pretrained``.
+
+Checkpoints are read without unpickling arbitrary objects (safetensors, or ``torch.load``
+with ``weights_only=True``), and must fit the config exactly: no key may be missing or
+extra and no shape may differ (no silent resizing of position embeddings).
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import json
+import pickle
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
-from open_clip.model import CLIP, CustomTextCLIP
+from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
+from open_clip.transform import PreprocessCfg
 from torch import nn
 
 from compress.models.attention import convert_attention
@@ -35,6 +43,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 METADATA_CONFIG_KEY = "clip_compress.model_cfg"
 OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+LOCAL_DIR_PREFIX = "local-dir:"
 
 _registered = False
 
@@ -52,18 +62,17 @@ def register_shipped_configs() -> None:
 
 
 def list_shipped_configs() -> list[str]:
+    """Names of the model configs shipped with this project (TinyCLIP zoo and test models)."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
 def get_model_config(name: str) -> dict[str, Any]:
     """The open_clip model config of a built-in or shipped model name (a deep copy)."""
     register_shipped_configs()
-    cfg = open_clip.get_model_config(name.replace("/", "-"))
+    name = name.replace("/", "-")
+    cfg = open_clip.get_model_config(name) if ":" not in name else None
     if cfg is None:
-        import difflib
-
-        known = open_clip.list_models()
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise ModelLoadError(f"unknown model config {name!r}.{hint} See `open_clip.list_models()`.")
     cfg = copy.deepcopy(cfg)
@@ -77,14 +86,21 @@ def build_from_config(model_cfg: Mapping[str, Any], convert: bool = True) -> nn.
     cfg = copy.deepcopy(dict(model_cfg))
     custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
     model_class = CustomTextCLIP if custom_text else CLIP
-    model = model_class(**cfg)
+    try:
+        model = model_class(**cfg)
+    except (TypeError, KeyError, ValueError, AssertionError) as e:
+        raise ModelLoadError(f"invalid open_clip model config: {type(e).__name__}: {e}") from e
     return _finish(model, model_cfg, name=None, convert=convert)
 
 
 def _finish(model: nn.Module, model_cfg: Mapping[str, Any], name: str | None, convert: bool) -> nn.Module:
+    """Attach ``clip_cfg`` / ``clip_name`` (and a default preprocess config), convert attention."""
     model.clip_cfg = copy.deepcopy(dict(model_cfg))
     model.clip_cfg.setdefault("quick_gelu", False)
     model.clip_name = name
+    visual = getattr(model, "visual", None)
+    if visual is not None and getattr(visual, "preprocess_cfg", None) is None:
+        set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=getattr(visual, "image_size", 224))))
     if convert:
         convert_attention(model)
     return model
@@ -96,27 +112,34 @@ def read_config_file(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{path}: not valid JSON: {e}") from None
-    if "model_cfg" in data:
+    if isinstance(data, dict) and "model_cfg" in data:
         data = data["model_cfg"]
-    if "vision_cfg" not in data or "text_cfg" not in data:
+    if not isinstance(data, dict) or "vision_cfg" not in data or "text_cfg" not in data:
         raise ModelLoadError(f"{path}: not an open_clip model config (needs vision_cfg and text_cfg)")
     return data
 
 
 def checkpoint_config(path: Path) -> dict[str, Any] | None:
     """The model config stored in a checkpoint's metadata by this project, if any."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
 
+    try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        raw = meta.get(METADATA_CONFIG_KEY)
-        return json.loads(raw) if raw else None
-    return None
+    except Exception as e:  # safetensors raises its own SafetensorError (an Exception)
+        raise ModelLoadError(f"{path}: not a readable safetensors file: {e}") from None
+    raw = meta.get(METADATA_CONFIG_KEY)
+    return json.loads(raw) if raw else None
 
 
 def check_activation(expected: Mapping[str, Any], found: Mapping[str, Any], where: str) -> None:
-    """Refuse weights trained with one activation in a model built with the other."""
+    """Refuse weights trained with one activation in a model built with the other.
+
+    ``expected``: the model config; ``found``: the config the weights were trained with (a
+    checkpoint's metadata config, or ``open_clip.get_pretrained_cfg(name, tag)``). open_clip
+    only warns about this mismatch; the resulting model is silently wrong, so this raises."""
     want, have = bool(expected.get("quick_gelu", False)), bool(found.get("quick_gelu", False))
     if want != have:
         act = {True: "QuickGELU", False: "GELU"}
@@ -133,8 +156,20 @@ def load_model(
     device: str | torch.device = "cpu",
     convert: bool = True,
 ) -> nn.Module:
-    """Resolve a model string (see the module docstring) into a module in eval mode."""
-    spec = model
+    """Resolve a model string (see the module docstring) into a module in eval mode.
+
+    Args:
+        model: ``name``, ``name@tag``, a config JSON, a checkpoint file or an exported folder.
+        pretrained: an open_clip tag or a checkpoint file for a named architecture / config JSON.
+        force_quick_gelu: build with QuickGELU (weights trained with GELU are then refused).
+        device: where to put the model.
+        convert: replace ``nn.MultiheadAttention`` by :class:`HeadAttention` (exact).
+
+    Raises:
+        ModelLoadError: unknown name or tag, missing or unreadable file, a checkpoint holding
+            pickled objects, weights that do not fit the config, or an activation mismatch.
+    """
+    spec = model.removeprefix(LOCAL_DIR_PREFIX)
     if "@" in spec and not Path(spec).exists():
         if pretrained is not None:
             raise ModelLoadError(f"{spec!r} names a pretrained tag already; do not also set pretrained")
@@ -144,67 +179,152 @@ def load_model(
     if path.is_dir():
         from compress.models.export import load_exported
 
-        result = load_exported(path, convert=convert)
-    elif path.suffix == ".json" and path.is_file():
-        cfg = read_config_file(path)
-        if force_quick_gelu:
-            cfg["quick_gelu"] = True
-        result = build_from_config(cfg, convert=False)
         if pretrained:
-            _load_checkpoint_into(result, Path(pretrained))
-        result = _finish(result, cfg, name=path.stem, convert=convert)
-    elif path.suffix in (".safetensors", ".pt", ".pth", ".bin") and path.is_file():
+            raise ModelLoadError(f"{path}: an exported folder holds its weights and config; drop pretrained")
+        result = load_exported(path, convert=convert)
+        if force_quick_gelu:
+            check_activation({"quick_gelu": True}, result.clip_cfg, str(path))
+    elif path.suffix == ".json" or path.suffix in CHECKPOINT_SUFFIXES or model.startswith(LOCAL_DIR_PREFIX):
+        result = _load_from_file(path, pretrained, force_quick_gelu, convert)
+    else:
+        result = _load_named(spec, pretrained, force_quick_gelu, convert)
+    result.to(device)
+    result.eval()
+    return result
+
+
+def _load_from_file(path: Path, pretrained: str | None, force_quick_gelu: bool, convert: bool) -> nn.Module:
+    """A model config JSON (random, or ``pretrained`` weights) or a self-describing checkpoint."""
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    if path.suffix == ".json":
+        cfg = read_config_file(path)
+        weights = Path(pretrained) if pretrained else None
+    else:
+        if pretrained:
+            raise ModelLoadError(f"{path} is a checkpoint already; do not also set pretrained")
         cfg = checkpoint_config(path)
         if cfg is None:
             raise ModelLoadError(
                 f"{path}: the checkpoint carries no model config; name the architecture and pass "
                 f"the file as pretrained (model: ViT-B-32, pretrained: {path})"
             )
+        weights = path
+    return _build_and_load(cfg, weights, force_quick_gelu, path.stem, convert)
+
+
+def _load_named(name: str, pretrained: str | None, force_quick_gelu: bool, convert: bool) -> nn.Module:
+    """An open_clip / shipped config name, random, with a pretrained tag, or with a checkpoint file."""
+    name = name.replace("/", "-")
+    cfg = get_model_config(name)
+    if pretrained and not _looks_like_path(pretrained):
         if force_quick_gelu:
             cfg["quick_gelu"] = True
-        result = build_from_config(cfg, convert=False)
-        _load_checkpoint_into(result, path)
-        result = _finish(result, cfg, name=path.stem, convert=convert)
-    else:
-        if path.suffix in (".json", ".safetensors", ".pt", ".pth", ".bin"):
-            raise ModelLoadError(f"model file not found: {path}")
-        cfg = get_model_config(spec)
-        if force_quick_gelu:
-            cfg["quick_gelu"] = True
-        if pretrained and not Path(pretrained).is_file():
-            result = _load_open_clip_tag(spec, pretrained, cfg)
-        else:
-            result = build_from_config(cfg, convert=False)
-            if pretrained:
-                _load_checkpoint_into(result, Path(pretrained))
-        result = _finish(result, cfg, name=spec, convert=convert)
-    result.to(device)
-    result.eval()
-    return result
+        return _finish(_load_open_clip_tag(name, pretrained, cfg), cfg, name=name, convert=convert)
+    return _build_and_load(cfg, Path(pretrained) if pretrained else None, force_quick_gelu, name, convert)
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    """A ``pretrained`` value is a file (rather than an open_clip tag) when it exists or looks like one."""
+    p = Path(pretrained)
+    return p.exists() or p.suffix in CHECKPOINT_SUFFIXES or "/" in pretrained or "\\" in pretrained
+
+
+def _build_and_load(
+    cfg: dict[str, Any], weights: Path | None, force_quick_gelu: bool, name: str | None, convert: bool
+) -> nn.Module:
+    if force_quick_gelu:
+        cfg["quick_gelu"] = True
+    model = build_from_config(cfg, convert=False)
+    if weights is not None:
+        load_weights(model, weights)
+    return _finish(model, cfg, name=name, convert=convert)
 
 
 def _load_open_clip_tag(name: str, tag: str, cfg: dict[str, Any]) -> nn.Module:
+    """``open_clip.create_model(name, pretrained=tag)``, refusing an activation mismatch first."""
     register_shipped_configs()
     tag_cfg = open_clip.get_pretrained_cfg(name, tag)
     if not tag_cfg:
         tags = open_clip.list_pretrained_tags_by_model(name)
         raise ModelLoadError(
-            f"{tag!r} is neither a pretrained tag of {name!r} nor a file. Known tags: {', '.join(tags) or '(none)'}"
+            f"{tag!r} is neither a pretrained tag of {name!r} nor a file. "
+            f"Known tags: {', '.join(tags) or '(none)'}"
         )
     check_activation(cfg, tag_cfg, f"{name}@{tag}")
-    return open_clip.create_model(name, pretrained=tag, force_quick_gelu=bool(cfg.get("quick_gelu")))
+    try:
+        return open_clip.create_model(name, pretrained=tag, force_quick_gelu=bool(cfg.get("quick_gelu")))
+    except RuntimeError as e:
+        raise ModelLoadError(f"{name}@{tag}: open_clip could not load the weights: {e}") from e
 
 
-def _load_checkpoint_into(model: nn.Module, path: Path) -> None:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, never unpickling arbitrary objects.
+
+    Accepts a plain state dict, ``{"state_dict": ...}`` and DDP's ``module.`` prefix."""
     if not path.is_file():
         raise ModelLoadError(f"checkpoint not found: {path}")
-    found = checkpoint_config(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data: Any = load_file(str(path), device="cpu")
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ModelLoadError(
+            f"{path}: refused to load with weights_only=True: the file holds pickled objects other "
+            f"than tensors (never unpickled here) or is corrupt. torch says: {_unpickling_reason(e)}"
+        ) from e
+    except Exception as e:  # corrupt file: safetensors / zip / EOF errors of many types
+        raise ModelLoadError(f"{path}: not a readable checkpoint: {type(e).__name__}: {e}") from e
+    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+        data = data["state_dict"]
+    tensors_only = isinstance(data, Mapping) and all(isinstance(v, torch.Tensor) for v in data.values())
+    if not data or not tensors_only:
+        raise ModelLoadError(f"{path}: not a state dict (a mapping of names to tensors)")
+    if all(k.startswith("module.") for k in data):
+        data = {k.removeprefix("module."): v for k, v in data.items()}
+    return dict(data)
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """The specific line of torch's long weights_only error (e.g. the blocked global)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    return " ".join(line for line in lines if not line.startswith(boilerplate)) or (lines or [""])[0]
+
+
+def check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raise :class:`ModelLoadError` listing missing, unexpected and mis-shaped tensors."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"{label} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+            if items
+        ]
+        raise ModelLoadError(f"{where}: the weights do not fit the model config; " + "; ".join(parts))
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a checkpoint into ``model`` exactly (same activation, keys and shapes)."""
+    found = checkpoint_config(path) if path.is_file() else None
     if found is not None:
         check_activation(getattr(model, "clip_cfg", None) or _cfg_of(model), found, str(path))
-    try:
-        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-    except RuntimeError as e:
-        raise ModelLoadError(f"{path}: the weights do not fit the model config: {e}") from None
+    state = read_state_dict(path)
+    own_scale = getattr(model, "logit_scale", None)
+    if "logit_scale" in state and own_scale is not None and state["logit_scale"].ndim != own_scale.ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(own_scale.shape)  # old scalar format
+    check_fits(model, state, str(path))
+    model.load_state_dict(state, strict=True)
 
 
 def _cfg_of(model: nn.Module) -> dict[str, Any]:
