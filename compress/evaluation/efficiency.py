@@ -1,0 +1,179 @@
+"""Efficiency: multiply-accumulates (MACs) per sample and throughput of a CLIP model.
+
+MACs are counted for one image (``encode_image`` on [1, 3, H, W]) and one text
+(``encode_text`` on [1, L]) separately, as TinyCLIP reports them (ViT-B/32 at 224:
+4.4G image, 2.9G text). Two counters:
+
+- ``"aten"`` (default): PyTorch's ``FlopCounterMode`` sees every matmul, convolution and
+  attention kernel at the ATen level, whatever module issues it (``F.linear``,
+  ``F.scaled_dot_product_attention``, ``x @ proj``, ``F.multi_head_attention_forward`` in
+  ModifiedResNet's attention pool); MACs = FLOPs / 2. Bias adds, norms and activations are
+  not counted: the fvcore / TinyCLIP convention.
+- ``"torch_pruning"``: ``tp.utils.count_ops_and_params``, a module-hook counter (ptflops)
+  that adds elementwise ops (LayerNorm 2/element, GELU 1/element, softmax, q scaling, one
+  bias per output feature) and only sees registered module types. It does not see
+  :class:`HeadAttention` (its ``F.linear`` qkv projection and SDPA), so a hook is added that
+  applies torch-pruning's own ``nn.MultiheadAttention`` formula with inner size I = H * d_h:
+  L*I (q scaling) + 3*L*D*I (qkv) + 3*L*I (qkv bias) + H*(2*L*L*d_h + L*L) (scores, softmax,
+  weighted sum) + L*I*D + L*D (output projection and bias), per sample. A converted model
+  then counts exactly as the unconverted open_clip one. It still misses functional ops
+  (the final ``x @ proj`` projections, ModifiedResNet's attention pool).
+
+Throughput (TinyCLIP): images/s and texts/s of the two encoders measured separately after
+warm-up; pairs/s = 1 / (1 / images_per_s + 1 / texts_per_s), the rate of encoding both.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from compress.evaluation.common import (
+    autocast,
+    context_length_of,
+    eval_mode,
+    image_size_of,
+    model_device_dtype,
+    synchronize,
+)
+from compress.models.attention import HeadAttention
+
+__all__ = ["COUNTERS", "count_macs", "head_attention_ops", "pairs_per_second", "throughput"]
+
+COUNTERS = ("aten", "torch_pruning")
+
+
+class _Tower(nn.Module):
+    """``forward(x) = model.encode_image(x)`` (or ``encode_text``), for module-level counters."""
+
+    def __init__(self, model: nn.Module, method: str) -> None:
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, x: Tensor) -> Tensor:
+        return getattr(self.model, self.method)(x)
+
+
+def head_attention_ops(module: HeadAttention, inputs: tuple[Tensor, ...], output: object) -> None:
+    """torch-pruning forward hook for :class:`HeadAttention`: its ``nn.MultiheadAttention``
+    formula (see the module docstring) generalised to inner size ``H * d_h != D``."""
+    x = inputs[0]
+    if x.dim() == 2:
+        batch, length = 1, x.shape[0]
+    else:
+        batch, length = (x.shape[0], x.shape[1]) if module.batch_first else (x.shape[1], x.shape[0])
+    d, h, dh = module.embed_dim, module.num_heads, module.head_dim
+    inner = h * dh
+    ops = length * inner + 3 * length * d * inner
+    if module.in_proj_bias is not None:
+        ops += 3 * length * inner
+    ops += h * (2 * length * length * dh + length * length)
+    ops += length * inner * d + length * d
+    module.__flops__ += int(ops * batch)
+
+
+def _example_inputs(model: nn.Module, image_size: tuple[int, int], context_length: int) -> tuple[Tensor, Tensor]:
+    device, dtype = model_device_dtype(model)
+    image = torch.zeros(1, 3, *image_size, device=device, dtype=dtype)
+    tokens = torch.zeros(1, context_length, dtype=torch.long, device=device)
+    return image, tokens
+
+
+def _aten_macs(tower: nn.Module, example: Tensor) -> int:
+    """FLOPs / 2 of one forward. ``nn.MultiheadAttention``'s inference fast path (one fused
+    kernel the counter does not know) is switched off meanwhile, so open_clip's unconverted
+    attention is counted too."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            tower(example)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return int(counter.get_total_flops()) // 2
+
+
+def _torch_pruning_ops(tower: nn.Module, example: Tensor) -> int:
+    from torch_pruning.utils import op_counter
+
+    op_counter.CUSTOM_MODULES_MAPPING = {HeadAttention: head_attention_ops}
+    try:
+        ops, _ = op_counter.count_ops_and_params(tower, example)
+    finally:
+        op_counter.CUSTOM_MODULES_MAPPING = {}
+    return int(round(ops))
+
+
+def count_macs(
+    model: nn.Module,
+    image_size: int | tuple[int, int] | None = None,
+    context_length: int | None = None,
+    counter: str = "aten",
+) -> dict[str, int]:
+    """``{"macs_image", "macs_text"}``: MACs to encode one image / one text (see the module docstring).
+
+    ``image_size`` / ``context_length`` default to the model's (``visual.image_size``,
+    ``clip_cfg["text_cfg"]["context_length"]``)."""
+    if counter not in COUNTERS:
+        raise ValueError(f"counter must be one of {COUNTERS}, got {counter!r}")
+    image, tokens = _example_inputs(model, image_size_of(model, image_size), context_length_of(model, context_length))
+    count = _aten_macs if counter == "aten" else _torch_pruning_ops
+    with eval_mode(model):
+        return {
+            "macs_image": count(_Tower(model, "encode_image"), image),
+            "macs_text": count(_Tower(model, "encode_text"), tokens),
+        }
+
+
+def pairs_per_second(images_per_s: float, texts_per_s: float) -> float:
+    """Harmonic combination 1 / (1 / images_per_s + 1 / texts_per_s) (TinyCLIP)."""
+    return 1.0 / (1.0 / images_per_s + 1.0 / texts_per_s)
+
+
+def _rate(fn: object, x: Tensor, device: torch.device, precision: str, warmup: int, iters: int) -> float:
+    """Samples per second of ``fn(x)`` over ``iters`` calls after ``warmup`` calls."""
+    with torch.inference_mode(), autocast(device, precision):
+        for _ in range(warmup):
+            fn(x)
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn(x)
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+    return x.shape[0] * iters / max(elapsed, 1e-9)
+
+
+def throughput(
+    model: nn.Module,
+    image_size: int | tuple[int, int] | None = None,
+    context_length: int | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 64,
+    warmup: int = 3,
+    iters: int = 10,
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """``{"images_per_s", "texts_per_s", "pairs_per_s"}`` with zero inputs of ``batch_size``.
+
+    ``device`` defaults to the model's; the model is not moved. Timed with
+    ``torch.inference_mode`` and CUDA synchronisation; autocast on CUDA for bf16 / fp16."""
+    if batch_size < 1 or iters < 1 or warmup < 0:
+        raise ValueError("throughput needs batch_size >= 1, iters >= 1, warmup >= 0")
+    model_device, dtype = model_device_dtype(model)
+    device = torch.device(device) if device is not None else model_device
+    height, width = image_size_of(model, image_size)
+    images = torch.zeros(batch_size, 3, height, width, device=device, dtype=dtype)
+    tokens = torch.zeros(batch_size, context_length_of(model, context_length), dtype=torch.long, device=device)
+    with eval_mode(model):
+        images_per_s = _rate(model.encode_image, images, device, precision, warmup, iters)
+        texts_per_s = _rate(model.encode_text, tokens, device, precision, warmup, iters)
+    out = {"images_per_s": images_per_s, "texts_per_s": texts_per_s}
+    out["pairs_per_s"] = pairs_per_second(images_per_s, texts_per_s)
+    if not all(math.isfinite(v) and v > 0 for v in out.values()):
+        raise RuntimeError(f"throughput measurement failed: {out}")
+    return out
