@@ -252,7 +252,7 @@ class Trainer:
                 now = time.perf_counter()
                 rate = window_samples / max(now - window_start, 1e-9)
                 window_start, window_samples = now, 0
-                last_terms = {k: float(v) for k, v in terms.items()}
+                last_terms = {k: float(v.detach()) for k, v in terms.items()}
                 record = {"step": step + 1, "lr": lr, "loss": float(total), "samples_per_s": rate}
                 record.update({f"loss/{k}": v for k, v in last_terms.items()})
                 record.update({f"inherit/{k}": v for k, v in self.inheritance.log_values(self.student).items()})

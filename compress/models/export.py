@@ -125,7 +125,12 @@ def save_open_clip(model: nn.Module, folder: str | Path) -> Path:
 
 def load_exported(folder: Path, convert: bool = True) -> nn.Module:
     """Load a folder written by :func:`save_open_clip` (or any open_clip ``local-dir`` folder
-    holding ``open_clip_config.json`` and ``open_clip_model.safetensors``)."""
+    holding ``open_clip_config.json`` and ``open_clip_model.safetensors``), or a non-uniform
+    folder written by :func:`compress.models.nonuniform.save_nonuniform`."""
+    from compress.models.nonuniform import is_nonuniform_folder, load_nonuniform  # (import cycle)
+
+    if is_nonuniform_folder(folder):
+        return load_nonuniform(folder)
     config_file = folder / OPEN_CLIP_CONFIG_FILE
     if not config_file.is_file():
         raise ModelLoadError(f"{folder}: no {OPEN_CLIP_CONFIG_FILE} (not a model exported by clip-compress)")
@@ -140,3 +145,15 @@ def load_exported(folder: Path, convert: bool = True) -> nn.Module:
     preprocess = {**asdict(PreprocessCfg()), **config.get("preprocess_cfg", {}), "size": model.visual.image_size}
     set_model_preprocess_cfg(model, preprocess)
     return _finish(model, cfg, name=folder.name, convert=convert)
+
+
+def save_model(model: nn.Module, folder: str | Path, report_dir: Path | None = None) -> Path:
+    """Write a trained student: open_clip's layout when it is uniformly shaped, else this
+    project's non-uniform format (config JSON + safetensors, see ``compress.models.structure``)."""
+    try:
+        check_uniform(model, model.clip_cfg)
+    except ModelLoadError:
+        from compress.models.structure import save_nonuniform
+
+        return save_nonuniform(model, folder, report_dir=report_dir)
+    return save_open_clip(model, folder)

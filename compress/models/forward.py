@@ -44,3 +44,17 @@ def context_length(model: nn.Module) -> int:
 def image_size(model: nn.Module) -> int:
     size = model.visual.image_size
     return int(size[0] if isinstance(size, tuple | list) else size)
+
+
+def tokenizer_for(model: nn.Module):
+    """open_clip's tokenizer for the model (by name when open_clip knows it, else the CLIP
+    BPE tokenizer at the model's context length)."""
+    import open_clip
+
+    cfg = getattr(model, "clip_cfg", None) or {}
+    text_cfg = cfg.get("text_cfg", {})
+    if "hf_tokenizer_name" in text_cfg:
+        return open_clip.tokenizer.HFTokenizer(
+            text_cfg["hf_tokenizer_name"], context_length=context_length(model), **text_cfg.get("tokenizer_kwargs", {})
+        )
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length(model))

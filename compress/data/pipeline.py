@@ -1,0 +1,49 @@
+"""What a run needs from the data package: an endless stream of training batches and counts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress import distributed
+from compress.config import RunConfig
+from compress.data.loader import CountedLoader, build_train_loader
+from compress.data.transforms import transforms_for
+from compress.models.forward import tokenizer_for
+
+
+@dataclass
+class DataStats:
+    """Counts of the training stream (bad samples skipped), for the log and the result row."""
+
+    loader: CountedLoader
+
+    def as_metrics(self) -> dict[str, Any]:
+        return {f"data/{k.removeprefix('data_')}": v for k, v in self.loader.counter.as_dict().items()}
+
+
+def _sampler_for_ranks(seed: int):
+    """One shard of the data per rank under torch.distributed, else the default sampler."""
+    if not distributed.is_distributed():
+        return None
+    from torch.utils.data import DistributedSampler
+
+    return lambda ds: DistributedSampler(ds, seed=seed, drop_last=True)
+
+
+def train_batches(
+    cfg: RunConfig, student: nn.Module, device: torch.device
+) -> tuple[Iterator[dict[str, Any]], DataStats]:
+    """Batches ``{"images", "texts", "captions"}`` forever (a new shuffle each epoch).
+
+    The global batch ``train.batch_size`` is split evenly over the ranks."""
+    train_tf, _ = transforms_for(student, cfg.data.image_size)
+    per_rank = cfg.train.batch_size // distributed.world_size()
+    loader = build_train_loader(
+        cfg.data, train_tf, tokenizer_for(student), per_rank, seed=cfg.seed, sampler=_sampler_for_ranks(cfg.seed)
+    )
+    return loader.forever(), DataStats(loader)

@@ -1,0 +1,61 @@
+"""Evaluation at the end of a run (and for ``clip-compress eval``): config -> tasks -> metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.config import DataConfig, EvalConfig, RunConfig
+from compress.data.tasks import build_retrieval_set, build_zero_shot_task
+from compress.data.transforms import transforms_for
+from compress.evaluation.evaluate import RetrievalSet, ZeroShotTask, evaluate_model
+from compress.models.forward import tokenizer_for
+from compress.precision import Precision
+
+
+def build_eval_sets(
+    eval_cfg: EvalConfig, data: DataConfig | None, model: nn.Module, tokenizer: Any
+) -> tuple[list[ZeroShotTask], list[RetrievalSet]]:
+    """The zero-shot tasks and retrieval sets a config asks for, as loaders."""
+    _, eval_tf = transforms_for(model, data.image_size if data else None)
+    bs = eval_cfg.batch_size
+    tasks = []
+    for task_cfg in eval_cfg.zero_shot:
+        task = build_zero_shot_task(task_cfg, eval_tf, data)
+        subsets = None
+        if task.heldout_labels:
+            heldout = set(task.heldout_labels)
+            subsets = {"heldout": heldout, "seen": set(range(len(task.classnames))) - heldout}
+        tasks.append(ZeroShotTask(task.name, task.loader(bs), task.classnames, task.templates, subsets))
+    retrieval = []
+    if eval_cfg.retrieval and data is not None:
+        ret = build_retrieval_set(data, eval_tf, name="val")
+        if ret is not None:
+            retrieval.append(RetrievalSet(ret.name, ret.loader(tokenizer, bs)))
+    return tasks, retrieval
+
+
+def evaluate_with(
+    model: nn.Module, eval_cfg: EvalConfig, data: DataConfig | None, device: torch.device, precision: str = "fp32",
+    progress: bool = False,
+) -> dict[str, Any]:
+    tokenizer = tokenizer_for(model)
+    tasks, retrieval = build_eval_sets(eval_cfg, data, model, tokenizer)
+    return evaluate_model(
+        model.to(device),
+        tokenizer,
+        zero_shot_tasks=tasks,
+        retrieval_sets=retrieval,
+        device=device,
+        precision=precision,
+        measure_params=eval_cfg.params,
+        measure_macs=eval_cfg.macs,
+        measure_throughput=eval_cfg.throughput,
+        progress=progress,
+    )
+
+
+def evaluate_for_run(cfg: RunConfig, model: nn.Module, device: torch.device, precision: Precision) -> dict[str, Any]:
+    return evaluate_with(model, cfg.eval, cfg.data, device, precision.name, progress=cfg.train.progress)
