@@ -134,11 +134,19 @@ class Registry(Generic[T]):
             return name, params
         raise RegistryError(f"a plug-in spec is a name or a mapping with 'name', got {spec!r}")
 
+    def signature(self, name: str) -> inspect.Signature:
+        """The constructor's signature; a class that only inherits ``nn.Module.__init__``
+        (``*args, **kwargs``) takes no parameters."""
+        sig = inspect.signature(self.get(name))
+        kinds = {p.kind for p in sig.parameters.values()}
+        if kinds == {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
+            return sig.replace(parameters=[])
+        return sig
+
     def check_params(self, name: str, params: Mapping[str, Any], extra: tuple[str, ...] = ()) -> None:
         """Raise if ``params`` (plus the names in ``extra`` the caller will pass) do not fit
         the constructor's signature: an unknown parameter, or a required one that is missing."""
-        factory = self.get(name)
-        sig = inspect.signature(factory)
+        sig = self.signature(name)
         accepted = {
             p.name: p
             for p in sig.parameters.values()
@@ -163,10 +171,8 @@ class Registry(Generic[T]):
             raise RegistryError(f"{self.kind} {name!r} needs parameter(s) {', '.join(map(repr, missing))}")
 
     def accepts(self, name: str, param: str) -> bool:
-        sig = inspect.signature(self.get(name))
-        return param in sig.parameters or any(
-            p.kind is p.VAR_KEYWORD for p in sig.parameters.values()
-        )
+        """Whether the constructor declares ``param`` by name (context is offered only then)."""
+        return param in self.signature(name).parameters
 
     def build(
         self, spec: str | Mapping[str, Any], context: Mapping[str, Any] | None = None, **extra: Any

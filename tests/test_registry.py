@@ -112,3 +112,17 @@ def test_entry_point_plugins_are_loaded(monkeypatch):
             registry, "entry_points", lambda group: [FakeEntryPoint()] if group == registry.ENTRY_POINT_GROUP else []
         )
         assert "third_party_loss" in LOSSES.names()
+
+
+def test_class_without_own_init_takes_no_params_and_no_context():
+    import torch
+
+    reg: Registry = Registry("widgets")
+
+    @reg.register("plain")
+    class Plain(torch.nn.Module):
+        """No parameters."""
+
+    assert isinstance(reg.build("plain", context={"student_embed_dim": 8}), Plain)
+    with pytest.raises(RegistryError, match="has no parameter 'x'"):
+        reg.build({"name": "plain", "x": 1})
