@@ -34,10 +34,11 @@ class DemoPlan:
     teacher_lr: float
     student_lr: float
     val_samples: int
+    train_samples: int = 25600
     prune_fraction: float = 0.6  # auto inheritance learns masks for this fraction of the steps
 
 
-FULL = DemoPlan(teacher_steps=600, student_steps=200, batch_size=128, teacher_lr=2e-3, student_lr=1e-3,
+FULL = DemoPlan(teacher_steps=1200, student_steps=300, batch_size=128, teacher_lr=2e-3, student_lr=1e-3,
                 val_samples=1000)
 QUICK = DemoPlan(teacher_steps=150, student_steps=40, batch_size=64, teacher_lr=2e-3, student_lr=1e-3,
                  val_samples=400)
@@ -55,7 +56,7 @@ def _common(plan: DemoPlan, steps: int, lr: float, out_dir: Path) -> dict[str, A
         "schema_version": 1,
         "schedules": {"lr": {"name": "warmup_cosine", "warmup_steps": max(steps // 10, 1)}},
         "data": {
-            "train": {"kind": "synthetic", "seed": 0, "num_samples": max(steps * plan.batch_size, 2048)},
+            "train": {"kind": "synthetic", "seed": 0, "num_samples": plan.train_samples, "options": {"cache": True}},
             "val": {"kind": "synthetic", "seed": 1, "num_samples": plan.val_samples},
         },
         "train": {"steps": steps, "batch_size": plan.batch_size, "lr": lr, "weight_decay": 0.1,

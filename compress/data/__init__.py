@@ -1,0 +1,85 @@
+"""Data: image-text training sets, zero-shot tasks and retrieval sets, robust to bad samples.
+
+Sources (``DatasetConfig.kind``): ``synthetic`` (the embedded "shapes" world, rendered on
+the fly, deterministic by seed), ``csv`` (open_clip's CSV/TSV), ``webdataset`` (tar
+shards) and ``folder`` (ImageNet layout; class-name captions for training, zero-shot
+classification for evaluation).
+
+Trainer::
+
+    train_tf, eval_tf = transforms_for(student, cfg.data.image_size)
+    loader = build_train_loader(cfg.data, train_tf, tokenizer, batch_size, seed=cfg.seed,
+                                sampler=None)          # or lambda ds: DistributedSampler(ds, ...)
+    for step, batch in zip(range(steps), loader.forever()):
+        batch["images"]    # FloatTensor[B, 3, H, W]
+        batch["texts"]     # LongTensor[B, context_length]
+        batch["captions"]  # list[str]
+    loader.counter.as_dict()   # {"data_samples_seen", "data_bad_samples", "data_bad_fraction"}
+
+Evaluator::
+
+    task = build_zero_shot_task(task_cfg, eval_tf, cfg.data)   # ZeroShotTask
+    task.classnames, task.templates, task.prompts(name), task.heldout_labels
+    for batch in task.loader(batch_size):  batch["images"], batch["labels"]
+    ret = build_retrieval_set(cfg.data, eval_tf)               # RetrievalSet | None
+    for batch in ret.loader(tokenizer, batch_size):  batch["images"], batch["texts"]
+
+Bad samples: data sets return ``None`` for a missing/corrupt image; collate drops it and
+reports ``num_bad``/``num_samples`` in the batch; the loader counts them in the main
+process (:class:`BadSampleCounter`) and raises :class:`DataError` past
+``max_bad_fraction`` (after 50 samples) or when a whole batch is bad.
+"""
+
+from compress.data.collate import make_collate, make_label_collate
+from compress.data.csv_data import CsvDataset
+from compress.data.folder import FolderTextDataset, ImageFolderDataset, imagenet_preset
+from compress.data.loader import (
+    CountedLoader,
+    EpochShuffleSampler,
+    build_dataset,
+    build_eval_loader,
+    build_train_loader,
+)
+from compress.data.robust import BadSampleCounter, DataError, open_image
+from compress.data.shards import ShardDataset
+from compress.data.synthetic import ShapesClassification, ShapesDataset, ShapesOptions
+from compress.data.tasks import RetrievalSet, ZeroShotTask, build_retrieval_set, build_zero_shot_task
+from compress.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    eval_transform,
+    image_size_of,
+    train_transform,
+    transforms_for,
+)
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "BadSampleCounter",
+    "CountedLoader",
+    "CsvDataset",
+    "DataError",
+    "EpochShuffleSampler",
+    "FolderTextDataset",
+    "ImageFolderDataset",
+    "RetrievalSet",
+    "ShapesClassification",
+    "ShapesDataset",
+    "ShapesOptions",
+    "ShardDataset",
+    "ZeroShotTask",
+    "build_dataset",
+    "build_eval_loader",
+    "build_retrieval_set",
+    "build_train_loader",
+    "build_zero_shot_task",
+    "eval_transform",
+    "image_size_of",
+    "imagenet_preset",
+    "make_collate",
+    "make_label_collate",
+    "open_image",
+    "train_transform",
+    "transforms_for",
+]

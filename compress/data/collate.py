@@ -1,0 +1,56 @@
+"""Collate functions: drop ``None`` (bad) samples, stack images, tokenize captions.
+
+Batches are dicts. Each also carries ``num_bad`` (samples dropped) and ``num_samples``
+(samples drawn, bad included); the main process adds these up in a
+:class:`~compress.data.robust.BadSampleCounter` (collate itself runs in the DataLoader
+workers, where a counter would be lost). A batch whose samples were all bad has
+``images = None``; :class:`~compress.data.loader.CountedLoader` turns it into a
+``DataError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+Batch = dict[str, Any]
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+def make_collate(tokenizer: Tokenizer | None) -> Callable[[Sequence[Any]], Batch]:
+    """Image-text collate: ``{"images": FloatTensor[B,3,H,W], "texts": LongTensor[B,ctx],
+    "captions": list[str], "num_bad": int, "num_samples": int}`` (``texts`` is None without
+    a tokenizer)."""
+    return _TextCollate(tokenizer)
+
+
+def make_label_collate() -> Callable[[Sequence[Any]], Batch]:
+    """Classification collate: ``{"images", "labels": LongTensor[B], "num_bad", "num_samples"}``."""
+    return _label_collate
+
+
+class _TextCollate:
+    """A picklable closure over the tokenizer (works with spawned workers too)."""
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: Sequence[Any]) -> Batch:
+        good = [x for x in items if x is not None]
+        batch: Batch = {"num_bad": len(items) - len(good), "num_samples": len(items)}
+        if not good:
+            return {**batch, "images": None, "texts": None, "captions": []}
+        captions = [str(t) for _, t in good]
+        texts = self.tokenizer(captions) if self.tokenizer is not None else None
+        return {**batch, "images": torch.stack([img for img, _ in good]), "texts": texts, "captions": captions}
+
+
+def _label_collate(items: Sequence[Any]) -> Batch:
+    good = [x for x in items if x is not None]
+    batch: Batch = {"num_bad": len(items) - len(good), "num_samples": len(items)}
+    if not good:
+        return {**batch, "images": None, "labels": None}
+    images = torch.stack([img for img, _ in good])
+    return {**batch, "images": images, "labels": torch.tensor([int(y) for _, y in good], dtype=torch.long)}

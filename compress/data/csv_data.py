@@ -1,0 +1,66 @@
+"""open_clip's CSV/TSV format: one row per image, a path column and a caption column.
+
+Columns are ``DatasetConfig.image_key`` / ``caption_key``, the separator ``separator``
+(``"\\t"`` for TSV); relative image paths are resolved against the CSV file's folder.
+A missing or corrupt image, or an empty caption, gives ``None`` (skipped and counted).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from torch.utils.data import Dataset
+
+from compress.data.robust import DataError, apply_transform, open_image, warn_bad
+
+
+class CsvDataset(Dataset):
+    """(image, caption) pairs listed in a CSV/TSV file."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        transform: Any = None,
+        image_key: str = "filepath",
+        caption_key: str = "title",
+        separator: str = ",",
+        num_samples: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"CSV data set: file not found: {self.path}")
+        sep = "\t" if separator in ("\\t", "tab") else separator
+        try:
+            df = pd.read_csv(self.path, sep=sep, dtype=str, keep_default_na=False)
+        except Exception as e:
+            raise DataError(f"CSV data set {self.path}: cannot read: {e}") from None
+        missing = [k for k in (image_key, caption_key) if k not in df.columns]
+        if missing:
+            raise DataError(
+                f"CSV data set {self.path}: column(s) {missing} not found; columns are {list(df.columns)} "
+                f"(set data.*.image_key / caption_key / separator)"
+            )
+        if num_samples is not None:
+            df = df.iloc[:num_samples]
+        root = self.path.parent
+        self.images = [str(p if Path(p).is_absolute() else root / p) for p in df[image_key].tolist()]
+        self.captions = [str(c) for c in df[caption_key].tolist()]
+        self.transform = transform
+        if not self.images:
+            raise DataError(f"CSV data set {self.path}: no rows")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, str] | None:
+        path, text = self.images[index], self.captions[index].strip()
+        if not text:
+            warn_bad(path, "empty caption")
+            return None
+        img = open_image(path)
+        if img is None:
+            return None
+        out = apply_transform(self.transform, img, path)
+        return None if out is None else (out, text)

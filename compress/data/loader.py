@@ -1,0 +1,214 @@
+"""Data sets from config, and the loaders the trainer and evaluator iterate.
+
+:class:`CountedLoader` wraps a ``DataLoader``: it feeds each batch's bad-sample numbers to
+a :class:`BadSampleCounter` in the main process (raising ``DataError`` past the limit),
+and :meth:`CountedLoader.forever` yields batches without end for step-based training,
+calling ``set_epoch`` on the sampler / iterable data set before each pass so every epoch
+is reshuffled deterministically from the seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from compress.config import DataConfig, DatasetConfig
+from compress.data.collate import Batch, Tokenizer, make_collate
+from compress.data.csv_data import CsvDataset
+from compress.data.folder import FolderTextDataset
+from compress.data.robust import BadSampleCounter, DataError
+from compress.data.shards import ShardDataset
+from compress.data.synthetic import ShapesDataset, ShapesOptions
+
+KINDS = ("synthetic", "csv", "webdataset", "folder")
+_WDS_OPTIONS = ("shuffle_buffer", "image_exts", "text_exts")
+
+log = logging.getLogger(__name__)
+
+SamplerArg = Sampler | Callable[[Dataset], Sampler] | None
+
+
+def dataset_name(cfg: DatasetConfig, split: str | None = None) -> str:
+    return f"{cfg.kind}:{cfg.path or ''}:{split or cfg.split}".replace("::", ":")
+
+
+def _check_options(cfg: DatasetConfig, allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(cfg.options) - set(allowed))
+    if unknown:
+        raise DataError(f"{cfg.kind} data set: unknown option(s) {unknown}; known: {list(allowed)}")
+
+
+def build_dataset(
+    cfg: DatasetConfig, transform: Any, split: str | None = None, shuffle: bool | None = None
+) -> Dataset:
+    """A data set of ``(image_tensor, caption)`` items, ``None`` for a bad sample.
+
+    ``split`` defaults to ``cfg.split`` (it selects the synthetic split; for files the path
+    names the split). ``shuffle`` (webdataset only) defaults to ``split == "train"``.
+    """
+    split = split or cfg.split
+    if cfg.kind not in KINDS:
+        raise DataError(f"data set kind {cfg.kind!r} is not one of {', '.join(KINDS)}")
+    if cfg.kind == "synthetic":
+        return ShapesDataset(cfg.seed, split, cfg.num_samples, transform, ShapesOptions.from_dict(cfg.options))
+    if not cfg.path:
+        raise DataError(f"{cfg.kind} data set: 'path' is required")
+    if cfg.kind == "csv":
+        _check_options(cfg, ())
+        return CsvDataset(cfg.path, transform, cfg.image_key, cfg.caption_key, cfg.separator, cfg.num_samples)
+    if cfg.kind == "folder":
+        _check_options(cfg, ("templates",))
+        return FolderTextDataset(cfg.path, transform, cfg.options.get("templates"))
+    _check_options(cfg, _WDS_OPTIONS)
+    return ShardDataset(
+        cfg.path,
+        transform,
+        shuffle=(split == "train") if shuffle is None else shuffle,
+        seed=cfg.seed,
+        num_samples=cfg.num_samples,
+        **cfg.options,
+    )
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation of ``range(n)`` drawn from ``(seed, epoch)``: reproducible and
+    different every epoch (``set_epoch``), like ``DistributedSampler`` on one rank."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class CountedLoader:
+    """Iterates a ``DataLoader``, counting bad samples; ``forever()`` for step-based loops."""
+
+    def __init__(
+        self,
+        loader: DataLoader,
+        counter: BadSampleCounter,
+        sampler: Any = None,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        self.loader, self.counter, self.sampler = loader, counter, sampler
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch = 0
+
+    @property
+    def dataset(self) -> Dataset:
+        return self.loader.dataset
+
+    def __len__(self) -> int:
+        if self.steps_per_epoch is None:
+            raise TypeError("this loader has no known length (set num_samples for webdataset)")
+        return self.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for obj in (self.sampler, self.loader.dataset):
+            if hasattr(obj, "set_epoch"):
+                obj.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        """One pass over non-empty batches; raises ``DataError`` past ``max_bad_fraction`` or
+        on an all-bad batch (see :class:`BadSampleCounter`)."""
+        for batch in self.loader:
+            self.counter.update_from_batch(batch)
+            if batch["images"] is not None:  # a small all-bad batch the counter tolerated
+                yield batch
+
+    def forever(self, start_epoch: int = 0) -> Iterator[Batch]:
+        """Batches without end, epoch after epoch, each reshuffled (``set_epoch``)."""
+        epoch = start_epoch
+        while True:
+            self.set_epoch(epoch)
+            produced = 0
+            for batch in self:
+                produced += 1
+                yield batch
+            if not produced:
+                raise DataError(
+                    f"data set {self.counter.name!r}: an epoch produced no batch "
+                    f"(fewer good samples than the batch size {self.loader.batch_size}?)"
+                )
+            epoch += 1
+
+
+def _resolve_sampler(sampler: SamplerArg, dataset: Dataset, seed: int) -> Sampler:
+    if sampler is None:
+        return EpochShuffleSampler(len(dataset), seed)
+    if isinstance(sampler, Sampler):
+        return sampler
+    return sampler(dataset)
+
+
+def build_train_loader(
+    cfg: DataConfig,
+    transform: Any,
+    tokenizer: Tokenizer | None,
+    batch_size: int,
+    seed: int = 0,
+    sampler: SamplerArg = None,
+    pin_memory: bool | None = None,
+) -> CountedLoader:
+    """The training loader over ``cfg.train``: shuffled per epoch, ``drop_last=True``.
+
+    ``sampler``: ``None`` (our :class:`EpochShuffleSampler`), a ``Sampler``, or a factory
+    ``dataset -> Sampler`` (e.g. ``lambda ds: DistributedSampler(ds, seed=seed,
+    drop_last=True)``). Webdataset shards are split across ranks by the data set itself
+    (a sampler is ignored there).
+    """
+    ds = build_dataset(cfg.train, transform, split=cfg.train.split)
+    name = dataset_name(cfg.train)
+    workers = cfg.num_workers
+    common: dict[str, Any] = dict(
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=make_collate(tokenizer),
+        drop_last=True,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    if isinstance(ds, IterableDataset):
+        if sampler is not None:  # shards are already split across ranks by the data set
+            log.info("data set %s is iterable: the sampler is not used (shards split per rank)", name)
+        loader = DataLoader(ds, **common)
+        n = cfg.train.num_samples
+        steps = n // batch_size if n else None
+        chosen = None
+    else:
+        if len(ds) < batch_size:
+            raise DataError(f"data set {name!r} has {len(ds)} samples, fewer than the batch size {batch_size}")
+        chosen = _resolve_sampler(sampler, ds, seed)
+        loader = DataLoader(ds, sampler=chosen, persistent_workers=workers > 0, **common)
+        steps = len(loader)
+    counter = BadSampleCounter(name, cfg.train.max_bad_fraction)
+    return CountedLoader(loader, counter, chosen, steps)
+
+
+def build_eval_loader(
+    dataset: Dataset,
+    batch_size: int,
+    collate_fn: Callable[[list[Any]], Batch],
+    num_workers: int = 0,
+    name: str = "eval",
+    max_bad_fraction: float = 0.01,
+) -> CountedLoader:
+    """An in-order loader (no shuffle, last partial batch kept) for evaluation sets."""
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn
+    )
+    steps = len(loader) if not isinstance(dataset, IterableDataset) else None
+    return CountedLoader(loader, BadSampleCounter(name, max_bad_fraction), None, steps)

@@ -1,0 +1,108 @@
+"""Robust sample loading: a bad image is skipped and counted, never a crash.
+
+Datasets return ``None`` for a sample they cannot load (missing file, corrupt bytes, a
+shard read error). The collate functions drop the ``None`` entries and record
+``num_bad`` / ``num_samples`` in the batch; :class:`BadSampleCounter` adds these up in the
+main process (collate runs inside DataLoader workers, so a counter there would be lost)
+and raises :class:`DataError` once the fraction of bad samples passes the configured limit.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+#: how many bad samples each process reports in the log before going quiet
+_MAX_WARNINGS = 5
+_warned = 0
+
+
+class DataError(RuntimeError):
+    """A data set cannot be used: too many bad samples, a missing column, an empty source."""
+
+
+def warn_bad(source: str, reason: object) -> None:
+    """Log a skipped sample (the first few per process)."""
+    global _warned
+    if _warned < _MAX_WARNINGS:
+        _warned += 1
+        log.warning("skipping bad sample %s: %s", source, reason)
+
+
+def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Image | None:
+    """Decode an image fully (``load()`` catches truncated files) as RGB; ``None`` if it
+    is missing or cannot be decoded."""
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+        with Image.open(fp) as img:
+            img.load()
+            return img.convert("RGB")
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBomb...
+        warn_bad(name or (str(source) if not isinstance(source, bytes | bytearray) else "<bytes>"), e)
+        return None
+
+
+def apply_transform(transform: Any, image: Image.Image, name: str) -> Any | None:
+    """``transform(image)``, or ``None`` (counted as a bad sample) if it fails."""
+    if transform is None:
+        return image
+    try:
+        return transform(image)
+    except Exception as e:
+        warn_bad(name, e)
+        return None
+
+
+@dataclass
+class BadSampleCounter:
+    """Counts samples seen and bad samples skipped for one data set, in the main process.
+
+    ``update`` raises :class:`DataError` when a whole batch is bad (a batch of at least
+    ``whole_batch_min`` samples, or any batch before a good sample was seen: a wrong root
+    or a broken source stops at once), or when the bad fraction exceeds
+    ``max_bad_fraction`` after at least ``min_samples`` samples. A small all-bad batch
+    after good data (say the last, partial batch) only counts towards the fraction.
+    """
+
+    name: str
+    max_bad_fraction: float = 0.01
+    min_samples: int = 50
+    whole_batch_min: int = 8
+    seen: int = 0
+    bad: int = 0
+
+    @property
+    def fraction(self) -> float:
+        return self.bad / self.seen if self.seen else 0.0
+
+    def update(self, num_bad: int, num_samples: int) -> None:
+        self.seen += int(num_samples)
+        self.bad += int(num_bad)
+        if num_samples and num_bad == num_samples and (num_samples >= self.whole_batch_min or self.bad == self.seen):
+            raise DataError(
+                f"data set {self.name!r}: a whole batch of {num_samples} samples was bad "
+                f"({self.bad} of {self.seen} bad so far, fraction {self.fraction:.3f})"
+            )
+        if self.seen >= self.min_samples and self.fraction > self.max_bad_fraction:
+            raise DataError(
+                f"data set {self.name!r}: {self.bad} of {self.seen} samples were bad "
+                f"(fraction {self.fraction:.3f} > max_bad_fraction {self.max_bad_fraction})"
+            )
+
+    def update_from_batch(self, batch: dict[str, Any]) -> None:
+        self.update(batch.get("num_bad", 0), batch.get("num_samples", 0))
+
+    def as_dict(self, prefix: str = "data") -> dict[str, float | int]:
+        """Numbers for logging and the result row."""
+        return {
+            f"{prefix}_samples_seen": self.seen,
+            f"{prefix}_bad_samples": self.bad,
+            f"{prefix}_bad_fraction": round(self.fraction, 6),
+        }

@@ -1,0 +1,160 @@
+"""Evaluation sets: zero-shot classification tasks and image-text retrieval sets.
+
+Templates are strings with a ``{}`` placeholder: the evaluator builds the prompts of class
+``c`` as ``[t.format(c) for t in task.templates]`` (open_clip's 80 OpenAI templates are
+stored as lambdas; :func:`~compress.data.folder.imagenet_preset` turns them into strings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from compress.config import DataConfig, DatasetConfig, ZeroShotTaskConfig
+from compress.data import shapes
+from compress.data.captions import task_classnames, task_templates
+from compress.data.collate import Tokenizer, make_collate, make_label_collate
+from compress.data.folder import FOLDER_TEMPLATES, ImageFolderDataset, folder_classnames, imagenet_preset
+from compress.data.loader import CountedLoader, build_dataset, build_eval_loader, dataset_name
+from compress.data.robust import DataError
+from compress.data.synthetic import DEFAULT_EVAL_SAMPLES, ShapesClassification, ShapesOptions
+
+
+@dataclass
+class ZeroShotTask:
+    """A labelled set of (image, label) items (``None`` = bad) plus its prompts.
+
+    ``heldout_labels``: labels never seen in training (synthetic ``color_shape``), to be
+    reported separately from the seen ones; empty when nothing was held out.
+    """
+
+    name: str
+    dataset: Dataset
+    classnames: list[str]
+    templates: list[str]
+    heldout_labels: list[int] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def prompts(self, classname: str) -> list[str]:
+        return [t.format(classname) for t in self.templates]
+
+    def loader(self, batch_size: int, num_workers: int = 0, max_bad_fraction: float = 0.01) -> CountedLoader:
+        """Batches ``{"images", "labels", "num_bad", "num_samples"}`` in order."""
+        return build_eval_loader(
+            self.dataset, batch_size, make_label_collate(), num_workers, f"zero-shot:{self.name}", max_bad_fraction
+        )
+
+
+@dataclass
+class RetrievalSet:
+    """(image, caption) pairs; image ``i`` matches caption ``i`` (bad pairs drop together)."""
+
+    name: str
+    dataset: Dataset
+    max_bad_fraction: float = 0.01
+
+    def loader(self, tokenizer: Tokenizer, batch_size: int, num_workers: int = 0) -> CountedLoader:
+        """Batches ``{"images", "texts", "captions", ...}`` in order."""
+        return build_eval_loader(
+            self.dataset, batch_size, make_collate(tokenizer), num_workers, self.name, self.max_bad_fraction
+        )
+
+
+def _synthetic_source(data: DataConfig | None) -> tuple[DatasetConfig, int, bool]:
+    """Synthetic settings for evaluation sets, their size, and whether training held out
+    the held-out pairs (only a synthetic training set with ``holdout: true`` does)."""
+    train = data.train if data is not None else DatasetConfig()
+    val = data.val if data is not None else None
+    if val is not None and val.kind == "synthetic":
+        source, n = val, val.num_samples or DEFAULT_EVAL_SAMPLES
+    else:
+        source, n = (train if train.kind == "synthetic" else DatasetConfig()), DEFAULT_EVAL_SAMPLES
+    holdout = train.kind == "synthetic" and ShapesOptions.from_dict(train.options).holdout
+    return source, n, holdout
+
+
+def _templates(given: list[str] | None, default: list[str]) -> list[str]:
+    if not given:
+        return list(default)
+    out = [t.replace("{c}", "{}") for t in given]
+    bad = [t for t in out if "{}" not in t]
+    if bad:
+        raise DataError(f"zero-shot templates need a '{{}}' placeholder: {bad}")
+    return out
+
+
+def build_zero_shot_task(
+    task: ZeroShotTaskConfig, transform: Any, data: DataConfig | None = None
+) -> ZeroShotTask:
+    """A zero-shot task from its config.
+
+    - ``kind: synthetic``, ``task``: ``shape`` | ``color`` | ``color_shape`` (default). The
+      seed, size and ``num_samples`` come from ``data.val`` if it is synthetic, else from
+      ``data.train``; 40 single-shape images per pair and 1000 images by default.
+    - ``kind: folder`` with ``path`` (ImageNet layout); ``task: imagenet`` (or ``kind:
+      imagenet``) uses open_clip's 1000 class names and 80 OpenAI templates, otherwise
+      the folder names and a small template set.
+    ``classnames`` / ``templates`` in the config override the defaults.
+    """
+    if task.kind == "synthetic":
+        source, n, holdout = _synthetic_source(data)
+        name = task.task or "color_shape"
+        ds = ShapesClassification(name, source.seed, "val", n, transform, ShapesOptions.from_dict(source.options))
+        classnames, templates = task_classnames(name), task_templates(name)
+        heldout = shapes.heldout_labels() if holdout and name == "color_shape" else []
+        info = {"heldout_combos": sorted(shapes.combo_name(k) for k in shapes.heldout_labels()) if holdout else []}
+    elif task.kind in ("folder", "imagenet"):
+        if not task.path:
+            raise DataError(f"zero-shot task {task.name!r}: 'path' to an image folder is required")
+        folder = ImageFolderDataset(task.path, transform)
+        ds, heldout, info = folder, [], {"class_dirs": folder.class_dirs}
+        if task.kind == "imagenet" or task.task == "imagenet":
+            classnames, templates = imagenet_preset()
+            if len(folder.class_dirs) != len(classnames):
+                raise DataError(
+                    f"zero-shot task {task.name!r}: the imagenet preset needs {len(classnames)} class "
+                    f"folders, {task.path} has {len(folder.class_dirs)}"
+                )
+        else:
+            classnames, templates = folder_classnames(folder.class_dirs), list(FOLDER_TEMPLATES)
+    else:
+        raise DataError(f"zero-shot task {task.name!r}: kind {task.kind!r} is not synthetic, folder or imagenet")
+    if task.classnames:
+        if len(task.classnames) != len(classnames):
+            raise DataError(
+                f"zero-shot task {task.name!r}: {len(task.classnames)} class names given, "
+                f"the data set has {len(classnames)} classes"
+            )
+        classnames = list(task.classnames)
+    return ZeroShotTask(task.name, ds, classnames, _templates(task.templates, templates), heldout, info)
+
+
+def build_retrieval_set(
+    data: DataConfig | DatasetConfig, transform: Any, name: str | None = None
+) -> RetrievalSet | None:
+    """The retrieval set: ``data.val`` (a ``DataConfig``) or the given ``DatasetConfig``.
+
+    Synthetic: the validation split with ``full`` captions (size, colour, shape, place;
+    1000 images unless ``num_samples``). CSV / webdataset: the file's pairs in order.
+    Returns ``None`` for a ``DataConfig`` without ``val`` unless its training data is
+    synthetic (then the synthetic validation split is used).
+    """
+    if isinstance(data, DataConfig):
+        cfg = data.val
+        if cfg is None:
+            if data.train.kind != "synthetic":
+                return None
+            cfg = replace(data.train, num_samples=None)
+    else:
+        cfg = data
+    if cfg.kind == "synthetic":
+        options = {"caption_style": "full", **cfg.options}
+        cfg = replace(cfg, split="val", options=options)
+        ds = build_dataset(cfg, transform, split="val")
+    elif cfg.kind in ("csv", "webdataset"):
+        ds = build_dataset(cfg, transform, shuffle=False)
+    else:
+        raise DataError(f"retrieval needs image-text data (synthetic, csv, webdataset), got {cfg.kind!r}")
+    return RetrievalSet(name or f"retrieval:{dataset_name(cfg)}", ds, cfg.max_bad_fraction)

@@ -1,0 +1,374 @@
+"""Tests of compress.data: synthetic shapes, CSV, webdataset, image folders, robustness."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from compress.config import DataConfig, DatasetConfig, ZeroShotTaskConfig
+from compress.data import (
+    CLIP_MEAN,
+    CLIP_STD,
+    BadSampleCounter,
+    DataError,
+    ShapesClassification,
+    ShapesDataset,
+    build_dataset,
+    build_eval_loader,
+    build_retrieval_set,
+    build_train_loader,
+    build_zero_shot_task,
+    eval_transform,
+    image_size_of,
+    imagenet_preset,
+    make_collate,
+    train_transform,
+)
+from compress.data.captions import task_classnames
+from compress.data.shapes import COLOR_NAMES, HELDOUT, SHAPES, combo_label
+
+TO_TENSOR = T.ToTensor()
+PALETTE = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
+def _solid(color: tuple[int, int, int], size: tuple[int, int] = (20, 16)) -> Image.Image:
+    return Image.new("RGB", size, color)
+
+
+def _image_bytes(color: tuple[int, int, int], fmt: str) -> bytes:
+    buf = io.BytesIO()
+    _solid(color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _mean_rgb(x: torch.Tensor) -> tuple[int, ...]:
+    """Mean colour (0-255) of an unnormalised [3,H,W] tensor."""
+    return tuple(int(round(v)) for v in (x.mean(dim=(1, 2)) * 255).tolist())
+
+
+# ----------------------------------------------------------------------------- synthetic
+def test_synthetic_is_deterministic_by_seed_split_and_index():
+    a, b = ShapesDataset(seed=0, num_samples=100), ShapesDataset(seed=0, num_samples=100)
+    order = [7, 3, 50, 3]  # random access in any order gives the same sample
+    for i in order:
+        (ia, ca), (ib, cb) = a.pil(i), b.pil(i)
+        assert ia.tobytes() == ib.tobytes() and ca == cb
+    other = ShapesDataset(seed=1, num_samples=100)
+    val = ShapesDataset(seed=0, split="val", num_samples=100)
+    for ds in (other, val):
+        same = sum(a.pil(i)[0].tobytes() == ds.pil(i)[0].tobytes() for i in range(20))
+        assert same == 0
+    assert [a.pil(i)[1] for i in range(20)] != [other.pil(i)[1] for i in range(20)]
+
+
+def test_heldout_combos_never_in_train_and_present_in_val():
+    assert {c for c, _ in HELDOUT} == set(range(len(COLOR_NAMES)))
+    assert {s for _, s in HELDOUT} == set(range(len(SHAPES)))
+    train = ShapesDataset(seed=3, split="train", num_samples=3000)
+    seen = set()
+    for i in range(len(train)):
+        seen.update(train.scene(i)[0].combos)
+    assert not seen & HELDOUT
+    assert len(seen) == len(COLOR_NAMES) * len(SHAPES) - len(HELDOUT)
+    val = ShapesDataset(seed=3, split="val", num_samples=1000)
+    val_seen = set(itertools.chain.from_iterable(val.scene(i)[0].combos for i in range(len(val))))
+    assert HELDOUT <= val_seen
+
+
+def test_enough_classes_and_captions_name_colour_and_shape():
+    assert len(task_classnames("color_shape")) >= 40
+    ds = ShapesDataset(seed=0, num_samples=600)
+    texts = set()
+    for i in range(len(ds)):
+        scene, text = ds.scene(i)
+        texts.add(text)
+        for obj in scene.objects:
+            assert obj.color_name in text and obj.shape_name in text, text
+    assert sum(len(ds.scene(i)[0].objects) == 2 for i in range(len(ds))) > 100  # two-shape images exist
+    assert len(texts) > 300  # varied captions
+
+
+def test_classification_images_have_one_shape_of_the_labelled_colour():
+    ds = ShapesClassification("color_shape", seed=0, num_samples=80)
+    labels = [ds.label(i) for i in range(len(ds))]
+    assert sorted(set(labels)) == list(range(40))
+    for i in range(len(ds)):
+        scene = ds.scene(i)
+        assert len(scene.objects) == 1 and scene.objects[0].label == labels[i]
+        img, label = ds[i]
+        obj = scene.objects[0]
+        centre = np.asarray(img)[int(obj.cy), int(obj.cx)]
+        assert np.abs(centre.astype(int) - np.array(obj.rgb)).max() <= 1  # the shape is drawn there
+        assert label == labels[i]
+    shape_ds = ShapesClassification("shape", seed=0, num_samples=40)
+    assert [shape_ds.label(i) for i in range(40)] == [k % len(SHAPES) for k in range(40)]
+
+
+def test_synthetic_zero_shot_tasks_report_heldout_labels():
+    data = DataConfig(train=DatasetConfig(kind="synthetic"), val=DatasetConfig(kind="synthetic", num_samples=120))
+    task = build_zero_shot_task(ZeroShotTaskConfig(name="cs", task="color_shape"), train_transform(32), data)
+    assert len(task.classnames) == 40 and len(task.dataset) == 120
+    assert task.heldout_labels == sorted(combo_label(c, s) for c, s in HELDOUT)
+    assert all("{}" in t for t in task.templates) and task.prompts("red circle")[0].count("red circle") == 1
+    batch = next(iter(task.loader(batch_size=16)))
+    assert batch["images"].shape == (16, 3, 32, 32) and batch["labels"].tolist() == list(range(16))
+    color = build_zero_shot_task(ZeroShotTaskConfig(task="color"), None, data)
+    assert color.classnames == list(COLOR_NAMES) and color.heldout_labels == []
+    no_holdout = DataConfig(train=DatasetConfig(options={"holdout": False}))
+    assert build_zero_shot_task(ZeroShotTaskConfig(task="color_shape"), None, no_holdout).heldout_labels == []
+    with pytest.raises(DataError, match="unknown synthetic task"):
+        build_zero_shot_task(ZeroShotTaskConfig(task="size"), None, data)
+
+
+def test_synthetic_options_are_checked():
+    with pytest.raises(DataError, match="unknown option"):
+        build_dataset(DatasetConfig(options={"colour": 1}), None)
+    ds = build_dataset(DatasetConfig(num_samples=4, options={"size": 48, "cache": True}), None)
+    assert ds.pil(0)[0].size == (48, 48) and ds.pil(0) is ds.pil(0)
+
+
+def test_synthetic_train_loader_reshuffles_per_epoch_and_is_reproducible(tokenizer):
+    data = DataConfig(train=DatasetConfig(num_samples=32))
+    make = lambda: build_train_loader(data, train_transform(32), tokenizer, batch_size=8, seed=5)  # noqa: E731
+    loader = make()
+    assert len(loader) == 4
+    batches = list(itertools.islice(loader.forever(), 8))
+    assert loader.epoch == 1
+    first, second = [b["captions"] for b in batches[:4]], [b["captions"] for b in batches[4:]]
+    assert sorted(sum(first, [])) == sorted(sum(second, [])) and first != second
+    again = list(itertools.islice(make().forever(), 4))
+    assert [b["captions"] for b in again] == first
+    b = batches[0]
+    assert b["images"].shape == (8, 3, 32, 32) and b["texts"].shape == (8, 77) and b["texts"].dtype == torch.long
+    ds = ShapesDataset(num_samples=32)
+    in_order = [ds.pil(i)[1] for i in range(8)]
+    for sampler in (torch.utils.data.SequentialSampler(ds), torch.utils.data.SequentialSampler):
+        seq = build_train_loader(data, T.ToTensor(), None, 8, sampler=sampler)  # instance or factory
+        assert next(iter(seq))["captions"] == in_order
+    assert loader.counter.bad == 0 and loader.counter.seen == 64
+
+
+def test_synthetic_retrieval_view_uses_full_captions():
+    ret = build_retrieval_set(DataConfig(), T.ToTensor())
+    assert ret is not None and len(ret.dataset) == 1000
+    img, text = ret.dataset[0]
+    scene, _ = ret.dataset.scene(0)
+    assert img.shape == (3, 64, 64)
+    if len(scene.objects) == 1:
+        assert text.split()[1] in ("small", "large") and " in the " in text
+    else:
+        assert scene.relation in text
+    assert build_retrieval_set(DataConfig(train=DatasetConfig(kind="csv", path="x.csv")), None) is None
+
+
+# ----------------------------------------------------------------------------- CSV
+def _write_csv_set(root: Path, sep: str = ",", keys: tuple[str, str] = ("filepath", "title")) -> dict[str, str]:
+    """4 good images (PNG + JPEG, one in a subfolder), one corrupt, one missing."""
+    (root / "img").mkdir(parents=True)
+    good = {}
+    for name, fmt in (("red", "PNG"), ("green", "JPEG"), ("blue", "PNG"), ("white", "JPEG")):
+        rel = f"img/{name}.{'png' if fmt == 'PNG' else 'jpg'}"
+        (root / rel).write_bytes(_image_bytes(PALETTE[name], fmt))
+        good[rel] = f"a {name} picture"
+    (root / "img" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    rows = list(good.items()) + [("img/corrupt.jpg", "a corrupt one"), ("img/missing.png", "a missing one")]
+    lines = [sep.join(keys)] + [sep.join(r) for r in rows]
+    (root / "data.csv").write_text("\n".join(lines) + "\n")
+    return good
+
+
+def test_csv_loads_good_rows_and_skips_and_counts_bad_ones(tmp_path, tokenizer):
+    good = _write_csv_set(tmp_path)
+    cfg = DatasetConfig(kind="csv", path=str(tmp_path / "data.csv"), max_bad_fraction=0.5)
+    ds = build_dataset(cfg, T.ToTensor())
+    items = [ds[i] for i in range(len(ds))]
+    assert len(items) == 6 and items[4] is None and items[5] is None
+    for text, (img, caption) in zip(good.values(), items[:4], strict=True):
+        assert caption == text
+        name = text.split()[1]
+        assert max(abs(a - b) for a, b in zip(_mean_rgb(img), PALETTE[name], strict=True)) <= 3
+    loader = build_eval_loader(ds, batch_size=4, collate_fn=make_collate(tokenizer), name="csv", max_bad_fraction=0.5)
+    captions = [c for b in loader for c in b["captions"]]
+    assert captions == list(good.values())
+    assert (loader.counter.bad, loader.counter.seen) == (2, 6)
+    assert loader.counter.as_dict()["data_bad_samples"] == 2
+
+
+def test_tsv_with_custom_columns(tmp_path):
+    good = _write_csv_set(tmp_path, sep="\t", keys=("path", "caption"))
+    cfg = DatasetConfig(kind="csv", path=str(tmp_path / "data.csv"), separator="\t", image_key="path",
+                        caption_key="caption")
+    ds = build_dataset(cfg, T.ToTensor())
+    assert [ds[i][1] for i in range(4)] == list(good.values())
+    with pytest.raises(DataError, match="not found"):
+        build_dataset(DatasetConfig(kind="csv", path=str(tmp_path / "data.csv"), separator="\t"), None)
+
+
+def test_exceeding_max_bad_fraction_raises(tmp_path, tokenizer):
+    (tmp_path / "ok.png").write_bytes(_image_bytes((9, 9, 9), "PNG"))
+    rows = ["filepath,title"] + [f"ok.png,good {i}" for i in range(50)] + [f"gone{i}.png,bad" for i in range(10)]
+    (tmp_path / "d.csv").write_text("\n".join(rows))
+    data = DataConfig(train=DatasetConfig(kind="csv", path=str(tmp_path / "d.csv"), max_bad_fraction=0.05))
+    loader = build_train_loader(data, T.ToTensor(), tokenizer, batch_size=10, seed=0)
+    with pytest.raises(DataError, match=r"csv.*d\.csv.*fraction 0\.1"):
+        list(itertools.islice(loader.forever(), 20))
+    # a whole batch of bad samples stops at once
+    (tmp_path / "bad.csv").write_text("filepath,title\n" + "\n".join(f"no{i}.png,x" for i in range(8)))
+    data = DataConfig(train=DatasetConfig(kind="csv", path=str(tmp_path / "bad.csv"), max_bad_fraction=0.5))
+    with pytest.raises(DataError, match="whole batch"):
+        next(build_train_loader(data, T.ToTensor(), tokenizer, batch_size=4).forever())
+
+
+def test_bad_sample_counter_thresholds():
+    c = BadSampleCounter("demo", max_bad_fraction=0.1, min_samples=50)
+    c.update(3, 10)  # 30 % but under the minimum
+    with pytest.raises(DataError, match=r"demo.*7 of 50.*0\.140"):
+        for _ in range(4):
+            c.update(1, 10)  # 7/50 = 14 %
+    c2 = BadSampleCounter("whole", max_bad_fraction=0.9)
+    with pytest.raises(DataError, match="whole batch"):
+        c2.update(2, 2)  # nothing good seen yet: stop at once
+    c3 = BadSampleCounter("tail", max_bad_fraction=0.9)
+    c3.update(0, 32)
+    c3.update(2, 2)  # a small all-bad (last) batch after good data only counts
+    with pytest.raises(DataError, match="whole batch of 8"):
+        c3.update(8, 8)
+
+
+# ----------------------------------------------------------------------------- webdataset
+def _write_shards(root: Path) -> dict[str, str]:
+    """Two shards of 5 samples; sample s1_2 has a corrupt image. Caption -> colour name."""
+    names = list(PALETTE)
+    expected = {}
+    for shard in range(2):
+        with tarfile.open(root / f"shard-{shard:06d}.tar", "w") as tar:
+            for k in range(5):
+                key, name = f"s{shard}_{k}", names[(shard * 5 + k) % len(names)]
+                fmt = "PNG" if k % 2 else "JPEG"
+                data = _image_bytes(PALETTE[name], fmt) if key != "s1_2" else b"garbage, not an image"
+                text = f"{key} is {name}".encode()
+                for suffix, payload in ((("png" if fmt == "PNG" else "jpg"), data), ("txt", text)):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+                if key != "s1_2":
+                    expected[text.decode()] = name
+    return expected
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_webdataset_shards_pairs_and_corrupt_counted(tmp_path, tokenizer, workers):
+    expected = _write_shards(tmp_path)
+    cfg = DatasetConfig(kind="webdataset", path=str(tmp_path / "shard-{000000..000001}.tar"), split="val")
+    ds = build_dataset(cfg, T.ToTensor())
+    loader = build_eval_loader(ds, 3, make_collate(tokenizer), num_workers=workers, max_bad_fraction=0.5)
+    got = {}
+    for batch in loader:
+        assert batch["texts"].shape[0] == batch["images"].shape[0] == len(batch["captions"])
+        for img, caption in zip(batch["images"], batch["captions"], strict=True):
+            got[caption] = _mean_rgb(img)
+    assert set(got) == set(expected)
+    for caption, rgb in got.items():
+        assert max(abs(a - b) for a, b in zip(rgb, PALETTE[expected[caption]], strict=True)) <= 3
+    assert (loader.counter.bad, loader.counter.seen) == (1, 10)
+
+
+def test_webdataset_train_loader_shuffles_and_survives_a_broken_shard(tmp_path, tokenizer):
+    expected = _write_shards(tmp_path)
+    (tmp_path / "shard-000002.tar").write_bytes(b"not a tar file at all" * 10)
+    cfg = DatasetConfig(kind="webdataset", path=str(tmp_path / "shard-{000000..000002}.tar"), num_samples=9,
+                        max_bad_fraction=0.5, options={"shuffle_buffer": 4})
+    loader = build_train_loader(DataConfig(train=cfg, num_workers=1), T.ToTensor(), tokenizer, batch_size=3)
+    assert len(loader) == 3
+    batches = list(itertools.islice(loader.forever(), 6))
+    captions = [c for b in batches for c in b["captions"]]
+    assert set(captions) <= set(expected) and len(set(captions)) >= 6
+    assert loader.counter.bad >= 2 and loader.epoch >= 1  # corrupt image + unreadable shard, per epoch
+
+
+# ----------------------------------------------------------------------------- image folder
+def test_image_folder_zero_shot_task_maps_labels(tmp_path):
+    classes = {"n001_cat": "red", "n002_dog_house": "green", "n003_zebra": "blue"}
+    for d, color in classes.items():
+        (tmp_path / d).mkdir()
+        for k in range(2):
+            _solid(PALETTE[color]).save(tmp_path / d / f"{k}.jpg")
+    (tmp_path / "n003_zebra" / "broken.jpg").write_bytes(b"nope")
+    task = build_zero_shot_task(ZeroShotTaskConfig(name="f", kind="folder", path=str(tmp_path)), T.ToTensor())
+    assert task.classnames == ["n001 cat", "n002 dog house", "n003 zebra"]
+    assert task.templates and all("{}" in t for t in task.templates)
+    colors = list(classes.values())
+    items = [task.dataset[i] for i in range(len(task.dataset))]
+    assert sum(x is None for x in items) == 1
+    for img, label in (x for x in items if x is not None):
+        assert max(abs(a - b) for a, b in zip(_mean_rgb(img), PALETTE[colors[label]], strict=True)) <= 3
+    loader = task.loader(batch_size=8, max_bad_fraction=0.5)
+    labels = [y for b in loader for y in b["labels"].tolist()]
+    assert labels == [0, 0, 1, 1, 2, 2] and loader.counter.bad == 1
+    names = build_zero_shot_task(ZeroShotTaskConfig(kind="folder", path=str(tmp_path), classnames=["a", "b", "c"]),
+                                 None)
+    assert names.classnames == ["a", "b", "c"]
+    with pytest.raises(DataError, match="1000 class"):
+        build_zero_shot_task(ZeroShotTaskConfig(kind="folder", task="imagenet", path=str(tmp_path)), None)
+
+
+def test_imagenet_preset():
+    names, templates = imagenet_preset()
+    assert len(names) == 1000 and len(templates) == 80
+    assert names[0] == "tench" and all(t.count("{}") == 1 for t in templates)
+    assert templates[0].format("tench") == "a bad photo of a tench."
+
+
+def test_folder_as_training_data_captions_from_class_names(tmp_path):
+    for d in ("golden_retriever", "tabby_cat"):
+        (tmp_path / d).mkdir()
+        _solid((1, 2, 3)).save(tmp_path / d / "a.png")
+    ds = build_dataset(DatasetConfig(kind="folder", path=str(tmp_path)), T.ToTensor())
+    assert "golden retriever" in ds[0][1] and "tabby cat" in ds[1][1]
+
+
+# ----------------------------------------------------------------------------- transforms, collate
+def test_train_transform_shape_and_normalisation():
+    tf = train_transform(32)
+    mean_img = _solid(tuple(int(round(m * 255)) for m in CLIP_MEAN), (50, 40))
+    out = tf(mean_img)
+    assert out.shape == (3, 32, 32) and out.abs().max() < 0.02
+    white = tf(_solid((255, 255, 255), (40, 40)))
+    expect = torch.tensor([(1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD, strict=True)])
+    assert torch.allclose(white.mean(dim=(1, 2)), expect, atol=1e-3)
+    crop = tf.transforms[0]
+    assert crop.scale == (0.9, 1.0) and crop.interpolation == T.InterpolationMode.BICUBIC
+    assert eval_transform(32)(_solid((0, 0, 0), (64, 48))).shape == (3, 32, 32)
+
+    class Visual:
+        image_size = (48, 48)
+
+    class Model:
+        visual = Visual()
+
+    assert image_size_of(Model()) == 48 and image_size_of(Model(), 64) == 64
+
+
+def test_collate_tokenizes_and_drops_none(tokenizer):
+    items = [(torch.zeros(3, 4, 4), "a red circle"), None, (torch.ones(3, 4, 4), "a blue star")]
+    batch = make_collate(tokenizer)(items)
+    assert batch["images"].shape == (2, 3, 4, 4) and batch["captions"] == ["a red circle", "a blue star"]
+    assert batch["texts"].dtype == torch.long and torch.equal(batch["texts"], tokenizer(batch["captions"]))
+    assert (batch["num_bad"], batch["num_samples"]) == (1, 3)
+    empty = make_collate(tokenizer)([None, None])
+    assert empty["images"] is None and empty["num_bad"] == 2
