@@ -96,6 +96,7 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     from compress.data.pipeline import train_batches
     from compress.evaluation.run_eval import evaluate_for_run
     from compress.models.export import save_model
+    from compress.models.nonuniform import write_structure
 
     run_dir = run_dir_for(cfg)
     started = time.time()
@@ -139,6 +140,7 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         )
         if main:
             metrics["export/path"] = str(save_model(exported, run_dir / "model", report_dir=run_dir))
+            write_structure(exported, run_dir)
             metrics.update(evaluate_for_run(cfg, exported, device, precision))
         metrics.update(data_stats.as_metrics())
         row = make_row(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from compress.config import RunConfig
+from compress.run import run_dir_for
 
 
 def _setup_distributed_from_submitit() -> None:
@@ -28,6 +30,16 @@ def _setup_distributed_from_submitit() -> None:
     dist.init_process_group(backend=backend)
 
 
+def write_reports(run_dir: Path) -> None:
+    """Human-readable companions of a run: the structure table and heat-map (kept heads and
+    MLP neurons per layer) next to ``result.json``."""
+    from analysis.structure_report import write_structure_report
+    from compress.models.nonuniform import STRUCTURE_FILE
+
+    if (run_dir / STRUCTURE_FILE).is_file():
+        write_structure_report(run_dir)
+
+
 class RunJob:
     """``RunJob(cfg)()`` runs the experiment and returns its result row.
 
@@ -42,7 +54,9 @@ class RunJob:
         from compress.run import run_experiment
 
         _setup_distributed_from_submitit()
-        return run_experiment(self.cfg, force=self.force)
+        row = run_experiment(self.cfg, force=self.force)
+        write_reports(run_dir_for(self.cfg))
+        return row
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit

@@ -77,6 +77,27 @@ def test_failed_run_writes_failed_row(tmp_path):
     assert on_disk["run_id"] == cfg.run_id()
 
 
+def test_auto_inheritance_run_prunes_exports_and_reports(tmp_path):
+    from compress.models import load_model
+    from experiments.dispatch import dispatch
+
+    auto = {"name": "auto", "target_sparsity": 0.5, "prune_step": 3, "ramp_steps": 2, "mask_lr": 0.5,
+            "lambda_lr": 1.0}
+    cfg = tiny_config(tmp_path, inheritance=auto, student=None, train={
+        "steps": 5, "batch_size": 8, "lr": 1e-3, "log_every": 1, "progress": False})
+    (row,) = dispatch([cfg])
+    assert row["status"] == "completed", row.get("error")
+    run_dir = tmp_path / "runs" / f"e2e-{cfg.run_id()}"
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["inherit/pruned"] == 0.0 and lines[-1]["inherit/pruned"] == 1.0
+    assert "inherit/expected_sparsity/all" in lines[0] and "inherit/target_sparsity" in lines[0]
+    teacher = load_model("cc-test-teacher")
+    exported = load_model(row["metrics"]["export/path"])
+    assert sum(p.numel() for p in exported.parameters()) < sum(p.numel() for p in teacher.parameters())
+    for name in ("structure.json", "structure.md", "structure.png"):
+        assert (run_dir / name).is_file(), name
+
+
 def test_skip_completed_and_force(tmp_path, capsys):
     from experiments.dispatch import dispatch
 

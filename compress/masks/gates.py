@@ -1,0 +1,113 @@
+"""Hard-concrete gates: the L0 relaxation behind structured pruning masks.
+
+Louizos et al., "Learning Sparse Neural Networks through L0 Regularization" (ICLR 2018), as
+used by CoFi (Xia et al., ACL 2022) and TinyCLIP (Wu et al., ICCV 2023):
+
+- training sample: u ~ U(eps, 1 - eps), s = sigmoid((log u - log(1 - u) + log_alpha) / beta),
+  z = clamp(s * (r - l) + l, 0, 1);
+- keep probability: P(z != 0) = sigmoid(log_alpha - beta * log(-l / r));
+- deterministic mask (evaluation, pruning): the soft values sigmoid(0.8 * log_alpha / beta),
+  with the round(expected number of zeros) smallest of each segment set to 0.
+
+The kept values of the deterministic mask are those soft values, not 1 (CoFi and TinyCLIP
+multiply them into the weights when pruning, and so do we). ``log_alpha`` is clamped to
+[ln 0.01, ln 100] (CoFi's ``constrain_parameters``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+LIMIT_L = -0.1
+LIMIT_R = 1.1
+BETA = 2.0 / 3.0
+EPS = 1e-6
+#: sigmoid(MAGIC * log_alpha / beta) ranks the units of the deterministic mask (Wang et al. 2020)
+MAGIC = 0.8
+LOG_ALPHA_MIN = math.log(1e-2)
+LOG_ALPHA_MAX = math.log(1e2)
+#: TinyCLIP initialises every log_alpha to 10 (clamped to ln 100 after the first step): nothing pruned
+LOG_ALPHA_INIT = 10.0
+
+
+def keep_probability(log_alpha: Tensor) -> Tensor:
+    """P(z != 0) = sigmoid(log_alpha - beta * log(-l / r)) (Louizos et al. 2018, eq. 12)."""
+    return torch.sigmoid(log_alpha - BETA * math.log(-LIMIT_L / LIMIT_R))
+
+
+def sample_gates(log_alpha: Tensor) -> Tensor:
+    """One training sample z = clamp(sigmoid((log u - log(1-u) + log_alpha) / beta) (r - l) + l, 0, 1)."""
+    u = torch.empty_like(log_alpha).uniform_(EPS, 1.0 - EPS)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+    return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
+
+
+def deterministic_gates(log_alpha: Tensor) -> Tensor:
+    """sigmoid(0.8 log_alpha / beta) with the round(sum(1 - P(z != 0))) smallest values zeroed (CoFi)."""
+    log_alpha = log_alpha.detach()
+    soft = torch.sigmoid(MAGIC * log_alpha / BETA)
+    zeros = round(float((1.0 - keep_probability(log_alpha)).sum()))
+    if zeros > 0:
+        soft = soft.clone()
+        soft[torch.topk(soft, k=min(zeros, soft.numel()), largest=False).indices] = 0.0
+    return soft
+
+
+class HardConcreteGates(nn.Module):
+    """``n`` hard-concrete gates with learnable ``log_alpha``, split into segments.
+
+    A segment is the unit of the deterministic mask's zero count (one layer's heads, one
+    layer's MLP neurons, all residual channels of a tower, one layer gate); sampling and keep
+    probabilities are computed for all gates at once. ``forward()`` samples in training mode
+    and returns the deterministic mask in evaluation mode (cached until ``log_alpha`` changes).
+    """
+
+    def __init__(self, segments: Sequence[int], init: float = LOG_ALPHA_INIT) -> None:
+        super().__init__()
+        self.segments = [int(s) for s in segments]
+        if any(s < 0 for s in self.segments):
+            raise ValueError(f"segment sizes must be >= 0, got {self.segments}")
+        self.log_alpha = nn.Parameter(torch.full((sum(self.segments),), float(init)))
+        self.clamp_()
+        self._cache: tuple[Tensor, Tensor] | None = None
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """log_alpha <- clamp(log_alpha, ln 0.01, ln 100), in place (after every optimizer step)."""
+        self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+
+    def keep_probability(self) -> Tensor:
+        return keep_probability(self.log_alpha)
+
+    def sample(self) -> Tensor:
+        return sample_gates(self.log_alpha)
+
+    def deterministic(self) -> Tensor:
+        """The deterministic mask of every segment, concatenated (no gradient)."""
+        log_alpha = self.log_alpha.detach()
+        if self._cache is None or not _same(self._cache[0], log_alpha):
+            parts = [deterministic_gates(p) for p in torch.split(log_alpha, self.segments)]
+            values = torch.cat(parts) if parts else log_alpha.clone()
+            self._cache = (log_alpha.clone(), values)
+        return self._cache[1]
+
+    def forward(self) -> Tensor:
+        return self.sample() if self.training else self.deterministic()
+
+    def split(self, values: Tensor) -> tuple[Tensor, ...]:
+        """Per-segment views of a [n] tensor of gate values."""
+        return torch.split(values, self.segments)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_cache": None}
+
+    def extra_repr(self) -> str:
+        return f"segments={self.segments}"
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.device == b.device and a.shape == b.shape and bool(torch.equal(a, b))

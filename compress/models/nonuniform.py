@@ -1,0 +1,115 @@
+"""Save and load non-uniform models: per-layer head counts and MLP widths, a smaller residual width.
+
+open_clip cannot describe such a model in its config, so it is written as a folder holding
+
+- ``clip_compress_config.json``: ``{"format", "model_cfg" (the open_clip config the structure
+  is relative to), "structure" (see :mod:`compress.models.structure`), "preprocess_cfg"}``;
+- ``model.safetensors``: the state dict (its metadata names the format).
+
+``compress.models.load_model(folder)`` (through ``load_exported``) or :func:`load_nonuniform`
+loads it back as an open_clip ``CLIP`` with ``encode_image`` / ``encode_text``;
+:func:`load_with_transforms` also gives the open_clip preprocessing and tokenizer.
+(``compress.models.export.save_model`` picks open_clip's own layout when open_clip can build
+the model, and this format otherwise.)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import open_clip
+from open_clip.model import set_model_preprocess_cfg
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from torch import nn
+
+from compress.models.export import atomic_write_text, preprocess_config, save_safetensors
+from compress.models.factory import ModelLoadError, _finish, build_from_config, check_fits, read_state_dict
+from compress.models.structure import apply_structure, describe_structure
+
+NONUNIFORM_CONFIG_FILE = "clip_compress_config.json"
+NONUNIFORM_WEIGHTS_FILE = "model.safetensors"
+FORMAT = "clip-compress-nonuniform/1"
+STRUCTURE_FILE = "structure.json"
+
+
+def save_nonuniform(model: nn.Module, folder: str | Path, report_dir: str | Path | None = None) -> Path:
+    """Write ``model`` (with ``clip_cfg``; its structure is read from its modules) to ``folder``;
+    with ``report_dir``, also its structure as ``report_dir/structure.json`` (:func:`write_structure`)."""
+    folder = Path(folder)
+    cfg = getattr(model, "clip_cfg", None)
+    if cfg is None:
+        raise ModelLoadError("the model has no clip_cfg: create it with compress.models.load_model")
+    structure = describe_structure(model)
+    save_safetensors(model.state_dict(), folder / NONUNIFORM_WEIGHTS_FILE, {"format": FORMAT})
+    config = {"format": FORMAT, "model_cfg": cfg, "structure": structure, "preprocess_cfg": preprocess_config(model)}
+    atomic_write_text(folder / NONUNIFORM_CONFIG_FILE, json.dumps(config, indent=2))
+    if report_dir is not None:
+        write_structure(model, report_dir)
+    return folder
+
+
+def write_structure(model: nn.Module, folder: str | Path) -> Path | None:
+    """``folder/structure.json``: the model's structure (for ``analysis.structure_report``), if it has towers."""
+    structure = describe_structure(model)
+    if not structure:
+        return None
+    path = Path(folder) / STRUCTURE_FILE
+    atomic_write_text(path, json.dumps(structure, indent=2))
+    return path
+
+
+def is_nonuniform_folder(folder: str | Path) -> bool:
+    return (Path(folder) / NONUNIFORM_CONFIG_FILE).is_file()
+
+
+def read_nonuniform_config(folder: Path) -> dict[str, Any]:
+    path = folder / NONUNIFORM_CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: not readable JSON: {e}") from None
+    if config.get("format") != FORMAT or "model_cfg" not in config or "structure" not in config:
+        raise ModelLoadError(f"{path}: not a {FORMAT} config (needs format, model_cfg and structure)")
+    return config
+
+
+def load_nonuniform(folder: str | Path, device: str = "cpu") -> nn.Module:
+    """The model saved by :func:`save_nonuniform`, in eval mode, with ``clip_cfg`` and
+    ``clip_structure`` (attention is always converted: non-uniform heads need it)."""
+    folder = Path(folder)
+    config = read_nonuniform_config(folder)
+    cfg, structure = config["model_cfg"], config["structure"]
+    model = build_from_config(cfg, convert=True)
+    apply_structure(model, structure)
+    state = read_state_dict(folder / NONUNIFORM_WEIGHTS_FILE)
+    check_fits(model, state, str(folder / NONUNIFORM_WEIGHTS_FILE))
+    model.load_state_dict(state, strict=True, assign=True)
+    preprocess = {**asdict(PreprocessCfg()), **config.get("preprocess_cfg", {}), "size": model.visual.image_size}
+    set_model_preprocess_cfg(model, preprocess)
+    model = _finish(model, cfg, name=folder.name, convert=True)
+    model.clip_structure = structure
+    return model.to(device).eval()
+
+
+def tokenizer_for(cfg: Mapping[str, Any]) -> Callable:
+    """The open_clip tokenizer of a model config (HF tokenizer if it names one, else CLIP's BPE)."""
+    text = cfg.get("text_cfg", {})
+    context_length = text.get("context_length", 77)
+    if text.get("hf_tokenizer_name"):
+        return open_clip.tokenizer.HFTokenizer(
+            text["hf_tokenizer_name"], context_length=context_length, **text.get("tokenizer_kwargs", {})
+        )
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length, **text.get("tokenizer_kwargs", {}))
+
+
+def load_with_transforms(folder: str | Path, device: str = "cpu") -> tuple[nn.Module, Callable, Callable]:
+    """``(model, preprocess, tokenizer)`` like ``open_clip.create_model_and_transforms`` (eval transform)."""
+    from compress.models.factory import load_model
+
+    model = load_model(str(folder), device=device)
+    preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    return model, preprocess, tokenizer_for(model.clip_cfg)

@@ -1,0 +1,227 @@
+"""The one place that rewrites head counts, MLP widths and residual widths of a converted model.
+
+A *structure* describes the transformer towers of a (possibly non-uniform) CLIP model::
+
+    {"vision": {"width": 48, "head_dim": 16, "heads": [4, 0, 3, 2], "mlp_width": [256, 200, 180, 0],
+                "full": {"width": 64, "heads": [4, 4, 4, 4], "mlp_width": [256, 256, 256, 256]}},
+     "text": {...}}
+
+``width`` is the residual width, ``heads`` / ``mlp_width`` are per layer, and ``full`` the
+same counts for the model config the structure is relative to (for reports). Towers missing
+from the dict keep the model config's shapes.
+
+- :func:`apply_structure` replaces the modules of a model built from its config by modules
+  of the structure's shapes (on the meta device: they are filled by ``load_state_dict(...,
+  assign=True)``); loading a non-uniform export and pruning both go through it.
+- :func:`prune_model` keeps given channels / heads / neurons (index selection; the masks'
+  values must already be folded into the weights) and returns the smaller model, exactly
+  equivalent to the masked one.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from open_clip.transformer import LayerScale
+from torch import Tensor, nn
+
+from compress.models.attention import HeadAttention
+from compress.models.towers import TOWERS, Tower, UnsupportedTower, get_tower
+
+
+@dataclass
+class TowerKeep:
+    """Kept indices of one tower: residual channels, heads and MLP neurons of every layer."""
+
+    channels: Tensor
+    heads: list[Tensor]
+    neurons: list[Tensor]
+
+
+# -- describing ------------------------------------------------------------------------
+def tower_structure(tower: Tower) -> dict[str, Any]:
+    blocks = tower.blocks
+    head_dims = {b.attn.head_dim for b in blocks}
+    if len(head_dims) > 1:
+        raise UnsupportedTower(f"{tower.name} tower: the head dim differs between layers ({sorted(head_dims)})")
+    return {
+        "width": tower.width,
+        "head_dim": head_dims.pop() if head_dims else 0,
+        "heads": [int(b.attn.num_heads) for b in blocks],
+        "mlp_width": [int(b.mlp.c_fc.out_features) for b in blocks],
+    }
+
+
+def describe_structure(model: nn.Module, towers: tuple[str, ...] = TOWERS) -> dict[str, Any]:
+    """The structure of ``model``'s transformer towers (towers that are not transformers are left out),
+    with ``full`` taken from ``model.clip_cfg`` when the model has one."""
+    reference = None
+    cfg = getattr(model, "clip_cfg", None)
+    if cfg is not None:
+        from compress.models.factory import build_from_config
+
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference = build_from_config(cfg, convert=True)
+    out: dict[str, Any] = {}
+    for name in towers:
+        try:
+            own = tower_structure(get_tower(model, name))
+        except UnsupportedTower:
+            continue
+        full = tower_structure(get_tower(reference, name)) if reference is not None else own
+        out[name] = {**own, "full": {k: full[k] for k in ("width", "heads", "mlp_width")}}
+    return out
+
+
+def open_clip_config(cfg: Mapping[str, Any], structure: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The open_clip model config of a structure that open_clip can build (every layer alike,
+    all heads and the full width kept; only a common MLP width may differ), else None."""
+    new = copy.deepcopy(dict(cfg))
+    for name, t in structure.items():
+        full = t["full"]
+        if t["width"] != full["width"] or t["heads"] != full["heads"] or len(set(t["mlp_width"])) > 1:
+            return None
+        if t["mlp_width"] and t["mlp_width"] != full["mlp_width"]:
+            ratio = t["mlp_width"][0] / t["width"]
+            if int(t["width"] * ratio) != t["mlp_width"][0]:
+                return None
+            new["vision_cfg" if name == "vision" else "text_cfg"]["mlp_ratio"] = ratio
+    return new
+
+
+# -- rewriting shapes ------------------------------------------------------------------
+def _norm(old: nn.Module, width: int) -> nn.Module:
+    """A LayerNorm of the same class and eps as ``old`` over ``width`` channels."""
+    return type(old)(width, eps=old.eps, elementwise_affine=old.elementwise_affine, bias=old.bias is not None)
+
+
+def _linear(old: nn.Linear, n_in: int, n_out: int) -> nn.Linear:
+    return nn.Linear(n_in, n_out, bias=old.bias is not None)
+
+
+def _resize_block(block: nn.Module, width: int, heads: int, head_dim: int, mlp_width: int) -> None:
+    attn = block.attn
+    block.ln_1 = _norm(block.ln_1, width)
+    block.ln_2 = _norm(block.ln_2, width)
+    block.attn = HeadAttention(width, heads, head_dim, batch_first=attn.batch_first, bias=attn.in_proj_bias is not None)
+    block.mlp.c_fc = _linear(block.mlp.c_fc, width, mlp_width)
+    block.mlp.c_proj = _linear(block.mlp.c_proj, mlp_width, width)
+    for name in ("ls_1", "ls_2"):
+        old = getattr(block, name)
+        if isinstance(old, LayerScale):
+            setattr(block, name, LayerScale(width, inplace=old.inplace))
+
+
+def _resize_tower_io(tower: Tower, width: int) -> None:
+    """New tower-level modules / parameters with ``width`` channels (embeddings, norms, projection)."""
+    root = tower.root
+    for name in ("ln_pre", "ln_post", "ln_final"):
+        if name in tower.attrs and isinstance(getattr(root, name, None), nn.LayerNorm):
+            setattr(root, name, _norm(getattr(root, name), width))
+    if tower.name == "vision":
+        c = root.conv1
+        root.conv1 = nn.Conv2d(c.in_channels, width, c.kernel_size, c.stride, bias=c.bias is not None)
+        root.class_embedding = nn.Parameter(torch.empty(width))
+        root.positional_embedding = nn.Parameter(torch.empty(root.positional_embedding.shape[0], width))
+        root.proj = nn.Parameter(torch.empty(width, root.proj.shape[1]))
+        return
+    emb = root.token_embedding
+    root.token_embedding = nn.Embedding(emb.num_embeddings, width)
+    root.positional_embedding = nn.Parameter(torch.empty(root.positional_embedding.shape[0], width))
+    proj = root.text_projection
+    if isinstance(proj, nn.Linear):
+        root.text_projection = _linear(proj, width, proj.out_features)
+    elif proj is not None:
+        root.text_projection = nn.Parameter(torch.empty(width, proj.shape[1]))
+    if hasattr(root, "width"):
+        root.width = width
+
+
+def apply_structure(model: nn.Module, structure: Mapping[str, Any]) -> nn.Module:
+    """Give ``model``'s towers the shapes of ``structure`` (in place). New modules live on the
+    meta device: fill them with ``model.load_state_dict(state, strict=True, assign=True)``."""
+    for name, spec in structure.items():
+        tower = get_tower(model, name)
+        heads, mlp = list(spec["heads"]), list(spec["mlp_width"])
+        if len(heads) != len(tower.blocks) or len(mlp) != len(tower.blocks):
+            raise ValueError(f"{name}: the structure has {len(heads)} layers, the model {len(tower.blocks)}")
+        width, head_dim = int(spec["width"]), int(spec["head_dim"])
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zero-element tensors (a layer without heads or neurons)
+            for block, h, f in zip(tower.blocks, heads, mlp, strict=True):
+                _resize_block(block, width, int(h), head_dim, int(f))
+            _resize_tower_io(tower, width)
+        tower.transformer.width = width
+    return model
+
+
+# -- pruning by kept indices -----------------------------------------------------------
+def _block_slices(
+    state: dict[str, Tensor], prefix: str, ch: Tensor, heads: Tensor, neurons: Tensor, head_dim: int
+) -> None:
+    """Select kept channels ``ch``, heads and neurons in the tensors of one block (in ``state``)."""
+    def take(key: str, fn) -> None:
+        if key in state:
+            state[key] = fn(state[key]).contiguous()
+
+    d = len(ch)
+    n_out, n_in = state[f"{prefix}attn.out_proj.weight"].shape
+    h = n_in // head_dim if head_dim else 0
+    take(f"{prefix}attn.in_proj_weight", lambda w: w.view(3, h, head_dim, n_out)[:, heads][..., ch].reshape(-1, d))
+    take(f"{prefix}attn.in_proj_bias", lambda b: b.view(3, h, head_dim)[:, heads].reshape(-1))
+    take(f"{prefix}attn.out_proj.weight", lambda w: w[ch].view(d, h, head_dim)[:, heads].reshape(d, -1))
+    take(f"{prefix}mlp.c_fc.weight", lambda w: w[neurons][:, ch])
+    take(f"{prefix}mlp.c_fc.bias", lambda b: b[neurons])
+    take(f"{prefix}mlp.c_proj.weight", lambda w: w[ch][:, neurons])
+    for key in ("attn.out_proj.bias", "mlp.c_proj.bias", "ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias",
+                "ls_1.gamma", "ls_2.gamma"):
+        take(f"{prefix}{key}", lambda t: t[ch])
+
+
+def prune_model(model: nn.Module, keep: Mapping[str, TowerKeep]) -> nn.Module:
+    """Keep only the given channels, heads and neurons of each tower (in place; returns ``model``).
+
+    Mask values must already be folded into the weights: this only selects. The result carries
+    ``model.clip_structure`` (see :func:`describe_structure`); its ``clip_cfg`` is the open_clip
+    config of the result when open_clip can build it, else the source's config."""
+    state = model.state_dict()
+    structure: dict[str, Any] = {}
+    for name, k in keep.items():
+        tower = get_tower(model, name)
+        device = state[f"{tower.blocks_prefix}0.ln_1.weight"].device if tower.blocks else None
+        ch = k.channels.to(device=device, dtype=torch.long)
+        head_dim = tower_structure(tower)["head_dim"]
+        for i, (h, n) in enumerate(zip(k.heads, k.neurons, strict=True)):
+            _block_slices(state, f"{tower.blocks_prefix}{i}.", ch, h.to(ch), n.to(ch), head_dim)
+        for p in tower.channel_params:
+            state[p.key] = state[p.key].index_select(p.axis, ch).contiguous()
+        structure[name] = {"width": len(ch), "head_dim": head_dim, "heads": [len(h) for h in k.heads],
+                           "mlp_width": [len(n) for n in k.neurons]}
+    apply_structure(model, structure)
+    model.load_state_dict(state, strict=True, assign=True)
+    _check_materialized(model)
+    model.clip_structure = describe_structure(model)
+    cfg = getattr(model, "clip_cfg", None)
+    if cfg is not None:
+        model.clip_cfg = open_clip_config(cfg, model.clip_structure) or cfg
+    return model
+
+
+def _check_materialized(model: nn.Module) -> None:
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left without values after restructuring: {', '.join(left[:5])}")
+
+
+def save_nonuniform(model: nn.Module, folder: str | Path, report_dir: str | Path | None = None) -> Path:
+    """:func:`compress.models.nonuniform.save_nonuniform` (the writer lives there)."""
+    from compress.models.nonuniform import save_nonuniform as save
+
+    return save(model, folder, report_dir=report_dir)
