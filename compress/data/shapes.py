@@ -116,7 +116,7 @@ def _background(rng: random.Random, noise_prob: float) -> tuple[tuple[int, int, 
 
 
 def _make_obj(rng: random.Random, color: int, shape: int, r: float, cx: float, cy: float, size_word: str) -> Obj:
-    angle = rng.uniform(-10, 10) if SHAPES[shape] != "circle" else 0.0
+    angle = rng.uniform(-8, 8) if SHAPES[shape] != "circle" else 0.0
     return Obj(color, shape, cx, cy, r, angle, size_word, _jitter(COLORS[COLOR_NAMES[color]], rng))
 
 
@@ -124,7 +124,7 @@ def single_scene(rng: random.Random, color: int, shape: int, size: int, noise_pr
     """One shape, small or large, anywhere it fits."""
     bg, noise = _background(rng, noise_prob)
     large = rng.random() < 0.5
-    r = size * (rng.uniform(0.27, 0.36) if large else rng.uniform(0.17, 0.23))
+    r = size * (rng.uniform(0.3, 0.38) if large else rng.uniform(0.2, 0.26))
     cx = rng.uniform(r + 1, size - r - 1)
     cy = rng.uniform(r + 1, size - r - 1)
     obj = _make_obj(rng, color, shape, r, cx, cy, "large" if large else "small")
@@ -139,7 +139,7 @@ def pair_scene(rng: random.Random, a: tuple[int, int], b: tuple[int, int], size:
     objs = []
     for k, (color, shape) in enumerate((a, b)):
         big = rng.random() < 0.5
-        r = size * (rng.uniform(0.19, 0.235) if big else rng.uniform(0.15, 0.185))
+        r = size * (rng.uniform(0.2, 0.235) if big else rng.uniform(0.17, 0.195))
         lo, hi = (k * size / 2 + r + 1, (k + 1) * size / 2 - r - 1)  # own half along the split axis
         along = rng.uniform(lo, max(lo, hi))
         across = rng.uniform(r + 1, size - r - 1)

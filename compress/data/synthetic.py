@@ -4,8 +4,8 @@ Sample ``i`` of ``(seed, split)`` is always the same image and caption (see
 :mod:`compress.data.shapes`). Options (``DatasetConfig.options``) with their defaults:
 
 - ``size: 64`` rendered resolution (the transform then resizes to the model's);
-- ``noise: 0.5`` probability of a lightly noisy (instead of plain) background;
-- ``two_shape_prob: 0.3`` probability of a two-shape image (train and retrieval views);
+- ``noise: 0.3`` probability of a lightly noisy (instead of plain) background;
+- ``two_shape_prob: 0.2`` probability of a two-shape image (train and retrieval views);
 - ``holdout: true`` keep the held-out colour-shape pairs out of the training split;
 - ``caption_style: random`` (varied templates) or ``full`` (size, colour, shape, position);
 - ``cache: false`` keep rendered images in memory (per DataLoader worker).
@@ -41,8 +41,8 @@ DEFAULT_EVAL_SAMPLES = 1_000
 @dataclass(frozen=True)
 class ShapesOptions:
     size: int = 64
-    noise: float = 0.5
-    two_shape_prob: float = 0.3
+    noise: float = 0.3
+    two_shape_prob: float = 0.2
     holdout: bool = True
     caption_style: str = "random"
     cache: bool = False
