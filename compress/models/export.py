@@ -153,7 +153,7 @@ def save_model(model: nn.Module, folder: str | Path, report_dir: Path | None = N
     try:
         check_uniform(model, model.clip_cfg)
     except ModelLoadError:
-        from compress.models.structure import save_nonuniform
+        from compress.models.nonuniform import save_nonuniform
 
         return save_nonuniform(model, folder, report_dir=report_dir)
     return save_open_clip(model, folder)

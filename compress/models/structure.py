@@ -24,7 +24,6 @@ import copy
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -219,9 +218,3 @@ def _check_materialized(model: nn.Module) -> None:
     if left:
         raise RuntimeError(f"tensors left without values after restructuring: {', '.join(left[:5])}")
 
-
-def save_nonuniform(model: nn.Module, folder: str | Path, report_dir: str | Path | None = None) -> Path:
-    """:func:`compress.models.nonuniform.save_nonuniform` (the writer lives there)."""
-    from compress.models.nonuniform import save_nonuniform as save
-
-    return save(model, folder, report_dir=report_dir)
