@@ -8,8 +8,10 @@ from compress.registry import SCHEDULES
 
 @SCHEDULES.register("stages")
 class Stages(Schedule):
-    """A chain of stages; ``value(k)`` is stage k's target (fraction of prunable parameters kept
-    removed, e.g. TinyCLIP's automatic path 0.25, 0.5, 0.75), each stage starting from the last."""
+    """A chain of compression stages; ``value(k)`` is stage k's target sparsity.
+
+    The target is the fraction of prunable parameters removed (TinyCLIP's automatic path:
+    0.25, 0.5, 0.75); each stage starts from the previous stage's student."""
 
     def __init__(self, targets: list[float], steps_per_stage: int | None = None) -> None:
         if not targets:
