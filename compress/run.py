@@ -15,6 +15,7 @@ from torch import nn
 from compress import distributed
 from compress.config import RunConfig, dump_config
 from compress.models import load_model
+from compress.models.export import atomic_write_text
 from compress.models.forward import context_length, embed_dim
 from compress.precision import resolve_device, resolve_precision
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES
@@ -103,7 +104,7 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     main = distributed.is_main_process()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         if force:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     state: dict[str, Any] = {}
@@ -139,7 +140,7 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             }
         )
         if main:
-            metrics["export/path"] = str(save_model(exported, run_dir / "model", report_dir=run_dir))
+            metrics["export/path"] = str(save_model(exported, run_dir / "model"))
             write_structure(exported, run_dir)
             metrics.update(evaluate_for_run(cfg, exported, device, precision))
         metrics.update(data_stats.as_metrics())
@@ -189,7 +190,6 @@ def evaluate_only(
     import json
 
     from compress.evaluation.run_eval import evaluate_with
-    from compress.models.export import atomic_write_text
 
     eval_cfg, data_cfg = eval_config_for_data(data, kind)
     eval_cfg.batch_size, eval_cfg.throughput = batch_size, throughput

@@ -47,14 +47,12 @@ def image_size(model: nn.Module) -> int:
 
 
 def tokenizer_for(model: nn.Module):
-    """open_clip's tokenizer for the model (by name when open_clip knows it, else the CLIP
-    BPE tokenizer at the model's context length)."""
+    """open_clip's tokenizer for the model: the HF tokenizer its text config names, else the CLIP
+    BPE tokenizer at the model's context length."""
     import open_clip
 
-    cfg = getattr(model, "clip_cfg", None) or {}
-    text_cfg = cfg.get("text_cfg", {})
-    if "hf_tokenizer_name" in text_cfg:
-        return open_clip.tokenizer.HFTokenizer(
-            text_cfg["hf_tokenizer_name"], context_length=context_length(model), **text_cfg.get("tokenizer_kwargs", {})
-        )
-    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length(model))
+    text = (getattr(model, "clip_cfg", None) or {}).get("text_cfg", {})
+    kwargs = {"context_length": context_length(model), **text.get("tokenizer_kwargs", {})}
+    if text.get("hf_tokenizer_name"):
+        return open_clip.tokenizer.HFTokenizer(text["hf_tokenizer_name"], **kwargs)
+    return open_clip.tokenizer.SimpleTokenizer(**kwargs)

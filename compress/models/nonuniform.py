@@ -16,12 +16,11 @@ the model, and this format otherwise.)
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import open_clip
 from open_clip.model import set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
@@ -95,21 +94,11 @@ def load_nonuniform(folder: str | Path, device: str = "cpu") -> nn.Module:
     return model.to(device).eval()
 
 
-def tokenizer_for(cfg: Mapping[str, Any]) -> Callable:
-    """The open_clip tokenizer of a model config (HF tokenizer if it names one, else CLIP's BPE)."""
-    text = cfg.get("text_cfg", {})
-    context_length = text.get("context_length", 77)
-    if text.get("hf_tokenizer_name"):
-        return open_clip.tokenizer.HFTokenizer(
-            text["hf_tokenizer_name"], context_length=context_length, **text.get("tokenizer_kwargs", {})
-        )
-    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length, **text.get("tokenizer_kwargs", {}))
-
-
 def load_with_transforms(folder: str | Path, device: str = "cpu") -> tuple[nn.Module, Callable, Callable]:
     """``(model, preprocess, tokenizer)`` like ``open_clip.create_model_and_transforms`` (eval transform)."""
     from compress.models.factory import load_model
+    from compress.models.forward import tokenizer_for
 
     model = load_model(str(folder), device=device)
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
-    return model, preprocess, tokenizer_for(model.clip_cfg)
+    return model, preprocess, tokenizer_for(model)
