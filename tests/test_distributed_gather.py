@@ -72,6 +72,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         rows = slice(rank * n, (rank + 1) * n)
         results = {name: run_case(spec, rows) for name, spec in CASES.items()}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
