@@ -8,11 +8,11 @@ Reads the structure description written with a pruned model (``structure.json`` 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from compress.fileio import atomic_write_text
 
 STRUCTURE_FILE = "structure.json"
 TABLE_FILE = "structure.md"
@@ -95,13 +95,6 @@ def plot_structure(structure: Mapping[str, Any], path: str | Path) -> Path:
     return path
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_structure_report(
     source: Mapping[str, Any] | str | Path, out_dir: str | Path | None = None
 ) -> dict[str, Path]:
@@ -114,5 +107,5 @@ def write_structure_report(
         out_dir = Path(source) if Path(source).is_dir() else Path(source).parent
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / TABLE_FILE, structure_table(structure))
+    atomic_write_text(out / TABLE_FILE, structure_table(structure))
     return {"table": out / TABLE_FILE, "heatmap": plot_structure(structure, out / HEATMAP_FILE)}

@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from compress.models.export import atomic_write_text
+from compress.fileio import atomic_write_text
 
 RESULT_FILE = "result.json"
 STATUS_COMPLETED = "completed"

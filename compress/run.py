@@ -14,8 +14,8 @@ from torch import nn
 
 from compress import distributed
 from compress.config import RunConfig, dump_config
+from compress.fileio import atomic_write_text
 from compress.models import load_model
-from compress.models.export import atomic_write_text
 from compress.models.forward import context_length, embed_dim
 from compress.precision import resolve_device, resolve_precision
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from compress import distributed
 from compress.config import TrainConfig
+from compress.fileio import atomic_write
 from compress.models.forward import clip_forward
 from compress.optim import build_adamw, weight_groups
 from compress.outputs import ClipOutput
@@ -99,13 +99,6 @@ def splice(cached: list[ClipOutput], live: ClipOutput, index: int, live_scale: b
     full = ClipOutput.cat(parts)
     full.logit_scale = live.logit_scale if live_scale else live.logit_scale.detach()
     return full
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -296,8 +289,6 @@ class Trainer:
         if self.run_dir is None or not distributed.is_main_process():
             return None
         path = self.run_dir / "checkpoints" / "last.pt"
-        atomic_torch_save(
-            {"step": step, "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict()},
-            path,
-        )
+        state = {"step": step, "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict()}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
         return path

@@ -9,8 +9,6 @@ size equal to the width) is written in open_clip's own layout, a folder holding
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +20,7 @@ from open_clip.transform import PreprocessCfg
 from safetensors.torch import save_file
 from torch import nn
 
+from compress.fileio import atomic_write, atomic_write_text
 from compress.models.attention import HeadAttention
 from compress.models.factory import (
     METADATA_CONFIG_KEY,
@@ -35,19 +34,6 @@ from compress.models.factory import (
 )
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder, then rename (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_safetensors(
     state: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None
 ) -> None:
@@ -58,14 +44,7 @@ def save_safetensors(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=dict(metadata) if metadata else None)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None))
 
 
 def checkpoint_metadata(model: nn.Module) -> dict[str, str]:

@@ -25,7 +25,8 @@ from open_clip.model import set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
-from compress.models.export import atomic_write_text, preprocess_config, save_safetensors
+from compress.fileio import atomic_write_text
+from compress.models.export import preprocess_config, save_safetensors
 from compress.models.factory import ModelLoadError, _finish, build_from_config, check_fits, read_state_dict
 from compress.models.structure import apply_structure, describe_structure
 

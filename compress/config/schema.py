@@ -1,0 +1,138 @@
+"""The config schema: dataclasses with their defaults (what a YAML file may say)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+PluginSpec = dict[str, Any]
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+@dataclass
+class ModelSpec:
+    """A model: an open_clip name (``ViT-B-32``), ``name@pretrained_tag``, a checkpoint
+    file (``.safetensors`` / ``.pt``), a model config JSON, or a directory exported by this
+    project. ``pretrained`` is a tag or a checkpoint path for a named architecture."""
+
+    model: str = "ViT-B-32"
+    pretrained: str | None = None
+    force_quick_gelu: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    """One data source. ``kind``: synthetic | csv | webdataset | folder."""
+
+    kind: str = "synthetic"
+    path: str | None = None
+    split: str = "train"
+    num_samples: int | None = None
+    seed: int = 0
+    image_key: str = "filepath"
+    caption_key: str = "title"
+    separator: str = ","
+    max_bad_fraction: float = 0.01
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    train: DatasetConfig = field(default_factory=DatasetConfig)
+    val: DatasetConfig | None = None
+    num_workers: int = 0
+    image_size: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 256
+    accum_steps: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float | None = 5.0
+    precision: str = "auto"
+    device: str = "auto"
+    log_every: int = 10
+    checkpoint_every: int = 0
+    max_nonfinite_in_row: int = 20
+    grad_checkpointing: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ZeroShotTaskConfig:
+    name: str = "zero_shot"
+    kind: str = "synthetic"
+    path: str | None = None
+    task: str | None = None
+    classnames: list[str] | None = None
+    templates: list[str] | None = None
+
+
+@dataclass
+class EvalConfig:
+    zero_shot: list[ZeroShotTaskConfig] = field(default_factory=list)
+    retrieval: bool = True
+    params: bool = True
+    macs: bool = True
+    throughput: bool = True
+    batch_size: int = 128
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    run_name: str | None = None
+    save_checkpoint: bool = True
+
+
+@dataclass
+class DispatchConfig:
+    backend: str = "inprocess"
+    gpus_per_node: int = 1
+    nodes: int = 1
+    timeout_min: int = 60 * 24
+    partition: str | None = None
+    slurm_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    schema_version: int = SCHEMA_VERSION
+    name: str = "run"
+    seed: int = 0
+    teacher: ModelSpec | None = field(default_factory=ModelSpec)
+    student: ModelSpec | None = None
+    inheritance: PluginSpec = field(default_factory=lambda: {"name": "manual"})
+    losses: list[PluginSpec] = field(default_factory=lambda: [{"name": "affinity", "weight": 1.0}])
+    schedules: dict[str, PluginSpec] = field(
+        default_factory=lambda: {"lr": {"name": "warmup_cosine", "warmup_steps": 0}}
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def run_id(self) -> str:
+        from compress.config.identity import run_id
+
+        return run_id(self)
+
