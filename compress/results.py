@@ -15,6 +15,7 @@ from compress.fileio import atomic_write_text
 RESULT_FILE = "result.json"
 STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
+STATUS_INTERRUPTED = "interrupted"
 
 _PACKAGES = ("clip-compress", "torch", "open_clip_torch", "timm", "torch-pruning")
 

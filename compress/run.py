@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +21,11 @@ from compress import distributed
 from compress.config import RunConfig, dump_config
 from compress.fileio import atomic_write_text
 from compress.models import load_model
-from compress.models.forward import context_length, embed_dim
+from compress.models.forward import context_length, embed_dim, tokenizer_for
+from compress.models.params import parameter_report
 from compress.precision import resolve_device, resolve_precision
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES
-from compress.results import STATUS_COMPLETED, STATUS_FAILED, make_row, write_result
+from compress.results import STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED, make_row, write_result
 from compress.teacher import OnlineTeacher, freeze
 from compress.train import LossTerm, Trainer
 
@@ -91,11 +97,68 @@ def _prepare(cfg: RunConfig):
     return device, precision, teacher, inheritance, student.to(device)
 
 
+class RunInterrupted(BaseException):
+    """SIGTERM arrived during a run (a scheduler stopping the job, ``kill``)."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`RunInterrupted` while the run executes (main thread only), so
+    the run can still write its ``interrupted`` row; the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise RunInterrupted(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def refuse_multiple_processes() -> None:
+    """Multi-GPU (data-parallel) training is not built: several processes would each train
+    their own replica and rank 0's would be exported. Stop before anything is computed."""
+    env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if distributed.world_size() > 1 or env_world > 1:
+        raise RunError(
+            f"this run was started as {max(distributed.world_size(), env_world)} processes, but multi-process "
+            "(DistributedDataParallel) training is not built yet: start one process (one GPU)"
+        )
+
+
+def sparsity_metrics(inheritance: Any, source: nn.Module | None, exported: nn.Module) -> dict[str, Any]:
+    """Achieved sparsity of the exported student against its source, counted TinyCLIP's way
+    (vision tower + text tower without the token embedding), and the strategy's target if it
+    has one. ``sparsity/missed`` is true when the achieved value is more than
+    :data:`SPARSITY_TOLERANCE` below the target."""
+    if source is None:
+        return {}
+    full, kept = parameter_report(source), parameter_report(exported)
+    prunable_full = full["vision"] + full["text"]
+    achieved = 1.0 - (kept["vision"] + kept["text"]) / prunable_full
+    out: dict[str, Any] = {"sparsity/achieved": round(achieved, 6)}
+    target = getattr(inheritance, "target_sparsity", None)
+    if target is not None:
+        out["sparsity/target"] = float(target)
+        out["sparsity/missed"] = achieved < float(target) - SPARSITY_TOLERANCE
+    return out
+
+
+#: how far below its target an automatically pruned student may end before the row says ``missed``
+SPARSITY_TOLERANCE = 0.02
+
+
 def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     """Run ``cfg`` and return its result row; the row is also written to ``result.json``,
-    for a failed run too (status ``failed`` and the error)."""
+    for a failed run too (status ``failed`` and the error) and for one stopped by SIGTERM or
+    Ctrl-C (status ``interrupted``, then the interruption is raised again). Resume is not
+    built: a started run always begins at step 0, with a fresh ``metrics.jsonl``."""
     from compress.data.pipeline import train_batches
-    from compress.evaluation.run_eval import evaluate_for_run
+    from compress.evaluation.run_eval import build_eval_sets, evaluate_prepared
     from compress.models.export import save_model
     from compress.models.nonuniform import write_structure
 
@@ -105,55 +168,74 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        if force:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    state: dict[str, Any] = {}
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # no resume yet: one series per run
+    metrics: dict[str, Any] = {}
+
+    def row_for(status: str, error: BaseException | None = None) -> dict[str, Any]:
+        return make_row(run_id=cfg.run_id(), name=cfg.name, status=status, config=cfg.to_dict(), started=started,
+                        metrics=metrics, error=error)
+
     try:
-        device, precision, teacher, inheritance, student = _prepare(cfg)
-        losses = build_losses(cfg, student, teacher)
-        for term in losses:
-            term.module.to(device)
-        needs = {n for term in losses for n in term.module.needs}
-        batches, data_stats = train_batches(cfg, student, device)
-        state["data_stats"] = data_stats
-        lr = SCHEDULES.build(cfg.schedules["lr"], context={"base_value": cfg.train.lr, "total_steps": cfg.train.steps})
-        trainer = Trainer(
-            cfg.train,
-            student,
-            losses,
-            lr,
-            batches,
-            precision,
-            teacher=OnlineTeacher(teacher, precision, needs) if teacher is not None else None,
-            inheritance=inheritance,
-            run_dir=run_dir if main else None,
-        )
-        summary = trainer.fit()
-        exported = inheritance.export(trainer.student).eval()
-        metrics: dict[str, Any] = {f"train/{k}": v for k, v in summary.final_terms.items()}
-        metrics.update(
-            {
-                "train/steps": summary.steps,
-                "train/nonfinite_steps": summary.nonfinite_steps,
-                "train/samples_per_s": summary.samples_per_s,
-                "train/duration_s": summary.duration_s,
-            }
-        )
+        with sigterm_raises():
+            refuse_multiple_processes()
+            device, precision, teacher, inheritance, student = _prepare(cfg)
+            # evaluation sets are built before training, so a wrong path fails now, not after hours
+            eval_sets = build_eval_sets(cfg.eval, cfg.data, student, tokenizer_for(student)) if main else None
+            losses = build_losses(cfg, student, teacher)
+            for term in losses:
+                term.module.to(device)
+            needs = {n for term in losses for n in term.module.needs}
+            batches, data_stats = train_batches(cfg, student, device)
+            lr = SCHEDULES.build(
+                cfg.schedules["lr"], context={"base_value": cfg.train.lr, "total_steps": cfg.train.steps}
+            )
+            trainer = Trainer(
+                cfg.train,
+                student,
+                losses,
+                lr,
+                batches,
+                precision,
+                teacher=OnlineTeacher(teacher, precision, needs) if teacher is not None else None,
+                inheritance=inheritance,
+                run_dir=run_dir if main else None,
+                save_checkpoints=cfg.output.save_checkpoint,
+            )
+            try:
+                summary = trainer.fit()
+            finally:
+                metrics.update(data_stats.as_metrics())
+            metrics.update({f"train/{k}": v for k, v in summary.final_terms.items()})
+            metrics.update(
+                {
+                    "train/steps": summary.steps,
+                    "train/nonfinite_steps": summary.nonfinite_steps,
+                    "train/samples_per_s": summary.samples_per_s,
+                    "train/duration_s": summary.duration_s,
+                }
+            )
+            exported = inheritance.export(trainer.student).eval()
+            metrics.update(sparsity_metrics(inheritance, teacher, exported))
+            if metrics.get("sparsity/missed"):
+                print(
+                    f"clip-compress: warning: run {cfg.name} missed its sparsity target: "
+                    f"{metrics['sparsity/achieved']:.1%} pruned for a target of {metrics['sparsity/target']:.1%}",
+                    file=sys.stderr,
+                )
+            if main:
+                metrics["export/path"] = str(save_model(exported, run_dir / "model"))
+                write_structure(exported, run_dir)
+                metrics.update(
+                    evaluate_prepared(exported, eval_sets, cfg.eval, device, precision.name, cfg.train.progress)
+                )
+        row = row_for(STATUS_COMPLETED)
+    except (KeyboardInterrupt, RunInterrupted) as interruption:
         if main:
-            metrics["export/path"] = str(save_model(exported, run_dir / "model"))
-            write_structure(exported, run_dir)
-            metrics.update(evaluate_for_run(cfg, exported, device, precision))
-        metrics.update(data_stats.as_metrics())
-        row = make_row(
-            run_id=cfg.run_id(), name=cfg.name, status=STATUS_COMPLETED, config=cfg.to_dict(),
-            started=started, metrics=metrics,
-        )
+            write_result(run_dir, row_for(STATUS_INTERRUPTED, interruption))
+        print(f"clip-compress: run {cfg.name} interrupted (see {run_dir / 'result.json'})", file=sys.stderr)
+        raise
     except Exception as error:  # the row records the failure; the caller decides what to do with it
-        stats = state.get("data_stats")
-        row = make_row(
-            run_id=cfg.run_id(), name=cfg.name, status=STATUS_FAILED, config=cfg.to_dict(), started=started,
-            metrics=stats.as_metrics() if stats is not None else {}, error=error,
-        )
+        row = row_for(STATUS_FAILED, error)
         print(f"clip-compress: run {cfg.name} failed: {row['error']} (see {run_dir / 'result.json'})", file=sys.stderr)
     if main:
         write_result(run_dir, row)

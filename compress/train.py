@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from compress import distributed
 from compress.config import TrainConfig
@@ -36,6 +35,7 @@ from compress.optim import build_adamw, weight_groups
 from compress.outputs import ClipOutput
 from compress.plugins import DistillLoss, Inheritance, Schedule
 from compress.precision import Precision
+from compress.progress import progress
 from compress.teacher import TeacherSource
 
 
@@ -116,6 +116,7 @@ class Trainer:
         inheritance: Inheritance | None = None,
         run_dir: Path | None = None,
         on_log: Any = None,
+        save_checkpoints: bool = True,
     ) -> None:
         self.cfg = cfg
         self.student = student
@@ -127,6 +128,7 @@ class Trainer:
         self.teacher = teacher
         self.inheritance = inheritance or Inheritance()
         self.run_dir = run_dir
+        self.save_checkpoints = save_checkpoints
         self.on_log = on_log
         self.needs = tuple(sorted({n for term in losses for n in term.module.needs}))
         self.uses_teacher = any(term.module.needs_teacher for term in losses)
@@ -204,7 +206,7 @@ class Trainer:
     def fit(self) -> TrainSummary:
         cfg = self.cfg
         main = distributed.is_main_process()
-        bar = tqdm(total=cfg.steps, disable=not (cfg.progress and main), desc="train", dynamic_ncols=True)
+        bar = progress(cfg.steps, "train", enabled=cfg.progress and main)
         nonfinite = in_a_row = 0
         replaced_at: list[int] = []
         last_terms: dict[str, float] = {}
@@ -286,7 +288,7 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> Path | None:
         """``checkpoints/last.pt`` (student, optimizer, step), written atomically by rank 0."""
-        if self.run_dir is None or not distributed.is_main_process():
+        if self.run_dir is None or not self.save_checkpoints or not distributed.is_main_process():
             return None
         path = self.run_dir / "checkpoints" / "last.pt"
         state = {"step": step, "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -35,11 +35,34 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from compress.config import load_config
+    from compress.run import run_dir_for
     from experiments.dispatch import dispatch
 
     cfg = load_config(args.config, args.set or [])
     rows = dispatch([cfg], backend=args.backend, force=args.force)
+    for row in rows:
+        if row.get("status") in ("completed", "skipped"):
+            print(headline(row, run_dir_for(cfg)))
     return 0 if all(r.get("status") in ("completed", "skipped") for r in rows) else 1
+
+
+#: metric keys (by prefix and suffix) a finished run prints, in this order
+HEADLINE_KEYS = ("zs/*/top1", "ret/*/i2t_r1", "ret/*/t2i_r1", "sparsity/achieved", "sparsity/target")
+
+
+def headline(row: dict, run_dir: object) -> str:
+    """Two lines for a finished run: where it is, and its main numbers."""
+    import fnmatch
+
+    metrics = row.get("metrics", {})
+    parts = []
+    for pattern in HEADLINE_KEYS:
+        for key in sorted(k for k in metrics if fnmatch.fnmatch(k, pattern)):
+            value = metrics[key]
+            parts.append(f"{key} {value:.1%}" if key.startswith("sparsity/") else f"{key} {value:.2f}")
+    if "params/vision" in metrics and "params/text" in metrics:
+        parts.append(f"params/vision+text {(metrics['params/vision'] + metrics['params/text']) / 1e6:.2f}M")
+    return f"[{row.get('status')}] {row.get('name')} ({row.get('run_id')}) in {run_dir}\n  " + "  ".join(parts)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -123,10 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from compress.config import ConfigError
     from compress.models import ModelLoadError
     from compress.registry import RegistryError
+    from compress.run import RunInterrupted
+    from experiments.dispatch import DispatchError
 
     try:
         return args.func(args)
-    except (ConfigError, RegistryError, ModelLoadError, CliError, FileNotFoundError) as e:
+    except (ConfigError, RegistryError, ModelLoadError, CliError, DispatchError, FileNotFoundError) as e:
         if args.verbose:
             raise
         print(f"clip-compress: error: {e}", file=sys.stderr)
@@ -134,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clip-compress: interrupted", file=sys.stderr)
         return 130
+    except RunInterrupted as e:
+        print(f"clip-compress: interrupted ({e})", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

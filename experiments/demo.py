@@ -144,7 +144,7 @@ def run_demo(quick: bool = False, results_dir: str | Path = "results/demo", cach
         (row,) = dispatch([cfg], backend="inprocess", force=force)
         rows.append(summary_row(label, row))
     table = pd.DataFrame(rows).set_index("model")
-    text = table.to_markdown(floatfmt=".1f") if _has_tabulate() else table.round(1).to_string()
+    text = table.to_markdown(floatfmt=".1f")
     results.mkdir(parents=True, exist_ok=True)
     (results / "demo_table.md").write_text(text + "\n")
     print()
@@ -152,10 +152,3 @@ def run_demo(quick: bool = False, results_dir: str | Path = "results/demo", cach
     print(f"\n[demo] result rows in {results}, table in {results / 'demo_table.md'}")
     return table
 
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True

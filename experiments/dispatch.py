@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,10 @@ from experiments.job import RunJob
 BACKENDS = ("inprocess", "local", "slurm")
 
 
+class DispatchError(RuntimeError):
+    """A run cannot be dispatched as asked (no cluster here, say)."""
+
+
 def make_executor(cfg: RunConfig, backend: str, folder: Path):
     """A submitit executor for ``local`` (processes on this machine) or ``slurm``."""
     import submitit
@@ -22,6 +27,11 @@ def make_executor(cfg: RunConfig, backend: str, folder: Path):
         executor = submitit.LocalExecutor(folder=str(folder))
         executor.update_parameters(timeout_min=d.timeout_min, gpus_per_node=d.gpus_per_node if _has_cuda() else 0)
         return executor
+    if shutil.which("sbatch") is None:
+        raise DispatchError(
+            "dispatch.backend is slurm, but there is no SLURM here (sbatch not found on PATH): "
+            "use --backend inprocess or --backend local on this machine"
+        )
     executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
     params: dict[str, Any] = {
         "timeout_min": d.timeout_min,

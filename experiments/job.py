@@ -1,33 +1,28 @@
-"""The submitit job: a picklable callable that runs one config (and can be requeued)."""
+"""The submitit job: a picklable callable that runs one config."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from compress.config import RunConfig
-from compress.run import run_dir_for
+from compress.run import RunError, run_dir_for
 
 
-def _setup_distributed_from_submitit() -> None:
-    """Under submitit with several tasks, export the torch.distributed variables and init."""
+def refuse_multiple_tasks() -> None:
+    """Under submitit with several tasks (one per GPU), stop: data-parallel training is not
+    built yet, and each task would train its own replica."""
     try:
         import submitit
 
         env = submitit.JobEnvironment()
-    except RuntimeError:
+    except RuntimeError:  # not inside a submitit job
         return
-    if env.num_tasks <= 1:
-        return
-    import torch
-    import torch.distributed as dist
-
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend)
+    if env.num_tasks > 1:
+        raise RunError(
+            f"the job has {env.num_tasks} tasks, but multi-process (DistributedDataParallel) training is not "
+            "built yet: use dispatch.nodes: 1 and dispatch.gpus_per_node: 1"
+        )
 
 
 def write_reports(run_dir: Path) -> None:
@@ -43,8 +38,8 @@ def write_reports(run_dir: Path) -> None:
 class RunJob:
     """``RunJob(cfg)()`` runs the experiment and returns its result row.
 
-    submitit pickles this object; ``checkpoint`` makes a preempted SLURM job requeue itself
-    (the run resumes in the same run directory)."""
+    Resume is not built yet: a job that SLURM requeues (after preemption) starts its run again
+    from step 0 in the same run directory, with a fresh ``metrics.jsonl``."""
 
     def __init__(self, cfg: RunConfig, force: bool = False) -> None:
         self.cfg = cfg
@@ -53,12 +48,13 @@ class RunJob:
     def __call__(self) -> dict[str, Any]:
         from compress.run import run_experiment
 
-        _setup_distributed_from_submitit()
+        refuse_multiple_tasks()
         row = run_experiment(self.cfg, force=self.force)
         write_reports(run_dir_for(self.cfg))
         return row
 
     def checkpoint(self, *args: Any, **kwargs: Any):
+        """submitit calls this on preemption or timeout: requeue the same run (it restarts from step 0)."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(RunJob(self.cfg, force=False))

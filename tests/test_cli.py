@@ -69,7 +69,9 @@ def test_miniature_demo_runs_every_student(tmp_path, monkeypatch, capsys):
     assert list(table.index) == ["teacher", "(a) scratch + CLIP loss", "(b) scratch + affinity",
                                  "(c) manual inheritance + affinity", "(d) auto inheritance + affinity"]
     assert set(table["status"]) == {"completed"}
-    assert (tmp_path / "results" / "quick" / "demo_table.md").is_file()
+    lines = (tmp_path / "results" / "quick" / "demo_table.md").read_text().splitlines()
+    assert lines[0].startswith("| model") and set(lines[1]) <= set("|:- ")  # a markdown table
+    assert len(lines) == 2 + 5 and all(line.startswith("|") for line in lines)
     # the teacher is cached: a second run skips it
     demo.run_demo(quick=True, results_dir=tmp_path / "results", cache_dir=tmp_path / "cache")
     assert "[skip] demo-teacher" in capsys.readouterr().out

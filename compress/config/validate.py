@@ -64,7 +64,19 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"dispatch.backend: {cfg.dispatch.backend!r} is not one of inprocess, local, slurm."
             f"{suggest(cfg.dispatch.backend, ['inprocess', 'local', 'slurm'])}"
         )
+    _check_dispatch(cfg)
     return cfg
+
+
+def _check_dispatch(cfg: RunConfig) -> None:
+    d = cfg.dispatch
+    if d.nodes < 1 or d.gpus_per_node < 0:
+        raise ConfigError(f"dispatch: nodes must be >= 1 and gpus_per_node >= 0, got {d.nodes} and {d.gpus_per_node}")
+    if d.nodes * max(d.gpus_per_node, 1) > 1:
+        raise ConfigError(
+            f"dispatch: {d.nodes} node(s) x {d.gpus_per_node} GPUs asks for multi-GPU training, which is not built "
+            "yet (no DistributedDataParallel): use nodes: 1, gpus_per_node: 1"
+        )
 
 
 def _loss_specs(cfg: RunConfig) -> list[dict[str, Any]]:

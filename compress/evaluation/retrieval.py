@@ -15,9 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from compress.evaluation.common import autocast, eval_mode, to_device, unpack
+from compress.progress import progress_iter
 
 __all__ = ["encode_retrieval_set", "recall_at_k", "retrieval_recall"]
 
@@ -45,7 +45,7 @@ def encode_retrieval_set(
     images_out, texts_out, mapping = [], [], []
     implied, offset = True, 0
     with eval_mode(model):
-        for batch in tqdm(loader, desc="retrieval", disable=not progress, leave=False):
+        for batch in progress_iter(loader, "retrieval", progress):
             images, tokens = unpack(batch, ("texts", "tokens"))
             n_img = len(images)
             per_image = tokens.dim() == 3

@@ -7,12 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.config import DataConfig, EvalConfig, RunConfig
+from compress.config import DataConfig, EvalConfig
 from compress.data.tasks import build_retrieval_set, build_zero_shot_task
 from compress.data.transforms import transforms_for
 from compress.evaluation.evaluate import RetrievalSet, ZeroShotTask, evaluate_model
 from compress.models.forward import tokenizer_for
-from compress.precision import Precision
 
 
 def build_eval_sets(
@@ -37,15 +36,19 @@ def build_eval_sets(
     return tasks, retrieval
 
 
-def evaluate_with(
-    model: nn.Module, eval_cfg: EvalConfig, data: DataConfig | None, device: torch.device, precision: str = "fp32",
+def evaluate_prepared(
+    model: nn.Module,
+    sets: tuple[list[ZeroShotTask], list[RetrievalSet]],
+    eval_cfg: EvalConfig,
+    device: torch.device,
+    precision: str = "fp32",
     progress: bool = False,
 ) -> dict[str, Any]:
-    tokenizer = tokenizer_for(model)
-    tasks, retrieval = build_eval_sets(eval_cfg, data, model, tokenizer)
+    """Evaluate ``model`` on sets built beforehand by :func:`build_eval_sets`."""
+    tasks, retrieval = sets
     return evaluate_model(
         model.to(device),
-        tokenizer,
+        tokenizer_for(model),
         zero_shot_tasks=tasks,
         retrieval_sets=retrieval,
         device=device,
@@ -57,5 +60,10 @@ def evaluate_with(
     )
 
 
-def evaluate_for_run(cfg: RunConfig, model: nn.Module, device: torch.device, precision: Precision) -> dict[str, Any]:
-    return evaluate_with(model, cfg.eval, cfg.data, device, precision.name, progress=cfg.train.progress)
+def evaluate_with(
+    model: nn.Module, eval_cfg: EvalConfig, data: DataConfig | None, device: torch.device, precision: str = "fp32",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Build the sets ``eval_cfg`` and ``data`` ask for, then evaluate ``model`` on them."""
+    sets = build_eval_sets(eval_cfg, data, model, tokenizer_for(model))
+    return evaluate_prepared(model, sets, eval_cfg, device, precision, progress)

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from compress.evaluation.common import autocast, eval_mode, to_device, unpack
+from compress.progress import is_terminal, progress_iter
 
 __all__ = [
     "IMAGENET_CLASSNAMES",
@@ -68,7 +68,7 @@ def zero_shot_classifier(
             templates=list(templates),
             num_classes_per_batch=num_classes_per_batch,
             device=device,
-            use_tqdm=progress,
+            use_tqdm=progress and is_terminal(),
         )
     return weights.float()
 
@@ -106,7 +106,7 @@ def zero_shot_accuracy(
     classifier = classifier.to(device=device, dtype=torch.float32)
     hits, all_labels = [], []
     with eval_mode(model):
-        for batch in tqdm(loader, desc="zero-shot", disable=not progress, leave=False):
+        for batch in progress_iter(loader, "zero-shot", progress):
             images, labels = unpack(batch, ("labels",))
             images, labels = to_device(images, device), torch.as_tensor(labels, device=device)
             with autocast(device, precision):

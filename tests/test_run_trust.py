@@ -1,0 +1,210 @@
+"""What a run promises beyond its numbers: refusals before compute, clean restarts, rows for
+every ending (completed, failed, interrupted), readable files, sparsity reporting, progress
+output that suits a log file."""
+
+import io
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compress.config import ConfigError
+from compress.models import load_model
+from compress.progress import LineProgress, progress
+from compress.run import run_dir_for, run_experiment, sparsity_metrics
+from tests.test_run_e2e import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_world_size_above_one_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = tiny_config(tmp_path)
+    row = run_experiment(cfg)
+    assert row["status"] == "failed"
+    assert "multi-process" in row["error"] and "not built" in row["error"]
+    assert not (run_dir_for(cfg) / "metrics.jsonl").exists()  # nothing was trained
+
+
+def test_submitit_job_with_several_tasks_is_refused(tmp_path, monkeypatch):
+    import submitit
+
+    from experiments.job import RunJob
+
+    class TwoTasks:
+        num_tasks = 2
+
+    monkeypatch.setattr(submitit, "JobEnvironment", TwoTasks)
+    with pytest.raises(RuntimeError, match="multi-process"):
+        RunJob(tiny_config(tmp_path))()
+    assert not run_dir_for(tiny_config(tmp_path)).exists()
+
+
+@pytest.mark.parametrize("dispatch", [{"gpus_per_node": 8}, {"nodes": 4, "gpus_per_node": 1}])
+def test_multi_gpu_dispatch_is_refused_at_validation(tmp_path, dispatch):
+    with pytest.raises(ConfigError, match="multi-GPU training, which is not built"):
+        tiny_config(tmp_path, dispatch=dispatch)
+
+
+def test_a_restarted_run_writes_one_metrics_series(tmp_path):
+    cfg = tiny_config(tmp_path)
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True)
+    # what a killed earlier attempt left behind
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    row = run_experiment(cfg)
+    assert row["status"] == "completed", row.get("error")
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_wrong_eval_folder_fails_before_training(tmp_path):
+    cfg = tiny_config(tmp_path, eval={"zero_shot": [{"name": "imagenet", "kind": "folder",
+                                                    "path": str(tmp_path / "no-such-imagenet")}]})
+    row = run_experiment(cfg)
+    assert row["status"] == "failed"
+    assert "no-such-imagenet" in row["error"]
+    assert not (run_dir_for(cfg) / "metrics.jsonl").exists()  # it failed before step 1
+
+
+def test_evaluation_failing_after_training_keeps_training_metrics(tmp_path, monkeypatch):
+    import compress.evaluation.run_eval as run_eval
+
+    def broken(*args, **kwargs):
+        raise OSError("the evaluation disk went away")
+
+    monkeypatch.setattr(run_eval, "evaluate_prepared", broken)
+    cfg = tiny_config(tmp_path)
+    row = run_experiment(cfg)
+    assert row["status"] == "failed" and "evaluation disk" in row["error"]
+    assert row["metrics"]["train/steps"] == 2
+    assert Path(row["metrics"]["export/path"]).is_dir()
+    on_disk = json.loads((run_dir_for(cfg) / "result.json").read_text())
+    assert on_disk["metrics"]["train/steps"] == 2
+
+
+def test_sparsity_target_and_achieved_are_in_the_row(tmp_path):
+    cfg = tiny_config(tmp_path, student=None, train={"steps": 4, "batch_size": 8, "lr": 1e-3, "progress": False},
+                      inheritance={"name": "auto", "target_sparsity": 0.5, "prune_step": 3, "ramp_steps": 2,
+                                   "mask_lr": 0.5, "lambda_lr": 1.0})
+    row = run_experiment(cfg)
+    assert row["status"] == "completed", row.get("error")
+    m = row["metrics"]
+    teacher = load_model("cc-test-teacher")
+    student = load_model(m["export/path"])
+    from compress.models.params import parameter_report
+
+    full, kept = parameter_report(teacher), parameter_report(student)
+    expected = 1 - (kept["vision"] + kept["text"]) / (full["vision"] + full["text"])
+    assert m["sparsity/target"] == 0.5
+    assert m["sparsity/achieved"] == pytest.approx(expected, abs=1e-6)
+    assert m["sparsity/missed"] == (expected < 0.48)
+
+
+def test_missed_sparsity_target_is_flagged(capsys):
+    teacher = load_model("cc-test-teacher")
+
+    class Strategy:
+        target_sparsity = 0.5
+
+    out = sparsity_metrics(Strategy(), teacher, teacher)  # nothing pruned
+    assert out == {"sparsity/achieved": 0.0, "sparsity/target": 0.5, "sparsity/missed": True}
+
+
+def test_save_checkpoint_false_writes_no_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, output={"dir": str(tmp_path / "runs"), "save_checkpoint": False})
+    row = run_experiment(cfg)
+    assert row["status"] == "completed", row.get("error")
+    assert not (run_dir_for(cfg) / "checkpoints").exists()
+
+
+def test_run_files_respect_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        cfg = tiny_config(tmp_path)
+        row = run_experiment(cfg)
+    finally:
+        os.umask(old)
+    run_dir = run_dir_for(cfg)
+    files = [run_dir / "result.json", run_dir / "config.yaml", *Path(row["metrics"]["export/path"]).iterdir()]
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def _write_cli_config(tmp_path, **train):
+    cfg = {
+        "name": "cli",
+        "teacher": {"model": "cc-test-teacher"},
+        "student": {"model": "cc-test-student"},
+        "inheritance": {"name": "manual"},
+        "losses": [{"name": "affinity"}],
+        "data": {"train": {"kind": "synthetic", "num_samples": 64}, "val": {"kind": "synthetic", "num_samples": 16}},
+        "train": {"steps": 2, "batch_size": 8, "lr": 1e-3, "log_every": 1, **train},
+        "eval": {"zero_shot": [{"name": "cs", "kind": "synthetic", "task": "color_shape"}], "throughput": False},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_run_prints_its_directory_and_headline_metrics(tmp_path, capsys):
+    from experiments.cli import main
+
+    path = _write_cli_config(tmp_path, progress=False)
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    row = json.loads(next((tmp_path / "runs").glob("cli-*/result.json")).read_text())
+    assert f"[completed] cli ({row['run_id']})" in out
+    assert f"zs/cs/top1 {row['metrics']['zs/cs/top1']:.2f}" in out
+
+
+def test_slurm_backend_off_cluster_is_one_line(tmp_path, monkeypatch, capsys):
+    from experiments.cli import main
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    path = _write_cli_config(tmp_path)
+    assert main(["run", str(path), "--backend", "slurm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sbatch not found" in err[0]
+
+
+def test_sigterm_leaves_an_interrupted_row(tmp_path):
+    path = _write_cli_config(tmp_path, steps=100000, progress=False, log_every=1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "experiments", "run", str(path)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list((tmp_path / "runs").glob("cli-*/metrics.jsonl")) and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    row = json.loads(next((tmp_path / "runs").glob("cli-*/result.json")).read_text())
+    assert row["status"] == "interrupted" and "SIGTERM" in row["error"]
+    assert "interrupted" in err.splitlines()[-1]
+
+
+def test_progress_in_a_log_file_writes_a_few_plain_lines():
+    stream = io.StringIO()  # not a terminal
+    bar = progress(1000, "train", stream=stream)
+    assert isinstance(bar, LineProgress)
+    for _ in range(1000):
+        bar.set_postfix(loss="0.1")
+        bar.update(1)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert 10 <= len(lines) <= 21
+    assert lines[-1].startswith("[train] 1000/1000") and "loss=0.1" in lines[-1]
+    assert "\r" not in stream.getvalue()
