@@ -114,7 +114,7 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         for term in losses:
             term.module.to(device)
         needs = {n for term in losses for n in term.module.needs}
-        batches, data_stats = train_batches(cfg, student, device)
+        batches, data_stats = train_batches(cfg, student, teacher, device)
         state["data_stats"] = data_stats
         lr = SCHEDULES.build(cfg.schedules["lr"], context={"base_value": cfg.train.lr, "total_steps": cfg.train.steps})
         trainer = Trainer(
