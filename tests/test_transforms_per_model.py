@@ -157,3 +157,13 @@ def test_preprocess_of_reads_the_model():
     model = _with_preprocess(load_model("cc-test-student"), **SIGLIP_LIKE)
     cfg = preprocess_of(model)
     assert asdict(cfg) == {**asdict(PreprocessCfg()), **SIGLIP_LIKE, "size": (32, 32)}
+
+
+def test_a_config_json_with_its_own_preprocess_cfg_is_honoured(tmp_path):
+    """An ``open_clip_config.json`` (``{model_cfg, preprocess_cfg}``) keeps its normalisation."""
+    path = tmp_path / "open_clip_config.json"
+    path.write_text(json.dumps({"model_cfg": get_model_config("cc-test-teacher"), "preprocess_cfg": SIGLIP_LIKE}))
+    teacher = load_model(str(path))
+    assert asdict(preprocess_of(teacher)) == {**asdict(PreprocessCfg()), **SIGLIP_LIKE, "size": (32, 32)}
+    views = train_transform_for(load_model("cc-test-student"), teacher)(Image.new("RGB", (40, 40), (255, 255, 255)))
+    torch.testing.assert_close(views["teacher_images"], torch.ones(3, 32, 32))
