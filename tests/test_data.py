@@ -32,7 +32,7 @@ from compress.data import (
     train_transform,
 )
 from compress.data.captions import task_classnames
-from compress.data.shapes import COLOR_NAMES, HELDOUT, SHAPES, combo_label
+from compress.data.shapes import COLOR_NAMES, HELDOUT, SHAPES, combo_label, position_name
 
 TO_TENSOR = T.ToTensor()
 PALETTE = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
@@ -165,13 +165,24 @@ def test_synthetic_train_loader_reshuffles_per_epoch_and_is_reproducible(tokeniz
 def test_synthetic_retrieval_view_uses_full_captions():
     ret = build_retrieval_set(DataConfig(), T.ToTensor())
     assert ret is not None and len(ret.dataset) == 1000
-    img, text = ret.dataset[0]
-    scene, _ = ret.dataset.scene(0)
+    img, _ = ret.dataset[0]
     assert img.shape == (3, 64, 64)
-    if len(scene.objects) == 1:
-        assert text.split()[1] in ("small", "large") and " in the " in text
-    else:
-        assert scene.relation in text
+
+    def named(o):
+        words = f"{o.size_word} {o.color_name} {o.shape_name}"
+        return ("an " if words[0] in "aeiou" else "a ") + words
+
+    kinds = set()
+    for i in range(40):  # every caption names size, colour, shape and place (or the relation), nothing else
+        scene, text = ret.dataset.scene(i)
+        if len(scene.objects) == 1:
+            obj = scene.objects[0]
+            assert text == f"{named(obj)} in the {position_name(obj, 64)}"
+        else:
+            a, b = scene.objects
+            assert text == f"{named(a)} {scene.relation} {named(b)}"
+        kinds.add(len(scene.objects))
+    assert kinds == {1, 2}
     assert build_retrieval_set(DataConfig(train=DatasetConfig(kind="csv", path="x.csv")), None) is None
 
 
