@@ -33,7 +33,7 @@ TRAIN_SCALE = (0.9, 1.0)
 _RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default, as open_clip uses it
 
 
-def _square(size: Any) -> tuple[int, int]:
+def _hw(size: Any) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int | float) else (int(size[0]), int(size[-1]))
 
 
@@ -45,14 +45,14 @@ def preprocess_of(model: nn.Module) -> PreprocessCfg:
     size = getattr(visual, "image_size", None)
     if size is not None:
         cfg["size"] = size
-    cfg["size"] = _square(cfg["size"])
+    cfg["size"] = _hw(cfg["size"])
     known = set(PreprocessCfg.__dataclass_fields__)
     return PreprocessCfg(**{k: v for k, v in cfg.items() if k in known})
 
 
 def _as_cfg(cfg: PreprocessCfg | int) -> PreprocessCfg:
     """An int is a size with OpenAI's constants (synthetic checks and tests)."""
-    return PreprocessCfg(size=_square(cfg)) if isinstance(cfg, int) else cfg
+    return PreprocessCfg(size=_hw(cfg)) if isinstance(cfg, int) else cfg
 
 
 def train_transform(cfg: PreprocessCfg | int, scale: tuple[float, float] = TRAIN_SCALE) -> T.Compose:
@@ -77,7 +77,7 @@ def _train_view(cfg: PreprocessCfg) -> tuple[tuple[int, int], tuple[float, ...],
     ignores the resize mode, as open_clip's training transform does)."""
     mean = cfg.mean if isinstance(cfg.mean, list | tuple) else (cfg.mean,) * 3
     std = cfg.std if isinstance(cfg.std, list | tuple) else (cfg.std,) * 3
-    return _square(cfg.size), tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    return _hw(cfg.size), tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 class DistillTransform:
