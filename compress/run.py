@@ -185,7 +185,8 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             for term in losses:
                 term.module.to(device)
             needs = {n for term in losses for n in term.module.needs}
-            batches, data_stats = train_batches(cfg, student, device)
+            uses_teacher = any(term.module.needs_teacher for term in losses)
+            batches, data_stats = train_batches(cfg, student, teacher if uses_teacher else None, device)
             lr = SCHEDULES.build(
                 cfg.schedules["lr"], context={"base_value": cfg.train.lr, "total_steps": cfg.train.steps}
             )

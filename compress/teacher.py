@@ -28,7 +28,9 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 class OnlineTeacher:
-    """Runs the frozen teacher on every batch (under no_grad and the run's autocast)."""
+    """Runs the frozen teacher on every batch (under no_grad and the run's autocast), on the
+    batch's ``teacher_images`` when the data pipeline prepared the teacher its own view (another
+    size or normalisation than the student's), else on ``images``."""
 
     def __init__(self, teacher: nn.Module, precision: Precision, needs: Iterable[str] = ()) -> None:
         self.teacher = freeze(teacher)
@@ -38,5 +40,6 @@ class OnlineTeacher:
     @torch.no_grad()
     def __call__(self, batch: Mapping[str, Any]) -> ClipOutput:
         with self.precision.autocast():
-            out = clip_forward(self.teacher, batch["images"], batch["texts"], self.needs)
+            images = batch.get("teacher_images", batch["images"])
+            out = clip_forward(self.teacher, images, batch["texts"], self.needs)
         return out.detach()

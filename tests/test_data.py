@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from compress.config import DataConfig, DatasetConfig, ZeroShotTaskConfig
+from compress.config import ConfigError, DataConfig, DatasetConfig, ZeroShotTaskConfig, config_from_dict
 from compress.data import (
     CLIP_MEAN,
     CLIP_STD,
@@ -27,13 +27,12 @@ from compress.data import (
     build_train_loader,
     build_zero_shot_task,
     eval_transform,
-    image_size_of,
     imagenet_preset,
     make_collate,
     train_transform,
 )
 from compress.data.captions import task_classnames
-from compress.data.shapes import COLOR_NAMES, HELDOUT, SHAPES, combo_label
+from compress.data.shapes import COLOR_NAMES, HELDOUT, SHAPES, combo_label, position_name
 
 TO_TENSOR = T.ToTensor()
 PALETTE = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
@@ -166,13 +165,24 @@ def test_synthetic_train_loader_reshuffles_per_epoch_and_is_reproducible(tokeniz
 def test_synthetic_retrieval_view_uses_full_captions():
     ret = build_retrieval_set(DataConfig(), T.ToTensor())
     assert ret is not None and len(ret.dataset) == 1000
-    img, text = ret.dataset[0]
-    scene, _ = ret.dataset.scene(0)
+    img, _ = ret.dataset[0]
     assert img.shape == (3, 64, 64)
-    if len(scene.objects) == 1:
-        assert text.split()[1] in ("small", "large") and " in the " in text
-    else:
-        assert scene.relation in text
+
+    def named(o):
+        words = f"{o.size_word} {o.color_name} {o.shape_name}"
+        return ("an " if words[0] in "aeiou" else "a ") + words
+
+    kinds = set()
+    for i in range(40):  # every caption names size, colour, shape and place (or the relation), nothing else
+        scene, text = ret.dataset.scene(i)
+        if len(scene.objects) == 1:
+            obj = scene.objects[0]
+            assert text == f"{named(obj)} in the {position_name(obj, 64)}"
+        else:
+            a, b = scene.objects
+            assert text == f"{named(a)} {scene.relation} {named(b)}"
+        kinds.add(len(scene.objects))
+    assert kinds == {1, 2}
     assert build_retrieval_set(DataConfig(train=DatasetConfig(kind="csv", path="x.csv")), None) is None
 
 
@@ -223,9 +233,10 @@ def test_exceeding_max_bad_fraction_raises(tmp_path, tokenizer):
     (tmp_path / "ok.png").write_bytes(_image_bytes((9, 9, 9), "PNG"))
     rows = ["filepath,title"] + [f"ok.png,good {i}" for i in range(50)] + [f"gone{i}.png,bad" for i in range(10)]
     (tmp_path / "d.csv").write_text("\n".join(rows))
-    data = DataConfig(train=DatasetConfig(kind="csv", path=str(tmp_path / "d.csv"), max_bad_fraction=0.05))
+    data = DataConfig(train=DatasetConfig(kind="csv", path=str(tmp_path / "d.csv"), max_bad_fraction=0.05,
+                                          bad_window=60))
     loader = build_train_loader(data, T.ToTensor(), tokenizer, batch_size=10, seed=0)
-    with pytest.raises(DataError, match=r"csv.*d\.csv.*fraction 0\.1"):
+    with pytest.raises(DataError, match=r"csv.*d\.csv.*of the last 6\d samples.*fraction 0\.1"):
         list(itertools.islice(loader.forever(), 20))
     # a whole batch of bad samples stops at once
     (tmp_path / "bad.csv").write_text("filepath,title\n" + "\n".join(f"no{i}.png,x" for i in range(8)))
@@ -235,9 +246,9 @@ def test_exceeding_max_bad_fraction_raises(tmp_path, tokenizer):
 
 
 def test_bad_sample_counter_thresholds():
-    c = BadSampleCounter("demo", max_bad_fraction=0.1, min_samples=50)
-    c.update(3, 10)  # 30 % but under the minimum
-    with pytest.raises(DataError, match=r"demo.*7 of 50.*0\.140"):
+    c = BadSampleCounter("demo", max_bad_fraction=0.1, window=50)
+    c.update(3, 10)  # 30 % but under the window
+    with pytest.raises(DataError, match=r"demo.*7 of the last 50.*0\.140"):
         for _ in range(4):
             c.update(1, 10)  # 7/50 = 14 %
     c2 = BadSampleCounter("whole", max_bad_fraction=0.9)
@@ -248,6 +259,74 @@ def test_bad_sample_counter_thresholds():
     c3.update(2, 2)  # a small all-bad (last) batch after good data only counts
     with pytest.raises(DataError, match="whole batch of 8"):
         c3.update(8, 8)
+
+
+def _csv_with_bad(root: Path, n: int, bad: set[int]) -> Path:
+    """``n`` rows; row ``i`` is a solid image whose red value is ``i`` (caption ``"row i"``),
+    or a missing file for ``i`` in ``bad``."""
+    rows = ["filepath,title"]
+    for i in range(n):
+        if i in bad:
+            rows.append(f"gone{i}.png,row {i}")
+        else:
+            _solid((i % 256, 7, 9)).save(root / f"{i}.png")
+            rows.append(f"{i}.png,row {i}")
+    (root / "d.csv").write_text("\n".join(rows))
+    return root / "d.csv"
+
+
+def test_train_batches_keep_their_size_with_bad_samples_mixed_in(tmp_path, tokenizer):
+    from compress.train import split_batch
+
+    bad = {i for i in range(40) if i % 5 == 2}  # 8 of 40 bad
+    path = _csv_with_bad(tmp_path, 40, bad)
+    data = DataConfig(train=DatasetConfig(kind="csv", path=str(path), max_bad_fraction=0.5))
+    loader = build_train_loader(data, T.ToTensor(), tokenizer, batch_size=8, seed=3)
+    batches = list(itertools.islice(loader.forever(), 12))  # 96 good samples: more than 3 epochs
+    for batch in batches:
+        assert batch["images"].shape[0] == batch["texts"].shape[0] == len(batch["captions"]) == 8
+        rows = [int(c.split()[1]) for c in batch["captions"]]
+        assert not set(rows) & bad
+        assert [_mean_rgb(img)[0] for img in batch["images"]] == rows  # images stay with their captions
+        micro = split_batch(batch, 4)  # gradient accumulation needs equal micro-batches
+        assert [len(m["images"]) for m in micro] == [2] * 4 and sum((m["captions"] for m in micro), []) == \
+            batch["captions"]
+    drawn = [int(c.split()[1]) for b in batches[:4] for c in b["captions"]]
+    assert sorted(drawn) == sorted(set(range(40)) - bad)  # the first 4 batches: one epoch's good samples
+    assert (loader.counter.bad, loader.counter.seen) == (24, 120)  # 3 epochs of 40, 8 bad in each
+
+
+def test_one_bad_image_early_does_not_abort_a_run(tmp_path, tokenizer):
+    path = _csv_with_bad(tmp_path, 250, {3})  # 0.4 % bad, but 1 of the first 64 samples (1.6 %)
+    data = DataConfig(train=DatasetConfig(kind="csv", path=str(path)))  # max_bad_fraction 0.01
+    seq = torch.utils.data.SequentialSampler
+    loader = build_train_loader(data, T.ToTensor(), tokenizer, batch_size=16, sampler=seq)
+    batches = list(itertools.islice(loader.forever(), 80))  # 1280 samples, past the default window of 1000
+    assert len(batches) == 80 and loader.counter.seen >= 1280
+    assert loader.counter.bad == loader.epoch + 1  # row 3, once in every epoch read
+
+
+@pytest.mark.parametrize("window", [100, 400])
+def test_a_bad_stream_aborts_once_the_window_is_read(tmp_path, tokenizer, window):
+    path = _csv_with_bad(tmp_path, 100, set(range(0, 100, 10)))  # 10 % bad
+    data = DataConfig(train=DatasetConfig(kind="csv", path=str(path), max_bad_fraction=0.05, bad_window=window))
+    loader = build_train_loader(data, T.ToTensor(), tokenizer, batch_size=10)
+    with pytest.raises(DataError, match=r"of the last \d+ samples were bad .*fraction 0\.1"):
+        for _ in loader.forever():
+            assert loader.counter.seen < window  # no verdict before the window is read
+    assert window <= loader.counter.seen < window + 10
+
+
+def test_data_settings_are_checked_at_validation():
+    for key, value in (("max_bad_fraction", 5), ("max_bad_fraction", -0.1), ("max_bad_fraction", 1.0),
+                       ("bad_window", 0), ("num_samples", 0), ("kind", "csvv")):
+        with pytest.raises(ConfigError, match=rf"^data\.train\.{key}: "):
+            config_from_dict({"data": {"train": {key: value}}})
+    with pytest.raises(ConfigError, match=r"data\.val\.max_bad_fraction"):
+        config_from_dict({"data": {"val": {"max_bad_fraction": 2}}})
+    with pytest.raises(ConfigError, match="image_size"):  # each model's own size is used; no override
+        config_from_dict({"data": {"image_size": 64}})
+    assert config_from_dict({"data": {"train": {"bad_window": 50}}}).data.train.bad_window == 50
 
 
 # ----------------------------------------------------------------------------- webdataset
@@ -299,6 +378,10 @@ def test_webdataset_train_loader_shuffles_and_survives_a_broken_shard(tmp_path, 
     captions = [c for b in batches for c in b["captions"]]
     assert set(captions) <= set(expected) and len(set(captions)) >= 6
     assert loader.counter.bad >= 2 and loader.epoch >= 1  # corrupt image + unreadable shard, per epoch
+    assert [len(b["images"]) for b in batches] == [3] * 6  # refilled from the next samples of the stream
+    for batch in batches:  # every image still belongs to its caption after shuffling and refilling
+        for img, caption in zip(batch["images"], batch["captions"], strict=True):
+            assert max(abs(a - b) for a, b in zip(_mean_rgb(img), PALETTE[expected[caption]], strict=True)) <= 3
 
 
 # ----------------------------------------------------------------------------- image folder
@@ -354,14 +437,6 @@ def test_train_transform_shape_and_normalisation():
     crop = tf.transforms[0]
     assert crop.scale == (0.9, 1.0) and crop.interpolation == T.InterpolationMode.BICUBIC
     assert eval_transform(32)(_solid((0, 0, 0), (64, 48))).shape == (3, 32, 32)
-
-    class Visual:
-        image_size = (48, 48)
-
-    class Model:
-        visual = Visual()
-
-    assert image_size_of(Model()) == 48 and image_size_of(Model(), 64) == 64
 
 
 def test_collate_tokenizes_and_drops_none(tokenizer):

@@ -30,9 +30,20 @@ class ModelSpec:
     force_quick_gelu: bool = False
 
 
+#: the data set kinds ``DatasetConfig.kind`` may name
+DATASET_KINDS = ("synthetic", "csv", "webdataset", "folder")
+
+
 @dataclass
 class DatasetConfig:
-    """One data source. ``kind``: synthetic | csv | webdataset | folder."""
+    """One data source. ``kind``: synthetic | csv | webdataset | folder.
+
+    Bad samples (missing or corrupt images, empty captions) are skipped and counted; the run
+    stops with ``DataError`` when more than ``max_bad_fraction`` (in [0, 1)) of the last
+    ``bad_window`` samples were bad, judged only once ``bad_window`` samples were read (an
+    evaluation pass shorter than the window is judged at its end). Training batches keep their
+    size: a skipped sample is replaced by the next good one of the stream.
+    """
 
     kind: str = "synthetic"
     path: str | None = None
@@ -43,15 +54,20 @@ class DatasetConfig:
     caption_key: str = "title"
     separator: str = ","
     max_bad_fraction: float = 0.01
+    bad_window: int = 1000
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DataConfig:
+    """Training data (``train``), the retrieval set (``val``) and DataLoader workers.
+
+    There is no image size here: every model gets images at its own resolution and with its
+    own normalisation (``model.visual.preprocess_cfg``)."""
+
     train: DatasetConfig = field(default_factory=DatasetConfig)
     val: DatasetConfig | None = None
     num_workers: int = 0
-    image_size: int | None = None
 
 
 @dataclass

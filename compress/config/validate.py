@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from compress.config.errors import ConfigError
-from compress.config.schema import SCHEMA_VERSION, RunConfig
+from compress.config.schema import DATASET_KINDS, SCHEMA_VERSION, RunConfig
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES, RegistryError, suggest
 
 
@@ -59,6 +59,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"train.precision: {t.precision!r} is not one of auto, fp32, bf16, fp16."
             f"{suggest(t.precision, ['auto', 'fp32', 'bf16', 'fp16'])}"
         )
+    _check_data(cfg)
     if cfg.dispatch.backend not in ("inprocess", "local", "slurm"):
         raise ConfigError(
             f"dispatch.backend: {cfg.dispatch.backend!r} is not one of inprocess, local, slurm."
@@ -77,6 +78,26 @@ def _check_dispatch(cfg: RunConfig) -> None:
             f"dispatch: {d.nodes} node(s) x {d.gpus_per_node} GPUs asks for multi-GPU training, which is not built "
             "yet (no DistributedDataParallel): use nodes: 1, gpus_per_node: 1"
         )
+
+
+def _check_data(cfg: RunConfig) -> None:
+    """Ranges of the data settings (the data sets themselves are opened before training)."""
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers: must be at least 0, got {cfg.data.num_workers}")
+    for where, ds in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+        if ds is None:
+            continue
+        if ds.kind not in DATASET_KINDS:
+            raise ConfigError(
+                f"{where}.kind: {ds.kind!r} is not one of {', '.join(DATASET_KINDS)}."
+                f"{suggest(ds.kind, list(DATASET_KINDS))}"
+            )
+        if isinstance(ds.max_bad_fraction, bool) or not 0.0 <= ds.max_bad_fraction < 1.0:
+            raise ConfigError(f"{where}.max_bad_fraction: must be a fraction in [0, 1), got {ds.max_bad_fraction}")
+        if ds.bad_window < 1:
+            raise ConfigError(f"{where}.bad_window: must be at least 1 sample, got {ds.bad_window}")
+        if ds.num_samples is not None and ds.num_samples < 1:
+            raise ConfigError(f"{where}.num_samples: must be at least 1 (or null for all), got {ds.num_samples}")
 
 
 def _loss_specs(cfg: RunConfig) -> list[dict[str, Any]]:

@@ -7,17 +7,21 @@ classification for evaluation).
 
 Trainer::
 
-    train_tf, eval_tf = transforms_for(student, cfg.data.image_size)
+    batches, stats = compress.data.pipeline.train_batches(cfg, student, teacher, device)
+    # or, by hand:
+    train_tf = train_transform_for(student, teacher)   # each model's own preprocess config
     loader = build_train_loader(cfg.data, train_tf, tokenizer, batch_size, seed=cfg.seed,
                                 sampler=None)          # or lambda ds: DistributedSampler(ds, ...)
     for step, batch in zip(range(steps), loader.forever()):
-        batch["images"]    # FloatTensor[B, 3, H, W]
-        batch["texts"]     # LongTensor[B, context_length]
-        batch["captions"]  # list[str]
+        batch["images"]          # FloatTensor[B, 3, H, W], always B = batch_size (bad samples replaced)
+        batch["teacher_images"]  # only when the teacher needs another size or normalisation
+        batch["texts"]           # LongTensor[B, context_length]
+        batch["captions"]        # list[str]
     loader.counter.as_dict()   # {"data_samples_seen", "data_bad_samples", "data_bad_fraction"}
 
 Evaluator::
 
+    eval_tf = eval_transform_for(model)
     task = build_zero_shot_task(task_cfg, eval_tf, cfg.data)   # ZeroShotTask
     task.classnames, task.templates, task.prompts(name), task.heldout_labels
     for batch in task.loader(batch_size):  batch["images"], batch["labels"]
@@ -26,8 +30,9 @@ Evaluator::
 
 Bad samples: data sets return ``None`` for a missing/corrupt image; collate drops it and
 reports ``num_bad``/``num_samples`` in the batch; the loader counts them in the main
-process (:class:`BadSampleCounter`) and raises :class:`DataError` past
-``max_bad_fraction`` (after 50 samples) or when a whole batch is bad.
+process (:class:`BadSampleCounter`), refills training batches from the next samples, and
+raises :class:`DataError` when more than ``max_bad_fraction`` of the last ``bad_window``
+samples were bad (judged once ``bad_window`` samples were read) or when a whole batch is bad.
 """
 
 from compress.data.collate import make_collate, make_label_collate
@@ -47,10 +52,12 @@ from compress.data.tasks import RetrievalSet, ZeroShotTask, build_retrieval_set,
 from compress.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
+    DistillTransform,
     eval_transform,
-    image_size_of,
+    eval_transform_for,
+    preprocess_of,
     train_transform,
-    transforms_for,
+    train_transform_for,
 )
 
 __all__ = [
@@ -60,6 +67,7 @@ __all__ = [
     "CountedLoader",
     "CsvDataset",
     "DataError",
+    "DistillTransform",
     "EpochShuffleSampler",
     "FolderTextDataset",
     "ImageFolderDataset",
@@ -75,11 +83,12 @@ __all__ = [
     "build_train_loader",
     "build_zero_shot_task",
     "eval_transform",
-    "image_size_of",
+    "eval_transform_for",
     "imagenet_preset",
     "make_collate",
     "make_label_collate",
     "open_image",
+    "preprocess_of",
     "train_transform",
-    "transforms_for",
+    "train_transform_for",
 ]

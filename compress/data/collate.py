@@ -4,13 +4,13 @@ Batches are dicts. Each also carries ``num_bad`` (samples dropped) and ``num_sam
 (samples drawn, bad included); the main process adds these up in a
 :class:`~compress.data.robust.BadSampleCounter` (collate itself runs in the DataLoader
 workers, where a counter would be lost). A batch whose samples were all bad has
-``images = None``; :class:`~compress.data.loader.CountedLoader` turns it into a
-``DataError``.
+``images = None``; :class:`~compress.data.loader.CountedLoader` counts it (and refills
+training batches to their full size from the next samples).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 def make_collate(tokenizer: Tokenizer | None) -> Callable[[Sequence[Any]], Batch]:
     """Image-text collate: ``{"images": FloatTensor[B,3,H,W], "texts": LongTensor[B,ctx],
     "captions": list[str], "num_bad": int, "num_samples": int}`` (``texts`` is None without
-    a tokenizer)."""
+    a tokenizer; ``"teacher_images"`` too when the transform gives the teacher its own view)."""
     return _TextCollate(tokenizer)
 
 
@@ -44,7 +44,15 @@ class _TextCollate:
             return {**batch, "images": None, "texts": None, "captions": []}
         captions = [str(t) for _, t in good]
         texts = self.tokenizer(captions) if self.tokenizer is not None else None
-        return {**batch, "images": torch.stack([img for img, _ in good]), "texts": texts, "captions": captions}
+        return {**batch, **stack_images([img for img, _ in good]), "texts": texts, "captions": captions}
+
+
+def stack_images(images: Sequence[Any]) -> Batch:
+    """``{"images": stacked}``; a transform that returns a dict of views per sample (see
+    :class:`~compress.data.transforms.DistillTransform`) gives one stacked entry per key."""
+    if isinstance(images[0], Mapping):
+        return {key: torch.stack([img[key] for img in images]) for key in images[0]}
+    return {"images": torch.stack(list(images))}
 
 
 def _label_collate(items: Sequence[Any]) -> Batch:
@@ -52,5 +60,5 @@ def _label_collate(items: Sequence[Any]) -> Batch:
     batch: Batch = {"num_bad": len(items) - len(good), "num_samples": len(items)}
     if not good:
         return {**batch, "images": None, "labels": None}
-    images = torch.stack([img for img, _ in good])
-    return {**batch, "images": images, "labels": torch.tensor([int(y) for _, y in good], dtype=torch.long)}
+    labels = torch.tensor([int(y) for _, y in good], dtype=torch.long)
+    return {**batch, **stack_images([img for img, _ in good]), "labels": labels}

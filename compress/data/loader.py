@@ -2,6 +2,7 @@
 
 :class:`CountedLoader` wraps a ``DataLoader``: it feeds each batch's bad-sample numbers to
 a :class:`BadSampleCounter` in the main process (raising ``DataError`` past the limit),
+keeps training batches at their full size,
 and :meth:`CountedLoader.forever` yields batches without end for step-based training,
 calling ``set_epoch`` on the sampler / iterable data set before each pass so every epoch
 is reshuffled deterministically from the seed.
@@ -10,6 +11,7 @@ is reshuffled deterministically from the seed.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from compress.config import DataConfig, DatasetConfig
+from compress.config.schema import DATASET_KINDS
 from compress.data.collate import Batch, Tokenizer, make_collate
 from compress.data.csv_data import CsvDataset
 from compress.data.folder import FolderTextDataset
@@ -24,7 +27,6 @@ from compress.data.robust import BadSampleCounter, DataError
 from compress.data.shards import ShardDataset
 from compress.data.synthetic import ShapesDataset, ShapesOptions
 
-KINDS = ("synthetic", "csv", "webdataset", "folder")
 _WDS_OPTIONS = ("shuffle_buffer", "image_exts", "text_exts")
 
 log = logging.getLogger(__name__)
@@ -51,8 +53,8 @@ def build_dataset(
     names the split). ``shuffle`` (webdataset only) defaults to ``split == "train"``.
     """
     split = split or cfg.split
-    if cfg.kind not in KINDS:
-        raise DataError(f"data set kind {cfg.kind!r} is not one of {', '.join(KINDS)}")
+    if cfg.kind not in DATASET_KINDS:
+        raise DataError(f"data set kind {cfg.kind!r} is not one of {', '.join(DATASET_KINDS)}")
     if cfg.kind == "synthetic":
         return ShapesDataset(cfg.seed, split, cfg.num_samples, transform, ShapesOptions.from_dict(cfg.options))
     if not cfg.path:
@@ -92,8 +94,40 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n
 
 
+_COUNT_KEYS = ("num_bad", "num_samples")
+
+
+def _length(batch: Batch) -> int:
+    return len(batch["images"])
+
+
+def _slice(batch: Batch, start: int, stop: int) -> Batch:
+    return {k: v[start:stop] if isinstance(v, torch.Tensor | list) else v for k, v in batch.items()}
+
+
+def _concat(parts: list[Batch]) -> Batch:
+    """One batch of the samples of ``parts`` in order (tensors concatenated, lists joined)."""
+    out: Batch = {}
+    for key, value in parts[0].items():
+        if isinstance(value, torch.Tensor):
+            out[key] = torch.cat([p[key] for p in parts])
+        elif isinstance(value, list):
+            out[key] = [x for p in parts for x in p[key]]
+        else:  # None (no tokenizer) or a bookkeeping number
+            out[key] = value
+    return out
+
+
 class CountedLoader:
-    """Iterates a ``DataLoader``, counting bad samples; ``forever()`` for step-based loops."""
+    """Iterates a ``DataLoader``, counting bad samples; ``forever()`` for step-based loops.
+
+    With ``batch_size`` (training), every batch has exactly that many samples: a batch that
+    lost bad samples is topped up from a reserve filled with the next batches of the stream
+    (the next samples of the epoch's order, for map-style and webdataset data alike), so it
+    can be split into equal micro-batches and every rank steps on equally many samples.
+    Without it (evaluation), batches come as collated and the pass is judged at its end
+    (:meth:`BadSampleCounter.close`). Bad-sample bookkeeping lives in ``counter``.
+    """
 
     def __init__(
         self,
@@ -101,10 +135,14 @@ class CountedLoader:
         counter: BadSampleCounter,
         sampler: Any = None,
         steps_per_epoch: int | None = None,
+        batch_size: int | None = None,
     ) -> None:
         self.loader, self.counter, self.sampler = loader, counter, sampler
         self.steps_per_epoch = steps_per_epoch
+        self.batch_size = batch_size
         self.epoch = 0
+        self.good_in_epoch = 0
+        self._reserve: deque[Batch] = deque()
 
     @property
     def dataset(self) -> Dataset:
@@ -121,27 +159,63 @@ class CountedLoader:
             if hasattr(obj, "set_epoch"):
                 obj.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[Batch]:
-        """One pass over non-empty batches; raises ``DataError`` past ``max_bad_fraction`` or
-        on an all-bad batch (see :class:`BadSampleCounter`)."""
+    def _counted(self) -> Iterator[Batch]:
+        """The DataLoader's non-empty batches, each counted (raises ``DataError`` past the limit)."""
+        self.good_in_epoch = 0
         for batch in self.loader:
             self.counter.update_from_batch(batch)
             if batch["images"] is not None:  # a small all-bad batch the counter tolerated
+                self.good_in_epoch += _length(batch)
                 yield batch
+
+    def _reserved(self) -> int:
+        return sum(_length(b) for b in self._reserve)
+
+    def _take(self, k: int) -> list[Batch]:
+        parts = []
+        while k:
+            head = self._reserve[0]
+            n = _length(head)
+            if n <= k:
+                parts.append(self._reserve.popleft())
+                k -= n
+            else:
+                parts.append(_slice(head, 0, k))
+                self._reserve[0] = _slice(head, k, n)
+                k = 0
+        return parts
+
+    def __iter__(self) -> Iterator[Batch]:
+        """One pass; raises ``DataError`` past ``max_bad_fraction`` or on an all-bad batch."""
+        batches = self._counted()
+        if self.batch_size is None:
+            yield from batches
+            self.counter.close()
+            return
+        for batch in batches:
+            missing = self.batch_size - _length(batch)
+            if missing > 0:
+                while self._reserved() < missing:
+                    extra = next(batches, None)
+                    if extra is None:
+                        break
+                    self._reserve.append(extra)
+                if self._reserved() < missing:  # end of the epoch: keep the samples for the next one
+                    self._reserve.append(batch)
+                    return
+                batch = _concat([batch, *self._take(missing)])
+            yield {k: v for k, v in batch.items() if k not in _COUNT_KEYS}
 
     def forever(self, start_epoch: int = 0) -> Iterator[Batch]:
         """Batches without end, epoch after epoch, each reshuffled (``set_epoch``)."""
         epoch = start_epoch
         while True:
             self.set_epoch(epoch)
-            produced = 0
-            for batch in self:
-                produced += 1
-                yield batch
-            if not produced:
+            yield from self
+            if not self.good_in_epoch:
                 raise DataError(
-                    f"data set {self.counter.name!r}: an epoch produced no batch "
-                    f"(fewer good samples than the batch size {self.loader.batch_size}?)"
+                    f"data set {self.counter.name!r}: an epoch produced no good sample "
+                    f"({self.counter.bad} of {self.counter.seen} samples bad so far)"
                 )
             epoch += 1
 
@@ -163,7 +237,8 @@ def build_train_loader(
     sampler: SamplerArg = None,
     pin_memory: bool | None = None,
 ) -> CountedLoader:
-    """The training loader over ``cfg.train``: shuffled per epoch, ``drop_last=True``.
+    """The training loader over ``cfg.train``: shuffled per epoch, ``drop_last=True``, every
+    batch exactly ``batch_size`` samples (bad ones replaced by the next good ones).
 
     ``sampler``: ``None`` (our :class:`EpochShuffleSampler`), a ``Sampler``, or a factory
     ``dataset -> Sampler`` (e.g. ``lambda ds: DistributedSampler(ds, seed=seed,
@@ -194,8 +269,8 @@ def build_train_loader(
         chosen = _resolve_sampler(sampler, ds, seed)
         loader = DataLoader(ds, sampler=chosen, persistent_workers=workers > 0, **common)
         steps = len(loader)
-    counter = BadSampleCounter(name, cfg.train.max_bad_fraction)
-    return CountedLoader(loader, counter, chosen, steps)
+    counter = BadSampleCounter(name, cfg.train.max_bad_fraction, cfg.train.bad_window)
+    return CountedLoader(loader, counter, chosen, steps, batch_size=batch_size)
 
 
 def build_eval_loader(
@@ -205,10 +280,11 @@ def build_eval_loader(
     num_workers: int = 0,
     name: str = "eval",
     max_bad_fraction: float = 0.01,
+    bad_window: int = 1000,
 ) -> CountedLoader:
     """An in-order loader (no shuffle, last partial batch kept) for evaluation sets."""
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn
     )
     steps = len(loader) if not isinstance(dataset, IterableDataset) else None
-    return CountedLoader(loader, BadSampleCounter(name, max_bad_fraction), None, steps)
+    return CountedLoader(loader, BadSampleCounter(name, max_bad_fraction, bad_window), None, steps)

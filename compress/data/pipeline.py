@@ -12,7 +12,7 @@ from torch import nn
 from compress import distributed
 from compress.config import RunConfig
 from compress.data.loader import CountedLoader, build_train_loader
-from compress.data.transforms import transforms_for
+from compress.data.transforms import train_transform_for
 from compress.models.forward import tokenizer_for
 
 
@@ -36,14 +36,20 @@ def _sampler_for_ranks(seed: int):
 
 
 def train_batches(
-    cfg: RunConfig, student: nn.Module, device: torch.device
+    cfg: RunConfig, student: nn.Module, teacher: nn.Module | None, device: torch.device
 ) -> tuple[Iterator[dict[str, Any]], DataStats]:
-    """Batches ``{"images", "texts", "captions"}`` forever (a new shuffle each epoch).
+    """Batches ``{"images", "texts", "captions"}`` forever (a new shuffle each epoch), each
+    with exactly ``train.batch_size / world size`` samples (bad ones replaced).
 
-    The global batch ``train.batch_size`` is split evenly over the ranks."""
-    train_tf, _ = transforms_for(student, cfg.data.image_size)
+    Images are preprocessed for the student (its size and normalisation); when the teacher
+    needs another size or normalisation, ``"teacher_images"`` holds the same random view
+    prepared for the teacher (see :class:`~compress.data.transforms.DistillTransform`). Pass
+    ``teacher=None`` when no loss reads the teacher. ``device`` is where the batches will go
+    (pinned memory on CUDA)."""
+    train_tf = train_transform_for(student, teacher)
     per_rank = cfg.train.batch_size // distributed.world_size()
     loader = build_train_loader(
-        cfg.data, train_tf, tokenizer_for(student), per_rank, seed=cfg.seed, sampler=_sampler_for_ranks(cfg.seed)
+        cfg.data, train_tf, tokenizer_for(student), per_rank, seed=cfg.seed, sampler=_sampler_for_ranks(cfg.seed),
+        pin_memory=device.type == "cuda",
     )
     return loader.forever(), DataStats(loader)

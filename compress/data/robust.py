@@ -4,14 +4,16 @@ Datasets return ``None`` for a sample they cannot load (missing file, corrupt by
 shard read error). The collate functions drop the ``None`` entries and record
 ``num_bad`` / ``num_samples`` in the batch; :class:`BadSampleCounter` adds these up in the
 main process (collate runs inside DataLoader workers, so a counter there would be lost)
-and raises :class:`DataError` once the fraction of bad samples passes the configured limit.
+and raises :class:`DataError` once the fraction of bad samples in a sliding window passes the
+configured limit.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,31 +68,60 @@ class BadSampleCounter:
 
     ``update`` raises :class:`DataError` when a whole batch is bad (a batch of at least
     ``whole_batch_min`` samples, or any batch before a good sample was seen: a wrong root
-    or a broken source stops at once), or when the bad fraction exceeds
-    ``max_bad_fraction`` after at least ``min_samples`` samples. A small all-bad batch
-    after good data (say the last, partial batch) only counts towards the fraction.
+    or a broken source stops at once), or when more than ``max_bad_fraction`` of the last
+    ``window`` samples were bad; the fraction is judged only once ``window`` samples were
+    seen, so a bad image among the first few does not stop a run, and it slides, so a burst
+    of bad data late in a long run is not diluted by what came before. :meth:`close` judges
+    a pass shorter than the window over all its samples (evaluation sets). A small all-bad
+    batch after good data (say the last, partial batch) only counts towards the fraction.
     """
 
     name: str
     max_bad_fraction: float = 0.01
-    min_samples: int = 50
+    window: int = 1000
     whole_batch_min: int = 8
     seen: int = 0
     bad: int = 0
+    _recent: deque[tuple[int, int]] = field(default_factory=deque, repr=False)
+    _recent_bad: int = field(default=0, repr=False)
+    _recent_seen: int = field(default=0, repr=False)
 
     @property
     def fraction(self) -> float:
+        """Bad fraction over everything seen."""
         return self.bad / self.seen if self.seen else 0.0
 
+    @property
+    def window_fraction(self) -> float:
+        """Bad fraction over the last ``window`` samples (whole batches, so a little more)."""
+        return self._recent_bad / self._recent_seen if self._recent_seen else 0.0
+
     def update(self, num_bad: int, num_samples: int) -> None:
-        self.seen += int(num_samples)
-        self.bad += int(num_bad)
+        num_bad, num_samples = int(num_bad), int(num_samples)
+        self.seen += num_samples
+        self.bad += num_bad
+        self._recent.append((num_bad, num_samples))
+        self._recent_bad += num_bad
+        self._recent_seen += num_samples
+        while self._recent and self._recent_seen - self._recent[0][1] >= self.window:
+            b, n = self._recent.popleft()
+            self._recent_bad -= b
+            self._recent_seen -= n
         if num_samples and num_bad == num_samples and (num_samples >= self.whole_batch_min or self.bad == self.seen):
             raise DataError(
                 f"data set {self.name!r}: a whole batch of {num_samples} samples was bad "
                 f"({self.bad} of {self.seen} bad so far, fraction {self.fraction:.3f})"
             )
-        if self.seen >= self.min_samples and self.fraction > self.max_bad_fraction:
+        if self.seen >= self.window and self.window_fraction > self.max_bad_fraction:
+            raise DataError(
+                f"data set {self.name!r}: {self._recent_bad} of the last {self._recent_seen} samples were bad "
+                f"(fraction {self.window_fraction:.3f} > max_bad_fraction {self.max_bad_fraction}; "
+                f"{self.bad} of {self.seen} in all)"
+            )
+
+    def close(self) -> None:
+        """End of a finite pass: judge it over all its samples if it was shorter than the window."""
+        if 0 < self.seen < self.window and self.fraction > self.max_bad_fraction:
             raise DataError(
                 f"data set {self.name!r}: {self.bad} of {self.seen} samples were bad "
                 f"(fraction {self.fraction:.3f} > max_bad_fraction {self.max_bad_fraction})"

@@ -54,11 +54,13 @@ class RetrievalSet:
     name: str
     dataset: Dataset
     max_bad_fraction: float = 0.01
+    bad_window: int = 1000
 
     def loader(self, tokenizer: Tokenizer, batch_size: int, num_workers: int = 0) -> CountedLoader:
         """Batches ``{"images", "texts", "captions", ...}`` in order."""
         return build_eval_loader(
-            self.dataset, batch_size, make_collate(tokenizer), num_workers, self.name, self.max_bad_fraction
+            self.dataset, batch_size, make_collate(tokenizer), num_workers, self.name, self.max_bad_fraction,
+            self.bad_window,
         )
 
 
@@ -157,4 +159,4 @@ def build_retrieval_set(
         ds = build_dataset(cfg, transform, shuffle=False)
     else:
         raise DataError(f"retrieval needs image-text data (synthetic, csv, webdataset), got {cfg.kind!r}")
-    return RetrievalSet(name or f"retrieval:{dataset_name(cfg)}", ds, cfg.max_bad_fraction)
+    return RetrievalSet(name or f"retrieval:{dataset_name(cfg)}", ds, cfg.max_bad_fraction, cfg.bad_window)

@@ -1,8 +1,16 @@
-"""Image transforms: TinyCLIP's training augmentation and open_clip's evaluation transform.
+"""Image transforms, built from each model's own preprocess config (``model.visual.preprocess_cfg``).
 
-Training (TinyCLIP, sec. 6 of the recipe): ``RandomResizedCrop(size, scale=(0.9, 1.0),
-bicubic)``, to tensor, CLIP normalisation. Evaluation: ``open_clip.image_transform(size,
-is_train=False)`` (resize shorter side bicubic, centre crop, normalise).
+Evaluation: open_clip's ``image_transform_v2(cfg, is_train=False)`` with the model's size,
+mean/std, interpolation, resize mode and fill colour. Training (TinyCLIP's recipe, which is
+also open_clip's training transform): ``RandomResizedCrop(size, scale=(0.9, 1.0), bicubic)``,
+to tensor, the model's mean/std.
+
+Distillation with a teacher and a student that preprocess differently (size, mean/std):
+:class:`DistillTransform` draws the random crop once, in the source image's coordinates, then
+resizes that same view to each model's size and normalises it with each model's constants,
+so the teacher sees exactly the content the student sees (TinyCLIP feeds both the same
+augmented image). The sample is then ``{"images": student view, "teacher_images": teacher
+view}``. When the two training transforms are identical, one tensor serves both.
 """
 
 from __future__ import annotations
@@ -10,72 +18,105 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from torch import nn
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from compress.models.export import preprocess_config
+
+CLIP_MEAN: tuple[float, ...] = tuple(OPENAI_DATASET_MEAN)
+CLIP_STD: tuple[float, ...] = tuple(OPENAI_DATASET_STD)
+#: TinyCLIP's (and open_clip's) RandomResizedCrop scale range
+TRAIN_SCALE = (0.9, 1.0)
+_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default, as open_clip uses it
 
 
-def image_size_of(model: Any, override: int | None = None) -> int:
-    """The input resolution: ``override`` (``data.image_size``), ``model.visual.image_size``
-    or the model config's ``vision_cfg.image_size`` (``model.clip_cfg``)."""
-    if override:
-        return int(override)
+def _hw(size: Any) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int | float) else (int(size[0]), int(size[-1]))
+
+
+def preprocess_of(model: nn.Module) -> PreprocessCfg:
+    """The model's preprocess config; the size is the one its vision tower is built for
+    (``visual.image_size``), as open_clip itself sets it."""
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in preprocess_config(model).items()}
     visual = getattr(model, "visual", model)
     size = getattr(visual, "image_size", None)
-    if size is None:
-        size = ((getattr(model, "clip_cfg", None) or {}).get("vision_cfg") or {}).get("image_size")
-    if size is None:
-        raise ValueError("cannot find the model's image size (model.visual.image_size); set data.image_size")
-    if isinstance(size, list | tuple):
-        if len(set(size)) != 1:
-            raise ValueError(f"non-square image size {tuple(size)} is not supported")
-        size = size[0]
-    return int(size)
+    if size is not None:
+        cfg["size"] = size
+    cfg["size"] = _hw(cfg["size"])
+    known = set(PreprocessCfg.__dataclass_fields__)
+    return PreprocessCfg(**{k: v for k, v in cfg.items() if k in known})
 
 
-class _ToRGB:
-    """Convert a PIL image to RGB (no-op for RGB)."""
+def _as_cfg(cfg: PreprocessCfg | int) -> PreprocessCfg:
+    """An int is a size with OpenAI's constants (synthetic checks and tests)."""
+    return PreprocessCfg(size=_hw(cfg)) if isinstance(cfg, int) else cfg
 
-    def __call__(self, img: Any) -> Any:
-        return img.convert("RGB") if getattr(img, "mode", "RGB") != "RGB" else img
+
+def train_transform(cfg: PreprocessCfg | int, scale: tuple[float, float] = TRAIN_SCALE) -> T.Compose:
+    """TinyCLIP's training augmentation with the model's size and normalisation (open_clip's
+    training transform: ``RandomResizedCrop(scale, bicubic)``, RGB, to tensor, normalise)."""
+    return image_transform_v2(_as_cfg(cfg), is_train=True, aug_cfg={"scale": tuple(scale)})
+
+
+def eval_transform(cfg: PreprocessCfg | int) -> T.Compose:
+    """open_clip's evaluation transform for the model's preprocess config (resize by its mode
+    and interpolation, centre crop or pad, RGB, to tensor, normalise)."""
+    return image_transform_v2(_as_cfg(cfg), is_train=False)
+
+
+def eval_transform_for(model: nn.Module) -> T.Compose:
+    """The evaluation transform of ``model`` (its own preprocess config)."""
+    return eval_transform(preprocess_of(model))
+
+
+def _train_view(cfg: PreprocessCfg) -> tuple[tuple[int, int], tuple[float, ...], tuple[float, ...]]:
+    """What a training transform depends on: size, mean, std (the crop is always bicubic and
+    ignores the resize mode, as open_clip's training transform does)."""
+    mean = cfg.mean if isinstance(cfg.mean, list | tuple) else (cfg.mean,) * 3
+    std = cfg.std if isinstance(cfg.std, list | tuple) else (cfg.std,) * 3
+    return _hw(cfg.size), tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+class DistillTransform:
+    """One random crop, two views: ``{"images": student's, "teacher_images": teacher's}``.
+
+    The crop box is drawn once (``RandomResizedCrop.get_params``) and resized (bicubic) to
+    each model's size, then normalised with each model's mean/std; for each model alone this
+    is exactly its ``RandomResizedCrop`` training transform. Resizing is done once when the
+    sizes agree."""
+
+    def __init__(self, student: PreprocessCfg, teacher: PreprocessCfg, scale: tuple[float, float] = TRAIN_SCALE):
+        self.student, self.teacher = _train_view(student), _train_view(teacher)
+        self.scale = tuple(scale)
+
+    @staticmethod
+    def _resized(crop: Any, size: tuple[int, int]) -> torch.Tensor:
+        return TF.to_tensor(TF.resize(crop, list(size), interpolation=T.InterpolationMode.BICUBIC, antialias=True))
+
+    def __call__(self, img: Any) -> dict[str, torch.Tensor]:
+        img = img.convert("RGB") if getattr(img, "mode", "RGB") != "RGB" else img
+        top, left, height, width = T.RandomResizedCrop.get_params(img, list(self.scale), list(_RATIO))
+        crop = TF.crop(img, top, left, height, width)
+        (s_size, *s_norm), (t_size, *t_norm) = self.student, self.teacher
+        s_raw = self._resized(crop, s_size)
+        t_raw = s_raw if t_size == s_size else self._resized(crop, t_size)
+        return {"images": TF.normalize(s_raw, *s_norm), "teacher_images": TF.normalize(t_raw, *t_norm)}
 
     def __repr__(self) -> str:
-        return "ToRGB()"
+        return f"DistillTransform(scale={self.scale}, student={self.student}, teacher={self.teacher})"
 
 
-def train_transform(
-    size: int,
-    scale: tuple[float, float] = (0.9, 1.0),
-    mean: tuple[float, ...] = CLIP_MEAN,
-    std: tuple[float, ...] = CLIP_STD,
-) -> T.Compose:
-    """TinyCLIP's training augmentation."""
-    return T.Compose(
-        [
-            T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
-            _ToRGB(),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+def train_transform_for(student: nn.Module, teacher: nn.Module | None = None) -> Any:
+    """The training transform of a distillation run: the student's own, or a
+    :class:`DistillTransform` when the teacher needs another size or normalisation."""
+    s_cfg = preprocess_of(student)
+    if teacher is None:
+        return train_transform(s_cfg)
+    t_cfg = preprocess_of(teacher)
+    if _train_view(t_cfg) == _train_view(s_cfg):
+        return train_transform(s_cfg)
+    return DistillTransform(s_cfg, t_cfg)
 
-
-def eval_transform(size: int) -> Any:
-    """open_clip's evaluation transform (resize, centre crop, CLIP normalisation)."""
-    import open_clip
-
-    return open_clip.image_transform(size, is_train=False)
-
-
-def transforms_for(model: Any, image_size: int | None = None) -> tuple[T.Compose, Any]:
-    """(train, eval) transforms at the model's resolution (or ``image_size``)."""
-    size = image_size_of(model, image_size)
-    return train_transform(size), eval_transform(size)
-
-
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """Undo CLIP normalisation of a [..., 3, H, W] tensor (for viewing)."""
-    mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return x * std + mean

@@ -9,7 +9,7 @@ from torch import nn
 
 from compress.config import DataConfig, EvalConfig
 from compress.data.tasks import build_retrieval_set, build_zero_shot_task
-from compress.data.transforms import transforms_for
+from compress.data.transforms import eval_transform_for
 from compress.evaluation.evaluate import RetrievalSet, ZeroShotTask, evaluate_model
 from compress.models.forward import tokenizer_for
 
@@ -18,7 +18,7 @@ def build_eval_sets(
     eval_cfg: EvalConfig, data: DataConfig | None, model: nn.Module, tokenizer: Any
 ) -> tuple[list[ZeroShotTask], list[RetrievalSet]]:
     """The zero-shot tasks and retrieval sets a config asks for, as loaders."""
-    _, eval_tf = transforms_for(model, data.image_size if data else None)
+    eval_tf = eval_transform_for(model)  # the model's own size and normalisation
     bs = eval_cfg.batch_size
     tasks = []
     for task_cfg in eval_cfg.zero_shot:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from open_clip.model import set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg
 from safetensors.torch import save_file
 from torch import nn
@@ -31,6 +30,7 @@ from compress.models.factory import (
     build_from_config,
     check_fits,
     load_weights,
+    set_preprocess,
 )
 
 
@@ -121,8 +121,7 @@ def load_exported(folder: Path, convert: bool = True) -> nn.Module:
     model = build_from_config(cfg, convert=False)
     load_weights(model, folder / OPEN_CLIP_WEIGHTS_FILE)
     # as open_clip does: the file's preprocess config, its size taken from the built model
-    preprocess = {**asdict(PreprocessCfg()), **config.get("preprocess_cfg", {}), "size": model.visual.image_size}
-    set_model_preprocess_cfg(model, preprocess)
+    set_preprocess(model, config.get("preprocess_cfg"))
     return _finish(model, cfg, name=folder.name, convert=convert)
 
 

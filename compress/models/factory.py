@@ -100,23 +100,37 @@ def _finish(model: nn.Module, model_cfg: Mapping[str, Any], name: str | None, co
     model.clip_name = name
     visual = getattr(model, "visual", None)
     if visual is not None and getattr(visual, "preprocess_cfg", None) is None:
-        set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=getattr(visual, "image_size", 224))))
+        set_preprocess(model)
     if convert:
         convert_attention(model)
     return model
 
 
+def set_preprocess(model: nn.Module, preprocess: Mapping[str, Any] | None = None) -> None:
+    """Record the model's image preprocessing (``model.visual.preprocess_cfg``): ``preprocess``
+    over open_clip's defaults, the size the vision tower is built for (as open_clip does)."""
+    size = getattr(model.visual, "image_size", 224)
+    set_model_preprocess_cfg(model, {**asdict(PreprocessCfg()), **(preprocess or {}), "size": size})
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """An open_clip model config, or the ``model_cfg`` of an ``open_clip_config.json``."""
+    return _read_config_and_preprocess(path)[0]
+
+
+def _read_config_and_preprocess(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model config and the ``preprocess_cfg`` (empty if none) of a config JSON."""
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{path}: not valid JSON: {e}") from None
+    preprocess: dict[str, Any] = {}
     if isinstance(data, dict) and "model_cfg" in data:
+        preprocess = dict(data.get("preprocess_cfg") or {})
         data = data["model_cfg"]
     if not isinstance(data, dict) or "vision_cfg" not in data or "text_cfg" not in data:
         raise ModelLoadError(f"{path}: not an open_clip model config (needs vision_cfg and text_cfg)")
-    return data
+    return data, preprocess
 
 
 def checkpoint_config(path: Path) -> dict[str, Any] | None:
@@ -197,8 +211,9 @@ def _load_from_file(path: Path, pretrained: str | None, force_quick_gelu: bool, 
     """A model config JSON (random, or ``pretrained`` weights) or a self-describing checkpoint."""
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
+    preprocess: dict[str, Any] = {}
     if path.suffix == ".json":
-        cfg = read_config_file(path)
+        cfg, preprocess = _read_config_and_preprocess(path)
         weights = Path(pretrained) if pretrained else None
     else:
         if pretrained:
@@ -210,7 +225,10 @@ def _load_from_file(path: Path, pretrained: str | None, force_quick_gelu: bool, 
                 f"the file as pretrained (model: ViT-B-32, pretrained: {path})"
             )
         weights = path
-    return _build_and_load(cfg, weights, force_quick_gelu, path.stem, convert)
+    model = _build_and_load(cfg, weights, force_quick_gelu, path.stem, convert)
+    if preprocess:  # an open_clip_config.json's own mean/std/resize mode (SigLIP, timm towers...)
+        set_preprocess(model, preprocess)
+    return model
 
 
 def _load_named(name: str, pretrained: str | None, force_quick_gelu: bool, convert: bool) -> nn.Module:

@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from open_clip.model import set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
 from compress.fileio import atomic_write_text
 from compress.models.export import preprocess_config, save_safetensors
-from compress.models.factory import ModelLoadError, _finish, build_from_config, check_fits, read_state_dict
+from compress.models.factory import (
+    ModelLoadError,
+    _finish,
+    build_from_config,
+    check_fits,
+    read_state_dict,
+    set_preprocess,
+)
 from compress.models.structure import apply_structure, describe_structure
 
 NONUNIFORM_CONFIG_FILE = "clip_compress_config.json"
@@ -88,8 +93,7 @@ def load_nonuniform(folder: str | Path, device: str = "cpu") -> nn.Module:
     state = read_state_dict(folder / NONUNIFORM_WEIGHTS_FILE)
     check_fits(model, state, str(folder / NONUNIFORM_WEIGHTS_FILE))
     model.load_state_dict(state, strict=True, assign=True)
-    preprocess = {**asdict(PreprocessCfg()), **config.get("preprocess_cfg", {}), "size": model.visual.image_size}
-    set_model_preprocess_cfg(model, preprocess)
+    set_preprocess(model, config.get("preprocess_cfg"))
     model = _finish(model, cfg, name=folder.name, convert=True)
     model.clip_structure = structure
     return model.to(device).eval()
