@@ -2,6 +2,8 @@
 parameters, masks and multipliers), the non-finite guard (objective, regulariser, gradients,
 fp16 scaler), zero-weight and scheduled loss terms, the logit-scale clamp, groups, logging."""
 
+from __future__ import annotations
+
 import contextlib
 import copy
 import itertools
@@ -42,6 +44,8 @@ class CpuScaledPrecision(Precision):
 
 FP32 = resolve_precision("fp32", torch.device("cpu"))
 SCALED = CpuScaledPrecision("fp16", torch.device("cpu"))
+#: torch.amp.GradScaler (device-generic, so usable on the CPU) exists from torch 2.3 on
+needs_cpu_scaler = pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="no torch.amp.GradScaler")
 
 
 def make_batch(n=16, seed=0):
@@ -144,7 +148,11 @@ def states_close(a, b):
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
-@pytest.mark.parametrize(("kind", "precision"), [("inf", SCALED), ("nan_grad", SCALED), ("nan_grad", FP32)])
+@pytest.mark.parametrize(("kind", "precision"), [
+    pytest.param("inf", SCALED, marks=needs_cpu_scaler),
+    pytest.param("nan_grad", SCALED, marks=needs_cpu_scaler),
+    ("nan_grad", FP32),
+])
 def test_nonfinite_step_is_skipped_and_training_continues(models, kind, precision):
     """A step with a non-finite loss, or a finite loss with non-finite gradients, changes nothing
     (weights, optimizer state); with fp16's scaler the scale backs off. Then training goes on:
@@ -162,6 +170,7 @@ def test_nonfinite_step_is_skipped_and_training_continues(models, kind, precisio
     assert not torch.equal(trainer.student.visual.proj, student.visual.proj)  # the good step was taken
 
 
+@needs_cpu_scaler
 def test_scaled_step_equals_unscaled_step(models):
     teacher, student = models
     scaled = make_trainer(teacher, copy.deepcopy(student), steps=2, precision=SCALED)
