@@ -215,6 +215,7 @@ def _without_head(attn: HeadAttention, drop: int) -> HeadAttention:
 def test_head_mask_on_out_proj_columns_equals_removed_head() -> None:
     """Heads are gated in one place: the masks' GatedLinear on out_proj's input columns."""
     attn = _random_head_attention(48, 3, 16)
+    assert not hasattr(attn, "head_gate")  # no second gating mechanism on the attention itself
     x = torch.randn(2, 5, 48)
     small = _without_head(attn, 1)
     attn.out_proj = GatedLinear.wrap(attn.out_proj)
