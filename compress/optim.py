@@ -54,3 +54,15 @@ def build_adamw(
     if fused:
         kwargs["fused"] = True
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def grad_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
+    """The L2 norm of all gradients together, ||(g_1, ..., g_n)||_2, in float32 (0 without gradients);
+    ``clip_grad_norm_``'s total norm without clipping, for any torch version."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+    devices = {n.device for n in norms}
+    device = norms[0].device if len(devices) == 1 else torch.device("cpu")
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))

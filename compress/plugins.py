@@ -77,7 +77,8 @@ class Schedule:
     """A schedule plug-in: ``value(step) -> float`` (learning rate, target sparsity, weights).
 
     The engine offers context to the constructor (``base_value``, ``total_steps``); a
-    schedule declares the ones it uses as parameters.
+    schedule declares the ones it uses as parameters. Config keys: ``schedules.lr`` and
+    ``schedules.weight/<loss>`` (see :mod:`strategies.schedules`).
     """
 
     def value(self, step: int) -> float:

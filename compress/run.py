@@ -19,6 +19,7 @@ from torch import nn
 
 from compress import distributed
 from compress.config import RunConfig, dump_config
+from compress.config.validate import loss_weight_keys
 from compress.fileio import atomic_write_text
 from compress.models import load_model
 from compress.models.forward import context_length, embed_dim, tokenizer_for
@@ -53,14 +54,20 @@ def seed_everything(seed: int) -> None:
 
 
 def build_losses(cfg: RunConfig, student: nn.Module, teacher: nn.Module | None) -> list[LossTerm]:
+    """The loss terms with their weights, and the weight schedules (``schedules.weight/<loss>``)."""
     context = {"student_embed_dim": embed_dim(student)}
     if teacher is not None:
         context["teacher_embed_dim"] = embed_dim(teacher)
+    schedule_of = {i: key for key, i in loss_weight_keys(cfg.losses).items() if key in cfg.schedules}
     terms = []
-    for spec in cfg.losses:
+    for i, spec in enumerate(cfg.losses):
         params = dict(spec)
         weight = float(params.pop("weight", 1.0))
-        terms.append(LossTerm(params["name"], weight, LOSSES.build(params, context=context)))
+        schedule = None
+        if i in schedule_of:
+            offered = {"base_value": weight, "total_steps": cfg.train.steps}
+            schedule = SCHEDULES.build(cfg.schedules[schedule_of[i]], context=offered)
+        terms.append(LossTerm(params["name"], weight, LOSSES.build(params, context=context), schedule))
     return terms
 
 

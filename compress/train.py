@@ -9,9 +9,17 @@ Gradient accumulation follows open_clip's scheme so that distillation stays exac
 student's features for every micro-batch are first computed without gradient; then, for
 each micro-batch j, its features are recomputed with gradient and the loss is evaluated
 over the whole accumulated batch (the other micro-batches' features held constant), so the
-summed gradients equal the full-batch gradient. The student's logit scale (and a strategy's
-regulariser) take part in the first micro-batch's backward only, so they are not counted
-``accum_steps`` times.
+summed gradients equal the full-batch gradient. What the whole accumulated batch feeds
+directly is counted once: the student's logit scale and a strategy's regulariser take part
+in the first micro-batch's backward only, and the parameters a loss owns (a projector) get
+their gradient from the first micro-batch's backward only (later backwards accumulate into
+the other parameters alone). Learnable masks draw one gate sample per optimizer step, used
+by every pass of that step.
+
+Every optimizer step is guarded: the objective (loss terms and regulariser) and the
+gradients of every trained parameter must be finite, otherwise the step is skipped (with
+fp16, the gradient scaler backs off). Loss terms whose current weight is 0 are not computed.
+After each step the student's ``logit_scale`` is clamped to [0, ln 100] (CLIP, open_clip).
 """
 
 from __future__ import annotations
@@ -30,8 +38,9 @@ from torch import Tensor, nn
 from compress import distributed
 from compress.config import TrainConfig
 from compress.fileio import atomic_write
+from compress.masks import one_gate_sample
 from compress.models.forward import clip_forward
-from compress.optim import build_adamw, weight_groups
+from compress.optim import build_adamw, grad_norm, weight_groups
 from compress.outputs import ClipOutput
 from compress.plugins import DistillLoss, Inheritance, Schedule
 from compress.precision import Precision
@@ -43,13 +52,41 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite losses in a row)."""
 
 
+#: the student's logit scale ln(1/tau) is clamped to [0, ln 100] after every step (CLIP, open_clip, TinyCLIP)
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
 @dataclass
 class LossTerm:
-    """A configured loss plug-in and the weight its terms are multiplied by."""
+    """A configured loss plug-in and the weight its terms are multiplied by; with a ``schedule``
+    (``schedules: {weight/NAME: ...}``) the weight at step t is ``schedule(t)``."""
 
     name: str
     weight: float
     module: DistillLoss
+    schedule: Schedule | None = None
+
+    def weight_at(self, step: int) -> float:
+        return float(self.schedule(step)) if self.schedule is not None else self.weight
+
+
+def loss_labels(losses: list[LossTerm]) -> list[str]:
+    """Each term's name, or its index where two terms share a name (as in ``weight/<label>``)."""
+    names = [t.name for t in losses]
+    return [name if names.count(name) == 1 else str(i) for i, name in enumerate(names)]
+
+
+@dataclass
+class StepResult:
+    """One optimizer step: whether it was taken or skipped for a non-finite objective or gradient,
+    the objective, its terms, the loss weights used and the weights' gradient norm (before clipping)."""
+
+    stepped: bool
+    nonfinite: bool
+    loss: Tensor
+    terms: dict[str, Tensor]
+    weights: list[float]
+    grad_norm: Tensor | None = None
 
 
 @dataclass
@@ -134,6 +171,7 @@ class Trainer:
         self.uses_teacher = any(term.module.needs_teacher for term in losses)
         if self.uses_teacher and teacher is None:
             raise TrainingError("a configured loss needs a teacher, but there is none")
+        self.labels = loss_labels(losses)
         self.scaler = precision.grad_scaler()
         self.step = 0
         self.optimizer = self._build_optimizer()
@@ -145,7 +183,16 @@ class Trainer:
         modules = [("", self.student)] + [(f"loss.{t.name}", t.module) for t in self.losses]
         groups = weight_groups(modules, self.cfg.weight_decay, skip) + own
         fused = self.device.type == "cuda" and not any(g.get("maximize") for g in own)
-        return build_adamw(groups, self.cfg.lr, tuple(self.cfg.betas), self.cfg.eps, fused=fused)
+        optimizer = build_adamw(groups, self.cfg.lr, tuple(self.cfg.betas), self.cfg.eps, fused=fused)
+        owned_by_losses = {id(p) for t in self.losses for p in t.module.parameters()}
+        #: what the backward of a micro-batch after the first accumulates into (see the module docstring)
+        self._later_inputs = [
+            p for g in optimizer.param_groups for p in g["params"] if id(p) not in owned_by_losses
+        ]
+        return optimizer
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def _set_lr(self, step: int) -> float:
         lr = self.lr_schedule(step)
@@ -155,52 +202,116 @@ class Trainer:
         return lr
 
     # -- one step -----------------------------------------------------------------------
-    def _loss(self, student_out: ClipOutput, teacher_out: ClipOutput | None, batch: Mapping[str, Any]):
+    def _loss(
+        self,
+        student_out: ClipOutput,
+        teacher_out: ClipOutput | None,
+        batch: Mapping[str, Any],
+        weights: list[float],
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """sum_k w_k * term_k over the loss plug-ins whose weight w is not 0 (the others are not run)."""
         terms: dict[str, Tensor] = {}
-        total = student_out.image_features.new_zeros(())
-        for term in self.losses:
+        total = student_out.image_features.new_zeros((), dtype=torch.float32)
+        for term, weight in zip(self.losses, weights, strict=True):
+            if weight == 0.0:
+                continue
             for key, value in term.module(student_out, teacher_out, batch).items():
                 name = key if key not in terms else f"{term.name}.{key}"
                 terms[name] = value
-                total = total + term.weight * value.float()
+                total = total + weight * value.float()
         return total, terms
 
-    def _backward(self, loss: Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+    def _backward(self, loss: Tensor, inputs: list[nn.Parameter] | None = None) -> None:
+        if not loss.requires_grad:
+            return  # no active loss term and no regulariser this step: nothing to learn from
+        scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+        scaled.backward(inputs=inputs)
 
-    def _forward_backward(self, batch: Mapping[str, Any], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def _forward_backward(
+        self, batch: Mapping[str, Any], step: int, weights: list[float] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Forward and backward of one optimizer step's batch; returns (objective, terms), the
+        objective being the weighted loss terms plus the strategy's regulariser."""
+        weights = [t.weight_at(step) for t in self.losses] if weights is None else weights
+        with one_gate_sample(self.student):
+            return self._accumulate(batch, step, weights)
+
+    def _accumulate(
+        self, batch: Mapping[str, Any], step: int, weights: list[float]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         micro = split_batch(batch, self.cfg.accum_steps)
-        teacher_outs = [self.teacher(m) for m in micro] if self.uses_teacher else None
+        active = [t for t, w in zip(self.losses, weights, strict=True) if w != 0.0]
+        teacher_outs = [self.teacher(m) for m in micro] if any(t.module.needs_teacher for t in active) else None
         teacher_full = ClipOutput.cat(teacher_outs) if teacher_outs else None
         regular = self.inheritance.regularizer(self.student, step)
         if len(micro) == 1:
             with self.precision.autocast():
                 out = clip_forward(self.student, micro[0]["images"], micro[0]["texts"], self.needs)
-                total, terms = self._loss(out, teacher_full, batch)
+                total, terms = self._loss(out, teacher_full, batch, weights)
             loss = total + sum(regular.values(), total.new_zeros(()))
             self._backward(loss)
-            return total.detach(), {**terms, **regular}
+            return loss.detach(), {**terms, **regular}
         with torch.no_grad(), self.precision.autocast():
             cached = [clip_forward(self.student, m["images"], m["texts"], self.needs) for m in micro]
         for j, m in enumerate(micro):
             with self.precision.autocast():
                 live = clip_forward(self.student, m["images"], m["texts"], self.needs)
-                total, terms = self._loss(splice(cached, live, j, live_scale=j == 0), teacher_full, batch)
-            loss = total + sum(regular.values(), total.new_zeros(())) if j == 0 else total
-            self._backward(loss)
-        return total.detach(), {**terms, **regular}
+                total, terms = self._loss(splice(cached, live, j, live_scale=j == 0), teacher_full, batch, weights)
+            if j == 0:
+                loss = total + sum(regular.values(), total.new_zeros(()))
+                self._backward(loss)
+            else:
+                self._backward(total, inputs=self._later_inputs)
+        return loss.detach(), {**terms, **regular}
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, loss: Tensor) -> tuple[bool, bool, Tensor | None]:
+        """Clip, check and step; returns (stepped, non-finite, the weights' gradient norm before clipping).
+
+        The step is skipped when the objective or any trained parameter's gradient is not finite;
+        with a gradient scaler the scale then backs off (``GradScaler.update``)."""
+        params = self.trained_parameters()
+        if not any(p.grad is not None for p in params):
+            return False, not bool(torch.isfinite(loss)), None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        weights = [p for g in self.optimizer.param_groups if g.get("follows_schedule") for p in g["params"]]
+        others = [p for g in self.optimizer.param_groups if not g.get("follows_schedule") for p in g["params"]]
         if self.cfg.grad_clip:
-            params = [p for g in self.optimizer.param_groups if g.get("follows_schedule") for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            norm = torch.nn.utils.clip_grad_norm_(weights, self.cfg.grad_clip)
         else:
+            norm = grad_norm(weights)
+        rest = grad_norm(others).to(norm.device)
+        checks = torch.stack([torch.isfinite(loss.to(norm.device)), torch.isfinite(norm), torch.isfinite(rest)])
+        loss_finite, norm_finite, rest_finite = checks.tolist()
+        grads_finite = norm_finite and rest_finite
+        stepped = loss_finite and grads_finite
+        if self.scaler is not None:
+            if stepped:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            elif not grads_finite:
+                self.scaler.update()  # the unscale recorded the inf: backs off, resets its growth count
+            else:  # a non-finite objective with finite gradients: back off all the same
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        elif stepped:
             self.optimizer.step()
+        if stepped:
+            self._clamp_logit_scale()
+        return stepped, not stepped, norm
+
+    @torch.no_grad()
+    def _clamp_logit_scale(self) -> None:
+        scale = getattr(self.student, "logit_scale", None)
+        if isinstance(scale, Tensor):
+            scale.clamp_(0.0, LOGIT_SCALE_MAX)
+
+    def train_step(self, batch: Mapping[str, Any], step: int) -> StepResult:
+        """Forward, backward and (if everything is finite) one optimizer step on ``batch``."""
+        weights = [t.weight_at(step) for t in self.losses]
+        loss, terms = self._forward_backward(batch, step, weights)
+        stepped, nonfinite, norm = self._optimizer_step(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(stepped, nonfinite, loss, terms, weights, norm)
 
     # -- loop ---------------------------------------------------------------------------
     def fit(self) -> TrainSummary:
@@ -219,23 +330,19 @@ class Trainer:
             lr = self._set_lr(step)
             batch = to_device(next(self.batches), self.device)
             batch_size = len(batch["images"])
-            total, terms = self._forward_backward(batch, step)
-            if not torch.isfinite(total):
+            result = self.train_step(batch, step)
+            total, terms = result.loss, result.terms
+            if result.nonfinite:
                 nonfinite += 1
                 in_a_row += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.update()
                 if in_a_row >= cfg.max_nonfinite_in_row:
                     raise TrainingError(
-                        f"the loss was not finite for {in_a_row} steps in a row (last at step {step}); "
-                        "lower the learning rate, use bf16 instead of fp16, or check the data"
+                        f"the loss or its gradients were not finite for {in_a_row} steps in a row (last at step "
+                        f"{step}); lower the learning rate, use bf16 instead of fp16, or check the data"
                     )
                 bar.update(1)
                 continue
             in_a_row = 0
-            self._optimizer_step()
-            self.optimizer.zero_grad(set_to_none=True)
             samples += batch_size
             window_samples += batch_size
             replacement = self.inheritance.on_step(self.student, step + 1)
@@ -249,7 +356,12 @@ class Trainer:
                 window_start, window_samples = now, 0
                 last_terms = {k: float(v.detach()) for k, v in terms.items()}
                 record = {"step": step + 1, "lr": lr, "loss": float(total), "samples_per_s": rate}
+                if result.grad_norm is not None:
+                    record["grad_norm"] = float(result.grad_norm)
                 record.update({f"loss/{k}": v for k, v in last_terms.items()})
+                for label, term, weight in zip(self.labels, self.losses, result.weights, strict=True):
+                    if term.schedule is not None:
+                        record[f"weight/{label}"] = weight
                 record.update({f"inherit/{k}": v for k, v in self.inheritance.log_values(self.student).items()})
                 record["nonfinite_steps"] = nonfinite
                 self._log(record)

@@ -11,6 +11,7 @@ import torch
 from open_clip.transformer import AttentionalPooler
 from torch import nn
 
+from compress.masks.modules import GatedLinear
 from compress.models import HeadAttention, build_from_config, convert_attention, get_model_config, is_converted
 
 TOL = 1e-5
@@ -173,8 +174,7 @@ def reference_attention(attn: HeadAttention, x: torch.Tensor, mask: torch.Tensor
         if mask is not None:
             scores = scores + mask
         weights = torch.softmax(scores, dim=-1)
-        gate = 1.0 if attn.head_gate is None else attn.head_gate[h]
-        heads.append(gate * (weights @ vh))
+        heads.append(weights @ vh)
     return torch.cat(heads, dim=-1) @ attn.out_proj.weight.T + attn.out_proj.bias
 
 
@@ -212,19 +212,16 @@ def _without_head(attn: HeadAttention, drop: int) -> HeadAttention:
     return small
 
 
-def test_head_gate_zero_equals_removed_head() -> None:
+def test_head_mask_on_out_proj_columns_equals_removed_head() -> None:
+    """Heads are gated in one place: the masks' GatedLinear on out_proj's input columns."""
     attn = _random_head_attention(48, 3, 16)
+    assert not hasattr(attn, "head_gate")  # no second gating mechanism on the attention itself
     x = torch.randn(2, 5, 48)
-    attn.head_gate = torch.tensor([1.0, 0.0, 1.0])
-    assert _max_diff(attn(x)[0], _without_head(attn, 1)(x)[0]) < TOL
-    attn.head_gate = torch.tensor([0.5, 2.0, -1.0])
-    assert _max_diff(attn(x)[0], reference_attention(attn, x)) < TOL
-    attn.head_gate = None
-
-
-def test_head_gate_receives_gradient() -> None:
-    attn = _random_head_attention(32, 2, 16)
-    gate = torch.ones(2, requires_grad=True)
-    attn.head_gate = gate
-    attn(torch.randn(2, 4, 32))[0].sum().backward()
+    small = _without_head(attn, 1)
+    attn.out_proj = GatedLinear.wrap(attn.out_proj)
+    gate = torch.tensor([1.0, 0.0, 1.0], requires_grad=True)
+    attn.out_proj.col_gate = gate.repeat_interleave(16)
+    out = attn(x)[0]
+    assert _max_diff(out, small(x)[0]) < TOL
+    out.sum().backward()
     assert gate.grad is not None and gate.grad.abs().sum() > 0

@@ -82,6 +82,41 @@ def test_gates_clamp_segments_and_modes() -> None:
     assert gates().requires_grad
 
 
+def test_held_sample_is_reused_and_recomputed_from_log_alpha() -> None:
+    """hold_sample: one noise draw u, reused by every sample() until release (one sample per
+    optimizer step); each pass still recomputes z from log_alpha, so each has its own graph."""
+    gates = HardConcreteGates([6, 4], init=0.0).train()
+    torch.manual_seed(11)
+    gates.hold_sample()
+    first, second = gates(), gates()
+    assert torch.equal(first, second)
+    torch.manual_seed(11)
+    assert torch.equal(first, sample_gates(gates.log_alpha.detach()))  # the same draw as a fresh sample
+    first.sum().backward()
+    second.sum().backward()  # a second backward: not through the first pass's graph
+    with torch.no_grad():
+        gates.log_alpha.add_(1.0)
+    assert not torch.equal(gates(), first)  # same noise, new log_alpha
+    gates.release_sample()
+    assert gates._noise is None and not torch.equal(gates(), gates())
+
+
+def test_one_sample_covers_every_gate_of_a_model(teacher: torch.nn.Module) -> None:
+    import copy
+
+    from compress.masks import one_gate_sample
+
+    model = copy.deepcopy(teacher)
+    masks = attach_masks(model, layer_gates=True).train()
+    gates = [g for t in masks.towers.values() for g in t.gate_modules()]
+    with one_gate_sample(model):
+        assert all(g._noise is not None for g in gates)
+        assert all(torch.equal(g(), g()) for g in gates)
+    assert all(g._noise is None for g in gates)
+    with one_gate_sample(teacher):  # no masks: nothing to hold
+        pass
+
+
 @pytest.fixture(scope="module")
 def teacher() -> torch.nn.Module:
     torch.manual_seed(0)

@@ -15,6 +15,7 @@ import torch
 from open_clip.transformer import QuickGELU
 from torch import nn
 
+from compress.masks import attach_masks
 from compress.models import HeadAttention, ModelLoadError, get_model_config, load_model
 from compress.models.export import checkpoint_metadata, save_open_clip, save_safetensors
 from compress.models.factory import check_activation
@@ -307,8 +308,8 @@ def test_export_refuses_non_uniform_model(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="not uniformly shaped"):
         save_open_clip(model, tmp_path / "x")
     model = load_model(TEACHER)
-    model.visual.transformer.resblocks[0].attn.head_gate = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    with pytest.raises(ModelLoadError, match="head gate"):
+    attach_masks(model)
+    with pytest.raises(ModelLoadError, match="learnable masks"):
         save_open_clip(model, tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 

@@ -1,17 +1,26 @@
-"""The training loop's invariants: accumulation equals the full batch, non-finite guard, groups."""
+"""The training loop's invariants: accumulation equals the full batch (student, loss-owned
+parameters, masks and multipliers), the non-finite guard (objective, regulariser, gradients,
+fp16 scaler), zero-weight and scheduled loss terms, the logit-scale clamp, groups, logging."""
 
+from __future__ import annotations
+
+import contextlib
 import copy
 import itertools
+import math
 
 import pytest
 import torch
+from torch import nn
 
 from compress.config import TrainConfig
+from compress.masks import get_masks
 from compress.models import load_model
-from compress.precision import resolve_precision
-from compress.registry import LOSSES, SCHEDULES
+from compress.plugins import Inheritance
+from compress.precision import Precision, resolve_precision
+from compress.registry import INHERITANCE, LOSSES, SCHEDULES
 from compress.teacher import OnlineTeacher
-from compress.train import LossTerm, Trainer, TrainingError
+from compress.train import LOGIT_SCALE_MAX, LossTerm, Trainer, TrainingError
 
 
 @pytest.fixture(scope="module")
@@ -22,42 +31,168 @@ def models():
     return teacher, student
 
 
+class CpuScaledPrecision(Precision):
+    """fp16's gradient-scaler logic on the CPU, without autocast (CPU fp16 kernels are not needed
+    to exercise the scaler: unscale, inf checks, skipped steps, back-off)."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+
+FP32 = resolve_precision("fp32", torch.device("cpu"))
+SCALED = CpuScaledPrecision("fp16", torch.device("cpu"))
+#: torch.amp.GradScaler (device-generic, so usable on the CPU) exists from torch 2.3 on
+needs_cpu_scaler = pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="no torch.amp.GradScaler")
+
+
 def make_batch(n=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {"images": torch.randn(n, 3, 32, 32, generator=g), "texts": torch.randint(1, 400, (n, 16), generator=g)}
 
 
-def make_trainer(teacher, student, accum=1, losses=None, steps=1, batches=None, **train):
-    cfg = TrainConfig(steps=steps, batch_size=16, accum_steps=accum, lr=1e-3, progress=False, **train)
-    precision = resolve_precision("fp32", torch.device("cpu"))
-    losses = losses or [
+def default_losses():
+    return [
         LossTerm("affinity", 1.0, LOSSES.build({"name": "affinity", "scale": "model"})),
         LossTerm("clip", 0.5, LOSSES.build("clip")),
     ]
+
+
+def make_trainer(teacher, student, accum=1, losses=None, steps=1, batches=None, precision=FP32, inheritance=None,
+                 on_log=None, **train):
+    cfg = TrainConfig(steps=steps, batch_size=16, accum_steps=accum, lr=1e-3, progress=False, **train)
     lr = SCHEDULES.build("constant", context={"base_value": cfg.lr})
     batches = batches or itertools.repeat(make_batch())
-    return Trainer(cfg, student, losses, lr, batches, precision, teacher=OnlineTeacher(teacher, precision))
+    return Trainer(cfg, student, losses or default_losses(), lr, batches, precision,
+                   teacher=OnlineTeacher(teacher, precision), inheritance=inheritance, on_log=on_log)
 
 
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+def all_grads(trainer):
+    """Gradients of every trained parameter: the student's (with masks and multipliers) and the losses'."""
+    named = [(f"student.{n}", p) for n, p in trainer.student.named_parameters()]
+    for i, term in enumerate(trainer.losses):
+        named += [(f"loss{i}.{n}", p) for n, p in term.module.named_parameters()]
+    return {n: p.grad.clone() for n, p in named if p.grad is not None}
 
 
-def test_gradient_accumulation_equals_full_batch(models):
+def feature_distill_with_projector():
+    """The real feature_distill loss with a learnable projector (the test models share an embed size)."""
+    loss = LOSSES.build("feature_distill")
+    torch.manual_seed(1)
+    loss.projectors = nn.ModuleDict({m: nn.Linear(32, 32, bias=False) for m in ("image", "text")})
+    return loss
+
+
+@pytest.mark.parametrize("student_kind", ["manual", "auto"])
+def test_gradient_accumulation_equals_full_batch(models, student_kind):
+    """With accum_steps=K the objective and the gradient of every trained parameter equal the
+    full-batch ones: the loss-owned projector is counted once, masks use one gate sample per step."""
     teacher, student = models
+    inheritance = None
+    if student_kind == "auto":
+        inheritance = INHERITANCE.build({"name": "auto", "lagrangian": "one_sided", "ramp_steps": 10})
+        student = inheritance.inherit(None, teacher)
+    losses = default_losses() + [LossTerm("feature_distill", 2.0, feature_distill_with_projector())]
     batch = make_batch()
-    full = make_trainer(teacher, copy.deepcopy(student), accum=1)
-    loss_full, terms_full = full._forward_backward(batch, 0)
-    accum = make_trainer(teacher, copy.deepcopy(student), accum=4)
-    loss_accum, terms_accum = accum._forward_backward(batch, 0)
+    results = {}
+    for accum in (1, 4):
+        trainer = make_trainer(teacher, copy.deepcopy(student), accum=accum, losses=copy.deepcopy(losses),
+                               inheritance=inheritance)
+        trainer.student.train()
+        torch.manual_seed(7)  # the same gate sample in both runs
+        loss, terms = trainer._forward_backward(batch, 20)
+        results[accum] = loss, terms, all_grads(trainer)
+    (loss_full, terms_full, g_full), (loss_accum, terms_accum, g_accum) = results[1], results[4]
     assert loss_accum.item() == pytest.approx(loss_full.item(), rel=1e-5)
+    assert terms_accum.keys() == terms_full.keys()
     for k in terms_full:
-        assert terms_accum[k].item() == pytest.approx(terms_full[k].item(), rel=1e-5)
-    g_full, g_accum = grads(full.student), grads(accum.student)
+        assert terms_accum[k].item() == pytest.approx(terms_full[k].item(), rel=1e-5, abs=1e-7), k
     assert g_full.keys() == g_accum.keys()
-    assert "logit_scale" in g_full  # the student's own scale is trained (affinity scale=model, clip)
+    assert "student.logit_scale" in g_full  # the student's own scale is trained (affinity scale=model, clip)
+    assert {"loss2.projectors.image.weight", "loss2.projectors.text.weight"} <= g_full.keys()
+    if student_kind == "auto":
+        assert "lagrangian" in terms_full
+        masks = [n for n in g_full if ".log_alpha" in n]
+        lambdas = [n for n in g_full if ".lambda_" in n]
+        assert len(masks) == 6 and len(lambdas) == 2  # channels, heads, neurons per tower; lambda_1, lambda_2
+        assert all(g_full[n].abs().sum() > 0 for n in masks + lambdas)
     for name in g_full:
         torch.testing.assert_close(g_accum[name], g_full[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+class Scripted(nn.Module):
+    """Affinity (scale=model) plus an extra term on chosen calls: ``inf`` (a non-finite loss) or
+    ``nan_grad`` (sqrt at 0: a finite value 0 whose gradient is NaN). Counts its calls."""
+
+    needs_teacher, needs = True, ()
+
+    def __init__(self, bad_calls=(), kind="inf"):
+        super().__init__()
+        self.inner = LOSSES.build({"name": "affinity", "scale": "model"})
+        self.bad_calls, self.kind, self.calls = set(bad_calls), kind, 0
+
+    def forward(self, s, t, batch=None):
+        terms = self.inner(s, t, batch)
+        if self.calls in self.bad_calls:
+            f = s.image_features
+            extra = f.sum() * float("inf") if self.kind == "inf" else torch.sqrt((f - f.detach()).square().sum())
+            terms["extra"] = extra
+        self.calls += 1
+        return terms
+
+
+def states_close(a, b):
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize(("kind", "precision"), [
+    pytest.param("inf", SCALED, marks=needs_cpu_scaler),
+    pytest.param("nan_grad", SCALED, marks=needs_cpu_scaler),
+    ("nan_grad", FP32),
+])
+def test_nonfinite_step_is_skipped_and_training_continues(models, kind, precision):
+    """A step with a non-finite loss, or a finite loss with non-finite gradients, changes nothing
+    (weights, optimizer state); with fp16's scaler the scale backs off. Then training goes on:
+    [bad, good] ends where [good] alone does."""
+    teacher, student = models
+    trainer = make_trainer(teacher, copy.deepcopy(student), steps=2, precision=precision,
+                           losses=[LossTerm("affinity", 1.0, Scripted({0}, kind))])
+    summary = trainer.fit()
+    reference = make_trainer(teacher, copy.deepcopy(student), steps=1, losses=[LossTerm("affinity", 1.0, Scripted())])
+    reference.fit()
+    assert summary.nonfinite_steps == 1
+    if precision is SCALED:
+        assert trainer.scaler.get_scale() == 2.0**10 * 0.5
+    states_close(trainer.student.state_dict(), reference.student.state_dict())
+    assert not torch.equal(trainer.student.visual.proj, student.visual.proj)  # the good step was taken
+
+
+@needs_cpu_scaler
+def test_scaled_step_equals_unscaled_step(models):
+    teacher, student = models
+    scaled = make_trainer(teacher, copy.deepcopy(student), steps=2, precision=SCALED)
+    plain = make_trainer(teacher, copy.deepcopy(student), steps=2)
+    assert scaled.fit().nonfinite_steps == 0 and plain.fit().nonfinite_steps == 0
+    assert scaled.scaler.get_scale() == 2.0**10
+    states_close(scaled.student.state_dict(), plain.student.state_dict())
+
+
+def test_nonfinite_regulariser_is_skipped(models):
+    """The guard checks the objective with the strategy's regulariser, not only the loss terms."""
+    teacher, student = models
+
+    class BadRegulariser(Inheritance):
+        def regularizer(self, student, step):
+            return {"bad": student.logit_scale * 0.0 + float("inf")}  # gradient 0, value inf
+
+    before = copy.deepcopy(student.state_dict())
+    trainer = make_trainer(teacher, copy.deepcopy(student), steps=1, inheritance=BadRegulariser())
+    assert trainer.fit().nonfinite_steps == 1
+    after = trainer.student.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_nonfinite_losses_are_skipped_then_abort(models):
@@ -76,6 +211,64 @@ def test_nonfinite_losses_are_skipped_then_abort(models):
         trainer.fit()
     after = trainer.student.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # no step was taken
+
+
+class Poison(nn.Module):
+    """A loss whose value is inf; counts its calls."""
+
+    needs_teacher, needs = False, ()
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, s, t, batch=None):
+        self.calls += 1
+        return {"poison": s.image_features.sum() * float("inf")}
+
+
+def test_zero_weight_term_is_not_computed(models):
+    """weight 0: the term is not run (no forward, no all-gathers), so 0 * inf cannot poison the total."""
+    teacher, student = models
+    poison = Poison()
+    losses = [LossTerm("affinity", 1.0, LOSSES.build("affinity")), LossTerm("poison", 0.0, poison)]
+    reference = make_trainer(teacher, copy.deepcopy(student), steps=2, losses=[losses[0]])
+    reference.fit()
+    trainer = make_trainer(teacher, copy.deepcopy(student), steps=2, losses=losses)
+    assert trainer.fit().nonfinite_steps == 0
+    assert poison.calls == 0
+    states_close(trainer.student.state_dict(), reference.student.state_dict())
+
+
+def test_scheduled_weight_sets_the_term_weight_every_step(models):
+    """schedules.weight/<loss>: the weight at step t is the schedule's value, logged as weight/<loss>;
+    the term runs only at steps where its weight is not 0."""
+    teacher, student = models
+    records = []
+    ramp = SCHEDULES.build({"name": "linear_ramp", "start": 0.0, "end": 1.0, "steps": 2})
+    affinity = LossTerm("affinity", 1.0, LOSSES.build("affinity"))
+    trainer = make_trainer(teacher, copy.deepcopy(student), steps=3, log_every=1, on_log=records.append,
+                           losses=[affinity, LossTerm("clip", 0.5, LOSSES.build("clip"), ramp)])
+    trainer.fit()
+    assert [r["weight/clip"] for r in records] == [0.0, 0.5, 1.0]
+    assert "loss/contrastive" not in records[0] and "weight/affinity" not in records[0]
+    for r in records:
+        expected = r["loss/affinity_i2t"] + r["loss/affinity_t2i"] + r["weight/clip"] * r.get("loss/contrastive", 0.0)
+        assert r["loss"] == pytest.approx(expected, rel=1e-6)
+    assert records[2]["loss/contrastive"] > 0
+
+
+@pytest.mark.parametrize(("start", "clamped"), [(10.0, LOGIT_SCALE_MAX), (-1.0, 0.0)])
+def test_logit_scale_is_clamped_after_every_step(models, start, clamped):
+    """open_clip / TinyCLIP: logit_scale.clamp_(0, ln 100) after each optimizer step."""
+    teacher, student = models
+    student = copy.deepcopy(student)
+    with torch.no_grad():
+        student.logit_scale.fill_(start)
+    trainer = make_trainer(teacher, student, steps=1)
+    trainer.fit()
+    assert LOGIT_SCALE_MAX == pytest.approx(math.log(100))
+    assert trainer.student.logit_scale.item() == pytest.approx(clamped, abs=1e-6)
 
 
 def test_weight_decay_groups(models):
@@ -99,8 +292,41 @@ def test_fit_trains_and_logs(models, tmp_path):
     trainer.run_dir = tmp_path
     summary = trainer.fit()
     assert summary.steps == 4 and summary.nonfinite_steps == 0
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3  # steps 1, 2, 4
-    assert (tmp_path / "checkpoints" / "last.pt").is_file()
-    pairs = zip(trainer.student.parameters(), student.parameters(), strict=True)
-    assert any(not torch.equal(p, q) for p, q in pairs)
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 4]
+    for r in records:  # the logged objective is the weighted sum of the logged terms
+        expected = r["loss/affinity_i2t"] + r["loss/affinity_t2i"] + 0.5 * r["loss/contrastive"]
+        assert r["loss"] == pytest.approx(expected, rel=1e-6)
+        assert r["grad_norm"] > 0 and r["nonfinite_steps"] == 0
+    assert summary.final_terms == {k[5:]: v for k, v in records[-1].items() if k.startswith("loss/")}
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["step"] == 4
+    for k, v in trainer.student.state_dict().items():
+        assert torch.equal(checkpoint["student"][k], v), k
+    assert not torch.equal(trainer.student.visual.proj, student.visual.proj)
+
+
+def test_masks_see_one_gate_sample_per_step(models):
+    """Every forward pass of one step (cached and live, accumulation) uses the same gate sample."""
+    teacher, _ = models
+    strategy = INHERITANCE.build({"name": "auto"})
+    student = strategy.inherit(None, teacher).train()
+    seen = []
+    gates = get_masks(student).towers["vision"].heads
+    with torch.no_grad():
+        gates.log_alpha.zero_()  # keep probability ~0.6: samples vary
+    original = gates.sample
+
+    def recording():
+        value = original()
+        seen.append(value.detach().clone())
+        return value
+
+    gates.sample = recording
+    trainer = make_trainer(teacher, student, accum=4, inheritance=strategy)
+    trainer._forward_backward(make_batch(), 0)
+    assert len(seen) == 8  # 4 cached + 4 live passes
+    assert all(torch.equal(s, seen[0]) for s in seen)
+    assert len(set(seen[0].tolist())) > 2  # a real sample (values other than 0 and 1), not the deterministic mask

@@ -38,12 +38,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         if isinstance(weight, bool) or not isinstance(weight, int | float):
             raise ConfigError(f"losses[{i}].weight: expected a number, got {weight!r}")
         _check_plugin(LOSSES, params, f"losses[{i}]")
-    for key, spec in cfg.schedules.items():
-        name, params = SCHEDULES.split_spec(spec) if isinstance(spec, str | Mapping) else ("", {})
-        offered = tuple(k for k in SCHEDULE_CONTEXT if name in SCHEDULES and SCHEDULES.accepts(name, k))
-        _check_plugin(SCHEDULES, spec, f"schedules.{key}", offered)
-    if "lr" not in cfg.schedules:
-        raise ConfigError("schedules.lr: a learning-rate schedule is required")
+    _check_schedules(cfg)
     if cfg.teacher is None and any(LOSSES.get(LOSSES.split_spec(s)[0]).needs_teacher for s in _loss_specs(cfg)):
         raise ConfigError("teacher: the configured losses need a teacher, but teacher is null")
     t = cfg.train
@@ -98,6 +93,47 @@ def _check_data(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}.bad_window: must be at least 1 sample, got {ds.bad_window}")
         if ds.num_samples is not None and ds.num_samples < 1:
             raise ConfigError(f"{where}.num_samples: must be at least 1 (or null for all), got {ds.num_samples}")
+
+
+#: ``schedules`` key of a loss weight: ``weight/<loss name>`` (or ``weight/<loss index>``)
+WEIGHT_PREFIX = "weight/"
+
+
+def loss_weight_keys(losses: list[Mapping[str, Any]]) -> dict[str, int]:
+    """The ``schedules`` keys that set a loss term's weight -> the term's index in ``losses``:
+    ``weight/<name>`` for a loss name used once, ``weight/<index>`` for every term."""
+    names = [spec.get("name") if isinstance(spec, Mapping) else spec for spec in losses]
+    keys = {f"{WEIGHT_PREFIX}{name}": i for i, name in enumerate(names) if names.count(name) == 1}
+    keys.update({f"{WEIGHT_PREFIX}{i}": i for i in range(len(losses))})
+    return keys
+
+
+def _check_schedules(cfg: RunConfig) -> None:
+    """``schedules``: ``lr`` (required; base value ``train.lr``) and ``weight/<loss>`` (base value
+    the loss's ``weight``); each a schedule plug-in whose parameters fit its constructor."""
+    if "lr" not in cfg.schedules:
+        raise ConfigError("schedules.lr: a learning-rate schedule is required")
+    weight_keys = loss_weight_keys(cfg.losses)
+    scheduled: dict[int, str] = {}
+    for key, spec in cfg.schedules.items():
+        if key != "lr" and key not in weight_keys:
+            names = [k for k in weight_keys if not k[len(WEIGHT_PREFIX):].isdigit()]
+            shared = key.startswith(WEIGHT_PREFIX) and any(
+                isinstance(s, Mapping) and s.get("name") == key[len(WEIGHT_PREFIX):] for s in cfg.losses
+            )
+            why = "two losses share that name: address one by index" if shared else "unknown schedule key"
+            raise ConfigError(
+                f"schedules.{key}: {why}.{suggest(key, ['lr', *names])} Valid keys: lr, "
+                f"{', '.join(names + ['weight/<loss index>'])}"
+            )
+        if key != "lr":
+            index = weight_keys[key]
+            if index in scheduled:
+                raise ConfigError(f"schedules.{key}: losses[{index}] already has a schedule ({scheduled[index]})")
+            scheduled[index] = key
+        name = SCHEDULES.split_spec(spec)[0] if isinstance(spec, str | Mapping) else ""
+        offered = tuple(k for k in SCHEDULE_CONTEXT if name in SCHEDULES and SCHEDULES.accepts(name, k))
+        _check_plugin(SCHEDULES, spec, f"schedules.{key}", offered)
 
 
 def _loss_specs(cfg: RunConfig) -> list[dict[str, Any]]:

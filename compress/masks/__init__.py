@@ -5,7 +5,7 @@ converted CLIP), budget (expected kept size), lagrangian (the sparsity constrain
 (fold the masks and make the model physically smaller).
 """
 
-from compress.masks.attach import ClipMasks, TowerMasks, attach_masks, detach_masks, get_masks
+from compress.masks.attach import ClipMasks, TowerMasks, attach_masks, detach_masks, get_masks, one_gate_sample
 from compress.masks.budget import TowerCosts, count_prunable, sparsity
 from compress.masks.gates import HardConcreteGates, deterministic_gates, keep_probability, sample_gates
 from compress.masks.lagrangian import SparsityLagrangian
@@ -25,6 +25,7 @@ __all__ = [
     "fold_masks",
     "get_masks",
     "keep_probability",
+    "one_gate_sample",
     "prune_masked",
     "sample_gates",
     "sparsity",

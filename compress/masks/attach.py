@@ -11,7 +11,8 @@ The towers' code is unchanged; :func:`attach_masks`
 - adds one forward pre-hook per tower on the module that receives the embeddings
   (``visual.ln_pre``, the text ``transformer``): it draws the tower's gates for this forward
   (a sample in training mode, the deterministic mask in eval mode) and multiplies the
-  embeddings by the channel gate.
+  embeddings by the channel gate. Inside :func:`one_gate_sample` every forward uses the
+  same sample (the trainer holds one per optimizer step).
 
 The gates live in ``model.structure_masks`` (a :class:`ClipMasks`), so they move, train and
 checkpoint with the model.
@@ -19,7 +20,8 @@ checkpoint with the model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -179,6 +181,25 @@ class ClipMasks(nn.Module):
     def clear(self) -> None:
         for t in self.towers.values():
             t.clear()
+
+    @contextlib.contextmanager
+    def one_sample(self) -> Iterator[None]:
+        """Every forward pass inside the block uses the same gate sample (drawn on entry):
+        one sample per optimizer step, however many passes gradient accumulation makes."""
+        gates = [g for t in self.towers.values() for g in t.gate_modules()]
+        for g in gates:
+            g.hold_sample()
+        try:
+            yield
+        finally:
+            for g in gates:
+                g.release_sample()
+
+
+def one_gate_sample(model: nn.Module) -> contextlib.AbstractContextManager:
+    """:meth:`ClipMasks.one_sample` of ``model``'s masks; nothing to do for a model without masks."""
+    masks = get_masks(model)
+    return masks.one_sample() if masks is not None else contextlib.nullcontext()
 
 
 def get_masks(model: nn.Module) -> ClipMasks | None:

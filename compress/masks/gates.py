@@ -39,10 +39,17 @@ def keep_probability(log_alpha: Tensor) -> Tensor:
     return torch.sigmoid(log_alpha - BETA * math.log(-LIMIT_L / LIMIT_R))
 
 
-def sample_gates(log_alpha: Tensor) -> Tensor:
-    """One training sample z = clamp(sigmoid((log u - log(1-u) + log_alpha) / beta) (r - l) + l, 0, 1)."""
-    u = torch.empty_like(log_alpha).uniform_(EPS, 1.0 - EPS)
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+def logistic_noise(like: Tensor) -> Tensor:
+    """log u - log(1 - u) with u ~ U(eps, 1 - eps), shaped like ``like`` (no gradient)."""
+    u = torch.empty_like(like, requires_grad=False).uniform_(EPS, 1.0 - EPS)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def sample_gates(log_alpha: Tensor, noise: Tensor | None = None) -> Tensor:
+    """One training sample z = clamp(sigmoid((log u - log(1-u) + log_alpha) / beta) (r - l) + l, 0, 1);
+    ``noise`` (log u - log(1-u)) is drawn here unless given."""
+    noise = logistic_noise(log_alpha.detach()) if noise is None else noise
+    s = torch.sigmoid((noise + log_alpha) / BETA)
     return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
 
 
@@ -64,6 +71,11 @@ class HardConcreteGates(nn.Module):
     layer's MLP neurons, all residual channels of a tower, one layer gate); sampling and keep
     probabilities are computed for all gates at once. ``forward()`` samples in training mode
     and returns the deterministic mask in evaluation mode (cached until ``log_alpha`` changes).
+
+    ``hold_sample()`` draws the noise u once and reuses it in every ``sample()`` until
+    ``release_sample()``: all forward passes of one optimizer step (the cached and the live
+    passes of gradient accumulation) then see the same gates, recomputed from ``log_alpha``
+    each time so that every pass has its own autograd graph.
     """
 
     def __init__(self, segments: Sequence[int], init: float = LOG_ALPHA_INIT) -> None:
@@ -74,6 +86,7 @@ class HardConcreteGates(nn.Module):
         self.log_alpha = nn.Parameter(torch.full((sum(self.segments),), float(init)))
         self.clamp_()
         self._cache: tuple[Tensor, Tensor] | None = None
+        self._noise: Tensor | None = None
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -84,7 +97,14 @@ class HardConcreteGates(nn.Module):
         return keep_probability(self.log_alpha)
 
     def sample(self) -> Tensor:
-        return sample_gates(self.log_alpha)
+        return sample_gates(self.log_alpha, self._noise)
+
+    def hold_sample(self) -> None:
+        """Draw the noise of one sample now and reuse it until :meth:`release_sample`."""
+        self._noise = logistic_noise(self.log_alpha.detach())
+
+    def release_sample(self) -> None:
+        self._noise = None
 
     def deterministic(self) -> Tensor:
         """The deterministic mask of every segment, concatenated (no gradient)."""
@@ -103,7 +123,7 @@ class HardConcreteGates(nn.Module):
         return torch.split(values, self.segments)
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_cache": None}
+        return {**super().__getstate__(), "_cache": None, "_noise": None}
 
     def extra_repr(self) -> str:
         return f"segments={self.segments}"

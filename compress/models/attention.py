@@ -5,9 +5,7 @@ and whose heads cannot be removed one by one. :class:`HeadAttention` keeps the s
 parameter names (``in_proj_weight`` [3 * H * d_h, D], ``in_proj_bias``, ``out_proj``), so
 a uniform model's state dict is still an open_clip state dict, but ``H * d_h`` may differ
 from ``D`` and ``H`` may be zero (a layer that lost all its heads adds only the output bias).
-
-An optional ``head_gate`` (shape [H], set by mask strategies) scales each head's output
-before the output projection: z_h * softmax(q_h k_h^T / sqrt(d_h)) v_h.
+Learnable head masks gate the input columns of ``out_proj`` (:mod:`compress.masks.modules`).
 """
 
 from __future__ import annotations
@@ -41,7 +39,6 @@ class HeadAttention(nn.Module):
         with warnings.catch_warnings():  # nn.Linear(0, D) warns that initialising nothing is a no-op
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
             self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
-        self.head_gate: Tensor | None = None
         if inner:
             nn.init.xavier_uniform_(self.in_proj_weight)
 
@@ -82,13 +79,11 @@ class HeadAttention(nn.Module):
         return (out if self.batch_first else out.transpose(0, 1)), None
 
     def _attend(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        """``out_proj(concat_h gate_h * softmax(q_h k_h^T / sqrt(d_h) + mask) v_h)``; x is [N, L, D]."""
+        """``out_proj(concat_h softmax(q_h k_h^T / sqrt(d_h) + mask) v_h)``; x is [N, L, D]."""
         b, n, _ = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if self.head_gate is not None:
-            heads = heads * self.head_gate.to(device=heads.device, dtype=heads.dtype).view(1, -1, 1, 1)
         return self.out_proj(heads.transpose(1, 2).reshape(b, n, self.inner_dim))
 
     def _merge_masks(

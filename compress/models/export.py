@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compress.fileio import atomic_write, atomic_write_text
-from compress.models.attention import HeadAttention
 from compress.models.factory import (
     METADATA_CONFIG_KEY,
     OPEN_CLIP_CONFIG_FILE,
@@ -69,14 +68,13 @@ def check_uniform(model: nn.Module, cfg: dict[str, Any]) -> None:
     """Refuse a model that open_clip could not rebuild from ``cfg`` alone.
 
     Every tensor must have the shape a fresh model of ``cfg`` has (same heads, inner size and
-    MLP width in every layer), and no head gate other than all ones may be set."""
-    for name, module in model.named_modules():
-        gate = module.head_gate if isinstance(module, HeadAttention) else None
-        if gate is not None and not bool(torch.all(gate == 1)):
-            raise ModelLoadError(
-                f"{name} has a head gate that is not all ones; fold the gates into the weights "
-                f"(or prune the gated heads) before exporting for open_clip"
-            )
+    MLP width in every layer), and no learnable masks may be attached."""
+    from compress.masks.attach import get_masks  # compress.masks builds on compress.models
+
+    if get_masks(model) is not None:
+        raise ModelLoadError(
+            "the model carries learnable masks; prune them (compress.masks.prune_masked) before exporting"
+        )
     with torch.device("meta"):
         reference = build_from_config(cfg, convert=False)
     try:
