@@ -5,14 +5,14 @@ from compress.config import ConfigError, RunConfig, apply_overrides, config_from
 
 BASE = {
     "name": "t",
-    "teacher": {"model": "cc-test-teacher"},
+    "teacher": {"model": "cc-test-teacher", "random_init": True},
     "student": {"model": "cc-test-student"},
     "inheritance": {"name": "constant_inheritance_stub"},
 }
 
 
 def minimal(**extra):
-    data = {"name": "t", "teacher": {"model": "cc-test-teacher"}, "student": {"model": "cc-test-student"}}
+    data = {"name": "t", "teacher": {"model": "cc-test-teacher", "random_init": True}, "student": {"model": "cc-test-student"}}
     data.update(extra)
     return data
 
