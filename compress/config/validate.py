@@ -134,16 +134,15 @@ def _check_models(cfg: RunConfig, inheritance: Any) -> None:
                 "student.random_init: only a teacher can be asked to be random; a student is built "
                 "randomly and then filled by its inheritance strategy"
             )
-    else:
-        if cfg.student is not None:
-            raise ConfigError(
-                f"student: inheritance {name!r} derives the student from its source (the teacher); "
-                "remove student (or set it to null)"
-            )
-        if cfg.teacher is None:
-            raise ConfigError(
-                f"teacher: inheritance {name!r} derives the student from the teacher, but teacher is null"
-            )
+    elif cfg.student is not None:
+        raise ConfigError(
+            f"student: inheritance {name!r} derives the student from its source (the teacher); "
+            "remove student (or set it to null)"
+        )
+    if getattr(inheritance, "needs_source", True) and cfg.teacher is None:
+        raise ConfigError(
+            f"teacher: inheritance {name!r} takes the student's weights from the teacher, but teacher is null"
+        )
 
 
 def _check_teacher(spec: ModelSpec) -> None:
