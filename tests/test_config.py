@@ -336,3 +336,36 @@ def test_boundary_values_are_accepted():
     auto = config_from_dict(builtin_dict(inheritance={"name": "auto", "prune_step": 10, "ramp_steps": 10},
                                          student=None))
     assert auto.inheritance["prune_step"] == auto.train.steps
+
+
+def test_has_weights_agrees_with_what_load_model_loads(tmp_path):
+    """The validation's classification against the loader itself: a spec without weights gives a
+    different model per seed, a spec with weights gives the saved weights every time."""
+    import json
+
+    import torch
+
+    from compress.models import get_model_config, load_model
+    from compress.models.export import checkpoint_metadata, save_open_clip, save_safetensors
+    from compress.models.factory import has_weights
+
+    def first_weight(model):
+        return next(iter(model.state_dict().values())).clone()
+
+    def loads_same_twice(spec, pretrained=None):
+        torch.manual_seed(0)
+        a = first_weight(load_model(spec, pretrained=pretrained))
+        torch.manual_seed(1)
+        return torch.equal(a, first_weight(load_model(spec, pretrained=pretrained)))
+
+    source = load_model("cc-test-teacher")
+    config = tmp_path / "teacher.json"
+    config.write_text(json.dumps(get_model_config("cc-test-teacher")))
+    checkpoint = tmp_path / "teacher.safetensors"
+    save_safetensors(source.state_dict(), checkpoint, checkpoint_metadata(source))
+    folder = save_open_clip(source, tmp_path / "exported")
+    cases = [("cc-test-teacher", None), (str(config), None), ("cc-test-teacher", str(checkpoint)),
+             (str(config), str(checkpoint)), (str(checkpoint), None), (str(folder), None)]
+    for spec, pretrained in cases:
+        assert has_weights(spec, pretrained) == loads_same_twice(spec, pretrained), (spec, pretrained)
+    assert [has_weights(s, p) for s, p in cases] == [False, False, True, True, True, True]
