@@ -232,11 +232,22 @@ def test_empty_yaml_file_is_refused(tmp_path):
             load_config(path)
 
 
-@pytest.mark.parametrize("model", ["ViT-B-32", "cc-test-teacher", "typo/of/an/exported/folder"])
+@pytest.mark.parametrize("model", ["ViT-B-32", "cc-test-teacher"])
 def test_teacher_without_weights_is_refused_unless_random_init(model):
     with pytest.raises(ConfigError, match="teacher.model: .* has no weights.*random_init: true"):
         config_from_dict(builtin_dict(teacher={"model": model}))
     assert config_from_dict(builtin_dict(teacher={"model": model, "random_init": True})).teacher.random_init
+
+
+def test_unknown_model_names_and_missing_folders_are_refused_at_validation():
+    with pytest.raises(ConfigError, match="teacher.model: .*no such file or folder: typo/of/a/folder"):
+        config_from_dict(builtin_dict(teacher={"model": "typo/of/a/folder"}))
+    with pytest.raises(ConfigError, match="teacher.model: no such file or folder: typo/of/a/folder"):
+        config_from_dict(builtin_dict(teacher={"model": "typo/of/a/folder", "random_init": True}))
+    with pytest.raises(ConfigError, match="teacher.model: unknown model config 'ViT-B-23'.*Did you mean 'ViT-B-32'"):
+        config_from_dict(builtin_dict(teacher={"model": "ViT-B-23@laion2b_s34b_b79k"}))
+    with pytest.raises(ConfigError, match="student.model: unknown model config 'cc-test-studnet'"):
+        config_from_dict(builtin_dict(student={"model": "cc-test-studnet"}))
 
 
 def test_the_default_teacher_is_refused():

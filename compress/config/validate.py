@@ -126,9 +126,11 @@ def _check_models(cfg: RunConfig, inheritance: Any) -> None:
     name = cfg.inheritance["name"] if isinstance(cfg.inheritance, Mapping) else cfg.inheritance
     if cfg.teacher is not None:
         _check_teacher(cfg.teacher)
+        _check_model_name(cfg.teacher, "teacher")
     if getattr(inheritance, "needs_student_config", True):
         if cfg.student is None:
             raise ConfigError(f"student: inheritance {name!r} needs a student architecture (student.model)")
+        _check_model_name(cfg.student, "student")
         if cfg.student.random_init:
             raise ConfigError(
                 "student.random_init: only a teacher can be asked to be random; a student is built "
@@ -143,6 +145,22 @@ def _check_models(cfg: RunConfig, inheritance: Any) -> None:
         raise ConfigError(
             f"teacher: inheritance {name!r} takes the student's weights from the teacher, but teacher is null"
         )
+
+
+def _check_model_name(spec: ModelSpec, where: str) -> None:
+    """An architecture name must be known (a typo fails here, not after the teacher is loaded)."""
+    from pathlib import Path
+
+    from compress.models.factory import ModelLoadError, get_model_config, resolve_spec
+
+    try:
+        kind, name, _ = resolve_spec(spec.model, spec.pretrained)
+        if kind == "named":
+            if "/" in name and not Path(name).exists():
+                raise ConfigError(f"{where}.model: no such file or folder: {name}")
+            get_model_config(name)
+    except ModelLoadError as e:
+        raise ConfigError(f"{where}.model: {e}") from None
 
 
 def _check_teacher(spec: ModelSpec) -> None:
