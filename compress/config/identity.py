@@ -20,10 +20,13 @@ from compress.registry import INHERITANCE, LOSSES, SCHEDULES
 #: sections that describe where and how a run executes, not what it computes
 NON_IDENTITY_SECTIONS = ("output", "dispatch")
 
-#: keys that change how a run executes or reports, not its result. ``eval.batch_size`` and
+#: keys that change how a run executes or reports, not the experiment. ``eval.batch_size`` and
 #: ``train.device`` change floating-point reassociation only (zero-shot and retrieval score every
 #: sample on its own); ``train.grad_checkpointing`` recomputes the same forward (RNG state
-#: restored); ``eval.throughput`` is a timing, not a result.
+#: restored); ``eval.throughput`` is a timing, not a result. Caveat: ``data.num_workers`` today
+#: also changes which random crops are drawn (workers seed their own RNG), a different noise
+#: draw of the same experiment, like another device; per-sample seeding of the augmentation
+#: would make it exact.
 NON_IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
     "train": ("progress", "log_every", "checkpoint_every", "device", "grad_checkpointing"),
     "data": ("num_workers",),
