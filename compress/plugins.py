@@ -45,6 +45,8 @@ class Inheritance:
 
     #: False when the strategy does not need a student architecture (it derives it itself).
     needs_student_config: bool = True
+    #: False when the strategy does not read the source model (training from scratch).
+    needs_source: bool = True
 
     def inherit(self, student: nn.Module | None, source: nn.Module) -> nn.Module:
         raise NotImplementedError

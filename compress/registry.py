@@ -189,6 +189,32 @@ class Registry(Generic[T]):
         self.check_params(name, params, tuple(extra) + tuple(offered))
         return self.get(name)(**params, **offered, **extra)
 
+    def validate(self, spec: str | Mapping[str, Any], context: Mapping[str, Any] | None = None) -> T:
+        """Build the plug-in once to run its constructor's value checks (``target_sparsity: 1.5``,
+        a negative lr), turning the ``ValueError`` / ``TypeError`` it raises into a
+        :class:`RegistryError` naming the plug-in. Constructors must therefore be cheap and free
+        of side effects: they check and store their parameters, they build no model."""
+        name, _ = self.split_spec(spec)
+        try:
+            return self.build(spec, context)
+        except RegistryError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise RegistryError(f"{self.kind} {name!r}: {e}") from None
+
+    def resolved(self, spec: str | Mapping[str, Any], context: tuple[str, ...] = ()) -> dict[str, Any]:
+        """``{"name": ..., **params}`` with every constructor default filled in, so that writing a
+        default out and omitting it give the same dict (the run id hashes this). Parameters the
+        engine offers as ``context`` are not filled: there the engine's value, not the default, applies."""
+        name, params = self.split_spec(spec)
+        out: dict[str, Any] = {"name": name}
+        for p in self.signature(name).parameters.values():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty:
+                if p.name not in params and p.name not in context:
+                    out[p.name] = p.default
+        out.update(params)
+        return out
+
     # -- tests --------------------------------------------------------------------------
     @contextlib.contextmanager
     def scoped(self) -> Iterator[Registry[T]]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from compress import distributed
 from compress.config import RunConfig, dump_config
-from compress.config.validate import loss_weight_keys
+from compress.config.validate import inheritance_context, loss_weight_keys, schedule_context
 from compress.fileio import atomic_write_text
 from compress.models import load_model
 from compress.models.forward import context_length, embed_dim, tokenizer_for
@@ -65,8 +65,8 @@ def build_losses(cfg: RunConfig, student: nn.Module, teacher: nn.Module | None) 
         weight = float(params.pop("weight", 1.0))
         schedule = None
         if i in schedule_of:
-            offered = {"base_value": weight, "total_steps": cfg.train.steps}
-            schedule = SCHEDULES.build(cfg.schedules[schedule_of[i]], context=offered)
+            key = schedule_of[i]
+            schedule = SCHEDULES.build(cfg.schedules[key], context=schedule_context(cfg, key))
         terms.append(LossTerm(params["name"], weight, LOSSES.build(params, context=context), schedule))
     return terms
 
@@ -92,7 +92,7 @@ def _prepare(cfg: RunConfig):
     if cfg.teacher is not None:
         t = cfg.teacher
         teacher = freeze(load_model(t.model, pretrained=t.pretrained, force_quick_gelu=t.force_quick_gelu))
-    inheritance = INHERITANCE.build(cfg.inheritance)
+    inheritance = INHERITANCE.build(cfg.inheritance, context=inheritance_context(cfg))
     student = build_student(cfg, inheritance, teacher)
     if teacher is not None and context_length(teacher) != context_length(student):
         raise RunError(
@@ -194,9 +194,7 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             needs = {n for term in losses for n in term.module.needs}
             uses_teacher = any(term.module.needs_teacher for term in losses)
             batches, data_stats = train_batches(cfg, student, teacher if uses_teacher else None, device)
-            lr = SCHEDULES.build(
-                cfg.schedules["lr"], context={"base_value": cfg.train.lr, "total_steps": cfg.train.steps}
-            )
+            lr = SCHEDULES.build(cfg.schedules["lr"], context=schedule_context(cfg, "lr"))
             trainer = Trainer(
                 cfg.train,
                 student,

@@ -318,15 +318,16 @@ def test_a_bad_stream_aborts_once_the_window_is_read(tmp_path, tokenizer, window
 
 
 def test_data_settings_are_checked_at_validation():
+    models = {"teacher": {"model": "cc-test-teacher", "random_init": True}, "student": {"model": "cc-test-student"}}
     for key, value in (("max_bad_fraction", 5), ("max_bad_fraction", -0.1), ("max_bad_fraction", 1.0),
                        ("bad_window", 0), ("num_samples", 0), ("kind", "csvv")):
         with pytest.raises(ConfigError, match=rf"^data\.train\.{key}: "):
-            config_from_dict({"data": {"train": {key: value}}})
+            config_from_dict({**models, "data": {"train": {key: value}}})
     with pytest.raises(ConfigError, match=r"data\.val\.max_bad_fraction"):
-        config_from_dict({"data": {"val": {"max_bad_fraction": 2}}})
+        config_from_dict({**models, "data": {"val": {"max_bad_fraction": 2}}})
     with pytest.raises(ConfigError, match="image_size"):  # each model's own size is used; no override
-        config_from_dict({"data": {"image_size": 64}})
-    assert config_from_dict({"data": {"train": {"bad_window": 50}}}).data.train.bad_window == 50
+        config_from_dict({**models, "data": {"image_size": 64}})
+    assert config_from_dict({**models, "data": {"train": {"bad_window": 50}}}).data.train.bad_window == 50
 
 
 # ----------------------------------------------------------------------------- webdataset

@@ -13,7 +13,7 @@ from compress.run import run_experiment
 def tiny_config(tmp_path, **overrides):
     data = {
         "name": "e2e",
-        "teacher": {"model": "cc-test-teacher"},
+        "teacher": {"model": "cc-test-teacher", "random_init": True},
         "student": {"model": "cc-test-student"},
         "inheritance": {"name": "manual"},
         "losses": [{"name": "affinity", "weight": 1.0}],
@@ -67,7 +67,8 @@ def test_exported_student_loads_in_open_clip_with_identical_outputs(tmp_path):
 
 def test_failed_run_writes_failed_row(tmp_path):
     # the student is larger than its source: manual inheritance refuses it during the run
-    cfg = tiny_config(tmp_path, teacher={"model": "cc-test-student"}, student={"model": "cc-test-teacher"})
+    cfg = tiny_config(tmp_path, teacher={"model": "cc-test-student", "random_init": True},
+                      student={"model": "cc-test-teacher"})
     row = run_experiment(cfg)
     assert row["status"] == "failed"
     on_disk = json.loads((tmp_path / "runs" / f"e2e-{cfg.run_id()}" / "result.json").read_text())

@@ -141,7 +141,7 @@ def test_run_files_respect_the_umask(tmp_path):
 def _write_cli_config(tmp_path, **train):
     cfg = {
         "name": "cli",
-        "teacher": {"model": "cc-test-teacher"},
+        "teacher": {"model": "cc-test-teacher", "random_init": True},
         "student": {"model": "cc-test-student"},
         "inheritance": {"name": "manual"},
         "losses": [{"name": "affinity"}],

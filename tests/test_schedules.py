@@ -44,7 +44,8 @@ def weight_config(schedules, losses=None):
 
     losses = losses or [{"name": "affinity", "weight": 1.0}, {"name": "clip", "weight": 0.25}]
     return config_from_dict({
-        "name": "w", "teacher": {"model": "cc-test-teacher"}, "student": {"model": "cc-test-student"},
+        "name": "w", "teacher": {"model": "cc-test-teacher", "random_init": True},
+        "student": {"model": "cc-test-student"},
         "losses": losses, "schedules": {"lr": LR, **schedules}, "train": {"steps": 10},
     })
 

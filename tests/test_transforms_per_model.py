@@ -118,7 +118,7 @@ def test_online_teacher_reads_its_own_view():
 def _run_dict(tmp_path: Path, student: str, **train: object) -> dict:
     return {
         "name": "sizes",
-        "teacher": {"model": "cc-test-teacher"},
+        "teacher": {"model": "cc-test-teacher", "random_init": True},
         "student": {"model": student},
         "inheritance": {"name": "none"},
         "losses": [{"name": "affinity", "weight": 1.0}],

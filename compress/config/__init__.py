@@ -27,7 +27,7 @@ from compress.config.schema import (
     TrainConfig,
     ZeroShotTaskConfig,
 )
-from compress.config.validate import validate
+from compress.config.validate import inheritance_context, schedule_context, validate
 from compress.config.yamlio import yaml_load
 
 __all__ = [
@@ -47,9 +47,11 @@ __all__ = [
     "config_from_dict",
     "dump_config",
     "identity_dict",
+    "inheritance_context",
     "load_config",
     "parse_override",
     "run_id",
+    "schedule_context",
     "validate",
     "yaml_load",
 ]

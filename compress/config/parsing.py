@@ -95,11 +95,38 @@ def _from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _dataclass_of(tp: Any) -> type | None:
+    """The dataclass in a field type (``ModelSpec | None`` -> ``ModelSpec``), or None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        found = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def _merge(cls: type, base: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` on top of ``base``: sections that are dataclasses merge key by key; everything else
+    (plug-in specs, lists, free mappings) is replaced whole, so a YAML ``losses`` list replaces
+    the default list instead of mixing with it. Unknown keys are kept for the parser to report."""
+    hints = typing.get_type_hints(cls)
+    out = dict(base)
+    for key, value in data.items():
+        sub = _dataclass_of(hints[key]) if key in hints else None
+        if sub is not None and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(sub, out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def config_from_dict(data: Mapping[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then ``data`` on top, then the ``--set`` overrides on top of both (so that
+    ``losses.0.weight=2`` works when ``data`` lists no losses), then validation."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"a config is a mapping at the top level, got {type(data).__name__}")
-    data = apply_overrides(dict(data), overrides or [])
-    return validate(_from_dict(RunConfig, data))
+    merged = _merge(RunConfig, RunConfig().to_dict(), data)
+    return validate(_from_dict(RunConfig, apply_overrides(merged, overrides or [])))
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -108,15 +135,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml_load(path.read_text()) or {}
+        data = yaml_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        raise ConfigError(f"config file {path} is empty")
     try:
         return config_from_dict(data, overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-
-
 
 
 def dump_config(cfg: RunConfig) -> str:

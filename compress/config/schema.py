@@ -23,11 +23,14 @@ def _to_plain(value: Any) -> Any:
 class ModelSpec:
     """A model: an open_clip name (``ViT-B-32``), ``name@pretrained_tag``, a checkpoint
     file (``.safetensors`` / ``.pt``), a model config JSON, or a directory exported by this
-    project. ``pretrained`` is a tag or a checkpoint path for a named architecture."""
+    project. ``pretrained`` is a tag or a checkpoint path for a named architecture.
+    ``random_init``: a teacher without weights (a bare name or config JSON) is refused unless
+    this says the random teacher is intended (tests); students are random by construction."""
 
     model: str = "ViT-B-32"
     pretrained: str | None = None
     force_quick_gelu: bool = False
+    random_init: bool = False
 
 
 #: the data set kinds ``DatasetConfig.kind`` may name

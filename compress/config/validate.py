@@ -1,13 +1,26 @@
-"""Checks the dataclasses cannot make: plug-in names and parameters, ranges, combinations."""
+"""Checks the dataclasses cannot make: plug-in names and parameters, ranges, combinations.
+
+Everything here runs before any model is built, so a wrong config fails in a second with one
+line naming the key, not after the models are loaded or after hours of training. Plug-ins are
+built once here with the engine's context, so their constructors' value checks run too.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from compress.config.errors import ConfigError
-from compress.config.schema import DATASET_KINDS, SCHEMA_VERSION, RunConfig
-from compress.registry import INHERITANCE, LOSSES, SCHEDULES, RegistryError, suggest
+from compress.config.schema import DATASET_KINDS, SCHEMA_VERSION, ModelSpec, RunConfig
+from compress.registry import INHERITANCE, LOSSES, SCHEDULES, Registry, RegistryError, suggest
+
+#: parameters the engine supplies to schedule constructors when they declare them
+SCHEDULE_CONTEXT = ("base_value", "total_steps")
+#: parameters the engine supplies to loss constructors when they declare them (known once models exist)
+LOSS_CONTEXT = ("student_embed_dim", "teacher_embed_dim")
+#: parameters the engine supplies to inheritance constructors when they declare them
+INHERITANCE_CONTEXT = ("total_steps",)
 
 
 def _check_plugin(registry, spec: Any, where: str, extra: tuple[str, ...] = ()) -> None:
@@ -18,18 +31,40 @@ def _check_plugin(registry, spec: Any, where: str, extra: tuple[str, ...] = ()) 
         raise ConfigError(f"{where}: {e}") from None
 
 
-#: parameters the engine supplies to schedule constructors when they declare them
-SCHEDULE_CONTEXT = ("base_value", "total_steps")
+def _build_plugin(registry: Registry[Any], spec: Any, where: str, context: Mapping[str, Any] | None = None) -> Any:
+    """Build the plug-in once so that its constructor checks its values; errors name ``where``."""
+    try:
+        return registry.validate(spec, context)
+    except RegistryError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def inheritance_context(cfg: RunConfig) -> dict[str, Any]:
+    """What the engine offers an inheritance constructor (``total_steps``: ``train.steps``)."""
+    return {"total_steps": cfg.train.steps}
+
+
+def schedule_context(cfg: RunConfig, key: str) -> dict[str, Any]:
+    """What the engine offers the constructor of ``schedules.<key>``: ``total_steps`` (``train.steps``)
+    and ``base_value``: ``train.lr`` for ``lr``, the loss's configured ``weight`` for ``weight/<loss>``."""
+    context: dict[str, Any] = {"total_steps": cfg.train.steps}
+    if key == "lr":
+        context["base_value"] = cfg.train.lr
+    elif key in (weight_keys := loss_weight_keys(cfg.losses)):
+        context["base_value"] = float(dict(cfg.losses[weight_keys[key]]).get("weight", 1.0))
+    return context
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Check what the dataclasses cannot: plug-in names and their parameters, ranges."""
+    """Check what the dataclasses cannot: plug-in names, their parameters and values, ranges."""
     if cfg.schema_version != SCHEMA_VERSION:
         raise ConfigError(
             f"schema_version: this clip-compress reads version {SCHEMA_VERSION}, the config has "
             f"{cfg.schema_version}"
         )
-    _check_plugin(INHERITANCE, cfg.inheritance, "inheritance")
+    _check_train(cfg)
+    inheritance = _build_plugin(INHERITANCE, cfg.inheritance, "inheritance", inheritance_context(cfg))
+    _check_models(cfg, inheritance)
     if not cfg.losses:
         raise ConfigError("losses: at least one loss term is needed")
     for i, spec in enumerate(cfg.losses):
@@ -37,14 +72,30 @@ def validate(cfg: RunConfig) -> RunConfig:
         weight = params.pop("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, int | float):
             raise ConfigError(f"losses[{i}].weight: expected a number, got {weight!r}")
-        _check_plugin(LOSSES, params, f"losses[{i}]")
+        if not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"losses[{i}].weight: must be a finite number >= 0, got {weight!r}")
+        _build_plugin(LOSSES, params, f"losses[{i}]")
     _check_schedules(cfg)
     if cfg.teacher is None and any(LOSSES.get(LOSSES.split_spec(s)[0]).needs_teacher for s in _loss_specs(cfg)):
         raise ConfigError("teacher: the configured losses need a teacher, but teacher is null")
+    _check_data(cfg)
+    if cfg.dispatch.backend not in ("inprocess", "local", "slurm"):
+        raise ConfigError(
+            f"dispatch.backend: {cfg.dispatch.backend!r} is not one of inprocess, local, slurm."
+            f"{suggest(cfg.dispatch.backend, ['inprocess', 'local', 'slurm'])}"
+        )
+    _check_dispatch(cfg)
+    return cfg
+
+
+def _check_train(cfg: RunConfig) -> None:
+    """Ranges of the optimiser and loop settings (AdamW: Loshchilov & Hutter, ICLR 2019)."""
     t = cfg.train
-    for key in ("steps", "batch_size", "accum_steps"):
+    for key in ("steps", "batch_size", "accum_steps", "log_every", "max_nonfinite_in_row"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
+    if t.checkpoint_every < 0:
+        raise ConfigError(f"train.checkpoint_every: must be >= 0 (0: only at the end), got {t.checkpoint_every}")
     if t.batch_size % t.accum_steps:
         raise ConfigError(
             f"train.batch_size ({t.batch_size}) must be divisible by train.accum_steps ({t.accum_steps})"
@@ -54,14 +105,84 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"train.precision: {t.precision!r} is not one of auto, fp32, bf16, fp16."
             f"{suggest(t.precision, ['auto', 'fp32', 'bf16', 'fp16'])}"
         )
-    _check_data(cfg)
-    if cfg.dispatch.backend not in ("inprocess", "local", "slurm"):
+    if not (math.isfinite(t.lr) and t.lr >= 0):
+        raise ConfigError(f"train.lr: must be a finite number >= 0, got {t.lr}")
+    if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
+        raise ConfigError(f"train.weight_decay: must be a finite number >= 0, got {t.weight_decay}")
+    if not (math.isfinite(t.eps) and t.eps > 0):
+        raise ConfigError(f"train.eps: must be a number > 0, got {t.eps}")
+    for i, beta in enumerate(t.betas):
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"train.betas[{i}]: must be in [0, 1), got {beta}")
+    if t.grad_clip is not None and not (math.isfinite(t.grad_clip) and t.grad_clip >= 0):
+        raise ConfigError(f"train.grad_clip: must be a number >= 0 (0 or null: no clipping), got {t.grad_clip}")
+
+
+def _check_models(cfg: RunConfig, inheritance: Any) -> None:
+    """Teacher weights, and a student exactly where the inheritance strategy reads one."""
+    name = cfg.inheritance["name"] if isinstance(cfg.inheritance, Mapping) else cfg.inheritance
+    if cfg.teacher is not None:
+        _check_teacher(cfg.teacher)
+        _check_model_name(cfg.teacher, "teacher")
+    if getattr(inheritance, "needs_student_config", True):
+        if cfg.student is None:
+            raise ConfigError(f"student: inheritance {name!r} needs a student architecture (student.model)")
+        _check_model_name(cfg.student, "student")
+        if cfg.student.random_init:
+            raise ConfigError(
+                "student.random_init: only a teacher can be asked to be random; a student is built "
+                "randomly and then filled by its inheritance strategy"
+            )
+    elif cfg.student is not None:
         raise ConfigError(
-            f"dispatch.backend: {cfg.dispatch.backend!r} is not one of inprocess, local, slurm."
-            f"{suggest(cfg.dispatch.backend, ['inprocess', 'local', 'slurm'])}"
+            f"student: inheritance {name!r} derives the student from its source (the teacher); "
+            "remove student (or set it to null)"
         )
-    _check_dispatch(cfg)
-    return cfg
+    if getattr(inheritance, "needs_source", True) and cfg.teacher is None:
+        raise ConfigError(
+            f"teacher: inheritance {name!r} takes the student's weights from the teacher, but teacher is null"
+        )
+
+
+def _check_model_name(spec: ModelSpec, where: str) -> None:
+    """An architecture name must be known (a typo fails here, not after the teacher is loaded)."""
+    from pathlib import Path
+
+    from compress.models.factory import ModelLoadError, get_model_config, resolve_spec
+
+    try:
+        kind, name, _ = resolve_spec(spec.model, spec.pretrained)
+        if kind == "named":
+            if "/" in name and not Path(name).exists():
+                raise ConfigError(f"{where}.model: no such file or folder: {name}")
+            get_model_config(name)
+    except ModelLoadError as e:
+        raise ConfigError(f"{where}.model: {e}") from None
+
+
+def _check_teacher(spec: ModelSpec) -> None:
+    """A teacher without weights distils from noise: refused unless ``random_init: true`` says so."""
+    from pathlib import Path
+
+    from compress.models.factory import ModelLoadError, has_weights
+
+    try:
+        weighted = has_weights(spec.model, spec.pretrained)
+    except ModelLoadError as e:
+        raise ConfigError(f"teacher.model: {e}") from None
+    if weighted and spec.random_init:
+        raise ConfigError(
+            f"teacher.random_init: true, but teacher {spec.model!r} loads weights "
+            f"{'(' + spec.pretrained + ') ' if spec.pretrained else ''}; drop one of the two"
+        )
+    if not weighted and not spec.random_init:
+        typo = "/" in spec.model and not Path(spec.model).exists()
+        missing = f" (no such file or folder: {spec.model})" if typo else ""
+        raise ConfigError(
+            f"teacher.model: {spec.model!r} has no weights{missing}: it is an architecture without "
+            "a @tag, a pretrained checkpoint, a checkpoint file or an exported folder, so the student would "
+            "distil from a random teacher; give weights, or set teacher.random_init: true if that is intended"
+        )
 
 
 def _check_dispatch(cfg: RunConfig) -> None:
@@ -134,6 +255,7 @@ def _check_schedules(cfg: RunConfig) -> None:
         name = SCHEDULES.split_spec(spec)[0] if isinstance(spec, str | Mapping) else ""
         offered = tuple(k for k in SCHEDULE_CONTEXT if name in SCHEDULES and SCHEDULES.accepts(name, k))
         _check_plugin(SCHEDULES, spec, f"schedules.{key}", offered)
+        _build_plugin(SCHEDULES, spec, f"schedules.{key}", schedule_context(cfg, key))
 
 
 def _loss_specs(cfg: RunConfig) -> list[dict[str, Any]]:

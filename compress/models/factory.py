@@ -163,6 +163,31 @@ def check_activation(expected: Mapping[str, Any], found: Mapping[str, Any], wher
         )
 
 
+def resolve_spec(model: str, pretrained: str | None = None) -> tuple[str, str, str | None]:
+    """How a model string is read: ``(kind, spec, pretrained)``, ``kind`` one of ``exported``
+    (a folder written by this project), ``file`` (a config JSON or a checkpoint) or ``named``
+    (an architecture name); ``name@tag`` is split into the name and ``pretrained``."""
+    spec = model.removeprefix(LOCAL_DIR_PREFIX)
+    if "@" in spec and not Path(spec).exists():
+        if pretrained is not None:
+            raise ModelLoadError(f"{spec!r} names a pretrained tag already; do not also set pretrained")
+        spec, pretrained = spec.split("@", 1)
+    path = Path(spec)
+    if path.is_dir():
+        return "exported", spec, pretrained
+    if path.suffix == ".json" or path.suffix in CHECKPOINT_SUFFIXES or model.startswith(LOCAL_DIR_PREFIX):
+        return "file", spec, pretrained
+    return "named", spec, pretrained
+
+
+def has_weights(model: str, pretrained: str | None = None) -> bool:
+    """Whether :func:`load_model` would load weights (a tag, a checkpoint, an exported folder,
+    ``pretrained``) rather than build the architecture with random weights (a bare name or a
+    config JSON without ``pretrained``)."""
+    kind, spec, pretrained = resolve_spec(model, pretrained)
+    return kind == "exported" or bool(pretrained) or (kind == "file" and Path(spec).suffix != ".json")
+
+
 def load_model(
     model: str,
     pretrained: str | None = None,
@@ -183,14 +208,9 @@ def load_model(
         ModelLoadError: unknown name or tag, missing or unreadable file, a checkpoint holding
             pickled objects, weights that do not fit the config, or an activation mismatch.
     """
-    spec = model.removeprefix(LOCAL_DIR_PREFIX)
-    if "@" in spec and not Path(spec).exists():
-        if pretrained is not None:
-            raise ModelLoadError(f"{spec!r} names a pretrained tag already; do not also set pretrained")
-        spec, pretrained = spec.split("@", 1)
-
+    kind, spec, pretrained = resolve_spec(model, pretrained)
     path = Path(spec)
-    if path.is_dir():
+    if kind == "exported":
         from compress.models.export import load_exported
 
         if pretrained:
@@ -198,7 +218,7 @@ def load_model(
         result = load_exported(path, convert=convert)
         if force_quick_gelu:
             check_activation({"quick_gelu": True}, result.clip_cfg, str(path))
-    elif path.suffix == ".json" or path.suffix in CHECKPOINT_SUFFIXES or model.startswith(LOCAL_DIR_PREFIX):
+    elif kind == "file":
         result = _load_from_file(path, pretrained, force_quick_gelu, convert)
     else:
         result = _load_named(spec, pretrained, force_quick_gelu, convert)

@@ -46,7 +46,8 @@ class AutoInheritance(Inheritance):
     ``per_tower`` (each tower reaches the target); ``lagrangian``: ``two_sided`` (paper, CoFi)
     or ``one_sided`` (official code); ``lambda_init``: None = 0 (two-sided) / 10 (one-sided);
     ``target_schedule``: a schedule spec replacing the default ``linear_ramp``; ``layer_gates``:
-    CoFi's whole-block gates (off in TinyCLIP); ``towers``: ``both``, ``vision`` or ``text``.
+    CoFi's whole-block gates (off in TinyCLIP); ``towers``: ``both``, ``vision`` or ``text``;
+    ``total_steps``: offered by the engine (``train.steps``) to refuse a ``prune_step`` never reached.
     """
 
     needs_student_config = False
@@ -66,11 +67,29 @@ class AutoInheritance(Inheritance):
         layer_gates: bool = False,
         towers: str | list[str] = "both",
         init_log_alpha: float = LOG_ALPHA_INIT,
+        total_steps: int | None = None,
     ) -> None:
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
         if prune_step < 1:
             raise ValueError(f"prune_step must be >= 1, got {prune_step}")
+        if total_steps is not None and prune_step > total_steps:
+            raise ValueError(
+                f"prune_step ({prune_step}) is after the last step (train.steps = {total_steps}): the masks "
+                "would never be folded and the target sparsity never reached; lower prune_step"
+            )
+        if not 0.0 <= start_sparsity <= target_sparsity:
+            raise ValueError(f"start_sparsity must be in [0, target_sparsity={target_sparsity}], got {start_sparsity}")
+        if ramp_steps < 0:
+            raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps}")
+        if target_schedule is None and ramp_steps > prune_step:
+            raise ValueError(
+                f"ramp_steps ({ramp_steps}) is longer than prune_step ({prune_step}): the target sparsity "
+                "would not be reached before pruning; set ramp_steps <= prune_step"
+            )
+        for key, value in (("mask_lr", mask_lr), ("lambda_lr", lambda_lr)):
+            if not value >= 0:
+                raise ValueError(f"{key} must be >= 0 (a learning rate), got {value}")
         if lagrangian not in MODES:
             raise ValueError(f"lagrangian must be one of {', '.join(MODES)}, got {lagrangian!r}")
         if budget not in BUDGETS:

@@ -17,6 +17,8 @@ class NoInheritance(Inheritance):
     initialises them; the source is not read.
     """
 
+    needs_source = False
+
     def inherit(self, student: nn.Module | None, source: nn.Module) -> nn.Module:
         if student is None:
             raise InheritanceError("inheritance 'none' needs a student architecture (set student.model)")

@@ -11,7 +11,14 @@ from compress.distributed import gather_no_grad, gather_with_grad
 from compress.outputs import ClipOutput
 from compress.plugins import DistillLoss
 from compress.registry import LOSSES
-from strategies.losses.common import check_scale, require_teacher, scale_of, scaled_similarity, soft_cross_entropy
+from strategies.losses.common import (
+    check_scale,
+    check_weights,
+    require_teacher,
+    scale_of,
+    scaled_similarity,
+    soft_cross_entropy,
+)
 
 
 @LOSSES.register("affinity")
@@ -27,6 +34,7 @@ class AffinityMimicking(DistillLoss):
     """
 
     def __init__(self, weight_i2t: float = 0.5, weight_t2i: float = 0.5, scale: float | str = 50.0) -> None:
+        check_weights(weight_i2t=weight_i2t, weight_t2i=weight_t2i)
         super().__init__()
         self.weight_i2t = float(weight_i2t)
         self.weight_t2i = float(weight_t2i)

@@ -25,6 +25,13 @@ def check_scale(scale: float | str) -> float | str:
     return float(scale)
 
 
+def check_weights(**weights: float) -> None:
+    """Validate per-term weights of a loss: finite numbers >= 0 (a negative weight maximises a loss)."""
+    for key, value in weights.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+            raise ValueError(f"{key}: expected a finite number >= 0, got {value!r}")
+
+
 def scale_of(scale: float | str, output: ClipOutput, *, detach: bool = False) -> Tensor | float:
     """The multiplier s of the logits: the fixed number, or the output's exponentiated logit_scale."""
     if scale != MODEL_SCALE:

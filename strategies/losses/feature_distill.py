@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from compress.outputs import ClipOutput
 from compress.plugins import DistillLoss
 from compress.registry import LOSSES, suggest
-from strategies.losses.common import require_teacher
+from strategies.losses.common import check_weights, require_teacher
 
 METRICS = ("mse", "cosine")
 
@@ -41,6 +41,7 @@ class FeatureDistill(DistillLoss):
         student_embed_dim: int | None = None,
         teacher_embed_dim: int | None = None,
     ) -> None:
+        check_weights(weight_image=weight_image, weight_text=weight_text)
         super().__init__()
         if metric not in METRICS:
             raise ValueError(

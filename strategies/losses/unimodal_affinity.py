@@ -12,7 +12,14 @@ from compress.distributed import gather_no_grad, gather_with_grad, local_row_off
 from compress.outputs import ClipOutput
 from compress.plugins import DistillLoss
 from compress.registry import LOSSES
-from strategies.losses.common import check_scale, require_teacher, scale_of, scaled_similarity, soft_cross_entropy
+from strategies.losses.common import (
+    check_scale,
+    check_weights,
+    require_teacher,
+    scale_of,
+    scaled_similarity,
+    soft_cross_entropy,
+)
 
 
 @LOSSES.register("unimodal_affinity")
@@ -34,6 +41,7 @@ class UnimodalAffinity(DistillLoss):
         scale: float | str = 50.0,
         exclude_self: bool = False,
     ) -> None:
+        check_weights(weight_image=weight_image, weight_text=weight_text)
         super().__init__()
         self.weight_image = float(weight_image)
         self.weight_text = float(weight_text)

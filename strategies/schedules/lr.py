@@ -22,6 +22,13 @@ class WarmupCosine(Schedule):
     ) -> None:
         if warmup_steps < 0 or total_steps < 1:
             raise ValueError("warmup_steps must be >= 0 and total_steps >= 1")
+        if warmup_steps > total_steps:
+            raise ValueError(
+                f"warmup_steps ({warmup_steps}) is longer than the run (total_steps = {total_steps}): the value "
+                "would never reach its base value; lower warmup_steps"
+            )
+        if not (base_value >= 0 and min_value >= 0):
+            raise ValueError(f"base_value and min_value must be >= 0, got {base_value} and {min_value}")
         self.base_value, self.total_steps = base_value, total_steps
         self.warmup_steps, self.min_value = warmup_steps, min_value
 
@@ -49,6 +56,8 @@ class StepDecay(Schedule):
     """Multiply the base value by ``gamma`` at each milestone step."""
 
     def __init__(self, base_value: float, milestones: list[int], gamma: float = 0.1) -> None:
+        if not gamma > 0 or any(m < 0 for m in milestones):
+            raise ValueError(f"gamma must be > 0 and milestones >= 0, got gamma {gamma}, milestones {milestones}")
         self.base_value, self.milestones, self.gamma = base_value, sorted(milestones), gamma
 
     def value(self, step: int) -> float:
