@@ -4,11 +4,15 @@ MACs are counted for one image (``encode_image`` on [1, 3, H, W]) and one text
 (``encode_text`` on [1, L]) separately, as TinyCLIP reports them (ViT-B/32 at 224:
 4.4G image, 2.9G text). Two counters:
 
-- ``"aten"`` (default): PyTorch's ``FlopCounterMode`` sees every matmul, convolution and
-  attention kernel at the ATen level, whatever module issues it (``F.linear``,
-  ``F.scaled_dot_product_attention``, ``x @ proj``, ``F.multi_head_attention_forward`` in
-  ModifiedResNet's attention pool); MACs = FLOPs / 2. Bias adds, norms and activations are
-  not counted: the fvcore / TinyCLIP convention.
+- ``"aten"`` (default): PyTorch's ``FlopCounterMode`` sees every matmul and convolution at
+  the ATen level, whatever module issues it (``F.linear``, ``x @ proj``, the projections of
+  ``F.multi_head_attention_forward`` in ModifiedResNet's attention pool); MACs = FLOPs / 2.
+  Attention is counted analytically, independent of the torch version and of the SDPA
+  backend: whichever fused kernel ``F.scaled_dot_product_attention`` dispatches to (torch
+  2.14's CPU flash kernel has no formula of its own) counts Q·Kᵀ and A·V, L·S·(d_h + d_v)
+  MACs per batch row and head, the same as the math backend's two ``bmm``; an attention
+  kernel without a formula raises instead of counting 0. Bias adds, norms, softmax and
+  activations are not counted: the fvcore / TinyCLIP convention.
 - ``"torch_pruning"``: ``tp.utils.count_ops_and_params``, a module-hook counter (ptflops)
   that adds elementwise ops (LayerNorm 2/element, GELU 1/element, softmax, q scaling, one
   bias per output feature) and only sees registered module types. It does not see
@@ -27,10 +31,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from compress.evaluation.common import (
     autocast,
@@ -42,7 +49,7 @@ from compress.evaluation.common import (
 )
 from compress.models.attention import HeadAttention
 
-__all__ = ["COUNTERS", "count_macs", "head_attention_ops", "pairs_per_second", "throughput"]
+__all__ = ["COUNTERS", "attention_flops", "count_macs", "head_attention_ops", "pairs_per_second", "throughput"]
 
 COUNTERS = ("aten", "torch_pruning")
 
@@ -83,14 +90,48 @@ def _example_inputs(model: nn.Module, image_size: tuple[int, int], context_lengt
     return image, tokens
 
 
+def attention_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of softmax(Q·Kᵀ)·V for q [..., L, d_h], k [..., S, d_h], v [..., S, d_v]:
+    2·L·S·(d_h + d_v) per leading (batch, head) row of q, as two ``bmm`` count them (the mask,
+    causal or not, and the softmax are not counted). Takes tensors or shapes."""
+    q, k, v = (tuple(x.shape) if isinstance(x, Tensor) else tuple(x) for x in (query, key, value))
+    return 2 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def _attention_kernels() -> list[Any]:
+    """Every forward ``aten`` attention op of this torch taking (query, key, value, ...) in
+    [..., L, E] layout: the public ``scaled_dot_product_attention`` and its fused kernels."""
+    names = {n.split("::", 1)[1].split(".", 1)[0] for n in torch._C._dispatch_get_all_op_names()}
+    names = {n for n in names if n.startswith(("scaled_dot_product_", "_scaled_dot_product_"))}
+    return [getattr(torch.ops.aten, n) for n in sorted(names) if not n.endswith("_backward")]
+
+
+class _UncountedAttentionGuard(TorchDispatchMode):
+    """Raises on an attention kernel that the counter has no formula for (it would count 0)."""
+
+    def __init__(self, known: Sequence[Any]) -> None:
+        super().__init__()
+        self.known = set(known)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        packet = getattr(func, "_overloadpacket", func)
+        name = getattr(packet, "__name__", str(packet))
+        if ("attention" in name or "attn" in name) and packet not in self.known:
+            raise RuntimeError(f"MACs: no FLOP formula for the attention kernel aten.{name}; it would count 0")
+        return func(*args, **(kwargs or {}))
+
+
 def _aten_macs(tower: nn.Module, example: Tensor) -> int:
-    """FLOPs / 2 of one forward. ``nn.MultiheadAttention``'s inference fast path (one fused
-    kernel the counter does not know) is switched off meanwhile, so open_clip's unconverted
-    attention is counted too."""
+    """FLOPs / 2 of one forward (see the module docstring). ``nn.MultiheadAttention``'s
+    inference fast path (one fused kernel) is switched off meanwhile, so open_clip's
+    unconverted attention is counted like the converted one."""
+    formulas: dict[Any, Callable[..., int]] = {op: attention_flops for op in _attention_kernels()}
+    known = [*getattr(flop_counter, "flop_registry", {}), *formulas]
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        counter = flop_counter.FlopCounterMode(display=False, custom_mapping=formulas)
+        with torch.no_grad(), counter, _UncountedAttentionGuard(known):
             tower(example)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
