@@ -16,7 +16,7 @@ from compress import distributed
 from compress.config import RunConfig, dump_config
 from compress.fileio import atomic_write_text
 from compress.models import load_model
-from compress.models.forward import context_length, embed_dim
+from compress.models.forward import context_length_of, embed_dim
 from compress.precision import resolve_device, resolve_precision
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES
 from compress.results import STATUS_COMPLETED, STATUS_FAILED, make_row, write_result
@@ -81,10 +81,10 @@ def _prepare(cfg: RunConfig):
         teacher = freeze(load_model(t.model, pretrained=t.pretrained, force_quick_gelu=t.force_quick_gelu))
     inheritance = INHERITANCE.build(cfg.inheritance)
     student = build_student(cfg, inheritance, teacher)
-    if teacher is not None and context_length(teacher) != context_length(student):
+    if teacher is not None and context_length_of(teacher) != context_length_of(student):
         raise RunError(
-            f"teacher and student context lengths differ ({context_length(teacher)} vs {context_length(student)});"
-            " both read the same tokens"
+            f"teacher and student context lengths differ ({context_length_of(teacher)} vs "
+            f"{context_length_of(student)}); both read the same tokens"
         )
     if cfg.train.grad_checkpointing and hasattr(student, "set_grad_checkpointing"):
         student.set_grad_checkpointing(True)

@@ -12,26 +12,10 @@ from typing import Any
 import torch
 from torchvision import transforms as T
 
+from compress.models.forward import image_size_of
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def image_size_of(model: Any, override: int | None = None) -> int:
-    """The input resolution: ``override`` (``data.image_size``), ``model.visual.image_size``
-    or the model config's ``vision_cfg.image_size`` (``model.clip_cfg``)."""
-    if override:
-        return int(override)
-    visual = getattr(model, "visual", model)
-    size = getattr(visual, "image_size", None)
-    if size is None:
-        size = ((getattr(model, "clip_cfg", None) or {}).get("vision_cfg") or {}).get("image_size")
-    if size is None:
-        raise ValueError("cannot find the model's image size (model.visual.image_size); set data.image_size")
-    if isinstance(size, list | tuple):
-        if len(set(size)) != 1:
-            raise ValueError(f"non-square image size {tuple(size)} is not supported")
-        size = size[0]
-    return int(size)
 
 
 class _ToRGB:

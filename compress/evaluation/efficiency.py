@@ -39,15 +39,10 @@ from torch import Tensor, nn
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from compress.evaluation.common import (
-    autocast,
-    context_length_of,
-    eval_mode,
-    image_size_of,
-    model_device_dtype,
-    synchronize,
-)
+from compress.evaluation.common import eval_mode, model_device_dtype, synchronize
 from compress.models.attention import HeadAttention
+from compress.models.forward import context_length_of, image_size_of
+from compress.precision import Precision, resolve_precision
 
 __all__ = ["COUNTERS", "attention_flops", "count_macs", "head_attention_ops", "pairs_per_second", "throughput"]
 
@@ -81,6 +76,14 @@ def head_attention_ops(module: HeadAttention, inputs: tuple[Tensor, ...], output
     ops += h * (2 * length * length * dh + length * length)
     ops += length * inner * d + length * d
     module.__flops__ += int(ops * batch)
+
+
+def _image_hw(model: nn.Module, image_size: int | tuple[int, int] | None) -> tuple[int, int]:
+    """``(H, W)``: the given size (an int is square), else the model's."""
+    if isinstance(image_size, tuple | list):
+        return int(image_size[0]), int(image_size[1])
+    size = image_size_of(model, image_size)
+    return size, size
 
 
 def _example_inputs(model: nn.Module, image_size: tuple[int, int], context_length: int) -> tuple[Tensor, Tensor]:
@@ -157,11 +160,11 @@ def count_macs(
 ) -> dict[str, int]:
     """``{"macs_image", "macs_text"}``: MACs to encode one image / one text (see the module docstring).
 
-    ``image_size`` / ``context_length`` default to the model's (``visual.image_size``,
-    ``clip_cfg["text_cfg"]["context_length"]``)."""
+    ``image_size`` (an int or ``(H, W)``) and ``context_length`` default to the model's
+    (:func:`~compress.models.forward.image_size_of`, :func:`~compress.models.forward.context_length_of`)."""
     if counter not in COUNTERS:
         raise ValueError(f"counter must be one of {COUNTERS}, got {counter!r}")
-    image, tokens = _example_inputs(model, image_size_of(model, image_size), context_length_of(model, context_length))
+    image, tokens = _example_inputs(model, _image_hw(model, image_size), context_length_of(model, context_length))
     count = _aten_macs if counter == "aten" else _torch_pruning_ops
     with eval_mode(model):
         return {
@@ -175,9 +178,9 @@ def pairs_per_second(images_per_s: float, texts_per_s: float) -> float:
     return 1.0 / (1.0 / images_per_s + 1.0 / texts_per_s)
 
 
-def _rate(fn: object, x: Tensor, device: torch.device, precision: str, warmup: int, iters: int) -> float:
+def _rate(fn: object, x: Tensor, device: torch.device, precision: Precision, warmup: int, iters: int) -> float:
     """Samples per second of ``fn(x)`` over ``iters`` calls after ``warmup`` calls."""
-    with torch.inference_mode(), autocast(device, precision):
+    with torch.inference_mode(), precision.autocast():
         for _ in range(warmup):
             fn(x)
         synchronize(device)
@@ -202,17 +205,18 @@ def throughput(
     """``{"images_per_s", "texts_per_s", "pairs_per_s"}`` with zero inputs of ``batch_size``.
 
     ``device`` defaults to the model's; the model is not moved. Timed with
-    ``torch.inference_mode`` and CUDA synchronisation; autocast on CUDA for bf16 / fp16."""
+    ``torch.inference_mode`` and CUDA synchronisation; autocast as :func:`~compress.precision.resolve_precision`."""
     if batch_size < 1 or iters < 1 or warmup < 0:
         raise ValueError("throughput needs batch_size >= 1, iters >= 1, warmup >= 0")
     model_device, dtype = model_device_dtype(model)
     device = torch.device(device) if device is not None else model_device
-    height, width = image_size_of(model, image_size)
+    height, width = _image_hw(model, image_size)
+    policy = resolve_precision(precision, device)
     images = torch.zeros(batch_size, 3, height, width, device=device, dtype=dtype)
     tokens = torch.zeros(batch_size, context_length_of(model, context_length), dtype=torch.long, device=device)
     with eval_mode(model):
-        images_per_s = _rate(model.encode_image, images, device, precision, warmup, iters)
-        texts_per_s = _rate(model.encode_text, tokens, device, precision, warmup, iters)
+        images_per_s = _rate(model.encode_image, images, device, policy, warmup, iters)
+        texts_per_s = _rate(model.encode_text, tokens, device, policy, warmup, iters)
     out = {"images_per_s": images_per_s, "texts_per_s": texts_per_s}
     out["pairs_per_s"] = pairs_per_second(images_per_s, texts_per_s)
     if not all(math.isfinite(v) and v > 0 for v in out.values()):

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from compress.config import DataConfig, EvalConfig, RunConfig
-from compress.data.tasks import build_retrieval_set, build_zero_shot_task
+from compress.data.tasks import RetrievalSet, ZeroShotTask, build_retrieval_set, build_zero_shot_task
 from compress.data.transforms import transforms_for
-from compress.evaluation.evaluate import RetrievalSet, ZeroShotTask, evaluate_model
+from compress.evaluation.evaluate import evaluate_model
 from compress.models.forward import tokenizer_for
 from compress.precision import Precision
 
@@ -18,34 +18,31 @@ from compress.precision import Precision
 def build_eval_sets(
     eval_cfg: EvalConfig, data: DataConfig | None, model: nn.Module, tokenizer: Any
 ) -> tuple[list[ZeroShotTask], list[RetrievalSet]]:
-    """The zero-shot tasks and retrieval sets a config asks for, as loaders."""
+    """The zero-shot tasks and retrieval sets a config asks for, with their loaders."""
     _, eval_tf = transforms_for(model, data.image_size if data else None)
     bs = eval_cfg.batch_size
-    tasks = []
-    for task_cfg in eval_cfg.zero_shot:
-        task = build_zero_shot_task(task_cfg, eval_tf, data)
-        subsets = None
-        if task.heldout_labels:
-            heldout = set(task.heldout_labels)
-            subsets = {"heldout": heldout, "seen": set(range(len(task.classnames))) - heldout}
-        tasks.append(ZeroShotTask(task.name, task.loader(bs), task.classnames, task.templates, subsets))
+    tasks = [build_zero_shot_task(task_cfg, eval_tf, data, bs) for task_cfg in eval_cfg.zero_shot]
     retrieval = []
     if eval_cfg.retrieval and data is not None:
-        ret = build_retrieval_set(data, eval_tf, name="val")
+        ret = build_retrieval_set(data, eval_tf, name="val", tokenizer=tokenizer, batch_size=bs)
         if ret is not None:
-            retrieval.append(RetrievalSet(ret.name, ret.loader(tokenizer, bs)))
+            retrieval.append(ret)
     return tasks, retrieval
 
 
-def evaluate_with(
-    model: nn.Module, eval_cfg: EvalConfig, data: DataConfig | None, device: torch.device, precision: str = "fp32",
+def evaluate_prepared(
+    model: nn.Module,
+    sets: tuple[list[ZeroShotTask], list[RetrievalSet]],
+    eval_cfg: EvalConfig,
+    device: torch.device,
+    precision: str = "fp32",
     progress: bool = False,
 ) -> dict[str, Any]:
-    tokenizer = tokenizer_for(model)
-    tasks, retrieval = build_eval_sets(eval_cfg, data, model, tokenizer)
+    """Evaluate ``model`` on sets built beforehand by :func:`build_eval_sets`."""
+    tasks, retrieval = sets
     return evaluate_model(
         model.to(device),
-        tokenizer,
+        tokenizer_for(model),
         zero_shot_tasks=tasks,
         retrieval_sets=retrieval,
         device=device,
@@ -55,6 +52,15 @@ def evaluate_with(
         measure_throughput=eval_cfg.throughput,
         progress=progress,
     )
+
+
+def evaluate_with(
+    model: nn.Module, eval_cfg: EvalConfig, data: DataConfig | None, device: torch.device, precision: str = "fp32",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Build the sets ``eval_cfg`` and ``data`` ask for, then evaluate ``model`` on them."""
+    sets = build_eval_sets(eval_cfg, data, model, tokenizer_for(model))
+    return evaluate_prepared(model, sets, eval_cfg, device, precision, progress)
 
 
 def evaluate_for_run(cfg: RunConfig, model: nn.Module, device: torch.device, precision: Precision) -> dict[str, Any]:
