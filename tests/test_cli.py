@@ -115,6 +115,7 @@ def _eval_error_cases(tmp_path):
         (["eval", "cc-test-teacher", "--kind", "folder", "--data", str(a_file)], "needs a folder"),
         (["eval", "cc-test-teacher", "--data", str(tmp_path / "missing")], "no such file or folder"),
         (["eval", "cc-test-teacher", "--device", "gpu"], "--device gpu"),
+        (["eval", "cc-test-teacher", "--kind", "folder"], "--kind folder needs --data PATH"),
     ]
     if not torch.cuda.is_available():
         cases.append((["eval", "cc-test-teacher", "--device", "cuda"], "--device cuda: "))

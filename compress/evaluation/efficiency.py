@@ -29,6 +29,7 @@ warm-up; pairs/s = 1 / (1 / images_per_s + 1 / texts_per_s), the rate of encodin
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -101,12 +102,13 @@ def attention_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any)
     return 2 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
 
 
-def _attention_kernels() -> list[Any]:
+@functools.cache
+def _attention_kernels() -> tuple[Any, ...]:
     """Every forward ``aten`` attention op of this torch taking (query, key, value, ...) in
     [..., L, E] layout: the public ``scaled_dot_product_attention`` and its fused kernels."""
     names = {n.split("::", 1)[1].split(".", 1)[0] for n in torch._C._dispatch_get_all_op_names()}
     names = {n for n in names if n.startswith(("scaled_dot_product_", "_scaled_dot_product_"))}
-    return [getattr(torch.ops.aten, n) for n in sorted(names) if not n.endswith("_backward")]
+    return tuple(getattr(torch.ops.aten, n) for n in sorted(names) if not n.endswith("_backward"))
 
 
 class _UncountedAttentionGuard(TorchDispatchMode):

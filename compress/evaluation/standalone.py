@@ -92,6 +92,8 @@ def evaluate_only(
     (``synthetic`` by default) with a batch size of 128 and ``auto`` precision."""
     if batch_size is not None and batch_size < 1:
         raise EvalError(f"--batch-size must be at least 1, got {batch_size}")
+    if kind not in (None, "synthetic") and data is None:
+        raise EvalError(f"--kind {kind} needs --data PATH")
     try:
         dev = resolve_device(device)
     except (RuntimeError, ValueError) as error:
