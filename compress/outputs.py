@@ -13,8 +13,8 @@ class ClipOutput:
     """Outputs of a CLIP model on one batch of (image, text) pairs.
 
     ``image_features`` / ``text_features`` are L2-normalised, ``logit_scale`` is already
-    exponentiated (s = 1 / tau). The optional extras are filled on request for the losses
-    that need them (unnormalised embeddings for feature distillation, token features).
+    exponentiated (s = 1 / tau). The optional extras (the unnormalised embeddings, for
+    feature distillation) are filled on request for the losses that name them in ``needs``.
     """
 
     image_features: Tensor
@@ -22,8 +22,6 @@ class ClipOutput:
     logit_scale: Tensor
     image_embeds: Tensor | None = None
     text_embeds: Tensor | None = None
-    image_tokens: Tensor | None = None
-    text_tokens: Tensor | None = None
 
     def detach(self) -> ClipOutput:
         return ClipOutput(**{f.name: _maybe(getattr(self, f.name), Tensor.detach) for f in fields(self)})

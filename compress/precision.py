@@ -1,11 +1,17 @@
-"""Device and mixed-precision policy: bf16/fp16 autocast on CUDA, fp32 on CPU."""
+"""Device and mixed-precision policy: bf16/fp16 autocast on CUDA, fp32 on CPU (one policy for
+training and evaluation), and moving batches to the device."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import Tensor
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -37,8 +43,11 @@ class Precision:
         return torch.amp.GradScaler(self.device.type) if self.name == "fp16" else None
 
 
-def resolve_precision(name: str, device: torch.device) -> Precision:
+def resolve_precision(name: str, device: torch.device | str) -> Precision:
     """``auto``: bf16 on a CUDA device that supports it, else fp16 on CUDA, fp32 on CPU."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
+    device = torch.device(device)
     if name == "auto":
         if device.type == "cuda":
             name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -47,3 +56,13 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     if name in ("bf16", "fp16") and device.type != "cuda":
         raise ValueError(f"precision {name!r} needs a CUDA device; use fp32 (or auto) on {device.type}")
     return Precision(name, device)
+
+
+def to_device(x: Any, device: torch.device | str) -> Any:
+    """A tensor moved to ``device`` (non-blocking), a mapping (a batch) with its tensors moved,
+    anything else unchanged."""
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, Mapping):
+        return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in x.items()}
+    return x

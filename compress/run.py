@@ -22,7 +22,7 @@ from compress.config import RunConfig, dump_config
 from compress.config.validate import inheritance_context, loss_weight_keys, schedule_context
 from compress.fileio import atomic_write_text
 from compress.models import load_model
-from compress.models.forward import context_length, embed_dim, tokenizer_for
+from compress.models.forward import context_length_of, embed_dim, tokenizer_for
 from compress.models.params import parameter_report
 from compress.precision import resolve_device, resolve_precision
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES
@@ -94,10 +94,10 @@ def _prepare(cfg: RunConfig):
         teacher = freeze(load_model(t.model, pretrained=t.pretrained, force_quick_gelu=t.force_quick_gelu))
     inheritance = INHERITANCE.build(cfg.inheritance, context=inheritance_context(cfg))
     student = build_student(cfg, inheritance, teacher)
-    if teacher is not None and context_length(teacher) != context_length(student):
+    if teacher is not None and context_length_of(teacher) != context_length_of(student):
         raise RunError(
-            f"teacher and student context lengths differ ({context_length(teacher)} vs {context_length(student)});"
-            " both read the same tokens"
+            f"teacher and student context lengths differ ({context_length_of(teacher)} vs "
+            f"{context_length_of(student)}); both read the same tokens"
         )
     if cfg.train.grad_checkpointing and hasattr(student, "set_grad_checkpointing"):
         student.set_grad_checkpointing(True)
@@ -246,43 +246,3 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     if main:
         write_result(run_dir, row)
     return row
-
-
-def eval_config_for_data(data: str, kind: str | None = None) -> tuple[Any, Any]:
-    """(EvalConfig, DataConfig) for ``clip-compress eval --data``: ``synthetic``, an image
-    folder (ImageNet layout; the ImageNet preset when it has 1000 classes) or a CSV of pairs."""
-    from compress.config import DataConfig, DatasetConfig, EvalConfig, ZeroShotTaskConfig
-
-    path = Path(data)
-    kind = kind or ("synthetic" if data == "synthetic" else "csv" if path.suffix in (".csv", ".tsv") else "folder")
-    if kind == "synthetic":
-        tasks = [ZeroShotTaskConfig(name=t, kind="synthetic", task=t) for t in ("color_shape", "shape", "color")]
-        return EvalConfig(zero_shot=tasks), DataConfig()
-    if not path.exists():
-        raise FileNotFoundError(f"--data {data}: no such file or folder")
-    if kind == "csv":
-        sep = "\t" if path.suffix == ".tsv" else ","
-        return EvalConfig(zero_shot=[]), DataConfig(train=DatasetConfig(kind="csv", path=data, separator=sep),
-                                                    val=DatasetConfig(kind="csv", path=data, separator=sep))
-    n_classes = sum(1 for p in path.iterdir() if p.is_dir())
-    task = "imagenet" if n_classes == 1000 else None
-    return EvalConfig(zero_shot=[ZeroShotTaskConfig(name=path.name, kind="folder", path=data, task=task)],
-                      retrieval=False), None
-
-
-def evaluate_only(
-    model: str, data: str = "synthetic", kind: str | None = None, device: str = "auto", batch_size: int = 128,
-    throughput: bool = True, output: str | None = None,
-) -> dict[str, Any]:
-    """``clip-compress eval``: load any model, evaluate it, optionally write the metrics as JSON."""
-    import json
-
-    from compress.evaluation.run_eval import evaluate_with
-
-    eval_cfg, data_cfg = eval_config_for_data(data, kind)
-    eval_cfg.batch_size, eval_cfg.throughput = batch_size, throughput
-    dev = resolve_device(device)
-    metrics = evaluate_with(load_model(model), eval_cfg, data_cfg, dev, resolve_precision("auto", dev).name, True)
-    if output:
-        atomic_write_text(Path(output), json.dumps(metrics, indent=2))
-    return metrics

@@ -43,7 +43,7 @@ from compress.models.forward import clip_forward
 from compress.optim import build_adamw, grad_norm, weight_groups
 from compress.outputs import ClipOutput
 from compress.plugins import DistillLoss, Inheritance, Schedule
-from compress.precision import Precision
+from compress.precision import Precision, to_device
 from compress.progress import progress
 from compress.teacher import TeacherSource
 
@@ -110,10 +110,6 @@ class CosineFrom(Schedule):
     def value(self, step: int) -> float:
         progress = min(max((step - self.start_step) / self.span, 0.0), 1.0)
         return self.start_value * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:

@@ -66,17 +66,20 @@ def headline(row: dict, run_dir: object) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from compress.run import evaluate_only
+    from compress.evaluation.standalone import EvalError, evaluate_only
 
-    metrics = evaluate_only(
-        args.model,
-        data=args.data,
-        kind=args.kind,
-        device=args.device,
-        batch_size=args.batch_size,
-        throughput=not args.no_throughput,
-        output=args.output,
-    )
+    try:
+        metrics = evaluate_only(
+            args.model,
+            data=args.data,
+            kind=args.kind,
+            device=args.device,
+            batch_size=args.batch_size,
+            throughput=not args.no_throughput,
+            output=args.output,
+        )
+    except EvalError as error:
+        raise CliError(str(error)) from None
     width = max(len(k) for k in metrics) if metrics else 0
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
@@ -113,11 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval", help="evaluate a model", description="Zero-shot, retrieval, params, MACs and throughput of a model."
     )
-    p.add_argument("model", help="open_clip name[@tag], checkpoint, config JSON, or exported model folder")
-    p.add_argument("--data", default="synthetic", help="'synthetic', an ImageNet-layout folder, or a CSV for retrieval")
+    p.add_argument(
+        "model",
+        help="open_clip name[@tag], checkpoint, config JSON, exported model folder, or a run directory "
+        "(its model on its own evaluation config, as in its result.json)",
+    )
+    p.add_argument(
+        "--data", default=None,
+        help="'synthetic' (default for a model), an ImageNet-layout folder, or a CSV for retrieval",
+    )
     p.add_argument("--kind", choices=["synthetic", "folder", "csv"], default=None, help="data kind (guessed)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's, else 128")
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
     p.add_argument("--output", default=None, help="write the metrics as JSON to this file")
     p.set_defaults(func=_cmd_eval)

@@ -43,22 +43,90 @@ def test_help_on_every_command(capsys):
 
 
 def test_eval_on_an_image_folder(tmp_path, capsys):
+    """``clip-compress eval`` on an exported model and an image folder gives the numbers of
+    evaluating the same model in-process on the same images, prompts and transform."""
+    import open_clip
+    import torch
+
+    from compress.evaluation import ZeroShotTask, count_macs, evaluate_model
     from compress.models import load_model
     from compress.models.export import save_open_clip
+    from compress.models.params import parameter_report
 
     folder = tmp_path / "val"
-    colours = {"red_thing": (255, 0, 0), "green_thing": (0, 255, 0), "blue_thing": (0, 0, 255)}
+    colours = {"blue_thing": (0, 0, 255), "green_thing": (0, 255, 0), "red_thing": (255, 0, 0)}  # sorted
     for name, rgb in colours.items():
         (folder / name).mkdir(parents=True)
         for i in range(3):
-            Image.new("RGB", (40, 40), rgb).save(folder / name / f"{i}.png")
-    model_dir = save_open_clip(load_model("cc-test-teacher"), tmp_path / "model")
+            Image.new("RGB", (40, 40), tuple(min(255, c + 20 * i) for c in rgb)).save(folder / name / f"{i}.png")
+    torch.manual_seed(0)
+    model = load_model("cc-test-teacher")
+    model_dir = save_open_clip(model, tmp_path / "model")
     out_file = tmp_path / "metrics.json"
     assert main(["eval", str(model_dir), "--data", str(folder), "--no-throughput", "--output", str(out_file)]) == 0
     metrics = json.loads(out_file.read_text())
-    assert 0.0 <= metrics["zs/val/top1"] <= 100.0
-    assert metrics["params/vision"] > 0 and metrics["macs/image"] > 0
     assert "zs/val/top1" in capsys.readouterr().out
+
+    transform = open_clip.image_transform(32, is_train=False)
+    images = torch.stack([transform(Image.open(folder / c / f"{i}.png")) for c in colours for i in range(3)])
+    labels = torch.arange(3).repeat_interleave(3)
+    templates = ["a photo of a {}.", "a photo of the {}.", "an image of a {}.", "a picture of a {}."]
+    task = ZeroShotTask("val", [(images, labels)], ["blue thing", "green thing", "red thing"], templates)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.clip_cfg["text_cfg"]["context_length"])
+    expected = evaluate_model(model.eval(), tokenizer, zero_shot_tasks=[task], measure_throughput=False)
+    assert metrics == pytest.approx(expected, rel=0, abs=1e-9)
+    assert set(metrics) == set(expected) and "zs/val/top1" in metrics
+    assert {k: metrics[f"params/{k}"] for k in parameter_report(model)} == parameter_report(model)
+    assert metrics["macs/image"] == count_macs(model)["macs_image"]
+
+
+def test_eval_run_dir_reproduces_its_result_json(tmp_path, capsys):
+    """``clip-compress eval RUN_DIR`` evaluates the run's exported model on the run's own
+    evaluation config: the same numbers as the run's result.json."""
+    from test_run_e2e import tiny_config
+
+    from compress.run import run_dir_for, run_experiment
+
+    cfg = tiny_config(tmp_path)
+    row = run_experiment(cfg)
+    assert row["status"] == "completed", row.get("error")
+    run_dir = run_dir_for(cfg)
+    out_file = tmp_path / "again.json"
+    assert main(["eval", str(run_dir), "--output", str(out_file)]) == 0
+    again = json.loads(out_file.read_text())
+    recorded = json.loads((run_dir / "result.json").read_text())["metrics"]
+    assert {"zs/cs/top1", "zs/cs/top1_heldout", "ret/val/i2t_r1", "params/total", "macs/image"} <= set(again)
+    assert again == {k: recorded[k] for k in again}
+    capsys.readouterr()
+    (run_dir / "model").rename(run_dir / "gone")
+    assert main(["eval", str(run_dir)]) == 2
+    assert "has no exported model" in capsys.readouterr().err
+
+
+def _eval_error_cases(tmp_path):
+    import torch
+
+    a_file = tmp_path / "pairs.txt"
+    a_file.write_text("x")
+    cases = [
+        (["eval", str(tmp_path / "no-such" / "model")], f"no such file or folder: {tmp_path / 'no-such' / 'model'}"),
+        (["eval", "./student.pt"], "no such file or folder: ./student.pt"),
+        (["eval", "cc-test-teacher", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["eval", "cc-test-teacher", "--kind", "folder", "--data", str(a_file)], "needs a folder"),
+        (["eval", "cc-test-teacher", "--data", str(tmp_path / "missing")], "no such file or folder"),
+        (["eval", "cc-test-teacher", "--device", "gpu"], "--device gpu"),
+        (["eval", "cc-test-teacher", "--kind", "folder"], "--kind folder needs --data PATH"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["eval", "cc-test-teacher", "--device", "cuda"], "--device cuda: "))
+    return cases
+
+
+def test_eval_errors_are_one_line(tmp_path, capsys):
+    for argv, message in _eval_error_cases(tmp_path):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("clip-compress: error: ") and message in err[0], (argv, err)
 
 
 def test_miniature_demo_runs_every_student(tmp_path, monkeypatch, capsys):

@@ -120,11 +120,11 @@ def test_classification_images_have_one_shape_of_the_labelled_colour():
 
 def test_synthetic_zero_shot_tasks_report_heldout_labels():
     data = DataConfig(train=DatasetConfig(kind="synthetic"), val=DatasetConfig(kind="synthetic", num_samples=120))
-    task = build_zero_shot_task(ZeroShotTaskConfig(name="cs", task="color_shape"), train_transform(32), data)
+    task = build_zero_shot_task(ZeroShotTaskConfig(name="cs", task="color_shape"), train_transform(32), data, 16)
     assert len(task.classnames) == 40 and len(task.dataset) == 120
     assert task.heldout_labels == sorted(combo_label(c, s) for c, s in HELDOUT)
     assert all("{}" in t for t in task.templates) and task.prompts("red circle")[0].count("red circle") == 1
-    batch = next(iter(task.loader(batch_size=16)))
+    batch = next(iter(task.loader))
     assert batch["images"].shape == (16, 3, 32, 32) and batch["labels"].tolist() == list(range(16))
     color = build_zero_shot_task(ZeroShotTaskConfig(task="color"), None, data)
     assert color.classnames == list(COLOR_NAMES) and color.heldout_labels == []
@@ -393,7 +393,8 @@ def test_image_folder_zero_shot_task_maps_labels(tmp_path):
         for k in range(2):
             _solid(PALETTE[color]).save(tmp_path / d / f"{k}.jpg")
     (tmp_path / "n003_zebra" / "broken.jpg").write_bytes(b"nope")
-    task = build_zero_shot_task(ZeroShotTaskConfig(name="f", kind="folder", path=str(tmp_path)), T.ToTensor())
+    task = build_zero_shot_task(ZeroShotTaskConfig(name="f", kind="folder", path=str(tmp_path)), T.ToTensor(),
+                                batch_size=8, max_bad_fraction=0.5)
     assert task.classnames == ["n001 cat", "n002 dog house", "n003 zebra"]
     assert task.templates and all("{}" in t for t in task.templates)
     colors = list(classes.values())
@@ -401,7 +402,7 @@ def test_image_folder_zero_shot_task_maps_labels(tmp_path):
     assert sum(x is None for x in items) == 1
     for img, label in (x for x in items if x is not None):
         assert max(abs(a - b) for a, b in zip(_mean_rgb(img), PALETTE[colors[label]], strict=True)) <= 3
-    loader = task.loader(batch_size=8, max_bad_fraction=0.5)
+    loader = task.loader
     labels = [y for b in loader for y in b["labels"].tolist()]
     assert labels == [0, 0, 1, 1, 2, 2] and loader.counter.bad == 1
     names = build_zero_shot_task(ZeroShotTaskConfig(kind="folder", path=str(tmp_path), classnames=["a", "b", "c"]),

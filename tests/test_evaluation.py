@@ -3,6 +3,7 @@ evaluate_model. Fake models give designed features, so every expected number is 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -239,7 +240,7 @@ def _vit_tower_macs(cfg: dict) -> int:
     d, p, size, layers = v["width"], v["patch_size"], v["image_size"], v["layers"]
     patches = (size // p) ** 2
     n = patches + 1
-    mlp = int(d * v["mlp_ratio"])
+    mlp = int(d * v.get("mlp_ratio", 4.0))
     per_layer = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * mlp
     return patches * d * 3 * p * p + layers * per_layer + d * cfg["embed_dim"]
 
@@ -287,6 +288,85 @@ def test_macs_shrink_with_fewer_heads(tiny: nn.Module) -> None:
     assert tp_before - tp_after == attention_macs_lost + extra
 
 
+SDPA_BACKENDS = ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "OVERRIDEABLE")
+
+
+def _sdpa_backend(name: str) -> contextlib.AbstractContextManager:
+    """``sdpa_kernel(<backend>)``, or skip when this torch / CPU cannot run that backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, name, None)
+    if backend is None:
+        pytest.skip(f"torch {torch.__version__} has no SDPA backend {name}")
+    q = torch.randn(1, 2, 5, 8)
+    try:
+        with sdpa_kernel(backend):
+            F.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(5, 5))
+    except RuntimeError as error:
+        pytest.skip(f"SDPA backend {name} does not run on this CPU: {str(error)[:80]}")
+    return sdpa_kernel(backend)
+
+
+@pytest.mark.parametrize("backend", SDPA_BACKENDS)
+def test_macs_vit_b32_equal_hand_count_under_every_sdpa_backend(backend: str) -> None:
+    """ViT-B/32 (random weights, unconverted open_clip attention): 4.41 G per image and
+    2.98 G per text (TinyCLIP's table), whichever kernel SDPA dispatches to."""
+    cfg = open_clip.get_model_config("ViT-B-32")
+    model = open_clip.create_model("ViT-B-32").eval()
+    with _sdpa_backend(backend):
+        macs = count_macs(model)
+    assert macs == {"macs_image": _vit_tower_macs(cfg), "macs_text": _text_tower_macs(cfg)}
+    assert (round(macs["macs_image"] / 1e9, 2), round(macs["macs_text"] / 1e9, 2)) == (4.41, 2.98)
+
+
+@pytest.mark.parametrize("backend", SDPA_BACKENDS)
+def test_macs_converted_tiny_vit_under_every_sdpa_backend(tiny: nn.Module, backend: str) -> None:
+    with _sdpa_backend(backend):
+        macs = count_macs(tiny)
+    assert macs == {"macs_image": _vit_tower_macs(tiny.clip_cfg), "macs_text": _text_tower_macs(tiny.clip_cfg)}
+
+
+@pytest.mark.parametrize("backend", SDPA_BACKENDS)
+def test_macs_resnet_attention_pool_hand_count(backend: str) -> None:
+    """ModifiedResNet's attention pool (``F.multi_head_attention_forward``, separate q/k/v
+    weights): 3·n·D² projections + 2·n²·D attention + n·D·O output, n = s² + 1 tokens."""
+    from open_clip.modified_resnet import AttentionPool2d
+
+    from compress.evaluation.efficiency import _aten_macs
+
+    s, d, heads, out = 3, 32, 4, 16
+    pool = AttentionPool2d(s, d, heads, out).eval()
+    n = s * s + 1
+    with _sdpa_backend(backend):
+        got = _aten_macs(pool, torch.zeros(2, d, s, s))
+    assert got == 2 * (3 * n * d * d + 2 * n * n * d + n * d * out)  # batch of 2
+
+
+def test_attention_flops_equal_the_math_backend_bmm_count() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from compress.evaluation.efficiency import attention_flops
+
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 6)
+    with FlopCounterMode(display=False) as counter:  # explicit math: two bmm
+        (q @ k.transpose(-2, -1)).softmax(-1) @ v
+    assert attention_flops(q, k, v) == counter.get_total_flops() == 2 * 2 * 3 * 5 * 7 * (4 + 6)
+
+
+class NativeMHA(LinearCLIP):
+    """Its image tower runs ``torch._native_multi_head_attention``, a fused kernel without a formula."""
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        x = images.flatten(2).transpose(1, 2)  # [1, 4, 3]
+        w, b = torch.eye(3).repeat(3, 1), torch.zeros(9)
+        return torch._native_multi_head_attention(x, x, x, 3, 1, w, b, torch.eye(3), torch.zeros(3))[0]
+
+
+def test_macs_refuse_an_attention_kernel_without_formula() -> None:
+    with pytest.raises(RuntimeError, match="no FLOP formula for the attention kernel"):
+        count_macs(NativeMHA())
+
+
 # --- throughput and evaluate_model -------------------------------------------------------
 
 
@@ -325,7 +405,21 @@ def test_evaluate_model_tiny_teacher(tiny: nn.Module) -> None:
         "throughput/images_per_s", "throughput/texts_per_s", "throughput/pairs_per_s",
     } | {f"ret/val/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}  # fmt: skip
     assert set(metrics) == expected
-    assert all(math.isfinite(v) for v in metrics.values())
+    # zero-shot and retrieval numbers recomputed from the model's features directly
+    with torch.no_grad():
+        image_features = F.normalize(tiny.encode_image(images), dim=-1)
+        weights = []
+        for name in classnames:
+            emb = F.normalize(tiny.encode_text(tokenizer([f"a {name}.", f"a photo of a {name}."])), dim=-1)
+            weights.append(F.normalize(emb.mean(dim=0), dim=-1))
+        hit = (image_features @ torch.stack(weights, dim=1)).argmax(dim=1) == labels
+        text_features = F.normalize(tiny.encode_text(tokens), dim=-1)
+    heldout = (labels == 0) | (labels == 1)
+    assert metrics["zs/color_shape/top1"] == pytest.approx(100.0 * hit.float().mean().item())
+    assert metrics["zs/color_shape/top1_heldout"] == pytest.approx(100.0 * hit[heldout].float().mean().item())
+    assert metrics["zs/color_shape/top1_seen"] == pytest.approx(100.0 * hit[~heldout].float().mean().item())
+    direct = recall_at_k(image_features[:8], text_features, list(range(8)))
+    assert {k: metrics[f"ret/val/{k}"] for k in direct} == pytest.approx(direct)
     assert metrics["ret/val/i2t_r10"] == 100.0  # 8 images, 8 texts
     assert metrics["macs/image"] == _vit_tower_macs(tiny.clip_cfg)
     assert metrics["params/total"] == sum(p.numel() for p in tiny.parameters())

@@ -22,11 +22,11 @@ Trainer::
 Evaluator::
 
     eval_tf = eval_transform_for(model)
-    task = build_zero_shot_task(task_cfg, eval_tf, cfg.data)   # ZeroShotTask
+    task = build_zero_shot_task(task_cfg, eval_tf, cfg.data, batch_size)   # ZeroShotTask
     task.classnames, task.templates, task.prompts(name), task.heldout_labels
-    for batch in task.loader(batch_size):  batch["images"], batch["labels"]
-    ret = build_retrieval_set(cfg.data, eval_tf)               # RetrievalSet | None
-    for batch in ret.loader(tokenizer, batch_size):  batch["images"], batch["texts"]
+    for batch in task.loader:  batch["images"], batch["labels"]
+    ret = build_retrieval_set(cfg.data, eval_tf, tokenizer=tokenizer, batch_size=batch_size)  # or None
+    for batch in ret.loader:  batch["images"], batch["texts"]
 
 Bad samples: data sets return ``None`` for a missing/corrupt image; collate drops it and
 reports ``num_bad``/``num_samples`` in the batch; the loader counts them in the main

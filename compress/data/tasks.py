@@ -7,6 +7,7 @@ stored as lambdas; :func:`~compress.data.folder.imagenet_preset` turns them into
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -17,51 +18,57 @@ from compress.data import shapes
 from compress.data.captions import task_classnames, task_templates
 from compress.data.collate import Tokenizer, make_collate, make_label_collate
 from compress.data.folder import FOLDER_TEMPLATES, ImageFolderDataset, folder_classnames, imagenet_preset
-from compress.data.loader import CountedLoader, build_dataset, build_eval_loader, dataset_name
+from compress.data.loader import build_dataset, build_eval_loader, dataset_name
 from compress.data.robust import DataError
 from compress.data.synthetic import DEFAULT_EVAL_SAMPLES, ShapesClassification, ShapesOptions
+
+#: a prompt template: a ``str.format`` string with one ``{}``, or a callable (open_clip's lambdas)
+Template = str | Callable[[str], str]
 
 
 @dataclass
 class ZeroShotTask:
-    """A labelled set of (image, label) items (``None`` = bad) plus its prompts.
-
-    ``heldout_labels``: labels never seen in training (synthetic ``color_shape``), to be
-    reported separately from the seen ones; empty when nothing was held out.
-    """
+    """A zero-shot classification set: ``loader`` yields ``(images, labels)`` (or dicts with
+    ``images`` / ``labels``); ``label_subsets`` name groups of TRUE labels reported separately
+    (``{"heldout": {...}, "seen": {...}}``: labels never seen in training, synthetic ``color_shape``)."""
 
     name: str
-    dataset: Dataset
-    classnames: list[str]
-    templates: list[str]
-    heldout_labels: list[int] = field(default_factory=list)
+    loader: Iterable[Any]
+    classnames: Sequence[str]
+    templates: Sequence[Template]
+    label_subsets: Mapping[str, Iterable[int]] | None = None
+    topk: tuple[int, ...] = (1, 5)
     info: dict[str, Any] = field(default_factory=dict)
 
-    def prompts(self, classname: str) -> list[str]:
-        return [t.format(classname) for t in self.templates]
+    @property
+    def dataset(self) -> Dataset | None:
+        """The data set behind ``loader`` when it is a data loader."""
+        return getattr(self.loader, "dataset", None)
 
-    def loader(self, batch_size: int, num_workers: int = 0, max_bad_fraction: float = 0.01) -> CountedLoader:
-        """Batches ``{"images", "labels", "num_bad", "num_samples"}`` in order."""
-        return build_eval_loader(
-            self.dataset, batch_size, make_label_collate(), num_workers, f"zero-shot:{self.name}", max_bad_fraction
-        )
+    @property
+    def heldout_labels(self) -> list[int]:
+        return sorted((self.label_subsets or {}).get("heldout", ()))
+
+    def prompts(self, classname: str) -> list[str]:
+        return [t.format(classname) if isinstance(t, str) else t(classname) for t in self.templates]
 
 
 @dataclass
 class RetrievalSet:
-    """(image, caption) pairs; image ``i`` matches caption ``i`` (bad pairs drop together)."""
+    """An image-text retrieval set: ``loader`` yields ``(images, tokens)`` (or dicts with
+    ``images`` / ``texts``); ``text_to_image[j]`` is the image of text ``j`` (loader order),
+    ``None`` for pairs / [B, K, L] tokens."""
 
     name: str
-    dataset: Dataset
-    max_bad_fraction: float = 0.01
-    bad_window: int = 1000
+    loader: Iterable[Any]
+    text_to_image: Sequence[int] | None = None
+    ks: tuple[int, ...] = (1, 5, 10)
+    chunk_size: int = field(default=1024, repr=False)
 
-    def loader(self, tokenizer: Tokenizer, batch_size: int, num_workers: int = 0) -> CountedLoader:
-        """Batches ``{"images", "texts", "captions", ...}`` in order."""
-        return build_eval_loader(
-            self.dataset, batch_size, make_collate(tokenizer), num_workers, self.name, self.max_bad_fraction,
-            self.bad_window,
-        )
+    @property
+    def dataset(self) -> Dataset | None:
+        """The data set behind ``loader`` when it is a data loader."""
+        return getattr(self.loader, "dataset", None)
 
 
 def _synthetic_source(data: DataConfig | None) -> tuple[DatasetConfig, int, bool]:
@@ -88,9 +95,11 @@ def _templates(given: list[str] | None, default: list[str]) -> list[str]:
 
 
 def build_zero_shot_task(
-    task: ZeroShotTaskConfig, transform: Any, data: DataConfig | None = None
+    task: ZeroShotTaskConfig, transform: Any, data: DataConfig | None = None, batch_size: int = 128,
+    num_workers: int = 0, max_bad_fraction: float = 0.01,
 ) -> ZeroShotTask:
-    """A zero-shot task from its config.
+    """A zero-shot task from its config, its loader yielding in-order batches ``{"images",
+    "labels", "num_bad", "num_samples"}`` of ``batch_size``.
 
     - ``kind: synthetic``, ``task``: ``shape`` | ``color`` | ``color_shape`` (default). The
       seed, size and ``num_samples`` come from ``data.val`` if it is synthetic, else from
@@ -130,13 +139,20 @@ def build_zero_shot_task(
                 f"the data set has {len(classnames)} classes"
             )
         classnames = list(task.classnames)
-    return ZeroShotTask(task.name, ds, classnames, _templates(task.templates, templates), heldout, info)
+    subsets = {"heldout": set(heldout), "seen": set(range(len(classnames))) - set(heldout)} if heldout else None
+    loader = build_eval_loader(
+        ds, batch_size, make_label_collate(), num_workers, f"zero-shot:{task.name}", max_bad_fraction
+    )
+    return ZeroShotTask(task.name, loader, classnames, _templates(task.templates, templates), subsets, info=info)
 
 
 def build_retrieval_set(
-    data: DataConfig | DatasetConfig, transform: Any, name: str | None = None
+    data: DataConfig | DatasetConfig, transform: Any, name: str | None = None, *, tokenizer: Tokenizer | None = None,
+    batch_size: int = 128, num_workers: int = 0,
 ) -> RetrievalSet | None:
-    """The retrieval set: ``data.val`` (a ``DataConfig``) or the given ``DatasetConfig``.
+    """The retrieval set: ``data.val`` (a ``DataConfig``) or the given ``DatasetConfig``; its
+    loader yields in-order batches ``{"images", "texts", "captions", ...}`` (texts tokenized
+    by ``tokenizer``).
 
     Synthetic: the validation split with ``full`` captions (size, colour, shape, place;
     1000 images unless ``num_samples``). CSV / webdataset: the file's pairs in order.
@@ -159,4 +175,8 @@ def build_retrieval_set(
         ds = build_dataset(cfg, transform, shuffle=False)
     else:
         raise DataError(f"retrieval needs image-text data (synthetic, csv, webdataset), got {cfg.kind!r}")
-    return RetrievalSet(name or f"retrieval:{dataset_name(cfg)}", ds, cfg.max_bad_fraction, cfg.bad_window)
+    name = name or f"retrieval:{dataset_name(cfg)}"
+    loader = build_eval_loader(
+        ds, batch_size, make_collate(tokenizer), num_workers, name, cfg.max_bad_fraction, cfg.bad_window
+    )
+    return RetrievalSet(name, loader)

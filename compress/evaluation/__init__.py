@@ -12,8 +12,9 @@ Usage (the trainer at the end of a run, and ``clip-compress eval``)::
     #  "macs/image": ..., "throughput/pairs_per_s": ...}
 """
 
+from compress.data.tasks import RetrievalSet, ZeroShotTask
 from compress.evaluation.efficiency import count_macs, pairs_per_second, throughput
-from compress.evaluation.evaluate import RetrievalSet, ZeroShotTask, evaluate_model
+from compress.evaluation.evaluate import evaluate_model
 from compress.evaluation.retrieval import encode_retrieval_set, recall_at_k, retrieval_recall
 from compress.evaluation.zero_shot import (
     IMAGENET_CLASSNAMES,

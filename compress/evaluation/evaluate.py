@@ -8,46 +8,19 @@ Accuracies and recalls are percentages. Run it on one process (rank 0).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from compress.data.tasks import RetrievalSet, ZeroShotTask
 from compress.evaluation.efficiency import count_macs, throughput
 from compress.evaluation.retrieval import retrieval_recall
-from compress.evaluation.zero_shot import Template, zero_shot_accuracy, zero_shot_classifier
+from compress.evaluation.zero_shot import zero_shot_accuracy, zero_shot_classifier
 from compress.models.params import parameter_report
 
 __all__ = ["RetrievalSet", "ZeroShotTask", "evaluate_model"]
-
-
-@dataclass
-class ZeroShotTask:
-    """A zero-shot classification set: ``loader`` yields ``(images, labels)`` (or dicts
-    with ``images`` / ``labels``); ``label_subsets`` name groups of TRUE labels to report
-    separately (``{"heldout": {...}, "seen": {...}}``)."""
-
-    name: str
-    loader: Iterable[Any]
-    classnames: Sequence[str]
-    templates: Sequence[Template]
-    label_subsets: Mapping[str, Iterable[int]] | None = None
-    topk: tuple[int, ...] = (1, 5)
-
-
-@dataclass
-class RetrievalSet:
-    """An image-text retrieval set: ``loader`` yields ``(images, tokens)`` (or dicts with
-    ``images`` / ``texts``); ``text_to_image[j]`` is the image of text ``j`` (loader order),
-    ``None`` for pairs / [B, K, L] tokens."""
-
-    name: str
-    loader: Iterable[Any]
-    text_to_image: Sequence[int] | None = None
-    ks: tuple[int, ...] = (1, 5, 10)
-    chunk_size: int = field(default=1024, repr=False)
 
 
 def evaluate_model(

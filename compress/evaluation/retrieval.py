@@ -16,14 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compress.evaluation.common import autocast, eval_mode, to_device, unpack
+from compress.evaluation.common import eval_mode, unpack
+from compress.precision import Precision, resolve_precision, to_device
 from compress.progress import progress_iter
 
 __all__ = ["encode_retrieval_set", "recall_at_k", "retrieval_recall"]
 
 
-def _encode(encode: Any, x: Tensor, device: torch.device, precision: str) -> Tensor:
-    with autocast(device, precision):
+def _encode(encode: Any, x: Tensor, device: torch.device, precision: Precision) -> Tensor:
+    with precision.autocast():
         return F.normalize(encode(to_device(x, device)).float(), dim=-1)
 
 
@@ -42,6 +43,7 @@ def encode_retrieval_set(
     The implied ``text_to_image`` is ``None`` when a batch has neither form (then the caller
     must give the mapping)."""
     device = torch.device(device)
+    policy = resolve_precision(precision, device)
     images_out, texts_out, mapping = [], [], []
     implied, offset = True, 0
     with eval_mode(model):
@@ -60,9 +62,9 @@ def encode_retrieval_set(
             else:
                 implied = False
             if n_img:
-                images_out.append(_encode(model.encode_image, images, device, precision))
+                images_out.append(_encode(model.encode_image, images, device, policy))
             if len(tokens):
-                texts_out.append(_encode(model.encode_text, tokens, device, precision))
+                texts_out.append(_encode(model.encode_text, tokens, device, policy))
             offset += n_img
     if not images_out or not texts_out:
         raise ValueError("the retrieval loader yielded no images or no texts")

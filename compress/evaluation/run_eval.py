@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from compress.config import DataConfig, EvalConfig
-from compress.data.tasks import build_retrieval_set, build_zero_shot_task
+from compress.data.tasks import RetrievalSet, ZeroShotTask, build_retrieval_set, build_zero_shot_task
 from compress.data.transforms import eval_transform_for
-from compress.evaluation.evaluate import RetrievalSet, ZeroShotTask, evaluate_model
+from compress.evaluation.evaluate import evaluate_model
 from compress.models.forward import tokenizer_for
 
 
@@ -20,19 +20,12 @@ def build_eval_sets(
     """The zero-shot tasks and retrieval sets a config asks for, as loaders."""
     eval_tf = eval_transform_for(model)  # the model's own size and normalisation
     bs = eval_cfg.batch_size
-    tasks = []
-    for task_cfg in eval_cfg.zero_shot:
-        task = build_zero_shot_task(task_cfg, eval_tf, data)
-        subsets = None
-        if task.heldout_labels:
-            heldout = set(task.heldout_labels)
-            subsets = {"heldout": heldout, "seen": set(range(len(task.classnames))) - heldout}
-        tasks.append(ZeroShotTask(task.name, task.loader(bs), task.classnames, task.templates, subsets))
+    tasks = [build_zero_shot_task(task_cfg, eval_tf, data, bs) for task_cfg in eval_cfg.zero_shot]
     retrieval = []
     if eval_cfg.retrieval and data is not None:
-        ret = build_retrieval_set(data, eval_tf, name="val")
+        ret = build_retrieval_set(data, eval_tf, name="val", tokenizer=tokenizer, batch_size=bs)
         if ret is not None:
-            retrieval.append(RetrievalSet(ret.name, ret.loader(tokenizer, bs)))
+            retrieval.append(ret)
     return tasks, retrieval
 
 

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from torch import Tensor, nn
 
-from compress.evaluation.common import autocast, eval_mode, to_device, unpack
+from compress.data.tasks import Template
+from compress.evaluation.common import eval_mode, unpack
+from compress.precision import Precision, resolve_precision, to_device
 from compress.progress import is_terminal, progress_iter
 
 __all__ = [
@@ -31,18 +33,15 @@ __all__ = [
 #: the fixed logit scale of zero-shot classification (open_clip, TinyCLIP)
 LOGIT_SCALE = 100.0
 
-Template = str | Callable[[str], str]
-
-
 class _NormalizedText(nn.Module):
     """``encode_text(tokens, normalize=True)`` for any model with ``encode_text`` (fp32 output)."""
 
-    def __init__(self, model: nn.Module, device: torch.device, precision: str) -> None:
+    def __init__(self, model: nn.Module, precision: Precision) -> None:
         super().__init__()
-        self.model, self.device, self.precision = model, device, precision
+        self.model, self.precision = model, precision
 
     def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
-        with autocast(self.device, self.precision):
+        with self.precision.autocast():
             features = self.model.encode_text(tokens).float()
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -62,7 +61,7 @@ def zero_shot_classifier(
     device = torch.device(device)
     with eval_mode(model):
         weights = open_clip.build_zero_shot_classifier(
-            _NormalizedText(model, device, precision),
+            _NormalizedText(model, resolve_precision(precision, device)),
             tokenizer,
             classnames=list(classnames),
             templates=list(templates),
@@ -104,12 +103,13 @@ def zero_shot_accuracy(
     if not ks:
         raise ValueError(f"no k in topk={tuple(topk)} is <= the number of classes ({num_classes})")
     classifier = classifier.to(device=device, dtype=torch.float32)
+    policy = resolve_precision(precision, device)
     hits, all_labels = [], []
     with eval_mode(model):
         for batch in progress_iter(loader, "zero-shot", progress):
             images, labels = unpack(batch, ("labels",))
             images, labels = to_device(images, device), torch.as_tensor(labels, device=device)
-            with autocast(device, precision):
+            with policy.autocast():
                 features = model.encode_image(images)
             logits = LOGIT_SCALE * F.normalize(features.float(), dim=-1) @ classifier
             hits.append(_count_hits(logits, labels, ks).cpu())

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compress.outputs import ClipOutput
 
+#: the optional :class:`ClipOutput` extras a forward pass can fill (what a loss may name in ``needs``)
+EXTRAS = ("image_embeds", "text_embeds")
+
 
 def clip_forward(model: nn.Module, images: Tensor, texts: Tensor, needs: Iterable[str] = ()) -> ClipOutput:
     """Encode both modalities; features are L2-normalised, the scale exponentiated.
 
-    ``needs`` may ask for ``image_embeds`` / ``text_embeds`` (the unnormalised embeddings)."""
+    ``needs`` may ask for ``image_embeds`` / ``text_embeds`` (the unnormalised embeddings);
+    anything else is refused rather than left ``None``."""
+    needs = set(needs)
+    unknown = sorted(needs - set(EXTRAS))
+    if unknown:
+        raise ValueError(f"clip_forward cannot fill {unknown}; it fills {list(EXTRAS)}")
     image_embeds = model.encode_image(images, normalize=False)
     text_embeds = model.encode_text(texts, normalize=False)
-    needs = set(needs)
     return ClipOutput(
         image_features=F.normalize(image_embeds, dim=-1),
         text_features=F.normalize(text_embeds, dim=-1),
@@ -34,16 +42,36 @@ def embed_dim(model: nn.Module) -> int:
     return int(proj.shape[-1]) if proj is not None else int(model.visual.output_dim)
 
 
-def context_length(model: nn.Module) -> int:
+def context_length_of(model: nn.Module, override: int | None = None) -> int:
+    """The text context length: ``override``, else ``clip_cfg["text_cfg"]["context_length"]``
+    (open_clip's default 77), else ``model.context_length``."""
+    if override is not None:
+        return int(override)
     cfg = getattr(model, "clip_cfg", None)
     if cfg:
         return int(cfg["text_cfg"].get("context_length", 77))
-    return int(model.context_length)
+    length = getattr(model, "context_length", None)
+    if length is None:
+        raise ValueError("cannot find the model's text context length (model.context_length); pass it")
+    return int(length)
 
 
-def image_size(model: nn.Module) -> int:
-    size = model.visual.image_size
-    return int(size[0] if isinstance(size, tuple | list) else size)
+def image_size_of(model: Any, override: int | None = None) -> int:
+    """The (square) input resolution: ``override`` (``data.image_size``), ``model.visual.image_size``
+    or the model config's ``vision_cfg.image_size`` (``model.clip_cfg``)."""
+    if override:
+        return int(override)
+    visual = getattr(model, "visual", model)
+    size = getattr(visual, "image_size", None)
+    if size is None:
+        size = ((getattr(model, "clip_cfg", None) or {}).get("vision_cfg") or {}).get("image_size")
+    if size is None:
+        raise ValueError("cannot find the model's image size (model.visual.image_size); set data.image_size")
+    if isinstance(size, list | tuple):
+        if len(set(size)) != 1:
+            raise ValueError(f"non-square image size {tuple(size)} is not supported")
+        size = size[0]
+    return int(size)
 
 
 def tokenizer_for(model: nn.Module):
@@ -52,7 +80,7 @@ def tokenizer_for(model: nn.Module):
     import open_clip
 
     text = (getattr(model, "clip_cfg", None) or {}).get("text_cfg", {})
-    kwargs = {"context_length": context_length(model), **text.get("tokenizer_kwargs", {})}
+    kwargs = {"context_length": context_length_of(model), **text.get("tokenizer_kwargs", {})}
     if text.get("hf_tokenizer_name"):
         return open_clip.tokenizer.HFTokenizer(text["hf_tokenizer_name"], **kwargs)
     return open_clip.tokenizer.SimpleTokenizer(**kwargs)
