@@ -162,6 +162,20 @@ def test_synthetic_train_loader_reshuffles_per_epoch_and_is_reproducible(tokeniz
     assert loader.counter.bad == 0 and loader.counter.seen == 64
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_training_images_do_not_depend_on_the_number_of_workers(tokenizer, workers):
+    """data.num_workers is left out of the run id: the random crops must not depend on it."""
+    def first_batches(num_workers: int) -> list[torch.Tensor]:
+        data = DataConfig(train=DatasetConfig(num_samples=32), num_workers=num_workers)
+        loader = build_train_loader(data, train_transform(32), tokenizer, batch_size=8, seed=3, pin_memory=False)
+        return [b["images"] for b in itertools.islice(loader.forever(), 5)]  # into the second epoch
+
+    inline, parallel = first_batches(0), first_batches(workers)
+    for a, b in zip(inline, parallel, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(inline[0], inline[4])  # and the crops still vary
+
+
 def test_synthetic_retrieval_view_uses_full_captions():
     ret = build_retrieval_set(DataConfig(), T.ToTensor())
     assert ret is not None and len(ret.dataset) == 1000

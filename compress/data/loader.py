@@ -220,6 +220,44 @@ class CountedLoader:
             epoch += 1
 
 
+class EpochKeys(Sampler[tuple[int, int]]):
+    """Yields ``(epoch, index)`` for every index of ``sampler`` (see :class:`SeededSamples`)."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, int(i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+
+class SeededSamples(Dataset):
+    """A map-style data set whose random augmentation of sample ``index`` in ``epoch`` is drawn
+    from a generator seeded with ``(seed, epoch, index)``, not from whichever worker process
+    loads it: the training images are the same whatever ``data.num_workers`` is (and a
+    resumed run can redraw them). Keys are ``(epoch, index)`` pairs from :class:`EpochKeys`."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index)
+            return self.dataset[index]
+
+
 def _resolve_sampler(sampler: SamplerArg, dataset: Dataset, seed: int) -> Sampler:
     if sampler is None:
         return EpochShuffleSampler(len(dataset), seed)
@@ -266,8 +304,8 @@ def build_train_loader(
     else:
         if len(ds) < batch_size:
             raise DataError(f"data set {name!r} has {len(ds)} samples, fewer than the batch size {batch_size}")
-        chosen = _resolve_sampler(sampler, ds, seed)
-        loader = DataLoader(ds, sampler=chosen, persistent_workers=workers > 0, **common)
+        chosen = EpochKeys(_resolve_sampler(sampler, ds, seed))
+        loader = DataLoader(SeededSamples(ds, seed), sampler=chosen, persistent_workers=workers > 0, **common)
         steps = len(loader)
     counter = BadSampleCounter(name, cfg.train.max_bad_fraction, cfg.train.bad_window)
     return CountedLoader(loader, counter, chosen, steps, batch_size=batch_size)
