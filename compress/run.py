@@ -99,8 +99,6 @@ def _prepare(cfg: RunConfig):
             f"teacher and student context lengths differ ({context_length_of(teacher)} vs "
             f"{context_length_of(student)}); both read the same tokens"
         )
-    if cfg.train.grad_checkpointing and hasattr(student, "set_grad_checkpointing"):
-        student.set_grad_checkpointing(True)
     return device, precision, teacher, inheritance, student.to(device)
 
 
@@ -186,6 +184,8 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         with sigterm_raises():
             refuse_multiple_processes()
             device, precision, teacher, inheritance, student = _prepare(cfg)
+            # what `auto` resolved to on this machine (the run id holds the config, not the machine)
+            metrics.update({"train/device": str(device), "train/precision": precision.name})
             # evaluation sets are built before training, so a wrong path fails now, not after hours
             eval_sets = build_eval_sets(cfg.eval, cfg.data, student, tokenizer_for(student)) if main else None
             losses = build_losses(cfg, student, teacher)

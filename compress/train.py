@@ -170,9 +170,22 @@ class Trainer:
         self.labels = loss_labels(losses)
         self.scaler = precision.grad_scaler()
         self.step = 0
+        self._apply_grad_checkpointing()
         self.optimizer = self._build_optimizer()
 
     # -- setup --------------------------------------------------------------------------
+    def _apply_grad_checkpointing(self) -> None:
+        """``train.grad_checkpointing``: recompute the towers' activations in backward (open_clip's
+        ``set_grad_checkpointing``), on the student and on any student a strategy swaps in."""
+        if not self.cfg.grad_checkpointing:
+            return
+        if not hasattr(self.student, "set_grad_checkpointing"):
+            raise TrainingError(
+                f"train.grad_checkpointing: the student ({type(self.student).__name__}) has no "
+                "set_grad_checkpointing; set it to false"
+            )
+        self.student.set_grad_checkpointing(True)
+
     def _build_optimizer(self) -> torch.optim.Optimizer:
         own = self.inheritance.param_groups(self.student)
         skip = {id(p) for g in own for p in g["params"]}
@@ -381,6 +394,7 @@ class Trainer:
     def _replace_student(self, student: nn.Module, step: int, lr: float) -> None:
         """A strategy made the student smaller: new optimizer, cosine decay without warm-up."""
         self.student = student.to(self.device).train()
+        self._apply_grad_checkpointing()
         self.optimizer = self._build_optimizer()
         self.lr_schedule = CosineFrom(lr, step, self.cfg.steps)
 

@@ -266,8 +266,11 @@ def test_bad_sample_counter_thresholds():
         for _ in range(4):
             c.update(1, 10)  # 7/50 = 14 %
     c2 = BadSampleCounter("whole", max_bad_fraction=0.9)
+    c2.update(2, 2)  # one small bad first batch (batch_size 2, a corrupt first image) does not stop a run
     with pytest.raises(DataError, match="whole batch"):
-        c2.update(2, 2)  # nothing good seen yet: stop at once
+        for _ in range(3):
+            c2.update(2, 2)  # but 8 bad samples and no good one yet: a broken source stops at once
+    assert c2.seen == 8
     c3 = BadSampleCounter("tail", max_bad_fraction=0.9)
     c3.update(0, 32)
     c3.update(2, 2)  # a small all-bad (last) batch after good data only counts

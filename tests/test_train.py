@@ -330,3 +330,26 @@ def test_masks_see_one_gate_sample_per_step(models):
     assert len(seen) == 8  # 4 cached + 4 live passes
     assert all(torch.equal(s, seen[0]) for s in seen)
     assert len(set(seen[0].tolist())) > 2  # a real sample (values other than 0 and 1), not the deterministic mask
+
+
+def test_grad_checkpointing_reaches_the_student_and_its_pruned_replacement(models):
+    teacher, _ = models
+    auto = INHERITANCE.build({"name": "auto", "target_sparsity": 0.3, "prune_step": 2, "ramp_steps": 1})
+    student = auto.inherit(None, copy.deepcopy(teacher))
+    trainer = make_trainer(teacher, student, steps=3, inheritance=auto, grad_checkpointing=True)
+    towers = lambda m: (m.visual.transformer, m.transformer)  # noqa: E731
+    assert all(t.grad_checkpointing for t in towers(trainer.student))
+    assert trainer.fit().replaced_at == [2]  # pruned at step 2 and swapped in
+    assert all(t.grad_checkpointing for t in towers(trainer.student))
+
+
+def test_grad_checkpointing_on_a_student_without_it_is_refused(models):
+    teacher, student = models
+
+    class Bare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = copy.deepcopy(student)
+
+    with pytest.raises(TrainingError, match="grad_checkpointing"):
+        make_trainer(teacher, Bare(), grad_checkpointing=True)

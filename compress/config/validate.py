@@ -79,6 +79,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.teacher is None and any(LOSSES.get(LOSSES.split_spec(s)[0]).needs_teacher for s in _loss_specs(cfg)):
         raise ConfigError("teacher: the configured losses need a teacher, but teacher is null")
     _check_data(cfg)
+    _check_eval(cfg)
     if cfg.dispatch.backend not in ("inprocess", "local", "slurm"):
         raise ConfigError(
             f"dispatch.backend: {cfg.dispatch.backend!r} is not one of inprocess, local, slurm."
@@ -105,6 +106,7 @@ def _check_train(cfg: RunConfig) -> None:
             f"train.precision: {t.precision!r} is not one of auto, fp32, bf16, fp16."
             f"{suggest(t.precision, ['auto', 'fp32', 'bf16', 'fp16'])}"
         )
+    _check_device(t.device)
     if not (math.isfinite(t.lr) and t.lr >= 0):
         raise ConfigError(f"train.lr: must be a finite number >= 0, got {t.lr}")
     if not (math.isfinite(t.weight_decay) and t.weight_decay >= 0):
@@ -183,6 +185,31 @@ def _check_teacher(spec: ModelSpec) -> None:
             "a @tag, a pretrained checkpoint, a checkpoint file or an exported folder, so the student would "
             "distil from a random teacher; give weights, or set teacher.random_init: true if that is intended"
         )
+
+
+#: zero-shot task kinds the evaluation builds
+ZERO_SHOT_KINDS = ("synthetic", "folder", "imagenet")
+
+
+def _check_eval(cfg: RunConfig) -> None:
+    if cfg.eval.batch_size < 1:
+        raise ConfigError(f"eval.batch_size: must be at least 1, got {cfg.eval.batch_size}")
+    for i, task in enumerate(cfg.eval.zero_shot):
+        if task.kind not in ZERO_SHOT_KINDS:
+            raise ConfigError(
+                f"eval.zero_shot[{i}].kind: {task.kind!r} is not one of {', '.join(ZERO_SHOT_KINDS)}."
+                f"{suggest(task.kind, list(ZERO_SHOT_KINDS))}"
+            )
+        if task.kind != "synthetic" and not task.path:
+            raise ConfigError(f"eval.zero_shot[{i}].path: a {task.kind} task needs the path of an image folder")
+
+
+def _check_device(name: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether CUDA is there is checked where the run starts)."""
+    kind, _, index = name.partition(":")
+    if name == "auto" or (kind in ("cpu", "cuda", "mps") and (not index or index.isdigit())):
+        return
+    raise ConfigError(f"train.device: {name!r} is not auto, cpu, cuda or cuda:N")
 
 
 def _check_dispatch(cfg: RunConfig) -> None:

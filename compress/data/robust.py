@@ -67,8 +67,9 @@ class BadSampleCounter:
     """Counts samples seen and bad samples skipped for one data set, in the main process.
 
     ``update`` raises :class:`DataError` when a whole batch is bad (a batch of at least
-    ``whole_batch_min`` samples, or any batch before a good sample was seen: a wrong root
-    or a broken source stops at once), or when more than ``max_bad_fraction`` of the last
+    ``whole_batch_min`` samples, or a batch that ends a run of at least ``whole_batch_min`` bad
+    samples before any good one: a wrong root or a broken source stops at once, one bad first
+    image of a small batch does not), or when more than ``max_bad_fraction`` of the last
     ``window`` samples were bad; the fraction is judged only once ``window`` samples were
     seen, so a bad image among the first few does not stop a run, and it slides, so a burst
     of bad data late in a long run is not diluted by what came before. :meth:`close` judges
@@ -107,7 +108,8 @@ class BadSampleCounter:
             b, n = self._recent.popleft()
             self._recent_bad -= b
             self._recent_seen -= n
-        if num_samples and num_bad == num_samples and (num_samples >= self.whole_batch_min or self.bad == self.seen):
+        nothing_good_yet = self.bad == self.seen >= self.whole_batch_min
+        if num_samples and num_bad == num_samples and (num_samples >= self.whole_batch_min or nothing_good_yet):
             raise DataError(
                 f"data set {self.name!r}: a whole batch of {num_samples} samples was bad "
                 f"({self.bad} of {self.seen} bad so far, fraction {self.fraction:.3f})"
