@@ -99,9 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress CLIP models by distillation and weight inheritance (TinyCLIP and relatives).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages and full tracebacks")
+    # -v is accepted after the command too (`clip-compress run CONFIG -v`)
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log debug messages and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run one experiment config", description="Run one experiment config.")
+    p = sub.add_parser(
+        "run", parents=[verbose], help="run one experiment config", description="Run one experiment config."
+    )
     p.add_argument("config", help="YAML experiment config (see experiments/configs/)")
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set train.lr=3e-4"
@@ -114,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(
-        "eval", help="evaluate a model", description="Zero-shot, retrieval, params, MACs and throughput of a model."
+        "eval", parents=[verbose], help="evaluate a model",
+        description="Zero-shot, retrieval, params, MACs and throughput of a model.",
     )
     p.add_argument(
         "model",
@@ -132,12 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="write the metrics as JSON to this file")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("list", help="list plug-ins and model configs", description="List registered plug-ins.")
+    p = sub.add_parser(
+        "list", parents=[verbose], help="list plug-ins and model configs", description="List registered plug-ins."
+    )
     p.add_argument("kind", nargs="?", choices=["losses", "inheritance", "schedules"], help="only this kind")
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser(
-        "demo", help="compress a CLIP on the embedded data set",
+        "demo", parents=[verbose], help="compress a CLIP on the embedded data set",
         description="Train a small teacher on the embedded shapes data set, distil students, print a table.",
     )
     p.add_argument("--quick", action="store_true", help="a smaller version of the same pipeline (~2 min)")

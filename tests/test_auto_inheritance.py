@@ -123,3 +123,11 @@ def test_per_tower_budget_and_single_tower(teacher: nn.Module) -> None:
     assert term.item() > 0  # target 0.5 after the ramp, nothing pruned yet
     term.backward()
     assert all(p.grad is not None and (p.grad > 0).all() for p in masks.mask_parameters())
+
+
+def test_target_schedule_replaces_the_linear_ramp() -> None:
+    ramped = INHERITANCE.build({"name": "auto", "target_sparsity": 0.4, "prune_step": 100, "ramp_steps": 50})
+    assert ramped.schedule(0) == 0.0 and ramped.schedule(25) == pytest.approx(0.2) and ramped.schedule(60) == 0.4
+    fixed = INHERITANCE.build({"name": "auto", "target_sparsity": 0.4, "prune_step": 100,
+                               "target_schedule": {"name": "constant"}})
+    assert [fixed.schedule(s) for s in (0, 25, 99)] == [0.4, 0.4, 0.4]  # base_value is the target

@@ -384,3 +384,8 @@ def test_has_weights_agrees_with_what_load_model_loads(tmp_path):
     for spec, pretrained in cases:
         assert has_weights(spec, pretrained) == loads_same_twice(spec, pretrained), (spec, pretrained)
     assert [has_weights(s, p) for s, p in cases] == [False, False, True, True, True, True]
+
+
+def test_lr_schedule_is_required():
+    with pytest.raises(ConfigError, match="schedules.lr: a learning-rate schedule is required"):
+        config_from_dict(builtin_dict(schedules={"weight/affinity": {"name": "constant"}}))

@@ -38,6 +38,9 @@ def test_tiny_run_writes_result_metrics_and_model(tmp_path, inheritance):
     on_disk = json.loads((run_dir / "result.json").read_text())
     assert on_disk["run_id"] == cfg.run_id() and on_disk["status"] == "completed"
     metrics = on_disk["metrics"]
+    assert {"started_at", "duration_s"} <= set(on_disk) and torch.__version__.startswith(on_disk["versions"]["torch"])
+    for key in ("train/nonfinite_steps", "train/samples_per_s", "data/bad_fraction", "train/precision"):
+        assert key in on_disk["metrics"], key
     for key in ("zs/cs/top1", "zs/cs/top1_heldout", "ret/val/i2t_r1", "params/vision", "macs/image",
                 "train/affinity_i2t", "data/bad_samples"):
         assert key in metrics, key

@@ -4,6 +4,7 @@ output that suits a log file."""
 
 import io
 import json
+import math
 import os
 import signal
 import stat
@@ -91,7 +92,8 @@ def test_evaluation_failing_after_training_keeps_training_metrics(tmp_path, monk
 
 
 def test_sparsity_target_and_achieved_are_in_the_row(tmp_path):
-    cfg = tiny_config(tmp_path, student=None, train={"steps": 4, "batch_size": 8, "lr": 1e-3, "progress": False},
+    cfg = tiny_config(tmp_path, student=None,
+                      train={"steps": 8, "batch_size": 8, "lr": 1e-3, "progress": False, "log_every": 1},
                       inheritance={"name": "auto", "target_sparsity": 0.5, "prune_step": 3, "ramp_steps": 2,
                                    "mask_lr": 0.5, "lambda_lr": 1.0})
     row = run_experiment(cfg)
@@ -106,6 +108,11 @@ def test_sparsity_target_and_achieved_are_in_the_row(tmp_path):
     assert m["sparsity/target"] == 0.5
     assert m["sparsity/achieved"] == pytest.approx(expected, abs=1e-6)
     assert m["sparsity/missed"] == (expected < 0.48)
+    # after pruning at step 3: a new optimizer and cosine decay from the lr of that moment, no warm-up
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run_dir_for(cfg) / "metrics.jsonl").read_text().splitlines())}
+    start = lrs[3]  # the lr of the step that ended with pruning (step index 2)
+    for index in range(3, 8):
+        assert lrs[index + 1] == pytest.approx(start * 0.5 * (1 + math.cos(math.pi * (index - 3) / 5)), rel=1e-9)
 
 
 def test_missed_sparsity_target_is_flagged(capsys):
@@ -176,7 +183,8 @@ def test_slurm_backend_off_cluster_is_one_line(tmp_path, monkeypatch, capsys):
     assert len(err) == 1 and "sbatch not found" in err[0]
 
 
-def test_sigterm_leaves_an_interrupted_row(tmp_path):
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stopped_run_leaves_an_interrupted_row(tmp_path, sig, code):
     path = _write_cli_config(tmp_path, steps=100000, progress=False, log_every=1)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "experiments", "run", str(path)], cwd=tmp_path, env=env,
@@ -186,13 +194,14 @@ def test_sigterm_leaves_an_interrupted_row(tmp_path):
         while not list((tmp_path / "runs").glob("cli-*/metrics.jsonl")) and time.time() < deadline:
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 143, err
+    assert proc.returncode == code, err
     row = json.loads(next((tmp_path / "runs").glob("cli-*/result.json")).read_text())
-    assert row["status"] == "interrupted" and "SIGTERM" in row["error"]
+    assert row["status"] == "interrupted"
+    assert ("SIGTERM" in row["error"]) if sig == signal.SIGTERM else row["error"].startswith("KeyboardInterrupt")
     assert "interrupted" in err.splitlines()[-1]
 
 
@@ -208,3 +217,29 @@ def test_progress_in_a_log_file_writes_a_few_plain_lines():
     assert 10 <= len(lines) <= 21
     assert lines[-1].startswith("[train] 1000/1000") and "loss=0.1" in lines[-1]
     assert "\r" not in stream.getvalue()
+
+
+def test_verbose_flag_before_or_after_the_command(tmp_path, capsys):
+    from experiments.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {lrr: 1}\n")
+    assert main(["run", str(bad)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    for argv in (["-v", "run", str(bad)], ["run", str(bad), "-v"]):
+        with pytest.raises(ConfigError, match="train.lrr"):  # -v: the full traceback
+            main(argv)
+
+
+def test_run_job_pickles_and_runs_on_the_local_backend(tmp_path):
+    import pickle
+
+    from experiments.dispatch import dispatch
+    from experiments.job import RunJob
+
+    cfg = tiny_config(tmp_path)
+    again = pickle.loads(pickle.dumps(RunJob(cfg)))
+    assert again.cfg.run_id() == cfg.run_id()
+    (row,) = dispatch([cfg], backend="local")
+    assert row["status"] == "completed", row.get("error")
+    assert (run_dir_for(cfg) / "submitit").is_dir() and (run_dir_for(cfg) / "result.json").is_file()

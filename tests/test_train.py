@@ -353,3 +353,33 @@ def test_grad_checkpointing_on_a_student_without_it_is_refused(models):
 
     with pytest.raises(TrainingError, match="grad_checkpointing"):
         make_trainer(teacher, Bare(), grad_checkpointing=True)
+
+
+def test_checkpoints_every_k_steps_and_at_the_end(models, tmp_path, monkeypatch):
+    teacher, student = models
+    trainer = make_trainer(teacher, copy.deepcopy(student), steps=5, checkpoint_every=2)
+    trainer.run_dir = tmp_path
+    saved = []
+    original = trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda step: saved.append(step) or original(step))
+    trainer.fit()
+    assert saved == [2, 4, 5]
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 5
+
+
+def test_gradients_are_clipped_to_grad_clip_and_grad_norm_is_logged_before(models):
+    teacher, student = models
+    trainer = make_trainer(teacher, copy.deepcopy(student), steps=1, grad_clip=1e-3, on_log=(records := []).append,
+                           log_every=1)
+    seen = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        params = [p for g in trainer.optimizer.param_groups if g.get("follows_schedule") for p in g["params"]]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    trainer.fit()
+    assert seen == [pytest.approx(1e-3, rel=1e-4)]  # clipped before the step
+    assert records[0]["grad_norm"] > 1e-2  # the logged norm is the one before clipping

@@ -283,7 +283,7 @@ def build_train_loader(
     drop_last=True)``). Webdataset shards are split across ranks by the data set itself
     (a sampler is ignored there).
     """
-    ds = build_dataset(cfg.train, transform, split=cfg.train.split)
+    ds = build_dataset(cfg.train, transform, split=cfg.train.split, shuffle=True)  # training always shuffles
     name = dataset_name(cfg.train)
     workers = cfg.num_workers
     common: dict[str, Any] = dict(
