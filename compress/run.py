@@ -27,6 +27,7 @@ from compress.models.params import parameter_report
 from compress.precision import resolve_device, resolve_precision
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES
 from compress.results import STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED, make_row, write_result
+from compress.rundir import owned_run_dir
 from compress.teacher import OnlineTeacher, freeze
 from compress.train import LossTerm, Trainer
 
@@ -161,13 +162,24 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     """Run ``cfg`` and return its result row; the row is also written to ``result.json``,
     for a failed run too (status ``failed`` and the error) and for one stopped by SIGTERM or
     Ctrl-C (status ``interrupted``, then the interruption is raised again). Resume is not
-    built: a started run always begins at step 0, with a fresh ``metrics.jsonl``."""
+    built: a started run always begins at step 0, with a fresh ``metrics.jsonl``.
+
+    The run directory is held for the whole run (:func:`compress.rundir.owned_run_dir`): a
+    second process, or another config reusing the folder, raises ``RunDirError`` and touches
+    nothing there."""
+    run_dir = run_dir_for(cfg)
+    if not distributed.is_main_process():
+        return _run_in(cfg, run_dir)
+    with owned_run_dir(run_dir, cfg.run_id()):
+        return _run_in(cfg, run_dir)
+
+
+def _run_in(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     from compress.data.pipeline import train_batches
     from compress.evaluation.run_eval import build_eval_sets, evaluate_prepared
     from compress.models.export import save_model
     from compress.models.nonuniform import write_structure
 
-    run_dir = run_dir_for(cfg)
     started = time.time()
     main = distributed.is_main_process()
     if main:

@@ -166,11 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from compress.models import ModelLoadError
     from compress.registry import RegistryError
     from compress.run import RunInterrupted
+    from compress.rundir import RunDirError
     from experiments.dispatch import DispatchError
 
     try:
         return args.func(args)
-    except (ConfigError, RegistryError, ModelLoadError, CliError, DispatchError, FileNotFoundError) as e:
+    except (ConfigError, RegistryError, ModelLoadError, CliError, DispatchError, RunDirError, FileNotFoundError) as e:
         if args.verbose:
             raise
         print(f"clip-compress: error: {e}", file=sys.stderr)

@@ -243,3 +243,43 @@ def test_run_job_pickles_and_runs_on_the_local_backend(tmp_path):
     (row,) = dispatch([cfg], backend="local")
     assert row["status"] == "completed", row.get("error")
     assert (run_dir_for(cfg) / "submitit").is_dir() and (run_dir_for(cfg) / "result.json").is_file()
+
+
+def test_a_second_process_on_a_running_run_directory_is_refused(tmp_path):
+    from compress.rundir import RunDirError, owned_run_dir
+
+    cfg = tiny_config(tmp_path)
+    run_dir = run_dir_for(cfg)
+    with owned_run_dir(run_dir, cfg.run_id()):  # another process holds it (flock is per open file)
+        with pytest.raises(RunDirError, match=r"in use by another process \(pid \d+\)"):
+            run_experiment(cfg)
+        assert not (run_dir / "result.json").exists() and not (run_dir / "config.yaml").exists()
+    assert run_experiment(cfg)["status"] == "completed"  # released: the run goes ahead
+
+
+def test_a_reused_run_name_of_another_config_is_refused(tmp_path, capsys):
+    from compress.rundir import RunDirError
+
+    output = {"dir": str(tmp_path / "runs"), "run_name": "shared"}
+    first = tiny_config(tmp_path, output=output)
+    assert run_experiment(first)["status"] == "completed"
+    before = (run_dir_for(first) / "result.json").read_text()
+    other = tiny_config(tmp_path, output=output, train={"steps": 3, "batch_size": 8, "lr": 1e-3, "progress": False})
+    with pytest.raises(RunDirError, match=f"another config's run \\(run id {first.run_id()}"):
+        run_experiment(other)
+    assert (run_dir_for(first) / "result.json").read_text() == before  # untouched
+    assert run_experiment(first)["status"] == "completed"  # its own config may run there again
+
+
+def test_replacing_a_local_teacher_checkpoint_changes_the_run_id(tmp_path):
+    from compress.models import load_model
+    from compress.models.export import save_model
+
+    folder = save_model(load_model("cc-test-teacher"), tmp_path / "teacher")
+    cfg = lambda: tiny_config(tmp_path, teacher={"model": str(folder)})  # noqa: E731
+    first = cfg().run_id()
+    assert cfg().run_id() == first  # stable while the files are unchanged
+    weights = next(p for p in Path(folder).iterdir() if p.suffix == ".safetensors")
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # replaced at the same path
+    assert cfg().run_id() != first

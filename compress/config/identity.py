@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from compress.config.schema import RunConfig
@@ -45,6 +47,42 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+def file_fingerprint(path: str | os.PathLike[str]) -> str | None:
+    """Size and modification time of a local file, or of every file below a folder (names
+    included); ``None`` if nothing is there. Cheap for multi-GB checkpoints, and it changes
+    when a checkpoint is replaced at the same path."""
+    root = Path(path)
+    if not root.exists():
+        return None
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.relative_to(root) if f != root else f.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprints(cfg: RunConfig) -> dict[str, str]:
+    """Fingerprints of the local files the teacher and student are read from (``model`` and
+    ``pretrained`` paths); open_clip names and tags have none."""
+    out: dict[str, str] = {}
+    for role in ("teacher", "student"):
+        spec = getattr(cfg, role)
+        if spec is None:
+            continue
+        for key in ("model", "pretrained"):
+            value = getattr(spec, key)
+            if not value:
+                continue
+            path = value.removeprefix("local-dir:")
+            if "@" in path and not Path(path).exists():
+                path = path.split("@", 1)[0]
+            fingerprint = file_fingerprint(path) if ("/" in path or Path(path).exists()) else None
+            if fingerprint is not None:
+                out[f"{role}.{key}"] = fingerprint
+    return out
+
+
 def identity_dict(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config without the sections and keys that do not change the result."""
     data = {k: v for k, v in cfg.to_dict().items() if k not in NON_IDENTITY_SECTIONS}
@@ -58,6 +96,9 @@ def identity_dict(cfg: RunConfig) -> dict[str, Any]:
         losses.append({**LOSSES.resolved(params, LOSS_CONTEXT), "weight": weight})
     data["losses"] = losses
     data["schedules"] = {k: SCHEDULES.resolved(s, SCHEDULE_CONTEXT) for k, s in cfg.schedules.items()}
+    fingerprints = model_fingerprints(cfg)
+    if fingerprints:  # a checkpoint replaced at the same path is another experiment
+        data["model_files"] = fingerprints
     return _canonical(data)
 
 

@@ -1,0 +1,75 @@
+"""A run directory has one owner: one process at a time, and one config for its whole life.
+
+- A second process that starts the same run while the first still trains is refused (an
+  exclusive ``flock`` on ``RUN_DIR/.lock``, released by the kernel when the owner dies, so a
+  killed run never leaves a stale lock).
+- A run directory remembers the run id it was made for (``RUN_DIR/run_id``); a config with
+  another id that points at it (a reused ``output.run_name``) is refused instead of
+  overwriting another experiment's results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from compress.fileio import atomic_write_text
+
+LOCK_FILE = ".lock"
+RUN_ID_FILE = "run_id"
+
+log = logging.getLogger(__name__)
+
+
+class RunDirError(RuntimeError):
+    """The run directory belongs to another process or to another config."""
+
+
+def recorded_run_id(run_dir: Path) -> str | None:
+    """The run id a directory was made for (its ``run_id`` file, or an older run's ``result.json``)."""
+    path = run_dir / RUN_ID_FILE
+    if path.is_file():
+        return path.read_text().strip() or None
+    try:
+        return json.loads((run_dir / "result.json").read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def _busy(fd: int, run_dir: Path) -> RunDirError:
+    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+    return RunDirError(
+        f"run directory {run_dir} is in use by another process (pid {holder}): the same run is "
+        "already running; wait for it or stop it"
+    )
+
+
+@contextlib.contextmanager
+def owned_run_dir(run_dir: Path, run_id: str) -> Iterator[Path]:
+    """Hold ``run_dir`` for the run ``run_id`` while the block executes (see the module docstring)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _busy(fd, run_dir) from None
+        except OSError as error:  # a file system without flock (some NFS setups)
+            log.warning("cannot lock %s (%s): two processes could run the same run", run_dir, error)
+        recorded = recorded_run_id(run_dir)
+        if recorded is not None and recorded != run_id:
+            raise RunDirError(
+                f"run directory {run_dir} holds another config's run (run id {recorded}, this config's is "
+                f"{run_id}): choose another output.run_name, or remove that folder"
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        atomic_write_text(run_dir / RUN_ID_FILE, run_id + "\n")
+        yield run_dir
+    finally:
+        os.close(fd)  # releases the lock
