@@ -158,7 +158,7 @@ def sparsity_metrics(inheritance: Any, source: nn.Module | None, exported: nn.Mo
 SPARSITY_TOLERANCE = 0.02
 
 
-def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
+def run_experiment(cfg: RunConfig) -> dict[str, Any]:
     """Run ``cfg`` and return its result row; the row is also written to ``result.json``,
     for a failed run too (status ``failed`` and the error) and for one stopped by SIGTERM or
     Ctrl-C (status ``interrupted``, then the interruption is raised again). Resume is not

@@ -70,10 +70,10 @@ def dispatch(cfgs: list[RunConfig], backend: str | None = None, force: bool = Fa
             rows.append({**done, "status": "skipped"})
             continue
         if chosen == "inprocess":
-            rows.append(RunJob(cfg, force=force)())
+            rows.append(RunJob(cfg)())
             continue
         executor = make_executor(cfg, chosen, run_dir / "submitit")
-        job = executor.submit(RunJob(cfg, force=force))
+        job = executor.submit(RunJob(cfg))
         print(f"[submitted] {cfg.name} ({cfg.run_id()}) as {chosen} job {job.job_id}; logs in {run_dir / 'submitit'}")
         jobs.append((len(rows), job, run_dir))
         rows.append(None)

@@ -41,15 +41,14 @@ class RunJob:
     Resume is not built yet: a job that SLURM requeues (after preemption) starts its run again
     from step 0 in the same run directory, with a fresh ``metrics.jsonl``."""
 
-    def __init__(self, cfg: RunConfig, force: bool = False) -> None:
+    def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.force = force
 
     def __call__(self) -> dict[str, Any]:
         from compress.run import run_experiment
 
         refuse_multiple_tasks()
-        row = run_experiment(self.cfg, force=self.force)
+        row = run_experiment(self.cfg)
         write_reports(run_dir_for(self.cfg))
         return row
 
@@ -57,4 +56,4 @@ class RunJob:
         """submitit calls this on preemption or timeout: requeue the same run (it restarts from step 0)."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(RunJob(self.cfg, force=False))
+        return submitit.helpers.DelayedSubmission(RunJob(self.cfg))

@@ -23,14 +23,6 @@ LOSS_CONTEXT = ("student_embed_dim", "teacher_embed_dim")
 INHERITANCE_CONTEXT = ("total_steps",)
 
 
-def _check_plugin(registry, spec: Any, where: str, extra: tuple[str, ...] = ()) -> None:
-    try:
-        name, params = registry.split_spec(spec)
-        registry.check_params(name, params, extra)
-    except RegistryError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
 def _build_plugin(registry: Registry[Any], spec: Any, where: str, context: Mapping[str, Any] | None = None) -> Any:
     """Build the plug-in once so that its constructor checks its values; errors name ``where``."""
     try:
@@ -279,9 +271,6 @@ def _check_schedules(cfg: RunConfig) -> None:
             if index in scheduled:
                 raise ConfigError(f"schedules.{key}: losses[{index}] already has a schedule ({scheduled[index]})")
             scheduled[index] = key
-        name = SCHEDULES.split_spec(spec)[0] if isinstance(spec, str | Mapping) else ""
-        offered = tuple(k for k in SCHEDULE_CONTEXT if name in SCHEDULES and SCHEDULES.accepts(name, k))
-        _check_plugin(SCHEDULES, spec, f"schedules.{key}", offered)
         _build_plugin(SCHEDULES, spec, f"schedules.{key}", schedule_context(cfg, key))
 
 
