@@ -83,19 +83,37 @@ def model_fingerprints(cfg: RunConfig) -> dict[str, str]:
     return out
 
 
+def _resolved_losses(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    losses = []
+    for spec in specs:
+        params = dict(spec)
+        weight = params.pop("weight", 1.0)
+        losses.append({**LOSSES.resolved(params, LOSS_CONTEXT), "weight": weight})
+    return losses
+
+
+def _resolved_schedules(specs: dict[str, Any]) -> dict[str, Any]:
+    return {k: SCHEDULES.resolved(s, SCHEDULE_CONTEXT) for k, s in specs.items()}
+
+
 def identity_dict(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config without the sections and keys that do not change the result."""
     data = {k: v for k, v in cfg.to_dict().items() if k not in NON_IDENTITY_SECTIONS}
     for section, keys in NON_IDENTITY_KEYS.items():
         data[section] = {k: v for k, v in data[section].items() if k not in keys}
     data["inheritance"] = INHERITANCE.resolved(cfg.inheritance, INHERITANCE_CONTEXT)
-    losses = []
-    for spec in cfg.losses:
-        params = dict(spec)
-        weight = params.pop("weight", 1.0)
-        losses.append({**LOSSES.resolved(params, LOSS_CONTEXT), "weight": weight})
-    data["losses"] = losses
-    data["schedules"] = {k: SCHEDULES.resolved(s, SCHEDULE_CONTEXT) for k, s in cfg.schedules.items()}
+    data["losses"] = _resolved_losses(cfg.losses)
+    data["schedules"] = _resolved_schedules(cfg.schedules)
+    for stage in data["stages"]:  # plug-in specs of stages resolved the same way
+        stage["train"] = {k: v for k, v in stage["train"].items() if k not in NON_IDENTITY_KEYS["train"]}
+        if stage["inheritance"] is not None:
+            stage["inheritance"] = INHERITANCE.resolved(stage["inheritance"], INHERITANCE_CONTEXT)
+        if stage["losses"] is not None:
+            stage["losses"] = _resolved_losses(stage["losses"])
+        if stage["schedules"] is not None:
+            stage["schedules"] = _resolved_schedules(stage["schedules"])
+    if not data["stages"]:  # configs written before stages existed keep their ids
+        del data["stages"]
     fingerprints = model_fingerprints(cfg)
     if fingerprints:  # a checkpoint replaced at the same path is another experiment
         data["model_files"] = fingerprints

@@ -14,6 +14,7 @@ import yaml
 from compress.config.errors import ConfigError
 from compress.config.overrides import apply_overrides
 from compress.config.schema import RunConfig
+from compress.config.stages import expand_stage_chain
 from compress.config.validate import validate
 from compress.config.yamlio import yaml_load
 from compress.registry import suggest
@@ -125,8 +126,9 @@ def config_from_dict(data: Mapping[str, Any], overrides: list[str] | None = None
     ``losses.0.weight=2`` works when ``data`` lists no losses), then validation."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"a config is a mapping at the top level, got {type(data).__name__}")
-    merged = _merge(RunConfig, RunConfig().to_dict(), data)
-    return validate(_from_dict(RunConfig, apply_overrides(merged, overrides or [])))
+    merged = apply_overrides(_merge(RunConfig, RunConfig().to_dict(), data), overrides or [])
+    merged["stages"] = expand_stage_chain(merged.get("stages") or [])
+    return validate(_from_dict(RunConfig, merged))
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -114,9 +114,19 @@ class EvalConfig:
 
 @dataclass
 class OutputConfig:
+    """Where a run writes, and which checkpoints it keeps.
+
+    ``save_checkpoint``: write resume checkpoints (every ``train.checkpoint_every`` steps and at
+    the end of training); false: none, and a killed run starts again from step 0.
+    ``keep_every``: besides the newest checkpoint, keep those whose step is a multiple of this
+    (0: only the newest). ``keep_checkpoints``: keep them after the run completed (by default
+    only the exported model, the metrics and the result row remain)."""
+
     dir: str = "runs"
     run_name: str | None = None
     save_checkpoint: bool = True
+    keep_every: int = 0
+    keep_checkpoints: bool = False
 
 
 @dataclass
@@ -127,6 +137,34 @@ class DispatchConfig:
     timeout_min: int = 60 * 24
     partition: str | None = None
     slurm_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageConfig:
+    """One stage of a progressive run (TinyCLIP's multi-stage distillation).
+
+    ``source``: ``teacher`` or ``previous`` (the previous stage's exported model; the default after
+    the first stage, which always starts from the teacher). ``student``: the stage's student
+    architecture (manual / none inheritance). ``target_sparsity``: for automatic inheritance, the
+    cumulative fraction of the teacher's prunable parameters removed at the end of this stage
+    (0.25, 0.5, 0.75 ends at 75% pruned, not 91%). ``inheritance`` and ``losses`` replace the
+    top-level ones, ``schedules`` replace the top-level ones key by key, ``train`` sets keys of the
+    top-level ``train`` (``steps`` is a shorthand for ``train.steps``); the rest comes from the top
+    level. ``name`` defaults to ``stage<k>``."""
+
+    name: str | None = None
+    steps: int | None = None
+    source: str | None = None
+    student: ModelSpec | None = None
+    target_sparsity: float | None = None
+    inheritance: PluginSpec | None = None
+    losses: list[PluginSpec] | None = None
+    schedules: dict[str, PluginSpec] | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+#: where a stage takes its first weights from
+STAGE_SOURCES = ("teacher", "previous")
 
 
 @dataclass
@@ -146,6 +184,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    stages: list[StageConfig] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

@@ -54,6 +54,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"schema_version: this clip-compress reads version {SCHEMA_VERSION}, the config has "
             f"{cfg.schema_version}"
         )
+    if cfg.stages:  # every stage runs as its own resolved config: check those
+        from compress.config.stages import resolve_stages
+
+        resolve_stages(cfg)
+        return cfg
     _check_train(cfg)
     inheritance = _build_plugin(INHERITANCE, cfg.inheritance, "inheritance", inheritance_context(cfg))
     _check_models(cfg, inheritance)
@@ -89,6 +94,8 @@ def _check_train(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
     if t.checkpoint_every < 0:
         raise ConfigError(f"train.checkpoint_every: must be >= 0 (0: only at the end), got {t.checkpoint_every}")
+    if cfg.output.keep_every < 0:
+        raise ConfigError(f"output.keep_every: must be >= 0 (0: the newest only), got {cfg.output.keep_every}")
     if t.batch_size % t.accum_steps:
         raise ConfigError(
             f"train.batch_size ({t.batch_size}) must be divisible by train.accum_steps ({t.accum_steps})"

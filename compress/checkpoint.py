@@ -1,0 +1,247 @@
+"""Resume checkpoints: everything the next step depends on, and nothing that must be unpickled.
+
+A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` holding
+
+- ``student.safetensors``: the student's state dict (masks and multipliers included);
+- ``student.json``: how to rebuild the student without the code that made it: its base open_clip
+  config, its structure (per-layer heads, MLP widths and residual width, see
+  :mod:`compress.models.structure`), its preprocess config, and whether masks are attached;
+- ``state.pt``: the trainer's state (optimizer, gradient scaler, schedules, counters, random
+  states, data position, the strategy's own step), plain tensors and numbers read back with
+  ``torch.load(weights_only=True)``;
+- ``meta.json``: the run id and config hash it belongs to, its step and stage.
+
+The folder is written under a temporary name and renamed when complete; only then does the
+pointer file ``checkpoints/latest`` (written atomically) name it. A kill at any moment leaves
+the previous checkpoint named by ``latest``: a half-written folder is never read and is
+removed by the next write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.fileio import atomic_write, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST_FILE = "latest"
+FORMAT = "clip-compress-checkpoint/1"
+STUDENT_WEIGHTS = "student.safetensors"
+STUDENT_RECORD = "student.json"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+_PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used for this run (another run's, another config's, unreadable)."""
+
+
+def config_hash(config_text: str) -> str:
+    """The hash of a run's resolved config (``config.yaml``) that a checkpoint records."""
+    return hashlib.sha256(config_text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Checkpoint:
+    """A complete checkpoint folder and its ``meta.json``."""
+
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    def student_record(self) -> dict[str, Any]:
+        return json.loads((self.path / STUDENT_RECORD).read_text())
+
+    def student_state(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / STUDENT_WEIGHTS), device="cpu")
+
+    def state(self) -> dict[str, Any]:
+        return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=True)
+
+    def check_owner(self, run_id: str, config_sha: str) -> None:
+        """Refuse a checkpoint written by another run or by another version of this run's config."""
+        if self.meta.get("run_id") != run_id:
+            raise CheckpointError(
+                f"checkpoint {self.path} belongs to run {self.meta.get('run_id')}, not to this run ({run_id}); "
+                "it is not resumed: remove it or start fresh with --force"
+            )
+        if self.meta.get("config_sha") != config_sha:
+            raise CheckpointError(
+                f"checkpoint {self.path} was written under another config (hash {self.meta.get('config_sha')}, "
+                f"this config's is {config_sha}); it is not resumed: start fresh with --force"
+            )
+
+
+def latest_checkpoint(directory: str | Path) -> Checkpoint | None:
+    """The checkpoint ``directory/checkpoints/latest`` names, or ``None`` if there is none."""
+    root = Path(directory) / CHECKPOINT_DIR
+    pointer = root / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    path = root / name
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{pointer} names {name}, which is not a readable checkpoint ({error})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint")
+    return Checkpoint(path, meta)
+
+
+def student_record(model: nn.Module) -> dict[str, Any]:
+    """How to rebuild ``model``'s modules: base config, structure, preprocess config, masks."""
+    from compress.masks.attach import get_masks
+    from compress.models.attention import is_converted
+    from compress.models.export import preprocess_config
+    from compress.models.structure import describe_structure
+
+    cfg = getattr(model, "clip_cfg", None)
+    if cfg is None:
+        raise CheckpointError("the student has no clip_cfg: create it with compress.models.load_model")
+    converted = is_converted(model)
+    return {
+        "model_cfg": cfg,
+        "structure": describe_structure(model) if converted else {},
+        "preprocess_cfg": preprocess_config(model),
+        "converted": converted,
+        "masked": get_masks(model) is not None,
+    }
+
+
+def rebuild_student(record: Mapping[str, Any]) -> nn.Module:
+    """An unmasked student of the recorded base config and structure (weights still to be loaded)."""
+    from compress.models.factory import build_from_config, set_preprocess
+    from compress.models.structure import apply_structure
+
+    if record.get("masked"):
+        raise CheckpointError("a masked student is rebuilt by its inheritance strategy, not from its record")
+    converted = bool(record.get("converted", True))
+    model = build_from_config(record["model_cfg"], convert=converted)
+    if record.get("structure"):
+        apply_structure(model, record["structure"])  # new modules on the meta device: load with assign=True
+        model.clip_structure = record["structure"]
+    set_preprocess(model, record.get("preprocess_cfg"))
+    return model
+
+
+def write_checkpoint(
+    directory: str | Path,
+    step: int,
+    student: nn.Module,
+    state: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    keep_every: int = 0,
+) -> Path:
+    """Write a complete checkpoint of ``step`` under ``directory/checkpoints`` and point ``latest``
+    at it; then remove the older ones, except those whose step is a multiple of ``keep_every``."""
+    from compress.models.export import save_safetensors
+
+    root = Path(directory) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"{_PREFIX}{step:08d}"
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_safetensors(student.state_dict(), tmp / STUDENT_WEIGHTS)
+    atomic_write_text(tmp / STUDENT_RECORD, json.dumps(student_record(student), indent=1))
+    atomic_write(tmp / STATE_FILE, lambda path: torch.save(dict(state), path))
+    atomic_write_text(tmp / META_FILE, json.dumps({"format": FORMAT, **meta, "step": step}, indent=1))
+    _fsync_dir(tmp)
+    final = root / name
+    if final.exists():  # a checkpoint of this step from before a crash: replaced by this one
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / LATEST_FILE, name + "\n")
+    _fsync_dir(root)
+    _prune(root, name, keep_every)
+    return final
+
+
+def remove_checkpoints(directory: str | Path, keep_every: int = 0) -> None:
+    """Remove the checkpoints of a finished run (those a ``keep_every`` policy keeps stay)."""
+    root = Path(directory) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return
+    _prune(root, None, keep_every)
+    if keep_every == 0:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _prune(root: Path, current: str | None, keep_every: int) -> None:
+    for path in root.iterdir():
+        if path.name == current or path.name == LATEST_FILE:
+            continue
+        if path.name.startswith(_PREFIX) and path.is_dir():
+            step = int(path.name[len(_PREFIX):])
+            if keep_every and step % keep_every == 0:
+                continue
+        elif not path.name.startswith(".tmp-"):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- random states ---------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Python's, NumPy's, torch's CPU and every CUDA device's random state (loadable with weights_only)."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "torch": torch.get_rng_state(),
+    }
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
