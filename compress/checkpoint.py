@@ -51,9 +51,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used for this run (another run's, another config's, unreadable)."""
 
 
-def config_hash(config_text: str) -> str:
-    """The hash of a run's resolved config (``config.yaml``) that a checkpoint records."""
-    return hashlib.sha256(config_text.encode()).hexdigest()[:16]
+def config_hash(cfg: Any) -> str:
+    """The hash a checkpoint records of the config it was written under: the whole resolved
+    config that the run id is cut from (execution settings such as the device, logging or
+    workers left out, so a run may resume on another machine)."""
+    from compress.config import identity_dict
+
+    blob = json.dumps(identity_dict(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 @dataclass

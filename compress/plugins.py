@@ -74,6 +74,15 @@ class Inheritance:
     def export(self, student: nn.Module) -> nn.Module:
         return student
 
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's own state a resumed run needs (its step, sizes); plain numbers only.
+        Masks and multipliers are modules of the student and are saved with its weights."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (called on resume, after ``inherit`` or instead of it once
+        the student was made smaller)."""
+
 
 class Schedule:
     """A schedule plug-in: ``value(step) -> float`` (learning rate, target sparsity, weights).

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +22,43 @@ import torch
 from torch import nn
 
 from compress import distributed
+from compress.checkpoint import (
+    Checkpoint,
+    config_hash,
+    latest_checkpoint,
+    rebuild_student,
+    remove_checkpoints,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
 from compress.config import RunConfig, dump_config
+from compress.config.stages import ResolvedStage, resolve_stages, with_source_fraction
 from compress.config.validate import inheritance_context, loss_weight_keys, schedule_context
 from compress.fileio import atomic_write_text
 from compress.models import load_model
 from compress.models.forward import context_length_of, embed_dim, tokenizer_for
+from compress.models.nonuniform import STRUCTURE_FILE
 from compress.models.params import parameter_report
 from compress.precision import resolve_device, resolve_precision
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES
-from compress.results import STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED, make_row, write_result
+from compress.results import (
+    RESULT_FILE,
+    STATUS_COMPLETED,
+    STATUS_FAILED,
+    STATUS_INTERRUPTED,
+    make_row,
+    read_result,
+    write_result,
+)
 from compress.rundir import owned_run_dir
 from compress.teacher import OnlineTeacher, freeze
 from compress.train import LossTerm, Trainer
 
 log = logging.getLogger(__name__)
+
+#: the folder of a staged run that holds one folder per stage
+STAGES_DIR = "stages"
 
 
 class RunError(RuntimeError):
@@ -85,24 +112,6 @@ def build_student(cfg: RunConfig, inheritance: Any, source: nn.Module | None) ->
     return inheritance.inherit(student, source)
 
 
-def _prepare(cfg: RunConfig):
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    teacher = None
-    if cfg.teacher is not None:
-        t = cfg.teacher
-        teacher = freeze(load_model(t.model, pretrained=t.pretrained, force_quick_gelu=t.force_quick_gelu))
-    inheritance = INHERITANCE.build(cfg.inheritance, context=inheritance_context(cfg))
-    student = build_student(cfg, inheritance, teacher)
-    if teacher is not None and context_length_of(teacher) != context_length_of(student):
-        raise RunError(
-            f"teacher and student context lengths differ ({context_length_of(teacher)} vs "
-            f"{context_length_of(student)}); both read the same tokens"
-        )
-    return device, precision, teacher, inheritance, student.to(device)
-
-
 class RunInterrupted(BaseException):
     """SIGTERM arrived during a run (a scheduler stopping the job, ``kill``)."""
 
@@ -136,18 +145,26 @@ def refuse_multiple_processes() -> None:
         )
 
 
-def sparsity_metrics(inheritance: Any, source: nn.Module | None, exported: nn.Module) -> dict[str, Any]:
-    """Achieved sparsity of the exported student against its source, counted TinyCLIP's way
+def sparsity_metrics(
+    inheritance: Any, teacher: nn.Module | None, exported: nn.Module, run: StageRun | None = None
+) -> dict[str, Any]:
+    """Achieved sparsity of the exported student against the teacher, counted TinyCLIP's way
     (vision tower + text tower without the token embedding), and the strategy's target if it
     has one. ``sparsity/missed`` is true when the achieved value is more than
-    :data:`SPARSITY_TOLERANCE` below the target."""
-    if source is None:
+    :data:`SPARSITY_TOLERANCE` below the target. In a staged run, ``sparsity/achieved`` and
+    ``sparsity/target`` are cumulative (against the teacher) and ``sparsity/stage_achieved`` /
+    ``sparsity/stage_target`` are against the stage's own source."""
+    if teacher is None:
         return {}
-    full, kept = parameter_report(source), parameter_report(exported)
-    prunable_full = full["vision"] + full["text"]
-    achieved = 1.0 - (kept["vision"] + kept["text"]) / prunable_full
+    achieved = 1.0 - prunable_parameters(exported) / prunable_parameters(teacher)
     out: dict[str, Any] = {"sparsity/achieved": round(achieved, 6)}
     target = getattr(inheritance, "target_sparsity", None)
+    stage = run.stage if run is not None else None
+    if stage is not None and run is not None and run.source is not None:
+        out["sparsity/stage_achieved"] = round(1.0 - prunable_parameters(exported) / prunable_parameters(run.source), 6)
+        if target is not None:
+            out["sparsity/stage_target"] = float(target)
+        target = stage.target_sparsity
     if target is not None:
         out["sparsity/target"] = float(target)
         out["sparsity/missed"] = achieved < float(target) - SPARSITY_TOLERANCE
@@ -158,103 +175,291 @@ def sparsity_metrics(inheritance: Any, source: nn.Module | None, exported: nn.Mo
 SPARSITY_TOLERANCE = 0.02
 
 
-def run_experiment(cfg: RunConfig) -> dict[str, Any]:
+def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     """Run ``cfg`` and return its result row; the row is also written to ``result.json``,
     for a failed run too (status ``failed`` and the error) and for one stopped by SIGTERM or
-    Ctrl-C (status ``interrupted``, then the interruption is raised again). Resume is not
-    built: a started run always begins at step 0, with a fresh ``metrics.jsonl``.
+    Ctrl-C (status ``interrupted``, then the interruption is raised again).
+
+    A run started again in its run directory resumes: finished stages are kept, and the
+    current stage continues from its newest checkpoint (:mod:`compress.checkpoint`), exactly
+    where it was. ``force`` removes what an earlier attempt left and starts at step 0.
 
     The run directory is held for the whole run (:func:`compress.rundir.owned_run_dir`): a
     second process, or another config reusing the folder, raises ``RunDirError`` and touches
     nothing there."""
     run_dir = run_dir_for(cfg)
     if not distributed.is_main_process():
-        return _run_in(cfg, run_dir)
+        return _run_in(cfg, run_dir, force)
     with owned_run_dir(run_dir, cfg.run_id()):
-        return _run_in(cfg, run_dir)
+        return _run_in(cfg, run_dir, force)
 
 
-def _run_in(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+#: what an attempt leaves in a run directory (removed by ``--force``)
+RUN_OUTPUTS = ("checkpoints", STAGES_DIR, "metrics.jsonl", RESULT_FILE, "model", STRUCTURE_FILE)
+
+
+def start_fresh(run_dir: Path) -> None:
+    """Remove checkpoints, stage folders, metrics, result and model of an earlier attempt."""
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def stage_dir(run_dir: Path, stage: ResolvedStage | None) -> Path:
+    """Where a stage writes: the run directory itself for a run without stages."""
+    return run_dir if stage is None else run_dir / STAGES_DIR / stage.dir_name
+
+
+@dataclass
+class StageRun:
+    """One stage to execute: its config and folder, where its weights come from, its seed."""
+
+    cfg: RunConfig
+    directory: Path
+    stage: ResolvedStage | None
+    source: nn.Module | None
+    seed: int
+
+
+def _run_in(cfg: RunConfig, run_dir: Path, force: bool) -> dict[str, Any]:
+    started = time.time()
+    main = distributed.is_main_process()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if force:
+            start_fresh(run_dir)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    stages: list[ResolvedStage | None] = list(resolve_stages(cfg)) or [None]
+    metrics: dict[str, Any] = {}
+    current: StageRun | None = None
+
+    def row_for(status: str, error: BaseException | None = None) -> dict[str, Any]:
+        extra = {"stage": current.stage.dir_name} if current is not None and current.stage is not None else None
+        return make_row(run_id=cfg.run_id(), name=cfg.name, status=status, config=cfg.to_dict(), started=started,
+                        metrics=metrics, error=error, extra=extra)
+
+    def write_rows(status: str, error: BaseException | None = None, run_row: bool = True) -> dict[str, Any]:
+        """The current stage's row (a staged run) and, unless a stage finished before the last, the run's."""
+        row = row_for(status, error)
+        if main and current is not None and current.stage is not None:
+            stage_row = make_row(run_id=cfg.run_id(), name=cfg.name, status=status, config=current.cfg.to_dict(),
+                                 started=started, metrics=metrics, error=error)
+            write_result(current.directory, stage_row)
+        if main and run_row:
+            write_result(run_dir, row)
+        return row
+
+    for stage in stages:  # another run's or another config's checkpoint: refused before anything is loaded
+        checkpoint = latest_checkpoint(stage_dir(run_dir, stage))
+        if checkpoint is not None:
+            checkpoint.check_owner(cfg.run_id(), config_hash(cfg))
+    try:
+        with sigterm_raises():
+            refuse_multiple_processes()
+            device = resolve_device(cfg.train.device)
+            precision = resolve_precision(cfg.train.precision, device)
+            seed_everything(cfg.seed)  # a random-init teacher (tests) is the same in every attempt
+            teacher = load_teacher(cfg)
+            previous: nn.Module | None = None
+            for stage in stages:
+                directory = stage_dir(run_dir, stage)
+                done = read_result(directory) if stage is not None else None
+                if done is not None and done.get("status") == STATUS_COMPLETED and not force:
+                    metrics = dict(done["metrics"])  # a finished stage: its model is the next one's source
+                    previous = load_model(str(directory / "model"))
+                    log.info("stage %s already completed: its exported model is the next stage's source",
+                             stage.dir_name)
+                    continue
+                metrics = {}
+                current = _stage_run(cfg, stage, directory, teacher, previous)
+                _run_stage(current, cfg, teacher, device, precision, metrics)
+                if stage is not None and stage is not stages[-1]:
+                    write_rows(STATUS_COMPLETED, run_row=False)
+                    _after_success(current)
+                    current = None  # its row is final: a later failure must not overwrite it
+                    # the next stage starts from this stage's exported model as saved (on every rank)
+                    previous = load_model(str(directory / "model"))
+        row = write_rows(STATUS_COMPLETED)
+        if current is not None:
+            _after_success(current)
+    except (KeyboardInterrupt, RunInterrupted) as interruption:
+        write_rows(STATUS_INTERRUPTED, interruption)
+        print(f"clip-compress: run {cfg.name} interrupted (see {run_dir / 'result.json'})", file=sys.stderr)
+        raise
+    except Exception as error:  # the row records the failure; the caller decides what to do with it
+        row = write_rows(STATUS_FAILED, error)
+        print(f"clip-compress: run {cfg.name} failed: {row['error']} (see {run_dir / 'result.json'})", file=sys.stderr)
+    return row
+
+
+#: stage k draws its data order and random states from ``seed + k * STAGE_SEED_STRIDE``
+STAGE_SEED_STRIDE = 7919
+
+
+def load_teacher(cfg: RunConfig) -> nn.Module | None:
+    if cfg.teacher is None:
+        return None
+    t = cfg.teacher
+    return freeze(load_model(t.model, pretrained=t.pretrained, force_quick_gelu=t.force_quick_gelu))
+
+
+def _stage_run(
+    cfg: RunConfig, stage: ResolvedStage | None, directory: Path, teacher: nn.Module | None,
+    previous: nn.Module | None,
+) -> StageRun:
+    """The stage's source model and config: a cumulative target becomes the per-stage target of
+    the previous stage's actual size (its achieved sparsity, not its target)."""
+    if stage is None:
+        return StageRun(cfg, directory, None, teacher, cfg.seed)
+    source = teacher if stage.source == "teacher" else previous
+    stage_cfg = stage.cfg
+    if stage.target_sparsity is not None:
+        fraction = 1.0
+        if stage.source == "previous" and teacher is not None and previous is not None:
+            fraction = prunable_parameters(previous) / prunable_parameters(teacher)
+        stage_cfg = with_source_fraction(stage, fraction)
+    return StageRun(stage_cfg, directory, stage, source, cfg.seed + STAGE_SEED_STRIDE * stage.index)
+
+
+def prunable_parameters(model: nn.Module) -> int:
+    """TinyCLIP's count: the vision tower and the text tower without the token embedding."""
+    report = parameter_report(model)
+    return report["vision"] + report["text"]
+
+
+def _after_success(run: StageRun) -> None:
+    """Once a stage's row says completed, its checkpoints go (unless ``output.keep_checkpoints``)."""
+    if distributed.is_main_process() and not run.cfg.output.keep_checkpoints:
+        remove_checkpoints(run.directory, run.cfg.output.keep_every)
+
+
+def _load_student(run: StageRun, inheritance: Any, checkpoint: Checkpoint | None) -> nn.Module:
+    """The stage's student: from the checkpoint's record and weights when resuming a student that was
+    made smaller (no strategy code involved), else built and filled by the strategy (a masked
+    checkpoint's weights, masks and multipliers then loaded into it)."""
+    record = checkpoint.student_record() if checkpoint is not None else None
+    if record is not None and not record["masked"]:
+        student = rebuild_student(record)
+        student.load_state_dict(checkpoint.student_state(), strict=True, assign=True)
+        return student
+    student = build_student(run.cfg, inheritance, run.source)
+    if checkpoint is not None:
+        student.load_state_dict(checkpoint.student_state(), strict=True)
+    return student
+
+
+def _run_stage(
+    run: StageRun, run_cfg: RunConfig, teacher: nn.Module | None, device: torch.device, precision: Any,
+    metrics: dict[str, Any],
+) -> None:
+    """Train, export and evaluate one stage (resuming from its checkpoint); fills ``metrics`` as it
+    goes, so a failure keeps what was measured."""
     from compress.data.pipeline import train_batches
     from compress.evaluation.run_eval import build_eval_sets, evaluate_prepared
     from compress.models.export import save_model
     from compress.models.nonuniform import write_structure
 
-    started = time.time()
+    cfg, directory = run.cfg, run.directory
     main = distributed.is_main_process()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # no resume yet: one series per run
-    metrics: dict[str, Any] = {}
+    run_id, config_sha = run_cfg.run_id(), config_hash(run_cfg)
+    checkpoint = latest_checkpoint(directory)  # its owner was checked when the run started
+    if run.stage is not None:
+        metrics.update({"stage/index": run.stage.index, "stage/name": run.stage.name, "stage/source": run.stage.source,
+                        "stage/count": len(run_cfg.stages)})
+    # what `auto` resolved to on this machine (the run id holds the config, not the machine)
+    metrics.update({"train/device": str(device), "train/precision": precision.name})
+    seed_everything(run.seed)
+    inheritance = INHERITANCE.build(cfg.inheritance, context=inheritance_context(cfg))
+    student = _load_student(run, inheritance, checkpoint)
+    if teacher is not None and context_length_of(teacher) != context_length_of(student):
+        raise RunError(
+            f"teacher and student context lengths differ ({context_length_of(teacher)} vs "
+            f"{context_length_of(student)}); both read the same tokens"
+        )
+    student = student.to(device)
+    # evaluation sets are built before training, so a wrong path fails now, not after hours
+    eval_sets = build_eval_sets(cfg.eval, cfg.data, student, tokenizer_for(student)) if main else None
+    losses = build_losses(cfg, student, teacher)
+    for term in losses:
+        term.module.to(device)
+    needs = {n for term in losses for n in term.module.needs}
+    uses_teacher = any(term.module.needs_teacher for term in losses)
+    batches, data_stats = train_batches(
+        dataclasses.replace(cfg, seed=run.seed), student, teacher if uses_teacher else None, device
+    )
+    lr = SCHEDULES.build(cfg.schedules["lr"], context=schedule_context(cfg, "lr"))
+    stage_index = run.stage.index if run.stage is not None else 0
 
-    def row_for(status: str, error: BaseException | None = None) -> dict[str, Any]:
-        return make_row(run_id=cfg.run_id(), name=cfg.name, status=status, config=cfg.to_dict(), started=started,
-                        metrics=metrics, error=error)
+    def write(trainer: Trainer) -> None:
+        state = {"trainer": trainer.state_dict(), "data": data_stats.loader.state_dict(), "rng": rng_state()}
+        meta = {"run_id": run_id, "config_sha": config_sha, "stage": stage_index}
+        write_checkpoint(directory, trainer.step, trainer.student, state, meta, keep_every=cfg.output.keep_every)
 
-    try:
-        with sigterm_raises():
-            refuse_multiple_processes()
-            device, precision, teacher, inheritance, student = _prepare(cfg)
-            # what `auto` resolved to on this machine (the run id holds the config, not the machine)
-            metrics.update({"train/device": str(device), "train/precision": precision.name})
-            # evaluation sets are built before training, so a wrong path fails now, not after hours
-            eval_sets = build_eval_sets(cfg.eval, cfg.data, student, tokenizer_for(student)) if main else None
-            losses = build_losses(cfg, student, teacher)
-            for term in losses:
-                term.module.to(device)
-            needs = {n for term in losses for n in term.module.needs}
-            uses_teacher = any(term.module.needs_teacher for term in losses)
-            batches, data_stats = train_batches(cfg, student, teacher if uses_teacher else None, device)
-            lr = SCHEDULES.build(cfg.schedules["lr"], context=schedule_context(cfg, "lr"))
-            trainer = Trainer(
-                cfg.train,
-                student,
-                losses,
-                lr,
-                batches,
-                precision,
-                teacher=OnlineTeacher(teacher, precision, needs) if teacher is not None else None,
-                inheritance=inheritance,
-                run_dir=run_dir if main else None,
-                save_checkpoints=cfg.output.save_checkpoint,
-            )
-            try:
-                summary = trainer.fit()
-            finally:
-                metrics.update(data_stats.as_metrics())
-            metrics.update({f"train/{k}": v for k, v in summary.final_terms.items()})
-            metrics.update(
-                {
-                    "train/steps": summary.steps,
-                    "train/nonfinite_steps": summary.nonfinite_steps,
-                    "train/samples_per_s": summary.samples_per_s,
-                    "train/duration_s": summary.duration_s,
-                }
-            )
-            exported = inheritance.export(trainer.student).eval()
-            metrics.update(sparsity_metrics(inheritance, teacher, exported))
-            if metrics.get("sparsity/missed"):
-                print(
-                    f"clip-compress: warning: run {cfg.name} missed its sparsity target: "
-                    f"{metrics['sparsity/achieved']:.1%} pruned for a target of {metrics['sparsity/target']:.1%}",
-                    file=sys.stderr,
-                )
-            if main:
-                metrics["export/path"] = str(save_model(exported, run_dir / "model"))
-                write_structure(exported, run_dir)
-                metrics.update(
-                    evaluate_prepared(exported, eval_sets, cfg.eval, device, precision.name, cfg.train.progress)
-                )
-        row = row_for(STATUS_COMPLETED)
-    except (KeyboardInterrupt, RunInterrupted) as interruption:
+    trainer = Trainer(
+        cfg.train,
+        student,
+        losses,
+        lr,
+        batches,
+        precision,
+        teacher=OnlineTeacher(teacher, precision, needs) if teacher is not None else None,
+        inheritance=inheritance,
+        run_dir=directory if main else None,
+        on_checkpoint=write if main and cfg.output.save_checkpoint else None,
+    )
+    if checkpoint is not None:
+        state = checkpoint.state()
+        trainer.load_state_dict(state["trainer"])
+        data_stats.loader.load_state_dict(state["data"])
         if main:
-            write_result(run_dir, row_for(STATUS_INTERRUPTED, interruption))
-        print(f"clip-compress: run {cfg.name} interrupted (see {run_dir / 'result.json'})", file=sys.stderr)
-        raise
-    except Exception as error:  # the row records the failure; the caller decides what to do with it
-        row = row_for(STATUS_FAILED, error)
-        print(f"clip-compress: run {cfg.name} failed: {row['error']} (see {run_dir / 'result.json'})", file=sys.stderr)
+            truncate_metrics(directory / METRICS_FILE, checkpoint.step)
+        set_rng_state(state["rng"])
+        print(f"clip-compress: resuming {cfg.name} from {checkpoint.path} (step {checkpoint.step} of "
+              f"{cfg.train.steps})", file=sys.stderr)
+    elif main:
+        (directory / METRICS_FILE).unlink(missing_ok=True)  # a fresh start: one series per run
+    try:
+        summary = trainer.fit()
+    finally:
+        metrics.update(data_stats.as_metrics())
+    metrics.update({f"train/{k}": v for k, v in summary.final_terms.items()})
+    metrics.update(
+        {
+            "train/steps": summary.steps,
+            "train/nonfinite_steps": summary.nonfinite_steps,
+            "train/samples_per_s": summary.samples_per_s,
+            "train/duration_s": summary.duration_s,
+        }
+    )
+    exported = inheritance.export(trainer.student).eval()
+    metrics.update(sparsity_metrics(inheritance, teacher, exported, run))
+    if metrics.get("sparsity/missed"):
+        print(
+            f"clip-compress: warning: run {cfg.name} missed its sparsity target: "
+            f"{metrics['sparsity/achieved']:.1%} pruned for a target of {metrics['sparsity/target']:.1%}",
+            file=sys.stderr,
+        )
     if main:
-        write_result(run_dir, row)
-    return row
+        metrics["export/path"] = str(save_model(exported, directory / "model"))
+        write_structure(exported, directory)
+        metrics.update(evaluate_prepared(exported, eval_sets, cfg.eval, device, precision.name, cfg.train.progress))
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of ``metrics.jsonl`` up to ``step`` (what a resumed run logs again is cut)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:  # a line torn by the kill
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

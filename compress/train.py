@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,6 @@ from torch import Tensor, nn
 
 from compress import distributed
 from compress.config import TrainConfig
-from compress.fileio import atomic_write
 from compress.masks import one_gate_sample
 from compress.models.forward import clip_forward
 from compress.optim import build_adamw, grad_norm, weight_groups
@@ -149,7 +148,7 @@ class Trainer:
         inheritance: Inheritance | None = None,
         run_dir: Path | None = None,
         on_log: Any = None,
-        save_checkpoints: bool = True,
+        on_checkpoint: Callable[[Trainer], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.student = student
@@ -161,7 +160,7 @@ class Trainer:
         self.teacher = teacher
         self.inheritance = inheritance or Inheritance()
         self.run_dir = run_dir
-        self.save_checkpoints = save_checkpoints
+        self.on_checkpoint = on_checkpoint
         self.on_log = on_log
         self.needs = tuple(sorted({n for term in losses for n in term.module.needs}))
         self.uses_teacher = any(term.module.needs_teacher for term in losses)
@@ -169,7 +168,12 @@ class Trainer:
             raise TrainingError("a configured loss needs a teacher, but there is none")
         self.labels = loss_labels(losses)
         self.scaler = precision.grad_scaler()
+        #: the next optimizer step to run (``cfg.steps`` once training is over)
         self.step = 0
+        self.nonfinite = self.in_a_row = self.samples = 0
+        self.elapsed_s = 0.0
+        self.replaced_at: list[int] = []
+        self.last_terms: dict[str, float] = {}
         self._apply_grad_checkpointing()
         self.optimizer = self._build_optimizer()
 
@@ -324,72 +328,74 @@ class Trainer:
 
     # -- loop ---------------------------------------------------------------------------
     def fit(self) -> TrainSummary:
+        """Train from ``self.step`` (0, or the step a resumed checkpoint reached) to ``cfg.steps``."""
         cfg = self.cfg
         main = distributed.is_main_process()
         bar = progress(cfg.steps, "train", enabled=cfg.progress and main)
-        nonfinite = in_a_row = 0
-        replaced_at: list[int] = []
-        last_terms: dict[str, float] = {}
-        samples = 0
+        if self.step:  # resumed: the bar starts where the checkpoint was
+            bar.update(self.step)
         start = window_start = time.perf_counter()
+        elapsed_before = self.elapsed_s
         window_samples = 0
         self.student.train()
-        for step in range(cfg.steps):
-            self.step = step
+        for step in range(self.step, cfg.steps):
             lr = self._set_lr(step)
             batch = to_device(next(self.batches), self.device)
             batch_size = len(batch["images"])
             result = self.train_step(batch, step)
             total, terms = result.loss, result.terms
-            if result.nonfinite:
-                nonfinite += 1
-                in_a_row += 1
-                if in_a_row >= cfg.max_nonfinite_in_row:
-                    raise TrainingError(
-                        f"the loss or its gradients were not finite for {in_a_row} steps in a row (last at step "
-                        f"{step}); lower the learning rate, use bf16 instead of fp16, or check the data"
-                    )
-                bar.update(1)
-                continue
-            in_a_row = 0
-            samples += batch_size
-            window_samples += batch_size
-            replacement = self.inheritance.on_step(self.student, step + 1)
-            if replacement is not None:
-                self._replace_student(replacement, step + 1, lr)
-                replaced_at.append(step + 1)
             is_last = step + 1 == cfg.steps
-            if (step + 1) % cfg.log_every == 0 or is_last or step == 0:
-                now = time.perf_counter()
-                rate = window_samples / max(now - window_start, 1e-9)
-                window_start, window_samples = now, 0
-                last_terms = {k: float(v.detach()) for k, v in terms.items()}
-                record = {"step": step + 1, "lr": lr, "loss": float(total), "samples_per_s": rate}
-                if result.grad_norm is not None:
-                    record["grad_norm"] = float(result.grad_norm)
-                record.update({f"loss/{k}": v for k, v in last_terms.items()})
-                for label, term, weight in zip(self.labels, self.losses, result.weights, strict=True):
-                    if term.schedule is not None:
-                        record[f"weight/{label}"] = weight
-                record.update({f"inherit/{k}": v for k, v in self.inheritance.log_values(self.student).items()})
-                record["nonfinite_steps"] = nonfinite
-                self._log(record)
-                bar.set_postfix(loss=f"{float(total):.4f}", sps=f"{rate:.0f}")
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and not is_last:
-                self.save_checkpoint(step + 1)
+            if result.nonfinite:
+                self.nonfinite += 1
+                self.in_a_row += 1
+                if self.in_a_row >= cfg.max_nonfinite_in_row:
+                    raise TrainingError(
+                        f"the loss or its gradients were not finite for {self.in_a_row} steps in a row (last at "
+                        f"step {step}); lower the learning rate, use bf16 instead of fp16, or check the data"
+                    )
+            else:
+                self.in_a_row = 0
+                self.samples += batch_size
+                window_samples += batch_size
+                replacement = self.inheritance.on_step(self.student, step + 1)
+                if replacement is not None:
+                    self._replace_student(replacement, step + 1, lr)
+                    self.replaced_at.append(step + 1)
+                if (step + 1) % cfg.log_every == 0 or is_last or step == 0:
+                    now = time.perf_counter()
+                    rate = window_samples / max(now - window_start, 1e-9)
+                    window_start, window_samples = now, 0
+                    self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+                    self._log(self._record(step + 1, lr, result, rate))
+                    bar.set_postfix(loss=f"{float(total):.4f}", sps=f"{rate:.0f}")
+            self.step = step + 1
+            self.elapsed_s = elapsed_before + time.perf_counter() - start
+            if is_last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                self.save_checkpoint()
             bar.update(1)
         bar.close()
         self.student.eval()
-        duration = time.perf_counter() - start
-        self.save_checkpoint(cfg.steps)
         return TrainSummary(
             steps=cfg.steps,
-            final_terms=last_terms,
-            nonfinite_steps=nonfinite,
-            samples_per_s=samples / max(duration, 1e-9),
-            duration_s=duration,
-            replaced_at=replaced_at,
+            final_terms=self.last_terms,
+            nonfinite_steps=self.nonfinite,
+            samples_per_s=self.samples / max(self.elapsed_s, 1e-9),
+            duration_s=self.elapsed_s,
+            replaced_at=self.replaced_at,
         )
+
+    def _record(self, step: int, lr: float, result: StepResult, rate: float) -> dict[str, Any]:
+        """One line of ``metrics.jsonl``: step, lr, objective, terms, scheduled weights, strategy values."""
+        record = {"step": step, "lr": lr, "loss": float(result.loss), "samples_per_s": rate}
+        if result.grad_norm is not None:
+            record["grad_norm"] = float(result.grad_norm)
+        record.update({f"loss/{k}": v for k, v in self.last_terms.items()})
+        for label, term, weight in zip(self.labels, self.losses, result.weights, strict=True):
+            if term.schedule is not None:
+                record[f"weight/{label}"] = weight
+        record.update({f"inherit/{k}": v for k, v in self.inheritance.log_values(self.student).items()})
+        record["nonfinite_steps"] = self.nonfinite
+        return record
 
     def _replace_student(self, student: nn.Module, step: int, lr: float) -> None:
         """A strategy made the student smaller: new optimizer, cosine decay without warm-up."""
@@ -408,11 +414,45 @@ class Trainer:
         if self.on_log is not None:
             self.on_log(record)
 
-    def save_checkpoint(self, step: int) -> Path | None:
-        """``checkpoints/last.pt`` (student, optimizer, step), written atomically by rank 0."""
-        if self.run_dir is None or not self.save_checkpoints or not distributed.is_main_process():
-            return None
-        path = self.run_dir / "checkpoints" / "last.pt"
-        state = {"step": step, "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict()}
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-        return path
+    def save_checkpoint(self) -> None:
+        """Hand the trainer to ``on_checkpoint`` (the run writes the checkpoint, rank 0 only)."""
+        if self.on_checkpoint is not None and distributed.is_main_process():
+            self.on_checkpoint(self)
+
+    # -- resume -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What the next step depends on besides the student's weights, the data position and the
+        random states: optimizer, scaler, the lr schedule after a swap, counters, loss modules
+        (projectors) and the strategy's own state. Plain tensors and numbers (``weights_only``)."""
+        cosine = self.lr_schedule if isinstance(self.lr_schedule, CosineFrom) else None
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "cosine_from": [cosine.start_value, cosine.start_step] if cosine is not None else None,
+            "nonfinite": self.nonfinite,
+            "in_a_row": self.in_a_row,
+            "samples": self.samples,
+            "elapsed_s": self.elapsed_s,
+            "replaced_at": list(self.replaced_at),
+            "last_terms": dict(self.last_terms),
+            "losses": [term.module.state_dict() for term in self.losses],
+            "inheritance": self.inheritance.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (the student must already hold the checkpoint's weights)."""
+        for term, module_state in zip(self.losses, state["losses"], strict=True):
+            term.module.load_state_dict(module_state)
+        self.inheritance.load_state_dict(state["inheritance"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if state["cosine_from"] is not None:
+            lr, step = state["cosine_from"]
+            self.lr_schedule = CosineFrom(float(lr), int(step), self.cfg.steps)
+        self.step = int(state["step"])
+        self.nonfinite, self.in_a_row = int(state["nonfinite"]), int(state["in_a_row"])
+        self.samples, self.elapsed_s = int(state["samples"]), float(state["elapsed_s"])
+        self.replaced_at = [int(s) for s in state["replaced_at"]]
+        self.last_terms = {k: float(v) for k, v in state["last_terms"].items()}

@@ -116,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", choices=["inprocess", "local", "slurm"], default=None,
         help="where to run (default: the config's dispatch.backend)",
     )
-    p.add_argument("--force", action="store_true", help="rerun even if a completed result exists")
+    p.add_argument(
+        "--force", action="store_true",
+        help="start from step 0: rerun a completed run, and do not resume an unfinished one from its checkpoint",
+    )
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(
@@ -162,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from compress.checkpoint import CheckpointError
     from compress.config import ConfigError
     from compress.models import ModelLoadError
     from compress.registry import RegistryError
@@ -171,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, RegistryError, ModelLoadError, CliError, DispatchError, RunDirError, FileNotFoundError) as e:
+    except (ConfigError, RegistryError, ModelLoadError, CliError, DispatchError, RunDirError, CheckpointError,
+            FileNotFoundError) as e:
         if args.verbose:
             raise
         print(f"clip-compress: error: {e}", file=sys.stderr)

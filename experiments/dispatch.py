@@ -55,8 +55,9 @@ def _has_cuda() -> bool:
 
 
 def dispatch(cfgs: list[RunConfig], backend: str | None = None, force: bool = False) -> list[dict[str, Any]]:
-    """Run every config (skipping those whose ``result.json`` says completed, unless ``force``)
-    and return their result rows, in order. ``local``/``slurm`` wait for the jobs."""
+    """Run every config (skipping those whose ``result.json`` says completed; an unfinished run
+    resumes from its checkpoint) and return their result rows, in order. ``force`` reruns every
+    config from step 0. ``local``/``slurm`` wait for the jobs."""
     rows: list[dict[str, Any] | None] = []
     jobs = []
     for cfg in cfgs:
@@ -70,10 +71,10 @@ def dispatch(cfgs: list[RunConfig], backend: str | None = None, force: bool = Fa
             rows.append({**done, "status": "skipped"})
             continue
         if chosen == "inprocess":
-            rows.append(RunJob(cfg)())
+            rows.append(RunJob(cfg, force=force)())
             continue
         executor = make_executor(cfg, chosen, run_dir / "submitit")
-        job = executor.submit(RunJob(cfg))
+        job = executor.submit(RunJob(cfg, force=force))
         print(f"[submitted] {cfg.name} ({cfg.run_id()}) as {chosen} job {job.job_id}; logs in {run_dir / 'submitit'}")
         jobs.append((len(rows), job, run_dir))
         rows.append(None)

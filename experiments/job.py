@@ -38,22 +38,25 @@ def write_reports(run_dir: Path) -> None:
 class RunJob:
     """``RunJob(cfg)()`` runs the experiment and returns its result row.
 
-    Resume is not built yet: a job that SLURM requeues (after preemption) starts its run again
-    from step 0 in the same run directory, with a fresh ``metrics.jsonl``."""
+    A job started again in the same run directory resumes from the run's newest checkpoint
+    (finished stages are kept); ``force=True`` starts the run from step 0 instead. A job that
+    SLURM preempts or times out is requeued (:meth:`checkpoint`) and resumes."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, force: bool = False) -> None:
         self.cfg = cfg
+        self.force = force
 
     def __call__(self) -> dict[str, Any]:
         from compress.run import run_experiment
 
         refuse_multiple_tasks()
-        row = run_experiment(self.cfg)
+        row = run_experiment(self.cfg, force=self.force)
         write_reports(run_dir_for(self.cfg))
         return row
 
     def checkpoint(self, *args: Any, **kwargs: Any):
-        """submitit calls this on preemption or timeout: requeue the same run (it restarts from step 0)."""
+        """submitit calls this on preemption or timeout: requeue the same run, which resumes from its
+        newest checkpoint (never with ``force``: that would throw the progress away)."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(RunJob(self.cfg))

@@ -86,7 +86,7 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     log_every: int = 10
-    checkpoint_every: int = 0
+    checkpoint_every: int = 1000
     max_nonfinite_in_row: int = 20
     grad_checkpointing: bool = False
     progress: bool = True

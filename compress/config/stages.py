@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -140,16 +141,20 @@ def resolve_stages(cfg: RunConfig) -> list[ResolvedStage]:
 
 def with_source_fraction(stage: ResolvedStage, source_fraction: float) -> RunConfig:
     """The stage's config with its strategy's target recomputed for a source that keeps
-    ``source_fraction`` of the teacher's prunable parameters (the previous stage's actual size)."""
+    ``source_fraction`` of the teacher's prunable parameters (the previous stage's actual size).
+    A source already smaller than the stage's cumulative target gets a per-stage target of 0
+    (the stage distils without pruning further; the run says so on stderr)."""
     if stage.target_sparsity is None:
         return stage.cfg
     per_stage = per_stage_target(stage.target_sparsity, source_fraction)
-    if not 0.0 <= per_stage < 1.0:
-        raise ConfigError(
-            f"stages[{stage.index}] ({stage.name}): its source keeps {source_fraction:.1%} of the teacher's prunable "
-            f"parameters, so the cumulative target {stage.target_sparsity:.1%} needs a per-stage sparsity of "
-            f"{per_stage:.1%}, outside [0, 1)"
+    if per_stage < 0.0:
+        print(
+            f"clip-compress: warning: stage {stage.dir_name}: its source keeps {source_fraction:.1%} of the "
+            f"teacher's prunable parameters, already below the cumulative target's {1 - stage.target_sparsity:.1%}; "
+            "it prunes nothing more",
+            file=sys.stderr,
         )
+        per_stage = 0.0
     cfg = copy.deepcopy(stage.cfg)
     cfg.inheritance = {**_spec(cfg.inheritance), "target_sparsity": per_stage}
     return cfg

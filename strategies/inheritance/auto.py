@@ -193,6 +193,13 @@ class AutoInheritance(Inheritance):
         """The physically pruned model (pruned now, on a copy, if the masks are still attached)."""
         return prune_masked(student) if get_masks(student) is not None else student
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "full_size": dict(self.full_size)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.full_size = {name: int(n) for name, n in state["full_size"].items()}
+
 
 def _sparsities(kept: Mapping[str, float], full: Mapping[str, float], label: str) -> dict[str, float]:
     out = {f"{label}/{name}": 1.0 - kept[name] / full[name] for name in kept}
