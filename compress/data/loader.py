@@ -5,11 +5,13 @@ a :class:`BadSampleCounter` in the main process (raising ``DataError`` past the 
 keeps training batches at their full size,
 and :meth:`CountedLoader.forever` yields batches without end for step-based training,
 calling ``set_epoch`` on the sampler / iterable data set before each pass so every epoch
-is reshuffled deterministically from the seed.
+is reshuffled deterministically from the seed. :meth:`CountedLoader.state_dict` /
+:meth:`CountedLoader.load_state_dict` save and restore the stream's position for exact resume.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -23,7 +25,7 @@ from compress.config.schema import DATASET_KINDS
 from compress.data.collate import Batch, Tokenizer, make_collate
 from compress.data.csv_data import CsvDataset
 from compress.data.folder import FolderTextDataset
-from compress.data.robust import BadSampleCounter, DataError
+from compress.data.robust import BadSampleCounter, DataError, torch_seeded
 from compress.data.shards import ShardDataset
 from compress.data.synthetic import ShapesDataset, ShapesOptions
 
@@ -127,6 +129,10 @@ class CountedLoader:
     can be split into equal micro-batches and every rank steps on equally many samples.
     Without it (evaluation), batches come as collated and the pass is judged at its end
     (:meth:`BadSampleCounter.close`). Bad-sample bookkeeping lives in ``counter``.
+
+    The position of ``forever()`` is ``epoch``, ``batches_in_epoch`` (DataLoader batches drawn
+    in this epoch, bad and refill ones included), ``good_in_epoch``, the reserve and the
+    counter: :meth:`state_dict` saves it, :meth:`load_state_dict` restores it.
     """
 
     def __init__(
@@ -141,8 +147,11 @@ class CountedLoader:
         self.steps_per_epoch = steps_per_epoch
         self.batch_size = batch_size
         self.epoch = 0
+        self.batches_in_epoch = 0
         self.good_in_epoch = 0
         self._reserve: deque[Batch] = deque()
+        self._resume = False  # a loaded position that the next forever() continues from
+        self._streaming = False  # a forever() stream has started
 
     @property
     def dataset(self) -> Dataset:
@@ -159,10 +168,37 @@ class CountedLoader:
             if hasattr(obj, "set_epoch"):
                 obj.set_epoch(epoch)
 
-    def _counted(self) -> Iterator[Batch]:
-        """The DataLoader's non-empty batches, each counted (raises ``DataError`` past the limit)."""
-        self.good_in_epoch = 0
-        for batch in self.loader:
+    def _seek(self) -> Iterator[Batch]:
+        """The DataLoader's batches from batch ``batches_in_epoch`` of the current epoch on:
+        sampler indices (map-style) or shard samples (webdataset) before it are skipped
+        unread; any other source is read and its first batches dropped uncounted."""
+        done = self.batches_in_epoch
+        if isinstance(self.sampler, EpochKeys):
+            self.sampler.skip(done * self._loader_batch_size())
+            return iter(self.loader)
+        if isinstance(self.dataset, ShardDataset):
+            self.dataset.seek(done, self._loader_batch_size())
+            return iter(self.loader)
+        batches = iter(self.loader)
+        for _ in range(done):
+            next(batches)
+        return batches
+
+    def _loader_batch_size(self) -> int:
+        if self.loader.batch_size is None:
+            raise DataError("cannot resume a loader without a batch size (a custom batch_sampler)")
+        return self.loader.batch_size
+
+    def _counted(self, resume: bool = False) -> Iterator[Batch]:
+        """The DataLoader's non-empty batches, each counted (raises ``DataError`` past the limit);
+        ``resume`` continues the current epoch at the loaded position."""
+        if resume:
+            batches = self._seek()
+        else:
+            self.good_in_epoch = self.batches_in_epoch = 0
+            batches = iter(self.loader)
+        for batch in batches:
+            self.batches_in_epoch += 1
             self.counter.update_from_batch(batch)
             if batch["images"] is not None:  # a small all-bad batch the counter tolerated
                 self.good_in_epoch += _length(batch)
@@ -187,7 +223,10 @@ class CountedLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         """One pass; raises ``DataError`` past ``max_bad_fraction`` or on an all-bad batch."""
-        batches = self._counted()
+        return self._pass()
+
+    def _pass(self, resume: bool = False) -> Iterator[Batch]:
+        batches = self._counted(resume)
         if self.batch_size is None:
             yield from batches
             self.counter.close()
@@ -207,11 +246,18 @@ class CountedLoader:
             yield {k: v for k, v in batch.items() if k not in _COUNT_KEYS}
 
     def forever(self, start_epoch: int = 0) -> Iterator[Batch]:
-        """Batches without end, epoch after epoch, each reshuffled (``set_epoch``)."""
-        epoch = start_epoch
+        """Batches without end, epoch after epoch, each reshuffled (``set_epoch``).
+
+        The generator reads the loader's position at its first ``next()``: a state loaded with
+        :meth:`load_state_dict` before then (even after this call) is continued from, and
+        ``start_epoch`` is then ignored."""
+        self._streaming = True
+        resume, self._resume = self._resume, False
+        epoch = self.epoch if resume else start_epoch
         while True:
             self.set_epoch(epoch)
-            yield from self
+            yield from self._pass(resume)
+            resume = False
             if not self.good_in_epoch:
                 raise DataError(
                     f"data set {self.counter.name!r}: an epoch produced no good sample "
@@ -219,24 +265,70 @@ class CountedLoader:
                 )
             epoch += 1
 
+    def state_dict(self) -> dict[str, Any]:
+        """The stream's position between two batches of ``forever()``: epoch, DataLoader batches
+        drawn and good samples in it, the reserve and the counter. Only tensors, numbers,
+        strings, lists, dicts and ``None``: it loads with ``torch.load(..., weights_only=True)``."""
+        return {
+            "version": _STATE_VERSION,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "good_in_epoch": self.good_in_epoch,
+            "batch_size": self.batch_size,
+            "reserve": [_detached(b) for b in self._reserve],
+            "counter": self.counter.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the next ``forever()`` stream (or one created but not
+        started yet) continues exactly where the saved one was."""
+        if self._streaming:
+            raise RuntimeError("load_state_dict must come before the first batch of forever()")
+        if state.get("version") != _STATE_VERSION:
+            raise DataError(f"data loader state version {state.get('version')!r}; this code reads {_STATE_VERSION}")
+        if state["batch_size"] != self.batch_size:
+            raise DataError(f"data loader state has batch size {state['batch_size']}, this loader {self.batch_size}")
+        self.counter.load_state_dict(state["counter"])
+        self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
+        self.good_in_epoch = int(state["good_in_epoch"])
+        self._reserve = deque(dict(b) for b in state["reserve"])
+        self._resume = True
+
+
+_STATE_VERSION = 1
+
+
+def _detached(batch: Batch) -> Batch:
+    """A reserve batch to save: tensors copied to their own compact CPU storage (a slice
+    would save its whole parent), lists copied."""
+    return {
+        k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else list(v) if isinstance(v, list) else v
+        for k, v in batch.items()
+    }
+
 
 class EpochKeys(Sampler[tuple[int, int]]):
-    """Yields ``(epoch, index)`` for every index of ``sampler`` (see :class:`SeededSamples`)."""
+    """Yields ``(epoch, index)`` for every index of ``sampler`` (see :class:`SeededSamples`),
+    from position ``start`` of the epoch's order on (:meth:`skip`; ``set_epoch`` resets it)."""
 
     def __init__(self, sampler: Sampler) -> None:
-        self.sampler, self.epoch = sampler, 0
+        self.sampler, self.epoch, self.start = sampler, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self.start = epoch, 0
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
+    def skip(self, n: int) -> None:
+        """Leave out the first ``n`` indices of the current epoch's order (they are not loaded)."""
+        self.start = n
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
-        return ((epoch, int(i)) for i in self.sampler)
+        return ((epoch, int(i)) for i in itertools.islice(self.sampler, self.start, None))
 
     def __len__(self) -> int:
-        return len(self.sampler)  # type: ignore[arg-type]
+        return max(len(self.sampler) - self.start, 0)  # type: ignore[arg-type]
 
 
 class SeededSamples(Dataset):
@@ -253,8 +345,7 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index)
+        with torch_seeded((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index):
             return self.dataset[index]
 
 

@@ -45,7 +45,11 @@ def train_batches(
     needs another size or normalisation, ``"teacher_images"`` holds the same random view
     prepared for the teacher (see :class:`~compress.data.transforms.DistillTransform`). Pass
     ``teacher=None`` when no loss reads the teacher. ``device`` is where the batches will go
-    (pinned memory on CUDA)."""
+    (pinned memory on CUDA).
+
+    The stream is a generator that reads the loader's position at its first ``next()``: to
+    resume, call ``stats.loader.load_state_dict(state)`` (a saved ``stats.loader.state_dict()``)
+    before drawing the first batch."""
     train_tf = train_transform_for(student, teacher)
     per_rank = cfg.train.batch_size // distributed.world_size()
     loader = build_train_loader(

@@ -13,10 +13,13 @@ from __future__ import annotations
 import io
 import logging
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,15 @@ def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBomb...
         warn_bad(name or (str(source) if not isinstance(source, bytes | bytearray) else "<bytes>"), e)
         return None
+
+
+@contextmanager
+def torch_seeded(seed: int) -> Iterator[None]:
+    """A block with torch's CPU generator seeded by ``seed`` (mod 2**64); the caller's state is
+    restored after, so a sample's random augmentation depends on its key, not on the process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed % (1 << 64))
+        yield
 
 
 def apply_transform(transform: Any, image: Image.Image, name: str) -> Any | None:
@@ -131,6 +143,19 @@ class BadSampleCounter:
 
     def update_from_batch(self, batch: dict[str, Any]) -> None:
         self.update(batch.get("num_bad", 0), batch.get("num_samples", 0))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counts and the sliding window (ints and lists only: loads with ``weights_only=True``)."""
+        return {"name": self.name, "seen": self.seen, "bad": self.bad, "recent": [list(r) for r in self._recent]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (the limits stay those of this counter's config)."""
+        if state["name"] != self.name:
+            raise DataError(f"bad-sample counter state is for data set {state['name']!r}, not {self.name!r}")
+        self.seen, self.bad = int(state["seen"]), int(state["bad"])
+        self._recent = deque((int(b), int(n)) for b, n in state["recent"])
+        self._recent_bad = sum(b for b, _ in self._recent)
+        self._recent_seen = sum(n for _, n in self._recent)
 
     def as_dict(self, prefix: str = "data") -> dict[str, float | int]:
         """Numbers for logging and the result row."""

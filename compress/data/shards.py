@@ -8,7 +8,9 @@ the collate function) instead of webdataset's ``warn_and_continue`` (which warns
 and counts nothing).
 
 Shards are shuffled per epoch (``set_epoch``), split across distributed ranks and then
-across DataLoader workers; samples pass through a shuffle buffer in training. Options:
+across DataLoader workers; samples pass through a shuffle buffer in training. Each sample's
+random augmentation is seeded by (seed, epoch, rank, worker, position in the worker's stream),
+so a resumed epoch (:meth:`ShardDataset.seek`) redraws the same images. Options:
 ``shuffle_buffer`` (1000 when shuffling, 0 disables), ``image_exts``, ``text_exts``.
 """
 
@@ -23,7 +25,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
-from compress.data.robust import DataError, apply_transform, open_image, warn_bad
+from compress.data.robust import DataError, apply_transform, open_image, torch_seeded, warn_bad
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "text", "caption")
@@ -69,21 +71,41 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer = (1000 if shuffle else 0) if shuffle_buffer is None else shuffle_buffer
         self.image_exts, self.text_exts = tuple(image_exts), tuple(text_exts)
         self.epoch = 0
+        self.skip_batches, self.batch_size = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle shards and samples for this epoch (workers see it at the next ``iter``)."""
+        """Reshuffle shards and samples for this epoch (workers see it at the next ``iter``);
+        the epoch starts at its beginning."""
         self.epoch = epoch
+        self.skip_batches = 0
+
+    def seek(self, batches: int, batch_size: int) -> None:
+        """Start the current epoch after the first ``batches`` DataLoader batches of ``batch_size``.
+
+        The DataLoader takes batches round-robin from workers 0..W-1, so logical worker ``w``
+        had made ``batches // W + (w < batches % W)`` of them: each worker skips that many
+        batches of its shuffled stream without decoding, and worker ids are rotated by
+        ``batches % W`` so the round-robin continues with the right worker. Exact with 0 or 1
+        workers, and with W workers as long as no worker ran out of samples earlier in the
+        epoch (after that the DataLoader's order is no longer a plain round-robin).
+        """
+        self.skip_batches, self.batch_size = batches, batch_size
+
+    def _worker(self) -> tuple[int, int]:
+        """(logical worker id, number of workers): DataLoader worker ids rotated by :meth:`seek`."""
+        info = get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return (wid + self.skip_batches) % nworkers, nworkers
 
     def shards_for_this_worker(self) -> list[str]:
         urls = list(self.urls)
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(urls)
         rank, world = _rank_world()
-        info = get_worker_info()
-        wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
+        wid, nworkers = self._worker()
         return urls[rank::world][wid::nworkers]
 
-    def _decode(self, sample: dict[str, Any]) -> tuple[Any, str] | None:
+    def _decode(self, sample: dict[str, Any], seed: int) -> tuple[Any, str] | None:
         name = f"{sample.get('__url__')}:{sample.get('__key__')}"
         image_bytes = next((sample[e] for e in self.image_exts if e in sample), None)
         text_bytes = next((sample[e] for e in self.text_exts if e in sample), None)
@@ -98,7 +120,8 @@ class ShardDataset(IterableDataset):
         img = open_image(image_bytes, name)
         if img is None or not text:
             return None
-        out = apply_transform(self.transform, img, name)
+        with torch_seeded(seed):
+            out = apply_transform(self.transform, img, name)
         return None if out is None else (out, text)
 
     def _raw(self, urls: list[str]) -> Iterator[dict[str, Any] | None]:
@@ -118,11 +141,12 @@ class ShardDataset(IterableDataset):
             yield None
 
     def __iter__(self) -> Iterator[tuple[Any, str] | None]:
-        info = get_worker_info()
-        wid = info.id if info is not None else 0
+        wid, nworkers = self._worker()
+        key = (self.seed * 1_000_003 + self.epoch) * 1009 + wid + 7919 * _rank_world()[0]
         stream: Iterator[Any] = self._raw(self.shards_for_this_worker())
         if self.shuffle and self.shuffle_buffer > 1:
-            rng = random.Random((self.seed * 1_000_003 + self.epoch) * 1009 + wid + 7919 * _rank_world()[0])
-            stream = _buffer_shuffle(stream, self.shuffle_buffer, rng)
-        for sample in stream:
-            yield None if sample is None else self._decode(sample)
+            stream = _buffer_shuffle(stream, self.shuffle_buffer, random.Random(key))
+        skip = (self.skip_batches // nworkers + (wid < self.skip_batches % nworkers)) * self.batch_size
+        for position, sample in enumerate(stream):
+            if position >= skip:  # the skipped ones are read (to keep the order), not decoded
+                yield None if sample is None else self._decode(sample, key * 1_000_000_007 + position)

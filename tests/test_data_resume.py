@@ -1,0 +1,166 @@
+"""Exact resume of the training stream: CountedLoader.state_dict / load_state_dict."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from compress.config import DataConfig, DatasetConfig
+from compress.data import CountedLoader, DataError, build_train_loader, train_transform
+from tests.test_data import _csv_with_bad
+
+Make = Callable[[], CountedLoader]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
+def _roundtrip(state: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    """Through a file, as a checkpoint holds it: only weights_only-safe types survive."""
+    path = tmp_path / "loader_state.pt"
+    torch.save(state, path)
+    return torch.load(path, weights_only=True)
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (a.keys() == b.keys() and a["captions"] == b["captions"] and torch.equal(a["images"], b["images"])
+            and torch.equal(a["texts"], b["texts"]))
+
+
+def _record(make: Make, total: int, tmp_path: Path) -> tuple[list[dict], list[dict], CountedLoader]:
+    """An uninterrupted run's ``total`` batches, and its saved state before each batch."""
+    loader = make()
+    stream = loader.forever()
+    states, batches = [], []
+    for _ in range(total):
+        states.append(_roundtrip(loader.state_dict(), tmp_path))
+        batches.append(next(stream))
+    states.append(_roundtrip(loader.state_dict(), tmp_path))
+    return batches, states, loader
+
+
+def _check_resumes(make: Make, positions: list[int], total: int, tmp_path: Path) -> list[dict]:
+    """Resuming a fresh loader from the state after batch n gives batches n..total of the
+    uninterrupted run, and the same counter; returns the states used."""
+    batches, states, ref = _record(make, total, tmp_path)
+    for n in positions:
+        resumed = make()
+        stream = resumed.forever()  # created before the state is loaded (as train_batches does)
+        resumed.load_state_dict(states[n])
+        rest = list(itertools.islice(stream, total - n))
+        assert all(_same(a, b) for a, b in zip(rest, batches[n:], strict=True)), f"resumed after batch {n}"
+        assert resumed.state_dict()["counter"] == ref.state_dict()["counter"]
+        assert (resumed.epoch, resumed.counter.seen, resumed.counter.bad) == (ref.epoch, ref.counter.seen,
+                                                                              ref.counter.bad)
+    return [states[n] for n in positions]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_map_style_with_bad_samples_resumes_exactly_across_epochs(tmp_path, tok, workers):
+    bad = {i for i in range(44) if i % 5 == 2}  # 9 of 44 bad: batches are refilled, the reserve carries over
+    path = _csv_with_bad(tmp_path, 44, bad)
+    data = DataConfig(train=DatasetConfig(kind="csv", path=str(path), max_bad_fraction=0.5, bad_window=50),
+                      num_workers=workers)
+    make = lambda: build_train_loader(data, train_transform(24), tok, batch_size=8, seed=3,  # noqa: E731
+                                      pin_memory=False)
+    positions = list(range(13)) if workers == 0 else [2, 5, 9]
+    used = _check_resumes(make, positions, 13, tmp_path)  # 13 batches: more than 3 epochs
+    per_epoch = len(make())
+    assert any(s["reserve"] for s in used) and any(s["epoch"] > 0 for s in used)
+    if workers == 0:  # a state saved right after the last DataLoader batch of an epoch is among them
+        assert any(s["batches_in_epoch"] == per_epoch for s in used)
+
+
+def test_synthetic_resume_skips_consumed_samples_unread(tmp_path, tok):
+    calls = [0]
+    augment = train_transform(24)
+
+    def counting(img: Any) -> torch.Tensor:
+        calls[0] += 1
+        return augment(img)
+
+    data = DataConfig(train=DatasetConfig(num_samples=40))
+    make = lambda: build_train_loader(data, counting, tok, batch_size=8, seed=1, pin_memory=False)  # noqa: E731
+    batches, states, _ = _record(make, 8, tmp_path)
+    assert states[7]["epoch"] == 1 and states[7]["batches_in_epoch"] == 2
+    resumed = make()
+    resumed.load_state_dict(states[7])
+    calls[0] = 0
+    assert _same(next(resumed.forever()), batches[7])
+    assert calls[0] == 8  # only the batch drawn: the 16 samples before it in the epoch were not loaded
+
+
+def _noise_png(seed: int) -> bytes:
+    """A 20x16 noise image: unlike a solid colour, every random crop of it differs."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (16, 20, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_big_shards(root: Path, shards: int = 4, per_shard: int = 6) -> str:
+    """``shards`` tars of ``per_shard`` samples, a corrupt image in two of them."""
+    for s in range(shards):
+        with tarfile.open(root / f"part-{s:06d}.tar", "w") as tar:
+            for k in range(per_shard):
+                key = f"s{s}_{k}"
+                image = b"not an image" if (s, k) in {(1, 2), (3, 4)} else _noise_png(s * per_shard + k)
+                for suffix, payload in (("png", image), ("txt", f"sample {key}".encode())):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return str(root / f"part-{{000000..{shards - 1:06d}}}.tar")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_webdataset_resumes_exactly_across_epochs(tmp_path, tok, workers):
+    calls = [0]
+    augment = train_transform(24)  # random crops: each sample's view is seeded by its position
+
+    def counting(img: Any) -> torch.Tensor:
+        calls[0] += 1
+        return augment(img)
+
+    cfg = DatasetConfig(kind="webdataset", path=_write_big_shards(tmp_path), max_bad_fraction=0.5,
+                        bad_window=50, options={"shuffle_buffer": 4})
+    data = DataConfig(train=cfg, num_workers=workers)
+    make = lambda: build_train_loader(data, counting, tok, batch_size=3, seed=2, pin_memory=False)  # noqa: E731
+    positions = [0, 3, 5, 7, 8, 12] if workers == 0 else [3, 6, 8]
+    used = _check_resumes(make, positions, 14, tmp_path)  # 24 samples, 22 good: 7 batches an epoch
+    assert any(s["reserve"] for s in used) and any(s["epoch"] > 0 for s in used)
+    assert any(s["batches_in_epoch"] % 2 for s in used)  # an odd count: the worker order is rotated
+    if workers == 0:
+        _, states, _ = _record(make, 5, tmp_path)
+        resumed = make()
+        resumed.load_state_dict(states[4])
+        calls[0] = 0
+        next(resumed.forever())
+        drawn = 3 * (resumed.batches_in_epoch - states[4]["batches_in_epoch"])  # samples of the batches drawn
+        assert 3 <= calls[0] <= drawn < 3 * states[4]["batches_in_epoch"]  # the skipped ones were not decoded
+
+
+def test_state_is_checked_and_must_come_before_the_stream(tmp_path, tok):
+    data = DataConfig(train=DatasetConfig(num_samples=16))
+    loader = build_train_loader(data, T.ToTensor(), tok, batch_size=4, pin_memory=False)
+    stream = loader.forever()
+    next(stream)
+    state = loader.state_dict()
+    with pytest.raises(RuntimeError, match="before the first batch"):
+        loader.load_state_dict(state)
+    other = build_train_loader(data, T.ToTensor(), tok, batch_size=8, pin_memory=False)
+    with pytest.raises(DataError, match="batch size 4"):
+        other.load_state_dict(state)
