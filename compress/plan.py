@@ -219,25 +219,25 @@ def _stage_state(directory: Path, run_id: str, force: bool, staged: bool, warnin
     return f"resumes from its checkpoint at step {checkpoint.step} ({checkpoint.path.name})"
 
 
-def _run_state(cfg: RunConfig, run_dir: Path, force: bool, warnings: list[str]) -> tuple[str, bool]:
-    """What the command would do with the run as a whole; True if it would be skipped."""
+def _run_state(cfg: RunConfig, run_dir: Path, force: bool, warnings: list[str]) -> tuple[str, str | None]:
+    """What the command would do with the run as a whole, and what overrides every stage's state
+    (``"skipped"``: a completed run; ``"refused"``: the folder belongs to another run), if anything."""
     from compress.results import STATUS_COMPLETED, read_result
     from compress.rundir import recorded_run_id
 
     if not run_dir.exists():
-        return f"{run_dir} does not exist yet: the run starts at step 0", False
+        return f"{run_dir} does not exist yet: the run starts at step 0", None
     owner = recorded_run_id(run_dir)
     if owner is not None and owner != cfg.run_id():
-        warnings.append(
-            f"{run_dir} belongs to run {owner}, not to this config's run ({cfg.run_id()}): the run would be refused; "
-            "choose another output.run_name"
-        )
+        warnings.append(f"{run_dir} belongs to run {owner}, not to this config's run ({cfg.run_id()}); choose another "
+                        "output.run_name")
+        return f"{run_dir} belongs to another run ({owner}): the run would be refused", "refused"
     done = read_result(run_dir)
     if done is not None and done.get("status") == STATUS_COMPLETED and done.get("run_id") == cfg.run_id():
         if force:
-            return "a completed result is there; --force reruns the run from step 0", False
-        return "a completed result is there: the run would be skipped (--force reruns it)", True
-    return f"{run_dir} exists: each stage below says whether it resumes", False
+            return "a completed result is there; --force reruns the run from step 0", None
+        return "a completed result is there: the run would be skipped (--force reruns it)", "skipped"
+    return f"{run_dir} exists: each stage below says whether it resumes", None
 
 
 # -- data paths ---------------------------------------------------------------------------------
@@ -273,9 +273,14 @@ def _missing_shards(where: str, pattern: str) -> list[str]:
 
 
 # -- stages -------------------------------------------------------------------------------------
+def _plain_spec(spec: Any) -> dict[str, Any]:
+    """A plug-in spec as a dict (a bare name is ``{"name": name}``)."""
+    return {"name": spec} if isinstance(spec, str) else dict(spec)
+
+
 def _spec_text(spec: Any, skip: tuple[str, ...] = ()) -> str:
     """``name(key=value, ...)`` of a plug-in spec."""
-    params = {"name": spec} if isinstance(spec, str) else dict(spec)
+    params = _plain_spec(spec)
     name = params.pop("name")
     args = ", ".join(f"{k}={_value(v)}" for k, v in params.items() if k not in skip)
     return f"{name}({args})" if args else str(name)
@@ -288,7 +293,7 @@ def _value(value: Any) -> str:
 def _losses(cfg: RunConfig) -> list[str]:
     out = []
     for spec in cfg.losses:
-        params = dict(spec)
+        params = _plain_spec(spec)
         weight = float(params.pop("weight", 1.0))
         out.append(f"{_spec_text(params)} x {weight:g}")
     return out
@@ -314,7 +319,7 @@ def _schedules(cfg: RunConfig, inheritance: Any) -> list[str]:
     if prune_step is not None:
         out.append(f"after pruning at step {prune_step}: the lr follows a cosine from its value there to 0 at step "
                    f"{steps} (no new warm-up)")
-        spec = dict(cfg.inheritance)
+        spec = _plain_spec(cfg.inheritance)
         target = getattr(inheritance, "target_sparsity", None)
         if spec.get("target_schedule") is not None:
             out.append(f"target sparsity: {_spec_text(spec['target_schedule'])}, masks learned until step {prune_step}")
@@ -341,7 +346,7 @@ def _stage_plan(
 
     cfg = stage.cfg
     inheritance = INHERITANCE.build(cfg.inheritance, context=inheritance_context(cfg))
-    spec = dict(cfg.inheritance) if isinstance(cfg.inheritance, Mapping) else {"name": cfg.inheritance}
+    spec = _plain_spec(cfg.inheritance)
     stage_target = getattr(inheritance, "target_sparsity", None)
     target = stage.target_sparsity if stage.target_sparsity is not None else stage_target
     needs_source = getattr(inheritance, "needs_source", True)
@@ -408,14 +413,14 @@ def build_plan(cfg: RunConfig, force: bool = False) -> Plan:
     staged = bool(resolved)
     stages = resolved or [ResolvedStage(0, cfg.name, "teacher", None, cfg)]
     teacher = model_facts(cfg.teacher, "teacher", warnings) if cfg.teacher is not None else None
-    state, skipped = _run_state(cfg, run_dir, force, warnings)
+    state, verdict = _run_state(cfg, run_dir, force, warnings)
     plans: list[StagePlan] = []
     for stage in stages:
         plans.append(_stage_plan(stage, staged, teacher, plans[-1] if plans else None, run_dir, run_id, force,
                                  warnings))
-    if skipped:
+    if verdict is not None:
         for plan in plans:
-            plan.state = "completed (the run is skipped)"
+            plan.state = f"not run (the run is {verdict})"
     warnings.extend(missing_paths(cfg))
     return Plan(cfg.name, run_id, run_dir, teacher, plans, state, staged, warnings)
 

@@ -139,8 +139,22 @@ def test_dry_run_of_a_completed_run_says_it_is_skipped(tmp_path):
     cfg = config_from_dict(_config(tmp_path))
     write_result(run_dir_for(cfg), {"status": "completed", "run_id": cfg.run_id()})
     plan = build_plan(cfg)
-    assert "would be skipped" in plan.state and plan.stages[0].state.startswith("completed")
+    assert "would be skipped" in plan.state and plan.stages[0].state == "not run (the run is skipped)"
     assert "--force reruns" in build_plan(cfg, force=True).state
+
+
+def test_dry_run_reports_a_run_directory_of_another_run(tmp_path):
+    """A reused ``output.run_name`` whose folder was made for another config: the run would be refused."""
+    from compress.rundir import RUN_ID_FILE
+
+    cfg = config_from_dict(_config(tmp_path, output={"dir": str(tmp_path / "runs"), "run_name": "shared"}))
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True)
+    (run_dir / RUN_ID_FILE).write_text("0123456789ab\n")
+    plan = build_plan(cfg)
+    assert "belongs to another run (0123456789ab): the run would be refused" in plan.state
+    assert plan.stages[0].state == "not run (the run is refused)"
+    assert any("choose another output.run_name" in w for w in plan.warnings)
 
 
 def test_missing_data_paths_are_warnings_of_a_dry_run(tmp_path, capsys):
