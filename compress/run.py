@@ -51,14 +51,11 @@ from compress.results import (
     read_result,
     write_result,
 )
-from compress.rundir import owned_run_dir
+from compress.rundir import STAGES_DIR, owned_run_dir, stage_dir
 from compress.teacher import OnlineTeacher, freeze
 from compress.train import LossTerm, Trainer
 
 log = logging.getLogger(__name__)
-
-#: the folder of a staged run that holds one folder per stage
-STAGES_DIR = "stages"
 
 
 class RunError(RuntimeError):
@@ -208,11 +205,6 @@ def start_fresh(run_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def stage_dir(run_dir: Path, stage: ResolvedStage | None) -> Path:
-    """Where a stage writes: the run directory itself for a run without stages."""
-    return run_dir if stage is None else run_dir / STAGES_DIR / stage.dir_name
-
-
 @dataclass
 class StageRun:
     """One stage to execute: its config and folder, where its weights come from, its seed."""
@@ -253,7 +245,7 @@ def _run_in(cfg: RunConfig, run_dir: Path, force: bool) -> dict[str, Any]:
         return row
 
     for stage in stages:  # another run's or another config's checkpoint: refused before anything is loaded
-        checkpoint = latest_checkpoint(stage_dir(run_dir, stage))
+        checkpoint = latest_checkpoint(stage_dir(run_dir, stage.dir_name if stage is not None else None))
         if checkpoint is not None:
             checkpoint.check_owner(cfg.run_id(), config_hash(cfg))
     try:
@@ -265,7 +257,7 @@ def _run_in(cfg: RunConfig, run_dir: Path, force: bool) -> dict[str, Any]:
             teacher = load_teacher(cfg)
             previous: nn.Module | None = None
             for stage in stages:
-                directory = stage_dir(run_dir, stage)
+                directory = stage_dir(run_dir, stage.dir_name if stage is not None else None)
                 done = read_result(directory) if stage is not None else None
                 if done is not None and done.get("status") == STATUS_COMPLETED and not force:
                     metrics = dict(done["metrics"])  # a finished stage: its model is the next one's source

@@ -22,8 +22,15 @@ from compress.fileio import atomic_write_text
 
 LOCK_FILE = ".lock"
 RUN_ID_FILE = "run_id"
+#: the folder of a staged run that holds one folder per stage (``run_dir/stages/<k>-<name>``)
+STAGES_DIR = "stages"
 
 log = logging.getLogger(__name__)
+
+
+def stage_dir(run_dir: Path, stage_dir_name: str | None) -> Path:
+    """Where a stage writes: ``run_dir/stages/<k>-<name>``; the run directory itself for a run without stages."""
+    return run_dir if stage_dir_name is None else run_dir / STAGES_DIR / stage_dir_name
 
 
 class RunDirError(RuntimeError):

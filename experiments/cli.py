@@ -39,6 +39,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from experiments.dispatch import dispatch
 
     cfg = load_config(args.config, args.set or [])
+    if args.dry_run:
+        from compress.plan import build_plan, format_plan
+
+        print(format_plan(build_plan(cfg, force=args.force)))
+        return 0
     rows = dispatch([cfg], backend=args.backend, force=args.force)
     for row in rows:
         if row.get("status") in ("completed", "skipped"):
@@ -119,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true",
         help="start from step 0: rerun a completed run, and do not resume an unfinished one from its checkpoint",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="validate the config and print the plan (stages, students, parameters, MACs, steps, losses, "
+        "schedules, resume state) without training, downloading or writing anything",
     )
     p.set_defaults(func=_cmd_run)
 

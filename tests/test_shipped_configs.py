@@ -1,15 +1,18 @@
-"""Every experiment config shipped in experiments/configs validates (plug-ins, parameters, keys)."""
+"""Every experiment config shipped under experiments/configs (recipes in subfolders too) validates
+(plug-ins, parameters, keys) and passes ``clip-compress run CONFIG --dry-run``."""
 
 from pathlib import Path
 
 import pytest
 
 from compress.config import load_config
+from experiments.cli import main
 
-CONFIGS = sorted((Path(__file__).parent.parent / "experiments" / "configs").glob("*.yaml"))
+CONFIG_ROOT = Path(__file__).parent.parent / "experiments" / "configs"
+CONFIGS = sorted(CONFIG_ROOT.rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_ROOT)))
 def test_shipped_config_validates(path):
     cfg = load_config(path)
     assert cfg.name and len(cfg.run_id()) == 12
@@ -17,9 +20,12 @@ def test_shipped_config_validates(path):
 
 def test_there_are_shipped_configs():
     assert len(CONFIGS) >= 3
+    names = {str(p.relative_to(CONFIG_ROOT)) for p in CONFIGS}
+    assert {"tinyclip/vit-b32-manual.yaml", "tinyclip/vit-b32-auto.yaml", "tinyclip/vit-b16-manual.yaml",
+            "tinyclip/rn50-manual.yaml"} <= names
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_ROOT)))
 def test_only_the_smoke_test_distils_from_a_random_teacher(path):
     from compress.models.factory import has_weights
 
@@ -28,3 +34,36 @@ def test_only_the_smoke_test_distils_from_a_random_teacher(path):
         return
     random_teacher = not has_weights(cfg.teacher.model, cfg.teacher.pretrained)
     assert random_teacher == cfg.teacher.random_init == (path.name == "tiny-test.yaml")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_ROOT)))
+def test_shipped_config_passes_the_dry_run(path, tmp_path, capsys):
+    """Random weights stand in for pretrained tags (nothing is downloaded); nothing is written."""
+    out_dir = tmp_path / "runs"
+    assert main(["run", str(path), "--dry-run", "--set", f"output.dir={out_dir}"]) == 0
+    out = capsys.readouterr().out
+    cfg = load_config(path)
+    assert f"plan of {cfg.name} (run id {cfg.run_id()})" in out
+    assert "MACs per image" in out and "samples" in out
+    assert not out_dir.exists()
+
+
+def test_dry_run_of_the_tinyclip_recipes_gives_the_papers_sizes(capsys):
+    """The recipes' students have the parameter counts of TINYCLIP.md §5, and the automatic chain
+    ends at 25% of ViT-B/32's prunable parameters (87.85M + 38.13M)."""
+    from compress.config.stages import resolve_stages
+    from compress.plan import build_plan
+
+    sizes = {}
+    for name in ("vit-b32-manual", "vit-b16-manual", "rn50-manual"):
+        for stage in build_plan(load_config(CONFIG_ROOT / "tinyclip" / f"{name}.yaml")).stages:
+            sizes[stage.name] = (round(stage.student.vision / 1e6, 2), round(stage.student.text / 1e6, 2))
+    assert sizes == {"vit61m": (61.41, 28.67), "vit40m": (39.69, 19.22), "vit39m": (38.59, 19.22),
+                     "vit8m": (8.28, 2.52), "resnet30m": (29.58, 28.94), "resnet19m": (18.60, 19.48)}
+    auto = load_config(CONFIG_ROOT / "tinyclip" / "vit-b32-auto.yaml")
+    plan = build_plan(auto)
+    assert [s.target_sparsity for s in plan.stages] == [0.25, 0.5, 0.75]
+    assert [s.source for s in resolve_stages(auto)] == ["teacher", "previous", "previous"]
+    prunable = plan.teacher.prunable
+    assert prunable == 87849216 + 38131200
+    assert plan.stages[-1].expected_prunable == round(0.25 * prunable)

@@ -279,8 +279,9 @@ def _build_and_load(
     return _finish(model, cfg, name=name, convert=convert)
 
 
-def _load_open_clip_tag(name: str, tag: str, cfg: dict[str, Any]) -> nn.Module:
-    """``open_clip.create_model(name, pretrained=tag)``, refusing an activation mismatch first."""
+def check_pretrained_tag(name: str, tag: str, cfg: Mapping[str, Any]) -> None:
+    """Refuse an unknown open_clip tag, or one trained with the other activation than ``cfg``
+    (open_clip's own tables: nothing is downloaded)."""
     register_shipped_configs()
     tag_cfg = open_clip.get_pretrained_cfg(name, tag)
     if not tag_cfg:
@@ -290,6 +291,11 @@ def _load_open_clip_tag(name: str, tag: str, cfg: dict[str, Any]) -> nn.Module:
             f"Known tags: {', '.join(tags) or '(none)'}"
         )
     check_activation(cfg, tag_cfg, f"{name}@{tag}")
+
+
+def _load_open_clip_tag(name: str, tag: str, cfg: dict[str, Any]) -> nn.Module:
+    """``open_clip.create_model(name, pretrained=tag)``, refusing an activation mismatch first."""
+    check_pretrained_tag(name, tag, cfg)
     try:
         return open_clip.create_model(name, pretrained=tag, force_quick_gelu=bool(cfg.get("quick_gelu")))
     except RuntimeError as e:

@@ -1,0 +1,500 @@
+"""The plan of a run without running it (``clip-compress run CONFIG --dry-run``).
+
+:func:`build_plan` turns a validated config into a :class:`Plan`: per stage its source, inheritance,
+student with its parameters (TinyCLIP's count: vision tower / text tower without the token
+embedding) and MACs per image and per text, steps, samples seen, losses, schedules, and what running
+the command would do in the run directory (start, resume from a checkpoint, skip a completed run).
+:func:`format_plan` prints it. Nothing is trained, downloaded or written: models are built from
+their architecture on the ``meta`` device (no memory, no initialisation) with random weights
+standing in for pretrained tags and weight files; only a local exported folder is read from disk.
+
+For automatic inheritance the student's size is decided by training: the plan gives the cumulative
+target q and the expected parameter count at the target, (1 - q) x the teacher's prunable parameters
+(of the masked towers) + the rest (TinyCLIP §3.3; targets are cumulative, see
+:mod:`compress.config.stages`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.config import ModelSpec, RunConfig, inheritance_context, schedule_context
+from compress.config.stages import ResolvedStage, resolve_stages
+from compress.config.validate import loss_weight_keys
+from compress.rundir import stage_dir
+
+log = logging.getLogger(__name__)
+
+#: data set kinds read from a path
+_PATH_KINDS = ("csv", "folder", "webdataset")
+
+
+@dataclass
+class ModelFacts:
+    """A model as the plan shows it: where its weights come from and its size (``None``: unknown)."""
+
+    label: str
+    note: str = ""
+    vision: int | None = None
+    text: int | None = None
+    token_embedding: int | None = None
+    total: int | None = None
+    macs_image: int | None = None
+    macs_text: int | None = None
+
+    @property
+    def prunable(self) -> int | None:
+        """Vision tower + text tower without the token embedding (what TinyCLIP counts and prunes)."""
+        return None if self.vision is None or self.text is None else self.vision + self.text
+
+
+@dataclass
+class StagePlan:
+    """One stage (a run without stages is one stage, index 0)."""
+
+    index: int
+    name: str
+    source: str
+    source_text: str
+    inheritance: str
+    student: ModelFacts | None
+    student_text: str
+    target_sparsity: float | None
+    stage_target: float | None
+    expected_prunable: int | None
+    expected_total: int | None
+    steps: int
+    batch_size: int
+    accum_steps: int
+    samples: int
+    epochs: float | None
+    losses: list[str]
+    schedules: list[str]
+    directory: Path
+    state: str
+
+
+@dataclass
+class Plan:
+    """What ``clip-compress run CONFIG`` would do."""
+
+    name: str
+    run_id: str
+    run_dir: Path
+    teacher: ModelFacts | None
+    stages: list[StagePlan]
+    state: str
+    staged: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+# -- models -------------------------------------------------------------------------------------
+def facts_of_model(model: nn.Module) -> dict[str, int]:
+    """``parameter_report`` and ``count_macs`` of a built model."""
+    from compress.evaluation.efficiency import count_macs
+    from compress.models.params import parameter_report
+
+    report = parameter_report(model)
+    macs = count_macs(model)
+    return {
+        "vision": report["vision"],
+        "text": report["text"],
+        "token_embedding": report["token_embedding"],
+        "total": report["total"],
+        "macs_image": macs["macs_image"],
+        "macs_text": macs["macs_text"],
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def _architecture_facts(cfg_json: str) -> tuple[tuple[str, int], ...]:
+    """Counts of an open_clip model config, built once per architecture on the ``meta`` device
+    (shapes only: a ViT-B/32 takes well under a second); built for real if ``meta`` fails."""
+    from compress.models.factory import build_from_config
+
+    cfg = json.loads(cfg_json)
+    try:
+        with torch.device("meta"):
+            model = build_from_config(cfg)
+        facts = facts_of_model(model)
+    except Exception as error:  # an op without a meta kernel in this torch: count on a real build
+        log.debug("plan: counting %s on the meta device failed (%s); building it on the CPU", cfg, error)
+        facts = facts_of_model(build_from_config(cfg))
+    return tuple(facts.items())
+
+
+def architecture_facts(model_cfg: Mapping[str, Any]) -> dict[str, int]:
+    """Parameters (vision, text, token_embedding, total) and MACs (macs_image, macs_text) of a config."""
+    return dict(_architecture_facts(json.dumps(dict(model_cfg), sort_keys=True)))
+
+
+def model_facts(spec: ModelSpec, role: str, warnings: list[str]) -> ModelFacts:
+    """The size of ``spec`` without its weights: a tag or a weight file is replaced by random weights
+    of its architecture; a checkpoint gives its architecture from its metadata; an exported folder
+    is read. A missing local file is a warning (counts unknown), an unknown tag or an activation
+    that does not fit the tag's weights an error (``ModelLoadError``), as the run would fail."""
+    from compress.models.factory import (
+        _looks_like_path,
+        check_pretrained_tag,
+        checkpoint_config,
+        get_model_config,
+        load_model,
+        read_config_file,
+        resolve_spec,
+    )
+
+    kind, name, pretrained = resolve_spec(spec.model, spec.pretrained)
+    label = spec.model if spec.pretrained is None else f"{spec.model} (pretrained: {spec.pretrained})"
+    path = Path(name)
+    if kind == "exported":
+        model = load_model(spec.model, force_quick_gelu=spec.force_quick_gelu)
+        return ModelFacts(label, f"read from {path}", **facts_of_model(model))
+    if kind == "file":
+        if not path.is_file():
+            warnings.append(f"{role}.model: no such file: {path}")
+            return ModelFacts(label, "file missing: size unknown")
+        if path.suffix == ".json":
+            cfg = read_config_file(path)
+        else:
+            cfg = checkpoint_config(path)
+            if cfg is None:
+                warnings.append(f"{role}.model: {path} carries no model config; size unknown")
+                return ModelFacts(label, "size unknown")
+    else:
+        cfg = get_model_config(name)
+    cfg = copy.deepcopy(cfg)
+    if spec.force_quick_gelu:
+        cfg["quick_gelu"] = True
+    note = "random weights (an architecture without pretrained weights)" if role == "teacher" else ""
+    if kind == "file" and path.suffix != ".json":
+        note = f"architecture from {path.name}'s metadata; random weights stand in for its weights"
+    if pretrained:
+        if kind == "named" and not _looks_like_path(pretrained):
+            check_pretrained_tag(name, pretrained, cfg)
+        elif not Path(pretrained).is_file():
+            warnings.append(f"{role}.pretrained: no such file: {pretrained}")
+        note = f"random weights stand in for {pretrained}"
+    return ModelFacts(label, note, **architecture_facts(cfg))
+
+
+# -- the run directory --------------------------------------------------------------------------
+def _stage_state(directory: Path, cfg: RunConfig, force: bool, staged: bool, warnings: list[str]) -> str:
+    """What the run would do with this stage's folder: skip, resume (from which step), start."""
+    from compress.checkpoint import CheckpointError, config_hash, latest_checkpoint
+    from compress.results import STATUS_COMPLETED, read_result
+
+    if force:
+        return "starts at step 0 (--force: what an earlier attempt left is removed)"
+    if staged:
+        done = read_result(directory)
+        if done is not None and done.get("status") == STATUS_COMPLETED:
+            return "completed: kept (its exported model is the next stage's source)"
+    try:
+        checkpoint = latest_checkpoint(directory)
+    except CheckpointError as error:
+        warnings.append(f"{directory}: {error}")
+        return "an unreadable checkpoint is there (see the warnings)"
+    if checkpoint is None:
+        return "starts at step 0"
+    try:
+        checkpoint.check_owner(cfg.run_id(), config_hash(cfg))
+    except CheckpointError as error:
+        warnings.append(str(error))
+        return f"a checkpoint of another run or config ({checkpoint.meta.get('run_id')}) is there: refused"
+    return f"resumes from its checkpoint at step {checkpoint.step} ({checkpoint.path.name})"
+
+
+def _run_state(cfg: RunConfig, run_dir: Path, force: bool, warnings: list[str]) -> tuple[str, str | None]:
+    """What the command would do with the run as a whole, and what overrides every stage's state
+    (``"skipped"``: a completed run; ``"refused"``: the folder belongs to another run), if anything."""
+    from compress.results import STATUS_COMPLETED, read_result
+    from compress.rundir import recorded_run_id
+
+    if not run_dir.exists():
+        return f"{run_dir} does not exist yet: the run starts at step 0", None
+    owner = recorded_run_id(run_dir)
+    if owner is not None and owner != cfg.run_id():
+        warnings.append(f"{run_dir} belongs to run {owner}, not to this config's run ({cfg.run_id()}); choose another "
+                        "output.run_name")
+        return f"{run_dir} belongs to another run ({owner}): the run would be refused", "refused"
+    done = read_result(run_dir)
+    if done is not None and done.get("status") == STATUS_COMPLETED and done.get("run_id") == cfg.run_id():
+        if force:
+            return "a completed result is there; --force reruns the run from step 0", None
+        return "a completed result is there: the run would be skipped (--force reruns it)", "skipped"
+    return f"{run_dir} exists: each stage below says whether it resumes", None
+
+
+# -- data paths ---------------------------------------------------------------------------------
+def missing_paths(cfg: RunConfig) -> list[str]:
+    """Data and evaluation paths that do not exist here (warnings of a dry run; a real run fails on
+    them before training: the evaluation sets are built first)."""
+    out: list[str] = []
+    for where, ds in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+        if ds is None or ds.kind not in _PATH_KINDS:
+            continue
+        if not ds.path:
+            out.append(f"{where}.path: not set (--set {where}.path=...)")
+        elif ds.kind == "webdataset":
+            out.extend(_missing_shards(where, ds.path))
+        elif not Path(ds.path).exists():
+            out.append(f"{where}.path: {ds.path} does not exist (--set {where}.path=...)")
+    for i, task in enumerate(cfg.eval.zero_shot):
+        if task.kind != "synthetic" and task.path and not Path(task.path).exists():
+            out.append(f"eval.zero_shot[{i}].path: {task.path} does not exist (--set eval.zero_shot.{i}.path=...)")
+    return out
+
+
+def _missing_shards(where: str, pattern: str) -> list[str]:
+    from compress.data.shards import expand_urls
+
+    urls = expand_urls(pattern)
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
+    if not missing:
+        return []
+    return [f"{where}.path: {len(missing)} of {len(urls)} shards of {pattern} do not exist, e.g. {missing[0]} "
+            f"(--set {where}.path=...)"]
+
+
+# -- stages -------------------------------------------------------------------------------------
+def _plain_spec(spec: Any) -> dict[str, Any]:
+    """A plug-in spec as a dict (a bare name is ``{"name": name}``)."""
+    return {"name": spec} if isinstance(spec, str) else dict(spec)
+
+
+def _spec_text(spec: Any, skip: tuple[str, ...] = ()) -> str:
+    """``name(key=value, ...)`` of a plug-in spec."""
+    params = _plain_spec(spec)
+    name = params.pop("name")
+    args = ", ".join(f"{k}={_value(v)}" for k, v in params.items() if k not in skip)
+    return f"{name}({args})" if args else str(name)
+
+
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _losses(cfg: RunConfig) -> list[str]:
+    out = []
+    for spec in cfg.losses:
+        params = _plain_spec(spec)
+        weight = float(params.pop("weight", 1.0))
+        out.append(f"{_spec_text(params)} x {weight:g}")
+    return out
+
+
+def _schedules(cfg: RunConfig, inheritance: Any) -> list[str]:
+    """Each schedule with its base value and its values at the first, middle and last step."""
+    from compress.registry import SCHEDULES
+
+    steps = cfg.train.steps
+    prune_step = getattr(inheritance, "prune_step", None)
+    weight_keys = loss_weight_keys(cfg.losses)
+    out = []
+    for key, spec in cfg.schedules.items():
+        context = schedule_context(cfg, key)
+        schedule = SCHEDULES.build(spec, context=context)
+        # the lr after pruning is the trainer's cosine (below), not the configured schedule
+        points = sorted({0, prune_step} if key == "lr" and prune_step is not None else {0, steps // 2, steps - 1})
+        values = ", ".join(f"step {s}: {schedule.value(s):.3g}" for s in points)
+        base = f", base {context['base_value']:g}" if "base_value" in context else ""
+        what = f" (losses[{weight_keys[key]}])" if key != "lr" else ""
+        out.append(f"{key}{what}: {_spec_text(spec)}{base}; {values}")
+    if prune_step is not None:
+        out.append(f"after pruning at step {prune_step}: the lr follows a cosine from its value there to 0 at step "
+                   f"{steps} (no new warm-up)")
+        spec = _plain_spec(cfg.inheritance)
+        target = getattr(inheritance, "target_sparsity", None)
+        if spec.get("target_schedule") is not None:
+            out.append(f"target sparsity: {_spec_text(spec['target_schedule'])}, masks learned until step {prune_step}")
+        elif target is not None:
+            start = float(spec.get("start_sparsity", 0.0))
+            ramp = getattr(inheritance, "schedule", None)
+            ramp_steps = getattr(ramp, "steps", spec.get("ramp_steps"))
+            out.append(f"target sparsity: linear ramp {start:.1%} -> {target:.1%} of the source over {ramp_steps} "
+                       f"steps, masks learned until step {prune_step}")
+    return out
+
+
+def _stage_plan(
+    stage: ResolvedStage,
+    staged: bool,
+    teacher: ModelFacts | None,
+    previous: StagePlan | None,
+    run_dir: Path,
+    run_cfg: RunConfig,
+    force: bool,
+    warnings: list[str],
+) -> StagePlan:
+    from compress.registry import INHERITANCE
+
+    cfg = stage.cfg
+    directory = stage_dir(run_dir, stage.dir_name if staged else None)
+    inheritance = INHERITANCE.build(cfg.inheritance, context=inheritance_context(cfg))
+    spec = _plain_spec(cfg.inheritance)
+    stage_target = getattr(inheritance, "target_sparsity", None)
+    target = stage.target_sparsity if stage.target_sparsity is not None else stage_target
+    needs_source = getattr(inheritance, "needs_source", True)
+    if not needs_source:
+        source_text = "none: random initialisation (the source is not read)"
+    elif stage.source == "teacher":
+        source_text = f"the teacher ({teacher.label})" if teacher is not None else "the teacher"
+    else:
+        source_text = f"stage {previous.index} ({previous.name})'s exported student" if previous else "previous"
+    student: ModelFacts | None = None
+    expected_prunable = expected_total = None
+    if getattr(inheritance, "needs_student_config", True):
+        if cfg.student is None:
+            student_text = "(none)"
+        else:
+            student = model_facts(cfg.student, f"stages[{stage.index}].student" if staged else "student", warnings)
+            student_text = student.label
+    else:
+        base = "the teacher" if stage.source == "teacher" else source_text
+        prune_step = getattr(inheritance, "prune_step", None)
+        when = f", physically pruned at step {prune_step}" if prune_step is not None else ""
+        student_text = f"{base} with learned masks (heads, MLP neurons, residual channels){when}"
+        if target is not None and teacher is not None and teacher.prunable is not None:
+            towers = tuple(getattr(inheritance, "towers", ("vision", "text")))
+            masked = sum(getattr(teacher, t) for t in towers)
+            expected_prunable = round((1.0 - target) * masked) + teacher.prunable - masked
+            expected_total = expected_prunable + teacher.total - teacher.prunable
+    steps, batch = cfg.train.steps, cfg.train.batch_size
+    samples = steps * batch
+    available = cfg.data.train.num_samples
+    return StagePlan(
+        index=stage.index,
+        name=stage.name,
+        source=stage.source,
+        source_text=source_text,
+        inheritance=_spec_text(spec, skip=("target_sparsity",)),
+        student=student,
+        student_text=student_text,
+        target_sparsity=target,
+        stage_target=stage_target,
+        expected_prunable=expected_prunable,
+        expected_total=expected_total,
+        steps=steps,
+        batch_size=batch,
+        accum_steps=cfg.train.accum_steps,
+        samples=samples,
+        epochs=samples / available if available else None,
+        losses=_losses(cfg),
+        schedules=_schedules(cfg, inheritance),
+        directory=directory,
+        state=_stage_state(directory, run_cfg, force, staged, warnings),
+    )
+
+
+def build_plan(cfg: RunConfig, force: bool = False) -> Plan:
+    """The plan of ``cfg`` (validated): teacher, stages, run directory and resume state. Reads the
+    run directory if it exists; writes nothing."""
+    from compress.run import run_dir_for
+
+    warnings: list[str] = []
+    run_id = cfg.run_id()
+    run_dir = run_dir_for(cfg)
+    resolved = resolve_stages(cfg)
+    staged = bool(resolved)
+    stages = resolved or [ResolvedStage(0, cfg.name, "teacher", None, cfg)]
+    teacher = model_facts(cfg.teacher, "teacher", warnings) if cfg.teacher is not None else None
+    state, verdict = _run_state(cfg, run_dir, force, warnings)
+    plans: list[StagePlan] = []
+    for stage in stages:
+        plans.append(_stage_plan(stage, staged, teacher, plans[-1] if plans else None, run_dir, cfg, force,
+                                 warnings))
+    if verdict is not None:
+        for plan in plans:
+            plan.state = f"not run (the run is {verdict})"
+    warnings.extend(missing_paths(cfg))
+    return Plan(cfg.name, run_id, run_dir, teacher, plans, state, staged, warnings)
+
+
+# -- printing -----------------------------------------------------------------------------------
+def _m(count: int | None) -> str:
+    return "?" if count is None else f"{count / 1e6:.2f}M"
+
+
+def _g(count: int | None) -> str:
+    """MACs in G (M, k for tiny models)."""
+    if count is None:
+        return "?"
+    for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return str(count)
+
+
+def _count(n: int) -> str:
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _facts_line(facts: ModelFacts) -> str:
+    return (f"params vision {_m(facts.vision)}, text {_m(facts.text)} (+ token embedding "
+            f"{_m(facts.token_embedding)}); MACs per image {_g(facts.macs_image)}, per text {_g(facts.macs_text)}")
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as the CLI prints it."""
+    n = len(plan.stages)
+    lines = [
+        f"plan of {plan.name} (run id {plan.run_id}): {n} stage{'s' if n != 1 else ''}; dry run: nothing is "
+        "trained, downloaded or written",
+        f"run directory  {plan.run_dir}",
+        f"               {plan.state}",
+    ]
+    if plan.teacher is not None:
+        t = plan.teacher
+        lines += [f"teacher        {t.label} (frozen, the same for every stage)", f"               {_facts_line(t)}"]
+        if t.note:
+            lines.append(f"               {t.note}")
+    else:
+        lines.append("teacher        none")
+    for s in plan.stages:
+        lines.append("")
+        lines.append(f"stage {s.index}: {s.name}" if plan.staged else "training")
+        if plan.staged:
+            lines.append(f"  directory    {s.directory}")
+        lines.append(f"  source       {s.source_text}")
+        lines.append(f"  inheritance  {s.inheritance}")
+        lines.append(f"  student      {s.student_text}")
+        if s.student is not None:
+            lines.append(f"               {_facts_line(s.student)}")
+            if s.student.note:
+                lines.append(f"               {s.student.note}")
+        if s.target_sparsity is not None:
+            per_stage = ""
+            if s.stage_target is not None and abs(s.stage_target - s.target_sparsity) > 1e-9:
+                per_stage = f"; this stage removes {s.stage_target:.1%} of its source"
+            lines.append(f"  target       {s.target_sparsity:.1%} of the teacher's prunable parameters removed "
+                         f"(cumulative){per_stage}")
+            if s.expected_prunable is not None:
+                lines.append(f"  expected     vision + text {_m(s.expected_prunable)} at the target (total "
+                             f"{_m(s.expected_total)}); the split between towers and the MACs are decided by training")
+        micro = s.batch_size // s.accum_steps
+        accum = f" ({s.accum_steps} micro-batches of {micro})" if s.accum_steps > 1 else ""
+        epochs = f" = {s.epochs:.2f} epochs of data.train" if s.epochs is not None else ""
+        lines.append(f"  steps        {s.steps} x batch {s.batch_size}{accum} = {_count(s.samples)} samples{epochs}")
+        lines.append(f"  losses       {'; '.join(s.losses)}")
+        for i, text in enumerate(s.schedules):
+            lines.append(f"  {'schedules' if i == 0 else '':<11}  {text}")
+        lines.append(f"  state        {s.state}")
+    if plan.warnings:
+        lines.append("")
+        lines.append("warnings:")
+        lines.extend(f"  {w}" for w in plan.warnings)
+    return "\n".join(lines)
