@@ -5,14 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from compress.checkpoint import write_checkpoint
+from compress.checkpoint import config_hash, write_checkpoint
 from compress.config import config_from_dict
 from compress.evaluation.efficiency import count_macs
 from compress.models import load_model
 from compress.models.params import parameter_report
-from compress.plan import build_plan, format_plan, stage_directory
+from compress.plan import build_plan, format_plan
 from compress.results import write_result
 from compress.run import run_dir_for
+from compress.rundir import stage_dir
 from experiments.cli import main
 
 
@@ -113,7 +114,8 @@ def test_dry_run_reports_the_checkpoint_it_would_resume_and_the_finished_stages(
     run_dir = run_dir_for(cfg)
     stages = build_plan(cfg).stages
     write_result(stages[0].directory, {"status": "completed", "run_id": cfg.run_id()})
-    write_checkpoint(stages[1].directory, 3, load_model("cc-test-student"), {}, {"run_id": cfg.run_id(), "stage": 1})
+    meta = {"run_id": cfg.run_id(), "config_sha": config_hash(cfg), "stage": 1}
+    write_checkpoint(stages[1].directory, 3, load_model("cc-test-student"), {}, meta)
     before = _snapshot(run_dir)
     plan = build_plan(cfg)
     assert plan.stages[0].state.startswith("completed")
@@ -126,12 +128,13 @@ def test_dry_run_reports_the_checkpoint_it_would_resume_and_the_finished_stages(
 def test_dry_run_reports_a_single_stage_checkpoint_and_refuses_another_runs(tmp_path):
     cfg = config_from_dict(_config(tmp_path))
     run_dir = run_dir_for(cfg)
-    assert stage_directory(run_dir, None) == run_dir
-    write_checkpoint(run_dir, 5, load_model("cc-test-student"), {}, {"run_id": cfg.run_id()})
+    assert stage_dir(run_dir, None) == run_dir
+    meta = {"run_id": cfg.run_id(), "config_sha": config_hash(cfg)}
+    write_checkpoint(run_dir, 5, load_model("cc-test-student"), {}, meta)
     assert build_plan(cfg).stages[0].state.startswith("resumes from its checkpoint at step 5")
     write_checkpoint(run_dir, 6, load_model("cc-test-student"), {}, {"run_id": "0123456789ab"})
     plan = build_plan(cfg)
-    assert "another run (0123456789ab)" in plan.stages[0].state
+    assert "another run or config (0123456789ab)" in plan.stages[0].state
     assert any("belongs to run 0123456789ab" in w for w in plan.warnings)
 
 
