@@ -48,6 +48,18 @@ class AutoInheritance(Inheritance):
     ``target_schedule``: a schedule spec replacing the default ``linear_ramp``; ``layer_gates``:
     CoFi's whole-block gates (off in TinyCLIP); ``towers``: ``both``, ``vision`` or ``text``;
     ``total_steps``: offered by the engine (``train.steps``) to refuse a ``prune_step`` never reached.
+
+    ``round_to`` (default 8; 1 = none): the pruned model keeps a multiple of it of MLP neurons per
+    layer and of residual channels per tower (heads are whole units; a width kept whole stays whole).
+    The deterministic masks themselves are rounded (:func:`~compress.masks.gates.round_kept`): the
+    kept count goes to the nearest multiple (ties up, never below ``round_to`` unless 0), the units
+    added or dropped are the next ones by log_alpha, so the masked model in eval mode, the logged
+    ``mask_sparsity`` and the pruned export stay exactly the same function, and the budget counts the
+    rounding (nearest: the errors of the layers cancel on average; the Lagrangian cannot see it).
+    8: fp16/bf16 tensor cores and CPU SIMD (8 fp32 lanes in AVX2) want multiples of 8, and on a
+    ViT-B/32 (768 / 3072) a step of 8 moves the sparsity by well under a point, while 64 (the
+    best GEMM tiles) can miss a 2-point tolerance through the single residual width alone and is
+    too coarse for small models. A ``round_to`` above a masked tower's smallest width is refused.
     """
 
     needs_student_config = False
@@ -68,6 +80,7 @@ class AutoInheritance(Inheritance):
         towers: str | list[str] = "both",
         init_log_alpha: float = LOG_ALPHA_INIT,
         total_steps: int | None = None,
+        round_to: int = 8,
     ) -> None:
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
@@ -90,6 +103,8 @@ class AutoInheritance(Inheritance):
         for key, value in (("mask_lr", mask_lr), ("lambda_lr", lambda_lr)):
             if not value >= 0:
                 raise ValueError(f"{key} must be >= 0 (a learning rate), got {value}")
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to must be an integer >= 1 (1 = no rounding), got {round_to!r}")
         if lagrangian not in MODES:
             raise ValueError(f"lagrangian must be one of {', '.join(MODES)}, got {lagrangian!r}")
         if budget not in BUDGETS:
@@ -103,6 +118,7 @@ class AutoInheritance(Inheritance):
         self.layer_gates = bool(layer_gates)
         self.towers = resolve_towers(towers if isinstance(towers, str) else tuple(towers))
         self.init_log_alpha = float(init_log_alpha)
+        self.round_to = round_to
         spec = target_schedule or {"name": "linear_ramp", "start": start_sparsity, "end": target_sparsity,
                                    "steps": ramp_steps}
         self.schedule = SCHEDULES.build(spec, context={"base_value": target_sparsity, "total_steps": prune_step})
@@ -114,7 +130,8 @@ class AutoInheritance(Inheritance):
         """A copy of ``source`` (trainable, attention converted) with masks and multipliers attached."""
         model = copy.deepcopy(source)
         model.requires_grad_(True)  # the source is usually the frozen teacher
-        masks = attach_masks(model, self.towers, layer_gates=self.layer_gates, init=self.init_log_alpha)
+        masks = attach_masks(model, self.towers, layer_gates=self.layer_gates, init=self.init_log_alpha,
+                             round_to=self.round_to)
         device = masks.mask_parameters()[0].device
         keys = ("all",) if self.budget == "pooled" else tuple(masks.towers)
         for key in keys:
