@@ -85,8 +85,9 @@ def test_auto_inheritance_run_prunes_exports_and_reports(tmp_path):
     from compress.models import load_model
     from experiments.dispatch import dispatch
 
+    # 3 steps of masks drop about one MLP neuron per layer: round_to 8 (the default) would keep them all
     auto = {"name": "auto", "target_sparsity": 0.5, "prune_step": 3, "ramp_steps": 2, "mask_lr": 0.5,
-            "lambda_lr": 1.0}
+            "lambda_lr": 1.0, "round_to": 1}
     cfg = tiny_config(tmp_path, inheritance=auto, student=None, train={
         "steps": 5, "batch_size": 8, "lr": 1e-3, "log_every": 1, "progress": False})
     (row,) = dispatch([cfg])

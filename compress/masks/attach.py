@@ -3,6 +3,9 @@
 Per tower (CoFi, Xia et al. 2022; TinyCLIP, Wu et al. 2023): one gate per attention head
 [L, H], per MLP hidden neuron [L, 4D], per residual channel [D] shared by all layers, and
 optionally one per attention block and per MLP block [L] (CoFi's layer gates, off in TinyCLIP).
+With ``round_to`` r > 1 the deterministic masks keep a multiple of r MLP neurons per layer and
+residual channels per tower (heads are whole units already; see
+:func:`~compress.masks.gates.deterministic_gates`).
 The towers' code is unchanged; :func:`attach_masks`
 
 - swaps ``attn.out_proj`` and ``mlp.c_proj`` for :class:`~compress.masks.modules.GatedLinear`
@@ -65,15 +68,16 @@ class _OutputGateHook(_MaskHook):
 class TowerMasks(nn.Module):
     """The gates of one tower, and the module references they are written to on every forward."""
 
-    def __init__(self, tower: Tower, layer_gates: bool = False, init: float = LOG_ALPHA_INIT) -> None:
+    def __init__(self, tower: Tower, layer_gates: bool = False, init: float = LOG_ALPHA_INIT,
+                 round_to: int = 1) -> None:
         super().__init__()
         structure = tower_structure(tower)
         layers = len(structure["heads"])
         self.tower = tower.name
         self.head_dim = structure["head_dim"]
-        self.channels = HardConcreteGates([structure["width"]], init)
+        self.channels = HardConcreteGates([structure["width"]], init, round_to)
         self.heads = HardConcreteGates(structure["heads"], init)
-        self.neurons = HardConcreteGates(structure["mlp_width"], init)
+        self.neurons = HardConcreteGates(structure["mlp_width"], init, round_to)
         self.attn_layers = HardConcreteGates([1] * layers, init) if layer_gates else None
         self.mlp_layers = HardConcreteGates([1] * layers, init) if layer_gates else None
         self.costs = TowerCosts(tower)
@@ -211,14 +215,24 @@ def attach_masks(
     towers: str | Iterable[str] = "both",
     layer_gates: bool = False,
     init: float = LOG_ALPHA_INIT,
+    round_to: int = 1,
 ) -> ClipMasks:
-    """Attach masks to ``model`` in place (converting its attention first if needed); returns them."""
+    """Attach masks to ``model`` in place (converting its attention first if needed); returns them.
+    ``round_to``: kept MLP neurons and residual channels are multiples of it under the deterministic masks."""
     if get_masks(model) is not None:
         raise ValueError("the model already carries structured masks")
     if not is_converted(model):
         convert_attention(model)
     names = resolve_towers(towers if isinstance(towers, str) else tuple(towers))
     found = {name: get_tower(model, name) for name in names}  # fails before anything changes
+    if round_to > 1:
+        for name, tower in found.items():
+            structure = tower_structure(tower)
+            smallest = min(w for w in (structure["width"], *structure["mlp_width"]) if w > 0)
+            if round_to > smallest:
+                raise ValueError(f"round_to={round_to} is larger than the {name} tower's smallest width it rounds "
+                                 f"({smallest}: residual {structure['width']}, MLP {structure['mlp_width']}); "
+                                 "lower round_to")
     masks = {}
     for name, tower in found.items():
         for block in tower.blocks:
@@ -230,7 +244,7 @@ def attach_masks(
             setattr(parent, attr, MaskedLayerNorm.wrap(getattr(parent, attr)))
         tower = get_tower(model, name)  # the view again, now over the swapped modules
         device = tower.blocks[0].ln_1.weight.device if tower.blocks else None
-        masks[name] = TowerMasks(tower, layer_gates, init).to(device)
+        masks[name] = TowerMasks(tower, layer_gates, init, round_to).to(device)
         tower.embed_site.register_forward_pre_hook(_EmbedHook(masks[name]))
     container = ClipMasks(masks)
     setattr(model, ATTRIBUTE, container)

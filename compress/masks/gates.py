@@ -7,7 +7,9 @@ used by CoFi (Xia et al., ACL 2022) and TinyCLIP (Wu et al., ICCV 2023):
   z = clamp(s * (r - l) + l, 0, 1);
 - keep probability: P(z != 0) = sigmoid(log_alpha - beta * log(-l / r));
 - deterministic mask (evaluation, pruning): the soft values sigmoid(0.8 * log_alpha / beta),
-  with the round(expected number of zeros) smallest of each segment set to 0.
+  with the round(expected number of zeros) smallest of each segment set to 0; with ``round_to``
+  r > 1 the kept count is then moved to the nearest multiple of r (:func:`round_kept`), so that
+  pruning leaves widths that GEMM kernels tile well (as torch-pruning's ``round_to``).
 
 The kept values of the deterministic mask are those soft values, not 1 (CoFi and TinyCLIP
 multiply them into the weights when pruning, and so do we). ``log_alpha`` is clamped to
@@ -53,11 +55,28 @@ def sample_gates(log_alpha: Tensor, noise: Tensor | None = None) -> Tensor:
     return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
 
 
-def deterministic_gates(log_alpha: Tensor) -> Tensor:
-    """sigmoid(0.8 log_alpha / beta) with the round(sum(1 - P(z != 0))) smallest values zeroed (CoFi)."""
+def round_kept(kept: int, size: int, round_to: int) -> int:
+    """``kept`` of ``size`` units moved to the nearest allowed count: 0 stays 0, else a multiple of
+    ``round_to`` in [round_to, size] or ``size`` itself (the unpruned width need not be a multiple);
+    a tie goes up (keeps more)."""
+    if round_to <= 1 or kept <= 0 or kept >= size:
+        return kept
+    lower = kept // round_to * round_to
+    upper = min(lower + round_to, size)
+    if lower == 0:  # a segment that keeps something keeps at least round_to (or all of it)
+        return upper
+    return upper if upper - kept <= kept - lower else lower
+
+
+def deterministic_gates(log_alpha: Tensor, round_to: int = 1) -> Tensor:
+    """sigmoid(0.8 log_alpha / beta) with the round(sum(1 - P(z != 0))) smallest values zeroed (CoFi);
+    with ``round_to`` > 1 the number kept is first moved to :func:`round_kept`'s nearest multiple:
+    the units kept or dropped by rounding are those next in the ranking (by log_alpha), and a unit
+    kept by rounding up keeps its soft value, as every kept unit does."""
     log_alpha = log_alpha.detach()
     soft = torch.sigmoid(MAGIC * log_alpha / BETA)
     zeros = round(float((1.0 - keep_probability(log_alpha)).sum()))
+    zeros = soft.numel() - round_kept(soft.numel() - zeros, soft.numel(), round_to)
     if zeros > 0:
         soft = soft.clone()
         soft[torch.topk(soft, k=min(zeros, soft.numel()), largest=False).indices] = 0.0
@@ -72,17 +91,23 @@ class HardConcreteGates(nn.Module):
     probabilities are computed for all gates at once. ``forward()`` samples in training mode
     and returns the deterministic mask in evaluation mode (cached until ``log_alpha`` changes).
 
+    ``round_to`` (default 1: none) rounds each segment's kept count in the deterministic mask
+    (:func:`deterministic_gates`); training samples and keep probabilities do not see it.
+
     ``hold_sample()`` draws the noise u once and reuses it in every ``sample()`` until
     ``release_sample()``: all forward passes of one optimizer step (the cached and the live
     passes of gradient accumulation) then see the same gates, recomputed from ``log_alpha``
     each time so that every pass has its own autograd graph.
     """
 
-    def __init__(self, segments: Sequence[int], init: float = LOG_ALPHA_INIT) -> None:
+    def __init__(self, segments: Sequence[int], init: float = LOG_ALPHA_INIT, round_to: int = 1) -> None:
         super().__init__()
         self.segments = [int(s) for s in segments]
         if any(s < 0 for s in self.segments):
             raise ValueError(f"segment sizes must be >= 0, got {self.segments}")
+        if int(round_to) != round_to or round_to < 1:
+            raise ValueError(f"round_to must be an integer >= 1, got {round_to}")
+        self.round_to = int(round_to)
         self.log_alpha = nn.Parameter(torch.full((sum(self.segments),), float(init)))
         self.clamp_()
         self._cache: tuple[Tensor, Tensor] | None = None
@@ -110,7 +135,7 @@ class HardConcreteGates(nn.Module):
         """The deterministic mask of every segment, concatenated (no gradient)."""
         log_alpha = self.log_alpha.detach()
         if self._cache is None or not _same(self._cache[0], log_alpha):
-            parts = [deterministic_gates(p) for p in torch.split(log_alpha, self.segments)]
+            parts = [deterministic_gates(p, self.round_to) for p in torch.split(log_alpha, self.segments)]
             values = torch.cat(parts) if parts else log_alpha.clone()
             self._cache = (log_alpha.clone(), values)
         return self._cache[1]
@@ -126,7 +151,7 @@ class HardConcreteGates(nn.Module):
         return {**super().__getstate__(), "_cache": None, "_noise": None}
 
     def extra_repr(self) -> str:
-        return f"segments={self.segments}"
+        return f"segments={self.segments}" + (f", round_to={self.round_to}" if self.round_to > 1 else "")
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

@@ -48,6 +48,13 @@ class AutoInheritance(Inheritance):
     ``target_schedule``: a schedule spec replacing the default ``linear_ramp``; ``layer_gates``:
     CoFi's whole-block gates (off in TinyCLIP); ``towers``: ``both``, ``vision`` or ``text``;
     ``total_steps``: offered by the engine (``train.steps``) to refuse a ``prune_step`` never reached.
+
+    ``round_to`` (default 8; 1 = none): the deterministic masks keep a multiple of it of MLP neurons per
+    layer and residual channels per tower (nearest multiple, ties up, never below it unless 0; the
+    next units by log_alpha are added or dropped; heads are whole units): the masked model in eval
+    mode, its logged mask sparsity and the pruned export stay one function, and the achieved sparsity
+    counts the rounding. 8: what tensor cores and fp32 SIMD want, under 0.3 points of sparsity on a
+    ViT-B/32; 64 can move it by ~1.4 points per tower. Above a masked tower's smallest width: refused.
     """
 
     needs_student_config = False
@@ -68,6 +75,7 @@ class AutoInheritance(Inheritance):
         towers: str | list[str] = "both",
         init_log_alpha: float = LOG_ALPHA_INIT,
         total_steps: int | None = None,
+        round_to: int = 8,
     ) -> None:
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
@@ -90,6 +98,8 @@ class AutoInheritance(Inheritance):
         for key, value in (("mask_lr", mask_lr), ("lambda_lr", lambda_lr)):
             if not value >= 0:
                 raise ValueError(f"{key} must be >= 0 (a learning rate), got {value}")
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to must be an integer >= 1 (1 = no rounding), got {round_to!r}")
         if lagrangian not in MODES:
             raise ValueError(f"lagrangian must be one of {', '.join(MODES)}, got {lagrangian!r}")
         if budget not in BUDGETS:
@@ -103,6 +113,7 @@ class AutoInheritance(Inheritance):
         self.layer_gates = bool(layer_gates)
         self.towers = resolve_towers(towers if isinstance(towers, str) else tuple(towers))
         self.init_log_alpha = float(init_log_alpha)
+        self.round_to = round_to
         spec = target_schedule or {"name": "linear_ramp", "start": start_sparsity, "end": target_sparsity,
                                    "steps": ramp_steps}
         self.schedule = SCHEDULES.build(spec, context={"base_value": target_sparsity, "total_steps": prune_step})
@@ -114,7 +125,8 @@ class AutoInheritance(Inheritance):
         """A copy of ``source`` (trainable, attention converted) with masks and multipliers attached."""
         model = copy.deepcopy(source)
         model.requires_grad_(True)  # the source is usually the frozen teacher
-        masks = attach_masks(model, self.towers, layer_gates=self.layer_gates, init=self.init_log_alpha)
+        masks = attach_masks(model, self.towers, layer_gates=self.layer_gates, init=self.init_log_alpha,
+                             round_to=self.round_to)
         device = masks.mask_parameters()[0].device
         keys = ("all",) if self.budget == "pooled" else tuple(masks.towers)
         for key in keys:
