@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: result metrics that measure time, not what was computed
 TIMING = ("duration", "per_s", "throughput")
 
-AUTO = {"name": "auto", "prune_step": 4, "ramp_steps": 2, "mask_lr": 0.3, "lambda_lr": 1.0}
+AUTO = {"name": "auto", "prune_step": 4, "ramp_steps": 2, "mask_lr": 0.3, "lambda_lr": 1.0, "round_to": 1}
 TRAIN = {"steps": 7, "batch_size": 8, "lr": 1e-3, "log_every": 1, "progress": False, "checkpoint_every": 2}
 
 CASES = {
