@@ -301,10 +301,6 @@ def test_fit_trains_and_logs(models, tmp_path):
         assert r["loss"] == pytest.approx(expected, rel=1e-6)
         assert r["grad_norm"] > 0 and r["nonfinite_steps"] == 0
     assert summary.final_terms == {k[5:]: v for k, v in records[-1].items() if k.startswith("loss/")}
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
-    assert checkpoint["step"] == 4
-    for k, v in trainer.student.state_dict().items():
-        assert torch.equal(checkpoint["student"][k], v), k
     assert not torch.equal(trainer.student.visual.proj, student.visual.proj)
 
 
@@ -355,16 +351,13 @@ def test_grad_checkpointing_on_a_student_without_it_is_refused(models):
         make_trainer(teacher, Bare(), grad_checkpointing=True)
 
 
-def test_checkpoints_every_k_steps_and_at_the_end(models, tmp_path, monkeypatch):
+def test_checkpoints_every_k_steps_and_at_the_end(models):
     teacher, student = models
     trainer = make_trainer(teacher, copy.deepcopy(student), steps=5, checkpoint_every=2)
-    trainer.run_dir = tmp_path
     saved = []
-    original = trainer.save_checkpoint
-    monkeypatch.setattr(trainer, "save_checkpoint", lambda step: saved.append(step) or original(step))
+    trainer.on_checkpoint = lambda t: saved.append((t.step, t.state_dict()["step"], t.state_dict()["samples"]))
     trainer.fit()
-    assert saved == [2, 4, 5]
-    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 5
+    assert saved == [(2, 2, 2 * 16), (4, 4, 4 * 16), (5, 5, 5 * 16)]  # the state says which step comes next
 
 
 def test_gradients_are_clipped_to_grad_clip_and_grad_norm_is_logged_before(models):
