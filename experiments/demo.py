@@ -134,10 +134,7 @@ def run_demo(quick: bool = False, results_dir: str | Path = "results/demo", cach
     plan = QUICK if quick else FULL
     results = Path(results_dir) / ("quick" if quick else "full")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    print(f"[demo] teacher: {TEACHER_MODEL}, {plan.teacher_steps} steps (cached in {cache})")
-    (teacher_row,) = dispatch([teacher_config(plan, cache)], backend="inprocess", force=force)
-    if teacher_row.get("status") not in ("completed", "skipped"):
-        raise RuntimeError(f"the demo teacher failed: {teacher_row.get('error')}")
+    teacher_row = train_teacher(plan, cache, force, "demo")
     teacher_path = teacher_row["metrics"]["export/path"]
     rows = [summary_row("teacher", teacher_row)]
     for label, cfg in student_configs(plan, teacher_path, results):
@@ -145,11 +142,24 @@ def run_demo(quick: bool = False, results_dir: str | Path = "results/demo", cach
         (row,) = dispatch([cfg], backend="inprocess", force=force)
         rows.append(summary_row(label, row))
     table = pd.DataFrame(rows).set_index("model")
-    text = table.to_markdown(floatfmt=".1f")
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "demo_table.md").write_text(text + "\n")
+    save_table(table.to_markdown(floatfmt=".1f"), results / "demo_table.md", "demo")
+    return table
+
+
+def train_teacher(plan: DemoPlan, cache: Path, force: bool, tag: str) -> dict[str, Any]:
+    """Train the demo teacher (or reuse the cached one) and return its result row."""
+    print(f"[{tag}] teacher: {TEACHER_MODEL}, {plan.teacher_steps} steps (cached in {cache})")
+    (row,) = dispatch([teacher_config(plan, cache)], backend="inprocess", force=force)
+    if row.get("status") not in ("completed", "skipped"):
+        raise RuntimeError(f"the demo teacher failed: {row.get('error')}")
+    return row
+
+
+def save_table(text: str, path: Path, tag: str) -> None:
+    """Write a markdown table next to the result rows and print it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
     print()
     print(text)
-    print(f"\n[demo] result rows in {results}, table in {results / 'demo_table.md'}")
-    return table
+    print(f"\n[{tag}] result rows in {path.parent}, table in {path}")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.config import RunConfig, config_from_dict
-from experiments.demo import FULL, QUICK, DemoPlan, _common, default_cache_dir, teacher_config
+from experiments.demo import FULL, QUICK, DemoPlan, _common, default_cache_dir, save_table, train_teacher
 from experiments.dispatch import dispatch
 
 #: cumulative targets of the two arms
@@ -82,10 +82,7 @@ def run_comparison(quick: bool = False, results_dir: str | Path = "results/progr
     plan = QUICK if quick else FULL
     results = Path(results_dir) / ("quick" if quick else "full")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    print(f"[progressive] teacher: {plan.teacher_steps} steps (cached in {cache})")
-    (teacher_row,) = dispatch([teacher_config(plan, cache)], backend="inprocess")
-    if teacher_row.get("status") not in ("completed", "skipped"):
-        raise RuntimeError(f"the demo teacher failed: {teacher_row.get('error')}")
+    teacher_row = train_teacher(plan, cache, False, "progressive")
     lines = []
     for name, cfg in arm_configs(plan, teacher_row["metrics"]["export/path"], results).items():
         print(f"[progressive] {name}: {len(cfg.stages)} stage(s) of {cfg.stages[0].steps} steps")
@@ -94,12 +91,7 @@ def run_comparison(quick: bool = False, results_dir: str | Path = "results/progr
             raise RuntimeError(f"arm {name} failed: {row.get('error')}")
         lines.extend(summary_rows(name, row, run_dir_for(cfg)))
     table = pd.DataFrame(lines)
-    text = table.to_markdown(index=False, floatfmt=".3f")
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "progressive_table.md").write_text(text + "\n")
-    print()
-    print(text)
-    print(f"\n[progressive] runs and table in {results}")
+    save_table(table.to_markdown(index=False, floatfmt=".3f"), results / "progressive_table.md", "progressive")
     return table
 
 
