@@ -209,3 +209,21 @@ def test_cumulative_targets_end_at_the_cumulative_sparsity(tmp_path):
     assert last["sparsity/stage_target"] == pytest.approx(1 - 0.5 / (1 - first["sparsity/achieved"]), abs=1e-6)
     assert last["sparsity/stage_achieved"] == pytest.approx(last["sparsity/stage_target"], abs=0.01)
     assert last["sparsity/missed"] is False
+
+
+def test_progressive_and_one_shot_arms_share_teacher_and_total_steps(tmp_path, monkeypatch):
+    """``python -m experiments.progressive``: two stages 0 -> 0.5 -> 0.75 against one jump to 0.75,
+    the same teacher and the same total steps; a miniature version runs end to end."""
+    from experiments import demo, progressive
+
+    tiny = demo.DemoPlan(teacher_steps=3, student_steps=6, batch_size=8, teacher_lr=1e-3, student_lr=1e-3,
+                         val_samples=40, train_samples=64)
+    monkeypatch.setattr(progressive, "QUICK", tiny)
+    table = progressive.run_comparison(quick=True, results_dir=tmp_path / "results", cache_dir=tmp_path / "cache")
+    assert list(zip(table["arm"], table["stage"], strict=True)) == [
+        ("progressive", "sparsity50"), ("progressive", "sparsity75"), ("one-shot", "sparsity75")]
+    assert list(table["target (cumulative)"]) == [0.5, 0.75, 0.75]
+    assert table[table["arm"] == "progressive"]["steps"].sum() == table[table["arm"] == "one-shot"]["steps"].sum()
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "results" / "quick").glob("*/stages/*/result.json")]
+    assert len(rows) == 3 and len({r["config"]["teacher"]["model"] for r in rows}) == 1  # one teacher
+    assert (tmp_path / "results" / "quick" / "progressive_table.md").read_text().startswith("| arm")
