@@ -30,9 +30,11 @@ def write_reports(run_dir: Path) -> None:
     MLP neurons per layer) next to ``result.json``."""
     from analysis.structure_report import write_structure_report
     from compress.models.nonuniform import STRUCTURE_FILE
+    from compress.rundir import STAGES_DIR
 
-    if (run_dir / STRUCTURE_FILE).is_file():
-        write_structure_report(run_dir)
+    for folder in [run_dir, *sorted((run_dir / STAGES_DIR).glob("*"))]:  # a staged run: one report per stage
+        if (folder / STRUCTURE_FILE).is_file():
+            write_structure_report(folder)
 
 
 class RunJob:

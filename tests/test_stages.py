@@ -127,8 +127,12 @@ def test_a_two_stage_run_hands_the_exported_model_to_the_next_stage(tmp_path, mo
     assert metrics["sparsity/stage_achieved"] == pytest.approx(
         1 - prunable_parameters(final) / prunable_parameters(exported), abs=1e-6)
     assert metrics["sparsity/stage_target"] == rows[1]["config"]["inheritance"]["target_sparsity"]
-    # each stage has its own metrics series, and no checkpoint is left once it completed
+    # each stage has its own metrics series and structure report, and no checkpoint is left once it completed
+    from experiments.job import write_reports
+
+    write_reports(run_dir)
     for name in ("0-sparsity25", "1-sparsity50"):
+        assert (run_dir / "stages" / name / "structure.md").is_file()
         steps = [json.loads(line)["step"] for line in (run_dir / "stages" / name / "metrics.jsonl").open()]
         assert steps == [1, 2, 3, 4, 5, 6]
         assert not (run_dir / "stages" / name / "checkpoints").exists()
