@@ -183,14 +183,9 @@ def write_checkpoint(
     return final
 
 
-def remove_checkpoints(directory: str | Path, keep_every: int = 0) -> None:
-    """Remove the checkpoints of a finished run (those a ``keep_every`` policy keeps stay)."""
-    root = Path(directory) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return
-    _prune(root, None, keep_every)
-    if keep_every == 0:
-        shutil.rmtree(root, ignore_errors=True)
+def remove_checkpoints(directory: str | Path) -> None:
+    """Remove every checkpoint of a finished run or stage, and the ``latest`` pointer."""
+    shutil.rmtree(Path(directory) / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def _prune(root: Path, current: str | None, keep_every: int) -> None:

@@ -229,7 +229,8 @@ def _run_in(cfg: RunConfig, run_dir: Path, force: bool) -> dict[str, Any]:
     current: StageRun | None = None
 
     def row_for(status: str, error: BaseException | None = None) -> dict[str, Any]:
-        extra = {"stage": current.stage.dir_name} if current is not None and current.stage is not None else None
+        stage = current.stage if current is not None else stages[-1] if status == STATUS_COMPLETED else None
+        extra = {"stage": stage.dir_name} if stage is not None else None
         return make_row(run_id=cfg.run_id(), name=cfg.name, status=status, config=cfg.to_dict(), started=started,
                         metrics=metrics, error=error, extra=extra)
 
@@ -245,7 +246,8 @@ def _run_in(cfg: RunConfig, run_dir: Path, force: bool) -> dict[str, Any]:
         return row
 
     for stage in stages:  # another run's or another config's checkpoint: refused before anything is loaded
-        checkpoint = latest_checkpoint(stage_dir(run_dir, stage.dir_name if stage is not None else None))
+        directory = stage_dir(run_dir, stage.dir_name if stage is not None else None)
+        checkpoint = latest_checkpoint(directory) if not _completed(directory, stage) else None
         if checkpoint is not None:
             checkpoint.check_owner(cfg.run_id(), config_hash(cfg))
     try:
@@ -258,10 +260,11 @@ def _run_in(cfg: RunConfig, run_dir: Path, force: bool) -> dict[str, Any]:
             previous: nn.Module | None = None
             for stage in stages:
                 directory = stage_dir(run_dir, stage.dir_name if stage is not None else None)
-                done = read_result(directory) if stage is not None else None
-                if done is not None and done.get("status") == STATUS_COMPLETED and not force:
-                    metrics = dict(done["metrics"])  # a finished stage: its model is the next one's source
+                if _completed(directory, stage):
+                    metrics = dict(read_result(directory)["metrics"])  # its model is the next stage's source
                     previous = load_model(str(directory / "model"))
+                    if main and not cfg.output.keep_checkpoints:  # a kill may have come before they were removed
+                        remove_checkpoints(directory)
                     log.info("stage %s already completed: its exported model is the next stage's source",
                              stage.dir_name)
                     continue
@@ -285,6 +288,14 @@ def _run_in(cfg: RunConfig, run_dir: Path, force: bool) -> dict[str, Any]:
         row = write_rows(STATUS_FAILED, error)
         print(f"clip-compress: run {cfg.name} failed: {row['error']} (see {run_dir / 'result.json'})", file=sys.stderr)
     return row
+
+
+def _completed(directory: Path, stage: ResolvedStage | None) -> bool:
+    """A stage of a staged run whose row says completed (kept when the run is started again)."""
+    if stage is None:
+        return False
+    done = read_result(directory)
+    return done is not None and done.get("status") == STATUS_COMPLETED
 
 
 #: stage k draws its data order and random states from ``seed + k * STAGE_SEED_STRIDE``
@@ -325,7 +336,7 @@ def prunable_parameters(model: nn.Module) -> int:
 def _after_success(run: StageRun) -> None:
     """Once a stage's row says completed, its checkpoints go (unless ``output.keep_checkpoints``)."""
     if distributed.is_main_process() and not run.cfg.output.keep_checkpoints:
-        remove_checkpoints(run.directory, run.cfg.output.keep_every)
+        remove_checkpoints(run.directory)
 
 
 def _load_student(run: StageRun, inheritance: Any, checkpoint: Checkpoint | None) -> nn.Module:

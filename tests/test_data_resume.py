@@ -164,3 +164,24 @@ def test_state_is_checked_and_must_come_before_the_stream(tmp_path, tok):
     other = build_train_loader(data, T.ToTensor(), tok, batch_size=8, pin_memory=False)
     with pytest.raises(DataError, match="batch size 4"):
         other.load_state_dict(state)
+
+
+def test_webdataset_state_refuses_another_worker_count(tmp_path, tok):
+    """Shards are split across workers: resumed with another count, the position would name other samples."""
+    cfg = DatasetConfig(kind="webdataset", path=_write_big_shards(tmp_path), max_bad_fraction=0.5,
+                        bad_window=50, options={"shuffle_buffer": 4})
+    two = build_train_loader(DataConfig(train=cfg, num_workers=2), T.ToTensor(), tok, batch_size=3, pin_memory=False)
+    stream = two.forever()
+    for _ in range(3):
+        next(stream)
+    state = _roundtrip(two.state_dict(), tmp_path)
+    none = build_train_loader(DataConfig(train=cfg, num_workers=0), T.ToTensor(), tok, batch_size=3, pin_memory=False)
+    with pytest.raises(DataError, match="data.num_workers = 2"):
+        none.load_state_dict(state)
+    # map-style data reads the same samples whatever the worker count: accepted
+    csv = DataConfig(train=DatasetConfig(num_samples=16), num_workers=2)
+    saved = build_train_loader(csv, T.ToTensor(), tok, batch_size=4, pin_memory=False)
+    next(saved.forever())
+    other = build_train_loader(DataConfig(train=DatasetConfig(num_samples=16)), T.ToTensor(), tok, batch_size=4,
+                               pin_memory=False)
+    other.load_state_dict(_roundtrip(saved.state_dict(), tmp_path))

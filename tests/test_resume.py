@@ -126,29 +126,36 @@ def test_sigkill_mid_masked_stage_then_the_same_command_resumes_exactly(tmp_path
         runs[out] = path
     command = [sys.executable, "-m", "experiments", "run"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([*command, str(runs["straight"])], cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run([*command, str(runs["straight"])], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
 
     process = subprocess.Popen([*command, str(runs["killed"])], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     stage = None
     try:
         while time.monotonic() < deadline and process.poll() is None:
             stage = next((tmp_path / "killed").glob("*/stages/1-*"), None)
-            checkpoint = latest_checkpoint(stage) if stage is not None else None
+            try:
+                checkpoint = latest_checkpoint(stage) if stage is not None else None
+            except CheckpointError:  # read while the writer replaced it: look again
+                checkpoint = None
             if checkpoint is not None and checkpoint.step >= 3:
                 process.send_signal(signal.SIGKILL)
                 break
-            time.sleep(0.01)
+            time.sleep(0.005)
     finally:
+        if process.poll() is None:  # killed above, or the test is failing: never leave it training
+            process.kill()
         process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = latest_checkpoint(stage)
     assert killed_at.step < 24  # the masks were still attached
     assert json.loads(killed_at.path.joinpath("student.json").read_text())["masked"] is True
 
-    again = subprocess.run([*command, str(runs["killed"])], cwd=ROOT, env=env, capture_output=True, text=True)
+    again = subprocess.run([*command, str(runs["killed"])], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming" in again.stderr and f"step {killed_at.step} of 30" in again.stderr
     (straight_dir,) = (tmp_path / "straight").glob("kill-*")
@@ -257,7 +264,7 @@ def test_resume_after_pruning_rebuilds_the_student_from_its_record_alone(tmp_pat
 
 @pytest.mark.parametrize(
     ("output", "kept"),
-    [({}, None), ({"keep_checkpoints": True}, ["step-00000007"]),
+    [({}, None), ({"keep_every": 4}, None), ({"keep_checkpoints": True}, ["step-00000007"]),
      ({"keep_checkpoints": True, "keep_every": 4}, ["step-00000004", "step-00000007"])],
 )
 def test_which_checkpoints_are_kept(tmp_path, output, kept):
@@ -273,6 +280,27 @@ def test_which_checkpoints_are_kept(tmp_path, output, kept):
 def test_no_checkpoint_is_written_when_save_checkpoint_is_false(tmp_path, monkeypatch):
     cfg = interrupted(tmp_path, monkeypatch, output={"dir": str(tmp_path / "runs"), "save_checkpoint": False})
     assert latest_checkpoint(run_dir_for(cfg)) is None
+    from compress.config import ConfigError
+
+    for keep in ({"keep_every": 2}, {"keep_checkpoints": True}):  # nothing to keep: refused, not ignored
+        with pytest.raises(ConfigError, match="output.save_checkpoint is false"):
+            config(tmp_path, "manual", output={"dir": str(tmp_path), "save_checkpoint": False, **keep})
+
+
+def test_a_staged_run_keeping_every_kth_checkpoint_resumes_after_a_completed_stage(tmp_path, monkeypatch):
+    straight = config(tmp_path, "two-stages", out="straight")
+    assert run_experiment(straight)["status"] == "completed"
+    cfg = config(tmp_path, "two-stages", output={"dir": str(tmp_path / "runs"), "keep_every": 2})
+    with monkeypatch.context() as patch:
+        stop_at(patch, "1-sparsity50", 3)
+        with pytest.raises(Stop):
+            run_experiment(cfg)
+    run_dir = run_dir_for(cfg)
+    assert not (run_dir / "stages" / "0-sparsity25" / "checkpoints").exists()  # the stage completed
+    assert sorted(p.name for p in (run_dir / "stages" / "1-sparsity50" / "checkpoints").glob("step-*")) == [
+        "step-00000002"]
+    assert run_experiment(cfg)["status"] == "completed"
+    assert_same(outcome(run_dir), outcome(run_dir_for(straight)))
 
 
 def test_a_requeued_submitit_job_resumes_and_never_forces(tmp_path, monkeypatch, capsys):

@@ -283,3 +283,16 @@ def test_replacing_a_local_teacher_checkpoint_changes_the_run_id(tmp_path):
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # replaced at the same path
     assert cfg().run_id() != first
+
+
+def test_replacing_a_stage_students_local_file_changes_the_run_id(tmp_path):
+    from compress.models import load_model
+    from compress.models.export import save_model
+
+    folder = save_model(load_model("cc-test-student"), tmp_path / "student")
+    cfg = lambda: tiny_config(tmp_path, stages=[{"student": {"model": str(folder)}}])  # noqa: E731
+    first = cfg().run_id()
+    weights = next(p for p in Path(folder).iterdir() if p.suffix == ".safetensors")
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert cfg().run_id() != first

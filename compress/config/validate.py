@@ -94,6 +94,11 @@ def _check_train(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
     if t.checkpoint_every < 0:
         raise ConfigError(f"train.checkpoint_every: must be >= 0 (0: only at the end), got {t.checkpoint_every}")
+    if not cfg.output.save_checkpoint and (cfg.output.keep_every or cfg.output.keep_checkpoints):
+        raise ConfigError(
+            "output.keep_every / output.keep_checkpoints: output.save_checkpoint is false, so there are no "
+            "checkpoints to keep; drop them or save checkpoints"
+        )
     if cfg.output.keep_every < 0:
         raise ConfigError(f"output.keep_every: must be >= 0 (0: the newest only), got {cfg.output.keep_every}")
     if t.batch_size % t.accum_steps:

@@ -275,6 +275,7 @@ class CountedLoader:
             "batches_in_epoch": self.batches_in_epoch,
             "good_in_epoch": self.good_in_epoch,
             "batch_size": self.batch_size,
+            "num_workers": self.loader.num_workers,
             "reserve": [_detached(b) for b in self._reserve],
             "counter": self.counter.state_dict(),
         }
@@ -288,6 +289,13 @@ class CountedLoader:
             raise DataError(f"data loader state version {state.get('version')!r}; this code reads {_STATE_VERSION}")
         if state["batch_size"] != self.batch_size:
             raise DataError(f"data loader state has batch size {state['batch_size']}, this loader {self.batch_size}")
+        saved_workers = state.get("num_workers", self.loader.num_workers)
+        if isinstance(self.loader.dataset, IterableDataset) and saved_workers != self.loader.num_workers:
+            # shards are split across workers: another count reads other samples from the saved position
+            raise DataError(
+                f"the checkpoint read its webdataset shards with data.num_workers = {saved_workers}, this run has "
+                f"{self.loader.num_workers}: resume with data.num_workers={saved_workers} (or start fresh with --force)"
+            )
         self.counter.load_state_dict(state["counter"])
         self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
         self.good_in_epoch = int(state["good_in_epoch"])
