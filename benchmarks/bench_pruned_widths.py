@@ -31,7 +31,8 @@ from compress.models.structure import TowerKeep, prune_model
 
 #: ViT-B/32's towers: (layers, width, heads, head dim, MLP width)
 FULL = {"vision": (12, 768, 12, 64, 3072), "text": (12, 512, 8, 64, 2048)}
-#: an automatically pruned student, about half of ViT-B/32's prunable parameters: (width, heads, MLP widths)
+#: an automatically pruned student (about a quarter of ViT-B/32's prunable parameters kept: vision 20.3M + text
+#: 10.2M of 126M, like the last stage of the 3-stage chain): (width, heads, MLP widths)
 PRUNED = {
     "vision": (376, [12, 9, 8, 7, 7, 6, 6, 5, 5, 4, 4, 3],
                [1717, 1563, 1499, 1402, 1371, 1290, 1233, 1187, 1093, 1021, 917, 1105]),

@@ -200,3 +200,15 @@ def test_an_invalid_config_fails_the_dry_run(tmp_path, capsys):
     assert main(["run", str(path), "--dry-run"]) == 2
     assert "train.steps" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_readme_shows_the_current_plan_of_the_automatic_recipe(tmp_path, monkeypatch, capsys):
+    """The plan pasted in README.md is what ``--dry-run`` prints now (run id included)."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    start = readme.index("  plan of tinyclip-vit-b32-auto")
+    block = readme[start:readme.index("  ```", start)]
+    expected = [line[2:] if line.strip() else "" for line in block.rstrip("\n").splitlines()]
+    monkeypatch.chdir(tmp_path)  # output.dir "runs" is relative: a folder that does not exist
+    assert main(["run", str(root / "experiments" / "configs" / "tinyclip" / "vit-b32-auto.yaml"), "--dry-run"]) == 0
+    assert capsys.readouterr().out.rstrip("\n").splitlines() == expected
