@@ -24,6 +24,7 @@ from torch import nn
 from compress import distributed
 from compress.checkpoint import (
     Checkpoint,
+    CheckpointError,
     config_hash,
     latest_checkpoint,
     rebuild_student,
@@ -369,6 +370,12 @@ def _run_stage(
     main = distributed.is_main_process()
     run_id, config_sha = run_cfg.run_id(), config_hash(run_cfg)
     checkpoint = latest_checkpoint(directory)  # its owner was checked when the run started
+    if checkpoint is not None and checkpoint.meta.get("precision", precision.name) != precision.name:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} was written in {checkpoint.meta['precision']}, this attempt resolves "
+            f"train.precision to {precision.name} (on {device}): set train.precision/train.device to resume it "
+            "as it ran, or start fresh with --force"
+        )
     if run.stage is not None:
         metrics.update({"stage/index": run.stage.index, "stage/name": run.stage.name, "stage/source": run.stage.source,
                         "stage/count": len(run_cfg.stages)})
@@ -398,7 +405,7 @@ def _run_stage(
 
     def write(trainer: Trainer) -> None:
         state = {"trainer": trainer.state_dict(), "data": data_stats.loader.state_dict(), "rng": rng_state()}
-        meta = {"run_id": run_id, "config_sha": config_sha, "stage": stage_index}
+        meta = {"run_id": run_id, "config_sha": config_sha, "stage": stage_index, "precision": precision.name}
         write_checkpoint(directory, trainer.step, trainer.student, state, meta, keep_every=cfg.output.keep_every)
 
     trainer = Trainer(

@@ -318,3 +318,12 @@ def test_a_requeued_submitit_job_resumes_and_never_forces(tmp_path, monkeypatch,
     capsys.readouterr()
     assert again()["status"] == "completed"
     assert "(step 2 of 7)" in capsys.readouterr().err
+
+
+def test_a_checkpoint_written_in_another_precision_is_not_resumed_silently(tmp_path, monkeypatch):
+    cfg = interrupted(tmp_path, monkeypatch)
+    meta = latest_checkpoint(run_dir_for(cfg)).path / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "precision": "bf16"}))  # as on a GPU
+    row = run_experiment(cfg)
+    assert row["status"] == "failed"
+    assert "written in bf16, this attempt resolves train.precision to fp32" in row["error"]
