@@ -27,9 +27,9 @@ PROGRESSIVE = (0.5, 0.75)
 ONE_SHOT = (0.75,)
 
 
-def arm_configs(plan: DemoPlan, teacher_path: str, results_dir: Path) -> dict[str, RunConfig]:
+def arm_configs(plan: DemoPlan, teacher_path: str, results_dir: Path, seed: int = 0) -> dict[str, RunConfig]:
     """The two arms: the demo's student settings, automatic inheritance (masks learned for 60% of a
-    stage, as in the demo), ``2 x student_steps`` steps in all."""
+    stage, as in the demo), ``2 x student_steps`` steps in all, run seed ``seed``."""
     total = 2 * plan.student_steps
     out = {}
     for name, targets in (("progressive", PROGRESSIVE), ("one-shot", ONE_SHOT)):
@@ -38,6 +38,7 @@ def arm_configs(plan: DemoPlan, teacher_path: str, results_dir: Path) -> dict[st
         data = _common(plan, steps, plan.student_lr, results_dir)
         data.update(
             name=f"progressive-vs-oneshot-{name}",
+            seed=seed,
             teacher={"model": teacher_path},
             student=None,
             # mask and multiplier learning rates as in the demo (a few hundred steps, not thousands);
@@ -51,7 +52,7 @@ def arm_configs(plan: DemoPlan, teacher_path: str, results_dir: Path) -> dict[st
     return out
 
 
-def summary_rows(name: str, row: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
+def summary_rows(name: str, seed: int, run_dir: Path) -> list[dict[str, Any]]:
     """One line per stage of an arm (from the stage rows), the last one being the arm's result."""
     import json
 
@@ -60,6 +61,7 @@ def summary_rows(name: str, row: dict[str, Any], run_dir: Path) -> list[dict[str
         m = json.loads(path.read_text()).get("metrics", {})
         lines.append({
             "arm": name,
+            "seed": seed,
             "stage": m.get("stage/name"),
             "steps": m.get("train/steps"),
             "target (cumulative)": m.get("sparsity/target"),
@@ -73,8 +75,9 @@ def summary_rows(name: str, row: dict[str, Any], run_dir: Path) -> list[dict[str
 
 
 def run_comparison(quick: bool = False, results_dir: str | Path = "results/progressive",
-                   cache_dir: str | Path | None = None, force: bool = False) -> Any:
-    """Train (or reuse) the demo teacher, run both arms, print and save the table (a DataFrame)."""
+                   cache_dir: str | Path | None = None, force: bool = False, seeds: tuple[int, ...] = (0,)) -> Any:
+    """Train (or reuse) the demo teacher, run both arms for every seed, print and save the table
+    (one line per arm, seed and stage; with several seeds, then the mean per arm and stage)."""
     import pandas as pd
 
     from compress.run import run_dir_for
@@ -84,14 +87,19 @@ def run_comparison(quick: bool = False, results_dir: str | Path = "results/progr
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     teacher_row = train_teacher(plan, cache, False, "progressive")
     lines = []
-    for name, cfg in arm_configs(plan, teacher_row["metrics"]["export/path"], results).items():
-        print(f"[progressive] {name}: {len(cfg.stages)} stage(s) of {cfg.stages[0].steps} steps")
-        (row,) = dispatch([cfg], backend="inprocess", force=force)
-        if row.get("status") not in ("completed", "skipped"):
-            raise RuntimeError(f"arm {name} failed: {row.get('error')}")
-        lines.extend(summary_rows(name, row, run_dir_for(cfg)))
+    for seed in seeds:
+        for name, cfg in arm_configs(plan, teacher_row["metrics"]["export/path"], results, seed).items():
+            print(f"[progressive] {name}, seed {seed}: {len(cfg.stages)} stage(s) of {cfg.stages[0].steps} steps")
+            (row,) = dispatch([cfg], backend="inprocess", force=force)
+            if row.get("status") not in ("completed", "skipped"):
+                raise RuntimeError(f"arm {name} failed: {row.get('error')}")
+            lines.extend(summary_rows(name, seed, run_dir_for(cfg)))
     table = pd.DataFrame(lines)
-    save_table(table.to_markdown(index=False, floatfmt=".3f"), results / "progressive_table.md", "progressive")
+    text = table.to_markdown(index=False, floatfmt=".3f")
+    if len(seeds) > 1:
+        means = table.drop(columns="seed").groupby(["arm", "stage"], sort=False).mean().reset_index()
+        text += f"\n\nmean over {len(seeds)} seeds:\n\n" + means.to_markdown(index=False, floatfmt=".3f")
+    save_table(text, results / "progressive_table.md", "progressive")
     return table
 
 
@@ -101,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="results/progressive", help="folder for the runs and the table")
     parser.add_argument("--cache-dir", default=None, help="where the demo teacher is cached")
     parser.add_argument("--force", action="store_true", help="rerun both arms from step 0")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="run seeds (default: 0)")
     args = parser.parse_args(argv)
-    run_comparison(quick=args.quick, results_dir=args.results, cache_dir=args.cache_dir, force=args.force)
+    run_comparison(quick=args.quick, results_dir=args.results, cache_dir=args.cache_dir, force=args.force,
+                   seeds=tuple(args.seeds))
     return 0
 
 
