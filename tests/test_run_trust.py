@@ -195,7 +195,7 @@ def test_a_stopped_run_leaves_an_interrupted_row(tmp_path, sig, code):
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.2)
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
     assert proc.returncode == code, err
