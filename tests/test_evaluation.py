@@ -288,6 +288,20 @@ def test_macs_shrink_with_fewer_heads(tiny: nn.Module) -> None:
     assert tp_before - tp_after == attention_macs_lost + extra
 
 
+def test_macs_of_a_layer_without_heads(tiny: nn.Module) -> None:
+    """A layer pruned to 0 heads (automatic inheritance can do that) adds only its output bias: its
+    whole attention's MACs are gone, and counting does not trip on the bias it returns."""
+    cfg = tiny.clip_cfg["vision_cfg"]
+    d, n = cfg["width"], (cfg["image_size"] // cfg["patch_size"]) ** 2 + 1
+    pruned = copy.deepcopy(tiny)
+    block = pruned.visual.transformer.resblocks[0]
+    old: HeadAttention = block.attn
+    block.attn = HeadAttention(d, 0, old.head_dim)
+    inner = old.inner_dim
+    lost = n * d * 3 * inner + 2 * n * n * inner + n * inner * d
+    assert count_macs(tiny)["macs_image"] - count_macs(pruned)["macs_image"] == lost
+
+
 SDPA_BACKENDS = ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "OVERRIDEABLE")
 
 

@@ -70,7 +70,9 @@ class HeadAttention(nn.Module):
         x = query.unsqueeze(0) if unbatched else query if self.batch_first else query.transpose(0, 1)
         if self.num_heads == 0:
             bias = self.out_proj.bias if self.out_proj.bias is not None else x.new_zeros(self.embed_dim)
-            out = bias.to(x.dtype).expand_as(x)
+            # a new tensor, not a view of the parameter: under no_grad such a view still says
+            # requires_grad (without a grad_fn), which trips autograd hooks (FLOP counting)
+            out = x.new_zeros(x.shape) + bias.to(x.dtype)
         else:
             mask = self._merge_masks(x, attn_mask, key_padding_mask, is_causal)
             out = self._attend(x, mask)
