@@ -187,8 +187,11 @@ def test_slurm_backend_off_cluster_is_one_line(tmp_path, monkeypatch, capsys):
 def test_a_stopped_run_leaves_an_interrupted_row(tmp_path, sig, code):
     path = _write_cli_config(tmp_path, steps=100000, progress=False, log_every=1)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    # a shell that started the tests in the background leaves SIGINT ignored, and a child that starts
+    # with it ignored never gets Python's KeyboardInterrupt handler: give the child the default
     proc = subprocess.Popen([sys.executable, "-m", "experiments", "run", str(path)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not list((tmp_path / "runs").glob("cli-*/metrics.jsonl")) and time.time() < deadline:
