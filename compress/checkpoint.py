@@ -188,7 +188,8 @@ def remove_checkpoints(directory: str | Path) -> None:
     shutil.rmtree(Path(directory) / CHECKPOINT_DIR, ignore_errors=True)
 
 
-def _prune(root: Path, current: str | None, keep_every: int) -> None:
+def _prune(root: Path, current: str, keep_every: int) -> None:
+    """Remove the checkpoints older than ``current`` (except multiples of ``keep_every``) and torn folders."""
     for path in root.iterdir():
         if path.name == current or path.name == LATEST_FILE:
             continue
