@@ -1,12 +1,111 @@
-"""The one place that knows about ranks: who writes, and gathering features for losses."""
+"""The one place that knows about ranks: the process group, who writes, gathering for losses.
+
+:func:`environment` is the one resolver of a multi-process launch: torchrun's variables
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``; a submitit job
+exports them with ``submitit.helpers.TorchDistributedEnvironment``) or, inside an ``srun``
+step, SLURM's (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``). :func:`process_group`
+joins the group for a run (NCCL on GPUs, gloo on CPU) and tears it down at the end.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+class DistributedError(RuntimeError):
+    """The launch environment does not describe a usable process group."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in a launch: ``rank`` of ``world_size``, ``local_rank`` on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise DistributedError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+def environment(env: Mapping[str, str] | None = None) -> DistEnv:
+    """The launch this process belongs to, from torchrun's variables or an ``srun`` step's; one process
+    when neither says more (an ``sbatch`` script itself, outside ``srun``, is one process)."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env and "RANK" in env:
+        world, rank = _int(env, "WORLD_SIZE"), _int(env, "RANK")
+        local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if world > 1 and missing:
+            raise DistributedError(f"WORLD_SIZE={world} but {' and '.join(missing)} not set (launch with torchrun)")
+        addr, port = env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500
+    elif "SLURM_STEP_ID" in env and "SLURM_NTASKS" in env and _int(env, "SLURM_NTASKS") > 1:
+        world, rank, local = _int(env, "SLURM_NTASKS"), _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID")
+        addr = env.get("MASTER_ADDR") or env.get("SLURM_LAUNCH_NODE_IPADDR")
+        if not addr:
+            raise DistributedError("an srun step of several tasks without MASTER_ADDR or SLURM_LAUNCH_NODE_IPADDR")
+        job = _int(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0
+        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + job % 20000
+    else:
+        return DistEnv()
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise DistributedError(f"rank {rank} of world size {world} (local rank {local}) is not a valid launch")
+    return DistEnv(rank, world, local, addr, port)
+
+
+#: how long a collective waits for the other ranks (rank 0 evaluates while the others wait)
+TIMEOUT = datetime.timedelta(hours=2)
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL for CUDA devices, gloo for CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def local_device(device: torch.device, env: DistEnv | None = None) -> torch.device:
+    """``cuda`` becomes ``cuda:LOCAL_RANK`` (one GPU per process); other devices are kept."""
+    env = environment() if env is None else env
+    if device.type == "cuda" and device.index is None and env.world_size > 1:
+        return torch.device("cuda", env.local_rank)
+    return device
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[DistEnv]:
+    """Join the launch's process group for the block (nothing for one process, or when the caller
+    already joined one) and leave it at the end."""
+    env = environment()
+    if is_distributed():
+        yield DistEnv(rank(), world_size(), local_rank())
+        return
+    if env.world_size == 1:
+        yield env
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend_for(device), init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
+        world_size=env.world_size, timeout=TIMEOUT,
+    )
+    try:
+        yield env
+    finally:
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
@@ -22,7 +121,48 @@ def rank() -> int:
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
+    return environment().local_rank
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def mean_over_ranks(tensor: Tensor) -> Tensor:
+    """The mean of ``tensor`` over ranks (a copy; ``tensor`` itself on one process)."""
+    if not is_distributed():
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out)
+    return out / world_size()
+
+
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank 0 (None on the others); ``[obj]`` on one process."""
+    if not is_distributed():
+        return [obj]
+    parts: list[Any] | None = [None] * world_size() if is_main_process() else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
+
+
+def main_first(action: Callable[[], None]) -> None:
+    """Rank 0 runs ``action`` while the others wait; if it fails, every rank raises (rank 0 its own
+    error, the others a :class:`DistributedError` naming it), so no rank is left waiting."""
+    error: BaseException | None = None
+    if is_main_process():
+        try:
+            action()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the others were told
+            error = e
+    if is_distributed():
+        message = [f"{type(error).__name__}: {error}" if error is not None else None]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and error is None:
+            raise DistributedError(f"rank 0 failed: {message[0]}")
+    if error is not None:
+        raise error
 
 
 def is_main_process() -> bool:

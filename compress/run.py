@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import random
 import shutil
 import signal
@@ -33,7 +32,7 @@ from compress.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from compress.config import RunConfig, dump_config
+from compress.config import ConfigError, RunConfig, dump_config
 from compress.config.stages import ResolvedStage, resolve_stages, with_source_fraction
 from compress.config.validate import inheritance_context, loss_weight_keys, schedule_context
 from compress.fileio import atomic_write_text
@@ -132,15 +131,16 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def refuse_multiple_processes() -> None:
-    """Multi-GPU (data-parallel) training is not built: several processes would each train
-    their own replica and rank 0's would be exported. Stop before anything is computed."""
-    env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if distributed.world_size() > 1 or env_world > 1:
-        raise RunError(
-            f"this run was started as {max(distributed.world_size(), env_world)} processes, but multi-process "
-            "(DistributedDataParallel) training is not built yet: start one process (one GPU)"
-        )
+def check_batch_split(cfg: RunConfig, world: int) -> None:
+    """``train.batch_size`` is the global batch: it must split into equal per-process micro-batches."""
+    for k, stage in enumerate(resolve_stages(cfg) or [None]):
+        train = stage.cfg.train if stage is not None else cfg.train
+        where = f"stages[{k}] ({stage.name}): " if stage is not None else ""
+        if train.batch_size % (world * train.accum_steps):
+            raise ConfigError(
+                f"{where}train.batch_size {train.batch_size} is the global batch: it must be a multiple of "
+                f"{world} process(es) x train.accum_steps {train.accum_steps} = {world * train.accum_steps}"
+            )
 
 
 def sparsity_metrics(
@@ -184,12 +184,26 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
 
     The run directory is held for the whole run (:func:`compress.rundir.owned_run_dir`): a
     second process, or another config reusing the folder, raises ``RunDirError`` and touches
-    nothing there."""
+    nothing there.
+
+    Started as several processes (torchrun, or a submitit job with one task per GPU; see
+    :func:`compress.distributed.environment`), the run joins their process group and trains
+    data-parallel: rank 0 holds the directory and writes checkpoints, metrics, the model and the
+    rows, and evaluates alone; ``train.batch_size`` is the global batch."""
     run_dir = run_dir_for(cfg)
-    if not distributed.is_main_process():
-        return _run_in(cfg, run_dir, force)
-    with owned_run_dir(run_dir, cfg.run_id()):
-        return _run_in(cfg, run_dir, force)
+    device = distributed.local_device(resolve_device(cfg.train.device))
+    with distributed.process_group(device), contextlib.ExitStack() as held:
+        check_batch_split(cfg, distributed.world_size())
+
+        def prepare() -> None:  # rank 0 holds the directory and clears it before any rank reads it
+            held.enter_context(owned_run_dir(run_dir, cfg.run_id()))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if force:
+                start_fresh(run_dir)
+            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+
+        distributed.main_first(prepare)
+        return _run_in(cfg, run_dir, device)
 
 
 #: what an attempt leaves in a run directory (removed by ``--force``)
@@ -217,14 +231,9 @@ class StageRun:
     seed: int
 
 
-def _run_in(cfg: RunConfig, run_dir: Path, force: bool) -> dict[str, Any]:
+def _run_in(cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
     started = time.time()
     main = distributed.is_main_process()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if force:
-            start_fresh(run_dir)
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     stages: list[ResolvedStage | None] = list(resolve_stages(cfg)) or [None]
     metrics: dict[str, Any] = {}
     current: StageRun | None = None
@@ -253,8 +262,6 @@ def _run_in(cfg: RunConfig, run_dir: Path, force: bool) -> dict[str, Any]:
             checkpoint.check_owner(cfg.run_id(), config_hash(cfg))
     try:
         with sigterm_raises():
-            refuse_multiple_processes()
-            device = resolve_device(cfg.train.device)
             precision = resolve_precision(cfg.train.precision, device)
             seed_everything(cfg.seed)  # a random-init teacher (tests) is the same in every attempt
             teacher = load_teacher(cfg)
@@ -376,11 +383,19 @@ def _run_stage(
             f"train.precision to {precision.name} (on {device}): set train.precision/train.device to resume it "
             "as it ran, or start fresh with --force"
         )
+    if checkpoint is not None and checkpoint.meta.get("world_size", 1) != distributed.world_size():
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} was written by {checkpoint.meta.get('world_size', 1)} process(es), this "
+            f"attempt has {distributed.world_size()}: each process's data position is in it, so resume with "
+            f"{checkpoint.meta.get('world_size', 1)} (or start fresh with --force)"
+        )
     if run.stage is not None:
         metrics.update({"stage/index": run.stage.index, "stage/name": run.stage.name, "stage/source": run.stage.source,
                         "stage/count": len(run_cfg.stages)})
     # what `auto` resolved to on this machine (the run id holds the config, not the machine)
     metrics.update({"train/device": str(device), "train/precision": precision.name})
+    world = distributed.world_size()
+    metrics.update({"dist/world_size": world, "dist/batch_per_process": cfg.train.batch_size // world})
     seed_everything(run.seed)
     inheritance = INHERITANCE.build(cfg.inheritance, context=inheritance_context(cfg))
     student = _load_student(run, inheritance, checkpoint)
@@ -403,9 +418,13 @@ def _run_stage(
     lr = SCHEDULES.build(cfg.schedules["lr"], context=schedule_context(cfg, "lr"))
     stage_index = run.stage.index if run.stage is not None else 0
 
-    def write(trainer: Trainer) -> None:
-        state = {"trainer": trainer.state_dict(), "data": data_stats.loader.state_dict(), "rng": rng_state()}
-        meta = {"run_id": run_id, "config_sha": config_sha, "stage": stage_index, "precision": precision.name}
+    def write(trainer: Trainer) -> None:  # on every rank: each one's data position and random states go to rank 0
+        ranks = distributed.gather_objects({"data": data_stats.loader.state_dict(), "rng": rng_state()})
+        if ranks is None:
+            return
+        state = {"trainer": trainer.state_dict(), "ranks": ranks}
+        meta = {"run_id": run_id, "config_sha": config_sha, "stage": stage_index, "precision": precision.name,
+                "world_size": world}
         write_checkpoint(directory, trainer.step, trainer.student, state, meta, keep_every=cfg.output.keep_every)
 
     trainer = Trainer(
@@ -418,15 +437,18 @@ def _run_stage(
         teacher=OnlineTeacher(teacher, precision, needs) if teacher is not None else None,
         inheritance=inheritance,
         run_dir=directory if main else None,
-        on_checkpoint=write if main and cfg.output.save_checkpoint else None,
+        on_checkpoint=write if cfg.output.save_checkpoint else None,
+        seed=run.seed,
     )
     if checkpoint is not None:
         state = checkpoint.state()
         trainer.load_state_dict(state["trainer"])
-        data_stats.loader.load_state_dict(state["data"])
+        ranks = state.get("ranks") or [{"data": state["data"], "rng": state["rng"]}]  # one process, older format
+        mine = ranks[distributed.rank()]
+        data_stats.loader.load_state_dict(mine["data"])
         if main:
             truncate_metrics(directory / METRICS_FILE, checkpoint.step)
-        set_rng_state(state["rng"])
+        set_rng_state(mine["rng"])
         print(f"clip-compress: resuming {cfg.name} from {checkpoint.path} (step {checkpoint.step} of "
               f"{cfg.train.steps})", file=sys.stderr)
     elif main:
@@ -456,6 +478,7 @@ def _run_stage(
         metrics["export/path"] = str(save_model(exported, directory / "model"))
         write_structure(exported, directory)
         metrics.update(evaluate_prepared(exported, eval_sets, cfg.eval, device, precision.name, cfg.train.progress))
+    distributed.barrier()  # the model is on disk (the next stage loads it on every rank) and evaluated
 
 
 METRICS_FILE = "metrics.jsonl"

@@ -1,9 +1,15 @@
 """The distillation loop: student vs frozen teacher, loss plug-ins, schedules, checkpoints.
 
-Written for one process now and for torch.distributed later: rank decisions go through
-:mod:`compress.distributed`, the batch stream (and so the sampler) is passed in, and the
-teacher's outputs come through one callable (:mod:`compress.teacher`) that a cache can
-replace.
+One process, or data-parallel over a torch.distributed group (:mod:`compress.distributed`):
+the student and the losses' own modules (projectors) are one :class:`StudentObjective`,
+wrapped in ``DistributedDataParallel`` (the frozen teacher is not); every loss compares its
+local rows against the columns of all ranks, gathered with gradients, so N processes with
+B samples each take the same step as one process with N·B. Each rank reads its own share of
+the data (the stream is passed in); the objective and its terms are averaged over ranks, so
+the finite check, the log and the gradient scaler agree everywhere; learnable masks draw one
+gate sample per step from a generator seeded with the run seed and the step, the same on
+every rank. The teacher's outputs come through one callable (:mod:`compress.teacher`) that a
+cache can replace.
 
 Gradient accumulation follows open_clip's scheme so that distillation stays exact: the
 student's features for every micro-batch are first computed without gradient; then, for
@@ -14,7 +20,9 @@ directly is counted once: the student's logit scale and a strategy's regulariser
 in the first micro-batch's backward only, and the parameters a loss owns (a projector) get
 their gradient from the first micro-batch's backward only (later backwards accumulate into
 the other parameters alone). Learnable masks draw one gate sample per optimizer step, used
-by every pass of that step.
+by every pass of that step. With several processes, the passes of micro-batches 1.. run under
+DDP's ``no_sync`` and micro-batch 0's full backward comes last: it all-reduces the summed
+gradients once per step.
 
 Every optimizer step is guarded: the objective (loss terms and regulariser) and the
 gradients of every trained parameter must be finite, otherwise the step is skipped (with
@@ -24,6 +32,7 @@ After each step the student's ``logit_scale`` is clamped to [0, ln 100] (CLIP, o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -111,6 +120,16 @@ class CosineFrom(Schedule):
         return self.start_value * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def mean_over_ranks(loss: Tensor, terms: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """The objective and its terms averaged over ranks (each rank's loss is over its own rows against
+    all ranks' columns: the mean is the loss of the global batch); unchanged on one process."""
+    if distributed.world_size() == 1:
+        return loss, terms
+    local = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
+    values = distributed.mean_over_ranks(local)
+    return values[0], dict(zip(terms, values[1:], strict=True))
+
+
 def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
     """Split every tensor (and list) of a batch into ``parts`` equal micro-batches."""
     if parts == 1:
@@ -123,6 +142,26 @@ def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
         {k: v[i * step : (i + 1) * step] if isinstance(v, Tensor | list) else v for k, v in batch.items()}
         for i in range(parts)
     ]
+
+
+class StudentObjective(nn.Module):
+    """The student and the loss plug-ins' modules as one module, what DDP wraps: every trained
+    parameter of a step (projectors included) is used inside its forward, so DDP's search for
+    idle parameters (``find_unused_parameters``) is exact. ``forward(compute)`` is
+    ``compute(student)``: the trainer passes the whole objective of one pass."""
+
+    def __init__(self, student: nn.Module, losses: list[LossTerm]) -> None:
+        super().__init__()
+        self.student = student
+        self.losses = nn.ModuleList(t.module for t in losses)
+
+    def forward(self, compute: Callable[[nn.Module], tuple[Tensor, dict[str, Tensor]]]):  # type: ignore[override]
+        return compute(self.student)
+
+
+def gate_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of step ``step``'s gate sample: the same on every rank and after a resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
 
 
 def splice(cached: list[ClipOutput], live: ClipOutput, index: int, live_scale: bool) -> ClipOutput:
@@ -149,6 +188,7 @@ class Trainer:
         run_dir: Path | None = None,
         on_log: Any = None,
         on_checkpoint: Callable[[Trainer], None] | None = None,
+        seed: int = 0,
     ) -> None:
         self.cfg = cfg
         self.student = student
@@ -162,6 +202,7 @@ class Trainer:
         self.run_dir = run_dir
         self.on_checkpoint = on_checkpoint
         self.on_log = on_log
+        self.seed = seed
         self.needs = tuple(sorted({n for term in losses for n in term.module.needs}))
         self.uses_teacher = any(term.module.needs_teacher for term in losses)
         if self.uses_teacher and teacher is None:
@@ -176,6 +217,7 @@ class Trainer:
         self.last_terms: dict[str, float] = {}
         self._apply_grad_checkpointing()
         self.optimizer = self._build_optimizer()
+        self._wrap()
 
     # -- setup --------------------------------------------------------------------------
     def _apply_grad_checkpointing(self) -> None:
@@ -203,6 +245,20 @@ class Trainer:
             p for g in optimizer.param_groups for p in g["params"] if id(p) not in owned_by_losses
         ]
         return optimizer
+
+    def _wrap(self) -> None:
+        """``self.objective`` (student and loss modules), in ``DistributedDataParallel`` when there are
+        several ranks (``self.model``; its construction broadcasts rank 0's weights)."""
+        self.objective = StudentObjective(self.student, self.losses)
+        self.model: nn.Module = self.objective
+        if distributed.world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.objective, find_unused_parameters=True)
+
+    def _no_sync(self) -> contextlib.AbstractContextManager:
+        no_sync = getattr(self.model, "no_sync", None)
+        return no_sync() if no_sync is not None else contextlib.nullcontext()
 
     def trained_parameters(self) -> list[nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -246,7 +302,7 @@ class Trainer:
         """Forward and backward of one optimizer step's batch; returns (objective, terms), the
         objective being the weighted loss terms plus the strategy's regulariser."""
         weights = [t.weight_at(step) for t in self.losses] if weights is None else weights
-        with one_gate_sample(self.student):
+        with one_gate_sample(self.student, gate_generator(self.seed, step)):
             return self._accumulate(batch, step, weights)
 
     def _accumulate(
@@ -256,26 +312,35 @@ class Trainer:
         active = [t for t, w in zip(self.losses, weights, strict=True) if w != 0.0]
         teacher_outs = [self.teacher(m) for m in micro] if any(t.module.needs_teacher for t in active) else None
         teacher_full = ClipOutput.cat(teacher_outs) if teacher_outs else None
-        regular = self.inheritance.regularizer(self.student, step)
-        if len(micro) == 1:
-            with self.precision.autocast():
-                out = clip_forward(self.student, micro[0]["images"], micro[0]["texts"], self.needs)
-                total, terms = self._loss(out, teacher_full, batch, weights)
-            loss = total + sum(regular.values(), total.new_zeros(()))
-            self._backward(loss)
-            return loss.detach(), {**terms, **regular}
-        with torch.no_grad(), self.precision.autocast():
-            cached = [clip_forward(self.student, m["images"], m["texts"], self.needs) for m in micro]
-        for j, m in enumerate(micro):
-            with self.precision.autocast():
-                live = clip_forward(self.student, m["images"], m["texts"], self.needs)
-                total, terms = self._loss(splice(cached, live, j, live_scale=j == 0), teacher_full, batch, weights)
-            if j == 0:
-                loss = total + sum(regular.values(), total.new_zeros(()))
-                self._backward(loss)
-            else:
-                self._backward(total, inputs=self._later_inputs)
-        return loss.detach(), {**terms, **regular}
+        cached: list[ClipOutput] | None = None
+
+        def objective(j: int) -> Callable[[nn.Module], tuple[Tensor, dict[str, Tensor]]]:
+            """Pass j: micro-batch j live (the others cached); pass 0 adds the strategy's regulariser."""
+
+            def compute(student: nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
+                with self.precision.autocast():
+                    live = clip_forward(student, micro[j]["images"], micro[j]["texts"], self.needs)
+                    out = live if cached is None else splice(cached, live, j, live_scale=j == 0)
+                    total, terms = self._loss(out, teacher_full, batch, weights)
+                if j:
+                    return total, terms
+                regular = self.inheritance.regularizer(student, step)
+                return total + sum(regular.values(), total.new_zeros(())), {**terms, **regular}
+
+            return compute
+
+        # without an active loss term only the regulariser (no data, the same on every rank) is left
+        model = self.model if active else self.objective
+        if len(micro) > 1:
+            with torch.no_grad(), self.precision.autocast():
+                cached = [clip_forward(self.student, m["images"], m["texts"], self.needs) for m in micro]
+            with self._no_sync():
+                for j in range(1, len(micro)):
+                    total, _ = model(objective(j))
+                    self._backward(total, inputs=self._later_inputs)
+        loss, terms = model(objective(0))
+        self._backward(loss)
+        return loss.detach(), terms
 
     def _optimizer_step(self, loss: Tensor) -> tuple[bool, bool, Tensor | None]:
         """Clip, check and step; returns (stepped, non-finite, the weights' gradient norm before clipping).
@@ -321,7 +386,7 @@ class Trainer:
     def train_step(self, batch: Mapping[str, Any], step: int) -> StepResult:
         """Forward, backward and (if everything is finite) one optimizer step on ``batch``."""
         weights = [t.weight_at(step) for t in self.losses]
-        loss, terms = self._forward_backward(batch, step, weights)
+        loss, terms = mean_over_ranks(*self._forward_backward(batch, step, weights))
         stepped, nonfinite, norm = self._optimizer_step(loss)
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(stepped, nonfinite, loss, terms, weights, norm)
@@ -341,7 +406,7 @@ class Trainer:
         for step in range(self.step, cfg.steps):
             lr = self._set_lr(step)
             batch = to_device(next(self.batches), self.device)
-            batch_size = len(batch["images"])
+            batch_size = len(batch["images"]) * distributed.world_size()  # samples of all ranks
             result = self.train_step(batch, step)
             total, terms = result.loss, result.terms
             is_last = step + 1 == cfg.steps
@@ -402,6 +467,7 @@ class Trainer:
         self.student = student.to(self.device).train()
         self._apply_grad_checkpointing()
         self.optimizer = self._build_optimizer()
+        self._wrap()
         self.lr_schedule = CosineFrom(lr, step, self.cfg.steps)
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -415,8 +481,9 @@ class Trainer:
             self.on_log(record)
 
     def save_checkpoint(self) -> None:
-        """Hand the trainer to ``on_checkpoint`` (the run writes the checkpoint, rank 0 only)."""
-        if self.on_checkpoint is not None and distributed.is_main_process():
+        """Hand the trainer to ``on_checkpoint`` on every rank (the run gathers each rank's data position
+        and random states; rank 0 writes)."""
+        if self.on_checkpoint is not None:
             self.on_checkpoint(self)
 
     # -- resume -------------------------------------------------------------------------

@@ -466,3 +466,42 @@ def test_collate_tokenizes_and_drops_none(tokenizer):
     assert (batch["num_bad"], batch["num_samples"]) == (1, 3)
     empty = make_collate(tokenizer)([None, None])
     assert empty["images"] is None and empty["num_bad"] == 2
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_webdataset_ranks_read_disjoint_shards_that_cover_the_epoch(tmp_path, tokenizer, monkeypatch, workers):
+    """Shards are split by rank (read when the data set is built, in the launching process), then by worker."""
+    expected = _write_shards(tmp_path)
+    cfg = DatasetConfig(kind="webdataset", path=str(tmp_path / "shard-{000000..000001}.tar"), split="val")
+    seen = []
+    for rank in range(2):
+        monkeypatch.setattr("compress.distributed.rank", lambda r=rank: r)
+        monkeypatch.setattr("compress.distributed.world_size", lambda: 2)
+        ds = build_dataset(cfg, T.ToTensor())
+        monkeypatch.undo()  # the workers and the iteration see no process group: the split was fixed at build
+        loader = build_eval_loader(ds, 2, make_collate(tokenizer), num_workers=workers, max_bad_fraction=0.5)
+        seen.append({c for batch in loader for c in batch["captions"]})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(expected)
+    assert {c.split("_")[0] for c in seen[0]} == {"s0"}  # rank 0 read shard 0, rank 1 shard 1
+
+
+def test_webdataset_with_fewer_shards_than_processes_is_refused(tmp_path, monkeypatch):
+    _write_shards(tmp_path)
+    monkeypatch.setattr("compress.distributed.world_size", lambda: 3)
+    cfg = DatasetConfig(kind="webdataset", path=str(tmp_path / "shard-{000000..000001}.tar"))
+    with pytest.raises(DataError, match="2 shard\\(s\\) cannot be split across 3 processes"):
+        build_dataset(cfg, T.ToTensor())
+
+
+def test_each_rank_takes_every_nth_index_of_the_same_permutation():
+    from compress.data.loader import EpochShuffleSampler
+
+    for epoch in (0, 3):
+        whole = EpochShuffleSampler(11, seed=5)
+        parts = [EpochShuffleSampler(11, seed=5, rank=r, world=2) for r in range(2)]
+        for s in (whole, *parts):
+            s.set_epoch(epoch)
+        order = list(whole)
+        assert [list(p) for p in parts] == [order[0:10:2], order[1:10:2]]  # the tail (11th) cut, as drop_last
+        assert len(parts[0]) == 5

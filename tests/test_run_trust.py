@@ -25,15 +25,6 @@ from tests.test_run_e2e import tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_world_size_above_one_is_refused_before_training(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = tiny_config(tmp_path)
-    row = run_experiment(cfg)
-    assert row["status"] == "failed"
-    assert "multi-process" in row["error"] and "not built" in row["error"]
-    assert not (run_dir_for(cfg) / "metrics.jsonl").exists()  # nothing was trained
-
-
 def test_submitit_job_with_several_tasks_is_refused(tmp_path, monkeypatch):
     import submitit
 

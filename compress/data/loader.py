@@ -80,20 +80,26 @@ def build_dataset(
 
 class EpochShuffleSampler(Sampler[int]):
     """A random permutation of ``range(n)`` drawn from ``(seed, epoch)``: reproducible and
-    different every epoch (``set_epoch``), like ``DistributedSampler`` on one rank."""
+    different every epoch (``set_epoch``). With ``world`` > 1 ranks, rank ``r`` takes every
+    ``world``-th index from position ``r`` of the same permutation (its tail cut to a multiple of
+    ``world``, as ``DistributedSampler(drop_last=True)``): step k's per-rank batches of B together
+    are exactly the samples of one process's batch k of ``world * B``."""
 
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int = 0, rank: int = 0, world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of {world} ranks")
+        self.n, self.seed, self.epoch, self.rank, self.world = n, seed, 0, rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g)
+        return iter(order[self.rank : self.n - self.n % self.world : self.world].tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.world
 
 
 _COUNT_KEYS = ("num_bad", "num_samples")
@@ -378,9 +384,9 @@ def build_train_loader(
     batch exactly ``batch_size`` samples (bad ones replaced by the next good ones).
 
     ``sampler``: ``None`` (our :class:`EpochShuffleSampler`), a ``Sampler``, or a factory
-    ``dataset -> Sampler`` (e.g. ``lambda ds: DistributedSampler(ds, seed=seed,
-    drop_last=True)``). Webdataset shards are split across ranks by the data set itself
-    (a sampler is ignored there).
+    ``dataset -> Sampler`` (the training pipeline passes this rank's share of the
+    permutation, ``EpochShuffleSampler(n, seed, rank, world)``). Webdataset shards are split
+    across ranks by the data set itself (a sampler is ignored there).
     """
     ds = build_dataset(cfg.train, transform, split=cfg.train.split, shuffle=True)  # training always shuffles
     name = dataset_name(cfg.train)

@@ -11,7 +11,7 @@ from torch import nn
 
 from compress import distributed
 from compress.config import RunConfig
-from compress.data.loader import CountedLoader, build_train_loader
+from compress.data.loader import CountedLoader, EpochShuffleSampler, build_train_loader
 from compress.data.transforms import train_transform_for
 from compress.models.forward import tokenizer_for
 
@@ -27,12 +27,11 @@ class DataStats:
 
 
 def _sampler_for_ranks(seed: int):
-    """One shard of the data per rank under torch.distributed, else the default sampler."""
+    """This rank's share of each epoch's permutation under torch.distributed, else the default sampler."""
     if not distributed.is_distributed():
         return None
-    from torch.utils.data import DistributedSampler
-
-    return lambda ds: DistributedSampler(ds, seed=seed, drop_last=True)
+    rank, world = distributed.rank(), distributed.world_size()
+    return lambda ds: EpochShuffleSampler(len(ds), seed, rank, world)
 
 
 def train_batches(

@@ -20,11 +20,11 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
+from compress import distributed
 from compress.data.robust import DataError, apply_transform, open_image, torch_seeded, warn_bad
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -41,12 +41,6 @@ def _buffer_shuffle(items: Iterator[Any], bufsize: int, rng: random.Random) -> I
             yield buf.pop()
     rng.shuffle(buf)
     yield from buf
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class ShardDataset(IterableDataset):
@@ -72,6 +66,13 @@ class ShardDataset(IterableDataset):
         self.image_exts, self.text_exts = tuple(image_exts), tuple(text_exts)
         self.epoch = 0
         self.skip_batches, self.batch_size = 0, 0
+        # read here, in the process that builds the loader: a DataLoader worker may not see the group
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        if len(self.urls) < self.world:
+            raise DataError(
+                f"webdataset: {len(self.urls)} shard(s) cannot be split across {self.world} processes (each reads "
+                "its own shards): write more shards or start fewer processes"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle shards and samples for this epoch (workers see it at the next ``iter``);
@@ -101,9 +102,8 @@ class ShardDataset(IterableDataset):
         urls = list(self.urls)
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(urls)
-        rank, world = _rank_world()
         wid, nworkers = self._worker()
-        return urls[rank::world][wid::nworkers]
+        return urls[self.rank :: self.world][wid::nworkers]
 
     def _decode(self, sample: dict[str, Any], seed: int) -> tuple[Any, str] | None:
         name = f"{sample.get('__url__')}:{sample.get('__key__')}"
@@ -142,7 +142,7 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[Any, str] | None]:
         wid, nworkers = self._worker()
-        key = (self.seed * 1_000_003 + self.epoch) * 1009 + wid + 7919 * _rank_world()[0]
+        key = (self.seed * 1_000_003 + self.epoch) * 1009 + wid + 7919 * self.rank
         stream: Iterator[Any] = self._raw(self.shards_for_this_worker())
         if self.shuffle and self.shuffle_buffer > 1:
             stream = _buffer_shuffle(stream, self.shuffle_buffer, random.Random(key))

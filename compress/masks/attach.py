@@ -187,12 +187,14 @@ class ClipMasks(nn.Module):
             t.clear()
 
     @contextlib.contextmanager
-    def one_sample(self) -> Iterator[None]:
-        """Every forward pass inside the block uses the same gate sample (drawn on entry):
-        one sample per optimizer step, however many passes gradient accumulation makes."""
+    def one_sample(self, generator: torch.Generator | None = None) -> Iterator[None]:
+        """Every forward pass inside the block uses the same gate sample (drawn on entry, from
+        ``generator`` if given): one sample per optimizer step, however many passes gradient
+        accumulation makes; the trainer seeds ``generator`` from the run seed and the step, so
+        every rank of a data-parallel run draws the same gates."""
         gates = [g for t in self.towers.values() for g in t.gate_modules()]
         for g in gates:
-            g.hold_sample()
+            g.hold_sample(generator)
         try:
             yield
         finally:
@@ -200,10 +202,10 @@ class ClipMasks(nn.Module):
                 g.release_sample()
 
 
-def one_gate_sample(model: nn.Module) -> contextlib.AbstractContextManager:
+def one_gate_sample(model: nn.Module, generator: torch.Generator | None = None) -> contextlib.AbstractContextManager:
     """:meth:`ClipMasks.one_sample` of ``model``'s masks; nothing to do for a model without masks."""
     masks = get_masks(model)
-    return masks.one_sample() if masks is not None else contextlib.nullcontext()
+    return masks.one_sample(generator) if masks is not None else contextlib.nullcontext()
 
 
 def get_masks(model: nn.Module) -> ClipMasks | None:

@@ -41,9 +41,13 @@ def keep_probability(log_alpha: Tensor) -> Tensor:
     return torch.sigmoid(log_alpha - BETA * math.log(-LIMIT_L / LIMIT_R))
 
 
-def logistic_noise(like: Tensor) -> Tensor:
-    """log u - log(1 - u) with u ~ U(eps, 1 - eps), shaped like ``like`` (no gradient)."""
-    u = torch.empty_like(like, requires_grad=False).uniform_(EPS, 1.0 - EPS)
+def logistic_noise(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """log u - log(1 - u) with u ~ U(eps, 1 - eps), shaped like ``like`` (no gradient); with a (CPU)
+    ``generator`` u is drawn on the CPU from it, so every device and every rank draws the same u."""
+    if generator is None:
+        u = torch.empty_like(like, requires_grad=False).uniform_(EPS, 1.0 - EPS)
+    else:
+        u = torch.empty(like.shape, dtype=like.dtype).uniform_(EPS, 1.0 - EPS, generator=generator).to(like.device)
     return torch.log(u) - torch.log1p(-u)
 
 
@@ -124,9 +128,9 @@ class HardConcreteGates(nn.Module):
     def sample(self) -> Tensor:
         return sample_gates(self.log_alpha, self._noise)
 
-    def hold_sample(self) -> None:
-        """Draw the noise of one sample now and reuse it until :meth:`release_sample`."""
-        self._noise = logistic_noise(self.log_alpha.detach())
+    def hold_sample(self, generator: torch.Generator | None = None) -> None:
+        """Draw the noise of one sample now (from ``generator`` if given) and reuse it until :meth:`release_sample`."""
+        self._noise = logistic_noise(self.log_alpha.detach(), generator)
 
     def release_sample(self) -> None:
         self._noise = None

@@ -1,0 +1,252 @@
+"""Data-parallel training is exact: two CPU processes (gloo) with B samples each train as one
+process with the doubled batch 2B, through the whole run (launch variables, process group,
+per-rank data, DDP, gathered losses, rank-0 writes).
+
+Why they must agree: each rank's loss compares its B rows against the 2B columns of both ranks
+(gathered with gradients), the mean of the two rank losses is the full-batch loss, and DDP's
+average of the rank gradients is the full-batch gradient (tests/test_distributed_gather.py
+shows it for the losses alone). Rank r reads every second index of the same permutation, so
+step k's two rank batches together are the single process's batch k; every sample is augmented
+from (seed, epoch, index), whichever rank loads it; learnable masks draw the same gate sample
+on both ranks (a generator seeded from the run seed and the step). What is left is float
+rounding (other summation orders).
+
+AdamW moves an element by lr * m / (sqrt(v) + eps): a rounding difference dg of a gradient
+near 0 becomes lr * dg / eps in the weights, 1e-5 for dg = 1e-8 with the default eps 1e-6 (an
+MLP weight whose gradient is nearly 0 showed it). The runs here use eps 1e-4, so the 1e-5 bound
+measures the data-parallel gradient, not Adam's amplification of rounding. Parameters whose
+true gradient is exactly 0 stay the exception: a key bias adds the same number to every logit
+of a query, which softmax ignores, so its gradient is only rounding noise, different in the two
+setups, and Adam still moves it by up to lr per step: it is bounded by lr * steps instead.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from compress.config import config_from_dict
+from compress.distributed import DistEnv, DistributedError, environment
+from compress.run import run_dir_for, run_experiment
+from compress.train import Trainer
+
+WORLD = 2
+PER_RANK = 4
+STEPS = 3
+LR = 1e-3
+TOL = 1e-5
+
+BASE = {
+    "name": "ddp",
+    "teacher": {"model": "cc-test-teacher", "random_init": True},
+    "student": {"model": "cc-test-student"},
+    "inheritance": {"name": "manual"},
+    "losses": [{"name": "affinity"}],
+    "schedules": {"lr": {"name": "warmup_cosine", "warmup_steps": 1}},
+    "data": {"train": {"kind": "synthetic", "num_samples": 64}},
+    "train": {"steps": STEPS, "batch_size": WORLD * PER_RANK, "lr": LR, "eps": 1e-4, "log_every": 1,
+              "progress": False, "checkpoint_every": 1},
+    "eval": {"zero_shot": [], "retrieval": False, "macs": False, "throughput": False},
+    "output": {"keep_checkpoints": True, "keep_every": 1},
+}
+AUTO = {"name": "auto", "prune_step": 4, "ramp_steps": 2, "mask_lr": 0.3, "lambda_lr": 1.0, "round_to": 1}
+RESUMED = "affinity-stopped-and-resumed"
+RN_TEACHER = {"model": "cc-test-rn-teacher", "random_init": True}  # embed dim 64 vs the student's 32: a projector
+
+CASES: dict[str, dict] = {
+    "affinity": {},
+    "clip": {"losses": [{"name": "clip"}]},
+    "feature_distill-projector": {"teacher": RN_TEACHER, "inheritance": {"name": "none"},
+                                  "losses": [{"name": "feature_distill"}]},
+    "accum2-projector-clip": {"teacher": RN_TEACHER, "inheritance": {"name": "none"},
+                              "losses": [{"name": "feature_distill"}, {"name": "clip", "weight": 0.5}],
+                              "train": {**BASE["train"], "accum_steps": 2}},
+    "auto-masks": {"inheritance": AUTO, "student": None, "train": {**BASE["train"], "steps": 4}},
+}
+
+
+def case_config(name: str, out: Path):
+    return config_from_dict({**BASE, **CASES[name], "output": {**BASE["output"], "dir": str(out)}})
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def worker(rank: int, names: list[str], out: str, ports: list[int]) -> None:
+    """One of the two launched processes: torchrun's variables, then every case as a real run."""
+    import os
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
+                       "MASTER_ADDR": "127.0.0.1", "HF_HUB_OFFLINE": "1"})
+    torch.set_num_threads(1)
+    for name, port in zip(names, ports[:-2], strict=True):
+        os.environ["MASTER_PORT"] = str(port)
+        row = run_experiment(case_config(name, Path(out) / name))
+        if rank == 0 and row["status"] != "completed":
+            raise RuntimeError(f"{name}: {row.get('error')}")
+    # the affinity case again, stopped on both ranks before step 2 and started again: it resumes
+    original = Trainer.train_step
+
+    def stopping(self, batch, step):
+        if step == 2:
+            raise KeyboardInterrupt("stopped")
+        return original(self, batch, step)
+
+    cfg = case_config("affinity", Path(out) / RESUMED)
+    os.environ["MASTER_PORT"] = str(ports[-2])
+    Trainer.train_step = stopping
+    try:
+        run_experiment(cfg)
+        raise AssertionError("the first attempt was not stopped")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        Trainer.train_step = original
+    os.environ["MASTER_PORT"] = str(ports[-1])
+    row = run_experiment(cfg)
+    if rank == 0 and row["status"] != "completed":
+        raise RuntimeError(f"resumed: {row.get('error')}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run directories of every case: two processes (``ddp``) and one process with the doubled batch."""
+    root = tmp_path_factory.mktemp("ddp")
+    names = list(CASES)
+    mp.spawn(worker, args=(names, str(root / "two"), free_ports(len(names) + 2)), nprocs=WORLD, join=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name in names:
+            row = run_experiment(case_config(name, root / "one" / name))
+            assert row["status"] == "completed", row.get("error")
+    finally:
+        torch.set_num_threads(threads)
+    dirs = {name: {k: run_dir_for(case_config(name, root / k / name)) for k in ("one", "two")} for name in names}
+    dirs[RESUMED] = {"two": run_dir_for(case_config("affinity", root / "two" / RESUMED)), "root": root}
+    return dirs
+
+
+def series(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def students(run_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """The student of every checkpoint, by step (masks and multipliers included while they exist)."""
+    found = run_dir.glob("checkpoints/step-*/student.safetensors")
+    return {int(p.parent.name.split("-")[1]): load_file(str(p)) for p in found}
+
+
+def key_bias_slices(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+    """The key part of an attention's packed q/k/v bias (no true gradient), else None."""
+    if name.endswith(("in_proj_bias", "qkv.bias")) and tensor.ndim == 1 and tensor.numel() % 3 == 0:
+        mask = torch.zeros_like(tensor, dtype=torch.bool)
+        third = tensor.numel() // 3
+        mask[third : 2 * third] = True
+        return mask
+    return None
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_processes_train_as_one_process_with_the_doubled_batch(runs, name):
+    one, two = runs[name]["one"], runs[name]["two"]
+    a, b = series(one), series(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, len(a) + 1))  # rank 0 alone logged
+    for ra, rb in zip(a, b, strict=True):
+        for key in ra:
+            if key.startswith(("loss", "inherit/")) or key == "lr":
+                assert rb[key] == pytest.approx(ra[key], abs=TOL, rel=TOL), (ra["step"], key)
+        # Adam's step hides a gradient's scale, the norm does not: equal at step 1 (equal weights); later it
+        # also carries the rounding-level weight differences (one process with accum_steps 1 vs 2 differs as much)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=TOL if ra["step"] == 1 else 10 * TOL)
+    weights_one, weights_two = students(one), students(two)
+    assert weights_one.keys() == weights_two.keys() and len(weights_one) == len(a)
+    for step, tensors in weights_one.items():
+        assert tensors.keys() == weights_two[step].keys()
+        for key, x in tensors.items():
+            diff = (x - weights_two[step][key]).abs()
+            keys = key_bias_slices(key, x)
+            if keys is not None:
+                assert float(diff[keys].max()) <= LR * step, (step, key)  # Adam-amplified rounding noise
+                diff = diff[~keys]
+            worst = float(diff.max()) if diff.numel() else 0.0
+            assert worst <= TOL, (step, key, worst)
+    row = json.loads((two / "result.json").read_text())["metrics"]
+    assert row["dist/world_size"] == WORLD and row["dist/batch_per_process"] == PER_RANK
+    assert json.loads((one / "result.json").read_text())["metrics"]["dist/world_size"] == 1
+    assert row["train/steps"] == len(a)
+
+
+def test_the_masks_case_really_trains_masks(runs):
+    """The auto case compares masks and multipliers, not just weights: they are in its checkpoints and move."""
+    tensors = students(runs["auto-masks"]["two"])
+    first = tensors[1]
+    masked = [k for k in first if "log_alpha" in k]
+    lambdas = [k for k in first if "lambda" in k]
+    assert masked and lambdas
+    assert any(not torch.equal(first[k], tensors[2][k]) for k in masked + lambdas)
+
+
+def test_launch_environment_is_read_from_torchrun_or_an_srun_step():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "1234"}
+    assert environment(torchrun) == DistEnv(3, 4, 1, "node7", 1234)
+    srun = {"SLURM_STEP_ID": "0", "SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+            "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.2", "SLURM_JOB_ID": "123456"}
+    assert environment(srun) == DistEnv(5, 8, 1, "10.0.0.2", 20000 + 123456 % 20000)
+    # an sbatch script itself (no srun step) is one process, whatever --ntasks says
+    assert environment({"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_JOB_ID": "1"}) == DistEnv()
+    assert environment({}) == DistEnv()
+    with pytest.raises(DistributedError, match="MASTER_ADDR"):
+        environment({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(DistributedError, match="not a valid launch"):
+        environment({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "1"})
+
+
+def test_a_global_batch_that_does_not_split_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    from compress.config import ConfigError
+
+    monkeypatch.setattr("compress.distributed.world_size", lambda: 3)
+    monkeypatch.setattr("compress.distributed.environment", lambda env=None: DistEnv())
+    cfg = case_config("affinity", tmp_path)  # 8 samples cannot split over 3 processes
+    with pytest.raises(ConfigError, match=r"global batch: it must be a multiple of 3 process\(es\) x"):
+        run_experiment(cfg)
+    assert not run_dir_for(cfg).exists()
+
+
+def test_two_processes_stopped_and_started_again_resume_exactly(runs):
+    """Each rank's data position and random states are in the checkpoint (rank 0 gathers them)."""
+    resumed, whole = runs[RESUMED]["two"], runs["affinity"]["two"]
+    a, b = students(whole), students(resumed)
+    assert a.keys() == b.keys()
+    for step in a:
+        for key in a[step]:
+            assert torch.equal(a[step][key], b[step][key]), (step, key)
+    drop = ("samples_per_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in series(whole)] == [
+        {k: v for k, v in r.items() if k not in drop} for r in series(resumed)]
+    state = torch.load(next(resumed.glob("checkpoints/step-00000002/state.pt")), weights_only=True)
+    assert len(state["ranks"]) == WORLD  # one data position and one set of random states per rank
+
+
+def test_a_checkpoint_of_two_processes_is_not_resumed_by_one(runs, tmp_path):
+    import shutil
+
+    source = runs[RESUMED]["two"]
+    cfg = case_config("affinity", tmp_path)
+    shutil.copytree(source, run_dir_for(cfg))
+    (run_dir_for(cfg) / "result.json").unlink()
+    row = run_experiment(cfg)
+    assert row["status"] == "failed" and "written by 2 process(es), this attempt has 1" in row["error"]
