@@ -48,10 +48,14 @@ def recorded_run_id(run_dir: Path) -> str | None:
         return None
 
 
+def _holder(fd: int) -> str:
+    """The pid the owner wrote into the lock file, or ``"unknown"``."""
+    return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+
+
 def _busy(fd: int, run_dir: Path) -> RunDirError:
-    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
     return RunDirError(
-        f"run directory {run_dir} is in use by another process (pid {holder}): the same run is "
+        f"run directory {run_dir} is in use by another process (pid {_holder(fd)}): the same run is "
         "already running; wait for it or stop it"
     )
 
@@ -80,3 +84,24 @@ def owned_run_dir(run_dir: Path, run_id: str) -> Iterator[Path]:
         yield run_dir
     finally:
         os.close(fd)  # releases the lock
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """The pid (as the owner wrote it, or ``"unknown"``) of the live process that holds ``run_dir``,
+    or ``None`` when no process does: the lock is tried without waiting and released at once.
+    A file system without ``flock`` answers ``None``."""
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # never locked (no lock file), or not readable
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(fd)
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
