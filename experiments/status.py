@@ -140,11 +140,9 @@ def _current_stage(run_dir: Path, row: dict[str, Any] | None) -> str | None:
 def _step_reached(directory: Path) -> int | None:
     """The step of the newest line of ``metrics.jsonl``, else of the newest checkpoint."""
     step = _last_logged_step(directory / METRICS_FILE)
-    if step is not None:
+    if step is not None or not directory.is_dir():
         return step
-    if not (directory / "checkpoints" / "latest").is_file():
-        return None
-    from compress.checkpoint import CheckpointError, latest_checkpoint  # imports torch: only when needed
+    from compress.checkpoint import CheckpointError, latest_checkpoint  # imports torch: only without metrics
 
     try:
         checkpoint = latest_checkpoint(directory)
@@ -253,15 +251,14 @@ def directory_states(root: Path) -> list[RunState]:
     run_dirs, below = _walk(root)
     states = [run_state(d) for d in run_dirs]
     above = [parent / MANIFEST_FILE for parent in root.resolve().parents if (parent / MANIFEST_FILE).is_file()]
-    seen = {s.run_id for s in states}
+    by_id = {s.run_id: s for s in states if s.run_id is not None}
     for manifest in [*above, *below]:
         for run_id, entry in read_manifest(manifest).items():
-            for state in states:
-                if state.run_id == run_id:
-                    _with_entry(state, entry)
-            if manifest in below and run_id not in seen:
-                states.append(_with_entry(run_state(_entry_run_dir(entry, manifest)), entry))
-                seen.add(run_id)
+            if run_id in by_id:
+                _with_entry(by_id[run_id], entry)
+            elif manifest in below:
+                by_id[run_id] = _with_entry(run_state(_entry_run_dir(entry, manifest)), entry)
+                states.append(by_id[run_id])
     return states
 
 
