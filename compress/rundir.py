@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,9 @@ LOCK_FILE = ".lock"
 RUN_ID_FILE = "run_id"
 #: the folder of a staged run that holds one folder per stage (``run_dir/stages/<k>-<name>``)
 STAGES_DIR = "stages"
+#: how long a starting run waits for a lock held only for a moment (``clip-compress status`` probing
+#: it, :func:`lock_holder`) before it is refused; a real owner holds the lock for the whole run
+LOCK_WAIT_S = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,19 @@ def _busy(fd: int, run_dir: Path) -> RunDirError:
     )
 
 
+def _lock(fd: int) -> None:
+    """Take the exclusive lock, retrying for :data:`LOCK_WAIT_S` (``BlockingIOError`` after that)."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def owned_run_dir(run_dir: Path, run_id: str) -> Iterator[Path]:
     """Hold ``run_dir`` for the run ``run_id`` while the block executes (see the module docstring)."""
@@ -67,7 +84,7 @@ def owned_run_dir(run_dir: Path, run_id: str) -> Iterator[Path]:
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(fd)
         except BlockingIOError:
             raise _busy(fd, run_dir) from None
         except OSError as error:  # a file system without flock (some NFS setups)

@@ -138,6 +138,26 @@ def test_running_is_the_lock_held_by_a_live_process_and_the_probe_leaves_it_free
         pass
 
 
+def test_a_run_starting_while_its_lock_is_probed_waits_instead_of_being_refused(tmp_path):
+    """``status`` holds the lock for an instant: a run starting then takes it once it is free."""
+    import fcntl
+    import threading
+
+    run_dir = tmp_path / "run"
+    with owned_run_dir(run_dir, "abc"):
+        pass
+    probe = os.open(run_dir / ".lock", os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # what lock_holder does, caught in the middle
+    release = threading.Timer(0.3, lambda: fcntl.flock(probe, fcntl.LOCK_UN))
+    release.start()
+    try:
+        with owned_run_dir(run_dir, "abc"):
+            assert run_state(run_dir).state == "running"
+    finally:
+        release.join()
+        os.close(probe)
+
+
 def test_find_run_dirs_counts_stage_folders_as_part_of_their_run(runs):
     root, dirs, _ = runs
     assert find_run_dirs(root) == sorted(dirs.values())
