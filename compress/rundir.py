@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,9 @@ LOCK_FILE = ".lock"
 RUN_ID_FILE = "run_id"
 #: the folder of a staged run that holds one folder per stage (``run_dir/stages/<k>-<name>``)
 STAGES_DIR = "stages"
+#: how long a starting run waits for a lock held only for a moment (``clip-compress status`` probing
+#: it, :func:`lock_holder`) before it is refused; a real owner holds the lock for the whole run
+LOCK_WAIT_S = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +52,29 @@ def recorded_run_id(run_dir: Path) -> str | None:
         return None
 
 
+def _holder(fd: int) -> str:
+    """The pid the owner wrote into the lock file, or ``"unknown"``."""
+    return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+
+
 def _busy(fd: int, run_dir: Path) -> RunDirError:
-    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
     return RunDirError(
-        f"run directory {run_dir} is in use by another process (pid {holder}): the same run is "
+        f"run directory {run_dir} is in use by another process (pid {_holder(fd)}): the same run is "
         "already running; wait for it or stop it"
     )
+
+
+def _lock(fd: int) -> None:
+    """Take the exclusive lock, retrying for :data:`LOCK_WAIT_S` (``BlockingIOError`` after that)."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -63,7 +84,7 @@ def owned_run_dir(run_dir: Path, run_id: str) -> Iterator[Path]:
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(fd)
         except BlockingIOError:
             raise _busy(fd, run_dir) from None
         except OSError as error:  # a file system without flock (some NFS setups)
@@ -80,3 +101,24 @@ def owned_run_dir(run_dir: Path, run_id: str) -> Iterator[Path]:
         yield run_dir
     finally:
         os.close(fd)  # releases the lock
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """The pid (as the owner wrote it, or ``"unknown"``) of the live process that holds ``run_dir``,
+    or ``None`` when no process does: the lock is tried without waiting and released at once.
+    A file system without ``flock`` answers ``None``."""
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # never locked (no lock file), or not readable
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(fd)
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

@@ -1,4 +1,4 @@
-"""The ``clip-compress`` command line: run, eval, list, demo."""
+"""The ``clip-compress`` command line: run, eval, list, demo, status, collect."""
 
 from __future__ import annotations
 
@@ -98,6 +98,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from compress.results import STATUS_FAILED
+    from experiments.status import StatusError, format_status, status, summary
+
+    try:
+        states = status(Path(args.target))
+    except StatusError as error:
+        raise CliError(str(error)) from None
+    if not states:
+        print(f"no runs under {args.target}")
+        return 0
+    shown = [s for s in states if s.state == STATUS_FAILED] if args.failed else states
+    print(format_status(shown))
+    if args.failed:
+        print(f"(--failed: {len(shown)} of {summary(states)})")
+    return 0
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from experiments.collect import collect
+    from experiments.status import StatusError
+
+    try:
+        collect([Path(p) for p in args.paths], Path(args.output))
+    except StatusError as error:
+        raise CliError(str(error)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clip-compress",
@@ -167,6 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="where the trained teacher is cached")
     p.add_argument("--force", action="store_true", help="retrain the teacher and rerun every student")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "status", parents=[verbose], help="the state of every run of a sweep or under a folder",
+        description="Each run's state (pending, running, completed, failed, interrupted, stopped), stage, step "
+        "reached, job id and error, read from the run directories; running means a live process holds the run.",
+    )
+    p.add_argument("target", metavar="SWEEP_OR_DIR", help="a sweep file (.yaml), or a folder of run directories")
+    p.add_argument("--failed", action="store_true", help="list only the failed runs")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser(
+        "collect", parents=[verbose], help="gather every result.json row into one JSON Lines file",
+        description="Every run and stage result.json under the folders (failed and interrupted rows included), "
+        "each with 'row' (run or stage) and 'path' added, sorted by path, written atomically.",
+    )
+    p.add_argument("paths", nargs="+", metavar="DIR", help="folders of run directories, or result.json files")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the JSON Lines file to write")
+    p.set_defaults(func=_cmd_collect)
     return parser
 
 
