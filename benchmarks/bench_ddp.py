@@ -98,6 +98,7 @@ def main() -> None:
         out = manager.dict()
         mp.spawn(rank_main, args=(args, port, out), nprocs=args.procs, join=True)
         many = list(out["rates"])
+    print("rounds, 1 process:", [round(r, 1) for r in one], " N processes:", [round(r, 1) for r in many])
     ratio = statistics.median(many) / statistics.median(one)
     print(f"device {device} global batch {args.batch} student {args.student} teacher {args.teacher} "
           f"threads {args.threads}")
