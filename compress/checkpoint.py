@@ -6,10 +6,12 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` holding
 - ``student.json``: how to rebuild the student without the code that made it: its base open_clip
   config, its structure (per-layer heads, MLP widths and residual width, see
   :mod:`compress.models.structure`), its preprocess config, and whether masks are attached;
-- ``state.pt``: the trainer's state (optimizer, gradient scaler, schedules, counters, random
-  states, data position, the strategy's own step), plain tensors and numbers read back with
+- ``state.pt``: the trainer's state (optimizer, gradient scaler, schedules, counters, the
+  strategy's own step) and, under ``ranks``, every process's data position and random states
+  (one entry per rank of a data-parallel run), plain tensors and numbers read back with
   ``torch.load(weights_only=True)``;
-- ``meta.json``: the run id and config hash it belongs to, its step and stage.
+- ``meta.json``: the run id and config hash it belongs to, its step and stage, its precision and
+  the number of processes that wrote it.
 
 The folder is written under a temporary name and renamed when complete; only then does the
 pointer file ``checkpoints/latest`` (written atomically) name it. A kill at any moment leaves
