@@ -67,6 +67,7 @@ CASES: dict[str, dict] = {
     "accum2-projector-clip": {"teacher": RN_TEACHER, "inheritance": {"name": "none"},
                               "losses": [{"name": "feature_distill"}, {"name": "clip", "weight": 0.5}],
                               "train": {**BASE["train"], "accum_steps": 2}},
+    "grad-checkpointing": {"train": {**BASE["train"], "grad_checkpointing": True}},
     "auto-masks": {"inheritance": AUTO, "student": None, "train": {**BASE["train"], "steps": 4}},
 }
 
