@@ -69,12 +69,12 @@ def submit(
         return [_run_here(cfg, backend, folder, force, notify) for cfg in cfgs]
     out: list[Submission] = []
     for group in _groups(cfgs):
-        if backend == "local":
-            out += _submit_local(group, folder, force, notify)
-        else:
-            out += _submit_slurm(group, folder, force, notify)
+        out += _submit_local(group, folder, force) if backend == "local" else _submit_slurm(group, folder, force)
     order = {id(cfg): i for i, cfg in enumerate(cfgs)}
-    return sorted(out, key=lambda s: order[id(s.cfg)])
+    out.sort(key=lambda s: order[id(s.cfg)])
+    for submission in out:
+        notify(submission.cfg, submission.job_id)
+    return out
 
 
 def _groups(cfgs: Sequence[RunConfig]) -> list[list[RunConfig]]:
@@ -123,8 +123,7 @@ def _run_here(cfg: RunConfig, backend: str, folder: Path, force: bool,
     return Submission(cfg, backend, str(debug_job.job_id), row=result, job=debug_job)
 
 
-def _submit_local(group: list[RunConfig], folder: Path, force: bool,
-                  notify: Callable[[RunConfig, str], None]) -> list[Submission]:
+def _submit_local(group: list[RunConfig], folder: Path, force: bool) -> list[Submission]:
     """At most ``max_parallel`` local jobs, each running its share of the runs one after the other
     (round robin). Each job has ``nodes x gpus_per_node`` tasks (one per GPU; on a machine without
     GPUs, that many CPU processes); with enough GPUs, parallel jobs get disjoint ones."""
@@ -148,7 +147,6 @@ def _submit_local(group: list[RunConfig], folder: Path, force: bool,
         jobs = [_job(cfg, force) for cfg in cfgs]
         job = executor.submit(jobs[0] if len(jobs) == 1 else RunQueue(jobs))
         for cfg in cfgs:
-            notify(cfg, str(job.job_id))
             out.append(Submission(cfg, "local", str(job.job_id), job=job))
     return out
 
@@ -183,8 +181,10 @@ def slurm_executor(cfg: RunConfig, folder: Path) -> Any:
     optional = {"partition": d.partition, "account": d.account, "cpus_per_task": d.cpus_per_task,
                 "mem": _mem(d.mem_gb) if d.mem_gb is not None else None}
     params.update({k: v for k, v in optional.items() if v is not None})
-    if d.slurm_options:
-        params["additional_parameters"] = {str(k).replace("_", "-"): v for k, v in d.slurm_options.items()}
+    # requeueable whatever the cluster's default (JobRequeue): submitit requeues a preempted or timed-out job
+    # with `scontrol requeue` after its checkpoint() (USR2 arrives signal_delay_s before the limit)
+    params["additional_parameters"] = {"requeue": True,
+                                       **{str(k).replace("_", "-"): v for k, v in d.slurm_options.items()}}
     executor.update_parameters(**params)
     return executor
 
@@ -193,8 +193,7 @@ def _mem(gb: float) -> str:
     return f"{int(gb)}GB" if float(gb).is_integer() else f"{int(gb * 1024)}MB"
 
 
-def _submit_slurm(group: list[RunConfig], folder: Path, force: bool,
-                  notify: Callable[[RunConfig, str], None]) -> list[Submission]:
+def _submit_slurm(group: list[RunConfig], folder: Path, force: bool) -> list[Submission]:
     """Job arrays of at most ``max_array_size`` runs (one array task per run)."""
     executor = slurm_executor(group[0], folder)
     size = group[0].dispatch.max_array_size
@@ -204,7 +203,6 @@ def _submit_slurm(group: list[RunConfig], folder: Path, force: bool,
         with executor.batch():
             jobs = [executor.submit(_job(cfg, force)) for cfg in chunk]
         for cfg, job in zip(chunk, jobs, strict=True):
-            notify(cfg, str(job.job_id))
             out.append(Submission(cfg, "slurm", str(job.job_id), job=job))
     return out
 

@@ -218,7 +218,7 @@ MANAGED_SBATCH_FLAGS = {
     "gpus-per-node": "dispatch.gpus_per_node", "cpus-per-task": "dispatch.cpus_per_task", "mem": "dispatch.mem_gb",
     "array": "dispatch.max_array_size and array_parallelism", "signal": "dispatch.signal_delay_s",
     "job-name": "the run's or the sweep's name", "output": "the submitit log folder",
-    "error": "the submitit log folder",
+    "error": "the submitit log folder", "requeue": "always on: a preempted or timed-out job is requeued",
 }
 
 
