@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,8 @@ class RunJob:
             return done  # a requeued or resubmitted job of a finished run: nothing to do
         export_task_environment()
         row = run_experiment(cfg, force=self.force)
-        if distributed.is_main_process():
+        # the process group may be gone by now: the rank the job was started as decides who writes
+        if distributed.is_main_process() and int(os.environ.get("RANK", "0") or 0) == 0:
             write_reports(run_dir)
         return row
 

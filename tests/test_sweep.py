@@ -145,3 +145,20 @@ def test_manifest_lines_hold_the_run_the_job_and_the_code(tmp_path, capsys):
         assert len(entry["git_commit"]) == 40 and isinstance(entry["git_dirty"], bool)  # the tests run in a checkout
         assert entry["submitted_at"][:2] == "20" and "T" in entry["submitted_at"]
     assert read_manifest(tmp_path / "runs" / "abl" / MANIFEST_FILE).keys() == {r.run_id for r in runs}
+
+
+SHIPPED = sorted((Path(__file__).parents[1] / "experiments" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_sweeps_expand_and_dry_run(path, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # relative output dirs land here (and nothing may)
+    runs = load_sweep(path).runs()
+    assert len(runs) >= 8 and len({r.run_id for r in runs}) == len(runs)
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert f"{len(runs)} to submit" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_there_are_shipped_sweeps():
+    assert {p.name for p in SHIPPED} >= {"tiny-ablation.yaml", "tinyclip-loss-ablation.yaml"}
