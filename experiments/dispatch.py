@@ -19,9 +19,9 @@ from typing import Any
 
 from compress.config import RunConfig
 from compress.config.schema import DISPATCH_BACKENDS
-from compress.results import STATUS_COMPLETED, STATUS_FAILED, read_result
+from compress.results import STATUS_FAILED, read_result
 from compress.run import run_dir_for
-from experiments.job import RunJob, RunQueue
+from experiments.job import RunJob, RunQueue, completed_row
 
 BACKENDS = DISPATCH_BACKENDS
 #: the status of a row for a run handed to SLURM (its result arrives later)
@@ -43,14 +43,6 @@ class Submission:
     job: Any = None
 
 
-def completed_row(cfg: RunConfig) -> dict[str, Any] | None:
-    """The run's ``result.json`` row if it says completed (for this run id), else None."""
-    row = read_result(run_dir_for(cfg))
-    if row and row.get("status") == STATUS_COMPLETED and row.get("run_id") == cfg.run_id():
-        return row
-    return None
-
-
 def submit(
     cfgs: Sequence[RunConfig],
     backend: str,
@@ -67,14 +59,34 @@ def submit(
     notify = on_submit or (lambda cfg, job_id: None)
     if backend in ("inline", "debug"):
         return [_run_here(cfg, backend, folder, force, notify) for cfg in cfgs]
-    out: list[Submission] = []
-    for group in _groups(cfgs):
-        out += _submit_local(group, folder, force) if backend == "local" else _submit_slurm(group, folder, force)
+    groups = _groups(cfgs)
+    for group in groups:  # what cannot be submitted is refused before anything is
+        _check_resources(group[0], backend)
     order = {id(cfg): i for i, cfg in enumerate(cfgs)}
+    out: list[Submission] = []
+    for group in groups:
+        try:
+            done = _submit_local(group, folder, force) if backend == "local" else _submit_slurm(group, folder, force)
+        except (OSError, RuntimeError) as error:  # sbatch refused (submitit's FailedJobError), a process did not start
+            raise DispatchError(f"{backend} submission failed: {' '.join(str(error).split())}") from None
+        done.sort(key=lambda s: order[id(s.cfg)])
+        for submission in done:  # recorded group by group: what was submitted is in the manifest if a later one fails
+            notify(submission.cfg, submission.job_id)
+        out += done
     out.sort(key=lambda s: order[id(s.cfg)])
-    for submission in out:
-        notify(submission.cfg, submission.job_id)
     return out
+
+
+def _check_resources(cfg: RunConfig, backend: str) -> None:
+    if backend == "local" and cfg.dispatch.nodes != 1:
+        raise DispatchError(
+            f"dispatch.nodes is {cfg.dispatch.nodes}: the local backend runs on this machine only (nodes: 1)"
+        )
+    if backend == "slurm" and (shutil.which("sbatch") is None or shutil.which("srun") is None):
+        raise DispatchError(
+            "dispatch.backend is slurm, but there is no SLURM here (sbatch not found on PATH): "
+            "use --backend inline or --backend local on this machine"
+        )
 
 
 def _groups(cfgs: Sequence[RunConfig]) -> list[list[RunConfig]]:
@@ -130,8 +142,6 @@ def _submit_local(group: list[RunConfig], folder: Path, force: bool) -> list[Sub
     import submitit
 
     d = group[0].dispatch
-    if d.nodes != 1:
-        raise DispatchError(f"dispatch.nodes is {d.nodes}: the local backend runs on this machine only (nodes: 1)")
     slots = min(d.max_parallel, len(group))
     devices = _cuda_devices()
     gpus = d.gpus_per_node if devices else 0
@@ -161,11 +171,7 @@ def slurm_executor(cfg: RunConfig, folder: Path) -> Any:
     """submitit's SLURM executor with the run's ``dispatch`` settings (one task per GPU)."""
     import submitit
 
-    if shutil.which("sbatch") is None or shutil.which("srun") is None:
-        raise DispatchError(
-            "dispatch.backend is slurm, but there is no SLURM here (sbatch not found on PATH): "
-            "use --backend inline or --backend local on this machine"
-        )
+    _check_resources(cfg, "slurm")
     d = cfg.dispatch
     executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=d.max_num_timeout)
     params: dict[str, Any] = {

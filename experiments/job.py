@@ -27,6 +27,18 @@ def export_task_environment() -> None:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
+def own_result(cfg: RunConfig) -> dict[str, Any] | None:
+    """The row in the run's ``result.json`` if it is this run's (same run id), else None."""
+    row = read_result(run_dir_for(cfg))
+    return row if row is not None and row.get("run_id") == cfg.run_id() else None
+
+
+def completed_row(cfg: RunConfig) -> dict[str, Any] | None:
+    """The run's own row if it says completed, else None (a run to start or resume)."""
+    row = own_result(cfg)
+    return row if row is not None and row.get("status") == STATUS_COMPLETED else None
+
+
 def write_reports(run_dir: Path) -> None:
     """Human-readable companions of a run: the structure table and heat-map (kept heads and
     MLP neurons per layer) next to ``result.json``."""
@@ -73,8 +85,8 @@ class RunJob:
 
         cfg = self.run_config()
         run_dir = run_dir_for(cfg)
-        done = read_result(run_dir)
-        if not self.force and done and done.get("status") == STATUS_COMPLETED and done.get("run_id") == cfg.run_id():
+        done = completed_row(cfg)
+        if done is not None and not self.force:
             return done  # a requeued or resubmitted job of a finished run: nothing to do
         export_task_environment()
         row = run_experiment(cfg, force=self.force)

@@ -43,6 +43,7 @@ from compress.config import ConfigError, RunConfig, config_from_dict, parse_over
 from compress.results import STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED, read_result
 from compress.run import run_dir_for
 from compress.rundir import STAGES_DIR
+from experiments.job import own_result
 
 MANIFEST_FILE = "manifest.jsonl"
 SWEEP_KEYS = ("name", "base", "set", "output_dir", "axes", "zip", "seeds", "exclude")
@@ -274,9 +275,8 @@ def _short(value: Any) -> str:
 def run_state(run: SweepRun) -> str:
     """``completed`` / ``failed`` / ``interrupted`` (its ``result.json``), ``partial`` (checkpoints or
     finished stages: it resumes), or ``new``."""
-    row = read_result(run.run_dir)
-    if row is not None and row.get("run_id") == run.run_id and row.get("status") in (
-            STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED):
+    row = own_result(run.cfg)
+    if row is not None and row.get("status") in (STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED):
         return str(row["status"])
     stages = sorted((run.run_dir / STAGES_DIR).glob("*")) if (run.run_dir / STAGES_DIR).is_dir() else []
     if any(latest_checkpoint(d) is not None for d in [run.run_dir, *stages]) or any(read_result(d) for d in stages):

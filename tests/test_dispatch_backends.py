@@ -256,3 +256,25 @@ def test_a_requeued_queue_resumes_its_current_run_and_keeps_force_for_the_rest(t
     requeued = queue.checkpoint().function
     assert isinstance(requeued, RunQueue)
     assert [(j.config["seed"], j.force) for j in requeued.jobs] == [(1, False), (2, True)]
+
+
+def test_a_refused_sbatch_is_one_line_and_records_nothing(tmp_path, fake_slurm, capsys):
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: Invalid account or account/partition'"
+                                             " >&2\nexit 1\n")
+    path = write_sweep(tmp_path, seeds=[0, 1])
+    assert main(["sweep", str(path), "--backend", "slurm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # sbatch's own stderr passes through, then ours
+    assert err[-1].startswith("clip-compress: error: slurm submission failed") and "Invalid account" in err[-1]
+    assert manifest(tmp_path) == []
+
+
+def test_run_with_the_slurm_backend_submits_and_returns(tmp_path, fake_slurm, capsys):
+    from tests.test_sweep import BASE
+
+    path = tmp_path / "one.yaml"
+    path.write_text(json.dumps({**BASE, "output": {"dir": str(tmp_path / "runs")}}))
+    assert main(["run", str(path), "--backend", "slurm"]) == 0
+    out = capsys.readouterr().out
+    assert "as job 1001" in out and "result.json" in out
+    script = (fake_slurm / "script-1001.sh").read_text()
+    assert "--array" not in script and "#SBATCH --job-name=base" in script
