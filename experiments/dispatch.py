@@ -149,7 +149,8 @@ def _submit_local(group: list[RunConfig], folder: Path, force: bool) -> list[Sub
     for slot in range(slots):
         cfgs = group[slot::slots]
         executor = submitit.LocalExecutor(folder=str(folder), max_num_timeout=d.max_num_timeout)
-        params: dict[str, Any] = {"timeout_min": d.timeout_min, "gpus_per_node": gpus,
+        # the time limit is per run: a job running a queue of k runs gets k times timeout_min
+        params: dict[str, Any] = {"timeout_min": d.timeout_min * len(cfgs), "gpus_per_node": gpus,
                                   "tasks_per_node": max(d.gpus_per_node, 1), "signal_delay_s": d.signal_delay_s}
         if gpus and devices >= slots * gpus:
             params["visible_gpus"] = list(range(slot * gpus, (slot + 1) * gpus))

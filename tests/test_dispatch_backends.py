@@ -135,7 +135,8 @@ def test_local_executor_gets_the_dispatch_settings(tmp_path, monkeypatch):
     subs = submit(cfgs, "local", tmp_path / "logs")
     assert [s.job_id for s in subs] == ["1", "2", "1"]
     assert len(made) == 2 and all(e.max_num_timeout == 5 for e in made)
-    assert made[0].params["timeout_min"] == 7 and made[0].params["signal_delay_s"] == 30
+    assert made[0].params["timeout_min"] == 14 and made[1].params["timeout_min"] == 7  # per run: 2 runs, 1 run
+    assert made[0].params["signal_delay_s"] == 30
     assert made[0].params["tasks_per_node"] == 3
     assert isinstance(made[0].fn, RunQueue) and [j.config["seed"] for j in made[0].fn.jobs] == [0, 2]
     assert isinstance(made[1].fn, RunJob) and made[1].fn.config["seed"] == 1
