@@ -108,12 +108,17 @@ def test_local_backend_returns_at_once_and_runs_at_most_max_parallel_jobs(tmp_pa
     assert len(manifest(tmp_path)) == 4  # all completed: nothing submitted
 
 
-def test_local_executor_gets_the_dispatch_settings(tmp_path, monkeypatch):
+@pytest.mark.parametrize("devices", [0, 8])
+def test_local_executor_gets_the_dispatch_settings(tmp_path, monkeypatch, devices):
     """timeout_min, signal_delay_s, max_num_timeout, tasks (one per GPU) and max_parallel reach
-    submitit's LocalExecutor (recorded by a stand-in: no process starts)."""
+    submitit's LocalExecutor (recorded by a stand-in: no process starts); with enough GPUs the
+    parallel jobs get disjoint ones, without any the tasks run on the CPU."""
     import submitit
 
+    import experiments.dispatch
     from experiments.dispatch import submit
+
+    monkeypatch.setattr(experiments.dispatch, "_cuda_devices", lambda: devices)
 
     made = []
 
@@ -137,7 +142,8 @@ def test_local_executor_gets_the_dispatch_settings(tmp_path, monkeypatch):
     assert len(made) == 2 and all(e.max_num_timeout == 5 for e in made)
     assert made[0].params["timeout_min"] == 14 and made[1].params["timeout_min"] == 7  # per run: 2 runs, 1 run
     assert made[0].params["signal_delay_s"] == 30
-    assert made[0].params["tasks_per_node"] == 3
+    assert made[0].params["tasks_per_node"] == 3 and made[0].params["gpus_per_node"] == (3 if devices else 0)
+    assert [e.params.get("visible_gpus") for e in made] == ([[0, 1, 2], [3, 4, 5]] if devices else [None, None])
     assert isinstance(made[0].fn, RunQueue) and [j.config["seed"] for j in made[0].fn.jobs] == [0, 2]
     assert isinstance(made[1].fn, RunJob) and made[1].fn.config["seed"] == 1
 
