@@ -67,9 +67,10 @@ class Axis:
     points: tuple[tuple[Any, ...], ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SweepRun:
-    """One expanded run: its validated config, its axis values (dotted key -> value) and directory."""
+    """One expanded run: its validated config, its axis values (dotted key -> value) and directory
+    (hashable by identity)."""
 
     index: int
     cfg: RunConfig
