@@ -51,7 +51,7 @@ from compress.results import (
     read_result,
     write_result,
 )
-from compress.rundir import STAGES_DIR, owned_run_dir, stage_dir
+from compress.rundir import CONFIG_FILE, METRICS_FILE, STAGES_DIR, owned_run_dir, stage_dir
 from compress.teacher import OnlineTeacher, freeze
 from compress.train import LossTerm, Trainer
 
@@ -200,14 +200,14 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             run_dir.mkdir(parents=True, exist_ok=True)
             if force:
                 start_fresh(run_dir)
-            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+            atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
 
         distributed.main_first(prepare)
         return _run_in(cfg, run_dir, device)
 
 
 #: what an attempt leaves in a run directory (removed by ``--force``)
-RUN_OUTPUTS = ("checkpoints", STAGES_DIR, "metrics.jsonl", RESULT_FILE, "model", STRUCTURE_FILE)
+RUN_OUTPUTS = ("checkpoints", STAGES_DIR, METRICS_FILE, RESULT_FILE, "model", STRUCTURE_FILE)
 
 
 def start_fresh(run_dir: Path) -> None:
@@ -479,9 +479,6 @@ def _run_stage(
         write_structure(exported, directory)
         metrics.update(evaluate_prepared(exported, eval_sets, cfg.eval, device, precision.name, cfg.train.progress))
     distributed.barrier()  # the model is on disk (the next stage loads it on every rank) and evaluated
-
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def truncate_metrics(path: Path, step: int) -> None:

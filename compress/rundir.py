@@ -23,6 +23,9 @@ from compress.fileio import atomic_write_text
 
 LOCK_FILE = ".lock"
 RUN_ID_FILE = "run_id"
+#: the resolved config of a run, and its (or a stage's) training log: one JSON line per logged step
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
 #: the folder of a staged run that holds one folder per stage (``run_dir/stages/<k>-<name>``)
 STAGES_DIR = "stages"
 #: how long a starting run waits for a lock held only for a moment (``clip-compress status`` probing

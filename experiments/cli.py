@@ -1,4 +1,4 @@
-"""The ``clip-compress`` command line: run, eval, list, demo, status, collect."""
+"""The ``clip-compress`` command line: run, sweep, status, collect, eval, list, demo."""
 
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from compress.config import load_config
+    from compress.distributed import environment
     from compress.run import run_dir_for
-    from experiments.dispatch import dispatch
+    from experiments.dispatch import STATUS_SUBMITTED, dispatch
 
     cfg = load_config(args.config, args.set or [])
     if args.dry_run:
@@ -45,10 +46,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(format_plan(build_plan(cfg, force=args.force)))
         return 0
     rows = dispatch([cfg], backend=args.backend, force=args.force)
+    if environment().rank != 0:  # one of several processes (torchrun): rank 0 reports
+        return 0 if all(r.get("status") in ("completed", "skipped") for r in rows) else 1
     for row in rows:
         if row.get("status") in ("completed", "skipped"):
             print(headline(row, run_dir_for(cfg)))
-    return 0 if all(r.get("status") in ("completed", "skipped") for r in rows) else 1
+        elif row.get("status") == STATUS_SUBMITTED:
+            print(f"[submitted] {cfg.name} ({cfg.run_id()}) as job {row['job_id']}: the result lands in "
+                  f"{run_dir_for(cfg) / 'result.json'}")
+    return 0 if all(r.get("status") in ("completed", "skipped", STATUS_SUBMITTED) for r in rows) else 1
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from experiments.sweep_cli import run_sweep
+
+    return run_sweep(args.sweep, backend=args.backend, overrides=args.set or [], dry_run=args.dry_run,
+                     only_failed=args.only_failed, force=args.force)
 
 
 #: metric keys (by prefix and suffix) a finished run prints, in this order
@@ -132,6 +145,8 @@ def _cmd_collect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from compress.config.schema import DISPATCH_BACKENDS as BACKENDS
+
     parser = argparse.ArgumentParser(
         prog="clip-compress",
         description="Compress CLIP models by distillation and weight inheritance (TinyCLIP and relatives).",
@@ -151,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set train.lr=3e-4"
     )
     p.add_argument(
-        "--backend", choices=["inprocess", "local", "slurm"], default=None,
-        help="where to run (default: the config's dispatch.backend)",
+        "--backend", choices=BACKENDS, default=None,
+        help="where to run (default: the config's dispatch.backend); inline, debug and local wait for the "
+        "run, slurm submits the job and returns",
     )
     p.add_argument(
         "--force", action="store_true",
@@ -164,6 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
         "schedules, resume state) without training, downloading or writing anything",
     )
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "sweep", parents=[verbose], help="run or submit every run of a sweep file",
+        description="Expand a sweep file (a base config and axes) into runs and hand those not completed to a "
+        "backend; local and slurm return at once. Writes OUTPUT_DIR/manifest.jsonl.",
+    )
+    p.add_argument("sweep", help="YAML sweep file (base config, axes, zip, seeds, exclude)")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="where to run (default: each run's dispatch.backend)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of every run")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the runs, their ids and states and what would be submitted; submit and write nothing")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--only-failed", action="store_true",
+                      help="submit only the runs whose result.json says failed or interrupted")
+    mode.add_argument("--force", action="store_true", help="rerun every run from step 0, completed ones included")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser(
         "eval", parents=[verbose], help="evaluate a model",

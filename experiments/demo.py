@@ -139,7 +139,7 @@ def run_demo(quick: bool = False, results_dir: str | Path = "results/demo", cach
     rows = [summary_row("teacher", teacher_row)]
     for label, cfg in student_configs(plan, teacher_path, results):
         print(f"[demo] student {label}: {plan.student_steps} steps")
-        (row,) = dispatch([cfg], backend="inprocess", force=force)
+        (row,) = dispatch([cfg], backend="inline", force=force)
         rows.append(summary_row(label, row))
     table = pd.DataFrame(rows).set_index("model")
     save_table(table.to_markdown(floatfmt=".1f"), results / "demo_table.md", "demo")
@@ -149,7 +149,7 @@ def run_demo(quick: bool = False, results_dir: str | Path = "results/demo", cach
 def train_teacher(plan: DemoPlan, cache: Path, force: bool, tag: str) -> dict[str, Any]:
     """Train the demo teacher (or reuse the cached one) and return its result row."""
     print(f"[{tag}] teacher: {TEACHER_MODEL}, {plan.teacher_steps} steps (cached in {cache})")
-    (row,) = dispatch([teacher_config(plan, cache)], backend="inprocess", force=force)
+    (row,) = dispatch([teacher_config(plan, cache)], backend="inline", force=force)
     if row.get("status") not in ("completed", "skipped"):
         raise RuntimeError(f"the demo teacher failed: {row.get('error')}")
     return row

@@ -1,86 +1,250 @@
-"""Run configs in-process, as local processes or on a SLURM cluster, through submitit."""
+"""Run configs through submitit: ``inline`` (this process), ``debug`` (submitit's in-process
+debug executor), ``local`` (processes on this machine, at most ``dispatch.max_parallel`` at once)
+or ``slurm`` (job arrays).
+
+:func:`submit` never waits for ``local`` and ``slurm`` jobs; ``inline`` and ``debug`` run their
+configs one after the other before it returns. The job is :class:`experiments.job.RunJob`, a
+picklable callable of the plain config dict that resumes from its run directory and requeues
+itself on preemption or timeout.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from compress.config import RunConfig
-from compress.results import STATUS_COMPLETED, read_result
+from compress.config.schema import DISPATCH_BACKENDS
+from compress.results import STATUS_FAILED, read_result
 from compress.run import run_dir_for
-from experiments.job import RunJob
+from experiments.job import RunJob, RunQueue, completed_row
 
-BACKENDS = ("inprocess", "local", "slurm")
+BACKENDS = DISPATCH_BACKENDS
+#: the status of a row for a run handed to SLURM (its result arrives later)
+STATUS_SUBMITTED = "submitted"
 
 
 class DispatchError(RuntimeError):
     """A run cannot be dispatched as asked (no cluster here, say)."""
 
 
-def make_executor(cfg: RunConfig, backend: str, folder: Path):
-    """A submitit executor for ``local`` (processes on this machine) or ``slurm``."""
-    import submitit
+@dataclass
+class Submission:
+    """A run handed to a backend: its job id, and its row once known (``inline``/``debug``)."""
 
-    d = cfg.dispatch
-    if backend == "local":
-        executor = submitit.LocalExecutor(folder=str(folder))
-        executor.update_parameters(timeout_min=d.timeout_min, gpus_per_node=d.gpus_per_node if _has_cuda() else 0)
-        return executor
-    if shutil.which("sbatch") is None:
+    cfg: RunConfig
+    backend: str
+    job_id: str
+    row: dict[str, Any] | None = None
+    job: Any = None
+
+
+def submit(
+    cfgs: Sequence[RunConfig],
+    backend: str,
+    folder: Path,
+    force: bool = False,
+    on_submit: Callable[[RunConfig, str], None] | None = None,
+) -> list[Submission]:
+    """Hand every config to ``backend`` (submitit's logs and pickles under ``folder``); configs whose
+    ``dispatch`` settings differ go into separate executors (separate arrays). ``on_submit(cfg,
+    job_id)`` is called as soon as a run has its job id, before an ``inline``/``debug`` run starts."""
+    if backend not in BACKENDS:
+        hint = " (renamed: use 'inline')" if backend == "inprocess" else ""
+        raise DispatchError(f"unknown backend {backend!r}{hint}; one of {', '.join(BACKENDS)}")
+    notify = on_submit or (lambda cfg, job_id: None)
+    if backend in ("inline", "debug"):
+        return [_run_here(cfg, backend, folder, force, notify) for cfg in cfgs]
+    groups = _groups(cfgs)
+    for group in groups:  # what cannot be submitted is refused before anything is
+        _check_resources(group[0], backend)
+    order = {id(cfg): i for i, cfg in enumerate(cfgs)}
+    out: list[Submission] = []
+    for group in groups:
+        try:
+            done = _submit_local(group, folder, force) if backend == "local" else _submit_slurm(group, folder, force)
+        except (OSError, RuntimeError) as error:  # sbatch refused (submitit's FailedJobError), a process did not start
+            raise DispatchError(f"{backend} submission failed: {' '.join(str(error).split())}") from None
+        done.sort(key=lambda s: order[id(s.cfg)])
+        for submission in done:  # recorded group by group: what was submitted is in the manifest if a later one fails
+            notify(submission.cfg, submission.job_id)
+        out += done
+    out.sort(key=lambda s: order[id(s.cfg)])
+    return out
+
+
+def _check_resources(cfg: RunConfig, backend: str) -> None:
+    if backend == "local" and cfg.dispatch.nodes != 1:
+        raise DispatchError(
+            f"dispatch.nodes is {cfg.dispatch.nodes}: the local backend runs on this machine only (nodes: 1)"
+        )
+    if backend == "slurm" and (shutil.which("sbatch") is None or shutil.which("srun") is None):
         raise DispatchError(
             "dispatch.backend is slurm, but there is no SLURM here (sbatch not found on PATH): "
-            "use --backend inprocess or --backend local on this machine"
+            "use --backend inline or --backend local on this machine"
         )
-    executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+
+
+def _groups(cfgs: Sequence[RunConfig]) -> list[list[RunConfig]]:
+    """Configs with equal ``dispatch`` settings (backend aside), in order of first appearance."""
+    groups: dict[str, list[RunConfig]] = {}
+    for cfg in cfgs:
+        settings = {k: v for k, v in cfg.to_dict()["dispatch"].items() if k != "backend"}
+        groups.setdefault(json.dumps(settings, sort_keys=True, default=str), []).append(cfg)
+    return list(groups.values())
+
+
+def _job(cfg: RunConfig, force: bool) -> RunJob:
+    return RunJob(cfg.to_dict(), force=force, run_id=cfg.run_id())
+
+
+class _Captured:
+    """Calls the job and returns its exception instead of raising it: submitit's debug executor
+    opens pdb on an exception, which must never happen in a sweep (or a test)."""
+
+    def __init__(self, job: RunJob) -> None:
+        self.job = job
+
+    def __call__(self) -> Any:
+        try:
+            return self.job()
+        except Exception as error:  # noqa: BLE001 - re-raised by the caller, outside submitit
+            return error
+
+
+def _run_here(cfg: RunConfig, backend: str, folder: Path, force: bool,
+              notify: Callable[[RunConfig, str], None]) -> Submission:
+    """``inline``: the job in this process. ``debug``: through submitit's ``DebugExecutor`` (its job
+    environment and log files), in this process too."""
+    job = _job(cfg, force)
+    if backend == "inline":
+        notify(cfg, "inline")
+        return Submission(cfg, backend, "inline", row=job())
+    import submitit
+
+    executor = submitit.DebugExecutor(folder=str(folder))
+    debug_job = executor.submit(_Captured(job))
+    notify(cfg, str(debug_job.job_id))
+    result = debug_job.result()
+    if isinstance(result, Exception):
+        raise result
+    return Submission(cfg, backend, str(debug_job.job_id), row=result, job=debug_job)
+
+
+def _submit_local(group: list[RunConfig], folder: Path, force: bool) -> list[Submission]:
+    """At most ``max_parallel`` local jobs, each running its share of the runs one after the other
+    (round robin). Each job has ``nodes x gpus_per_node`` tasks (one per GPU; on a machine without
+    GPUs, that many CPU processes); with enough GPUs, parallel jobs get disjoint ones."""
+    import submitit
+
+    d = group[0].dispatch
+    slots = min(d.max_parallel, len(group))
+    devices = _cuda_devices()
+    gpus = d.gpus_per_node if devices else 0
+    out = []
+    for slot in range(slots):
+        cfgs = group[slot::slots]
+        executor = submitit.LocalExecutor(folder=str(folder), max_num_timeout=d.max_num_timeout)
+        # the time limit is per run: a job running a queue of k runs gets k times timeout_min
+        params: dict[str, Any] = {"timeout_min": d.timeout_min * len(cfgs), "gpus_per_node": gpus,
+                                  "tasks_per_node": max(d.gpus_per_node, 1), "signal_delay_s": d.signal_delay_s}
+        if gpus and devices >= slots * gpus:
+            params["visible_gpus"] = list(range(slot * gpus, (slot + 1) * gpus))
+        executor.update_parameters(**params)
+        jobs = [_job(cfg, force) for cfg in cfgs]
+        job = executor.submit(jobs[0] if len(jobs) == 1 else RunQueue(jobs))
+        for cfg in cfgs:
+            out.append(Submission(cfg, "local", str(job.job_id), job=job))
+    return out
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def slurm_executor(cfg: RunConfig, folder: Path) -> Any:
+    """submitit's SLURM executor with the run's ``dispatch`` settings (one task per GPU)."""
+    import submitit
+
+    _check_resources(cfg, "slurm")
+    d = cfg.dispatch
+    executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=d.max_num_timeout)
     params: dict[str, Any] = {
-        "timeout_min": d.timeout_min,
+        "job_name": cfg.name,
+        "time": d.timeout_min,
         "nodes": d.nodes,
-        "gpus_per_node": d.gpus_per_node,
-        "tasks_per_node": max(d.gpus_per_node, 1),
-        "name": cfg.name,
+        "ntasks_per_node": max(d.gpus_per_node, 1),
+        "signal_delay_s": d.signal_delay_s,
+        "array_parallelism": d.array_parallelism,
     }
-    if d.partition:
-        params["slurm_partition"] = d.partition
-    if d.slurm_options:
-        params["slurm_additional_parameters"] = dict(d.slurm_options)
+    if d.gpus_per_node:
+        params["gpus_per_node"] = d.gpus_per_node
+    optional = {"partition": d.partition, "account": d.account, "cpus_per_task": d.cpus_per_task,
+                "mem": _mem(d.mem_gb) if d.mem_gb is not None else None}
+    params.update({k: v for k, v in optional.items() if v is not None})
+    # requeueable whatever the cluster's default (JobRequeue): submitit requeues a preempted or timed-out job
+    # with `scontrol requeue` after its checkpoint() (USR2 arrives signal_delay_s before the limit)
+    params["additional_parameters"] = {"requeue": True,
+                                       **{str(k).replace("_", "-"): v for k, v in d.slurm_options.items()}}
     executor.update_parameters(**params)
     return executor
 
 
-def _has_cuda() -> bool:
-    import torch
+def _mem(gb: float) -> str:
+    return f"{int(gb)}GB" if float(gb).is_integer() else f"{int(gb * 1024)}MB"
 
-    return torch.cuda.is_available()
+
+def _submit_slurm(group: list[RunConfig], folder: Path, force: bool) -> list[Submission]:
+    """Job arrays of at most ``max_array_size`` runs (one array task per run)."""
+    executor = slurm_executor(group[0], folder)
+    size = group[0].dispatch.max_array_size
+    out = []
+    for start in range(0, len(group), size):
+        chunk = group[start:start + size]
+        with executor.batch():
+            jobs = [executor.submit(_job(cfg, force)) for cfg in chunk]
+        for cfg, job in zip(chunk, jobs, strict=True):
+            out.append(Submission(cfg, "slurm", str(job.job_id), job=job))
+    return out
+
+
+def wait(submission: Submission) -> dict[str, Any]:
+    """The run's result row: at once for ``inline``/``debug``; ``local`` waits for the job; ``slurm``
+    returns a ``submitted`` row (the result arrives in the run directory later)."""
+    if submission.row is not None:
+        return submission.row
+    cfg = submission.cfg
+    if submission.backend == "slurm":
+        return {"run_id": cfg.run_id(), "name": cfg.name, "status": STATUS_SUBMITTED, "job_id": submission.job_id}
+    try:
+        result = submission.job.result()
+    except Exception as error:  # noqa: BLE001 - the job's own result.json holds the failure
+        return read_result(run_dir_for(cfg)) or {"run_id": cfg.run_id(), "name": cfg.name, "status": STATUS_FAILED,
+                                                 "error": str(error)}
+    return result if isinstance(result, dict) else read_result(run_dir_for(cfg)) or {}
 
 
 def dispatch(cfgs: list[RunConfig], backend: str | None = None, force: bool = False) -> list[dict[str, Any]]:
     """Run every config (skipping those whose ``result.json`` says completed; an unfinished run
     resumes from its checkpoint) and return their result rows, in order. ``force`` reruns every
-    config from step 0. ``local``/``slurm`` wait for the jobs."""
-    rows: list[dict[str, Any] | None] = []
-    jobs = []
+    config from step 0. ``local`` waits for the job; ``slurm`` submits and returns ``submitted`` rows."""
+    rows = []
     for cfg in cfgs:
         chosen = backend or cfg.dispatch.backend
-        if chosen not in BACKENDS:
-            raise ValueError(f"unknown backend {chosen!r}; one of {', '.join(BACKENDS)}")
-        run_dir = run_dir_for(cfg)
-        done = read_result(run_dir)
-        if done and done.get("status") == STATUS_COMPLETED and done.get("run_id") == cfg.run_id() and not force:
-            print(f"[skip] {cfg.name} ({cfg.run_id()}): completed result in {run_dir}")
+        done = completed_row(cfg)
+        if done is not None and not force:
+            print(f"[skip] {cfg.name} ({cfg.run_id()}): completed result in {run_dir_for(cfg)}")
             rows.append({**done, "status": "skipped"})
             continue
-        if chosen == "inprocess":
-            rows.append(RunJob(cfg, force=force)())
-            continue
-        executor = make_executor(cfg, chosen, run_dir / "submitit")
-        job = executor.submit(RunJob(cfg, force=force))
-        print(f"[submitted] {cfg.name} ({cfg.run_id()}) as {chosen} job {job.job_id}; logs in {run_dir / 'submitit'}")
-        jobs.append((len(rows), job, run_dir))
-        rows.append(None)
-    for index, job, run_dir in jobs:
-        try:
-            rows[index] = job.result()
-        except Exception as e:  # the job's own result.json holds the failure
-            rows[index] = read_result(run_dir) or {"status": "failed", "error": str(e)}
-    return [r for r in rows if r is not None]
+        folder = run_dir_for(cfg) / "submitit"
+        (submission,) = submit([cfg], chosen, folder, force=force)
+        if chosen in ("local", "slurm"):
+            print(f"[submitted] {cfg.name} ({cfg.run_id()}) as {chosen} job {submission.job_id}; logs in {folder}")
+        rows.append(wait(submission))
+    return rows

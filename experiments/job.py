@@ -1,28 +1,41 @@
-"""The submitit job: a picklable callable that runs one config."""
+"""The submitit job: a picklable callable that runs one config given as a plain dict."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from compress.config import RunConfig
+from compress.config import RunConfig, config_from_dict
+from compress.results import STATUS_COMPLETED, STATUS_FAILED, read_result
 from compress.run import RunError, run_dir_for
 
 
-def refuse_multiple_tasks() -> None:
-    """Under submitit with several tasks (one per GPU), stop: data-parallel training is not
-    built yet, and each task would train its own replica."""
-    try:
-        import submitit
+def export_task_environment() -> None:
+    """Inside a submitit job of several tasks (one per GPU), export torchrun's variables (RANK,
+    WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) for ``compress.distributed``,
+    which starts the process group. ``CUDA_VISIBLE_DEVICES`` is left alone: each task uses
+    ``cuda:LOCAL_RANK``, as under torchrun. Outside submitit, or with one task, nothing changes."""
+    import submitit
 
+    try:
         env = submitit.JobEnvironment()
     except RuntimeError:  # not inside a submitit job
         return
     if env.num_tasks > 1:
-        raise RunError(
-            f"the job has {env.num_tasks} tasks, but multi-process (DistributedDataParallel) training is not "
-            "built yet: use dispatch.nodes: 1 and dispatch.gpus_per_node: 1"
-        )
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+def own_result(cfg: RunConfig) -> dict[str, Any] | None:
+    """The row in the run's ``result.json`` if it is this run's (same run id), else None."""
+    row = read_result(run_dir_for(cfg))
+    return row if row is not None and row.get("run_id") == cfg.run_id() else None
+
+
+def completed_row(cfg: RunConfig) -> dict[str, Any] | None:
+    """The run's own row if it says completed, else None (a run to start or resume)."""
+    row = own_result(cfg)
+    return row if row is not None and row.get("status") == STATUS_COMPLETED else None
 
 
 def write_reports(run_dir: Path) -> None:
@@ -38,27 +51,81 @@ def write_reports(run_dir: Path) -> None:
 
 
 class RunJob:
-    """``RunJob(cfg)()`` runs the experiment and returns its result row.
+    """``RunJob(cfg.to_dict())()`` runs the experiment and returns its result row.
 
-    A job started again in the same run directory resumes from the run's newest checkpoint
-    (finished stages are kept); ``force=True`` starts the run from step 0 instead. A job that
-    SLURM preempts or times out is requeued (:meth:`checkpoint`) and resumes."""
+    The config is a plain dict (what pickles anywhere, whatever this process's classes); the job
+    parses and validates it again where it runs. ``run_id``, when given (the dispatcher gives the
+    id it submitted under), must be the rebuilt config's: a local model file replaced in between
+    would send the run to another directory than the manifest says. A run whose ``result.json``
+    says completed is not run again (its row is returned) unless ``force``; an unfinished one
+    resumes from its newest checkpoint; ``force=True`` starts from step 0. A job that SLURM
+    preempts or times out is requeued (:meth:`checkpoint`) and resumes."""
 
-    def __init__(self, cfg: RunConfig, force: bool = False) -> None:
-        self.cfg = cfg
+    def __init__(self, config: Mapping[str, Any], force: bool = False, run_id: str | None = None) -> None:
+        if not isinstance(config, Mapping):
+            raise TypeError(f"RunJob takes a plain config dict (cfg.to_dict()), got {type(config).__name__}")
+        self.config = dict(config)
         self.force = force
+        self.run_id = run_id
+
+    def run_config(self) -> RunConfig:
+        """The config, parsed and validated in this process."""
+        cfg = config_from_dict(self.config)
+        if self.run_id is not None and cfg.run_id() != self.run_id:
+            raise RunError(
+                f"run {cfg.name}: the config was submitted as run {self.run_id} but is run {cfg.run_id()} here "
+                "(a local model file changed since submission?): submit it again"
+            )
+        return cfg
 
     def __call__(self) -> dict[str, Any]:
+        from compress import distributed
         from compress.run import run_experiment
 
-        refuse_multiple_tasks()
-        row = run_experiment(self.cfg, force=self.force)
-        write_reports(run_dir_for(self.cfg))
+        cfg = self.run_config()
+        run_dir = run_dir_for(cfg)
+        done = completed_row(cfg)
+        if done is not None and not self.force:
+            return done  # a requeued or resubmitted job of a finished run: nothing to do
+        export_task_environment()
+        row = run_experiment(cfg, force=self.force)
+        # the process group is gone by now: the rank the job was launched as decides who writes
+        if distributed.environment().rank == 0:
+            write_reports(run_dir)
         return row
 
-    def checkpoint(self, *args: Any, **kwargs: Any):
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit calls this on preemption or timeout: requeue the same run, which resumes from its
         newest checkpoint (never with ``force``: that would throw the progress away)."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(RunJob(self.cfg))
+        return submitit.helpers.DelayedSubmission(RunJob(self.config, run_id=self.run_id))
+
+
+class RunQueue:
+    """Several runs one after the other in one job (the ``local`` backend's way of running at most
+    ``dispatch.max_parallel`` at once). A run that fails, or cannot start (its directory held by
+    another process), does not stop the queue: its row says failed. On preemption or timeout the
+    rest of the queue is requeued: the current run resumes, the ones not started yet keep their
+    ``force``. Returns the rows in order."""
+
+    def __init__(self, jobs: list[RunJob]) -> None:
+        self.jobs = list(jobs)
+        self.current = 0
+
+    def __call__(self) -> list[dict[str, Any]]:
+        rows = []
+        for index, job in enumerate(self.jobs):
+            self.current = index
+            try:
+                rows.append(job())
+            except Exception as error:  # noqa: BLE001 - one run's problem; the queue goes on
+                rows.append({"run_id": job.run_id, "name": job.config.get("name"), "status": STATUS_FAILED,
+                             "error": f"{type(error).__name__}: {error}"})
+        return rows
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        current, *rest = self.jobs[self.current:]
+        return submitit.helpers.DelayedSubmission(RunQueue([current.checkpoint().function, *rest]))

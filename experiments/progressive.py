@@ -90,7 +90,7 @@ def run_comparison(quick: bool = False, results_dir: str | Path = "results/progr
     for seed in seeds:
         for name, cfg in arm_configs(plan, teacher_row["metrics"]["export/path"], results, seed).items():
             print(f"[progressive] {name}, seed {seed}: {len(cfg.stages)} stage(s) of {cfg.stages[0].steps} steps")
-            (row,) = dispatch([cfg], backend="inprocess", force=force)
+            (row,) = dispatch([cfg], backend="inline", force=force)
             if row.get("status") not in ("completed", "skipped"):
                 raise RuntimeError(f"arm {name} failed: {row.get('error')}")
             lines.extend(summary_rows(name, seed, run_dir_for(cfg)))

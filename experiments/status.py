@@ -22,7 +22,15 @@ from typing import Any
 import yaml
 
 from compress.results import RESULT_FILE, STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED
-from compress.rundir import RUN_ID_FILE, STAGES_DIR, lock_holder, recorded_run_id, stage_dir
+from compress.rundir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    RUN_ID_FILE,
+    STAGES_DIR,
+    lock_holder,
+    recorded_run_id,
+    stage_dir,
+)
 
 PENDING = "pending"
 RUNNING = "running"
@@ -30,8 +38,6 @@ STOPPED = "stopped"
 #: every state, in the order the summary line counts them
 STATES = (PENDING, RUNNING, STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED, STOPPED)
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
 #: the sweep's manifest (``experiments.sweep.MANIFEST_FILE``): one JSON line per submitted run, newest wins
 MANIFEST_FILE = "manifest.jsonl"
 #: the files that make a folder a run directory

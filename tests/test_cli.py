@@ -35,7 +35,7 @@ def test_config_errors_are_one_line(tmp_path, capsys):
 
 
 def test_help_on_every_command(capsys):
-    for command in ([], ["run"], ["eval"], ["list"], ["demo"]):
+    for command in ([], ["run"], ["sweep"], ["eval"], ["list"], ["demo"]):
         with pytest.raises(SystemExit) as e:
             main([*command, "--help"])
         assert e.value.code == 0

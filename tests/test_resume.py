@@ -307,14 +307,14 @@ def test_a_requeued_submitit_job_resumes_and_never_forces(tmp_path, monkeypatch,
     from experiments.job import RunJob
 
     cfg = config(tmp_path, "manual")
-    job = RunJob(cfg, force=True)
+    job = RunJob(cfg.to_dict(), force=True)
     with monkeypatch.context() as patch:
         stop_at(patch, None, 3)
         with pytest.raises(Stop):
             job()
     requeued = job.checkpoint()  # what submitit calls on preemption or timeout
     again = requeued.function
-    assert isinstance(again, RunJob) and again.force is False and again.cfg is cfg
+    assert isinstance(again, RunJob) and again.force is False and again.config == cfg.to_dict()
     capsys.readouterr()
     assert again()["status"] == "completed"
     assert "(step 2 of 7)" in capsys.readouterr().err

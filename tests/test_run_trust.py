@@ -25,24 +25,39 @@ from tests.test_run_e2e import tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_submitit_job_with_several_tasks_is_refused(tmp_path, monkeypatch):
-    import submitit
-
-    from experiments.job import RunJob
-
-    class TwoTasks:
-        num_tasks = 2
-
-    monkeypatch.setattr(submitit, "JobEnvironment", TwoTasks)
-    with pytest.raises(RuntimeError, match="multi-process"):
-        RunJob(tiny_config(tmp_path))()
-    assert not run_dir_for(tiny_config(tmp_path)).exists()
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-@pytest.mark.parametrize("dispatch", [{"gpus_per_node": 8}, {"nodes": 4, "gpus_per_node": 1}])
-def test_multi_gpu_dispatch_is_refused_at_validation(tmp_path, dispatch):
-    with pytest.raises(ConfigError, match="multi-GPU training, which is not built"):
-        tiny_config(tmp_path, dispatch=dispatch)
+def test_a_submitit_job_of_several_tasks_exports_torchruns_variables(monkeypatch):
+    """One task per GPU under SLURM: the job exports RANK, WORLD_SIZE, ... for compress.distributed
+    (it used to refuse); CUDA_VISIBLE_DEVICES stays, each task takes cuda:LOCAL_RANK as under torchrun."""
+    from experiments.job import export_task_environment
+
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "77", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2",
+             "SLURM_NODEID": "1", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[12-13]",
+             "CUDA_VISIBLE_DEVICES": "0,1"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    for key in TORCHRUN_VARIABLES:  # set, then removed: monkeypatch removes what the job exports afterwards
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
+    export_task_environment()
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
+    assert env == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "gpu12"}
+    assert 20000 <= int(os.environ["MASTER_PORT"]) <= 60000 and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_a_single_task_job_exports_nothing(monkeypatch):
+    from experiments.job import export_task_environment
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    for key in TORCHRUN_VARIABLES:
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
+    export_task_environment()
+    assert not set(TORCHRUN_VARIABLES) & set(os.environ)
 
 
 def test_a_restarted_run_writes_one_metrics_series(tmp_path):
@@ -232,8 +247,8 @@ def test_run_job_pickles_and_runs_on_the_local_backend(tmp_path):
     from experiments.job import RunJob
 
     cfg = tiny_config(tmp_path)
-    again = pickle.loads(pickle.dumps(RunJob(cfg)))
-    assert again.cfg.run_id() == cfg.run_id()
+    again = pickle.loads(pickle.dumps(RunJob(cfg.to_dict())))
+    assert again.run_config().run_id() == cfg.run_id()
     (row,) = dispatch([cfg], backend="local")
     assert row["status"] == "completed", row.get("error")
     assert (run_dir_for(cfg) / "submitit").is_dir() and (run_dir_for(cfg) / "result.json").is_file()

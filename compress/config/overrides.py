@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -26,12 +27,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+#: an override: ``key.path=value`` text, or the key path and its value already parsed (a sweep's axes)
+Override = str | tuple[list[str], Any]
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[Override]) -> dict[str, Any]:
     """Set dotted keys in a plain config dict; list items are addressed by index
     (``losses.0.weight=2``). Unknown keys are left for validation to report."""
     data = copy.deepcopy(data)
     for text in overrides:
-        keys, value = parse_override(text)
+        keys, value = parse_override(text) if isinstance(text, str) else (list(text[0]), copy.deepcopy(text[1]))
+        shown = text if isinstance(text, str) else f"{'.'.join(keys)}={value!r}"
         node: Any = data
         for i, key in enumerate(keys[:-1]):
             where = ".".join(keys[: i + 1])
@@ -42,10 +48,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                     node[key] = {}
                 node = node[key]
                 if not isinstance(node, dict | list):
-                    raise ConfigError(f"override {text!r}: {where!r} is not a mapping")
+                    raise ConfigError(f"override {shown!r}: {where!r} is not a mapping")
         last = keys[-1]
         if isinstance(node, list):
-            index = _list_index(node, last, text)
+            index = _list_index(node, last, shown)
             node[index] = value
         else:
             node[last] = value

@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from compress.config.errors import ConfigError
-from compress.config.overrides import apply_overrides
+from compress.config.overrides import Override, apply_overrides
 from compress.config.schema import RunConfig
 from compress.config.stages import expand_stage_chain
 from compress.config.validate import validate
@@ -121,7 +121,7 @@ def _merge(cls: type, base: Mapping[str, Any], data: Mapping[str, Any]) -> dict[
     return out
 
 
-def config_from_dict(data: Mapping[str, Any], overrides: list[str] | None = None) -> RunConfig:
+def config_from_dict(data: Mapping[str, Any], overrides: Sequence[Override] | None = None) -> RunConfig:
     """Defaults, then ``data`` on top, then the ``--set`` overrides on top of both (so that
     ``losses.0.weight=2`` works when ``data`` lists no losses), then validation."""
     if not isinstance(data, Mapping):

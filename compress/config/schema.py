@@ -129,13 +129,37 @@ class OutputConfig:
     keep_checkpoints: bool = False
 
 
+#: where a run executes (``experiments.dispatch``): this process, submitit's in-process debug
+#: executor, local processes, or SLURM job arrays
+DISPATCH_BACKENDS = ("inline", "debug", "local", "slurm")
+
+
 @dataclass
 class DispatchConfig:
-    backend: str = "inprocess"
-    gpus_per_node: int = 1
+    """Where and with what a run executes (none of it changes the run id).
+
+    ``nodes`` x ``gpus_per_node``: one task (process) per GPU, the data-parallel world size (on a
+    machine without GPUs, ``gpus_per_node`` processes on the CPU). ``local``: ``max_parallel`` runs at
+    once, each with ``timeout_min``. ``slurm``: the sbatch resources (``partition``, ``account``,
+    ``cpus_per_task``, ``mem_gb``, ``timeout_min``), a sweep's runs as job arrays of at most
+    ``max_array_size`` tasks (the cluster's MaxArraySize) with ``array_parallelism`` running at once;
+    SIGUSR2 arrives ``signal_delay_s`` before the time limit, and a job that times out is requeued
+    (resuming from its checkpoint) at most ``max_num_timeout`` times (preemptions do not count).
+    ``slurm_options``: further ``#SBATCH`` flags, e.g. ``{constraint: a100, qos: high}``."""
+
+    backend: str = "inline"
     nodes: int = 1
+    gpus_per_node: int = 1
     timeout_min: int = 60 * 24
+    max_parallel: int = 1
     partition: str | None = None
+    account: str | None = None
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    array_parallelism: int = 256
+    max_array_size: int = 1000
+    signal_delay_s: int = 120
+    max_num_timeout: int = 3
     slurm_options: dict[str, Any] = field(default_factory=dict)
 
 

@@ -1,0 +1,288 @@
+"""The backends end to end on a small sweep (inline, debug, local), resubmission, retrying failed
+runs, and the SLURM backend against a fake ``sbatch`` (the submitted scripts and pickled jobs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from compress.config import ConfigError
+from compress.results import read_result
+from experiments.cli import main
+from experiments.job import RunJob, RunQueue
+from experiments.status import MANIFEST_FILE
+from experiments.sweep import load_sweep
+from tests.test_run_e2e import tiny_config
+from tests.test_sweep import write_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def manifest(tmp_path: Path, name: str = "abl") -> list[dict]:
+    path = tmp_path / "runs" / name / MANIFEST_FILE
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def statuses(runs) -> list[str | None]:
+    return [(read_result(r.run_dir) or {}).get("status") for r in runs]
+
+
+def test_inline_sweep_runs_everything_and_resubmission_runs_nothing(tmp_path, capsys):
+    path = write_sweep(tmp_path, axes={"train.lr": [1.0e-3, 3.0e-4]}, seeds=[0, 1])
+    runs = load_sweep(path).runs()
+    assert main(["sweep", str(path), "--backend", "inline"]) == 0
+    assert statuses(runs) == ["completed"] * 4
+    rows = [read_result(r.run_dir) for r in runs]
+    assert [(row["run_id"], row["config"]["seed"]) for row in rows] == [(r.run_id, r.cfg.seed) for r in runs]
+    stamps = [(r.run_dir / "result.json").stat().st_mtime_ns for r in runs]
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--backend", "inline"]) == 0
+    assert "nothing to submit: 4 runs skipped" in capsys.readouterr().out
+    assert [(r.run_dir / "result.json").stat().st_mtime_ns for r in runs] == stamps  # nothing ran again
+    assert len(manifest(tmp_path)) == 4  # nothing submitted again
+
+
+def test_a_run_failing_during_training_leaves_a_failed_row_and_only_failed_retries_it(tmp_path, capsys):
+    # a student larger than its teacher passes validation and fails when manual inheritance runs
+    path = write_sweep(tmp_path, axes={"student.model": ["cc-test-student", "cc-test-teacher"]},
+                       set={"teacher.model": "cc-test-student"}, seeds=[0, 1])
+    runs = load_sweep(path).runs()
+    assert main(["sweep", str(path), "--backend", "inline"]) == 1  # a run failed
+    assert statuses(runs) == ["completed", "completed", "failed", "failed"]
+    assert "InheritanceError" in read_result(runs[2].run_dir)["error"]
+    assert "2 completed, 2 failed" in capsys.readouterr().out
+    done = [(r.run_dir / "result.json").stat().st_mtime_ns for r in runs[:2]]
+    assert main(["sweep", str(path), "--backend", "inline", "--only-failed"]) == 1
+    assert [e["run_id"] for e in manifest(tmp_path)[4:]] == [runs[2].run_id, runs[3].run_id]
+    assert [(r.run_dir / "result.json").stat().st_mtime_ns for r in runs[:2]] == done
+    assert statuses(runs) == ["completed", "completed", "failed", "failed"]
+
+
+def test_force_reruns_completed_runs_from_step_0(tmp_path):
+    path = write_sweep(tmp_path, seeds=[0])
+    (run,) = load_sweep(path).runs()
+    assert main(["sweep", str(path), "--backend", "inline"]) == 0
+    first = read_result(run.run_dir)["started_at"], (run.run_dir / "result.json").stat().st_mtime_ns
+    assert main(["sweep", str(path), "--backend", "inline", "--force"]) == 0
+    assert (run.run_dir / "result.json").stat().st_mtime_ns != first[1] and len(manifest(tmp_path)) == 2
+
+
+def test_debug_backend_runs_the_sweep_through_submitit_and_never_opens_pdb(tmp_path, monkeypatch):
+    import pdb
+
+    monkeypatch.setattr(pdb, "post_mortem", lambda *a, **k: pytest.fail("the debug executor opened pdb"))
+    path = write_sweep(tmp_path, axes={"train.lr": [1.0e-3, 3.0e-4]}, seeds=[0, 1])
+    runs = load_sweep(path).runs()
+    # run 0's directory is held by another process: its job raises (RunDirError) and the others still run
+    from compress.rundir import owned_run_dir
+
+    with owned_run_dir(runs[0].run_dir, runs[0].run_id):
+        assert main(["sweep", str(path), "--backend", "debug"]) == 1
+    assert statuses(runs) == [None, "completed", "completed", "completed"]
+    entries = manifest(tmp_path)
+    assert all(e["job_id"].startswith("DEBUG_") and e["backend"] == "debug" for e in entries) and len(entries) == 4
+    assert main(["sweep", str(path), "--backend", "debug"]) == 0
+    assert statuses(runs) == ["completed"] * 4
+
+
+def test_local_backend_returns_at_once_and_runs_at_most_max_parallel_jobs(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the jobs import this checkout
+    path = write_sweep(tmp_path, axes={"train.lr": [1.0e-3, 3.0e-4]}, seeds=[0, 1],
+                       set={"dispatch.max_parallel": 2})
+    runs = load_sweep(path).runs()
+    assert main(["sweep", str(path), "--backend", "local"]) == 0
+    entries = manifest(tmp_path)
+    assert [e["run_id"] for e in entries] == [r.run_id for r in runs]
+    jobs = [e["job_id"] for e in entries]
+    assert jobs[0] == jobs[2] and jobs[1] == jobs[3] and jobs[0] != jobs[1]  # 2 jobs, runs round robin
+    deadline = time.time() + 240
+    while any(s is None for s in statuses(runs)) and time.time() < deadline:
+        time.sleep(0.5)
+    assert statuses(runs) == ["completed"] * 4, [p.read_text()[-2000:] for p in (tmp_path / "runs").rglob("*.err")]
+    assert main(["sweep", str(path), "--backend", "local"]) == 0
+    assert len(manifest(tmp_path)) == 4  # all completed: nothing submitted
+
+
+@pytest.mark.parametrize("devices", [0, 8])
+def test_local_executor_gets_the_dispatch_settings(tmp_path, monkeypatch, devices):
+    """timeout_min, signal_delay_s, max_num_timeout, tasks (one per GPU) and max_parallel reach
+    submitit's LocalExecutor (recorded by a stand-in: no process starts); with enough GPUs the
+    parallel jobs get disjoint ones, without any the tasks run on the CPU."""
+    import submitit
+
+    import experiments.dispatch
+    from experiments.dispatch import submit
+
+    monkeypatch.setattr(experiments.dispatch, "_cuda_devices", lambda: devices)
+
+    made = []
+
+    class Recorder:
+        def __init__(self, folder, max_num_timeout):
+            self.folder, self.max_num_timeout, self.params = folder, max_num_timeout, {}
+            made.append(self)
+
+        def update_parameters(self, **params):
+            self.params.update(params)
+
+        def submit(self, fn):
+            self.fn = fn
+            return type("Job", (), {"job_id": str(len(made))})()
+
+    monkeypatch.setattr(submitit, "LocalExecutor", Recorder)
+    cfgs = [tiny_config(tmp_path, seed=s, dispatch={"max_parallel": 2, "timeout_min": 7, "signal_delay_s": 30,
+                                                    "max_num_timeout": 5, "gpus_per_node": 3}) for s in range(3)]
+    subs = submit(cfgs, "local", tmp_path / "logs")
+    assert [s.job_id for s in subs] == ["1", "2", "1"]
+    assert len(made) == 2 and all(e.max_num_timeout == 5 for e in made)
+    assert made[0].params["timeout_min"] == 14 and made[1].params["timeout_min"] == 7  # per run: 2 runs, 1 run
+    assert made[0].params["signal_delay_s"] == 30
+    assert made[0].params["tasks_per_node"] == 3 and made[0].params["gpus_per_node"] == (3 if devices else 0)
+    assert [e.params.get("visible_gpus") for e in made] == ([[0, 1, 2], [3, 4, 5]] if devices else [None, None])
+    assert isinstance(made[0].fn, RunQueue) and [j.config["seed"] for j in made[0].fn.jobs] == [0, 2]
+    assert isinstance(made[1].fn, RunJob) and made[1].fn.config["seed"] == 1
+
+
+FAKE_SBATCH = """#!/bin/sh
+# records its arguments and the submitted script, prints a job id (1001, 1002, ...)
+n=$(cat "{log}/count" 2>/dev/null || echo 1000); n=$((n + 1)); echo $n > "{log}/count"
+echo "$@" >> "{log}/args"
+cp "$1" "{log}/script-$n.sh"
+echo "Submitted batch job $n"
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """``sbatch`` and ``srun`` on PATH, as submitit's own tests fake a cluster; returns the log folder."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "sbatch-log"
+    bin_dir.mkdir()
+    log.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH.format(log=log))
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod((bin_dir / tool).stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def sbatch_flags(script: str) -> dict[str, str]:
+    flags = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --"):].partition("=")
+            flags[key] = value
+    return flags
+
+
+def test_slurm_backend_submits_job_arrays_in_chunks_with_the_resources(tmp_path, fake_slurm, capsys):
+    dispatch = {"dispatch.partition": "gpu", "dispatch.account": "proj", "dispatch.nodes": 2,
+                "dispatch.gpus_per_node": 4, "dispatch.cpus_per_task": 8,
+                "dispatch.timeout_min": 90, "dispatch.signal_delay_s": 150, "dispatch.array_parallelism": 2,
+                "dispatch.max_array_size": 3, "dispatch.max_num_timeout": 5,
+                "dispatch.slurm_options": {"constraint": "a100", "qos": "high"}}
+    # 8 runs; the two learning rates ask for different memory: two groups, each cut into arrays of <= 3
+    path = write_sweep(tmp_path, zip=[{"train.lr": [1.0e-3, 3.0e-4], "dispatch.mem_gb": [64, 128]}],
+                       seeds=[0, 1, 2, 3], set=dispatch)
+    runs = load_sweep(path).runs()
+    assert main(["sweep", str(path), "--backend", "slurm"]) == 0
+    scripts = [(fake_slurm / f"script-{n}.sh").read_text() for n in range(1001, 1005)]
+    assert not (fake_slurm / "script-1005.sh").exists()
+    flags = [sbatch_flags(s) for s in scripts]
+    assert [f.get("array") for f in flags] == ["0-2%2", None, "0-2%2", None]  # an array of one is a plain job
+    assert [f["mem"] for f in flags] == ["64GB", "64GB", "128GB", "128GB"]
+    for f in flags:
+        assert f["partition"] == "gpu" and f["account"] == "proj" and f["nodes"] == "2"
+        assert f["gpus-per-node"] == "4" and f["ntasks-per-node"] == "4" and f["cpus-per-task"] == "8"
+        assert f["time"] == "90" and f["signal"] == "USR2@150" and f["job-name"] == "abl"
+        assert f["constraint"] == "a100" and f["qos"] == "high" and f["requeue"] == ""  # `#SBATCH --requeue`
+    folder = tmp_path / "runs" / "abl" / "submitit"
+    for script in scripts:
+        assert "srun --unbuffered" in script and f"-m submitit.core._submit {folder}" in script
+    entries = manifest(tmp_path)
+    assert [e["run_id"] for e in entries] == [r.run_id for r in runs]
+    by_run = {e["run_id"]: e["job_id"] for e in entries}
+    lr_high = [r for r in runs if r.cfg.train.lr == 1e-3]
+    assert [by_run[r.run_id] for r in lr_high] == ["1001_0", "1001_1", "1001_2", "1002"]
+    # the pickled job of each run: a RunJob of its plain config, requeued at most max_num_timeout times
+    from submitit.core.utils import DelayedSubmission
+
+    for run in runs:
+        (pickled,) = folder.glob(f"{by_run[run.run_id]}_submitted.pkl")
+        submission = DelayedSubmission.load(pickled)
+        job = submission.function
+        assert isinstance(job, RunJob) and job.config == run.cfg.to_dict() and job.force is False
+        assert job.run_id == run.run_id and submission._timeout_countdown == 5
+        assert pickle.loads(pickle.dumps(job)).run_config().run_id() == run.run_id
+    out = capsys.readouterr().out
+    assert "8 submitted, 0 skipped" in out and "1001_0" in out
+
+
+def test_slurm_off_cluster_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    path = write_sweep(tmp_path, seeds=[0])
+    assert main(["sweep", str(path), "--backend", "slurm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sbatch not found" in err[0]
+    assert not (tmp_path / "runs" / "abl" / MANIFEST_FILE).exists()
+
+
+def test_dispatch_settings_are_checked_and_inprocess_is_renamed(tmp_path):
+    with pytest.raises(ConfigError, match="'inprocess' was renamed: use 'inline'"):
+        tiny_config(tmp_path, dispatch={"backend": "inprocess"})
+    for bad, message in [({"max_parallel": 0}, "dispatch.max_parallel: must be at least 1"),
+                         ({"max_array_size": 0}, "dispatch.max_array_size"),
+                         ({"mem_gb": -1}, "dispatch.mem_gb"),
+                         ({"timeout_min": 1, "signal_delay_s": 60}, "dispatch.signal_delay_s"),
+                         ({"slurm_options": {"partition": "x"}}, "dispatch.slurm_options.partition: set by the"),
+                         ({"backend": "slurmm"}, "Did you mean 'slurm'")]:
+        with pytest.raises(ConfigError, match=message):
+            tiny_config(tmp_path, dispatch=bad)
+    assert tiny_config(tmp_path, dispatch={"nodes": 4, "gpus_per_node": 8}).dispatch.nodes == 4  # data-parallel
+
+
+def test_run_job_takes_a_plain_config_and_refuses_a_changed_run_id(tmp_path):
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(TypeError, match="plain config dict"):
+        RunJob(cfg)
+    job = RunJob(cfg.to_dict(), run_id="0" * 12)
+    with pytest.raises(RuntimeError, match="submitted as run 000000000000"):
+        job()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_requeued_queue_resumes_its_current_run_and_keeps_force_for_the_rest(tmp_path):
+    jobs = [RunJob(tiny_config(tmp_path, seed=s).to_dict(), force=True) for s in range(3)]
+    queue = RunQueue(jobs)
+    queue.current = 1  # preempted during the second run
+    requeued = queue.checkpoint().function
+    assert isinstance(requeued, RunQueue)
+    assert [(j.config["seed"], j.force) for j in requeued.jobs] == [(1, False), (2, True)]
+
+
+def test_a_refused_sbatch_is_one_line_and_records_nothing(tmp_path, fake_slurm, capsys):
+    (tmp_path / "bin" / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: Invalid account or account/partition'"
+                                             " >&2\nexit 1\n")
+    path = write_sweep(tmp_path, seeds=[0, 1])
+    assert main(["sweep", str(path), "--backend", "slurm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # sbatch's own stderr passes through, then ours
+    assert err[-1].startswith("clip-compress: error: slurm submission failed") and "Invalid account" in err[-1]
+    assert manifest(tmp_path) == []
+
+
+def test_run_with_the_slurm_backend_submits_and_returns(tmp_path, fake_slurm, capsys):
+    from tests.test_sweep import BASE
+
+    path = tmp_path / "one.yaml"
+    path.write_text(json.dumps({**BASE, "output": {"dir": str(tmp_path / "runs")}}))
+    assert main(["run", str(path), "--backend", "slurm"]) == 0
+    out = capsys.readouterr().out
+    assert "as job 1001" in out and "result.json" in out
+    script = (fake_slurm / "script-1001.sh").read_text()
+    assert "--array" not in script and "#SBATCH --job-name=base" in script
