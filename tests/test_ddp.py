@@ -251,3 +251,23 @@ def test_a_checkpoint_of_two_processes_is_not_resumed_by_one(runs, tmp_path):
     (run_dir_for(cfg) / "result.json").unlink()
     row = run_experiment(cfg)
     assert row["status"] == "failed" and "written by 2 process(es), this attempt has 1" in row["error"]
+
+
+def test_torchrun_runs_the_cli_as_two_processes_and_rank_0_reports(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "experiments.cli", "run", str(root / "experiments/configs/tiny-test.yaml"),
+           "--set", f"output.dir={tmp_path}", "--set", "train.progress=false", "--set", "eval.throughput=false"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("[completed]") == 1, done.stdout  # one report, from rank 0
+    (result,) = tmp_path.glob("*/result.json")
+    row = json.loads(result.read_text())
+    assert row["status"] == "completed" and row["metrics"]["dist/world_size"] == 2
+    assert row["metrics"]["dist/batch_per_process"] == row["config"]["train"]["batch_size"] // 2
+    assert len(series(result.parent)) == row["config"]["train"]["steps"]  # logged once, by rank 0
