@@ -19,6 +19,7 @@ from typing import Any
 
 from compress.config import RunConfig
 from compress.config.schema import DISPATCH_BACKENDS
+from compress.distributed import environment
 from compress.results import STATUS_FAILED, read_result
 from compress.run import run_dir_for
 from experiments.job import RunJob, RunQueue, completed_row
@@ -57,11 +58,11 @@ def submit(
         hint = " (renamed: use 'inline')" if backend == "inprocess" else ""
         raise DispatchError(f"unknown backend {backend!r}{hint}; one of {', '.join(BACKENDS)}")
     notify = on_submit or (lambda cfg, job_id: None)
-    if backend in ("inline", "debug"):
-        return [_run_here(cfg, backend, folder, force, notify) for cfg in cfgs]
     groups = _groups(cfgs)
     for group in groups:  # what cannot be submitted is refused before anything is
         _check_resources(group[0], backend)
+    if backend in ("inline", "debug"):
+        return [_run_here(cfg, backend, folder, force, notify) for cfg in cfgs]
     order = {id(cfg): i for i, cfg in enumerate(cfgs)}
     out: list[Submission] = []
     for group in groups:
@@ -78,6 +79,13 @@ def submit(
 
 
 def _check_resources(cfg: RunConfig, backend: str) -> None:
+    tasks = cfg.dispatch.nodes * max(cfg.dispatch.gpus_per_node, 1)
+    if backend in ("inline", "debug") and tasks > 1 and environment().world_size != tasks:
+        raise DispatchError(
+            f"dispatch asks for {cfg.dispatch.nodes} node(s) x {cfg.dispatch.gpus_per_node} GPUs, but the {backend} "
+            f"backend runs in this one process: use --backend local or slurm (one task per GPU), or start "
+            f"{tasks} processes with torchrun"
+        )
     if backend == "local" and cfg.dispatch.nodes != 1:
         raise DispatchError(
             f"dispatch.nodes is {cfg.dispatch.nodes}: the local backend runs on this machine only (nodes: 1)"

@@ -79,10 +79,18 @@ def test_debug_backend_runs_the_sweep_through_submitit_and_never_opens_pdb(tmp_p
     monkeypatch.setattr(pdb, "post_mortem", lambda *a, **k: pytest.fail("the debug executor opened pdb"))
     path = write_sweep(tmp_path, axes={"train.lr": [1.0e-3, 3.0e-4]}, seeds=[0, 1])
     runs = load_sweep(path).runs()
-    # run 0's directory is held by another process: its job raises (RunDirError) and the others still run
-    from compress.rundir import owned_run_dir
+    # run 0's job raises (as a job whose directory another process holds would): the others still run
+    import compress.run
 
-    with owned_run_dir(runs[0].run_dir, runs[0].run_id):
+    original = compress.run.run_experiment
+
+    def raising(cfg, force=False):
+        if cfg.run_id() == runs[0].run_id:
+            raise RuntimeError("this job cannot run")
+        return original(cfg, force=force)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(compress.run, "run_experiment", raising)
         assert main(["sweep", str(path), "--backend", "debug"]) == 1
     assert statuses(runs) == [None, "completed", "completed", "completed"]
     entries = manifest(tmp_path)
@@ -286,3 +294,41 @@ def test_run_with_the_slurm_backend_submits_and_returns(tmp_path, fake_slurm, ca
     assert "as job 1001" in out and "result.json" in out
     script = (fake_slurm / "script-1001.sh").read_text()
     assert "--array" not in script and "#SBATCH --job-name=base" in script
+
+
+def test_a_local_job_of_two_tasks_trains_data_parallel_like_one_process(tmp_path, capsys):
+    """dispatch.gpus_per_node: 2 on a machine without GPUs: one local job of two CPU tasks; the job
+    exports torchrun's variables and the run trains data-parallel (gloo) over both."""
+    cfg = ROOT / "experiments/configs/tiny-test.yaml"
+    common = [f"--set=output.dir={tmp_path / 'one'}", "--set=train.progress=false", "--set=eval.throughput=false"]
+    assert main(["run", str(cfg), "--backend", "inline", *common]) == 0
+    two = [*common[1:], f"--set=output.dir={tmp_path / 'two'}", "--set=dispatch.gpus_per_node=2"]
+    assert main(["run", str(cfg), "--backend", "local", *two]) == 0
+    (one_dir,), (two_dir,) = (list((tmp_path / k).glob("tiny-test-*")) for k in ("one", "two"))
+    one_row, two_row = read_result(one_dir), read_result(two_dir)
+    assert two_row["status"] == "completed" and two_row["metrics"]["dist/world_size"] == 2
+    assert one_row["metrics"]["dist/world_size"] == 1
+    losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (one_dir, two_dir)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-5)
+
+
+def test_inline_refuses_a_config_asking_for_several_gpus(tmp_path, capsys):
+    code = main(["run", str(ROOT / "experiments/configs/tiny-test.yaml"), "--backend", "inline",
+                 f"--set=output.dir={tmp_path}", "--set=dispatch.gpus_per_node=4"])
+    assert code == 2
+    assert "runs in this one process: use --backend local or slurm" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_running_run_is_not_submitted_again(tmp_path, capsys):
+    """A run whose directory a live process holds is shown as running and skipped (its lock would refuse it)."""
+    from compress.rundir import owned_run_dir
+
+    path = write_sweep(tmp_path, axes={"train.lr": [1.0e-3, 3.0e-4]}, seeds=[0])
+    runs = load_sweep(path).runs()
+    with owned_run_dir(runs[0].run_dir, runs[0].run_id):
+        assert main(["sweep", str(path), "--backend", "inline", "--force"]) == 0
+    table = capsys.readouterr().out
+    assert f"{runs[0].run_id}  running      skip" in table
+    assert statuses(runs) == [None, "completed"]
