@@ -98,6 +98,8 @@ def worker(rank: int, names: list[str], out: str, ports: list[int]) -> None:
         row = run_experiment(case_config(name, Path(out) / name))
         if rank == 0 and row["status"] != "completed":
             raise RuntimeError(f"{name}: {row.get('error')}")
+        if torch.distributed.is_initialized():
+            raise RuntimeError("the run left its process group behind")
     # the affinity case again, stopped on both ranks before step 2 and started again: it resumes
     original = Trainer.train_step
 
