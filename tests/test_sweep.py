@@ -126,7 +126,7 @@ def test_dry_run_prints_the_table_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     for run in runs:
         line = next(x for x in out.splitlines() if run.run_id in x)
-        assert line.split()[0] == str(run.index) and "new" in line and "submit (slurm)" in line
+        assert line.split()[0] == str(run.index) and "pending" in line and "submit (slurm)" in line
         assert f"train.lr={run.cfg.train.lr}" in line and f"seed={run.cfg.seed}" in line
     assert "4 to submit, 0 skipped" in out
     assert not (tmp_path / "runs").exists()
