@@ -22,7 +22,7 @@ import pandas as pd
 from analysis.load import AnalysisError
 from analysis.structure_report import load_structure
 from analysis.structure_report import plot_structure as _structure_figure
-from analysis.tables import direction, resolve_key, value_text
+from analysis.tables import check_cells, direction, resolve_key, value_text
 
 #: axis label and divisor per metric pattern (first match wins)
 UNITS: tuple[tuple[str, str, float], ...] = (
@@ -106,6 +106,7 @@ def pareto_points(frame: pd.DataFrame, x: str, y: str, label: Sequence[str]) -> 
     frame = frame.dropna(subset=[x, y])
     if frame.empty:
         raise AnalysisError(f"no completed run has both {x} and {y}")
+    check_cells(frame, keys)
     grouped = frame.groupby(keys, dropna=False, sort=True)
     points = grouped.agg(x=(x, "mean"), y=(y, "mean"), y_std=(y, "std"), n=(y, "size")).reset_index()
     points["label"] = [_label(tuple(r[k] for k in keys), keys) for _, r in points.iterrows()]
@@ -121,7 +122,8 @@ def plot_pareto(frame: pd.DataFrame, path: str | Path, x: str = "params", y: str
     y_name, y_scale = axis(resolve_key(frame, y))
     front = pareto_front(points["x"].tolist(), points["y"].tolist(), x_lower=direction(x) != "max",
                          y_higher=direction(y) != "min")
-    fig, ax = _figure(title or f"{y_name} against {x_name.split(' (')[0]}")
+    fig, ax = _figure(title or f"{_short(y_name)} against {_short(x_name)}")
+    ax.margins(x=0.15, y=0.1)  # room for the labels
     ax.errorbar(points["x"] / x_scale, points["y"] / y_scale, yerr=points["y_std"].fillna(0) / y_scale, fmt="o",
                 color="tab:blue", ecolor="tab:gray", capsize=3, label="configuration (mean ± std over seeds)")
     fx = points["x"].iloc[front] / x_scale
@@ -135,6 +137,11 @@ def plot_pareto(frame: pd.DataFrame, path: str | Path, x: str = "params", y: str
     ax.set_ylabel(y_name)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _short(label: str) -> str:
+    """An axis label without its unit and qualifier, for a title."""
+    return label.split(" (")[0].split(", vision")[0]
 
 
 def _first_metric(frame: pd.DataFrame, pattern: str) -> str:
@@ -181,9 +188,10 @@ def plot_steps(frame: pd.DataFrame, path: str | Path, y: str | None = None, x: s
     frame = _completed(frame)
     keys = [resolve_key(frame, k) for k in group]
     x, y = resolve_key(frame, x), resolve_key(frame, y)
+    check_cells(frame, [*keys, x])
     x_name, x_scale = axis(x)
     y_name, y_scale = axis(y)
-    fig, ax = _figure(title or f"{y_name} against {x_name}")
+    fig, ax = _figure(title or f"{_short(y_name)} against {_short(x_name)}")
     parts = frame.groupby(keys, sort=True) if keys else [((), frame)]
     for value, part in parts:
         stats = part.groupby(x)[y].agg(["mean", "std", "size"]).reset_index().sort_values(x)

@@ -176,8 +176,9 @@ class AblationTable:
         return None if mean is None or base is None else mean - base
 
     def _formatter(self, j: int) -> tuple[float, str, int]:
-        """(scale, suffix, decimals) for column ``j``, from the largest mean: integers plain,
-        >= 1e4 with K/M/G, >= 1 with ``digits`` decimals, below 1 three significant digits."""
+        """(scale, suffix, decimals) for column ``j``, from the largest mean or std: integers plain,
+        >= 1e4 with K/M/G/T (three significant digits), >= 1000 without decimals, >= 1 with ``digits`` decimals,
+        below 1 three significant digits."""
         cells = [self.cells[(r, j)] for r in self.index]
         numbers = [v for c in cells for v in (c.mean, c.std) if v is not None]
         largest = max((abs(v) for v in numbers), default=0.0)
@@ -185,7 +186,9 @@ class AblationTable:
             return 1.0, "", 0
         for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
             if largest >= 10 * scale or (scale > 1e3 and largest >= scale):
-                return scale, suffix, 2
+                return scale, suffix, max(0, 2 - math.floor(math.log10(largest / scale)))
+        if largest >= 1000:
+            return 1.0, "", 0
         if largest >= 1 or largest == 0:
             return 1.0, "", self.digits
         return 1.0, "", max(0, 2 - math.floor(math.log10(largest)))
@@ -346,7 +349,7 @@ def _ignored(column: str) -> bool:
             or rest in NON_IDENTITY_KEYS.get(section, ()))
 
 
-def _check_cells(frame: pd.DataFrame, keys: list[str]) -> None:
+def check_cells(frame: pd.DataFrame, keys: list[str]) -> None:
     """Refuse a cell that mixes runs differing in more than their seed."""
     config = [c for c in frame.columns if "/" not in c and c not in IDENTITY_COLUMNS and c not in ALIASES
               and c not in keys and not _ignored(c)]
@@ -396,7 +399,7 @@ def ablation_table(
     if frame.empty:
         raise AnalysisError(f"no {kind} rows left" + (f" after the filter {dict(where)}" if where else ""))
     frame = frame.assign(**{k: frame[k].map(lambda v: v if value_text(v) else "") for k in row_keys + col_keys})
-    _check_cells(frame, row_keys + col_keys)
+    check_cells(frame, row_keys + col_keys)
     keyed = list(zip(*(frame[k] for k in row_keys), strict=True)) if row_keys else [()] * len(frame)
     col_vals = list(zip(*(frame[k] for k in col_keys), strict=True)) if col_keys else [()] * len(frame)
     index = list(dict.fromkeys(keyed))

@@ -74,7 +74,8 @@ def test_table_errors_are_one_line(argv: list[str], message: str, capsys: pytest
 
 
 def test_plot_command_kinds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plot", str(ROWS), "--kind", "steps", "--x", "train_time_s", "-o", str(tmp_path / "s.pdf")]) == 0
+    assert main(["plot", str(ROWS), "--kind", "steps", "--x", "train_time_s", "--group", "loss,inheritance",
+                 "-o", str(tmp_path / "s.pdf")]) == 0
     assert (tmp_path / "s.pdf").read_bytes()[:4] == b"%PDF"
     assert main(["plot", str(tmp_path), "--kind", "structure", "-o", str(tmp_path / "x.png")]) == 2
     assert "no structure.json" in capsys.readouterr().err

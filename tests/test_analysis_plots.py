@@ -57,7 +57,9 @@ def test_figures_are_written_as_png_and_pdf(tmp_path: Path) -> None:
     assert _is_figure(plots.plot_pareto(frame, tmp_path / "p.png", x="params", label=["loss", "inheritance"]))
     assert _is_figure(plots.plot_pareto(frame, tmp_path / "p.pdf", x="params", label=["loss", "inheritance"]))
     assert _is_figure(plots.plot_steps(frame, tmp_path / "s.png", y="zs/t/top1", x="train_time_s",
-                                       group=["inheritance"]))
+                                       group=["loss", "inheritance"]))
+    with pytest.raises(AnalysisError, match="differ in losses.0.weight_i2t"):  # two losses on one line
+        plots.plot_steps(frame, tmp_path / "s.png", y="zs/t/top1", x="train_time_s", group=["inheritance"])
     with pytest.raises(AnalysisError, match="give a .png or .pdf file"):
         plots.plot_pareto(frame, tmp_path / "p.svg", label=["loss", "inheritance"])
 
