@@ -121,8 +121,11 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def _number(value: float) -> str:
-    return f"{value:g}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+def value_text(value: Any) -> str:
+    """A config value as text: numbers in ``%g`` form (``0.001``, ``50``), nothing for None/NaN."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return "" if isinstance(value, float) and math.isnan(value) else f"{value:g}"
+    return "" if value is None else str(value)
 
 
 def _stage_specs(config: Mapping[str, Any], key: str) -> list[Any]:
@@ -171,7 +174,7 @@ def loss_label(losses: Any, varying: Mapping[str, set[str]] | None = None) -> st
     for term in _loss_terms(losses):
         name = str(term.get("name"))
         shown = sorted(k for k in term if k != "name" and k in (varying or {}).get(name, set()))
-        params = ", ".join(f"{k.removeprefix('weight_')}={_number(term[k])}" for k in shown)
+        params = ", ".join(f"{k.removeprefix('weight_')}={value_text(term[k])}" for k in shown)
         parts.append(f"{name}({params})" if params else name)
     return "+".join(parts) if parts else "none"
 

@@ -19,10 +19,11 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.load import AnalysisError
+from analysis.load import AnalysisError, value_text
+from analysis.select import check_cells, resolve_key
 from analysis.structure_report import load_structure
 from analysis.structure_report import plot_structure as _structure_figure
-from analysis.tables import check_cells, direction, resolve_key, value_text
+from analysis.tables import direction
 
 #: axis label and divisor per metric pattern (first match wins)
 UNITS: tuple[tuple[str, str, float], ...] = (

@@ -15,7 +15,6 @@ not marked.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import io
 import math
@@ -27,8 +26,8 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.load import ALIASES, IDENTITY_COLUMNS, AnalysisError
-from compress.config.identity import NON_IDENTITY_KEYS, NON_IDENTITY_SECTIONS
+from analysis.load import AnalysisError, value_text
+from analysis.select import check_cells, filter_rows, resolve_key
 from compress.results import STATUS_COMPLETED
 
 #: metric patterns (fnmatch) whose best value is the highest, then those whose best is the lowest
@@ -36,7 +35,6 @@ HIGHER_IS_BETTER = ("zs/*", "ret/*", "throughput/*", "train/samples_per_s")
 LOWER_IS_BETTER = ("params", "params/*", "macs/*", "loss", "loss/*", "train/*", "*duration_s", "train_time_s",
                    "steps", "samples_seen")
 MISSING = "—"
-SEED_KEY = "seed"
 
 
 def direction(metric: str) -> str | None:
@@ -46,52 +44,6 @@ def direction(metric: str) -> str | None:
     if any(fnmatch.fnmatchcase(metric, p) for p in LOWER_IS_BETTER):
         return "min"
     return None
-
-
-def resolve_key(frame: pd.DataFrame, key: str) -> str:
-    """The column a key names (``config.`` / ``metrics.`` prefixes allowed), or an error with close matches."""
-    for candidate in (key, key.removeprefix("config."), key.removeprefix("metrics.")):
-        if candidate in frame.columns:
-            return candidate
-    close = difflib.get_close_matches(key, [str(c) for c in frame.columns], n=5, cutoff=0.5)
-    hint = f"; close matches: {', '.join(close)}" if close else f"; aliases: {', '.join(ALIASES)}"
-    raise AnalysisError(f"unknown key or metric {key!r}{hint}")
-
-
-def value_text(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return f"{value:g}"
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return f"{value:g}"
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
-
-
-def _matches(column: pd.Series, value: str) -> pd.Series:
-    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
-        try:
-            return (column - float(value)).abs() <= 1e-12 * max(abs(float(value)), 1.0)
-        except ValueError:
-            pass
-    return column.map(value_text) == value
-
-
-def parse_pairs(pairs: Sequence[str], what: str) -> dict[str, str]:
-    """``["loss=affinity", "seed=0"]`` -> a dict; a pair without ``=`` is an error naming ``what``."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise AnalysisError(f"{what}: expected KEY=VALUE, got {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def filter_rows(frame: pd.DataFrame, where: Mapping[str, str]) -> pd.DataFrame:
-    """The rows whose columns equal the given values (numbers compared as numbers)."""
-    for key, value in where.items():
-        column = resolve_key(frame, key)
-        frame = frame[_matches(frame[column], value)]
-    return frame
 
 
 @dataclass
@@ -342,29 +294,6 @@ def _latex_line(cells: Sequence[str]) -> str:
     return " & ".join(latex_escape(c) for c in cells) + r" \\"
 
 
-def _ignored(column: str) -> bool:
-    """Config columns that may differ within a cell: seeds, names, and what does not change a result."""
-    section, _, rest = column.partition(".")
-    return (column.rsplit(".", 1)[-1] == SEED_KEY or column == "name" or section in NON_IDENTITY_SECTIONS
-            or rest in NON_IDENTITY_KEYS.get(section, ()))
-
-
-def check_cells(frame: pd.DataFrame, keys: list[str]) -> None:
-    """Refuse a cell that mixes runs differing in more than their seed."""
-    config = [c for c in frame.columns if "/" not in c and c not in IDENTITY_COLUMNS and c not in ALIASES
-              and c not in keys and not _ignored(c)]
-    if frame.empty or not config:
-        return
-    groups = frame.groupby(keys, dropna=False, sort=False) if keys else [((), frame)]
-    for label, group in groups:
-        differ = [c for c in config if group[c].map(value_text).nunique() > 1]
-        if differ:
-            values = label if isinstance(label, tuple) else (label,)
-            where = ", ".join(f"{k}={value_text(v)}" for k, v in zip(keys, values, strict=True)) or "the table"
-            raise AnalysisError(f"the runs of {where} differ in {', '.join(differ[:5])}"
-                                f"{' ...' if len(differ) > 5 else ''}: add them to the rows or columns, or --filter")
-
-
 def _sort_key(values: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple((0, v, "") if isinstance(v, int | float) and not isinstance(v, bool) else (1, 0.0, value_text(v))
                  for v in values)
@@ -394,6 +323,9 @@ def ablation_table(
     row_keys = [resolve_key(frame, k) for k in rows]
     col_keys = [resolve_key(frame, k) for k in cols]
     metrics = [resolve_key(frame, v) for v in values]
+    for metric in metrics:
+        if not pd.api.types.is_numeric_dtype(frame[metric]):
+            raise AnalysisError(f"{metric} is not a number (values are numeric metrics); use it as a row or column")
     kind = row_kind or ("stage" if "stage" in row_keys + col_keys else "run")
     frame = frame[frame["row"] == kind]
     if frame.empty:

@@ -138,7 +138,8 @@ def _csv_list(values: Sequence[str] | None) -> list[str]:
 
 def _cmd_table(args: argparse.Namespace) -> int:
     from analysis.load import AnalysisError, load_results
-    from analysis.tables import ablation_table, parse_pairs
+    from analysis.select import parse_pairs
+    from analysis.tables import ablation_table
 
     try:
         frame = load_results(args.results)
@@ -163,7 +164,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from analysis import plots
     from analysis.load import AnalysisError, load_curves, load_results
-    from analysis.tables import filter_rows, parse_pairs
+    from analysis.select import filter_rows, parse_pairs
 
     group = _csv_list(args.group)
     try:
@@ -277,43 +278,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the JSON Lines file to write")
     p.set_defaults(func=_cmd_collect)
 
+    # the inputs of table and plot: result rows, filtered
+    results = argparse.ArgumentParser(add_help=False)
+    results.add_argument("results", nargs="+", metavar="RESULTS",
+                         help="run or sweep folders, result.json files, or JSON Lines from `clip-compress collect` "
+                         "(plot --kind structure: one run folder)")
+    results.add_argument("--filter", action="append", metavar="KEY=VALUE", help="keep only rows with this value")
+
     p = sub.add_parser(
-        "table", parents=[verbose], help="an ablation table (markdown, LaTeX or CSV) from result rows",
+        "table", parents=[verbose, results], help="an ablation table (markdown, LaTeX or CSV) from result rows",
         description="Aggregate result rows over seeds into a table: rows and columns by config keys or aliases "
         "(loss, inheritance, student, teacher, stage, target_sparsity, seed, lr, steps, ...), one column per metric "
         "and column value; mean ± sample std (ddof=1) with the seed count, a Δ column against --baseline, the best "
         "per column in bold, failed runs and missing cells shown. No torch import.",
     )
-    p.add_argument("results", nargs="+", metavar="RESULTS",
-                   help="run or sweep folders, result.json files, or JSON Lines from `clip-compress collect`")
     p.add_argument("--rows", action="append", required=True, metavar="KEY[,KEY]", help="row keys")
     p.add_argument("--cols", action="append", metavar="KEY[,KEY]", help="column keys (default: none)")
     p.add_argument("--value", action="append", required=True, metavar="METRIC[,METRIC]",
                    help="metrics, one column each (e.g. zs/imagenet/top1,params)")
     p.add_argument("--baseline", action="append", metavar="KEY=VALUE[,KEY=VALUE]",
                    help="the row the Δ columns compare against, a value per row key")
-    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="keep only rows with this value")
     p.add_argument("--format", choices=["md", "latex", "csv"], default="md", help="output format (default md)")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: print)")
     p.set_defaults(func=_cmd_table)
 
     p = sub.add_parser(
-        "plot", parents=[verbose], help="a figure (PNG or PDF) from result rows or training curves",
+        "plot", parents=[verbose, results], help="a figure (PNG or PDF) from result rows or training curves",
         description="pareto: --y (default: the first zero-shot top-1) against --x (params, macs/image, "
         "throughput/pairs_per_s; default params), points labelled by --group, the Pareto front drawn. curves: the "
         "logged term --y (default loss) against the step, one line per run or per --group with a std band. steps: "
         "--y against --x (default steps) per --group (default inheritance), mean ± std over seeds. structure: kept "
         "heads and MLP widths per layer of one pruned run. No torch import.",
     )
-    p.add_argument("results", nargs="+", metavar="RESULTS",
-                   help="run or sweep folders, result.json files, or JSON Lines (structure: one run folder)")
     p.add_argument("--kind", choices=["pareto", "curves", "steps", "structure"], required=True)
     p.add_argument("--x", default=None, metavar="KEY", help="x axis (pareto: default params; steps: steps)")
     p.add_argument("--y", default=None, metavar="METRIC", help="y axis metric (curves: the logged term)")
     p.add_argument("--group", action="append", metavar="KEY[,KEY]",
                    help="pareto: point labels (default name); curves: mean per group (default one line per run); "
                    "steps: one line per group (default inheritance)")
-    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="keep only runs with this value")
     p.add_argument("--stages", action="store_true", help="curves: the per-stage curves of staged runs")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the .png or .pdf file to write")
     p.set_defaults(func=_cmd_plot)

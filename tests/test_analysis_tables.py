@@ -117,6 +117,8 @@ def test_unknown_keys_and_bad_baselines_name_close_matches(frame):
         ablation_table(frame, rows=["inheritence"], values=["zs/t/top1"])
     with pytest.raises(AnalysisError, match="close matches: zs/t/top1"):
         ablation_table(frame, rows=["loss", "inheritance"], values=["zs/t/top"])
+    with pytest.raises(AnalysisError, match="inheritance is not a number"):
+        ablation_table(frame, rows=["loss"], values=["inheritance"], where={"inheritance": "manual"})
     with pytest.raises(AnalysisError, match="baseline .*: no such row"):
         ablation_table(frame, rows=["loss"], cols=["inheritance"], values=["zs/t/top1"], baseline={"loss": "clip"})
 
