@@ -132,8 +132,17 @@ def _cmd_collect(args: argparse.Namespace) -> int:
 
 
 def _csv_list(values: Sequence[str] | None) -> list[str]:
-    """``["a,b", "c"]`` -> ``["a", "b", "c"]`` (options given comma-separated or repeated)."""
-    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+    """``["a,b", "c"]`` -> ``["a", "b", "c"]`` (options given comma-separated or repeated); a comma
+    inside parentheses stays (``loss=affinity(i2t=1, t2i=0)``)."""
+    out: list[str] = []
+    for value in values or []:
+        depth, start = 0, 0
+        for i, ch in enumerate(value + ","):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if ch == "," and depth <= 0:
+                out.append(value[start:i].strip())
+                start = i + 1
+    return [v for v in out if v]
 
 
 def _cmd_table(args: argparse.Namespace) -> int:

@@ -59,6 +59,11 @@ def test_table_command_formats(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     assert main(["table", str(ROWS), "--rows", "loss", "--value", "zs/t/top1", "--value", "params",
                  "--filter", "inheritance=manual"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "| loss | zs/t/top1 | params |"
+    # a label with a comma inside parentheses is one value
+    assert main(["table", str(ROWS), "--rows", "loss,inheritance", "--value", "zs/t/top1",
+                 "--baseline", "loss=affinity(i2t=1, t2i=0),inheritance=manual"]) == 0
+    line = capsys.readouterr().out.splitlines()[2]
+    assert line == "| affinity(i2t=1, t2i=0) | manual | 70.5 ± 0.7 (2/3, 1 failed) | ref |"
 
 
 @pytest.mark.parametrize(("argv", "message"), [
