@@ -4,6 +4,7 @@ check that the runs aggregated together differ only in their seeds (no torch imp
 from __future__ import annotations
 
 import difflib
+import fnmatch
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
@@ -22,6 +23,20 @@ def resolve_key(frame: pd.DataFrame, key: str) -> str:
     close = difflib.get_close_matches(key, [str(c) for c in frame.columns], n=5, cutoff=0.5)
     hint = f"; close matches: {', '.join(close)}" if close else f"; aliases: {', '.join(ALIASES)}"
     raise AnalysisError(f"unknown key or metric {key!r}{hint}")
+
+
+def expand_metrics(frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """Metric names, a pattern with ``*`` standing for every matching column (``zs/*/top1``: one per task)."""
+    out: list[str] = []
+    for key in keys:
+        if "*" not in key:
+            out.append(resolve_key(frame, key))
+            continue
+        found = sorted(str(c) for c in frame.columns if fnmatch.fnmatchcase(str(c), key))
+        if not found:
+            raise AnalysisError(f"no metric matches {key!r}")
+        out += found
+    return list(dict.fromkeys(out))
 
 
 def _matches(column: pd.Series, value: str) -> pd.Series:

@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.load import AnalysisError, value_text
-from analysis.select import check_cells, filter_rows, resolve_key
+from analysis.select import check_cells, expand_metrics, filter_rows, resolve_key
 from compress.results import STATUS_COMPLETED
 
 #: metric patterns (fnmatch) whose best value is the highest, then those whose best is the lowest
@@ -313,16 +313,17 @@ def ablation_table(
 ) -> AblationTable:
     """Aggregate ``frame`` (from ``analysis.load``) over seeds into rows x (cols x values).
 
-    ``baseline``: the row (its row-key values) the Δ columns compare against. ``where``: keep
-    only rows with these values. ``labels``: headers for metrics. ``row_kind``: ``run`` or
-    ``stage`` rows (default: stage rows if ``stage`` is a row or column key, else run rows).
-    ``sort``: rows in value order (the baseline first), else in order of appearance."""
+    ``values``: metrics or patterns (``zs/*/top1``: a column per task). ``baseline``: the row (its
+    row-key values) the Δ columns compare against. ``where``: keep only rows with these values.
+    ``labels``: headers for metrics. ``row_kind``: ``run`` or ``stage`` rows (default: stage rows
+    if ``stage`` is a row or column key, else run rows). ``sort``: rows in value order (the
+    baseline first), else in order of appearance. ``digits``: decimals of values in [1, 1000)."""
     if not values:
         raise AnalysisError("give at least one value (a metric)")
     frame = filter_rows(frame, where or {})
     row_keys = [resolve_key(frame, k) for k in rows]
     col_keys = [resolve_key(frame, k) for k in cols]
-    metrics = [resolve_key(frame, v) for v in values]
+    metrics = expand_metrics(frame, values)
     for metric in metrics:
         if not pd.api.types.is_numeric_dtype(frame[metric]):
             raise AnalysisError(f"{metric} is not a number (values are numeric metrics); use it as a row or column")

@@ -132,3 +132,10 @@ def test_directions():
     assert [direction(m) for m in ("zs/imagenet/top1", "ret/coco/i2t_r1", "throughput/pairs_per_s")] == ["max"] * 3
     assert [direction(m) for m in ("params", "macs/image", "train/affinity", "train_time_s")] == ["min"] * 4
     assert direction("sparsity/achieved") is None
+
+
+def test_a_value_pattern_gives_one_column_per_matching_metric(frame):
+    table = ablation_table(frame, rows=["loss", "inheritance"], values=["params/*", "zs/*/top1"])
+    assert [c.metric for c in table.columns] == ["params/text", "params/vision", "zs/t/top1"]
+    with pytest.raises(AnalysisError, match="no metric matches 'ret/\\*'"):
+        ablation_table(frame, rows=["loss", "inheritance"], values=["ret/*"])
