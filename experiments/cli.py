@@ -1,4 +1,4 @@
-"""The ``clip-compress`` command line: run, sweep, status, collect, eval, list, demo."""
+"""The ``clip-compress`` command line: run, sweep, status, collect, table, plot, eval, list, demo."""
 
 from __future__ import annotations
 
@@ -144,6 +144,74 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv_list(values: Sequence[str] | None) -> list[str]:
+    """``["a,b", "c"]`` -> ``["a", "b", "c"]`` (options given comma-separated or repeated); a comma
+    inside parentheses stays (``loss=affinity(i2t=1, t2i=0)``)."""
+    out: list[str] = []
+    for value in values or []:
+        depth, start = 0, 0
+        for i, ch in enumerate(value + ","):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if ch == "," and depth <= 0:
+                out.append(value[start:i].strip())
+                start = i + 1
+    return [v for v in out if v]
+
+
+def _cmd_table(args: argparse.Namespace) -> int:
+    from analysis.load import AnalysisError, load_results
+    from analysis.select import parse_pairs
+    from analysis.tables import ablation_table
+
+    try:
+        frame = load_results(args.results)
+        table = ablation_table(
+            frame, rows=_csv_list(args.rows), cols=_csv_list(args.cols), values=_csv_list(args.value),
+            baseline=parse_pairs(_csv_list(args.baseline), "--baseline") or None,
+            where=parse_pairs(args.filter or [], "--filter"),
+        )
+        text = table.render(args.format)
+    except AnalysisError as error:
+        raise CliError(str(error)) from None
+    if args.output:
+        from compress.fileio import atomic_write_text
+
+        atomic_write_text(args.output, text)
+        print(f"wrote {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from analysis import plots
+    from analysis.load import AnalysisError, load_curves, load_results
+    from analysis.select import filter_rows, parse_pairs
+
+    group = _csv_list(args.group)
+    try:
+        where = parse_pairs(args.filter or [], "--filter")
+        if args.kind == "structure":
+            if len(args.results) != 1:
+                raise CliError("--kind structure: give one run directory (or its structure.json)")
+            path = plots.plot_structure(args.results[0], args.output)
+        elif args.kind == "curves":
+            curves = filter_rows(load_curves(args.results, stages=args.stages), where)
+            path = plots.plot_curves(curves, args.output, term=args.y or "loss", group=group)
+        else:
+            frame = filter_rows(load_results(args.results), where)
+            if args.kind == "pareto":
+                path = plots.plot_pareto(frame, args.output, x=args.x or "params", y=args.y,
+                                         label=group or ["name"])
+            else:
+                path = plots.plot_steps(frame, args.output, y=args.y, x=args.x or "steps",
+                                        group=group or ["inheritance"])
+    except AnalysisError as error:
+        raise CliError(str(error)) from None
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from compress.config.schema import DISPATCH_BACKENDS as BACKENDS
 
@@ -251,7 +319,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="DIR", help="folders of run directories, or result.json files")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the JSON Lines file to write")
     p.set_defaults(func=_cmd_collect)
+
+    # the inputs of table and plot: result rows, filtered
+    results = argparse.ArgumentParser(add_help=False)
+    results.add_argument("results", nargs="+", metavar="RESULTS",
+                         help="run or sweep folders, result.json files, or JSON Lines from `clip-compress collect` "
+                         "(plot --kind structure: one run folder)")
+    results.add_argument("--filter", action="append", metavar="KEY=VALUE", help="keep only rows with this value")
+
+    p = sub.add_parser(
+        "table", parents=[verbose, results], help="an ablation table (markdown, LaTeX or CSV) from result rows",
+        description="Aggregate result rows over seeds into a table: rows and columns by config keys or aliases "
+        "(loss, inheritance, student, teacher, stage, target_sparsity, seed, lr, steps, ...), one column per metric "
+        "and column value; mean ± sample std (ddof=1) with the seed count, a Δ column against --baseline, the best "
+        "per column in bold, failed runs and missing cells shown. No torch import.",
+    )
+    p.add_argument("--rows", action="append", required=True, metavar="KEY[,KEY]", help="row keys")
+    p.add_argument("--cols", action="append", metavar="KEY[,KEY]", help="column keys (default: none)")
+    p.add_argument("--value", action="append", required=True, metavar="METRIC[,METRIC]",
+                   help="metrics, one column each (e.g. zs/imagenet/top1,params)")
+    p.add_argument("--baseline", action="append", metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="the row the Δ columns compare against, a value per row key")
+    p.add_argument("--format", choices=["md", "latex", "csv"], default="md", help="output format (default md)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: print)")
+    p.set_defaults(func=_cmd_table)
+
+    p = sub.add_parser(
+        "plot", parents=[verbose, results], help="a figure (PNG or PDF) from result rows or training curves",
+        description="pareto: --y (default: the first zero-shot top-1) against --x (params, macs/image, "
+        "throughput/pairs_per_s; default params), points labelled by --group, the Pareto front drawn. curves: the "
+        "logged term --y (default loss) against the step, one line per run or per --group with a std band. steps: "
+        "--y against --x (default steps) per --group (default inheritance), mean ± std over seeds. structure: kept "
+        "heads and MLP widths per layer of one pruned run. No torch import.",
+    )
+    p.add_argument("--kind", choices=["pareto", "curves", "steps", "structure"], required=True)
+    p.add_argument("--x", default=None, metavar="KEY", help="x axis (pareto: default params; steps: steps)")
+    p.add_argument("--y", default=None, metavar="METRIC", help="y axis metric (curves: the logged term)")
+    p.add_argument("--group", action="append", metavar="KEY[,KEY]",
+                   help="pareto: point labels (default name); curves: mean per group (default one line per run); "
+                   "steps: one line per group (default inheritance)")
+    p.add_argument("--stages", action="store_true", help="curves: the per-stage curves of staged runs")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the .png or .pdf file to write")
+    p.set_defaults(func=_cmd_plot)
     return parser
+
+
+def _loaded(*names: str) -> tuple[type[BaseException], ...]:
+    """The exception classes ``module:Class`` of the modules a command imported: a command that did
+    not import a module cannot have raised its error, and ``table``/``plot`` must not import torch."""
+    found = []
+    for name in names:
+        module, _, cls = name.partition(":")
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], cls))
+    return tuple(found)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -259,18 +380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from compress.checkpoint import CheckpointError
-    from compress.config import ConfigError
-    from compress.models import ModelLoadError
-    from compress.registry import RegistryError
-    from compress.run import RunInterrupted
-    from compress.rundir import RunDirError
-    from experiments.dispatch import DispatchError
-
     try:
         return args.func(args)
-    except (ConfigError, RegistryError, ModelLoadError, CliError, DispatchError, RunDirError, CheckpointError,
-            FileNotFoundError) as e:
+    except _loaded("compress.config:ConfigError", "compress.registry:RegistryError", "compress.models:ModelLoadError",
+                   "experiments.dispatch:DispatchError", "compress.rundir:RunDirError",
+                   "compress.checkpoint:CheckpointError",
+                   "compress.distributed:DistributedError") + (CliError, FileNotFoundError) as e:
         if args.verbose:
             raise
         print(f"clip-compress: error: {e}", file=sys.stderr)
@@ -278,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clip-compress: interrupted", file=sys.stderr)
         return 130
-    except RunInterrupted as e:
+    except _loaded("compress.run:RunInterrupted") as e:
         print(f"clip-compress: interrupted ({e})", file=sys.stderr)
         return 143
 

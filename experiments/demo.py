@@ -109,41 +109,46 @@ def student_configs(plan: DemoPlan, teacher_path: str, results_dir: Path) -> lis
     return out
 
 
-def summary_row(label: str, row: dict[str, Any]) -> dict[str, Any]:
-    m = row.get("metrics", {})
-    prunable = m.get("params/vision", 0) + m.get("params/text", 0)
-    return {
-        "model": label,
-        "status": row.get("status"),
-        "zero-shot top-1": m.get("zs/color_shape/top1"),
-        "top-1 seen pairs": m.get("zs/color_shape/top1_seen"),
-        "top-1 held-out pairs": m.get("zs/color_shape/top1_heldout"),
-        "R@1 i2t": m.get("ret/val/i2t_r1"),
-        "R@1 t2i": m.get("ret/val/t2i_r1"),
-        "params (M, w/o token emb.)": prunable / 1e6 if prunable else None,
-        "pairs/s": m.get("throughput/pairs_per_s"),
-        "train s": m.get("train/duration_s"),
-    }
+#: the demo table's columns: metric -> header
+TABLE_COLUMNS = {
+    "zs/color_shape/top1": "zero-shot top-1",
+    "zs/color_shape/top1_seen": "top-1 seen pairs",
+    "zs/color_shape/top1_heldout": "top-1 held-out pairs",
+    "ret/val/i2t_r1": "R@1 i2t",
+    "ret/val/t2i_r1": "R@1 t2i",
+    "params": "params (w/o token emb.)",
+    "throughput/pairs_per_s": "pairs/s",
+    "train/duration_s": "train s",
+}
+
+
+def demo_table(frame: Any) -> Any:
+    """The demo's table (``analysis.tables``): one row per ``model`` (in the frame's order), a column per metric."""
+    from analysis.tables import ablation_table
+
+    return ablation_table(frame, rows=["model"], values=list(TABLE_COLUMNS), labels=TABLE_COLUMNS, sort=False)
 
 
 def run_demo(quick: bool = False, results_dir: str | Path = "results/demo", cache_dir: str | Path | None = None,
              force: bool = False) -> Any:
-    """Run the demo and return its table (a pandas DataFrame)."""
-    import pandas as pd
+    """Run the demo and return its result rows (a pandas DataFrame indexed by model label)."""
+    from analysis.load import load_results
+    from compress.run import run_dir_for
 
     plan = QUICK if quick else FULL
     results = Path(results_dir) / ("quick" if quick else "full")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    teacher_row = train_teacher(plan, cache, force, "demo")
-    teacher_path = teacher_row["metrics"]["export/path"]
-    rows = [summary_row("teacher", teacher_row)]
+    teacher_path = train_teacher(plan, cache, force, "demo")["metrics"]["export/path"]
+    labels = {str(run_dir_for(teacher_config(plan, cache))): "teacher"}
     for label, cfg in student_configs(plan, teacher_path, results):
         print(f"[demo] student {label}: {plan.student_steps} steps")
-        (row,) = dispatch([cfg], backend="inline", force=force)
-        rows.append(summary_row(label, row))
-    table = pd.DataFrame(rows).set_index("model")
-    save_table(table.to_markdown(floatfmt=".1f"), results / "demo_table.md", "demo")
-    return table
+        dispatch([cfg], backend="inline", force=force)
+        labels[str(run_dir_for(cfg))] = label
+    frame = load_results(list(labels))
+    frame = frame[frame["row"] == "run"].assign(model=lambda f: f["path"].map(labels))
+    frame = frame.sort_values("model", key=lambda models: models.map(list(labels.values()).index))
+    save_table(demo_table(frame).to_markdown(notes=False).rstrip("\n"), results / "demo_table.md", "demo")
+    return frame.set_index("model")
 
 
 def train_teacher(plan: DemoPlan, cache: Path, force: bool, tag: str) -> dict[str, Any]:

@@ -139,6 +139,10 @@ def test_miniature_demo_runs_every_student(tmp_path, monkeypatch, capsys):
     assert set(table["status"]) == {"completed"}
     lines = (tmp_path / "results" / "quick" / "demo_table.md").read_text().splitlines()
     assert lines[0].startswith("| model") and set(lines[1]) <= set("|:- ")  # a markdown table
+    # made by analysis.tables: a column per metric, the best per column in bold
+    assert lines[0] == ("| model | zero-shot top-1 | top-1 seen pairs | top-1 held-out pairs | R@1 i2t | R@1 t2i | "
+                        "params (w/o token emb.) | pairs/s | train s |")
+    assert "**" in "".join(lines[2:])
     assert len(lines) == 2 + 5 and all(line.startswith("|") for line in lines)
     # the teacher is cached: a second run skips it
     demo.run_demo(quick=True, results_dir=tmp_path / "results", cache_dir=tmp_path / "cache")

@@ -1,0 +1,314 @@
+"""Result rows and training curves into pandas DataFrames (no torch import).
+
+``load_results`` reads any mix of run directories (sweep output folders are searched for runs;
+a staged run gives its run row and one row per stage), ``result.json`` files and JSON Lines
+files written by ``clip-compress collect``, into one tidy frame with these columns:
+
+- identity: ``run_id``, ``name``, ``status``, ``failed`` (status is not ``completed``), ``error``,
+  ``row`` (``run`` or ``stage``), ``path`` (the folder of the row; the file for a JSON line without one);
+- the config flattened with dotted names (``train.lr``, ``inheritance.name``, ``losses.0.name``);
+- the metrics under their own names (``zs/<task>/top1``, ``params/vision``, ...);
+- short aliases (:data:`ALIASES`), the budget (``steps``, ``samples_seen``, ``train_time_s``) and
+  ``params`` (vision + text tower without the token embedding, TinyCLIP's count).
+
+The ``loss`` alias is the loss terms joined by ``+`` (``affinity+clip``); a term shows, as
+``name(k=v, ...)``, the parameters its config writes whose value is not written the same in every
+loaded row using that loss (``weight_`` dropped from the name, the weight as ``weight=``), so
+``affinity(i2t=1, t2i=0)`` stands next to ``affinity`` while settings shared by the whole study stay
+hidden. Defaults are not known here (that would import the plug-ins, hence torch): a value written
+in some rows and left to its default in others is shown where it is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from compress.results import RESULT_FILE, STATUS_COMPLETED
+
+METRICS_FILE = "metrics.jsonl"
+
+#: the short column names and what they hold
+ALIASES: dict[str, str] = {
+    "loss": "the loss terms (see the module docstring)",
+    "inheritance": "inheritance plug-in name (per stage joined by '→' when stages differ)",
+    "student": "student model (last stage's for a staged run; '(pruned teacher)' when none is named)",
+    "teacher": "teacher model (a local path shortened to its run folder name)",
+    "stage": "stage name (metric stage/name; empty for a run without stages)",
+    "target_sparsity": "cumulative target sparsity (metric sparsity/target, else the config's)",
+    "seed": "config seed",
+    "lr": "config train.lr",
+    "batch_size": "config train.batch_size (global)",
+    "world_size": "processes (metric dist/world_size, 1 if not recorded)",
+    "steps": "training steps configured (summed over the stages of a staged run row)",
+    "samples_seen": "steps x global batch size (summed over stages)",
+    "train_time_s": "training time in seconds (metric train/duration_s; summed over the stage rows of a staged run)",
+    "params": "params/vision + params/text (without the token embedding, TinyCLIP's count)",
+}
+
+IDENTITY_COLUMNS = ("run_id", "name", "status", "failed", "error", "row", "path")
+
+
+class AnalysisError(ValueError):
+    """A user error in the analysis (unknown key, no rows, bad file): one line."""
+
+
+def read_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """The raw result rows (dicts with ``row`` and ``path``) of run folders, ``result.json`` and ``.jsonl`` files."""
+    from experiments.collect import collect_rows
+    from experiments.status import StatusError
+
+    rows: list[dict[str, Any]] = []
+    folders: list[Path] = []
+    for path in map(Path, paths):
+        if path.suffix == ".jsonl" and path.is_file():
+            rows += _read_jsonl(path)
+        else:
+            folders.append(path)
+    if folders:
+        try:
+            found, unreadable = collect_rows(folders)
+        except StatusError as error:
+            raise AnalysisError(str(error)) from None
+        if unreadable:
+            raise AnalysisError(f"unreadable {RESULT_FILE}: {unreadable[0]}" + (
+                f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""))
+        rows += found
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for row in rows:  # the same folder given twice (a run folder and its sweep folder) is one row
+        key = (str(row.get("path")), str(row.get("row")))
+        if key not in seen:
+            seen.add(key)
+            unique.append(row)
+    return unique
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise AnalysisError(f"{path}:{number}: not JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise AnalysisError(f"{path}:{number}: a JSON {type(row).__name__}, not a result row")
+        rows.append({"row": "run", "path": f"{path}:{number}", **row})
+    return rows
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"train.lr": ..., "losses.0.name": ...}``; a list of scalars becomes a string."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, list | tuple):
+        if value and all(isinstance(v, Mapping) for v in value):
+            out = {}
+            for i, item in enumerate(value):
+                out.update(flatten(item, f"{prefix}.{i}"))
+            return out
+        return {prefix: json.dumps(list(value))}
+    return {prefix: value}
+
+
+def value_text(value: Any) -> str:
+    """A config value as text: numbers in ``%g`` form (``0.001``, ``50``), nothing for None/NaN."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return "" if isinstance(value, float) and math.isnan(value) else f"{value:g}"
+    return "" if value is None else str(value)
+
+
+def _stage_specs(config: Mapping[str, Any], key: str) -> list[Any]:
+    """The ``inheritance`` or ``losses`` spec of each stage (the top-level one where a stage has none)."""
+    stages = config.get("stages") or []
+    return [s.get(key) if s.get(key) is not None else config.get(key) for s in stages] or [config.get(key)]
+
+
+def _loss_terms(losses: Any) -> list[dict[str, Any]]:
+    return [dict(t) for t in losses or [] if isinstance(t, Mapping)]
+
+
+def _varying_params(rows: Sequence[Mapping[str, Any]]) -> dict[str, set[str]]:
+    """Per loss name, the parameters not written with one value in every term of that name."""
+    values: dict[str, dict[str, set[str]]] = {}
+    counts: dict[str, int] = {}
+    for row in rows:
+        for losses in _stage_specs(row.get("config") or {}, "losses"):
+            for term in _loss_terms(losses):
+                name = str(term.get("name"))
+                counts[name] = counts.get(name, 0) + 1
+                for key, value in term.items():
+                    if key != "name":
+                        values.setdefault(name, {}).setdefault(key, set()).add(json.dumps(value, sort_keys=True))
+    varying: dict[str, set[str]] = {}
+    for name, params in values.items():
+        for key, seen in params.items():
+            if len(seen) > 1 or _count_written(rows, name, key) < counts[name]:
+                varying.setdefault(name, set()).add(key)
+    return varying
+
+
+def _count_written(rows: Sequence[Mapping[str, Any]], name: str, key: str) -> int:
+    return sum(
+        1
+        for row in rows
+        for losses in _stage_specs(row.get("config") or {}, "losses")
+        for term in _loss_terms(losses)
+        if str(term.get("name")) == name and key in term
+    )
+
+
+def loss_label(losses: Any, varying: Mapping[str, set[str]] | None = None) -> str:
+    """``affinity+clip``; a term with parameters in ``varying[name]`` as ``affinity(i2t=1, t2i=0)``."""
+    parts = []
+    for term in _loss_terms(losses):
+        name = str(term.get("name"))
+        shown = sorted(k for k in term if k != "name" and k in (varying or {}).get(name, set()))
+        params = ", ".join(f"{k.removeprefix('weight_')}={value_text(term[k])}" for k in shown)
+        parts.append(f"{name}({params})" if params else name)
+    return "+".join(parts) if parts else "none"
+
+
+def _joined(labels: list[str]) -> str:
+    return labels[0] if len(set(labels)) == 1 else "→".join(labels)
+
+
+def _short_model(spec: Any) -> str | None:
+    if not isinstance(spec, Mapping) or not spec.get("model"):
+        return None
+    model = str(spec["model"]).removeprefix("local-dir:")
+    if "/" in model:
+        parts = [p for p in Path(model).parts if p not in ("", "/")]
+        while len(parts) > 1 and parts[-1] in ("model", "export"):
+            parts.pop()
+        model = parts[-1] if parts else model
+    return f"{model}@{spec['pretrained']}" if spec.get("pretrained") else model
+
+
+def _stage_steps(config: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """(steps, global batch) of each stage, the keys layered as ``compress.config.stages.resolve_stages`` does."""
+    train = config.get("train") or {}
+    stages = config.get("stages") or [{}]
+    out = []
+    for stage in stages:
+        merged = {**train, **(stage.get("train") or {})}
+        steps = stage.get("steps") if stage.get("steps") is not None else merged.get("steps")
+        out.append((int(steps or 0), int(merged.get("batch_size") or 0)))
+    return out
+
+
+def _aliases(row: Mapping[str, Any], varying: Mapping[str, set[str]]) -> dict[str, Any]:
+    config = row.get("config") or {}
+    metrics = row.get("metrics") or {}
+    train = config.get("train") or {}
+    stages = config.get("stages") or []
+    inheritance = [str((spec or {}).get("name")) for spec in _stage_specs(config, "inheritance")]
+    students = [_short_model(s.get("student")) for s in stages if s.get("student")] or [
+        _short_model(config.get("student"))]
+    target = metrics.get("sparsity/target")
+    if target is None:
+        target = (stages[-1].get("target_sparsity") if stages else None) or (
+            config.get("inheritance") or {}).get("target_sparsity")
+    budget = _stage_steps(config)
+    vision, text = metrics.get("params/vision"), metrics.get("params/text")
+    return {
+        "loss": _joined([loss_label(losses, varying) for losses in _stage_specs(config, "losses")]),
+        "inheritance": _joined(inheritance),
+        "student": students[-1] or "(pruned teacher)",
+        "teacher": _short_model(config.get("teacher")) or "none",
+        "stage": metrics.get("stage/name") or "",
+        "target_sparsity": float(target) if target is not None else math.nan,
+        "seed": config.get("seed"),
+        "lr": train.get("lr"),
+        "batch_size": train.get("batch_size"),
+        "world_size": metrics.get("dist/world_size", 1),
+        "steps": sum(s for s, _ in budget),
+        "samples_seen": sum(s * b for s, b in budget),
+        "train_time_s": metrics.get("train/duration_s", math.nan),
+        "params": vision + text if vision is not None and text is not None else math.nan,
+    }
+
+
+def results_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The tidy frame of some result rows (see the module docstring)."""
+    varying = _varying_params(rows)
+    records = []
+    for row in rows:
+        record: dict[str, Any] = {}
+        record.update(flatten(row.get("config") or {}))
+        record.update(row.get("metrics") or {})
+        status = row.get("status")
+        record.update({
+            "run_id": row.get("run_id"),
+            "name": row.get("name"),
+            "status": status,
+            "failed": status != STATUS_COMPLETED,
+            "error": row.get("error"),
+            "row": row.get("row", "run"),
+            "path": str(row.get("path", "")),
+        })
+        record.update(_aliases(row, varying))
+        records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    if frame.empty:
+        return frame
+    _sum_stage_times(frame)
+    first = [*IDENTITY_COLUMNS, *ALIASES]
+    return frame[first + [c for c in frame.columns if c not in first]]
+
+
+def _sum_stage_times(frame: pd.DataFrame) -> None:
+    """A staged run row's training time: the sum over its stage rows loaded beside it."""
+    stage_rows = frame[frame["row"] == "stage"]
+    if stage_rows.empty:
+        return
+    parents = stage_rows["path"].map(lambda p: str(Path(p).parent.parent))
+    totals = stage_rows["train_time_s"].groupby(parents).sum(min_count=1)
+    is_staged_run = (frame["row"] == "run") & frame["path"].isin(totals.index)
+    frame.loc[is_staged_run, "train_time_s"] = frame.loc[is_staged_run, "path"].map(totals)
+
+
+def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """One tidy row per result (run and stage rows; failed runs kept, ``failed`` true)."""
+    paths = [paths] if isinstance(paths, str | Path) else list(paths)
+    rows = read_rows(paths)
+    if not rows:
+        raise AnalysisError(f"no result rows in {', '.join(map(str, paths))}")
+    return results_frame(rows)
+
+
+def load_curves(paths: str | Path | Iterable[str | Path], stages: bool = False) -> pd.DataFrame:
+    """Every logged value of ``metrics.jsonl`` in long form: one line per (run, step, term) with
+    columns ``run_id, path, step, term, value`` and the alias columns of the run. ``stages``: the
+    per-stage curves of staged runs (their step counts restart at each stage) instead of none."""
+    results = load_results(paths)
+    results = results[results["row"] == ("stage" if stages else "run")]
+    keep = ["run_id", "path", "name", "status", *ALIASES]
+    frames = []
+    for _, result in results.iterrows():
+        file = Path(result["path"]) / METRICS_FILE
+        if not file.is_file():
+            continue
+        records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        wide = pd.DataFrame.from_records(records)
+        if wide.empty or "step" not in wide:
+            continue
+        values = wide.drop(columns=[c for c in wide if c != "step" and not pd.api.types.is_numeric_dtype(wide[c])])
+        long = values.melt(id_vars="step", var_name="term", value_name="value").dropna(subset=["value"])
+        for column in keep:
+            long[column] = result[column]
+        frames.append(long)
+    if not frames:
+        raise AnalysisError(f"no {METRICS_FILE} next to the result rows of {', '.join(map(str, paths))}")
+    curves = pd.concat(frames, ignore_index=True)
+    return curves[[*keep, "step", "term", "value"]]
