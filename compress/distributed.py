@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -129,13 +131,22 @@ def barrier() -> None:
         dist.barrier()
 
 
-def mean_over_ranks(tensor: Tensor) -> Tensor:
-    """The mean of ``tensor`` over ranks (a copy; ``tensor`` itself on one process)."""
+def sum_over_ranks(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over ranks, on ``tensor``'s device (a copy; ``tensor`` itself on one process).
+    A CPU tensor travels through the GPU under NCCL, which reduces CUDA tensors only."""
     if not is_distributed():
         return tensor
-    out = tensor.detach().clone()
+    device = tensor.device
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    out = tensor.detach().to(device, copy=True)
     dist.all_reduce(out)
-    return out / world_size()
+    return out.to(tensor.device)
+
+
+def mean_over_ranks(tensor: Tensor) -> Tensor:
+    """The mean of ``tensor`` over ranks (a copy; ``tensor`` itself on one process)."""
+    return sum_over_ranks(tensor) / world_size() if is_distributed() else tensor
 
 
 def gather_objects(obj: Any) -> list[Any] | None:
@@ -145,6 +156,44 @@ def gather_objects(obj: Any) -> list[Any] | None:
     parts: list[Any] | None = [None] * world_size() if is_main_process() else None
     dist.gather_object(obj, parts, dst=0)
     return parts
+
+
+#: what a process writes into the run directory when it fails (rank 0 names it in the row)
+FAILURE_FILE = ".rank-{rank}.error"
+
+
+def record_failure(folder: Path, error: BaseException) -> None:
+    """A rank other than 0 that fails leaves its error in ``folder`` before it leaves the group: rank 0,
+    whose collectives then fail with a lost connection, reports the cause (:func:`failure_with_causes`)."""
+    if is_main_process() or world_size() == 1:
+        return
+    try:
+        (folder / FAILURE_FILE.format(rank=rank())).write_text(f"{type(error).__name__}: {error}")
+    except OSError:  # the row still says that this rank's peer failed
+        pass
+
+
+def clear_failures(folder: Path) -> None:
+    for path in folder.glob(FAILURE_FILE.format(rank="*")):
+        path.unlink(missing_ok=True)
+
+
+def failure_with_causes(folder: Path, error: BaseException, wait_s: float = 2.0) -> BaseException:
+    """Rank 0's error, with the errors other ranks recorded (:func:`record_failure`) put first: when a
+    rank fails, the others only see a broken collective. ``error`` itself when no other rank failed."""
+    if world_size() == 1:
+        return error
+    deadline = time.monotonic() + wait_s  # the failing rank writes before it leaves: a moment at most
+    while True:
+        found = sorted(folder.glob(FAILURE_FILE.format(rank="*")))
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if not found:
+        return error
+    causes = "; ".join(f"rank {p.name.split('.')[1].removeprefix('rank-')} failed: {p.read_text().strip()}"
+                       for p in found)
+    return DistributedError(f"{causes} (rank 0: {type(error).__name__}: {error})")
 
 
 def main_first(action: Callable[[], None]) -> None:

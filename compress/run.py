@@ -198,6 +198,7 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         def prepare() -> None:  # rank 0 holds the directory and clears it before any rank reads it
             held.enter_context(owned_run_dir(run_dir, cfg.run_id()))
             run_dir.mkdir(parents=True, exist_ok=True)
+            distributed.clear_failures(run_dir)
             if force:
                 start_fresh(run_dir)
             atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
@@ -293,6 +294,9 @@ def _run_in(cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, An
         print(f"clip-compress: run {cfg.name} interrupted (see {run_dir / 'result.json'})", file=sys.stderr)
         raise
     except Exception as error:  # the row records the failure; the caller decides what to do with it
+        distributed.record_failure(run_dir, error)
+        if main:
+            error = distributed.failure_with_causes(run_dir, error)
         row = write_rows(STATUS_FAILED, error)
         print(f"clip-compress: run {cfg.name} failed: {row['error']} (see {run_dir / 'result.json'})", file=sys.stderr)
     return row
@@ -456,7 +460,8 @@ def _run_stage(
     try:
         summary = trainer.fit()
     finally:
-        metrics.update(data_stats.as_metrics())
+        metrics.update(data_stats.as_metrics())  # this process's counts if training failed
+    metrics.update(data_stats.as_metrics(all_ranks=True))
     metrics.update({f"train/{k}": v for k, v in summary.final_terms.items()})
     metrics.update(
         {
@@ -474,11 +479,13 @@ def _run_stage(
             f"{metrics['sparsity/achieved']:.1%} pruned for a target of {metrics['sparsity/target']:.1%}",
             file=sys.stderr,
         )
-    if main:
+
+    def finish() -> None:  # rank 0, while the others wait (an error there reaches every rank)
         metrics["export/path"] = str(save_model(exported, directory / "model"))
         write_structure(exported, directory)
         metrics.update(evaluate_prepared(exported, eval_sets, cfg.eval, device, precision.name, cfg.train.progress))
-    distributed.barrier()  # the model is on disk (the next stage loads it on every rank) and evaluated
+
+    distributed.main_first(finish)  # after it, the model is on disk: the next stage loads it on every rank
 
 
 def truncate_metrics(path: Path, step: int) -> None:

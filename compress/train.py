@@ -249,12 +249,28 @@ class Trainer:
     def _wrap(self) -> None:
         """``self.objective`` (student and loss modules), in ``DistributedDataParallel`` when there are
         several ranks (``self.model``; its construction broadcasts rank 0's weights)."""
+        if distributed.world_size() > 1:
+            self._sync_batch_norm()
         self.objective = StudentObjective(self.student, self.losses)
         self.model: nn.Module = self.objective
         if distributed.world_size() > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             self.model = DistributedDataParallel(self.objective, find_unused_parameters=True)
+
+    def _sync_batch_norm(self) -> None:
+        """BatchNorm layers of the student (ResNet towers) normalise over the global batch: converted to
+        ``SyncBatchNorm`` on GPUs (same parameters and buffers); refused on CPU, where torch has none."""
+        norms = [m for m in self.student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms or all(isinstance(m, nn.SyncBatchNorm) for m in norms):
+            return
+        if self.device.type != "cuda":
+            raise TrainingError(
+                f"the student has {len(norms)} BatchNorm layer(s) (a ResNet tower): with {distributed.world_size()} "
+                "processes on CPU their batch statistics cannot be synchronised (torch's SyncBatchNorm needs GPUs), "
+                "so the processes would not train as one: use one process, or GPUs"
+            )
+        self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
 
     def _no_sync(self) -> contextlib.AbstractContextManager:
         no_sync = getattr(self.model, "no_sync", None)

@@ -22,8 +22,14 @@ class DataStats:
 
     loader: CountedLoader
 
-    def as_metrics(self) -> dict[str, Any]:
-        return {f"data/{k.removeprefix('data_')}": v for k, v in self.loader.counter.as_dict().items()}
+    def as_metrics(self, all_ranks: bool = False) -> dict[str, Any]:
+        """This process's counts, or (``all_ranks``, a collective) the sums over every process's share."""
+        counter = self.loader.counter
+        seen, bad = counter.seen, counter.bad
+        if all_ranks and distributed.world_size() > 1:
+            seen, bad = distributed.sum_over_ranks(torch.tensor([seen, bad], dtype=torch.int64)).tolist()
+        return {"data/samples_seen": seen, "data/bad_samples": bad,
+                "data/bad_fraction": round(bad / seen, 6) if seen else 0.0}
 
 
 def _sampler_for_ranks(seed: int):
