@@ -36,12 +36,14 @@ def samples_per_s(args: argparse.Namespace, device: torch.device, batch_size: in
     precision = resolve_precision("auto", device)
     torch.manual_seed(0)
     teacher = freeze(load_model(args.teacher, device=device))
-    student = load_model(args.student, device=device)
-    local, size = batch_size // world, image_size_of(student)
+    probe = load_model(args.student)
+    local, size = batch_size // world, image_size_of(probe)
     batch = {"images": torch.randn(local, 3, size, size, device=device),
-             "texts": torch.randint(1, 49000, (local, context_length_of(student)), device=device)}
+             "texts": torch.randint(1, 49000, (local, context_length_of(probe)), device=device)}
     rates = []
     for steps in [2] + [args.steps] * args.rounds:  # the first round warms up
+        torch.manual_seed(0)
+        student = load_model(args.student, device=device)  # a fresh student (and DDP) per round
         cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=1e-4, progress=False, log_every=10**9,
                           precision=precision.name)
         losses = [LossTerm("affinity", 1.0, LOSSES.build({"name": "affinity", "scale": 50}))]
