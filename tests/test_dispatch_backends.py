@@ -332,3 +332,23 @@ def test_a_running_run_is_not_submitted_again(tmp_path, capsys):
     table = capsys.readouterr().out
     assert f"{runs[0].run_id}  running      skip" in table
     assert statuses(runs) == [None, "completed"]
+
+
+def test_force_is_one_shot_a_job_restarted_by_slurm_resumes(tmp_path, monkeypatch):
+    """SLURM restarting a job itself (node failure, PreemptMode=REQUEUE) reloads the pickle submitted with
+    force: with SLURM_RESTART_COUNT > 0 the run resumes (no start_fresh) and a completed one is not rerun."""
+    import compress.run
+
+    cleared = []
+    original = compress.run.start_fresh
+    monkeypatch.setattr(compress.run, "start_fresh", lambda run_dir: (cleared.append(run_dir), original(run_dir)))
+    cfg = tiny_config(tmp_path)
+    job = pickle.loads(pickle.dumps(RunJob(cfg.to_dict(), force=True, run_id=cfg.run_id())))
+    result = compress.run.run_dir_for(cfg) / "result.json"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert job()["status"] == "completed" and cleared == []
+    stamp = result.stat().st_mtime_ns
+    assert job()["status"] == "completed" and result.stat().st_mtime_ns == stamp and cleared == []
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the job as submitted: force holds
+    assert job()["status"] == "completed" and cleared == [compress.run.run_dir_for(cfg)]
+    assert result.stat().st_mtime_ns != stamp
