@@ -117,17 +117,11 @@ def test_local_backend_returns_at_once_and_runs_at_most_max_parallel_jobs(tmp_pa
     assert len(manifest(tmp_path)) == 4  # all completed: nothing submitted
 
 
-@pytest.mark.parametrize("devices", [0, 8])
-def test_local_executor_gets_the_dispatch_settings(tmp_path, monkeypatch, devices):
-    """timeout_min, signal_delay_s, max_num_timeout, tasks (one per GPU) and max_parallel reach
-    submitit's LocalExecutor (recorded by a stand-in: no process starts); with enough GPUs the
-    parallel jobs get disjoint ones, without any the tasks run on the CPU."""
+@pytest.fixture
+def local_executors(monkeypatch) -> list:
+    """submitit's LocalExecutor replaced by a stand-in that records its parameters and the submitted
+    function (no process starts); returns the list of executors made."""
     import submitit
-
-    import experiments.dispatch
-    from experiments.dispatch import submit
-
-    monkeypatch.setattr(experiments.dispatch, "_cuda_devices", lambda: devices)
 
     made = []
 
@@ -144,6 +138,19 @@ def test_local_executor_gets_the_dispatch_settings(tmp_path, monkeypatch, device
             return type("Job", (), {"job_id": str(len(made))})()
 
     monkeypatch.setattr(submitit, "LocalExecutor", Recorder)
+    return made
+
+
+@pytest.mark.parametrize("devices", [0, 8])
+def test_local_executor_gets_the_dispatch_settings(tmp_path, monkeypatch, local_executors, devices):
+    """timeout_min, signal_delay_s, max_num_timeout, tasks (one per GPU) and max_parallel reach
+    submitit's LocalExecutor; with enough GPUs the parallel jobs get disjoint ones, without any the
+    tasks run on the CPU."""
+    import experiments.dispatch
+    from experiments.dispatch import submit
+
+    monkeypatch.setattr(experiments.dispatch, "_cuda_devices", lambda: devices)
+    made = local_executors
     cfgs = [tiny_config(tmp_path, seed=s, dispatch={"max_parallel": 2, "timeout_min": 7, "signal_delay_s": 30,
                                                     "max_num_timeout": 5, "gpus_per_node": 3}) for s in range(3)]
     subs = submit(cfgs, "local", tmp_path / "logs")
@@ -155,6 +162,31 @@ def test_local_executor_gets_the_dispatch_settings(tmp_path, monkeypatch, device
     assert [e.params.get("visible_gpus") for e in made] == ([[0, 1, 2], [3, 4, 5]] if devices else [None, None])
     assert isinstance(made[0].fn, RunQueue) and [j.config["seed"] for j in made[0].fn.jobs] == [0, 2]
     assert isinstance(made[1].fn, RunJob) and made[1].fn.config["seed"] == 1
+
+
+def test_parallel_local_jobs_never_share_gpus(tmp_path, monkeypatch, local_executors):
+    """Every local job running at once (over all groups of dispatch settings) gets its own GPUs; fewer GPUs
+    than max_parallel x gpus_per_node is a one-line refusal before any job starts."""
+    import experiments.dispatch
+    from experiments.dispatch import DispatchError, submit
+
+    def cfgs(max_parallel: int) -> list:
+        dispatch = {"max_parallel": max_parallel, "gpus_per_node": 2}
+        return [tiny_config(tmp_path, seed=s, dispatch={**dispatch, "timeout_min": 60 + s // 3}) for s in range(4)]
+
+    monkeypatch.setattr(experiments.dispatch, "_cuda_devices", lambda: 6)
+    submit(cfgs(2), "local", tmp_path / "logs")  # seeds 0-2: 2 jobs; seed 3 (another timeout): 1 job
+    assert [e.params["visible_gpus"] for e in local_executors] == [[0, 1], [2, 3], [4, 5]]
+    local_executors.clear()
+    monkeypatch.setattr(experiments.dispatch, "_cuda_devices", lambda: 4)
+    with pytest.raises(DispatchError, match=r"need 6 GPUs \(2 parallel job\(s\) x 2 GPUs \+ 1 parallel.* has 4"):
+        submit(cfgs(2), "local", tmp_path / "logs")
+    assert local_executors == []
+    with pytest.raises(DispatchError, match=r"need 6 GPUs \(3 parallel job\(s\) x 2 GPUs\)"):
+        submit(cfgs(4)[:3], "local", tmp_path / "logs")  # max_parallel 4, 3 runs: 3 jobs at once
+    assert local_executors == []
+    submit(cfgs(2)[:3], "local", tmp_path / "logs")  # 2 jobs of 2 GPUs fit in 4
+    assert [e.params["visible_gpus"] for e in local_executors] == [[0, 1], [2, 3]]
 
 
 FAKE_SBATCH = """#!/bin/sh
