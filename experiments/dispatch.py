@@ -1,5 +1,6 @@
 """Run configs through submitit: ``inline`` (this process), ``debug`` (submitit's in-process
-debug executor), ``local`` (processes on this machine, at most ``dispatch.max_parallel`` at once)
+debug executor), ``local`` (processes on this machine, at most ``dispatch.max_parallel`` at once
+per group of equal ``dispatch`` settings, on disjoint GPUs)
 or ``slurm`` (job arrays).
 
 :func:`submit` never waits for ``local`` and ``slurm`` jobs; ``inline`` and ``debug`` run their

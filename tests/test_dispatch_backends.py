@@ -384,3 +384,24 @@ def test_force_is_one_shot_a_job_restarted_by_slurm_resumes(tmp_path, monkeypatc
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the job as submitted: force holds
     assert job()["status"] == "completed" and cleared == [compress.run.run_dir_for(cfg)]
     assert result.stat().st_mtime_ns != stamp
+
+
+@pytest.mark.parametrize("command", [["sweep", "{sweep}"], ["sweep", "{sweep}", "--dry-run"],
+                                     ["run", "{config}", "--backend", "local"],
+                                     ["run", "{config}", "--backend", "debug"],
+                                     ["run", "{config}", "--set", "dispatch.backend=slurm"]])
+def test_sweeps_and_backends_are_refused_under_torchrun(tmp_path, monkeypatch, capsys, command):
+    """Under torchrun every rank would submit the jobs and append the manifest: refused before anything
+    (no process group is started)."""
+    from tests.test_sweep import BASE
+
+    config = tmp_path / "one.yaml"
+    config.write_text(json.dumps({**BASE, "output": {"dir": str(tmp_path / "runs")}}))
+    sweep = write_sweep(tmp_path, seeds=[0, 1])
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29511"}.items():
+        monkeypatch.setenv(key, value)
+    assert main([part.format(sweep=sweep, config=config) for part in command]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torchrun starts the processes of ONE run" in err[0] and "--backend inline" in err[0]
+    assert not (tmp_path / "runs").exists()
