@@ -405,3 +405,23 @@ def test_sweeps_and_backends_are_refused_under_torchrun(tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "torchrun starts the processes of ONE run" in err[0] and "--backend inline" in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_submitted_run_without_a_directory_is_shown_queued(tmp_path, fake_slurm, capsys):
+    """A run whose newest manifest line has a job id but no run directory yet may still wait in SLURM's
+    queue: the sweep's table says queued? and warns (it is submitted again: the job may have died)."""
+    path = write_sweep(tmp_path, seeds=[0, 1])
+    runs = load_sweep(path).runs()
+    assert main(["sweep", str(path), "--backend", "slurm"]) == 0
+    from compress.rundir import RUN_ID_FILE
+
+    runs[1].run_dir.mkdir(parents=True)
+    (runs[1].run_dir / RUN_ID_FILE).write_text(runs[1].run_id)  # run 1 started (and stopped)
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--backend", "slurm", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    lines = [next(x for x in out.splitlines() if run.run_id in x) for run in runs]
+    assert lines[0].split()[2:4] == ["queued?", "submit"] and lines[1].split()[2:4] == ["stopped", "resume"]
+    assert "note: 1 run(s) queued?: submitted (job 1001_0) but not started" in out
+    assert main(["sweep", str(path), "--backend", "slurm"]) == 0
+    assert [e["job_id"] for e in manifest(tmp_path)] == ["1001_0", "1001_1", "1002_0", "1002_1"]
