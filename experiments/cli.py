@@ -33,6 +33,19 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+#: why a sweep, or a run handed to a backend, is refused under torchrun (every rank would submit it)
+UNDER_TORCHRUN = ("torchrun starts the processes of ONE run: use `clip-compress run CONFIG --backend inline` under "
+                  "torchrun; sweeps submit their own multi-task jobs (dispatch.gpus_per_node)")
+
+
+def _refuse_under_torchrun() -> None:
+    """Refuse in a process of several (torchrun): each rank would submit the jobs and write the manifest."""
+    from compress.distributed import environment
+
+    if environment().world_size > 1:
+        raise CliError(UNDER_TORCHRUN)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from compress.config import load_config
     from compress.distributed import environment
@@ -45,6 +58,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         print(format_plan(build_plan(cfg, force=args.force)))
         return 0
+    if (args.backend or cfg.dispatch.backend) in ("debug", "local", "slurm"):
+        _refuse_under_torchrun()
     rows = dispatch([cfg], backend=args.backend, force=args.force)
     if environment().rank != 0:  # one of several processes (torchrun): rank 0 reports
         return 0 if all(r.get("status") in ("completed", "skipped") for r in rows) else 1
@@ -60,6 +75,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from experiments.sweep_cli import run_sweep
 
+    _refuse_under_torchrun()
     return run_sweep(args.sweep, backend=args.backend, overrides=args.set or [], dry_run=args.dry_run,
                      only_failed=args.only_failed, force=args.force)
 

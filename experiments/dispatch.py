@@ -1,5 +1,6 @@
 """Run configs through submitit: ``inline`` (this process), ``debug`` (submitit's in-process
-debug executor), ``local`` (processes on this machine, at most ``dispatch.max_parallel`` at once)
+debug executor), ``local`` (processes on this machine, at most ``dispatch.max_parallel`` at once
+per group of equal ``dispatch`` settings, on disjoint GPUs)
 or ``slurm`` (job arrays).
 
 :func:`submit` never waits for ``local`` and ``slurm`` jobs; ``inline`` and ``debug`` run their
@@ -61,13 +62,15 @@ def submit(
     groups = _groups(cfgs)
     for group in groups:  # what cannot be submitted is refused before anything is
         _check_resources(group[0], backend)
+    first_gpus = _local_gpus(groups) if backend == "local" else []
     if backend in ("inline", "debug"):
         return [_run_here(cfg, backend, folder, force, notify) for cfg in cfgs]
     order = {id(cfg): i for i, cfg in enumerate(cfgs)}
     out: list[Submission] = []
-    for group in groups:
+    for index, group in enumerate(groups):
         try:
-            done = _submit_local(group, folder, force) if backend == "local" else _submit_slurm(group, folder, force)
+            done = (_submit_local(group, folder, force, first_gpus[index]) if backend == "local"
+                    else _submit_slurm(group, folder, force))
         except (OSError, RuntimeError) as error:  # sbatch refused (submitit's FailedJobError), a process did not start
             raise DispatchError(f"{backend} submission failed: {' '.join(str(error).split())}") from None
         done.sort(key=lambda s: order[id(s.cfg)])
@@ -95,6 +98,27 @@ def _check_resources(cfg: RunConfig, backend: str) -> None:
             "dispatch.backend is slurm, but there is no SLURM here (sbatch not found on PATH): "
             "use --backend inline or --backend local on this machine"
         )
+
+
+def _local_gpus(groups: Sequence[Sequence[RunConfig]]) -> list[int]:
+    """The first GPU of each group's local jobs: every job of every group at once gets its own
+    ``gpus_per_node`` GPUs (``min(max_parallel, runs)`` jobs per group); fewer GPUs than that is refused
+    rather than letting jobs share them. Without GPUs the tasks are CPU processes (all zeros)."""
+    devices = _cuda_devices()
+    if not devices:
+        return [0] * len(groups)
+    firsts, needs, need = [], [], 0
+    for group in groups:
+        slots, gpus = min(group[0].dispatch.max_parallel, len(group)), group[0].dispatch.gpus_per_node
+        firsts.append(need)
+        needs.append(f"{slots} parallel job(s) x {gpus} GPUs")
+        need += slots * gpus
+    if need > devices:
+        raise DispatchError(
+            f"the local jobs need {need} GPUs ({' + '.join(needs)}) but this machine has {devices}: lower "
+            "dispatch.max_parallel or dispatch.gpus_per_node (jobs never share GPUs)"
+        )
+    return firsts
 
 
 def _groups(cfgs: Sequence[RunConfig]) -> list[list[RunConfig]]:
@@ -143,10 +167,10 @@ def _run_here(cfg: RunConfig, backend: str, folder: Path, force: bool,
     return Submission(cfg, backend, str(debug_job.job_id), row=result, job=debug_job)
 
 
-def _submit_local(group: list[RunConfig], folder: Path, force: bool) -> list[Submission]:
+def _submit_local(group: list[RunConfig], folder: Path, force: bool, first_gpu: int = 0) -> list[Submission]:
     """At most ``max_parallel`` local jobs, each running its share of the runs one after the other
     (round robin). Each job has ``nodes x gpus_per_node`` tasks (one per GPU; on a machine without
-    GPUs, that many CPU processes); with enough GPUs, parallel jobs get disjoint ones."""
+    GPUs, that many CPU processes); the jobs get disjoint GPUs from ``first_gpu`` on (:func:`_local_gpus`)."""
     import submitit
 
     d = group[0].dispatch
@@ -160,8 +184,8 @@ def _submit_local(group: list[RunConfig], folder: Path, force: bool) -> list[Sub
         # the time limit is per run: a job running a queue of k runs gets k times timeout_min
         params: dict[str, Any] = {"timeout_min": d.timeout_min * len(cfgs), "gpus_per_node": gpus,
                                   "tasks_per_node": max(d.gpus_per_node, 1), "signal_delay_s": d.signal_delay_s}
-        if gpus and devices >= slots * gpus:
-            params["visible_gpus"] = list(range(slot * gpus, (slot + 1) * gpus))
+        if gpus:
+            params["visible_gpus"] = list(range(first_gpu + slot * gpus, first_gpu + (slot + 1) * gpus))
         executor.update_parameters(**params)
         jobs = [_job(cfg, force) for cfg in cfgs]
         job = executor.submit(jobs[0] if len(jobs) == 1 else RunQueue(jobs))

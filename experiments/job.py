@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,14 @@ def export_task_environment() -> None:
         return
     if env.num_tasks > 1:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+def slurm_restart_count() -> int:
+    """How often SLURM has restarted this job (``SLURM_RESTART_COUNT``, set on a requeued job); 0 outside SLURM."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        return 0
 
 
 def own_result(cfg: RunConfig) -> dict[str, Any] | None:
@@ -58,8 +67,9 @@ class RunJob:
     id it submitted under), must be the rebuilt config's: a local model file replaced in between
     would send the run to another directory than the manifest says. A run whose ``result.json``
     says completed is not run again (its row is returned) unless ``force``; an unfinished one
-    resumes from its newest checkpoint; ``force=True`` starts from step 0. A job that SLURM
-    preempts or times out is requeued (:meth:`checkpoint`) and resumes."""
+    resumes from its newest checkpoint; ``force=True`` starts from step 0, once: the same job restarted
+    by SLURM (``SLURM_RESTART_COUNT`` > 0) resumes. A job that SLURM preempts or times out is requeued
+    (:meth:`checkpoint`) and resumes."""
 
     def __init__(self, config: Mapping[str, Any], force: bool = False, run_id: str | None = None) -> None:
         if not isinstance(config, Mapping):
@@ -84,11 +94,14 @@ class RunJob:
 
         cfg = self.run_config()
         run_dir = run_dir_for(cfg)
+        # force is one-shot: a job SLURM restarts itself (node failure, PreemptMode=REQUEUE) reloads the
+        # pickle submitted with force and must resume, not throw its progress away
+        force = self.force and slurm_restart_count() == 0
         done = completed_row(cfg)
-        if done is not None and not self.force:
+        if done is not None and not force:
             return done  # a requeued or resubmitted job of a finished run: nothing to do
         export_task_environment()
-        row = run_experiment(cfg, force=self.force)
+        row = run_experiment(cfg, force=force)
         # the process group is gone by now: the rank the job was launched as decides who writes
         if distributed.environment().rank == 0:
             write_reports(run_dir)

@@ -20,7 +20,8 @@ ordered as the product of ``axes`` (in file order), then ``zip`` groups, then ``
 run is a validated :class:`~compress.config.RunConfig` whose run id is the hash of what it
 computes (the sweep's name is its ``name``), so the same sweep submitted again gives the same
 run ids and finished runs are skipped; its directory ``output_dir/<name>-<axis values>-<run id>``
-(``output.run_name``, not part of the id) says which cell of the grid it is. Everything is checked
+(``output.run_name``, not part of the id) says which cell of the grid it is; a run whose directory
+``output_dir/*-<run id>`` exists already (the axes reordered since) keeps that one. Everything is checked
 before anything runs, with one-line errors: unknown sweep keys, unequal zipped lists, a key in
 two axes, an exclusion that excludes nothing, an empty expansion, two runs with one run id, and
 every run's config (the message names the run's axis values).
@@ -157,9 +158,18 @@ def _expand(path: Path, data: Any, overrides: Sequence[str]) -> Sweep:
                 f"{run_id}): an axis varies only settings that do not change the result, or values repeat"
             )
         seen[run_id] = values
-        cfg.output.run_name = f"{name}-{short_values(values)}-{run_id}" if values else f"{name}-{run_id}"
+        cfg.output.run_name = existing_run_name(output_dir, run_id) or (
+            f"{name}-{short_values(values)}-{run_id}" if values else f"{name}-{run_id}")
         sweep._runs.append(SweepRun(index=index, cfg=cfg, values=values, run_dir=run_dir_for(cfg)))
     return sweep
+
+
+def existing_run_name(output_dir: Path, run_id: str) -> str | None:
+    """The name of the one directory ``output_dir/*-<run_id>`` if there is exactly one: a run keeps its
+    directory when the sweep file is edited without changing what it computes (axes reordered, an axis
+    of the base value added), so it is found (completed, resumed) by its run id."""
+    found = [p.name for p in output_dir.glob(f"*-{run_id}") if p.is_dir()] if output_dir.is_dir() else []
+    return found[0] if len(found) == 1 else None
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import datetime
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from compress.config import RunConfig
 from compress.results import STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED
 from experiments.dispatch import submit
-from experiments.status import RUNNING, STOPPED, run_state
+from experiments.status import PENDING, RUNNING, STOPPED, read_manifest, run_state
 from experiments.sweep import (
     Sweep,
     SweepRun,
@@ -19,6 +20,19 @@ from experiments.sweep import (
     load_sweep,
     manifest_line,
 )
+
+#: a run handed to ``local``/``slurm`` (its newest manifest line) that has no run directory yet: its job may still
+#: wait in the queue (submitting it again would only waste an allocation), or died before it started
+QUEUED = "queued?"
+
+
+def sweep_state(run: SweepRun, jobs: dict[str, dict[str, Any]]) -> str:
+    """The run's state (:func:`experiments.status.run_state`), ``queued?`` for a pending run already submitted."""
+    state = run_state(run.run_dir).state
+    entry = jobs.get(run.run_id) or {}
+    if state == PENDING and entry.get("job_id") and entry.get("backend") in ("local", "slurm"):
+        return QUEUED
+    return state
 
 
 def selected(state: str, only_failed: bool, force: bool) -> bool:
@@ -59,11 +73,17 @@ def run_sweep(path: str | Path, backend: str | None = None, overrides: Sequence[
     ``inline``/``debug`` run failed, else 0 (``local``/``slurm`` jobs are not waited for)."""
     sweep = load_sweep(path, overrides)
     runs = sweep.runs()
-    states = [run_state(run.run_dir).state for run in runs]
+    jobs = read_manifest(sweep.manifest)
+    states = [sweep_state(run, jobs) for run in runs]
     chosen = [selected(state, only_failed, force) for state in states]
     backends = [backend or run.cfg.dispatch.backend for run in runs]
     actions = [action(state, c, force) for state, c in zip(states, chosen, strict=True)]
     print(format_table(sweep, runs, states, actions, backends))
+    queued = [jobs[run.run_id]["job_id"] for run, state in zip(runs, states, strict=True) if state == QUEUED]
+    if queued:
+        print(f"note: {len(queued)} run(s) {QUEUED}: submitted (job {', '.join(map(str, queued[:5]))}"
+              f"{', ...' if len(queued) > 5 else ''}) but not started; if still queued (squeue), submitting them "
+              "again wastes an allocation")
     todo = [run for run, c in zip(runs, chosen, strict=True) if c]
     skipped = len(runs) - len(todo)
     if dry_run:

@@ -105,6 +105,9 @@ def test_local_backend_returns_at_once_and_runs_at_most_max_parallel_jobs(tmp_pa
                        set={"dispatch.max_parallel": 2})
     runs = load_sweep(path).runs()
     assert main(["sweep", str(path), "--backend", "local"]) == 0
+    # returned at once: the jobs need seconds to start, so not every run has its result yet (a sweep waiting
+    # for its jobs would have them all)
+    assert None in statuses(runs)
     entries = manifest(tmp_path)
     assert [e["run_id"] for e in entries] == [r.run_id for r in runs]
     jobs = [e["job_id"] for e in entries]
@@ -117,17 +120,11 @@ def test_local_backend_returns_at_once_and_runs_at_most_max_parallel_jobs(tmp_pa
     assert len(manifest(tmp_path)) == 4  # all completed: nothing submitted
 
 
-@pytest.mark.parametrize("devices", [0, 8])
-def test_local_executor_gets_the_dispatch_settings(tmp_path, monkeypatch, devices):
-    """timeout_min, signal_delay_s, max_num_timeout, tasks (one per GPU) and max_parallel reach
-    submitit's LocalExecutor (recorded by a stand-in: no process starts); with enough GPUs the
-    parallel jobs get disjoint ones, without any the tasks run on the CPU."""
+@pytest.fixture
+def local_executors(monkeypatch) -> list:
+    """submitit's LocalExecutor replaced by a stand-in that records its parameters and the submitted
+    function (no process starts); returns the list of executors made."""
     import submitit
-
-    import experiments.dispatch
-    from experiments.dispatch import submit
-
-    monkeypatch.setattr(experiments.dispatch, "_cuda_devices", lambda: devices)
 
     made = []
 
@@ -144,6 +141,19 @@ def test_local_executor_gets_the_dispatch_settings(tmp_path, monkeypatch, device
             return type("Job", (), {"job_id": str(len(made))})()
 
     monkeypatch.setattr(submitit, "LocalExecutor", Recorder)
+    return made
+
+
+@pytest.mark.parametrize("devices", [0, 8])
+def test_local_executor_gets_the_dispatch_settings(tmp_path, monkeypatch, local_executors, devices):
+    """timeout_min, signal_delay_s, max_num_timeout, tasks (one per GPU) and max_parallel reach
+    submitit's LocalExecutor; with enough GPUs the parallel jobs get disjoint ones, without any the
+    tasks run on the CPU."""
+    import experiments.dispatch
+    from experiments.dispatch import submit
+
+    monkeypatch.setattr(experiments.dispatch, "_cuda_devices", lambda: devices)
+    made = local_executors
     cfgs = [tiny_config(tmp_path, seed=s, dispatch={"max_parallel": 2, "timeout_min": 7, "signal_delay_s": 30,
                                                     "max_num_timeout": 5, "gpus_per_node": 3}) for s in range(3)]
     subs = submit(cfgs, "local", tmp_path / "logs")
@@ -155,6 +165,31 @@ def test_local_executor_gets_the_dispatch_settings(tmp_path, monkeypatch, device
     assert [e.params.get("visible_gpus") for e in made] == ([[0, 1, 2], [3, 4, 5]] if devices else [None, None])
     assert isinstance(made[0].fn, RunQueue) and [j.config["seed"] for j in made[0].fn.jobs] == [0, 2]
     assert isinstance(made[1].fn, RunJob) and made[1].fn.config["seed"] == 1
+
+
+def test_parallel_local_jobs_never_share_gpus(tmp_path, monkeypatch, local_executors):
+    """Every local job running at once (over all groups of dispatch settings) gets its own GPUs; fewer GPUs
+    than max_parallel x gpus_per_node is a one-line refusal before any job starts."""
+    import experiments.dispatch
+    from experiments.dispatch import DispatchError, submit
+
+    def cfgs(max_parallel: int) -> list:
+        dispatch = {"max_parallel": max_parallel, "gpus_per_node": 2}
+        return [tiny_config(tmp_path, seed=s, dispatch={**dispatch, "timeout_min": 60 + s // 3}) for s in range(4)]
+
+    monkeypatch.setattr(experiments.dispatch, "_cuda_devices", lambda: 6)
+    submit(cfgs(2), "local", tmp_path / "logs")  # seeds 0-2: 2 jobs; seed 3 (another timeout): 1 job
+    assert [e.params["visible_gpus"] for e in local_executors] == [[0, 1], [2, 3], [4, 5]]
+    local_executors.clear()
+    monkeypatch.setattr(experiments.dispatch, "_cuda_devices", lambda: 4)
+    with pytest.raises(DispatchError, match=r"need 6 GPUs \(2 parallel job\(s\) x 2 GPUs \+ 1 parallel.* has 4"):
+        submit(cfgs(2), "local", tmp_path / "logs")
+    assert local_executors == []
+    with pytest.raises(DispatchError, match=r"need 6 GPUs \(3 parallel job\(s\) x 2 GPUs\)"):
+        submit(cfgs(4)[:3], "local", tmp_path / "logs")  # max_parallel 4, 3 runs: 3 jobs at once
+    assert local_executors == []
+    submit(cfgs(2)[:3], "local", tmp_path / "logs")  # 2 jobs of 2 GPUs fit in 4
+    assert [e.params["visible_gpus"] for e in local_executors] == [[0, 1], [2, 3]]
 
 
 FAKE_SBATCH = """#!/bin/sh
@@ -332,3 +367,64 @@ def test_a_running_run_is_not_submitted_again(tmp_path, capsys):
     table = capsys.readouterr().out
     assert f"{runs[0].run_id}  running      skip" in table
     assert statuses(runs) == [None, "completed"]
+
+
+def test_force_is_one_shot_a_job_restarted_by_slurm_resumes(tmp_path, monkeypatch):
+    """SLURM restarting a job itself (node failure, PreemptMode=REQUEUE) reloads the pickle submitted with
+    force: with SLURM_RESTART_COUNT > 0 the run resumes (no start_fresh) and a completed one is not rerun."""
+    import compress.run
+
+    cleared = []
+    original = compress.run.start_fresh
+    monkeypatch.setattr(compress.run, "start_fresh", lambda run_dir: (cleared.append(run_dir), original(run_dir)))
+    cfg = tiny_config(tmp_path)
+    job = pickle.loads(pickle.dumps(RunJob(cfg.to_dict(), force=True, run_id=cfg.run_id())))
+    result = compress.run.run_dir_for(cfg) / "result.json"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert job()["status"] == "completed" and cleared == []
+    stamp = result.stat().st_mtime_ns
+    assert job()["status"] == "completed" and result.stat().st_mtime_ns == stamp and cleared == []
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the job as submitted: force holds
+    assert job()["status"] == "completed" and cleared == [compress.run.run_dir_for(cfg)]
+    assert result.stat().st_mtime_ns != stamp
+
+
+@pytest.mark.parametrize("command", [["sweep", "{sweep}"], ["sweep", "{sweep}", "--dry-run"],
+                                     ["run", "{config}", "--backend", "local"],
+                                     ["run", "{config}", "--backend", "debug"],
+                                     ["run", "{config}", "--set", "dispatch.backend=slurm"]])
+def test_sweeps_and_backends_are_refused_under_torchrun(tmp_path, monkeypatch, capsys, command):
+    """Under torchrun every rank would submit the jobs and append the manifest: refused before anything
+    (no process group is started)."""
+    from tests.test_sweep import BASE
+
+    config = tmp_path / "one.yaml"
+    config.write_text(json.dumps({**BASE, "output": {"dir": str(tmp_path / "runs")}}))
+    sweep = write_sweep(tmp_path, seeds=[0, 1])
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29511"}.items():
+        monkeypatch.setenv(key, value)
+    assert main([part.format(sweep=sweep, config=config) for part in command]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torchrun starts the processes of ONE run" in err[0] and "--backend inline" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_submitted_run_without_a_directory_is_shown_queued(tmp_path, fake_slurm, capsys):
+    """A run whose newest manifest line has a job id but no run directory yet may still wait in SLURM's
+    queue: the sweep's table says queued? and warns (it is submitted again: the job may have died)."""
+    path = write_sweep(tmp_path, seeds=[0, 1])
+    runs = load_sweep(path).runs()
+    assert main(["sweep", str(path), "--backend", "slurm"]) == 0
+    from compress.rundir import RUN_ID_FILE
+
+    runs[1].run_dir.mkdir(parents=True)
+    (runs[1].run_dir / RUN_ID_FILE).write_text(runs[1].run_id)  # run 1 started (and stopped)
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--backend", "slurm", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    lines = [next(x for x in out.splitlines() if run.run_id in x) for run in runs]
+    assert lines[0].split()[2:4] == ["queued?", "submit"] and lines[1].split()[2:4] == ["stopped", "resume"]
+    assert "note: 1 run(s) queued?: submitted (job 1001_0) but not started" in out
+    assert main(["sweep", str(path), "--backend", "slurm"]) == 0
+    assert [e["job_id"] for e in manifest(tmp_path)] == ["1001_0", "1001_1", "1002_0", "1002_1"]

@@ -163,3 +163,27 @@ def test_shipped_sweeps_expand_and_dry_run(path, tmp_path, monkeypatch, capsys):
 
 def test_there_are_shipped_sweeps():
     assert {p.name for p in SHIPPED} >= {"tiny-ablation.yaml", "tinyclip-loss-ablation.yaml"}
+
+
+def test_an_edited_sweep_finds_its_finished_runs_by_run_id(tmp_path, capsys):
+    """Swapping two axes, or adding an axis of the base value, renames every run's directory but changes
+    no run id: the runs keep their directories and nothing runs again."""
+    path = write_sweep(tmp_path, axes={"train.lr": [1.0e-3, 3.0e-4], "train.batch_size": [4]})
+    runs = load_sweep(path).runs()
+    assert main(["sweep", str(path), "--backend", "inline"]) == 0
+    stamps = [(r.run_dir / "result.json").stat().st_mtime_ns for r in runs]
+    for axes in ({"train.batch_size": [4], "train.lr": [1.0e-3, 3.0e-4]},
+                 {"train.batch_size": [4], "train.lr": [1.0e-3, 3.0e-4], "train.steps": [1]}):
+        path = write_sweep(tmp_path, axes=axes)
+        edited = load_sweep(path).runs()
+        assert [(r.run_id, r.run_dir) for r in edited] == [(r.run_id, r.run_dir) for r in runs]
+        capsys.readouterr()
+        assert main(["sweep", str(path), "--backend", "inline"]) == 0
+        assert "nothing to submit: 2 runs skipped" in capsys.readouterr().out
+    assert [(r.run_dir / "result.json").stat().st_mtime_ns for r in runs] == stamps
+    assert sorted(p.name for p in (tmp_path / "runs" / "abl").iterdir()) == sorted(
+        [MANIFEST_FILE, *(r.run_dir.name for r in runs)])
+    # a run not started yet is named after the file as it is now
+    path = write_sweep(tmp_path, axes={"train.batch_size": [4], "train.lr": [1.0e-3, 2.0e-4]})
+    new = load_sweep(path).runs()[1]
+    assert new.run_dir.name == f"abl-batch_size=4_lr=0.0002-{new.run_id}"
