@@ -289,8 +289,9 @@ def _run_in(cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, An
         row = write_rows(STATUS_COMPLETED)
         if current is not None:
             _after_success(current)
-    except (KeyboardInterrupt, RunInterrupted) as interruption:
-        write_rows(STATUS_INTERRUPTED, interruption)
+    except (KeyboardInterrupt, RunInterrupted) as interruption:  # a failing peer may be why (srun ends the step)
+        write_rows(STATUS_INTERRUPTED, distributed.failure_with_causes(run_dir, interruption, wait_s=0) if main
+                   else interruption)
         print(f"clip-compress: run {cfg.name} interrupted (see {run_dir / 'result.json'})", file=sys.stderr)
         raise
     except Exception as error:  # the row records the failure; the caller decides what to do with it

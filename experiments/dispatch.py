@@ -224,6 +224,9 @@ def slurm_executor(cfg: RunConfig, folder: Path) -> Any:
     # with `scontrol requeue` after its checkpoint() (USR2 arrives signal_delay_s before the limit)
     params["additional_parameters"] = {"requeue": True,
                                        **{str(k).replace("_", "-"): v for k, v in d.slurm_options.items()}}
+    if d.nodes * max(d.gpus_per_node, 1) > 1:
+        # a task that fails ends the step: its peers would otherwise wait in a collective (NCCL: for hours)
+        params["srun_args"] = ["--kill-on-bad-exit=1"]
     executor.update_parameters(**params)
     return executor
 

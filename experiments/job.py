@@ -103,8 +103,11 @@ class RunJob:
         export_task_environment()
         row = run_experiment(cfg, force=force)
         # the process group is gone by now: the rank the job was launched as decides who writes
-        if distributed.environment().rank == 0:
+        launch = distributed.environment()
+        if launch.rank == 0:
             write_reports(run_dir)
+        elif row.get("status") != STATUS_COMPLETED:  # exit non-zero: srun ends the other tasks of the step
+            raise RunError(f"run {cfg.name}, rank {launch.rank} of {launch.world_size}: {row.get('error')}")
         return row
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:

@@ -248,6 +248,7 @@ def test_slurm_backend_submits_job_arrays_in_chunks_with_the_resources(tmp_path,
     folder = tmp_path / "runs" / "abl" / "submitit"
     for script in scripts:
         assert "srun --unbuffered" in script and f"-m submitit.core._submit {folder}" in script
+        assert "--kill-on-bad-exit=1" in script  # 8 tasks of one run: a failing task ends the step
     entries = manifest(tmp_path)
     assert [e["run_id"] for e in entries] == [r.run_id for r in runs]
     by_run = {e["run_id"]: e["job_id"] for e in entries}
@@ -428,3 +429,19 @@ def test_a_submitted_run_without_a_directory_is_shown_queued(tmp_path, fake_slur
     assert "note: 1 run(s) queued?: submitted (job 1001_0) but not started" in out
     assert main(["sweep", str(path), "--backend", "slurm"]) == 0
     assert [e["job_id"] for e in manifest(tmp_path)] == ["1001_0", "1001_1", "1002_0", "1002_1"]
+
+
+def test_a_failing_task_other_than_rank_0_exits_non_zero(tmp_path, monkeypatch):
+    """srun's --kill-on-bad-exit then ends the step, so no task waits on its failed peer in a collective."""
+    import compress.run
+    from compress.config import config_from_dict
+
+    cfg = tiny_config(tmp_path)
+    monkeypatch.setattr(compress.run, "run_experiment", lambda cfg, force=False: {"status": "failed", "error": "x"})
+    monkeypatch.setattr("experiments.job.export_task_environment", lambda: None)
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RuntimeError, match="rank 1 of 2: x"):
+        RunJob(cfg.to_dict())()
+    monkeypatch.setenv("RANK", "0")  # rank 0 returns its failed row (it wrote it)
+    assert RunJob(config_from_dict(cfg.to_dict()).to_dict())()["status"] == "failed"
