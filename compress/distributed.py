@@ -126,11 +126,6 @@ def local_rank() -> int:
     return environment().local_rank
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 def sum_over_ranks(tensor: Tensor) -> Tensor:
     """The sum of ``tensor`` over ranks, on ``tensor``'s device (a copy; ``tensor`` itself on one process).
     A CPU tensor travels through the GPU under NCCL, which reduces CUDA tensors only."""
@@ -233,7 +228,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad)
         n = grad.shape[0] // dist.get_world_size()
-        return grad[rank() * n : (rank() + 1) * n]
+        start = local_row_offset(n)
+        return grad[start : start + n]
 
 
 def gather_with_grad(tensor: Tensor) -> Tensor:
