@@ -1,0 +1,168 @@
+"""TinyCLIP's ablations on the embedded benchmark: the sweep files of ``experiments/configs/ablations/``
+run with the demo's trained teacher, each rendered into ``docs/ablations/<name>.md`` (tables and figures).
+
+    python -m experiments.ablations [loss inheritance progressive speedup logit_scale]
+        [--backend inline|local] [--scale K] [--docs docs/ablations] [--cache-dir DIR] [--render-only]
+
+The teacher is the demo's (``clip-compress demo``: trained once, cached). ``--scale K`` multiplies the
+batch and the training data by K for bigger machines (same steps). Runs land in ``runs/ablations``
+(the sweeps' ``output_dir``); finished runs are skipped when the command is repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).parent / "configs" / "ablations"
+#: the metrics of every ablation table: zero-shot top-1 (all classes, held-out colour-shape pairs), R@1
+METRICS = ["zs/color_shape/top1", "zs/color_shape/top1_heldout", "ret/val/i2t_r1", "ret/val/t2i_r1"]
+LABELS = {"zs/color_shape/top1": "zero-shot top-1", "zs/color_shape/top1_heldout": "top-1 held-out pairs",
+          "ret/val/i2t_r1": "R@1 i2t", "ret/val/t2i_r1": "R@1 t2i", "params": "params (w/o token emb.)",
+          "sparsity/achieved": "pruned"}
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """How one sweep is shown: its title, the config key of the table's rows, extra table values, figures."""
+
+    title: str
+    rows: str
+    values: tuple[str, ...] = ()
+    figures: tuple[str, ...] = ()
+
+
+ABLATIONS: dict[str, Ablation] = {
+    "loss": Ablation("The distillation loss", "loss", figures=("curves",)),
+    "inheritance": Ablation("Weight inheritance", "inheritance", ("params",), ("pareto", "curves")),
+    "progressive": Ablation("Progressive against one-shot pruning (75%)", "inheritance", ("sparsity/achieved",),
+                            ("curves",)),
+    "speedup": Ablation("The training speed-up of inheritance", "inheritance", figures=("steps",)),
+    "logit_scale": Ablation("Fixed logit scale 50 against each model's own", "loss", figures=("curves",)),
+}
+
+
+def command(name: str, scale: int = 1) -> str:
+    return f"python -m experiments.ablations {name}" + (f" --scale {scale}" if scale != 1 else "")
+
+
+def scale_overrides(scale: int) -> list[str]:
+    """``--scale K``: K x the batch (and K x the training data, so as many epochs), the same steps."""
+    if scale < 1:
+        raise ValueError(f"--scale must be >= 1, got {scale}")
+    if scale == 1:
+        return []
+    return [f"train.batch_size={128 * scale}", f"data.train.num_samples={25600 * scale}"]
+
+
+def wait_for(run_dirs: Sequence[Path], poll_s: float = 10.0) -> None:
+    """Until no run is pending, running or stopped (the ``local`` backend does not wait)."""
+    from experiments.status import PENDING, RUNNING, STOPPED, run_state
+
+    while any(run_state(d).state in (PENDING, RUNNING, STOPPED) for d in run_dirs):
+        time.sleep(poll_s)
+
+
+def header_comment(path: Path) -> str:
+    """The sweep file's leading comment (what it compares), as text."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(lines).split(" Regenerate:")[0]  # the page states the command itself
+
+
+def render(name: str, run_dirs: Sequence[Path], docs: Path, scale: int = 1) -> Path:
+    """``docs/<name>.md``: the command, what the sweep compares, the table (mean ± std over seeds) and figures."""
+    from analysis.load import load_curves, load_results
+    from analysis.plots import plot_curves, plot_pareto, plot_steps
+    from analysis.tables import ablation_table
+
+    spec = ABLATIONS[name]
+    docs.mkdir(parents=True, exist_ok=True)
+    found = [d for d in run_dirs if (d / "result.json").is_file()]
+    if not found:
+        raise FileNotFoundError(f"ablation {name}: no result rows in its run directories (run it first)")
+    frame = load_results(found)
+    frame = frame[frame["row"] == "run"]
+    baseline = {spec.rows: str(frame.loc[frame["path"] == str(found[0]), spec.rows].iloc[0])}
+    parts = [f"# {spec.title}", "", f"Regenerate from scratch: `{command(name, scale)}`", "",
+             header_comment(CONFIG_DIR / f"{name}.yaml"), ""]
+    if name == "speedup":
+        parts += [ablation_table(frame, rows=[spec.rows], cols=["steps"], values=METRICS[:1], labels=LABELS)
+                  .to_markdown(), "", speedup_text(frame), ""]
+    else:
+        table = ablation_table(frame, rows=[spec.rows], values=[*METRICS, *spec.values], baseline=baseline,
+                               labels=LABELS)
+        parts += [table.to_markdown(), ""]
+    figures: dict[str, Callable[[Path], Any]] = {
+        "pareto": lambda p: plot_pareto(frame, p, x="params", label=(spec.rows,)),
+        "curves": lambda p: plot_curves(load_curves(found), p, term="loss", group=(spec.rows,)),
+        "steps": lambda p: plot_steps(frame, p, group=(spec.rows,)),
+    }
+    for kind in spec.figures:
+        path = figures[kind](docs / f"{name}-{kind}.png")
+        parts += [f"![{kind}]({path.name})", ""]
+    out = docs / f"{name}.md"
+    out.write_text("\n".join(parts))
+    return out
+
+
+def speedup_text(frame: Any) -> str:
+    """TinyCLIP's speed-up: scratch's mean accuracy at its largest budget, the steps manual inheritance
+    needs to reach it (linear between budgets), and their ratio."""
+    from analysis.plots import steps_to_reach
+
+    metric = METRICS[0]
+    done = frame[frame["status"] == "completed"]
+    means = done.groupby(["inheritance", "steps"])[metric].mean()
+    if "none" not in means.index.get_level_values(0) or "manual" not in means.index.get_level_values(0):
+        return "(the speed-up needs completed runs of both `none` and `manual`)"
+    scratch, manual = means["none"], means["manual"]
+    budget, target = int(scratch.index.max()), float(scratch[scratch.index.max()])
+    reached = steps_to_reach(list(manual.index), list(manual.values), target)
+    if reached is None:
+        return (f"Manual inheritance does not reach scratch's {target:.1f} ({budget} steps) within "
+                f"{int(manual.index.max())} steps: no speed-up here.")
+    return (f"Scratch reaches {target:.1f} top-1 after {budget} steps; manual inheritance reaches it after "
+            f"{reached:.0f} steps: a **{budget / reached:.1f}x** speed-up (the paper: 1.4-7.8x).")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from experiments.demo import FULL, default_cache_dir, train_teacher
+    from experiments.sweep import load_sweep
+    from experiments.sweep_cli import run_sweep
+
+    parser = argparse.ArgumentParser(prog="python -m experiments.ablations", description=__doc__.splitlines()[0])
+    known = ", ".join(ABLATIONS)
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"ablations: {known} (default: all)")
+    parser.add_argument("--backend", choices=["inline", "local"], default="inline")
+    parser.add_argument("--scale", type=int, default=1, help="K x the batch and the data (bigger machines)")
+    parser.add_argument("--docs", default="docs/ablations", help="where the pages go")
+    parser.add_argument("--cache-dir", default=None, help="where the demo teacher is cached")
+    parser.add_argument("--render-only", action="store_true", help="render the pages from the runs on disk")
+    args = parser.parse_args(argv)
+    names = args.names or list(ABLATIONS)
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        parser.error(f"unknown ablation(s) {unknown}; known: {', '.join(ABLATIONS)}")
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    teacher = train_teacher(FULL, cache, False, "ablations")["metrics"]["export/path"]
+    overrides = [f"teacher.model={teacher}", *scale_overrides(args.scale)]
+    for name in names:
+        path = CONFIG_DIR / f"{name}.yaml"
+        run_dirs = [run.run_dir for run in load_sweep(path, overrides).runs()]
+        if not args.render_only:
+            run_sweep(path, backend=args.backend, overrides=overrides)
+            wait_for(run_dirs)
+        print(f"[ablations] {name}: {render(name, run_dirs, Path(args.docs), args.scale)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

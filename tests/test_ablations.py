@@ -1,0 +1,89 @@
+"""TinyCLIP's ablation sweeps (experiments/configs/ablations/) and their pages (experiments.ablations)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compress.config import ConfigError
+from experiments.ablations import ABLATIONS, CONFIG_DIR, render, scale_overrides
+from experiments.sweep import load_sweep
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> str:
+    """A stand-in for the demo's trained teacher: its architecture, exported (random weights)."""
+    from compress.models import load_model
+    from compress.models.export import save_model
+
+    return str(save_model(load_model("cc-demo-teacher"), tmp_path_factory.mktemp("teacher") / "model"))
+
+
+def runs_of(name: str, teacher: str, *extra: str):
+    return load_sweep(CONFIG_DIR / f"{name}.yaml", [f"teacher.model={teacher}", *extra]).runs()
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_each_ablation_has_three_seeds_one_teacher_and_one_budget(name, teacher, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    runs = runs_of(name, teacher)
+    seeds = sorted({r.cfg.seed for r in runs})
+    assert seeds == [0, 1, 2] and len(runs) % 3 == 0
+    assert {r.cfg.teacher.model for r in runs} == {teacher}
+    budgets = {sum(s.steps for s in r.cfg.stages) if r.cfg.stages else r.cfg.train.steps for r in runs}
+    assert budgets == ({30, 60, 120, 240} if name == "speedup" else {240})
+    assert {r.cfg.train.batch_size for r in runs} == {128}
+    students = {r.cfg.student.model if r.cfg.student else None for r in runs}
+    assert students <= {"cc-demo-student", None}  # None: automatic inheritance at the same budget
+
+
+def test_the_inheritance_ablation_prunes_to_the_manual_students_budget():
+    from compress.models import load_model
+    from compress.run import prunable_parameters
+
+    auto = [spec for spec in load_sweep_text("inheritance")["zip"][0]["inheritance"] if spec["name"] == "auto"][0]
+    kept = prunable_parameters(load_model("cc-demo-student")) / prunable_parameters(load_model("cc-demo-teacher"))
+    assert auto["target_sparsity"] == pytest.approx(1 - kept, abs=0.001)
+
+
+def load_sweep_text(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+
+
+def test_without_the_trained_teacher_the_sweeps_are_refused():
+    with pytest.raises(ConfigError, match="teacher"):
+        load_sweep(CONFIG_DIR / "loss.yaml").runs()
+
+
+def test_scale_multiplies_the_batch_and_the_data(teacher, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (run, *_) = runs_of("logit_scale", teacher, *scale_overrides(4))
+    assert (run.cfg.train.batch_size, run.cfg.data.train.num_samples, run.cfg.train.steps) == (512, 102400, 240)
+    with pytest.raises(ValueError):
+        scale_overrides(0)
+
+
+def test_the_speedup_page_reports_the_factor_computed_from_the_rows(teacher, monkeypatch, tmp_path):
+    """Rows written by hand for every run of the speed-up sweep: scratch reaches 40 at 240 steps, manual
+    inheritance 30/50/60/70 at 30/60/120/240 steps, so it reaches 40 at 45 steps (linear): 240/45 = 5.3x."""
+    monkeypatch.chdir(tmp_path)
+    runs = runs_of("speedup", teacher)
+    accuracy = {"none": {30: 10.0, 60: 20.0, 120: 30.0, 240: 40.0},
+                "manual": {30: 30.0, 60: 50.0, 120: 60.0, 240: 70.0}}
+    for run in runs:
+        run.run_dir.mkdir(parents=True)
+        top1 = accuracy[run.cfg.inheritance["name"]][run.cfg.train.steps] + run.cfg.seed - 1  # mean over seeds as given
+        metrics = {"zs/color_shape/top1": top1, "zs/color_shape/top1_heldout": 0.0, "ret/val/i2t_r1": 0.0,
+                   "ret/val/t2i_r1": 0.0, "params/vision": 1, "params/text": 1}
+        row = {"run_id": run.run_id, "name": run.cfg.name, "status": "completed", "config": run.cfg.to_dict(),
+               "metrics": metrics}
+        (run.run_dir / "result.json").write_text(json.dumps(row))
+    page = render("speedup", [r.run_dir for r in runs], tmp_path / "docs").read_text()
+    assert page.startswith("# The training speed-up of inheritance")
+    assert "`python -m experiments.ablations speedup`" in page
+    assert "reaches it after 45 steps: a **5.3x** speed-up" in page
+    assert "| none | 10 ± 1 | 20 ± 1 | 30 ± 1 | 40 ± 1 |" in page  # seeds at -1/0/+1 of the means above
+    assert (tmp_path / "docs" / "speedup-steps.png").is_file()
