@@ -227,6 +227,7 @@ def _aliases(row: Mapping[str, Any], varying: Mapping[str, set[str]]) -> dict[st
         "student": students[-1] or "(pruned teacher)",
         "teacher": _short_model(config.get("teacher")) or "none",
         "stage": metrics.get("stage/name") or "",
+        "n_stages": max(len(stages), 1),
         "target_sparsity": float(target) if target is not None else math.nan,
         "seed": config.get("seed"),
         "lr": train.get("lr"),

@@ -87,3 +87,48 @@ def test_the_speedup_page_reports_the_factor_computed_from_the_rows(teacher, mon
     assert "reaches it after 45 steps: a **5.3x** speed-up" in page
     assert "| none | 10 ± 1 | 20 ± 1 | 30 ± 1 | 40 ± 1 |" in page  # seeds at -1/0/+1 of the means above
     assert (tmp_path / "docs" / "speedup-steps.png").is_file()
+
+
+def write_rows(runs, top1) -> None:
+    """A result row (and a short metrics.jsonl) for every run, as a real run leaves them."""
+    for run in runs:
+        run.run_dir.mkdir(parents=True)
+        metrics = {"zs/color_shape/top1": top1(run), "zs/color_shape/top1_heldout": 10.0 + run.cfg.seed,
+                   "ret/val/i2t_r1": 5.0, "ret/val/t2i_r1": 6.0, "params/vision": 400000 + 1000 * len(run.cfg.stages),
+                   "params/text": 300000, "sparsity/achieved": 0.75, "train/duration_s": 50.0 + run.cfg.seed}
+        row = {"run_id": run.run_id, "name": run.cfg.name, "status": "completed", "config": run.cfg.to_dict(),
+               "metrics": metrics}
+        (run.run_dir / "result.json").write_text(json.dumps(row))
+        lines = [{"step": k, "loss": 1.0 / k, "lr": 1e-3} for k in (1, 2, 3)]
+        (run.run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+@pytest.mark.parametrize("name", [n for n in ABLATIONS if n != "speedup"])
+def test_every_ablation_page_renders_its_table_and_figures(name, teacher, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    runs = runs_of(name, teacher)
+    write_rows(runs[:-1], lambda run: 50.0 + run.cfg.seed)  # the last run has no result yet
+    page = render(name, [r.run_dir for r in runs], tmp_path / "docs").read_text()
+    assert f"`python -m experiments.ablations {name}`" in page
+    assert f"**1 of {len(runs)} runs have no result yet**" in page
+    assert "51.0 ± 1.0" in page and "(n=2)" in page  # seeds 0/1/2 give 50/51/52; the cell missing one has 2
+    for kind in ABLATIONS[name].figures:
+        assert (tmp_path / "docs" / f"{name}-{kind}.png").is_file() and f"]({name}-{kind}.png)" in page
+
+
+def test_the_progressive_page_has_one_row_per_number_of_stages(teacher, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    runs = runs_of("progressive", teacher)
+    write_rows(runs, lambda run: 60.0 + 10 * len(run.cfg.stages) + run.cfg.seed)
+    page = render("progressive", [r.run_dir for r in runs], tmp_path / "docs").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")
+            or line.startswith("| 3 ")]
+    assert [r.split("|")[2].strip().strip("*") for r in rows] == ["71 ± 1", "81 ± 1", "91 ± 1"]
+
+
+def test_a_speedup_already_reached_at_the_smallest_budget_is_a_lower_bound(teacher, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    runs = runs_of("speedup", teacher)
+    write_rows(runs, lambda run: (80.0 if run.cfg.inheritance["name"] == "manual" else 40.0) + run.cfg.seed)
+    page = render("speedup", [r.run_dir for r in runs], tmp_path / "docs").read_text()
+    assert "a speed-up of at least **8.0x**" in page  # 240 / 30: manual beats scratch's 41 at 30 steps
