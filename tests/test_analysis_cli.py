@@ -86,3 +86,18 @@ def test_plot_command_kinds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "no structure.json" in capsys.readouterr().err
     assert main(["plot", str(ROWS), "--kind", "curves", "-o", str(tmp_path / "c.png")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_loading_run_folders_does_not_import_torch(tmp_path: Path) -> None:
+    """The folder path goes through the run-directory search (experiments.collect/status): torch-free too."""
+    import json
+
+    for k, row in enumerate(json.loads(line) for line in ROWS.read_text().splitlines()):
+        folder = tmp_path / "runs" / f"run-{k}"
+        folder.mkdir(parents=True)
+        plain = {key: v for key, v in row.items() if key not in ("row", "path")}
+        (folder / "result.json").write_text(json.dumps(plain))
+    code = (f"import sys; from analysis.load import load_results\nframe = load_results([{str(tmp_path / 'runs')!r}])\n"
+            "assert len(frame) > 3, len(frame)\nsys.exit(3 if 'torch' in sys.modules else 0)")
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
