@@ -205,6 +205,12 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from analysis.select import filter_rows, parse_pairs
 
     group = _csv_list(args.group)
+    unused = {"--stages": args.stages and args.kind != "curves", "--x": args.x and args.kind in ("curves", "structure"),
+              "--y": args.y and args.kind == "structure", "--group": group and args.kind == "structure",
+              "--filter": args.filter and args.kind == "structure"}
+    refused = [option for option, given in unused.items() if given]
+    if refused:
+        raise CliError(f"--kind {args.kind} does not use {', '.join(refused)}")
     try:
         where = parse_pairs(args.filter or [], "--filter")
         if args.kind == "structure":

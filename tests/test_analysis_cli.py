@@ -101,3 +101,10 @@ def test_loading_run_folders_does_not_import_torch(tmp_path: Path) -> None:
             "assert len(frame) > 3, len(frame)\nsys.exit(3 if 'torch' in sys.modules else 0)")
     result = _python(code)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("extra", [["--kind", "pareto", "--stages"], ["--kind", "curves", "--x", "params"],
+                                   ["--kind", "structure", "--y", "x"]])
+def test_plot_options_a_kind_does_not_use_are_refused(extra, capsys, tmp_path):
+    assert main(["plot", str(ROWS), *extra, "-o", str(tmp_path / "p.png")]) == 2
+    assert "does not use" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
