@@ -108,3 +108,13 @@ def test_loading_run_folders_does_not_import_torch(tmp_path: Path) -> None:
 def test_plot_options_a_kind_does_not_use_are_refused(extra, capsys, tmp_path):
     assert main(["plot", str(ROWS), *extra, "-o", str(tmp_path / "p.png")]) == 2
     assert "does not use" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
+
+
+def test_the_readme_table_example_is_the_commands_real_output(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = "$ clip-compress table tests/data/analysis_rows.jsonl "
+    block = readme.split(command, 1)[1]
+    args, shown = block.split("\n", 1)
+    shown = shown.split("\n```", 1)[0]
+    assert main(["table", str(ROWS), *args.split()]) == 0
+    assert capsys.readouterr().out.strip() == shown.strip()
