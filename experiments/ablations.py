@@ -64,11 +64,19 @@ def scale_overrides(scale: int) -> list[str]:
     return [f"train.batch_size={batch * scale}", f"data.train.num_samples={samples * scale}"]
 
 
-def wait_for(run_dirs: Sequence[Path], poll_s: float = 10.0) -> None:
-    """Until no run is pending, running or stopped (the ``local`` backend does not wait)."""
+def wait_for(run_dirs: Sequence[Path], poll_s: float = 10.0, timeout_s: float = 7 * 24 * 3600) -> None:
+    """Until no run is pending, running or stopped (the ``local`` backend does not wait); a job that died
+    without a row would keep its run stopped: ``TimeoutError`` after ``timeout_s``, naming the runs."""
     from experiments.status import PENDING, RUNNING, STOPPED, run_state
 
-    while any(run_state(d).state in (PENDING, RUNNING, STOPPED) for d in run_dirs):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        waiting = [d for d in run_dirs if run_state(d).state in (PENDING, RUNNING, STOPPED)]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(waiting)} run(s) unfinished after {timeout_s:.0f} s, e.g. {waiting[0]} "
+                               "(see clip-compress status)")
         time.sleep(poll_s)
 
 
@@ -168,14 +176,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     teacher = train_teacher(FULL, cache, False, "ablations")["metrics"]["export/path"]
     overrides = [f"teacher.model={teacher}", *scale_overrides(args.scale)]
+    failed = 0
     for name in names:
         path = CONFIG_DIR / f"{name}.yaml"
         run_dirs = [run.run_dir for run in load_sweep(path, overrides).runs()]
         if not args.render_only:
-            run_sweep(path, backend=args.backend, overrides=overrides)
+            failed |= run_sweep(path, backend=args.backend, overrides=overrides)
             wait_for(run_dirs)
         print(f"[ablations] {name}: {render(name, run_dirs, Path(args.docs), args.scale)}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

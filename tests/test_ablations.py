@@ -132,3 +132,14 @@ def test_a_speedup_already_reached_at_the_smallest_budget_is_a_lower_bound(teach
     write_rows(runs, lambda run: (80.0 if run.cfg.inheritance["name"] == "manual" else 40.0) + run.cfg.seed)
     page = render("speedup", [r.run_dir for r in runs], tmp_path / "docs").read_text()
     assert "a speed-up of at least **8.0x**" in page  # 240 / 30: manual beats scratch's 41 at 30 steps
+
+
+def test_waiting_for_runs_that_never_finish_times_out_naming_them(tmp_path):
+    from experiments.ablations import wait_for
+
+    with pytest.raises(TimeoutError, match="1 run\\(s\\) unfinished"):
+        wait_for([tmp_path / "never-started"], poll_s=0.01, timeout_s=0.05)
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "result.json").write_text(json.dumps({"run_id": "x", "name": "x", "status": "completed"}))
+    wait_for([done], poll_s=0.01, timeout_s=0.05)  # returns at once
