@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from experiments.demo import TABLE_COLUMNS
+
 CONFIG_DIR = Path(__file__).parent / "configs" / "ablations"
 #: the metrics of every ablation table: zero-shot top-1 (all classes, held-out colour-shape pairs), R@1
 METRICS = ["zs/color_shape/top1", "zs/color_shape/top1_heldout", "ret/val/i2t_r1", "ret/val/t2i_r1"]
-LABELS = {"zs/color_shape/top1": "zero-shot top-1", "zs/color_shape/top1_heldout": "top-1 held-out pairs",
-          "ret/val/i2t_r1": "R@1 i2t", "ret/val/t2i_r1": "R@1 t2i", "params": "params (w/o token emb.)",
-          "sparsity/achieved": "pruned", "train_time_s": "training s"}
+LABELS = {**TABLE_COLUMNS, "sparsity/achieved": "pruned", "train_time_s": "training s"}
 
 
 @dataclass(frozen=True)
