@@ -313,5 +313,7 @@ def estimate_host_memory(cfg: Any, student: Any, teacher: Any | None = None, wor
 
 
 def gib(n: int) -> str:
-    """Bytes in GiB (MiB below 1 GiB)."""
-    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
+    """Bytes in GiB (MiB below 1 GiB, KiB below 1 MiB)."""
+    if n >= GIB:
+        return f"{n / GIB:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"

@@ -130,3 +130,12 @@ def test_dry_run_of_a_shipped_recipe_shows_the_micro_batch_and_memory(capsys):
     assert "host ~" in out and "in flight in the loader (16 micro-batches of 256" in out
     assert "similarities 28.0 GiB (4 + 3 working of 32768 x 32768 fp32)" in out
     assert "device ~" in out and "activations" in out and "(one micro-batch, grad checkpointing)" in out
+
+
+def test_a_step_beyond_an_80_gib_gpu_is_a_warning_of_the_dry_run(capsys):
+    """Global batch 65536 on one GPU: 7 fp32 matrices of 65536 x 65536 (112 GiB) do not fit any GPU."""
+    args = ["run", "experiments/configs/tinyclip/vit-b32-manual.yaml", "--dry-run", "--set", "train.batch_size=65536"]
+    assert main(args) == 0
+    warnings = capsys.readouterr().out.split("warnings:")[1]
+    assert "vit61m: the device memory estimate ~" in warnings and "more than an 80 GiB GPU holds" in warnings
+    assert "(largest: similarities 112.0 GiB)" in warnings
