@@ -31,6 +31,18 @@ from torch import nn
 from compress.config import ModelSpec, RunConfig, inheritance_context, schedule_context
 from compress.config.stages import ResolvedStage, resolve_stages
 from compress.config.validate import loss_weight_keys
+from compress.memory import (
+    REFERENCE_GPU_BYTES,
+    HostEstimate,
+    MemoryEstimate,
+    ModelShape,
+    estimate_device_memory,
+    estimate_host_memory,
+    gib,
+    model_shape,
+    shape_of_model,
+    world_size_of,
+)
 from compress.rundir import stage_dir
 
 log = logging.getLogger(__name__)
@@ -51,6 +63,8 @@ class ModelFacts:
     total: int | None = None
     macs_image: int | None = None
     macs_text: int | None = None
+    #: what the memory estimate reads (:mod:`compress.memory`)
+    shape: ModelShape | None = None
 
     @property
     def prunable(self) -> int | None:
@@ -82,6 +96,14 @@ class StagePlan:
     schedules: list[str]
     directory: Path
     state: str
+    #: the towers the target is a fraction of (those the strategy prunes)
+    towers: tuple[str, ...] = ("vision", "text")
+    #: memory of one step per process (None: a model's size is unknown), and what the estimate assumed
+    memory: MemoryEstimate | None = None
+    host: HostEstimate | None = None
+    world_size: int = 1
+    grad_checkpointing: bool = False
+    memory_note: str = ""
 
 
 @dataclass
@@ -158,7 +180,7 @@ def model_facts(spec: ModelSpec, role: str, warnings: list[str]) -> ModelFacts:
     path = Path(name)
     if kind == "exported":
         model = load_model(spec.model, force_quick_gelu=spec.force_quick_gelu)
-        return ModelFacts(label, f"read from {path}", **facts_of_model(model))
+        return ModelFacts(label, f"read from {path}", **facts_of_model(model), shape=shape_of_model(model))
     if kind == "file":
         if not path.is_file():
             warnings.append(f"{role}.model: no such file: {path}")
@@ -184,7 +206,8 @@ def model_facts(spec: ModelSpec, role: str, warnings: list[str]) -> ModelFacts:
         elif not Path(pretrained).is_file():
             warnings.append(f"{role}.pretrained: no such file: {pretrained}")
         note = f"random weights stand in for {pretrained}"
-    return ModelFacts(label, note, **architecture_facts(cfg))
+    facts = architecture_facts(cfg)
+    return ModelFacts(label, note, **facts, shape=model_shape(cfg, facts["total"]))
 
 
 # -- the run directory --------------------------------------------------------------------------
@@ -366,14 +389,14 @@ def _stage_plan(
         when = f", physically pruned at step {prune_step}" if prune_step is not None else ""
         student_text = f"{base} with learned masks (heads, MLP neurons, residual channels){when}"
         if target is not None and teacher is not None and teacher.prunable is not None:
-            towers = tuple(getattr(inheritance, "towers", ("vision", "text")))
+            towers = tuple(getattr(inheritance, "towers", ("vision", "text")))  # the target's towers
             masked = sum(getattr(teacher, t) for t in towers)
             expected_prunable = round((1.0 - target) * masked) + teacher.prunable - masked
             expected_total = expected_prunable + teacher.total - teacher.prunable
     steps, batch = cfg.train.steps, cfg.train.batch_size
     samples = steps * batch
     available = cfg.data.train.num_samples
-    return StagePlan(
+    plan = StagePlan(
         index=stage.index,
         name=stage.name,
         source=stage.source,
@@ -394,7 +417,37 @@ def _stage_plan(
         schedules=_schedules(cfg, inheritance),
         directory=directory,
         state=_stage_state(directory, run_cfg, force, staged, warnings),
+        towers=tuple(getattr(inheritance, "towers", ("vision", "text"))),
+        world_size=world_size_of(cfg),
+        grad_checkpointing=cfg.train.grad_checkpointing,
     )
+    _add_memory(plan, cfg, teacher, previous, warnings)
+    return plan
+
+
+def _add_memory(plan: StagePlan, cfg: RunConfig, teacher: ModelFacts | None, previous: StagePlan | None,
+                warnings: list[str]) -> None:
+    """The stage's memory estimate (:mod:`compress.memory`). A student that learns its structure is a
+    masked copy of its source: the teacher's shape, or the previous stage's; a previous stage that
+    learned its own has no shape before training, and the teacher's stands in (an upper bound)."""
+    student = plan.student.shape if plan.student is not None else None
+    if plan.student is None and teacher is not None:
+        student = teacher.shape
+        if plan.source == "previous" and previous is not None:
+            if previous.student is not None:
+                student = previous.student.shape
+            else:
+                plan.memory_note = "student at the teacher's shape: an upper bound, its source is smaller"
+    if student is None:
+        return
+    teacher_shape = teacher.shape if teacher is not None else None
+    plan.memory = estimate_device_memory(cfg, student, teacher_shape)
+    plan.host = estimate_host_memory(cfg, student, teacher_shape)
+    if plan.memory.total > REFERENCE_GPU_BYTES:
+        parts = plan.memory.parts()
+        largest = max(parts, key=lambda k: parts[k])
+        warnings.append(f"{plan.name}: the device memory estimate ~{gib(plan.memory.total)} per process is more "
+                        f"than an 80 GiB GPU holds (largest: {largest} {gib(parts[largest])})")
 
 
 def build_plan(cfg: RunConfig, force: bool = False) -> Plan:
@@ -448,6 +501,37 @@ def _facts_line(facts: ModelFacts) -> str:
             f"{_m(facts.token_embedding)}); MACs per image {_g(facts.macs_image)}, per text {_g(facts.macs_text)}")
 
 
+def _kib(n: int) -> str:
+    return f"{n / 2**10:.0f} KiB" if n >= 2**10 else f"{n} B"
+
+
+def _memory_lines(s: StagePlan) -> list[str]:
+    """Micro-batch, host and device memory of one step per process (:mod:`compress.memory`)."""
+    world = s.world_size
+    micro = s.batch_size // (world * s.accum_steps)
+    head = (f"  memory       micro-batch {micro} per process (batch {s.batch_size} / ({world} process"
+            f"{'es' if world != 1 else ''} x {s.accum_steps} micro-batch{'es' if s.accum_steps != 1 else ''}))")
+    if s.memory is None or s.host is None:
+        return [head, "               host and device memory unknown (a model's size is unknown)"]
+    h, m = s.host, s.memory
+    workers = f"{h.batches_in_flight} micro-batches" if h.batches_in_flight > 1 else "1 micro-batch"
+    host = (f"               host ~{gib(h.total)}: {gib(h.in_flight)} in flight in the loader ({workers} of {micro} x "
+            f"{_kib(h.bytes_per_sample)}) + {gib(h.retained)} for the step's {h.retained_samples} samples (kept for "
+            "the gradient cache's second pass)")
+    lower = "+" if m.unknown else ""
+    sims = (f" ({m.similarity_matrices} + 3 working of {m.rows} x {m.columns} fp32)" if m.similarities else "")
+    device = (f"               device ~{gib(m.total)}{lower} in {m.precision}: weights {gib(m.weights)}, optimizer "
+              f"{gib(m.optimizer)}, activations {gib(m.activations)} (one micro-batch"
+              f"{', grad checkpointing' if s.grad_checkpointing else ''}), features {gib(m.features)}, similarities "
+              f"{gib(m.similarities)}{sims}")
+    lines = [head, host, device]
+    if m.unknown:
+        lines.append(f"               not estimated: {', '.join(m.unknown)}")
+    if s.memory_note:
+        lines.append(f"               {s.memory_note}")
+    return lines
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as the CLI prints it."""
     n = len(plan.stages)
@@ -480,7 +564,8 @@ def format_plan(plan: Plan) -> str:
             per_stage = ""
             if s.stage_target is not None and abs(s.stage_target - s.target_sparsity) > 1e-9:
                 per_stage = f"; this stage removes {s.stage_target:.1%} of its source"
-            lines.append(f"  target       {s.target_sparsity:.1%} of the teacher's prunable parameters removed "
+            whose = "the teacher's" if s.towers == ("vision", "text") else f"the teacher's {'+'.join(s.towers)}"
+            lines.append(f"  target       {s.target_sparsity:.1%} of {whose} prunable parameters removed "
                          f"(cumulative){per_stage}")
             if s.expected_prunable is not None:
                 lines.append(f"  expected     vision + text {_m(s.expected_prunable)} at the target (total "
@@ -489,6 +574,7 @@ def format_plan(plan: Plan) -> str:
         accum = f" ({s.accum_steps} micro-batches of {micro})" if s.accum_steps > 1 else ""
         epochs = f" = {s.epochs:.2f} epochs of data.train" if s.epochs is not None else ""
         lines.append(f"  steps        {s.steps} x batch {s.batch_size}{accum} = {_count(s.samples)} samples{epochs}")
+        lines.extend(_memory_lines(s))
         lines.append(f"  losses       {'; '.join(s.losses)}")
         for i, text in enumerate(s.schedules):
             lines.append(f"  {'schedules' if i == 0 else '':<11}  {text}")

@@ -26,6 +26,9 @@ class DistillLoss(nn.Module):
 
     needs_teacher: bool = True
     needs: tuple[str, ...] = ()
+    #: the (local rows x global batch) similarity matrices the loss computes per step, the teacher's and
+    #: the student's (what :mod:`compress.memory` counts; each keeps one fp32 matrix until the backward)
+    similarity_matrices: int = 0
 
     def forward(  # type: ignore[override]
         self, student: ClipOutput, teacher: ClipOutput | None, batch: Mapping[str, Any] | None = None
@@ -47,6 +50,9 @@ class Inheritance:
     needs_student_config: bool = True
     #: False when the strategy does not read the source model (training from scratch).
     needs_source: bool = True
+    #: the towers a ``target_sparsity`` is a fraction of (their prunable parameters: the tower without
+    #: the token embedding); the row's ``sparsity/achieved`` counts the same towers
+    towers: tuple[str, ...] = ("vision", "text")
 
     def inherit(self, student: nn.Module | None, source: nn.Module) -> nn.Module:
         raise NotImplementedError

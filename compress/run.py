@@ -33,13 +33,14 @@ from compress.checkpoint import (
     write_checkpoint,
 )
 from compress.config import ConfigError, RunConfig, dump_config
-from compress.config.stages import ResolvedStage, resolve_stages, with_source_fraction
+from compress.config.stages import ResolvedStage, pruned_towers, resolve_stages, with_source_fraction
 from compress.config.validate import inheritance_context, loss_weight_keys, schedule_context
 from compress.fileio import atomic_write_text
 from compress.models import load_model
 from compress.models.forward import context_length_of, embed_dim, tokenizer_for
 from compress.models.nonuniform import STRUCTURE_FILE
-from compress.models.params import parameter_report
+from compress.models.params import parameter_report, prunable_count
+from compress.models.towers import TOWERS
 from compress.precision import resolve_device, resolve_precision
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES
 from compress.results import (
@@ -146,30 +147,40 @@ def check_batch_split(cfg: RunConfig, world: int) -> None:
 def sparsity_metrics(
     inheritance: Any, teacher: nn.Module | None, exported: nn.Module, run: StageRun | None = None
 ) -> dict[str, Any]:
-    """Achieved sparsity of the exported student against the teacher, counted TinyCLIP's way
-    (vision tower + text tower without the token embedding), and the strategy's target if it
-    has one. ``sparsity/missed`` is true when the achieved value is more than
-    :data:`SPARSITY_TOLERANCE` below the target. In a staged run, ``sparsity/achieved`` and
-    ``sparsity/target`` are cumulative (against the teacher) and ``sparsity/stage_achieved`` /
-    ``sparsity/stage_target`` are against the stage's own source."""
+    """Achieved sparsity of the exported student against the teacher, counted TinyCLIP's way (a
+    tower's parameters without the token embedding) over the towers the strategy prunes
+    (``inheritance.towers``; both by default), the towers its target is a fraction of; with one
+    tower, ``sparsity/achieved_both`` counts both. With a target: ``sparsity/error`` is achieved -
+    target (signed), ``sparsity/missed`` is true when it is more than :data:`SPARSITY_TOLERANCE`
+    either way, ``sparsity/overshoot`` when the student was pruned more than that beyond it. In a
+    staged run, ``sparsity/achieved`` and ``sparsity/target`` are cumulative (against the teacher)
+    and ``sparsity/stage_achieved`` / ``sparsity/stage_target`` are against the stage's own source."""
     if teacher is None:
         return {}
-    achieved = 1.0 - prunable_parameters(exported) / prunable_parameters(teacher)
+    towers = tuple(getattr(inheritance, "towers", TOWERS))
+    achieved = 1.0 - prunable_count(exported, towers) / prunable_count(teacher, towers)
     out: dict[str, Any] = {"sparsity/achieved": round(achieved, 6)}
+    if set(towers) != set(TOWERS):
+        out["sparsity/towers"] = "+".join(towers)
+        out["sparsity/achieved_both"] = round(1.0 - prunable_parameters(exported) / prunable_parameters(teacher), 6)
     target = getattr(inheritance, "target_sparsity", None)
     stage = run.stage if run is not None else None
     if stage is not None and run is not None and run.source is not None:
-        out["sparsity/stage_achieved"] = round(1.0 - prunable_parameters(exported) / prunable_parameters(run.source), 6)
+        kept = prunable_count(exported, towers) / prunable_count(run.source, towers)
+        out["sparsity/stage_achieved"] = round(1.0 - kept, 6)
         if target is not None:
             out["sparsity/stage_target"] = float(target)
         target = stage.target_sparsity
     if target is not None:
+        error = achieved - float(target)
         out["sparsity/target"] = float(target)
-        out["sparsity/missed"] = achieved < float(target) - SPARSITY_TOLERANCE
+        out["sparsity/error"] = round(error, 6)
+        out["sparsity/missed"] = abs(error) > SPARSITY_TOLERANCE
+        out["sparsity/overshoot"] = error > SPARSITY_TOLERANCE
     return out
 
 
-#: how far below its target an automatically pruned student may end before the row says ``missed``
+#: how far from its target (either way) an automatically pruned student may end before the row says ``missed``
 SPARSITY_TOLERANCE = 0.02
 
 
@@ -335,7 +346,8 @@ def _stage_run(
     if stage.target_sparsity is not None:
         fraction = 1.0
         if stage.source == "previous" and teacher is not None and previous is not None:
-            fraction = prunable_parameters(previous) / prunable_parameters(teacher)
+            towers = pruned_towers(stage.cfg)  # the target's towers
+            fraction = prunable_count(previous, towers) / prunable_count(teacher, towers)
         stage_cfg = with_source_fraction(stage, fraction)
     return StageRun(stage_cfg, directory, stage, source, cfg.seed + STAGE_SEED_STRIDE * stage.index)
 
@@ -475,9 +487,11 @@ def _run_stage(
     exported = inheritance.export(trainer.student).eval()
     metrics.update(sparsity_metrics(inheritance, teacher, exported, run))
     if metrics.get("sparsity/missed"):
+        how = "overshot" if metrics["sparsity/overshoot"] else "fell short of"
         print(
-            f"clip-compress: warning: run {cfg.name} missed its sparsity target: "
-            f"{metrics['sparsity/achieved']:.1%} pruned for a target of {metrics['sparsity/target']:.1%}",
+            f"clip-compress: warning: run {cfg.name} {how} its sparsity target: "
+            f"{metrics['sparsity/achieved']:.1%} pruned for a target of {metrics['sparsity/target']:.1%} "
+            f"({100 * metrics['sparsity/error']:+.1f} points)",
             file=sys.stderr,
         )
 

@@ -103,6 +103,31 @@ def test_eval_run_dir_reproduces_its_result_json(tmp_path, capsys):
     assert "has no exported model" in capsys.readouterr().err
 
 
+def test_eval_staged_run_dir_evaluates_the_last_stages_model(tmp_path, capsys):
+    """A staged run's model is its last stage's (``stages/<k>-<name>/model``): ``clip-compress eval
+    RUN_DIR`` finds it and gives the numbers of the run's result.json (it looked only in RUN_DIR/model)."""
+    from test_run_e2e import tiny_config
+
+    from compress.run import run_dir_for, run_experiment
+
+    cfg = tiny_config(tmp_path, train={"steps": 1, "batch_size": 8, "lr": 1e-3, "log_every": 1, "progress": False},
+                      stages=[{"name": "first"}, {"name": "second", "student": {"model": "cc-test-student"}}])
+    row = run_experiment(cfg)
+    assert row["status"] == "completed", row.get("error")
+    run_dir = run_dir_for(cfg)
+    assert not (run_dir / "model").exists() and (run_dir / "stages" / "1-second" / "model").is_dir()
+    out_file = tmp_path / "again.json"
+    assert main(["eval", str(run_dir), "--output", str(out_file)]) == 0
+    again = json.loads(out_file.read_text())
+    recorded = json.loads((run_dir / "result.json").read_text())["metrics"]
+    assert {"zs/cs/top1", "ret/val/i2t_r1", "params/total"} <= set(again)
+    assert again == {k: recorded[k] for k in again}
+    capsys.readouterr()
+    (run_dir / "stages" / "1-second" / "model").rename(run_dir / "gone")
+    assert main(["eval", str(run_dir)]) == 2
+    assert "has no exported model (stages/1-second/model/)" in capsys.readouterr().err
+
+
 def _eval_error_cases(tmp_path):
     import torch
 

@@ -234,9 +234,11 @@ def test_empty_yaml_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize("model", ["ViT-B-32", "cc-test-teacher"])
 def test_teacher_without_weights_is_refused_unless_random_init(model):
+    student = {"model": "cc-test-student" if model.startswith("cc-") else "TinyCLIP-ViT-8M-16-Text-3M"}  # same tokens
     with pytest.raises(ConfigError, match="teacher.model: .* has no weights.*random_init: true"):
-        config_from_dict(builtin_dict(teacher={"model": model}))
-    assert config_from_dict(builtin_dict(teacher={"model": model, "random_init": True})).teacher.random_init
+        config_from_dict(builtin_dict(teacher={"model": model}, student=student))
+    cfg = config_from_dict(builtin_dict(teacher={"model": model, "random_init": True}, student=student))
+    assert cfg.teacher.random_init
 
 
 def test_unknown_model_names_and_missing_folders_are_refused_at_validation():
@@ -276,9 +278,10 @@ def test_teacher_json_config_needs_pretrained(tmp_path):
      {"model": "ViT-B-32", "pretrained": "/ckpt/teacher.pt"}, {"model": "/ckpt/teacher.safetensors"}],
 )
 def test_teacher_with_weights_is_accepted_and_refuses_random_init(teacher):
-    assert config_from_dict(builtin_dict(teacher=teacher)).teacher.random_init is False
+    student = {"model": "TinyCLIP-ViT-8M-16-Text-3M"}  # the teacher's tokenizer and context length
+    assert config_from_dict(builtin_dict(teacher=teacher, student=student)).teacher.random_init is False
     with pytest.raises(ConfigError, match="teacher.random_init: true, but .* loads weights"):
-        config_from_dict(builtin_dict(teacher={**teacher, "random_init": True}))
+        config_from_dict(builtin_dict(teacher={**teacher, "random_init": True}, student=student))
 
 
 def test_teacher_exported_folder_has_weights(tmp_path):

@@ -184,12 +184,14 @@ def test_dry_run_refuses_a_tag_trained_with_the_other_activation(tmp_path, capsy
     import yaml
 
     path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(_config(tmp_path, teacher={"model": "RN50@openai"})))
+    path.write_text(yaml.safe_dump(_config(tmp_path, teacher={"model": "RN50@openai"},
+                                           student={"model": "TinyCLIP-ResNet-19M-Text-19M"})))
     assert main(["run", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "QuickGELU" in err[0]
     with pytest.raises(Exception, match="neither a pretrained tag"):
-        build_plan(config_from_dict(_config(tmp_path, teacher={"model": "ViT-B-32@no_such_tag"})))
+        build_plan(config_from_dict(_config(tmp_path, teacher={"model": "ViT-B-32@no_such_tag"},
+                                            student={"model": "TinyCLIP-ViT-8M-16-Text-3M"})))
 
 
 def test_an_invalid_config_fails_the_dry_run(tmp_path, capsys):
@@ -212,3 +214,26 @@ def test_the_readme_shows_the_current_plan_of_the_automatic_recipe(tmp_path, mon
     monkeypatch.chdir(tmp_path)  # output.dir "runs" is relative: a folder that does not exist
     assert main(["run", str(root / "experiments" / "configs" / "tinyclip" / "vit-b32-auto.yaml"), "--dry-run"]) == 0
     assert capsys.readouterr().out.rstrip("\n").splitlines() == expected
+
+
+def test_a_student_with_another_tokenizer_is_refused_by_the_dry_run(tmp_path, capsys):
+    """The captions are tokenized once, with the student's tokenizer: a teacher with another tokenizer
+    would read token ids of the wrong vocabulary. Refused at validation (one line naming both), where only
+    the context lengths were compared at run time."""
+    import json
+
+    import yaml
+
+    from compress.models.factory import get_model_config
+
+    cfg = get_model_config("cc-test-student")
+    cfg["text_cfg"] = {**cfg["text_cfg"], "hf_tokenizer_name": "bert-base-uncased", "vocab_size": 30522}
+    (tmp_path / "student.json").write_text(json.dumps(cfg))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path, student={"model": str(tmp_path / "student.json")})))
+    assert main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tokenize differently" in err[0], err
+    assert "teacher CLIP BPE (vocab 49408, context 16)" in err[0]
+    assert "student bert-base-uncased (vocab 30522, context 16)" in err[0]
+    config_from_dict(_config(tmp_path, student={"model": "cc-test-student"}))  # the same tokenizer: accepted

@@ -138,6 +138,13 @@ def test_a_two_stage_run_hands_the_exported_model_to_the_next_stage(tmp_path, mo
         assert not (run_dir / "stages" / name / "checkpoints").exists()
 
 
+def _count(model, towers):
+    """Prunable parameters of ``towers`` (TinyCLIP's count)."""
+    from compress.models.params import parameter_report
+
+    return sum(parameter_report(model)[name] for name in towers)
+
+
 class ExactPrune:
     """A test strategy that removes exactly ``target_sparsity`` of its source's prunable parameters
     (up to one MLP neuron per layer), by dropping the same share of MLP neurons in every layer, so
@@ -147,8 +154,10 @@ class ExactPrune:
     needs_student_config = False
     needs_source = True
 
-    def __init__(self, target_sparsity: float = 0.5) -> None:
+    def __init__(self, target_sparsity: float = 0.5, towers: str = "both", removes: float | None = None) -> None:
         self.target_sparsity = target_sparsity
+        self.towers = ("vision", "text") if towers == "both" else (towers,)
+        self.removes = target_sparsity if removes is None else removes  # what it really removes
 
     def inherit(self, student, source):
         import copy
@@ -157,13 +166,13 @@ class ExactPrune:
 
         model = copy.deepcopy(source).requires_grad_(True)
         structure = describe_structure(model)
-        mlp = sum(m * (2 * t["width"] + 1) for t in structure.values() for m in t["mlp_width"])
-        share = self.target_sparsity * prunable_parameters(model) / mlp
+        mlp = sum(m * (2 * t["width"] + 1) for n, t in structure.items() if n in self.towers for m in t["mlp_width"])
+        share = self.removes * _count(model, self.towers) / mlp
         keep = {
             name: TowerKeep(
                 channels=torch.arange(t["width"]),
                 heads=[torch.arange(h) for h in t["heads"]],
-                neurons=[torch.arange(round((1 - share) * m)) for m in t["mlp_width"]],
+                neurons=[torch.arange(round((1 - share) * m) if name in self.towers else m) for m in t["mlp_width"]],
             )
             for name, t in structure.items()
         }
@@ -231,3 +240,55 @@ def test_progressive_and_one_shot_arms_share_teacher_and_total_steps(tmp_path, m
     rows = [json.loads(p.read_text()) for p in (tmp_path / "results" / "quick").glob("*/stages/*/result.json")]
     assert len(rows) == 3 and len({r["config"]["teacher"]["model"] for r in rows}) == 1  # one teacher
     assert (tmp_path / "results" / "quick" / "progressive_table.md").read_text().startswith("| arm")
+
+
+def _exact_prune_run(tmp_path, **overrides):
+    from compress.registry import INHERITANCE
+
+    with INHERITANCE.scoped():
+        INHERITANCE.register("exact_prune")(ExactPrune)
+        cfg = tiny_config(tmp_path, student=None, **{
+            "inheritance": {"name": "exact_prune"},
+            "eval": {"zero_shot": [], "retrieval": False, "throughput": False, "macs": False}, **overrides})
+        row = run_experiment(cfg)
+        run_dir = run_dir_for(cfg)
+    assert row["status"] == "completed", row.get("error")
+    return row, run_dir
+
+
+def test_one_tower_targets_are_fractions_of_that_tower(tmp_path):
+    """``towers: vision``: targets 0.25 then 0.5 of the teacher's vision tower; the row counts the vision
+    tower (met, not "missed"), the second stage's own target follows the first stage's vision tower,
+    and the both-towers number is kept under ``sparsity/achieved_both``."""
+    row, run_dir = _exact_prune_run(tmp_path, inheritance={"name": "exact_prune", "towers": "vision"},
+                                    stages={"targets": [0.25, 0.5]})
+    first = json.loads((run_dir / "stages" / "0-sparsity25" / "result.json").read_text())["metrics"]
+    last = row["metrics"]
+    teacher, final = load_model("cc-test-teacher"), load_model(last["export/path"])
+    assert abs(first["sparsity/achieved"] - 0.25) <= 0.01
+    assert last["sparsity/target"] == 0.5 and abs(last["sparsity/achieved"] - 0.5) <= 0.02, last
+    assert last["sparsity/missed"] is False and last["sparsity/towers"] == "vision"
+    assert last["sparsity/achieved"] == pytest.approx(
+        1 - _count(final, ("vision",)) / _count(teacher, ("vision",)), abs=1e-6)
+    assert last["sparsity/achieved_both"] == pytest.approx(
+        1 - prunable_parameters(final) / prunable_parameters(teacher), abs=1e-6)
+    assert last["sparsity/achieved_both"] < last["sparsity/achieved"]
+    assert last["sparsity/stage_target"] == pytest.approx(1 - 0.5 / (1 - first["sparsity/achieved"]), abs=1e-6)
+
+
+def test_stages_with_targets_prune_the_same_towers(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\[1\].inheritance.towers: this stage prunes vision, stage 0"):
+        auto_config(tmp_path, stages=[{"target_sparsity": 0.3},
+                                      {"target_sparsity": 0.6, "inheritance": {**AUTO, "towers": "vision"}}])
+
+
+def test_overshooting_the_target_is_flagged_and_warned(tmp_path, capsys):
+    """A student pruned well beyond its target (50% for 25%) is "missed" too: the row says overshoot
+    with the signed error, and ``run`` warns."""
+    row, _ = _exact_prune_run(tmp_path, inheritance={"name": "exact_prune", "target_sparsity": 0.25, "removes": 0.5})
+    m = row["metrics"]
+    assert abs(m["sparsity/achieved"] - 0.5) <= 0.02
+    assert m["sparsity/missed"] is True and m["sparsity/overshoot"] is True
+    assert m["sparsity/error"] == pytest.approx(m["sparsity/achieved"] - 0.25, abs=1e-6)
+    err = capsys.readouterr().err
+    assert "overshot its sparsity target" in err and "for a target of 25.0%" in err

@@ -5,10 +5,11 @@ previous stage's student while the teacher stays. A stage is executed as an ordi
 its *resolved* config: the top-level config with the stage's keys on top and no ``stages``.
 
 Sparsity targets are cumulative against the teacher's prunable parameters (vision tower +
-text tower without the token embedding, TinyCLIP's count). A strategy prunes its own source,
-so stage k's strategy is given ``1 - (1 - q_k) / f``, where ``f`` is the fraction of the
-teacher's prunable parameters its source still has (1 for the teacher; at run time the
-previous stage's achieved value, at validation its target).
+text tower without the token embedding, TinyCLIP's count) of the towers the strategy prunes
+(``inheritance.towers``: both by default; every stage with a target prunes the same towers). A
+strategy prunes its own source, so stage k's strategy is given ``1 - (1 - q_k) / f``, where ``f``
+is the fraction of the teacher's prunable parameters of those towers its source still has (1 for
+the teacher; at run time the previous stage's achieved value, at validation its target).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def resolve_stages(cfg: RunConfig) -> list[ResolvedStage]:
     resolved: list[ResolvedStage] = []
     names: set[str] = set()
     previous_target = 0.0
+    pruned: tuple[int, tuple[str, ...]] | None = None  # the first stage with a target, and its towers
     for k, stage in enumerate(cfg.stages):
         where = f"stages[{k}]"
         name = stage_name(stage, k)
@@ -134,9 +136,27 @@ def resolve_stages(cfg: RunConfig) -> list[ResolvedStage]:
             stage_cfg = validate(_from_dict(RunConfig, data))
         except ConfigError as e:
             raise ConfigError(f"{where} ({name}): {e}") from None
+        if target is not None:
+            towers = pruned_towers(stage_cfg)
+            if pruned is not None and set(towers) != set(pruned[1]):
+                raise ConfigError(
+                    f"{where}.inheritance.towers: this stage prunes {'+'.join(towers)}, stage {pruned[0]} "
+                    f"{'+'.join(pruned[1])}; cumulative targets are fractions of the same towers' parameters"
+                )
+            pruned = (k, towers)
         resolved.append(ResolvedStage(k, name, source, target, stage_cfg))
         previous_target = target if target is not None else previous_target
     return resolved
+
+
+def pruned_towers(cfg: RunConfig) -> tuple[str, ...]:
+    """The towers the config's inheritance strategy prunes, those its target is a fraction of
+    (the strategy's ``towers``)."""
+    from compress.config.validate import inheritance_context
+    from compress.registry import INHERITANCE
+
+    strategy = INHERITANCE.build(cfg.inheritance, context=inheritance_context(cfg))
+    return tuple(getattr(strategy, "towers", ("vision", "text")))
 
 
 def with_source_fraction(stage: ResolvedStage, source_fraction: float) -> RunConfig:

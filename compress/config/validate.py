@@ -143,6 +143,52 @@ def _check_models(cfg: RunConfig, inheritance: Any) -> None:
         raise ConfigError(
             f"teacher: inheritance {name!r} takes the student's weights from the teacher, but teacher is null"
         )
+    if cfg.teacher is not None and cfg.student is not None and getattr(inheritance, "needs_student_config", True):
+        _check_tokenizers(cfg.teacher, cfg.student)
+
+
+def _check_tokenizers(teacher: ModelSpec, student: ModelSpec) -> None:
+    """Teacher and student must read the same token ids (open_clip's tokenizer config: the HF tokenizer
+    name, its options, vocabulary size, context length); a model whose config is not known before it is
+    loaded (a checkpoint without metadata) is checked when the run loads it."""
+    from compress.models.forward import tokenizer_mismatch
+
+    configs = [model_config_of(spec) for spec in (teacher, student)]
+    if configs[0] is not None and configs[1] is not None:
+        problem = tokenizer_mismatch(configs[0], configs[1])
+        if problem:
+            raise ConfigError(f"student.model: {problem}")
+
+
+def model_config_of(spec: ModelSpec) -> dict[str, Any] | None:
+    """The open_clip config of a model spec read without its weights (an architecture name, a config
+    JSON, a checkpoint's metadata, an exported folder's config file), ``None`` where it is unknown."""
+    from pathlib import Path
+
+    from compress.models.factory import (
+        OPEN_CLIP_CONFIG_FILE,
+        ModelLoadError,
+        checkpoint_config,
+        get_model_config,
+        read_config_file,
+        resolve_spec,
+    )
+    from compress.models.nonuniform import is_nonuniform_folder, read_nonuniform_config
+
+    try:
+        kind, name, _ = resolve_spec(spec.model, spec.pretrained)
+        path = Path(name)
+        if kind == "named":
+            return get_model_config(name)
+        if kind == "exported":
+            if is_nonuniform_folder(path):
+                return dict(read_nonuniform_config(path)["model_cfg"])
+            return read_config_file(path / OPEN_CLIP_CONFIG_FILE) if (path / OPEN_CLIP_CONFIG_FILE).is_file() else None
+        if not path.is_file():
+            return None
+        return read_config_file(path) if path.suffix == ".json" else checkpoint_config(path)
+    except (ModelLoadError, OSError, ValueError, KeyError):
+        return None
 
 
 def _check_model_name(spec: ModelSpec, where: str) -> None:

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from compress.config import DataConfig, DatasetConfig, EvalConfig, ZeroShotTaskConfig, load_config
+from compress.config.stages import resolve_stages
 from compress.evaluation.run_eval import evaluate_with
 from compress.fileio import atomic_write_text
 from compress.models import load_model
 from compress.precision import resolve_device, resolve_precision
+from compress.rundir import stage_dir
 
 #: file suffixes of model files ``load_model`` reads (an argument ending so is a path, not a name)
 MODEL_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".json")
@@ -63,14 +65,20 @@ def eval_config_for_data(data: str, kind: str | None = None) -> tuple[EvalConfig
 
 
 def _run_setup(run_dir: Path) -> tuple[Path, EvalConfig, DataConfig | None, str]:
-    """The exported model, evaluation config, data config and precision of a finished run."""
+    """The exported model, evaluation config, data config and precision of a finished run. A staged
+    run's model is its last stage's (``stages/<k>-<name>/model``), evaluated with that stage's config."""
     cfg = load_config(run_dir / "config.yaml")
-    model = run_dir / "model"
+    stages = resolve_stages(cfg)
+    if stages:
+        cfg = stages[-1].cfg
+    folder = stage_dir(run_dir, stages[-1].dir_name if stages else None)
+    model = folder / "model"
     if not model.exists():
         status = ""
         if (run_dir / "result.json").is_file():
             status = f" (status: {json.loads((run_dir / 'result.json').read_text()).get('status')})"
-        raise EvalError(f"{run_dir}: the run has no exported model (model/); it did not finish{status}")
+        raise EvalError(f"{run_dir}: the run has no exported model ({model.relative_to(run_dir)}/); it did not "
+                        f"finish{status}")
     return model, cfg.eval, cfg.data, cfg.train.precision
 
 

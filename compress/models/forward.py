@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch.nn.functional as F
@@ -84,3 +84,37 @@ def tokenizer_for(model: nn.Module):
     if text.get("hf_tokenizer_name"):
         return open_clip.tokenizer.HFTokenizer(text["hf_tokenizer_name"], **kwargs)
     return open_clip.tokenizer.SimpleTokenizer(**kwargs)
+
+
+#: open_clip's defaults of ``text_cfg`` (``CLIPTextCfg``) for what decides the token ids
+_TEXT_DEFAULTS = {"context_length": 77, "vocab_size": 49408}
+
+
+def tokenizer_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What decides a model's token ids, from its open_clip config (as :func:`tokenizer_for` builds
+    the tokenizer): the HF tokenizer ``text_cfg.hf_tokenizer_name`` names (else CLIP's BPE), its
+    ``tokenizer_kwargs``, the vocabulary size and the context length."""
+    text = dict(model_cfg.get("text_cfg") or {})
+    return {
+        "tokenizer": text.get("hf_tokenizer_name") or "CLIP BPE",
+        "tokenizer_kwargs": dict(text.get("tokenizer_kwargs") or {}),
+        "vocab_size": int(text.get("vocab_size", _TEXT_DEFAULTS["vocab_size"])),
+        "context_length": int(text.get("context_length", _TEXT_DEFAULTS["context_length"])),
+    }
+
+
+def describe_tokenizer(identity: Mapping[str, Any]) -> str:
+    """``CLIP BPE (vocab 49408, context 77)`` and the tokenizer's options, if any."""
+    kwargs = "".join(f", {k}={v}" for k, v in sorted(identity["tokenizer_kwargs"].items()))
+    return f"{identity['tokenizer']} (vocab {identity['vocab_size']}, context {identity['context_length']}{kwargs})"
+
+
+def tokenizer_mismatch(teacher_cfg: Mapping[str, Any], student_cfg: Mapping[str, Any]) -> str | None:
+    """``None`` when teacher and student read the same token ids, else what differs (one line): the
+    data pipeline tokenizes each caption once, with the student's tokenizer, for both models."""
+    teacher, student = tokenizer_identity(teacher_cfg), tokenizer_identity(student_cfg)
+    if teacher == student:
+        return None
+    return (f"teacher and student tokenize differently: teacher {describe_tokenizer(teacher)}, student "
+            f"{describe_tokenizer(student)}; the captions are tokenized once, with the student's tokenizer, "
+            "for both models: distil from a teacher with the student's tokenizer")

@@ -34,5 +34,12 @@ def parameter_report(model: nn.Module) -> dict[str, int]:
     return {"vision": vision, "text": text, "token_embedding": token, "total": vision + text + token + other}
 
 
+def prunable_count(model: nn.Module, towers: tuple[str, ...] = ("vision", "text")) -> int:
+    """Prunable parameters of ``towers`` (``vision``, ``text``): TinyCLIP's count, the text tower
+    without its token embedding (the sum of :func:`parameter_report`'s entries)."""
+    report = parameter_report(model)
+    return sum(report[name] for name in towers)
+
+
 def format_millions(count: int) -> str:
     return f"{count / 1e6:.2f}M"

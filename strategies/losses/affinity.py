@@ -33,6 +33,8 @@ class AffinityMimicking(DistillLoss):
     uses each model's own ``logit_scale`` (the paper's learnable temperature).
     """
 
+    similarity_matrices = 4  # teacher and student, two directions
+
     def __init__(self, weight_i2t: float = 0.5, weight_t2i: float = 0.5, scale: float | str = 50.0) -> None:
         check_weights(weight_i2t=weight_i2t, weight_t2i=weight_t2i)
         super().__init__()

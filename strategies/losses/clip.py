@@ -25,6 +25,8 @@ class ClipContrastive(DistillLoss):
     ICML 2021). Local rows against all gathered columns, labels offset by the rank's first row.
     """
 
+    similarity_matrices = 2  # i2t and t2i
+
     needs_teacher = False
 
     def forward(  # type: ignore[override]

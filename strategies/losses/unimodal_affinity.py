@@ -34,6 +34,8 @@ class UnimodalAffinity(DistillLoss):
     self-similarity s is the row maximum and dominates the softmax at large s).
     """
 
+    similarity_matrices = 4  # teacher and student, image-image and text-text
+
     def __init__(
         self,
         weight_image: float = 0.5,
