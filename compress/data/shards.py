@@ -54,9 +54,10 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META = re.compile(r"__[^/]*__($|/)")
 #: how tarfile's header errors read in the log
 _ENDINGS = {
-    "empty header": "it ends without the end-of-archive blocks (truncated at a member boundary)",
-    "truncated header": "it ends inside a header (truncated)",
-    "bad checksum": "a damaged header in the middle (corrupted data)",
+    "empty header": "it ends without the end-of-archive blocks (cut at a member boundary)",
+    "truncated header": "it ends inside a header (cut short)",
+    "bad checksum": "a damaged header (overwritten or corrupted data)",
+    "invalid header": "a damaged header (overwritten or corrupted data)",
 }
 
 
@@ -172,7 +173,7 @@ def shard_samples(url: str, shard: int) -> Iterator[dict[str, Any] | Lost]:
         expected = expected_samples(url)
         lost = max(expected[0] - read, 0) if expected else 1
         known = f"{expected[0]} expected per {expected[1]}" if expected else "count unknown, 1 counted"
-        warn_bad(url, f"shard truncated or damaged ({problem}): {read} sample(s) read, {lost} lost ({known})",
+        warn_bad(url, f"truncated or damaged shard: {problem}; {read} sample(s) read, {lost} lost ({known})",
                  once=True)
         if lost:
             yield Lost(lost)
@@ -320,7 +321,8 @@ class ShardDataset(IterableDataset):
             for sample in shard_samples(self.urls[shard], shard):
                 if isinstance(sample, dict) and sample["__pos__"] in positions:
                     found[shard, sample["__pos__"]] = sample
-                    if len(positions) == sum(1 for p in positions if (shard, p) in found):
+                    positions.discard(sample["__pos__"])
+                    if not positions:
                         break
         out = []
         for key in keys:
