@@ -197,8 +197,14 @@ def _sample_at(url: str, offset: int) -> dict[str, Any] | None:
 
 
 def _buffer_shuffle(items: Iterator[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
+    """webdataset's shuffle buffer of ``bufsize`` items. A :class:`Lost` marker passes at once: it
+    then comes a buffer's length before the worker's last item, out of the partial last batch that
+    ``drop_last`` drops uncounted."""
     buf: list[Any] = []
     for item in items:
+        if isinstance(item, Lost):
+            yield item
+            continue
         buf.append(item)
         if len(buf) >= bufsize:
             i = rng.randrange(len(buf))
