@@ -113,7 +113,7 @@ def expected_samples(url: str) -> tuple[int, str] | None:
             count = json.loads(sizes.read_text()).get(path.name)
             if count is not None:
                 return int(count), sizes.name
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # unreadable or another layout
         return None
     return None
 
