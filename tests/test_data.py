@@ -505,3 +505,109 @@ def test_each_rank_takes_every_nth_index_of_the_same_permutation():
         order = list(whole)
         assert [list(p) for p in parts] == [order[0:10:2], order[1:10:2]]  # the tail (11th) cut, as drop_last
         assert len(parts[0]) == 5
+
+
+# ----------------------------------------------------------------------------- truncated and damaged shards
+def _numbered_shards(root: Path, shards: int = 2, per_shard: int = 100) -> str:
+    """``shards`` tars of ``per_shard`` good samples (a solid PNG, caption ``"s<shard> k<index>"``)."""
+    image = _image_bytes(PALETTE["red"], "PNG")
+    for s in range(shards):
+        with tarfile.open(root / f"{s:05d}.tar", "w") as tar:
+            for k in range(per_shard):
+                for suffix, payload in (("png", image), ("txt", f"s{s} k{k}".encode())):
+                    info = tarfile.TarInfo(f"s{s}_{k:04d}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return str(root / f"{{00000..{shards - 1:05d}}}.tar")
+
+
+def _damage(path: Path, how: str) -> None:
+    """Cut a shard at a third (at a member's header, inside a header or inside a member's data), or
+    overwrite 2 KiB in its middle with random bytes."""
+    raw = path.read_bytes()
+    if how == "garbage":
+        mid = len(raw) // 2
+        path.write_bytes(raw[:mid] + np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes()
+                         + raw[mid + 2048:])
+        return
+    with tarfile.open(path) as tar:
+        header = next(m.offset for m in tar.getmembers() if m.offset >= len(raw) // 3)
+    path.write_bytes(raw[: header + {"at-member": 0, "in-header": 100, "in-data": 512 + 30}[how]])
+
+
+def _read_all(pattern: str, max_bad_fraction: float = 1.0) -> tuple[list[str], BadSampleCounter]:
+    ds = build_dataset(DatasetConfig(kind="webdataset", path=pattern, split="val"), TO_TENSOR)
+    loader = build_eval_loader(ds, 10, make_collate(None), max_bad_fraction=max_bad_fraction)
+    return [c for b in loader for c in b["captions"]], loader.counter
+
+
+@pytest.mark.parametrize("stats", ["img2dataset", "sizes.json", None])
+def test_a_shard_cut_at_a_third_counts_its_lost_samples_as_bad(tmp_path, caplog, stats):
+    """The issue's case: two shards of 100, the second cut at a third. tarfile reads it as a shard of 35;
+    the 65 lost samples are counted from the writer's stats (1 when no count is known) and the shard named."""
+    pattern = _numbered_shards(tmp_path)
+    _damage(tmp_path / "00001.tar", "at-member")
+    if stats == "img2dataset":
+        (tmp_path / "00001_stats.json").write_text('{"count": 100, "successes": 100, "failed_to_download": 3}')
+    elif stats == "sizes.json":
+        (tmp_path / "sizes.json").write_text('{"00000.tar": 100, "00001.tar": 100}')
+    with caplog.at_level("WARNING"):
+        captions, counter = _read_all(pattern)
+    assert len(captions) == 135
+    assert (counter.seen, counter.bad) == ((200, 65) if stats else (136, 1))
+    shard_lines = [r.getMessage() for r in caplog.records if "00001.tar" in r.getMessage()]
+    assert len(shard_lines) == 1 and "truncated" in shard_lines[0] and "35 sample(s) read" in shard_lines[0]
+
+
+@pytest.mark.parametrize("how", ["in-header", "in-data", "garbage"])
+def test_a_shard_cut_inside_a_member_or_overwritten_in_the_middle_loses_nothing_silently(tmp_path, caplog, how):
+    """With the writer's count every expected sample is accounted for (read good, or counted bad); without
+    it the shard is still counted (at least 1) and named in the log."""
+    pattern = _numbered_shards(tmp_path)
+    _damage(tmp_path / "00001.tar", how)
+    with caplog.at_level("WARNING"):
+        captions, counter = _read_all(pattern)
+    assert 100 < len(captions) < 200 and counter.bad >= 1
+    assert any("00001.tar" in r.getMessage() and "truncated or damaged shard" in r.getMessage() for r in caplog.records)
+    (tmp_path / "00001_stats.json").write_text('{"successes": 100}')
+    from compress.data.shards import expected_samples
+
+    expected_samples.cache_clear()
+    captions, counter = _read_all(pattern)
+    assert counter.seen == 200 and counter.bad == 200 - len(captions)
+
+
+def test_lost_samples_make_max_bad_fraction_stop_a_training_stream(tmp_path, tokenizer):
+    pattern = _numbered_shards(tmp_path)
+    _damage(tmp_path / "00001.tar", "at-member")
+    (tmp_path / "00001_stats.json").write_text('{"successes": 100}')
+    cfg = DatasetConfig(kind="webdataset", path=pattern, max_bad_fraction=0.1, bad_window=50)
+    loader = build_train_loader(DataConfig(train=cfg), TO_TENSOR, tokenizer, batch_size=10, pin_memory=False)
+    with pytest.raises(DataError, match="max_bad_fraction 0.1"):
+        for _ in itertools.islice(loader.forever(), 40):
+            pass
+
+
+@pytest.mark.slow
+def test_a_run_on_a_truncated_and_a_damaged_shard_reports_the_lost_samples_in_its_row(tmp_path):
+    """A real short run on webdataset shards: one cut at a third (its writer's stats say 20 samples), one
+    overwritten in the middle. The row's ``data/bad_samples`` counts the lost samples."""
+    from compress.run import run_experiment
+    from tests.test_run_e2e import tiny_config
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pattern = _numbered_shards(shards, shards=3, per_shard=20)
+    _damage(shards / "00001.tar", "at-member")
+    (shards / "00001_stats.json").write_text('{"successes": 20}')
+    _damage(shards / "00002.tar", "garbage")
+    train = {"kind": "webdataset", "path": pattern, "max_bad_fraction": 0.5, "bad_window": 50}
+    cfg = tiny_config(tmp_path, data={"train": train, "val": {"kind": "synthetic", "num_samples": 32}},
+                      train={"steps": 6, "batch_size": 8, "lr": 1e-3, "log_every": 1, "progress": False})
+    row = run_experiment(cfg)
+    assert row["status"] == "completed", row.get("error")
+    replay = build_train_loader(cfg.data, TO_TENSOR, None, 8, seed=cfg.seed, pin_memory=False)
+    for _ in itertools.islice(replay.forever(), 6):
+        pass
+    # per epoch the cut shard gives 8 good samples of its 20 (12 counted bad), the overwritten one loses >= 1
+    assert row["metrics"]["data/bad_samples"] == replay.counter.bad >= 12 + 1

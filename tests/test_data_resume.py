@@ -185,3 +185,125 @@ def test_webdataset_state_refuses_another_worker_count(tmp_path, tok):
     other = build_train_loader(DataConfig(train=DatasetConfig(num_samples=16)), T.ToTensor(), tok, batch_size=4,
                                pin_memory=False)
     other.load_state_dict(_roundtrip(saved.state_dict(), tmp_path))
+
+
+# ----------------------------------------------------------------------------- the reserve is saved as keys
+def _tensors(obj: Any) -> int:
+    """How many tensors a (nested) state holds."""
+    if isinstance(obj, torch.Tensor):
+        return 1
+    if isinstance(obj, dict):
+        return sum(_tensors(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensors(v) for v in obj)
+    return 0
+
+
+def _maker(kind: str, root: Path, tok: Any, bad: bool = True, workers: int = 0) -> Make:
+    """A training loader over a CSV set (one row in five missing when ``bad``) or webdataset shards
+    (a corrupt image in two of them), 40x40 crops of 64 px so a decoded reserve would be large."""
+    if kind == "csv":
+        path = _csv_with_bad(root, 44, {i for i in range(44) if i % 5 == 2} if bad else set())
+        cfg = DatasetConfig(kind="csv", path=str(path), max_bad_fraction=0.5, bad_window=50)
+        size = 8
+    else:
+        path = _write_big_shards(root)
+        if not bad:
+            for s in (1, 3):  # the same shards with their corrupt images repaired
+                _repair_shard(root / f"part-{s:06d}.tar")
+        cfg = DatasetConfig(kind="webdataset", path=path, max_bad_fraction=0.5, bad_window=50,
+                            options={"shuffle_buffer": 4})
+        size = 3
+    data = DataConfig(train=cfg, num_workers=workers)
+    return lambda: build_train_loader(data, train_transform(40), tok, batch_size=size, seed=3, pin_memory=False)
+
+
+@pytest.mark.parametrize("kind", ["csv", "webdataset"])
+def test_a_mid_epoch_state_keeps_the_reserve_as_keys_and_resumes_exactly(tmp_path, tok, kind):
+    """Resumed mid-epoch with refill samples in reserve: the state holds their keys (no image), the
+    resumed loader re-reads them, and the batches are those of the uninterrupted stream."""
+    make = _maker(kind, tmp_path, tok)
+    total = 12
+    batches, states, ref = _record(make, total, tmp_path)
+    mid = [n for n, s in enumerate(states[:total])  # inside an epoch: the next batch is of the same epoch
+           if s["reserve"] and s["batches_in_epoch"] and states[n + 1]["epoch"] == s["epoch"]]
+    assert len(mid) >= 2, [(s["batches_in_epoch"], len(s["reserve"])) for s in states]
+    for n in mid:
+        state = states[n]
+        assert state["version"] == 2 and _tensors(state) == 0  # keys, not decoded images
+        assert all(len(k) == (2 if kind == "csv" else 4) and all(isinstance(x, int) for x in k)
+                   for k in state["reserve"])
+        resumed = make()
+        stream = resumed.forever()
+        resumed.load_state_dict(state)
+        rest = list(itertools.islice(stream, total - n))
+        assert all(_same(a, b) for a, b in zip(rest, batches[n:], strict=True)), f"resumed after batch {n}"
+        assert resumed.state_dict()["counter"] == ref.state_dict()["counter"]
+
+
+@pytest.mark.parametrize("kind", ["csv", "webdataset"])
+def test_the_saved_loader_state_is_as_large_with_bad_samples_as_without(tmp_path, tok, kind):
+    """The checkpoint's loader state holds the reserve's keys, about 20 bytes a sample: its size does not
+    grow with the bad samples met (a decoded reserve was up to a batch of images, here 19 KiB each)."""
+
+    def saved_after(make: Make, steps: int) -> dict[str, Any]:
+        loader = make()
+        stream = loader.forever()
+        for _ in range(steps):
+            next(stream)
+        return loader.state_dict()
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "clean").mkdir()
+    with_bad = _maker(kind, tmp_path / "bad", tok, bad=True)
+    clean = _maker(kind, tmp_path / "clean", tok, bad=False)
+    steps = next(n for n in range(1, 12) if saved_after(with_bad, n)["reserve"])  # the first state with a reserve
+    sizes = {}
+    for name, make in (("bad", with_bad), ("clean", clean)):
+        state = saved_after(make, steps)
+        assert bool(state["reserve"]) == (name == "bad") and (state["counter"]["bad"] > 0) == (name == "bad")
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        sizes[name] = len(buf.getvalue())
+    assert abs(sizes["bad"] - sizes["clean"]) < 400, sizes
+
+
+def _repair_shard(path: Path) -> None:
+    """Rewrite a shard of :func:`_write_big_shards` with every image decodable."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for i, (info, payload) in enumerate(members):
+            if payload == b"not an image":
+                payload = _noise_png(1000 + i)
+                info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def test_an_older_loader_state_is_refused_with_a_clear_message(tmp_path, tok):
+    loader = _maker("csv", tmp_path, tok)()
+    state = loader.state_dict()
+    with pytest.raises(DataError, match=r"version 1; this code reads 2 .*--force"):
+        loader.load_state_dict({**state, "version": 1})
+
+
+def test_shard_samples_are_re_read_by_key_by_seek_or_by_scanning_a_compressed_shard(tmp_path):
+    """``ShardDataset.read`` gives the very items the stream gave: a seek to the sample's header in a
+    plain local shard, a read up to it in a gzip-compressed one (no byte offset there)."""
+    import gzip
+
+    from compress.data import ShardDataset
+
+    _write_big_shards(tmp_path, shards=2)
+    (tmp_path / "part-000001.tar.gz").write_bytes(gzip.compress((tmp_path / "part-000001.tar").read_bytes()))
+    urls = [str(tmp_path / "part-000000.tar"), str(tmp_path / "part-000001.tar.gz")]
+    ds = ShardDataset(urls, train_transform(24), shuffle=True, seed=4, shuffle_buffer=3)
+    ds.with_keys = True
+    ds.set_epoch(2)
+    items = list(ds)
+    assert {k.key[3] >= 0 for k in items} == {True, False}  # byte offsets in the plain shard, -1 in the gzip one
+    again = ds.read([list(k.key) for k in reversed(items)])
+    for a, b in zip(reversed(items), again, strict=True):
+        assert a.key == b.key and (a.item is None) == (b.item is None)
+        if a.item is not None:
+            assert torch.equal(a.item[0], b.item[0]) and a.item[1] == b.item[1]

@@ -1,7 +1,8 @@
 """Collate functions: drop ``None`` (bad) samples, stack images, tokenize captions.
 
 Batches are dicts. Each also carries ``num_bad`` (samples dropped) and ``num_samples``
-(samples drawn, bad included); the main process adds these up in a
+(samples drawn, bad included; a :class:`~compress.data.robust.Lost` marker stands for samples a
+broken shard could not deliver); the main process adds these up in a
 :class:`~compress.data.robust.BadSampleCounter` (collate itself runs in the DataLoader
 workers, where a counter would be lost). A batch whose samples were all bad has
 ``images = None``; :class:`~compress.data.loader.CountedLoader` counts it (and refills
@@ -14,6 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+
+from compress.data.robust import Lost
 
 Batch = dict[str, Any]
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -38,8 +41,7 @@ class _TextCollate:
         self.tokenizer = tokenizer
 
     def __call__(self, items: Sequence[Any]) -> Batch:
-        good = [x for x in items if x is not None]
-        batch: Batch = {"num_bad": len(items) - len(good), "num_samples": len(items)}
+        good, batch = tally(items)
         if not good:
             return {**batch, "images": None, "texts": None, "captions": []}
         captions = [str(t) for _, t in good]
@@ -55,9 +57,17 @@ def stack_images(images: Sequence[Any]) -> Batch:
     return {"images": torch.stack(list(images))}
 
 
+def tally(items: Sequence[Any]) -> tuple[list[Any], Batch]:
+    """The good items, and ``{"num_bad", "num_samples"}``: a ``None`` is one bad sample, a
+    :class:`~compress.data.robust.Lost` marker ``count`` bad samples (drawn and bad)."""
+    good = [x for x in items if x is not None and not isinstance(x, Lost)]
+    lost = [x.count for x in items if isinstance(x, Lost)]
+    drawn = len(items) - len(lost) + sum(lost)
+    return good, {"num_bad": drawn - len(good), "num_samples": drawn}
+
+
 def _label_collate(items: Sequence[Any]) -> Batch:
-    good = [x for x in items if x is not None]
-    batch: Batch = {"num_bad": len(items) - len(good), "num_samples": len(items)}
+    good, batch = tally(items)
     if not good:
         return {**batch, "images": None, "labels": None}
     labels = torch.tensor([int(y) for _, y in good], dtype=torch.long)

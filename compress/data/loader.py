@@ -26,7 +26,7 @@ from compress.data.collate import Batch, Tokenizer, make_collate
 from compress.data.csv_data import CsvDataset
 from compress.data.folder import FolderTextDataset
 from compress.data.robust import BadSampleCounter, DataError, torch_seeded
-from compress.data.shards import ShardDataset
+from compress.data.shards import Keyed, ShardDataset
 from compress.data.synthetic import ShapesDataset, ShapesOptions
 
 _WDS_OPTIONS = ("shuffle_buffer", "image_exts", "text_exts")
@@ -102,7 +102,22 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n // self.world
 
 
-_COUNT_KEYS = ("num_bad", "num_samples")
+#: bookkeeping entries of a collated training batch, removed before the batch is yielded
+_COUNT_KEYS = ("num_bad", "num_samples", "keys")
+
+
+class _KeyedCollate:
+    """Training collate over :class:`~compress.data.shards.Keyed` items: the inner collate of the
+    items, plus ``"keys"``, the keys of the good samples in the batch's order (what the refill
+    reserve saves instead of the decoded images)."""
+
+    def __init__(self, collate: Callable[[list[Any]], Batch]) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[Any]) -> Batch:
+        keys = [list(x.key) for x in items if isinstance(x, Keyed) and x.item is not None]
+        batch = self.collate([x.item if isinstance(x, Keyed) else x for x in items])
+        return {**batch, "keys": keys}
 
 
 def _length(batch: Batch) -> int:
@@ -138,7 +153,10 @@ class CountedLoader:
 
     The position of ``forever()`` is ``epoch``, ``batches_in_epoch`` (DataLoader batches drawn
     in this epoch, bad and refill ones included), ``good_in_epoch``, the reserve and the
-    counter: :meth:`state_dict` saves it, :meth:`load_state_dict` restores it.
+    counter: :meth:`state_dict` saves it, :meth:`load_state_dict` restores it. The reserve (fewer
+    than ``batch_size`` decoded samples) is saved as the samples' keys (``(epoch, index)``, or
+    ``(epoch, shard, position, byte offset)`` for shards) and re-read on load, so a checkpoint's
+    size does not depend on how many bad samples were met.
     """
 
     def __init__(
@@ -273,8 +291,11 @@ class CountedLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """The stream's position between two batches of ``forever()``: epoch, DataLoader batches
-        drawn and good samples in it, the reserve and the counter. Only tensors, numbers,
-        strings, lists, dicts and ``None``: it loads with ``torch.load(..., weights_only=True)``."""
+        drawn and good samples in it, the reserve's sample keys (a list of int lists, not images)
+        and the counter. Only numbers, strings, lists, dicts and ``None``: it loads with
+        ``torch.load(..., weights_only=True)``."""
+        if any("keys" not in b for b in self._reserve):
+            raise DataError("cannot save the loader's position: its data set does not name its samples (keys)")
         return {
             "version": _STATE_VERSION,
             "epoch": self.epoch,
@@ -282,7 +303,7 @@ class CountedLoader:
             "good_in_epoch": self.good_in_epoch,
             "batch_size": self.batch_size,
             "num_workers": self.loader.num_workers,
-            "reserve": [_detached(b) for b in self._reserve],
+            "reserve": [list(k) for b in self._reserve for k in b["keys"]],
             "counter": self.counter.state_dict(),
         }
 
@@ -292,7 +313,10 @@ class CountedLoader:
         if self._streaming:
             raise RuntimeError("load_state_dict must come before the first batch of forever()")
         if state.get("version") != _STATE_VERSION:
-            raise DataError(f"data loader state version {state.get('version')!r}; this code reads {_STATE_VERSION}")
+            raise DataError(
+                f"data loader state version {state.get('version')!r}; this code reads {_STATE_VERSION} (the checkpoint "
+                "was written by another clip-compress version: start the run fresh with --force)"
+            )
         if state["batch_size"] != self.batch_size:
             raise DataError(f"data loader state has batch size {state['batch_size']}, this loader {self.batch_size}")
         saved_workers = state.get("num_workers", self.loader.num_workers)
@@ -305,20 +329,29 @@ class CountedLoader:
         self.counter.load_state_dict(state["counter"])
         self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
         self.good_in_epoch = int(state["good_in_epoch"])
-        self._reserve = deque(dict(b) for b in state["reserve"])
+        reserve = self._reread([tuple(int(x) for x in k) for k in state["reserve"]])
+        self._reserve = deque([reserve] if reserve is not None else [])
         self._resume = True
 
+    def _reread(self, keys: list[tuple[int, ...]]) -> Batch | None:
+        """The reserve batch of the samples named by ``keys``, decoded again (each sample's
+        augmentation is seeded by its key: the same tensors as before the checkpoint); ``None``
+        if there are none (or none could be read again, which is warned)."""
+        if not keys:
+            return None
+        ds = self.loader.dataset
+        if isinstance(ds, SeededSamples):
+            items = [ds[key] for key in keys]
+        elif isinstance(ds, ShardDataset):
+            items = ds.read(keys)
+        else:
+            raise DataError(f"cannot re-read the reserve of a {type(ds).__name__} (its samples have no keys)")
+        batch = self.loader.collate_fn(items)  # type: ignore[misc]
+        return batch if batch.get("images") is not None else None
 
-_STATE_VERSION = 1
 
-
-def _detached(batch: Batch) -> Batch:
-    """A reserve batch to save: tensors copied to their own compact CPU storage (a slice
-    would save its whole parent), lists copied."""
-    return {
-        k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else list(v) if isinstance(v, list) else v
-        for k, v in batch.items()
-    }
+#: 2: the reserve holds sample keys (1 held decoded batches)
+_STATE_VERSION = 2
 
 
 class EpochKeys(Sampler[tuple[int, int]]):
@@ -357,10 +390,10 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
+    def __getitem__(self, key: tuple[int, int]) -> Keyed:
         epoch, index = key
         with torch_seeded((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index):
-            return self.dataset[index]
+            return Keyed((epoch, index), self.dataset[index])
 
 
 def _resolve_sampler(sampler: SamplerArg, dataset: Dataset, seed: int) -> Sampler:
@@ -394,7 +427,7 @@ def build_train_loader(
     common: dict[str, Any] = dict(
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=make_collate(tokenizer),
+        collate_fn=_KeyedCollate(make_collate(tokenizer)),
         drop_last=True,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         generator=torch.Generator().manual_seed(seed),
@@ -402,6 +435,8 @@ def build_train_loader(
     if isinstance(ds, IterableDataset):
         if sampler is not None:  # shards are already split across ranks by the data set
             log.info("data set %s is iterable: the sampler is not used (shards split per rank)", name)
+        if isinstance(ds, ShardDataset):
+            ds.with_keys = True
         loader = DataLoader(ds, **common)
         n = cfg.train.num_samples
         steps = n // batch_size if n else None

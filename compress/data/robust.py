@@ -27,18 +27,34 @@ log = logging.getLogger(__name__)
 #: how many bad samples each process reports in the log before going quiet
 _MAX_WARNINGS = 5
 _warned = 0
+_warned_sources: set[str] = set()
 
 
 class DataError(RuntimeError):
     """A data set cannot be used: too many bad samples, a missing column, an empty source."""
 
 
-def warn_bad(source: str, reason: object) -> None:
-    """Log a skipped sample (the first few per process)."""
+def warn_bad(source: str, reason: object, once: bool = False) -> None:
+    """Log a skipped sample (the first few per process); ``once``: a whole source (a broken shard),
+    logged once per process whatever came before, so every broken shard is named."""
     global _warned
+    if once:
+        if source not in _warned_sources:
+            _warned_sources.add(source)
+            log.warning("bad data source %s: %s", source, reason)
+        return
     if _warned < _MAX_WARNINGS:
         _warned += 1
         log.warning("skipping bad sample %s: %s", source, reason)
+
+
+@dataclass(frozen=True)
+class Lost:
+    """``count`` samples a source could not deliver at all (the tail of a truncated or damaged
+    shard). A data set yields it in place of one sample; the collate functions count ``count``
+    bad samples for it (drawn and bad), so ``max_bad_fraction`` sees the loss."""
+
+    count: int
 
 
 def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Image | None:
