@@ -153,8 +153,10 @@ SPARSITY_TOLERANCE = 0.02
 
 def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     """Run ``cfg`` and return its result row; the row is also written to ``result.json``,
-    for a failed run too (status ``failed`` and the error) and for one stopped by SIGTERM or
-    Ctrl-C (status ``interrupted``, then the interruption is raised again).
+    for a failed run too (status ``failed`` and the error) and for one stopped by SIGTERM, SIGUSR2
+    or Ctrl-C (status ``interrupted``, then the interruption is raised again). SIGTERM and SIGUSR2
+    during training end it after the step in progress, with a checkpoint of that step on every rank
+    together and the step in the row (:mod:`compress.stopping`).
 
     A run started again in its run directory resumes: finished stages are kept, and the
     current stage continues from its newest checkpoint (:mod:`compress.checkpoint`), exactly
