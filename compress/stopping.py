@@ -118,6 +118,15 @@ def deferred() -> Iterator[None]:
         raise StoppedAtStep(_STATE.requested, None)
 
 
+def ignore_in_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of the data loaders: a worker ignores the stop signals. A scheduler signals every process
+    of the job step (SLURM's ``--signal``, ``scancel``), loader workers included; a worker that died of it, or that
+    raised in the handler it inherited by fork, would fail the step instead of letting the main process finish it
+    and checkpoint. Workers still end with their main process (DataLoader's shutdown, or its watchdog)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def agreed() -> int:
     """The stop signal that any rank received (0: none), the same on every rank: one all-reduce (max) of one
     int32 per call, over gloo on the CPU (a side group when the run's backend is NCCL), so no device sync."""

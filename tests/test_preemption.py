@@ -41,9 +41,11 @@ STAGED = {
 }
 
 
-def write_config(tmp_path: Path, out: str) -> Path:
+def write_config(tmp_path: Path, out: str, workers: int = 0) -> Path:
+    """The staged config (``workers`` loader processes: not part of the run id, the same samples)."""
     path = tmp_path / f"{out}.yaml"
-    path.write_text(yaml.safe_dump({**STAGED, "output": {"dir": str(tmp_path / out)}}))
+    data = {**STAGED["data"], "num_workers": workers}
+    path.write_text(yaml.safe_dump({**STAGED, "data": data, "output": {"dir": str(tmp_path / out)}}))
     return path
 
 
@@ -66,16 +68,19 @@ def steps_done(stage: Path) -> int:
         return 0
 
 
-def signal_mid_stage_1(process: subprocess.Popen, out: Path, signum: int) -> tuple[Path, int]:
-    """Send ``signum`` once the second stage has finished 3 steps; returns the stage folder and the steps it had
-    finished before the signal was sent."""
+def signal_mid_stage_1(process: subprocess.Popen, out: Path, signum: int, group: bool = False) -> tuple[Path, int]:
+    """Send ``signum`` once the second stage has finished 3 steps (to its whole process group with ``group``, as
+    SLURM signals every process of a job step); returns the stage folder and the steps it had finished before."""
     deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline and process.poll() is None:
             stage = next(out.glob("*/stages/1-*"), None)
             done = steps_done(stage) if stage is not None else 0
             if done >= 3:
-                process.send_signal(signum)
+                if group:
+                    os.killpg(process.pid, signum)
+                else:
+                    process.send_signal(signum)
                 process.wait(timeout=300)
                 return stage, done
             time.sleep(0.005)
@@ -147,10 +152,14 @@ def test_sigusr2_under_submitit_checkpoints_writes_the_row_then_requeues_and_res
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_command_checkpoints_and_the_same_command_resumes_exactly(tmp_path, straight):
-    command = [sys.executable, "-m", "experiments", "run", str(write_config(tmp_path, "stopped"))]
-    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    stage, before = signal_mid_stage_1(process, tmp_path / "stopped", signal.SIGTERM)
+def test_sigterm_to_the_command_and_its_loader_workers_checkpoints_and_the_same_command_resumes_exactly(
+    tmp_path, straight
+):
+    """SIGTERM to every process of the command (its two data loader workers too, as ``scancel`` does)."""
+    command = [sys.executable, "-m", "experiments", "run", str(write_config(tmp_path, "stopped", workers=2))]
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    stage, before = signal_mid_stage_1(process, tmp_path / "stopped", signal.SIGTERM, group=True)
     stderr = process.stderr.read()
     assert process.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr
