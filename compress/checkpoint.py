@@ -13,14 +13,18 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` holding
 - ``meta.json``: the run id and config hash it belongs to, its step and stage, its precision and
   the number of processes that wrote it.
 
-The folder is written under a temporary name and renamed when complete; only then does the
-pointer file ``checkpoints/latest`` (written atomically) name it. A kill at any moment leaves
-the previous checkpoint named by ``latest``: a half-written folder is never read and is
-removed by the next write.
+The folder is written under a temporary name, every file and the folder are fsynced, and it is
+renamed when complete (the rename fsynced too); only then does the pointer file
+``checkpoints/latest`` (written atomically and fsynced) name it, and only after that are the older
+checkpoints removed. A kill or a node crash at any moment leaves ``latest`` naming a complete
+checkpoint on disk: a half-written folder is never read and is removed by the next write. A write
+that fails (a full disk) removes its temporary folder at once, so the space is free for the run's
+row, and raises :class:`CheckpointWriteError`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -35,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.fileio import atomic_write, atomic_write_text
+from compress.fileio import atomic_write, atomic_write_text, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,15 @@ _PREFIX = "step-"
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used for this run (another run's, another config's, unreadable)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a quota, an I/O error); its partial folder is removed and
+    the previous checkpoint is kept. ``errno`` is the underlying error's."""
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
 
 
 def config_hash(cfg: Any) -> str:
@@ -165,24 +178,69 @@ def write_checkpoint(
     from compress.models.export import save_safetensors
 
     root = Path(directory) / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     name = f"{_PREFIX}{step:08d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_safetensors(student.state_dict(), tmp / STUDENT_WEIGHTS)
-    atomic_write_text(tmp / STUDENT_RECORD, json.dumps(student_record(student), indent=1))
-    atomic_write(tmp / STATE_FILE, lambda path: torch.save(dict(state), path))
-    atomic_write_text(tmp / META_FILE, json.dumps({"format": FORMAT, **meta, "step": step}, indent=1))
-    _fsync_dir(tmp)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_safetensors(student.state_dict(), tmp / STUDENT_WEIGHTS)  # each file: atomic and fsynced
+        atomic_write_text(tmp / STUDENT_RECORD, json.dumps(student_record(student), indent=1))
+        atomic_write(tmp / STATE_FILE, lambda path: torch.save(dict(state), path))
+        atomic_write_text(tmp / META_FILE, json.dumps({"format": FORMAT, **meta, "step": step}, indent=1))
+        fsync_path(tmp)
+    except Exception as error:  # the partial folder would keep the space the run's row needs
+        reason = _io_failure(error, root)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if reason is None:
+            raise
+        raise _write_error(reason, error, root, name) from error
     final = root / name
-    if final.exists():  # a checkpoint of this step from before a crash: replaced by this one
+    if final.exists():  # a checkpoint of this step from before a crash (``latest`` names an older one)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    atomic_write_text(root / LATEST_FILE, name + "\n")
-    _fsync_dir(root)
-    _prune(root, name, keep_every)
+    fsync_path(root)  # the complete folder is on disk under its name ...
+    atomic_write_text(root / LATEST_FILE, name + "\n")  # ... before ``latest`` names it (fsynced: file, then root)
+    _prune(root, name, keep_every)  # ... and only then do the older ones go
     return final
+
+
+#: what torch (``RuntimeError``) and safetensors (``SafetensorError``) say when a write fails for a full disk
+_DISK_FULL_TEXT = ("no space left on device", "os error 28", "storagefull", "file write failed")
+#: below this many free bytes, a failed write is taken for a full disk
+_NEARLY_FULL_BYTES = 16 * 2**20
+
+
+def _io_failure(error: BaseException, root: Path) -> str | None:
+    """Why a checkpoint write failed if the disk is to blame (``None``: another error, raised as it is). torch and
+    safetensors report a full disk as ``RuntimeError``/``SafetensorError``, not ``OSError``: their text, then the
+    free space left (read before the partial folder is removed) decide."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            if seen.errno == errno.ENOSPC:
+                return "no space left on device"
+            return (seen.strerror or os.strerror(seen.errno)).lower()
+        seen = seen.__cause__ or seen.__context__
+    if any(text in str(error).lower() for text in _DISK_FULL_TEXT):
+        return "no space left on device"
+    try:
+        if shutil.disk_usage(root).free < _NEARLY_FULL_BYTES:
+            return "no space left on device"
+    except OSError:  # pragma: no cover
+        pass
+    return None
+
+
+def _write_error(reason: str, error: BaseException, root: Path, name: str) -> CheckpointWriteError:
+    """One line: why the checkpoint could not be written, and which one the run keeps."""
+    pointer = root / LATEST_FILE
+    kept = pointer.read_text().strip() if pointer.is_file() else None
+    keeps = f"the previous checkpoint {kept} is kept" if kept else "there is no earlier checkpoint"
+    return CheckpointWriteError(
+        f"{reason} while writing checkpoint {name} in {root} (the partial checkpoint was removed; {keeps})",
+        getattr(error, "errno", None) or (errno.ENOSPC if reason == "no space left on device" else None),
+    )
 
 
 def remove_checkpoints(directory: str | Path) -> None:
@@ -202,19 +260,6 @@ def _prune(root: Path, current: str, keep_every: int) -> None:
         elif not path.name.startswith(".tmp-"):
             continue
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- random states ---------------------------------------------------------------------------

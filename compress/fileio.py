@@ -1,6 +1,9 @@
-"""The one atomic writer: write to a temporary file in the target's folder, then rename.
+"""The one atomic writer: write to a temporary file in the target's folder, fsync it, rename it, fsync the folder.
 
-A reader never sees half a file, and a crash mid-write leaves the previous file in place.
+A reader never sees half a file, and a crash mid-write leaves the previous file in place. The file's data
+is on disk before the rename (``fsync``), and the rename is on disk before the function returns (``fsync``
+of the folder): after a node crash the name holds the old content or the new, never a torn or empty file
+(ext4/xfs with delayed allocation may otherwise persist the rename before the data).
 The temporary file is created private (``mkstemp``: mode 0600) and given the mode an
 ordinary ``open()`` would have (0666 less the umask) before the rename, so result files
 and exported models stay readable to colleagues in a shared folder. No torch import:
@@ -9,6 +12,7 @@ and exported models stay readable to colleagues in a shared folder. No torch imp
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -31,11 +35,33 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, _default_file_mode())
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
     return path
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a folder's entries (names created, renamed or removed in it), to disk. A file's
+    error (EIO, ENOSPC of delayed allocation) is raised; a folder that cannot be synced (Windows, a file
+    system answering EINVAL) is skipped."""
+    folder = Path(path).is_dir()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if folder:  # pragma: no cover - platforms without directory fds
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if not folder or error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import random
 import shutil
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress import distributed
+from compress import distributed, stopping
 from compress.checkpoint import (
     Checkpoint,
     CheckpointError,
+    CheckpointWriteError,
     config_hash,
     latest_checkpoint,
     rebuild_student,
@@ -53,6 +52,7 @@ from compress.results import (
     write_result,
 )
 from compress.rundir import CONFIG_FILE, METRICS_FILE, STAGES_DIR, owned_run_dir, stage_dir
+from compress.stopping import RunInterrupted, StoppedAtStep
 from compress.teacher import OnlineTeacher, freeze
 from compress.train import LossTerm, Trainer
 
@@ -110,28 +110,6 @@ def build_student(cfg: RunConfig, inheritance: Any, source: nn.Module | None) ->
     return inheritance.inherit(student, source)
 
 
-class RunInterrupted(BaseException):
-    """SIGTERM arrived during a run (a scheduler stopping the job, ``kill``)."""
-
-
-@contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into :class:`RunInterrupted` while the run executes (main thread only), so
-    the run can still write its ``interrupted`` row; the previous handler is restored after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise RunInterrupted(f"stopped by signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def check_batch_split(cfg: RunConfig, world: int) -> None:
     """``train.batch_size`` is the global batch: it must split into equal per-process micro-batches."""
     for k, stage in enumerate(resolve_stages(cfg) or [None]):
@@ -186,8 +164,10 @@ SPARSITY_TOLERANCE = 0.02
 
 def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     """Run ``cfg`` and return its result row; the row is also written to ``result.json``,
-    for a failed run too (status ``failed`` and the error) and for one stopped by SIGTERM or
-    Ctrl-C (status ``interrupted``, then the interruption is raised again).
+    for a failed run too (status ``failed`` and the error) and for one stopped by SIGTERM, SIGUSR2
+    or Ctrl-C (status ``interrupted``, then the interruption is raised again). SIGTERM and SIGUSR2
+    during training end it after the step in progress, with a checkpoint of that step on every rank
+    together and the step in the row (:mod:`compress.stopping`).
 
     A run started again in its run directory resumes: finished stages are kept, and the
     current stage continues from its newest checkpoint (:mod:`compress.checkpoint`), exactly
@@ -218,12 +198,14 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         return _run_in(cfg, run_dir, device)
 
 
+#: the structure table and heat-map ``experiments.job.write_reports`` writes (``analysis.structure_report``)
+REPORT_FILES = ("structure.md", "structure.png")
 #: what an attempt leaves in a run directory (removed by ``--force``)
-RUN_OUTPUTS = ("checkpoints", STAGES_DIR, METRICS_FILE, RESULT_FILE, "model", STRUCTURE_FILE)
+RUN_OUTPUTS = ("checkpoints", STAGES_DIR, METRICS_FILE, RESULT_FILE, "model", STRUCTURE_FILE, *REPORT_FILES)
 
 
 def start_fresh(run_dir: Path) -> None:
-    """Remove checkpoints, stage folders, metrics, result and model of an earlier attempt."""
+    """Remove checkpoints, stage folders, metrics, result, model and reports of an earlier attempt."""
     for name in RUN_OUTPUTS:
         path = run_dir / name
         if path.is_dir():
@@ -250,22 +232,36 @@ def _run_in(cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, An
     metrics: dict[str, Any] = {}
     current: StageRun | None = None
 
-    def row_for(status: str, error: BaseException | None = None) -> dict[str, Any]:
+    def row_for(status: str, error: BaseException | None = None, step: int | None = None) -> dict[str, Any]:
         stage = current.stage if current is not None else stages[-1] if status == STATUS_COMPLETED else None
-        extra = {"stage": stage.dir_name} if stage is not None else None
+        extra = {"stage": stage.dir_name} if stage is not None else {}
+        if step is not None:  # an interrupted run: the optimizer steps its checkpoint holds
+            extra["step"] = step
         return make_row(run_id=cfg.run_id(), name=cfg.name, status=status, config=cfg.to_dict(), started=started,
                         metrics=metrics, error=error, extra=extra)
 
-    def write_rows(status: str, error: BaseException | None = None, run_row: bool = True) -> dict[str, Any]:
+    def write_rows(status: str, error: BaseException | None = None, run_row: bool = True,
+                   step: int | None = None) -> dict[str, Any]:
         """The current stage's row (a staged run) and, unless a stage finished before the last, the run's."""
-        row = row_for(status, error)
+        row = row_for(status, error, step)
         if main and current is not None and current.stage is not None:
             stage_row = make_row(run_id=cfg.run_id(), name=cfg.name, status=status, config=current.cfg.to_dict(),
-                                 started=started, metrics=metrics, error=error)
+                                 started=started, metrics=metrics, error=error,
+                                 extra={"step": step} if step is not None else None)
             write_result(current.directory, stage_row)
         if main and run_row:
             write_result(run_dir, row)
         return row
+
+    def write_final_rows(status: str, error: BaseException | None = None, step: int | None = None) -> dict[str, Any]:
+        """:func:`write_rows` after a failure or a stop: a row that cannot be written (the disk is full) is
+        said in one line, and the run's outcome still reaches the caller."""
+        try:
+            return write_rows(status, error, step=step)
+        except OSError as unwritable:
+            print(f"clip-compress: error: run {cfg.name}: the {status} row could not be written to "
+                  f"{run_dir / RESULT_FILE} ({unwritable.strerror or unwritable})", file=sys.stderr)
+            return row_for(status, error, step)
 
     for stage in stages:  # another run's or another config's checkpoint: refused before anything is loaded
         directory = stage_dir(run_dir, stage.dir_name if stage is not None else None)
@@ -273,7 +269,7 @@ def _run_in(cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, An
         if checkpoint is not None:
             checkpoint.check_owner(cfg.run_id(), config_hash(cfg))
     try:
-        with sigterm_raises():
+        with stopping.stop_signals():
             precision = resolve_precision(cfg.train.precision, device)
             seed_everything(cfg.seed)  # a random-init teacher (tests) is the same in every attempt
             teacher = load_teacher(cfg)
@@ -301,16 +297,25 @@ def _run_in(cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, An
         if current is not None:
             _after_success(current)
     except (KeyboardInterrupt, RunInterrupted) as interruption:  # a failing peer may be why (srun ends the step)
-        write_rows(STATUS_INTERRUPTED, distributed.failure_with_causes(run_dir, interruption, wait_s=0) if main
-                   else interruption)
-        print(f"clip-compress: run {cfg.name} interrupted (see {run_dir / 'result.json'})", file=sys.stderr)
+        step = interruption.step if isinstance(interruption, StoppedAtStep) else None
+        write_final_rows(STATUS_INTERRUPTED, distributed.failure_with_causes(run_dir, interruption, wait_s=0)
+                         if main else interruption, step)
+        if main and step is not None:
+            print(f"clip-compress: run {cfg.name} {interruption}: the same command resumes it (see "
+                  f"{run_dir / RESULT_FILE})", file=sys.stderr)
+        elif step is None:
+            print(f"clip-compress: run {cfg.name} interrupted (see {run_dir / RESULT_FILE})", file=sys.stderr)
         raise
     except Exception as error:  # the row records the failure; the caller decides what to do with it
         distributed.record_failure(run_dir, error)
         if main:
             error = distributed.failure_with_causes(run_dir, error)
-        row = write_rows(STATUS_FAILED, error)
-        print(f"clip-compress: run {cfg.name} failed: {row['error']} (see {run_dir / 'result.json'})", file=sys.stderr)
+        row = write_final_rows(STATUS_FAILED, error)
+        if isinstance(error, CheckpointWriteError) or getattr(error, "errno", None) == errno.ENOSPC:
+            print(f"clip-compress: error: run {cfg.name}: {error} (see {run_dir / RESULT_FILE})", file=sys.stderr)
+        else:
+            print(f"clip-compress: run {cfg.name} failed: {row['error']} (see {run_dir / RESULT_FILE})",
+                  file=sys.stderr)
     return row
 
 
@@ -437,12 +442,14 @@ def _run_stage(
 
     def write(trainer: Trainer) -> None:  # on every rank: each one's data position and random states go to rank 0
         ranks = distributed.gather_objects({"data": data_stats.loader.state_dict(), "rng": rng_state()})
-        if ranks is None:
-            return
-        state = {"trainer": trainer.state_dict(), "ranks": ranks}
-        meta = {"run_id": run_id, "config_sha": config_sha, "stage": stage_index, "precision": precision.name,
-                "world_size": world}
-        write_checkpoint(directory, trainer.step, trainer.student, state, meta, keep_every=cfg.output.keep_every)
+
+        def save() -> None:  # rank 0; a failure (a full disk) reaches every rank instead of leaving them waiting
+            state = {"trainer": trainer.state_dict(), "ranks": ranks}
+            meta = {"run_id": run_id, "config_sha": config_sha, "stage": stage_index, "precision": precision.name,
+                    "world_size": world}
+            write_checkpoint(directory, trainer.step, trainer.student, state, meta, keep_every=cfg.output.keep_every)
+
+        distributed.main_first(save)
 
     trainer = Trainer(
         cfg.train,
@@ -456,6 +463,7 @@ def _run_stage(
         run_dir=directory if main else None,
         on_checkpoint=write if cfg.output.save_checkpoint else None,
         seed=run.seed,
+        should_stop=stopping.agreed,
     )
     if checkpoint is not None:
         state = checkpoint.state()
@@ -471,7 +479,8 @@ def _run_stage(
     elif main:
         (directory / METRICS_FILE).unlink(missing_ok=True)  # a fresh start: one series per run
     try:
-        summary = trainer.fit()
+        with stopping.deferred():  # a stop signal ends training after the step in progress, with a checkpoint
+            summary = trainer.fit()
     finally:
         metrics.update(data_stats.as_metrics())  # this process's counts if training failed
     metrics.update(data_stats.as_metrics(all_ranks=True))

@@ -53,6 +53,7 @@ from compress.outputs import ClipOutput
 from compress.plugins import DistillLoss, Inheritance, Schedule
 from compress.precision import Precision, to_device
 from compress.progress import progress
+from compress.stopping import StoppedAtStep
 from compress.teacher import TeacherSource
 
 
@@ -189,6 +190,7 @@ class Trainer:
         on_log: Any = None,
         on_checkpoint: Callable[[Trainer], None] | None = None,
         seed: int = 0,
+        should_stop: Callable[[], int] | None = None,
     ) -> None:
         self.cfg = cfg
         self.student = student
@@ -203,6 +205,8 @@ class Trainer:
         self.on_checkpoint = on_checkpoint
         self.on_log = on_log
         self.seed = seed
+        #: asked after every step: a signal number (every rank the same) stops training there, after a checkpoint
+        self.should_stop = should_stop
         self.needs = tuple(sorted({n for term in losses for n in term.module.needs}))
         self.uses_teacher = any(term.module.needs_teacher for term in losses)
         if self.uses_teacher and teacher is None:
@@ -451,8 +455,12 @@ class Trainer:
                     bar.set_postfix(loss=f"{float(total):.4f}", sps=f"{rate:.0f}")
             self.step = step + 1
             self.elapsed_s = elapsed_before + time.perf_counter() - start
-            if is_last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+            stop = self.should_stop() if self.should_stop is not None else 0  # a signal: see compress.stopping
+            if stop or is_last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                 self.save_checkpoint()
+            if stop:
+                bar.close()
+                raise StoppedAtStep(stop, self.step)
             bar.update(1)
         bar.close()
         self.student.eval()

@@ -415,9 +415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("clip-compress: interrupted", file=sys.stderr)
         return 130
-    except _loaded("compress.run:RunInterrupted") as e:
+    except _loaded("compress.run:RunInterrupted") as e:  # 128 + the signal: 143 for SIGTERM, 140 for SIGUSR2
         print(f"clip-compress: interrupted ({e})", file=sys.stderr)
-        return 143
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from compress.config import RunConfig, config_from_dict
 from compress.results import STATUS_COMPLETED, STATUS_FAILED, read_result
 from compress.run import RunError, run_dir_for
+from compress.stopping import StoppedAtStep
 
 
 def export_task_environment() -> None:
@@ -68,8 +70,10 @@ class RunJob:
     would send the run to another directory than the manifest says. A run whose ``result.json``
     says completed is not run again (its row is returned) unless ``force``; an unfinished one
     resumes from its newest checkpoint; ``force=True`` starts from step 0, once: the same job restarted
-    by SLURM (``SLURM_RESTART_COUNT`` > 0) resumes. A job that SLURM preempts or times out is requeued
-    (:meth:`checkpoint`) and resumes."""
+    by SLURM (``SLURM_RESTART_COUNT`` > 0) resumes. A job that SLURM preempts or times out gets submitit's
+    ``SIGUSR2``: every rank finishes its step, the checkpoint of that step and the ``interrupted`` row are
+    written (:mod:`compress.stopping`), and only then is the job requeued, by submitit's own handler
+    (:func:`requeue_after_stop`; it calls :meth:`checkpoint`), and resumes."""
 
     def __init__(self, config: Mapping[str, Any], force: bool = False, run_id: str | None = None) -> None:
         if not isinstance(config, Mapping):
@@ -101,7 +105,12 @@ class RunJob:
         if done is not None and not force:
             return done  # a requeued or resubmitted job of a finished run: nothing to do
         export_task_environment()
-        row = run_experiment(cfg, force=force)
+        try:
+            row = run_experiment(cfg, force=force)
+        except StoppedAtStep as stop:  # the checkpoint and the interrupted row are written: now requeue
+            if requeue_after_stop(stop):
+                return own_result(cfg) or {"run_id": cfg.run_id(), "name": cfg.name, "status": "interrupted"}
+            raise
         # the process group is gone by now: the rank the job was launched as decides who writes
         launch = distributed.environment()
         if launch.rank == 0:
@@ -116,6 +125,32 @@ class RunJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(RunJob(self.config, run_id=self.run_id))
+
+
+def requeue_after_stop(stop: StoppedAtStep) -> bool:
+    """After a stop on submitit's preemption signal (``SIGUSR2``) inside a submitit job, do what submitit's own
+    handler would have done when the signal came, now that the checkpoint is written: on the task of global rank
+    0 the handler calls the job's ``checkpoint()`` (:meth:`RunJob.checkpoint`, :meth:`RunQueue.checkpoint`),
+    dumps the resubmission, requeues the job (``scontrol requeue`` under SLURM) and exits (``SystemExit``, as
+    submitit does). The other tasks return True and end quietly (exit 0: a failing task could make srun end
+    the step before rank 0 requeued it; the requeue ends them anyway). False where there is nothing to do:
+    outside a submitit job, or on ``SIGTERM`` (a cancelled job stays cancelled; a preempted one is requeued
+    by SLURM itself)."""
+    import submitit
+    from submitit.core.job_environment import SignalHandler
+
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:  # not inside a submitit job: the caller (the command line) reports the stop
+        return False
+    preempt = env._usr_sig()
+    if stop.signum != preempt:
+        return False
+    handler = signal.getsignal(preempt)  # submitit's, restored when the run ended
+    if not isinstance(getattr(handler, "__self__", None), SignalHandler):
+        return False
+    handler(preempt, None)  # rank 0: requeues and exits; the others: returns
+    return True
 
 
 class RunQueue:

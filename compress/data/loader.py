@@ -28,6 +28,7 @@ from compress.data.folder import FolderTextDataset
 from compress.data.robust import BadSampleCounter, DataError, torch_seeded
 from compress.data.shards import Keyed, ShardDataset
 from compress.data.synthetic import ShapesDataset, ShapesOptions
+from compress.stopping import ignore_in_worker
 
 _WDS_OPTIONS = ("shuffle_buffer", "image_exts", "text_exts")
 
@@ -431,6 +432,7 @@ def build_train_loader(
         drop_last=True,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_in_worker,  # the main process alone acts on SIGTERM/SIGUSR2 (compress.stopping)
     )
     if isinstance(ds, IterableDataset):
         if sampler is not None:  # shards are already split across ranks by the data set
@@ -462,7 +464,8 @@ def build_eval_loader(
 ) -> CountedLoader:
     """An in-order loader (no shuffle, last partial batch kept) for evaluation sets."""
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn,
+        worker_init_fn=ignore_in_worker,
     )
     steps = len(loader) if not isinstance(dataset, IterableDataset) else None
     return CountedLoader(loader, BadSampleCounter(name, max_bad_fraction, bad_window), None, steps)
