@@ -13,7 +13,6 @@ from compress.config import ConfigError
 from compress.results import read_result
 from compress.rundir import owned_run_dir
 from experiments.cli import main
-from experiments.dispatch import gres_gpus
 from experiments.status import MANIFEST_FILE
 from experiments.sweep import load_sweep
 from tests.test_dispatch_backends import fake_slurm, manifest, sbatch_flags  # noqa: F401 - a fixture, used by cluster
@@ -86,6 +85,8 @@ def test_the_warning_signal_leaves_a_minute_even_when_slurm_sends_it_60_s_early(
 
 
 def test_gres_gpus_of_sinfo():
+    from experiments.dispatch import gres_gpus
+
     assert [gres_gpus(g) for g in ["(null)", "gpu:2", "gpu:a100:4(S:0-1),gpu:v100:2", "mps:100,gpu:8"]] == [0, 2, 6, 8]
 
 

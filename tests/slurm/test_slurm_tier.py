@@ -187,20 +187,20 @@ def test_a_two_task_job_trains_data_parallel_on_the_cpu(tmp_path, cli):
 
 #: steps of a run signalled mid-training: long enough to be still training a second after its first steps
 #: on an idle 2-CPU machine, short enough to finish soon after it resumes
-LONG_STEPS = 150
+LONG_STEPS = 60
 
 
 def _signalled_mid_training(cli: Callable[..., Done], tmp_path: Path, name: str,
                             command: list[str]) -> tuple[Path, dict[str, Any], Path]:
-    """A one-run sweep (a checkpoint every 2 steps) submitted, and ``command JOB_ID`` run once it trains;
+    """A one-run sweep (a checkpoint every 5 steps) submitted, and ``command JOB_ID`` run once it trains;
     returns the sweep file, its manifest entry and its output folder."""
-    base = {**BASE, "train": {**BASE["train"], "steps": LONG_STEPS, "checkpoint_every": 2}}
+    base = {**BASE, "train": {**BASE["train"], "steps": LONG_STEPS, "checkpoint_every": 5}}
     path = write_sweep(tmp_path, name, base=base)
     done = cli("sweep", str(path))
     assert done.returncode == 0, done.stdout + done.stderr
     (entry,) = manifest(tmp_path, name)
     folder = tmp_path / "runs" / name
-    wait_for(lambda: logged_step(entry["run_dir"]) >= 2, 300, "the run to train 2 steps", folder, every=0.2)
+    wait_for(lambda: logged_step(entry["run_dir"]) >= 6, 300, "a checkpoint (step 5)", folder, every=0.2)
     subprocess.run([*command, entry["job_id"]], check=True, capture_output=True, timeout=30)
     assert (row(entry["run_dir"]) or {}).get("status") != "completed", "the run ended before it was signalled"
     return path, entry, folder
@@ -208,7 +208,7 @@ def _signalled_mid_training(cli: Callable[..., Done], tmp_path: Path, name: str,
 
 def _completes_after_a_restart(entry: dict[str, Any], folder: Path) -> None:
     job = entry["job_id"]
-    wait_for(lambda: (row(entry["run_dir"]) or {}).get("status") == "completed", 420,
+    wait_for(lambda: (row(entry["run_dir"]) or {}).get("status") == "completed", 600,
              "the signalled run to resume and complete", folder)
     assert row(entry["run_dir"])["metrics"]["train/steps"] == LONG_STEPS
     assert int(job_field(job, "Restarts") or 0) >= 1  # the same job, requeued
