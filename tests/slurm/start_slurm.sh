@@ -74,7 +74,8 @@ ClusterName=cc-test
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
-AuthInfo=cred_expire=30
+# a requeued job may start again after cred_expire (about 12 s here with 10, 35-40 s with 30, 145 s by default)
+AuthInfo=cred_expire=10
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/d
 SlurmctldPidFile=/run/slurmctld.pid

@@ -1,7 +1,8 @@
 """The SLURM backend against a real single-node SLURM (``tests/slurm/start_slurm.sh``): a sweep as a job
-array with status and collect, a two-task data-parallel job (gloo on the CPU), a requeue
-(``scontrol requeue``) and a USR2 preemption (``scancel --signal=USR2``) that resume and complete, and a
-requeued job waiting in the queue that ``status`` shows queued and ``sweep`` does not submit again.
+array with status and collect, a two-task data-parallel job (gloo on the CPU), a requeue from outside
+(``scontrol requeuehold``, then ``release``) and a USR2 preemption (``scancel --signal=USR2``: submitit
+requeues with ``scontrol requeue``) that resume and complete, and a requeued job waiting in the queue
+that ``status`` shows queued and ``sweep`` does not submit again.
 
 Run only where the test cluster is up (``.ci/run`` starts it); skipped otherwise, with the reason.
 The jobs run this checkout: submitit starts them with this interpreter, and sbatch exports this
@@ -215,18 +216,20 @@ def _completes_after_a_restart(entry: dict[str, Any], folder: Path) -> None:
 
 
 def test_a_requeued_job_is_queued_not_resubmitted_and_resumes_to_completion(tmp_path, cli):
-    """scontrol requeue (SIGTERM, back to the queue): while the job waits, status says queued and sweep
-    (also --only-failed) submits nothing; the job restarts, resumes and completes with all its steps."""
-    path, entry, folder = _signalled_mid_training(cli, tmp_path, "rq", ["scontrol", "requeue"])
+    """scontrol requeuehold (SIGTERM, back to the queue, held there so the checks cannot race its
+    restart): while the job waits, status says queued and sweep (also --only-failed) submits nothing;
+    released, the job restarts, resumes and completes with all its steps."""
+    path, entry, folder = _signalled_mid_training(cli, tmp_path, "rq", ["scontrol", "requeuehold"])
     job = entry["job_id"]
-    wait_for(lambda: job_field(job, "JobState") == "PENDING", 60, "the requeued job to be pending", folder)
+    wait_for(lambda: job_field(job, "JobState") == "PENDING", 120, "the requeued job to be pending", folder)
     status = cli("status", str(path))
     assert "queued (PENDING)" in status.stdout and "1 queued" in status.stdout, status.stdout + status.stderr
-    for extra in ([], ["--only-failed"]):
+    for extra in ([], ["--only-failed"], ["--force"]):
         again = cli("sweep", str(path), *extra)
         assert again.returncode == 0, again.stdout + again.stderr
         assert "queued" in again.stdout and "nothing to submit" in again.stdout, again.stdout
     assert len(manifest(tmp_path, "rq")) == 1  # not submitted again
+    subprocess.run(["scontrol", "release", job], check=True, capture_output=True, timeout=30)
     _completes_after_a_restart(entry, folder)
 
 
