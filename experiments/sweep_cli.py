@@ -127,10 +127,12 @@ def run_sweep(path: str | Path, backend: str | None = None, overrides: Sequence[
     of_cfg = {id(run.cfg): run for run in todo}
     rows = []
 
-    def on_submit(cfg: RunConfig, job_id: str) -> None:
+    def now() -> str:
+        return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+    def on_submit(cfg: RunConfig, job_id: str, when: str | None = None) -> None:
         run = of_cfg[id(cfg)]
-        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        append_manifest(sweep, manifest_line(run, backend or cfg.dispatch.backend, job_id, now, code))
+        append_manifest(sweep, manifest_line(run, backend or cfg.dispatch.backend, job_id, when or now(), code))
         print(f"[submitted] {run.run_id} job {job_id} {run.run_dir}", flush=True)
 
     folder = sweep.output_dir / "submitit"
@@ -149,17 +151,26 @@ def run_sweep(path: str | Path, backend: str | None = None, overrides: Sequence[
                 print(f"[{elsewhere}] {run.run_id} ({describe(run.values)}): not run here", flush=True)
                 others += 1
                 continue
+            # the run's manifest line is written once its job ran, and not if another process held the run (its
+            # lock is taken inside the job: a line written before it could name a run this command never ran)
+            started: list[tuple[RunConfig, str, str]] = []
+            busy = False
             try:
-                (done,) = submit([run.cfg], name, folder, force=force, on_submit=on_submit)
+                (done,) = submit([run.cfg], name, folder, force=force,
+                                 on_submit=lambda cfg, job_id, to=started: to.append((cfg, job_id, now())))
                 rows.append(done.row or {})
             except RunDirBusy as error:  # taken between the check above and its lock
+                busy = True
                 print(f"[{RUNNING_ELSEWHERE}] {run.run_id} ({describe(run.values)}): {error}", flush=True)
                 others += 1
             except Exception as error:  # noqa: BLE001 - reported, counted, and the sweep goes on
                 print(f"[error] {run.run_id} ({describe(run.values)}): {type(error).__name__}: {error}", flush=True)
                 rows.append({"status": STATUS_FAILED})
+            finally:  # also when the run is interrupted (Ctrl-C): it ran here
+                for cfg, job_id, when in started if not busy else []:
+                    on_submit(cfg, job_id, when)
     failed = sum(row.get("status") != STATUS_COMPLETED for row in rows)
     ran = f"; {len(rows) - failed} completed, {failed} failed" if rows else ""
     ran += f", {others} run or completed by another process" if others else ""
-    print(f"sweep {sweep.name}: {len(todo)} submitted, {skipped} skipped{ran}; manifest {sweep.manifest}")
+    print(f"sweep {sweep.name}: {len(todo) - others} submitted, {skipped} skipped{ran}; manifest {sweep.manifest}")
     return 1 if failed else 0

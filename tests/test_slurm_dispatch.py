@@ -180,21 +180,39 @@ def test_a_run_another_sweep_holds_is_running_elsewhere_not_failed(tmp_path, mon
     with held:
         assert main(["sweep", str(path), "--backend", "inline"]) == 0
     out = capsys.readouterr().out
-    assert f"[running elsewhere] {runs[0].run_id}" in out and "2 completed, 0 failed, 1 run or completed by" in out
+    assert f"[running elsewhere] {runs[0].run_id}" in out
+    assert "2 submitted, 0 skipped; 2 completed, 0 failed, 1 run or completed by another process" in out
     assert [e["run_id"] for e in manifest(tmp_path)] == [runs[1].run_id, runs[2].run_id]
     assert read_result(runs[0].run_dir) is None and read_result(runs[2].run_dir)["status"] == "completed"
-    # the other sweep completes run 0 after this one's table: skipped, no second line, nothing rerun
-    from experiments.job import RunJob
+    # the other sweep takes run 2 between this one's check and the run's own lock: still no line, not failed
+    monkeypatch.setattr(experiments.sweep_cli, "_elsewhere", lambda run, force: None)
+    (runs[2].run_dir / "result.json").unlink()  # stopped: to resume
+    held = contextlib.ExitStack()
 
-    def completes_run_0():
-        RunJob(runs[0].cfg.to_dict(), run_id=runs[0].run_id)()
+    def other_sweep_takes_run_2():
+        held.enter_context(owned_run_dir(runs[2].run_dir, runs[2].run_id))
         return original()
 
-    monkeypatch.setattr(experiments.sweep_cli, "code_version", completes_run_0)
+    monkeypatch.setattr(experiments.sweep_cli, "code_version", other_sweep_takes_run_2)
+    with held:
+        assert main(["sweep", str(path), "--backend", "inline"]) == 0
+    out = capsys.readouterr().out
+    assert f"[running elsewhere] {runs[2].run_id}" in out and "in use by another process" in out
+    assert read_result(runs[0].run_dir)["status"] == "completed"  # run 0 ran here this time: its line
+    assert [e["run_id"] for e in manifest(tmp_path)] == [runs[1].run_id, runs[2].run_id, runs[0].run_id]
+    monkeypatch.undo()
+    # the other sweep completes run 2 after this one's table: skipped, no line, nothing rerun
+    from experiments.job import RunJob
+
+    def completes_run_2():
+        RunJob(runs[2].cfg.to_dict(), run_id=runs[2].run_id)()
+        return original()
+
+    monkeypatch.setattr(experiments.sweep_cli, "code_version", completes_run_2)
     assert main(["sweep", str(path), "--backend", "inline"]) == 0
     out = capsys.readouterr().out
-    assert f"[completed elsewhere] {runs[0].run_id}" in out
-    assert len(manifest(tmp_path)) == 2
+    assert f"[completed elsewhere] {runs[2].run_id}" in out
+    assert len(manifest(tmp_path)) == 3
     assert (tmp_path / "runs" / "abl" / MANIFEST_FILE).is_file()
 
 
