@@ -60,8 +60,13 @@ def _holder(fd: int) -> str:
     return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
 
 
-def _busy(fd: int, run_dir: Path) -> RunDirError:
-    return RunDirError(
+class RunDirBusy(RunDirError):
+    """The run directory is held by another live process: the same run is running elsewhere (not a
+    failure of this one)."""
+
+
+def _busy(fd: int, run_dir: Path) -> RunDirBusy:
+    return RunDirBusy(
         f"run directory {run_dir} is in use by another process (pid {_holder(fd)}): the same run is "
         "already running; wait for it or stop it"
     )

@@ -12,7 +12,9 @@ itself on preemption or timeout.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ from experiments.job import RunJob, RunQueue, completed_row
 BACKENDS = DISPATCH_BACKENDS
 #: the status of a row for a run handed to SLURM (its result arrives later)
 STATUS_SUBMITTED = "submitted"
+#: how much earlier than ``--signal=USR2@N`` asks SLURM may deliver the signal (its event timer's resolution)
+SIGNAL_EARLY_S = 60
 
 
 class DispatchError(RuntimeError):
@@ -62,6 +66,9 @@ def submit(
     groups = _groups(cfgs)
     for group in groups:  # what cannot be submitted is refused before anything is
         _check_resources(group[0], backend)
+    if backend == "slurm":
+        for group in groups:
+            check_partition(group[0])
     first_gpus = _local_gpus(groups) if backend == "local" else []
     if backend in ("inline", "debug"):
         return [_run_here(cfg, backend, folder, force, notify) for cfg in cfgs]
@@ -72,7 +79,12 @@ def submit(
             done = (_submit_local(group, folder, force, first_gpus[index]) if backend == "local"
                     else _submit_slurm(group, folder, force))
         except (OSError, RuntimeError) as error:  # sbatch refused (submitit's FailedJobError), a process did not start
-            raise DispatchError(f"{backend} submission failed: {' '.join(str(error).split())}") from None
+            message = " ".join(str(error).split())
+            gpus = group[0].dispatch.gpus_per_node
+            if backend == "slurm" and gpus:
+                message += (f" (the job asks for {gpus} GPU(s) per node, dispatch.gpus_per_node: on a partition "
+                            "without GPUs set gpus_per_node: 0 and tasks_per_node for CPU processes)")
+            raise DispatchError(f"{backend} submission failed: {message}") from None
         done.sort(key=lambda s: order[id(s.cfg)])
         for submission in done:  # recorded group by group: what was submitted is in the manifest if a later one fails
             notify(submission.cfg, submission.job_id)
@@ -82,22 +94,99 @@ def submit(
 
 
 def _check_resources(cfg: RunConfig, backend: str) -> None:
-    tasks = cfg.dispatch.nodes * max(cfg.dispatch.gpus_per_node, 1)
+    d = cfg.dispatch
+    tasks = d.nodes * d.tasks()
     if backend in ("inline", "debug") and tasks > 1 and environment().world_size != tasks:
         raise DispatchError(
-            f"dispatch asks for {cfg.dispatch.nodes} node(s) x {cfg.dispatch.gpus_per_node} GPUs, but the {backend} "
-            f"backend runs in this one process: use --backend local or slurm (one task per GPU), or start "
+            f"dispatch asks for {d.nodes} node(s) x {d.tasks()} tasks ({d.gpus_per_node} GPUs per node), but the "
+            f"{backend} backend runs in this one process: use --backend local or slurm (one task per GPU), or start "
             f"{tasks} processes with torchrun"
         )
-    if backend == "local" and cfg.dispatch.nodes != 1:
+    if backend == "local" and d.nodes != 1:
         raise DispatchError(
-            f"dispatch.nodes is {cfg.dispatch.nodes}: the local backend runs on this machine only (nodes: 1)"
+            f"dispatch.nodes is {d.nodes}: the local backend runs on this machine only (nodes: 1)"
         )
     if backend == "slurm" and (shutil.which("sbatch") is None or shutil.which("srun") is None):
         raise DispatchError(
             "dispatch.backend is slurm, but there is no SLURM here (sbatch not found on PATH): "
             "use --backend inline or --backend local on this machine"
         )
+    if backend == "slurm" and 60 * d.timeout_min - d.signal_delay_s - SIGNAL_EARLY_S < 60:
+        raise DispatchError(
+            f"dispatch.signal_delay_s {d.signal_delay_s} s and dispatch.timeout_min {d.timeout_min}: SLURM may send "
+            f"the warning signal up to {SIGNAL_EARLY_S} s before signal_delay_s, which leaves the job less than a "
+            f"minute before it (killed before it can checkpoint): need signal_delay_s <= "
+            f"{max(60 * d.timeout_min - SIGNAL_EARLY_S - 60, 0)} or a longer timeout_min"
+        )
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of a partition as ``sinfo`` lists it: CPUs, memory (MB) and GPUs (its ``gpu`` GRES)."""
+
+    name: str
+    cpus: int
+    mem_mb: int
+    gpus: int
+
+
+def partition_nodes(partition: str | None) -> list[Node] | None:
+    """The nodes of ``partition`` (a comma list; ``None``: the default partition, starred by ``sinfo``),
+    from one ``sinfo -N`` call; ``None`` where SLURM cannot be asked (no ``sinfo``, or it fails)."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%c|%m|%G|%P"], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    wanted = None if partition is None else set(partition.split(","))
+    nodes: dict[str, Node] = {}
+    for line in out.stdout.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 5:
+            continue
+        name, cpus, mem, gres, part = fields
+        if (part.endswith("*") if wanted is None else part.rstrip("*") in wanted):
+            nodes[name] = Node(name, _leading_int(cpus), _leading_int(mem), gres_gpus(gres))
+    return list(nodes.values())
+
+
+def _leading_int(text: str) -> int:
+    match = re.match(r"\d+", text.strip())
+    return int(match.group()) if match else 0
+
+
+def gres_gpus(gres: str) -> int:
+    """The GPUs of a node's GRES as ``sinfo %G`` prints it: ``gpu:8``, ``gpu:a100:4(S:0-1),gpu:v100:2`` (6)."""
+    return sum(int(n) for n in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres.strip()))
+
+
+def check_partition(cfg: RunConfig) -> None:
+    """Refuse a job that no node of its partition can hold (more GPUs, CPUs or memory per node than any
+    node has, or more nodes than fit): SLURM would keep it pending forever without a word. Where SLURM
+    cannot be asked (no ``sinfo``), or the partition lists no node (hidden from this user), nothing is checked."""
+    d = cfg.dispatch
+    nodes = partition_nodes(d.partition)
+    if not nodes:
+        return
+    cpus = d.tasks() * (d.cpus_per_task or 1)
+    mem_mb = int(d.mem_gb * 1024) if d.mem_gb is not None else 0
+    fits = [n for n in nodes if n.gpus >= d.gpus_per_node and n.cpus >= cpus and n.mem_mb >= mem_mb]
+    if len(fits) >= d.nodes:
+        return
+    where = f"partition {d.partition}" if d.partition else "the default partition"
+    asks = [f"{d.gpus_per_node} GPUs (gpus_per_node)", f"{cpus} CPUs (tasks_per_node x cpus_per_task)"]
+    if mem_mb:
+        asks.append(f"{mem_mb} MB (mem_gb)")
+    raise DispatchError(
+        f"{where} has no {d.nodes} node(s) with {', '.join(asks)} each: its {len(nodes)} node(s) have at most "
+        f"{max(n.gpus for n in nodes)} GPUs, {max(n.cpus for n in nodes)} CPUs, {max(n.mem_mb for n in nodes)} MB "
+        f"({len(fits)} fit); the job would stay pending forever: lower the dispatch settings or choose another "
+        "dispatch.partition"
+    )
 
 
 def _local_gpus(groups: Sequence[Sequence[RunConfig]]) -> list[int]:
@@ -169,8 +258,8 @@ def _run_here(cfg: RunConfig, backend: str, folder: Path, force: bool,
 
 def _submit_local(group: list[RunConfig], folder: Path, force: bool, first_gpu: int = 0) -> list[Submission]:
     """At most ``max_parallel`` local jobs, each running its share of the runs one after the other
-    (round robin). Each job has ``nodes x gpus_per_node`` tasks (one per GPU; on a machine without
-    GPUs, that many CPU processes); the jobs get disjoint GPUs from ``first_gpu`` on (:func:`_local_gpus`)."""
+    (round robin). Each job has ``tasks_per_node`` tasks (one per GPU; on a machine without GPUs,
+    that many CPU processes); the jobs get disjoint GPUs from ``first_gpu`` on (:func:`_local_gpus`)."""
     import submitit
 
     d = group[0].dispatch
@@ -183,7 +272,7 @@ def _submit_local(group: list[RunConfig], folder: Path, force: bool, first_gpu: 
         executor = submitit.LocalExecutor(folder=str(folder), max_num_timeout=d.max_num_timeout)
         # the time limit is per run: a job running a queue of k runs gets k times timeout_min
         params: dict[str, Any] = {"timeout_min": d.timeout_min * len(cfgs), "gpus_per_node": gpus,
-                                  "tasks_per_node": max(d.gpus_per_node, 1), "signal_delay_s": d.signal_delay_s}
+                                  "tasks_per_node": d.tasks(), "signal_delay_s": d.signal_delay_s}
         if gpus:
             params["visible_gpus"] = list(range(first_gpu + slot * gpus, first_gpu + (slot + 1) * gpus))
         executor.update_parameters(**params)
@@ -201,7 +290,8 @@ def _cuda_devices() -> int:
 
 
 def slurm_executor(cfg: RunConfig, folder: Path) -> Any:
-    """submitit's SLURM executor with the run's ``dispatch`` settings (one task per GPU)."""
+    """submitit's SLURM executor with the run's ``dispatch`` settings: ``tasks_per_node`` tasks per node
+    (one per GPU), and ``--gpus-per-node`` only when the run asks for GPUs (``gpus_per_node`` > 0)."""
     import submitit
 
     _check_resources(cfg, "slurm")
@@ -211,7 +301,7 @@ def slurm_executor(cfg: RunConfig, folder: Path) -> Any:
         "job_name": cfg.name,
         "time": d.timeout_min,
         "nodes": d.nodes,
-        "ntasks_per_node": max(d.gpus_per_node, 1),
+        "ntasks_per_node": d.tasks(),
         "signal_delay_s": d.signal_delay_s,
         "array_parallelism": d.array_parallelism,
     }
@@ -224,7 +314,7 @@ def slurm_executor(cfg: RunConfig, folder: Path) -> Any:
     # with `scontrol requeue` after its checkpoint() (USR2 arrives signal_delay_s before the limit)
     params["additional_parameters"] = {"requeue": True,
                                        **{str(k).replace("_", "-"): v for k, v in d.slurm_options.items()}}
-    if d.nodes * max(d.gpus_per_node, 1) > 1:
+    if d.nodes * d.tasks() > 1:
         # a task that fails ends the step: its peers would otherwise wait in a collective (NCCL: for hours)
         params["srun_args"] = ["--kill-on-bad-exit=1"]
     executor.update_parameters(**params)

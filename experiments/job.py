@@ -11,7 +11,11 @@ from typing import Any
 from compress.config import RunConfig, config_from_dict
 from compress.results import STATUS_COMPLETED, STATUS_FAILED, read_result
 from compress.run import RunError, run_dir_for
+from compress.rundir import RunDirBusy
 from compress.stopping import StoppedAtStep
+
+#: the row status (never written to ``result.json``) of a run whose directory another live process holds
+RUNNING_ELSEWHERE = "running elsewhere"
 
 
 def export_task_environment() -> None:
@@ -155,8 +159,8 @@ def requeue_after_stop(stop: StoppedAtStep) -> bool:
 
 class RunQueue:
     """Several runs one after the other in one job (the ``local`` backend's way of running at most
-    ``dispatch.max_parallel`` at once). A run that fails, or cannot start (its directory held by
-    another process), does not stop the queue: its row says failed. On preemption or timeout the
+    ``dispatch.max_parallel`` at once). A run that fails does not stop the queue: its row says failed;
+    one whose directory another live process holds is ``running elsewhere`` (not failed). On preemption or timeout the
     rest of the queue is requeued: the current run resumes, the ones not started yet keep their
     ``force``. Returns the rows in order."""
 
@@ -170,6 +174,9 @@ class RunQueue:
             self.current = index
             try:
                 rows.append(job())
+            except RunDirBusy as error:  # another process runs it (a second sweep): not a failure of this queue
+                rows.append({"run_id": job.run_id, "name": job.config.get("name"), "status": RUNNING_ELSEWHERE,
+                             "error": str(error)})
             except Exception as error:  # noqa: BLE001 - one run's problem; the queue goes on
                 rows.append({"run_id": job.run_id, "name": job.config.get("name"), "status": STATUS_FAILED,
                              "error": f"{type(error).__name__}: {error}"})

@@ -1,17 +1,23 @@
 """``clip-compress status``: the state of every run of a sweep or under a folder, read from the run
-directories (no scheduler is asked, torch is not imported at module import).
+directories and, for runs handed to SLURM, from one ``squeue`` call (torch is not imported at module import).
 
 A run is ``running`` exactly when a live process holds its lock (:func:`compress.rundir.lock_holder`);
 otherwise its ``result.json`` says ``completed``, ``failed`` or ``interrupted``; a run that started
 (its ``run_id``, metrics or a checkpoint are there) but has neither a process nor a row was killed
 without writing one: ``stopped`` (started again, it resumes from its checkpoint); a run without a
-folder, or whose folder holds nothing of a run yet, is ``pending``.
+folder, or whose folder holds nothing of a run yet, is ``pending``. A run not running or completed
+whose SLURM job (the manifest's job id) is still in SLURM's queue (pending, requeued after a
+preemption, starting) is ``queued``: its job will run it, and submitting it again would train it twice.
+Where SLURM cannot be asked (no ``squeue``), such a run shows its last state, with a note.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -33,10 +39,11 @@ from compress.rundir import (
 )
 
 PENDING = "pending"
+QUEUED = "queued"
 RUNNING = "running"
 STOPPED = "stopped"
 #: every state, in the order the summary line counts them
-STATES = (PENDING, RUNNING, STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED, STOPPED)
+STATES = (PENDING, QUEUED, RUNNING, STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED, STOPPED)
 
 #: the sweep's manifest (``experiments.sweep.MANIFEST_FILE``): one JSON line per submitted run, newest wins
 MANIFEST_FILE = "manifest.jsonl"
@@ -67,6 +74,9 @@ class RunState:
     job_id: str | None = None
     pid: str | None = None
     values: dict[str, Any] = field(default_factory=dict)
+    backend: str | None = None
+    #: the job's state in SLURM's queue (``PENDING``, ...) for a ``queued`` run
+    job_state: str | None = None
 
 
 # -- one run directory ----------------------------------------------------------------------------
@@ -245,6 +255,7 @@ def _entry_run_dir(entry: dict[str, Any], manifest: Path) -> Path:
 
 def _with_entry(state: RunState, entry: dict[str, Any]) -> RunState:
     state.job_id = None if entry.get("job_id") is None else str(entry["job_id"])
+    state.backend = None if entry.get("backend") is None else str(entry["backend"])
     state.run_id = state.run_id or entry.get("run_id")
     state.name = state.name or entry.get("name")
     state.values = state.values or dict(entry.get("values") or {})
@@ -286,13 +297,64 @@ def sweep_states(path: Path) -> list[RunState]:
     return states
 
 
+#: job states ``squeue`` may still list for a job that is over
+FINAL_JOB_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+                              "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"})
+#: a SLURM job id as the manifest holds it: ``JOB`` or ``JOB_TASK`` (an array task)
+_JOB_ID = re.compile(r"\d+(_\d+)?")
+
+
+def scheduler_jobs(job_ids: Iterable[str]) -> dict[str, str] | None:
+    """The jobs of ``job_ids`` (``JOB`` or ``JOB_TASK``) that SLURM still has in its queue, with their state
+    (``PENDING``, ``RUNNING``, ...), from ONE ``squeue`` call for all of them (``-r``: one line per array
+    task); ``None`` where SLURM cannot be asked (no ``squeue`` on PATH, or it fails)."""
+    ids = {str(j) for j in job_ids if j is not None and _JOB_ID.fullmatch(str(j))}
+    if not ids:
+        return {}
+    if shutil.which("squeue") is None:
+        return None
+    jobs = ",".join(sorted({j.split("_", 1)[0] for j in ids}, key=int))
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", jobs], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:  # every job id unknown (purged since): none is queued; else SLURM did not answer
+        return {} if "Invalid job id" in out.stderr else None
+    alive = {}
+    for line in out.stdout.splitlines():
+        job_id, _, job_state = line.strip().partition("|")
+        job_state = job_state.split()[0] if job_state.split() else ""
+        if job_id in ids and job_state and job_state not in FINAL_JOB_STATES:
+            alive[job_id] = job_state
+    return alive
+
+
+def mark_queued(states: Sequence[RunState]) -> str | None:
+    """Set ``queued`` on the runs (neither running nor completed) whose SLURM job is still in the queue
+    (:func:`scheduler_jobs`, one call); returns a note when SLURM could not be asked, else ``None``."""
+    candidates = [s for s in states if s.backend == "slurm" and s.job_id and s.state not in (RUNNING, STATUS_COMPLETED)]
+    if not candidates:
+        return None
+    jobs = scheduler_jobs(s.job_id for s in candidates)
+    if jobs is None:
+        return (f"{len(candidates)} run(s) were handed to SLURM but SLURM cannot be asked here (squeue missing or "
+                "failing): a run whose job still waits in the queue shows its last state")
+    for s in candidates:
+        if s.job_id in jobs:
+            s.state, s.job_state = QUEUED, jobs[s.job_id]
+    return None
+
+
 def status(target: Path) -> list[RunState]:
-    """The runs of a sweep file or under a folder."""
+    """The runs of a sweep file or under a folder (runs whose SLURM job is in the queue: ``queued``)."""
     target = Path(target)
-    if target.is_dir():
-        return directory_states(target)
-    if target.is_file() and target.suffix in (".yaml", ".yml"):
-        return sweep_states(target)
+    if target.is_dir() or (target.is_file() and target.suffix in (".yaml", ".yml")):
+        states = directory_states(target) if target.is_dir() else sweep_states(target)
+        note = mark_queued(states)
+        if note:
+            print(f"clip-compress: note: {note}", file=sys.stderr)
+        return states
     if target.exists():
         raise StatusError(f"{target}: neither a folder of runs nor a sweep file (.yaml)")
     raise StatusError(f"{target}: no such file or directory")
@@ -328,6 +390,7 @@ def format_status(states: Sequence[RunState]) -> str:
     for s in states:
         values = " ".join(f"{k}={v}" for k, v in s.values.items())
         state = f"{s.state} (pid {s.pid})" if s.state == RUNNING and s.pid else s.state
+        state = f"{state} ({s.job_state})" if s.state == QUEUED and s.job_state else state
         rows.append([state, s.run_id or "-", s.name or "-", s.stage or "-", _steps_text(s), s.job_id or "-",
                      *([values or "-"] if with_values else []), _shorten(s.error)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]

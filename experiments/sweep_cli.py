@@ -9,8 +9,10 @@ from typing import Any
 
 from compress.config import RunConfig
 from compress.results import STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED
+from compress.rundir import RunDirBusy, lock_holder
 from experiments.dispatch import submit
-from experiments.status import PENDING, RUNNING, STOPPED, read_manifest, run_state
+from experiments.job import RUNNING_ELSEWHERE, completed_row
+from experiments.status import PENDING, QUEUED, RUNNING, STOPPED, mark_queued, read_manifest, run_state
 from experiments.sweep import (
     Sweep,
     SweepRun,
@@ -21,31 +23,53 @@ from experiments.sweep import (
     manifest_line,
 )
 
-#: a run handed to ``local``/``slurm`` (its newest manifest line) that has no run directory yet: its job may still
-#: wait in the queue (submitting it again would only waste an allocation), or died before it started
-QUEUED = "queued?"
+#: a run handed to ``local``/``slurm`` (its newest manifest line) that has no run directory yet, where the
+#: scheduler cannot be asked (``local``, or no ``squeue``): its job may still wait in the queue (submitting it
+#: again would only waste an allocation), or died before it started
+QUEUED_MAYBE = "queued?"
 
 
-def sweep_state(run: SweepRun, jobs: dict[str, dict[str, Any]]) -> str:
-    """The run's state (:func:`experiments.status.run_state`), ``queued?`` for a pending run already submitted."""
-    state = run_state(run.run_dir).state
-    entry = jobs.get(run.run_id) or {}
-    if state == PENDING and entry.get("job_id") and entry.get("backend") in ("local", "slurm"):
-        return QUEUED
-    return state
+def sweep_run_states(runs: Sequence[SweepRun], jobs: dict[str, dict[str, Any]]) -> tuple[list[str], str | None]:
+    """Each run's state (:func:`experiments.status.run_state`); ``queued`` for one whose SLURM job is still
+    in the queue (one ``squeue`` call for all, :func:`experiments.status.mark_queued`), ``queued?`` for a
+    pending run already submitted where that cannot be known. Also the note of :func:`mark_queued`."""
+    states = []
+    for run in runs:
+        state = run_state(run.run_dir)
+        entry = jobs.get(run.run_id) or {}
+        state.job_id = None if entry.get("job_id") is None else str(entry["job_id"])
+        state.backend = entry.get("backend")
+        states.append(state)
+    note = mark_queued(states)
+    for state in states:
+        if state.state == PENDING and state.job_id and state.backend in ("local", "slurm") and (
+                state.backend == "local" or note is not None):
+            state.state = QUEUED_MAYBE
+    return [state.state for state in states], note
 
 
 def selected(state: str, only_failed: bool, force: bool) -> bool:
-    """Default: every run neither completed nor running now (unfinished ones resume); ``only_failed``:
-    failed or interrupted ones; ``force``: all but the running ones (from step 0). A running run
-    holds its directory: submitting it again would only be refused by its lock."""
-    if state == RUNNING:
+    """Default: every run neither completed nor running nor queued now (unfinished ones resume);
+    ``only_failed``: failed or interrupted ones; ``force``: all but the running and queued ones (from step 0).
+    A running run holds its directory: submitting it again would only be refused by its lock; a queued
+    one's job will run it."""
+    if state in (RUNNING, QUEUED):
         return False
     if force:
         return True
     if only_failed:
         return state in (STATUS_FAILED, STATUS_INTERRUPTED)
     return state != STATUS_COMPLETED
+
+
+def _elsewhere(run: SweepRun, force: bool) -> str | None:
+    """``running elsewhere`` when another live process holds the run's directory now, ``completed
+    elsewhere`` when it completed since the sweep's table was made (not with ``force``), else ``None``."""
+    if lock_holder(run.run_dir) is not None:
+        return RUNNING_ELSEWHERE
+    if not force and completed_row(run.cfg) is not None:
+        return "completed elsewhere"
+    return None
 
 
 def action(state: str, chosen: bool, force: bool) -> str:
@@ -74,16 +98,23 @@ def run_sweep(path: str | Path, backend: str | None = None, overrides: Sequence[
     sweep = load_sweep(path, overrides)
     runs = sweep.runs()
     jobs = read_manifest(sweep.manifest)
-    states = [sweep_state(run, jobs) for run in runs]
+    states, note = sweep_run_states(runs, jobs)
     chosen = [selected(state, only_failed, force) for state in states]
     backends = [backend or run.cfg.dispatch.backend for run in runs]
     actions = [action(state, c, force) for state, c in zip(states, chosen, strict=True)]
     print(format_table(sweep, runs, states, actions, backends))
     queued = [jobs[run.run_id]["job_id"] for run, state in zip(runs, states, strict=True) if state == QUEUED]
     if queued:
-        print(f"note: {len(queued)} run(s) {QUEUED}: submitted (job {', '.join(map(str, queued[:5]))}"
-              f"{', ...' if len(queued) > 5 else ''}) but not started; if still queued (squeue), submitting them "
-              "again wastes an allocation")
+        print(f"note: {len(queued)} run(s) {QUEUED}: their SLURM job is in the queue (job "
+              f"{', '.join(map(str, queued[:5]))}{', ...' if len(queued) > 5 else ''}) and will run them: "
+              "not submitted")
+    maybe = [jobs[run.run_id]["job_id"] for run, state in zip(runs, states, strict=True) if state == QUEUED_MAYBE]
+    if note:
+        print(f"note: {note}")
+    if maybe:
+        print(f"note: {len(maybe)} run(s) {QUEUED_MAYBE}: submitted (job {', '.join(map(str, maybe[:5]))}"
+              f"{', ...' if len(maybe) > 5 else ''}) but not started, and the scheduler cannot be asked here; "
+              "if still queued (squeue), submitting them again wastes an allocation")
     todo = [run for run, c in zip(runs, chosen, strict=True) if c]
     skipped = len(runs) - len(todo)
     if dry_run:
@@ -96,13 +127,16 @@ def run_sweep(path: str | Path, backend: str | None = None, overrides: Sequence[
     of_cfg = {id(run.cfg): run for run in todo}
     rows = []
 
-    def on_submit(cfg: RunConfig, job_id: str) -> None:
+    def now() -> str:
+        return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+    def on_submit(cfg: RunConfig, job_id: str, when: str | None = None) -> None:
         run = of_cfg[id(cfg)]
-        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        append_manifest(sweep, manifest_line(run, backend or cfg.dispatch.backend, job_id, now, code))
+        append_manifest(sweep, manifest_line(run, backend or cfg.dispatch.backend, job_id, when or now(), code))
         print(f"[submitted] {run.run_id} job {job_id} {run.run_dir}", flush=True)
 
     folder = sweep.output_dir / "submitit"
+    others = 0
     wanted = {run.index for run in todo}
     for name in dict.fromkeys(backends):  # each backend once, in order
         group = [run for run, b in zip(runs, backends, strict=True) if b == name and run.index in wanted]
@@ -112,13 +146,31 @@ def run_sweep(path: str | Path, backend: str | None = None, overrides: Sequence[
             submit([run.cfg for run in group], name, folder, force=force, on_submit=on_submit)
             continue
         for run in group:  # in this process, one after the other: one run's error does not stop the others
+            elsewhere = _elsewhere(run, force)
+            if elsewhere:  # another process (a second sweep) took it since the table: neither submitted nor failed
+                print(f"[{elsewhere}] {run.run_id} ({describe(run.values)}): not run here", flush=True)
+                others += 1
+                continue
+            # the run's manifest line is written once its job ran, and not if another process held the run (its
+            # lock is taken inside the job: a line written before it could name a run this command never ran)
+            started: list[tuple[RunConfig, str, str]] = []
+            busy = False
             try:
-                (done,) = submit([run.cfg], name, folder, force=force, on_submit=on_submit)
+                (done,) = submit([run.cfg], name, folder, force=force,
+                                 on_submit=lambda cfg, job_id, to=started: to.append((cfg, job_id, now())))
                 rows.append(done.row or {})
+            except RunDirBusy as error:  # taken between the check above and its lock
+                busy = True
+                print(f"[{RUNNING_ELSEWHERE}] {run.run_id} ({describe(run.values)}): {error}", flush=True)
+                others += 1
             except Exception as error:  # noqa: BLE001 - reported, counted, and the sweep goes on
                 print(f"[error] {run.run_id} ({describe(run.values)}): {type(error).__name__}: {error}", flush=True)
                 rows.append({"status": STATUS_FAILED})
+            finally:  # also when the run is interrupted (Ctrl-C): it ran here
+                for cfg, job_id, when in started if not busy else []:
+                    on_submit(cfg, job_id, when)
     failed = sum(row.get("status") != STATUS_COMPLETED for row in rows)
     ran = f"; {len(rows) - failed} completed, {failed} failed" if rows else ""
-    print(f"sweep {sweep.name}: {len(todo)} submitted, {skipped} skipped{ran}; manifest {sweep.manifest}")
+    ran += f", {others} run or completed by another process" if others else ""
+    print(f"sweep {sweep.name}: {len(todo) - others} submitted, {skipped} skipped{ran}; manifest {sweep.manifest}")
     return 1 if failed else 0

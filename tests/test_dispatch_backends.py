@@ -201,15 +201,28 @@ echo "Submitted batch job $n"
 """
 
 
+#: ``squeue`` and ``sinfo`` print the file ``LOG/<tool>`` (what the test says the cluster has), or fail as
+#: where the controller cannot be reached; every call is logged in ``LOG/<tool>-calls``
+FAKE_QUERY = """#!/bin/sh
+echo "$@" >> "{log}/{tool}-calls"
+if [ -f "{log}/{tool}" ]; then cat "{log}/{tool}"; exit 0; fi
+echo "{tool}: error: Unable to contact slurm controller (connect failure)" >&2
+exit 1
+"""
+
+
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
-    """``sbatch`` and ``srun`` on PATH, as submitit's own tests fake a cluster; returns the log folder."""
+    """``sbatch``, ``srun``, ``squeue`` and ``sinfo`` on PATH, as submitit's own tests fake a cluster (squeue
+    and sinfo fail until the test writes their answer: see :data:`FAKE_QUERY`); returns the log folder."""
     bin_dir, log = tmp_path / "bin", tmp_path / "sbatch-log"
     bin_dir.mkdir()
     log.mkdir()
     (bin_dir / "sbatch").write_text(FAKE_SBATCH.format(log=log))
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    for tool in ("sbatch", "srun"):
+    for tool in ("squeue", "sinfo"):
+        (bin_dir / tool).write_text(FAKE_QUERY.format(log=log, tool=tool))
+    for tool in ("sbatch", "srun", "squeue", "sinfo"):
         (bin_dir / tool).chmod((bin_dir / tool).stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return log
@@ -412,8 +425,9 @@ def test_sweeps_and_backends_are_refused_under_torchrun(tmp_path, monkeypatch, c
 
 
 def test_a_submitted_run_without_a_directory_is_shown_queued(tmp_path, fake_slurm, capsys):
-    """A run whose newest manifest line has a job id but no run directory yet may still wait in SLURM's
-    queue: the sweep's table says queued? and warns (it is submitted again: the job may have died)."""
+    """Where SLURM cannot be asked (squeue fails), a run whose newest manifest line has a job id but no run
+    directory yet may still wait in SLURM's queue: the sweep's table says queued? and warns (it is submitted
+    again: the job may have died)."""
     path = write_sweep(tmp_path, seeds=[0, 1])
     runs = load_sweep(path).runs()
     assert main(["sweep", str(path), "--backend", "slurm"]) == 0
@@ -427,6 +441,7 @@ def test_a_submitted_run_without_a_directory_is_shown_queued(tmp_path, fake_slur
     lines = [next(x for x in out.splitlines() if run.run_id in x) for run in runs]
     assert lines[0].split()[2:4] == ["queued?", "submit"] and lines[1].split()[2:4] == ["stopped", "resume"]
     assert "note: 1 run(s) queued?: submitted (job 1001_0) but not started" in out
+    assert "SLURM cannot be asked here (squeue missing or failing)" in out
     assert main(["sweep", str(path), "--backend", "slurm"]) == 0
     assert [e["job_id"] for e in manifest(tmp_path)] == ["1001_0", "1001_1", "1002_0", "1002_1"]
 

@@ -138,8 +138,11 @@ DISPATCH_BACKENDS = ("inline", "debug", "local", "slurm")
 class DispatchConfig:
     """Where and with what a run executes (none of it changes the run id).
 
-    ``nodes`` x ``gpus_per_node``: one task (process) per GPU, the data-parallel world size (on a
-    machine without GPUs, ``gpus_per_node`` processes on the CPU). ``local``: ``max_parallel`` runs at
+    ``nodes`` x ``tasks_per_node`` processes train one run data-parallel (the world size);
+    ``tasks_per_node`` defaults to ``gpus_per_node`` (one task per GPU), or 1 with ``gpus_per_node: 0``,
+    and with GPUs it must equal ``gpus_per_node``. GPUs are requested only when ``gpus_per_node`` > 0;
+    ``gpus_per_node: 0, tasks_per_node: N``: N CPU processes per node (``local``: on a machine without
+    GPUs, the tasks run on the CPU whatever ``gpus_per_node`` says). ``local``: ``max_parallel`` runs at
     once, each with ``timeout_min``. ``slurm``: the sbatch resources (``partition``, ``account``,
     ``cpus_per_task``, ``mem_gb``, ``timeout_min``), a sweep's runs as job arrays of at most
     ``max_array_size`` tasks (the cluster's MaxArraySize) with ``array_parallelism`` running at once;
@@ -150,6 +153,7 @@ class DispatchConfig:
     backend: str = "inline"
     nodes: int = 1
     gpus_per_node: int = 1
+    tasks_per_node: int | None = None
     timeout_min: int = 60 * 24
     max_parallel: int = 1
     partition: str | None = None
@@ -161,6 +165,10 @@ class DispatchConfig:
     signal_delay_s: int = 120
     max_num_timeout: int = 3
     slurm_options: dict[str, Any] = field(default_factory=dict)
+
+    def tasks(self) -> int:
+        """Processes per node: ``tasks_per_node``, else one per GPU (``gpus_per_node``), at least 1."""
+        return self.tasks_per_node if self.tasks_per_node is not None else max(self.gpus_per_node, 1)
 
 
 @dataclass

@@ -260,7 +260,7 @@ def _check_device(name: str) -> None:
 #: sbatch flags the dispatcher writes itself, and the key that sets each
 MANAGED_SBATCH_FLAGS = {
     "partition": "dispatch.partition", "account": "dispatch.account", "time": "dispatch.timeout_min",
-    "nodes": "dispatch.nodes", "ntasks-per-node": "one task per GPU: dispatch.gpus_per_node",
+    "nodes": "dispatch.nodes", "ntasks-per-node": "dispatch.tasks_per_node",
     "gpus-per-node": "dispatch.gpus_per_node", "cpus-per-task": "dispatch.cpus_per_task", "mem": "dispatch.mem_gb",
     "array": "dispatch.max_array_size and array_parallelism", "signal": "dispatch.signal_delay_s",
     "job-name": "the run's or the sweep's name", "output": "the submitit log folder",
@@ -279,11 +279,18 @@ def _check_dispatch(cfg: RunConfig) -> None:
             f"{suggest(d.backend, list(DISPATCH_BACKENDS))}"
         )
     at_least = {"nodes": 1, "gpus_per_node": 0, "timeout_min": 1, "max_parallel": 1, "array_parallelism": 1,
-                "max_array_size": 1, "signal_delay_s": 0, "max_num_timeout": 0, "cpus_per_task": 1}
+                "max_array_size": 1, "signal_delay_s": 0, "max_num_timeout": 0, "cpus_per_task": 1,
+                "tasks_per_node": 1}
     for key, low in at_least.items():
         value = getattr(d, key)
         if value is not None and value < low:
             raise ConfigError(f"dispatch.{key}: must be at least {low}, got {value}")
+    if d.tasks_per_node is not None and d.gpus_per_node > 0 and d.tasks_per_node != d.gpus_per_node:
+        raise ConfigError(
+            f"dispatch.tasks_per_node: {d.tasks_per_node} tasks for {d.gpus_per_node} GPUs per node "
+            "(dispatch.gpus_per_node): each task uses one GPU; leave tasks_per_node unset, or set "
+            "gpus_per_node: 0 for CPU processes"
+        )
     if d.mem_gb is not None and not d.mem_gb > 0:
         raise ConfigError(f"dispatch.mem_gb: must be a number > 0 (or null: the partition's default), got {d.mem_gb}")
     for key, value in d.slurm_options.items():
