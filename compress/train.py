@@ -159,9 +159,10 @@ class StudentObjective(nn.Module):
         return compute(self.student)
 
 
-def gate_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of step ``step``'s gate sample: the same on every rank and after a resume."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
+def gate_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of step ``step``'s gate sample on ``device`` (the trainer's: on CUDA the noise is
+    drawn there, no host copy): seeded from (seed, step), so the same on every rank and after a resume."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % 2**63)
 
 
 def splice(cached: list[ClipOutput], live: ClipOutput, index: int, live_scale: bool) -> ClipOutput:
@@ -318,7 +319,7 @@ class Trainer:
         """Forward and backward of one optimizer step's batch; returns (objective, terms), the
         objective being the weighted loss terms plus the strategy's regulariser."""
         weights = [t.weight_at(step) for t in self.losses] if weights is None else weights
-        with one_gate_sample(self.student, gate_generator(self.seed, step)):
+        with one_gate_sample(self.student, gate_generator(self.seed, step, self.device)):
             return self._accumulate(batch, step, weights)
 
     def _accumulate(
