@@ -59,6 +59,9 @@ def compute_copy(teacher: nn.Module, precision: Precision) -> nn.Module:
     source a student inherits float32 weights from): a copy is made when anything changes; on the CPU
     in float32 nothing does and ``teacher`` is returned."""
     device, dtype = precision.device, precision.dtype
+    with precision.autocast():  # cast only what this precision's autocast really casts
+        if not torch.is_autocast_enabled(device.type) or torch.get_autocast_dtype(device.type) != dtype:
+            dtype = None
     if dtype is None and all(t.device == device for t in [*teacher.parameters(), *teacher.buffers()]):
         return teacher
     cast = {id(getattr(m, n)) for m, n in matmul_parameters(teacher)} if dtype is not None else set()
