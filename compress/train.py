@@ -26,7 +26,9 @@ gradients once per step.
 
 Every optimizer step is guarded: the objective (loss terms and regulariser) and the
 gradients of every trained parameter must be finite, otherwise the step is skipped (with
-fp16, the gradient scaler backs off). Loss terms whose current weight is 0 are not computed.
+fp16, the gradient scaler backs off). On CUDA the skip is decided on the device (the fused AdamW's
+``found_inf``) and the flag read one step later, so the check does not drain the GPU queue every
+step (:attr:`Trainer.defer_finite_check`). Loss terms whose current weight is 0 are not computed.
 After each step the student's ``logit_scale`` is clamped to [0, ln 100] (CLIP, open_clip).
 """
 
@@ -117,8 +119,8 @@ class StepResult:
     """One optimizer step: whether it was taken or skipped for a non-finite objective or gradient,
     the objective, its terms, the loss weights used and the weights' gradient norm (before clipping).
 
-    With the finite check decided on the device (:attr:`Trainer.defer_finite_check`) ``skipped`` is a
-    :class:`DeviceFlag`; reading :attr:`nonfinite` / :attr:`stepped` then waits for it."""
+    With the finite check decided on the device (:attr:`Trainer.defer_finite_check`) the non-finite flag is
+    a :class:`DeviceFlag`; reading :attr:`nonfinite` / :attr:`stepped` then waits for it."""
 
     def __init__(self, stepped: bool, nonfinite: bool | DeviceFlag, loss: Tensor, terms: dict[str, Tensor],
                  weights: list[float], grad_norm: Tensor | None = None) -> None:
