@@ -4,15 +4,23 @@ A teacher-output cache (outputs stored per sample id) can implement the same cal
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from compress.models.attention import HeadAttention
 from compress.models.forward import clip_forward
 from compress.outputs import ClipOutput
 from compress.precision import Precision
+
+#: modules whose weights autocast hands to a bf16/fp16 GEMM or convolution on every call
+MATMUL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, HeadAttention)
+#: open_clip's projection matrices, used only as ``x @ proj`` (a matmul, cast the same way)
+MATMUL_PARAMETERS = ("proj", "text_projection")
 
 
 class TeacherSource(Protocol):
@@ -27,19 +35,86 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def matmul_parameters(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, name) of every parameter that autocast casts to the compute dtype in each forward: the
+    weights and biases of linear, convolution and attention-projection modules, and ``proj`` /
+    ``text_projection`` matrices. Norms, embeddings, positional terms and the logit scale are not in it
+    (autocast runs them in float32, or they enter float32 sums)."""
+    found = []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p is not None and (isinstance(module, MATMUL_MODULES) or name in MATMUL_PARAMETERS):
+                found.append((module, name))
+    return found
+
+
+def compute_copy(teacher: nn.Module, precision: Precision) -> nn.Module:
+    """The frozen teacher as it runs: on the run's device, with the parameters autocast would cast in every
+    forward (:func:`matmul_parameters`) stored in the compute dtype (bf16/fp16) once.
+
+    Autocast casts a tensor that is already in its dtype to itself, and a frozen parameter's cast is
+    not cached (it does not require grad), so the teacher's outputs are bit for bit those of the float32
+    teacher under autocast, without re-casting ~all its weights in every micro-batch forward, and its
+    matmul weights take half the memory. ``teacher`` itself is left as it is (it may also be the
+    source a student inherits float32 weights from): a copy is made when anything changes; on the CPU
+    in float32 nothing does and ``teacher`` is returned."""
+    device, dtype = precision.device, precision.dtype
+    with precision.autocast():  # cast only what this precision's autocast really casts
+        if not torch.is_autocast_enabled(device.type) or torch.get_autocast_dtype(device.type) != dtype:
+            dtype = None
+    if dtype is None and all(t.device == device for t in [*teacher.parameters(), *teacher.buffers()]):
+        return teacher
+    cast = {id(getattr(m, n)) for m, n in matmul_parameters(teacher)} if dtype is not None else set()
+    memo: dict[int, Any] = {}  # each tensor copied straight to the device (cast first where it is cast)
+    for p in teacher.parameters():
+        value = p.detach().to(device=device, dtype=dtype if id(p) in cast else p.dtype, copy=True)
+        memo[id(p)] = nn.Parameter(value, requires_grad=False)
+    for b in teacher.buffers():
+        memo[id(b)] = b.detach().to(device, copy=True)
+    model = freeze(copy.deepcopy(teacher, memo))
+    _keep_cast_dtype(teacher, model)
+    return model
+
+
+def _keep_cast_dtype(original: nn.Module, model: nn.Module) -> None:
+    """open_clip's text tower casts its embeddings to ``transformer.get_cast_dtype()``, the dtype of the first
+    MLP weight: in the copy that answer is pinned to the original's (float32), so the residual stream stays
+    float32 as it is under autocast with float32 weights."""
+    originals = dict(original.named_modules())
+    for name, module in model.named_modules():
+        get = getattr(type(module), "get_cast_dtype", None)
+        if callable(get):
+            module.get_cast_dtype = functools.partial(_same, get(originals[name]))
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
 class OnlineTeacher:
-    """Runs the frozen teacher on every batch (under no_grad and the run's autocast), on the
-    batch's ``teacher_images`` when the data pipeline prepared the teacher its own view (another
-    size or normalisation than the student's), else on ``images``."""
+    """Runs the frozen teacher on every batch (under ``torch.inference_mode`` and the run's autocast,
+    its GEMM weights stored in the compute dtype: :func:`compute_copy`), on the batch's
+    ``teacher_images`` when the data pipeline prepared the teacher its own view (another size or
+    normalisation than the student's), else on ``images``. The outputs come back as ordinary float32
+    tensors (usable by the losses' autograd; bf16 embeddings would make an MSE run in bf16)."""
 
     def __init__(self, teacher: nn.Module, precision: Precision, needs: Iterable[str] = ()) -> None:
-        self.teacher = freeze(teacher)
+        self.teacher = compute_copy(freeze(teacher), precision)
         self.precision = precision
         self.needs = tuple(needs)
 
-    @torch.no_grad()
     def __call__(self, batch: Mapping[str, Any]) -> ClipOutput:
-        with self.precision.autocast():
+        with torch.inference_mode(), self.precision.autocast():
             images = batch.get("teacher_images", batch["images"])
             out = clip_forward(self.teacher, images, batch["texts"], self.needs)
-        return out.detach()
+        return _normal_float(out)
+
+
+def _normal_float(out: ClipOutput) -> ClipOutput:
+    """Inference-mode outputs as ordinary tensors (an inference tensor cannot be saved for a backward),
+    half-precision ones in float32."""
+
+    def convert(t: Tensor) -> Tensor:
+        return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t.clone()
+
+    return ClipOutput(**{k: None if v is None else convert(v) for k, v in vars(out).items()})

@@ -26,7 +26,9 @@ gradients once per step.
 
 Every optimizer step is guarded: the objective (loss terms and regulariser) and the
 gradients of every trained parameter must be finite, otherwise the step is skipped (with
-fp16, the gradient scaler backs off). Loss terms whose current weight is 0 are not computed.
+fp16, the gradient scaler backs off). On CUDA the skip is decided on the device (the fused AdamW's
+``found_inf``) and the flag read one step later, so the check does not drain the GPU queue every
+step (:attr:`Trainer.defer_finite_check`). Loss terms whose current weight is 0 are not computed.
 After each step the student's ``logit_scale`` is clamped to [0, ln 100] (CLIP, open_clip).
 """
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -55,6 +58,8 @@ from compress.precision import Precision, to_device
 from compress.progress import progress
 from compress.stopping import StoppedAtStep
 from compress.teacher import TeacherSource
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -85,17 +90,56 @@ def loss_labels(losses: list[LossTerm]) -> list[str]:
     return [name if names.count(name) == 1 else str(i) for i, name in enumerate(names)]
 
 
-@dataclass
+class DeviceFlag:
+    """A 0-dim flag computed on the device, copied without blocking into pinned host memory: :meth:`read`
+    waits for that copy only (read one step later, it is long done), not for the queue to drain."""
+
+    def __init__(self, flag: Tensor) -> None:
+        self._value: bool | None = None
+        if flag.device.type == "cuda":
+            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._host.copy_(flag, non_blocking=True)
+            self._event: Any = torch.cuda.Event()
+            self._event.record()
+        else:  # on the CPU the value is there already
+            self._host, self._event = flag.detach().to("cpu", torch.bool), None
+
+    @property
+    def known(self) -> bool:
+        return self._value is not None
+
+    def read(self) -> bool:
+        if self._value is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._value = bool(self._host)
+        return self._value
+
+
 class StepResult:
     """One optimizer step: whether it was taken or skipped for a non-finite objective or gradient,
-    the objective, its terms, the loss weights used and the weights' gradient norm (before clipping)."""
+    the objective, its terms, the loss weights used and the weights' gradient norm (before clipping).
 
-    stepped: bool
-    nonfinite: bool
-    loss: Tensor
-    terms: dict[str, Tensor]
-    weights: list[float]
-    grad_norm: Tensor | None = None
+    With the finite check decided on the device (:attr:`Trainer.defer_finite_check`) the non-finite flag is
+    a :class:`DeviceFlag`; reading :attr:`nonfinite` / :attr:`stepped` then waits for it."""
+
+    def __init__(self, stepped: bool, nonfinite: bool | DeviceFlag, loss: Tensor, terms: dict[str, Tensor],
+                 weights: list[float], grad_norm: Tensor | None = None) -> None:
+        self._stepped, self._nonfinite = stepped, nonfinite
+        self.loss, self.terms, self.weights, self.grad_norm = loss, terms, weights, grad_norm
+
+    @property
+    def known(self) -> bool:
+        """Whether the outcome is on the host already (always, unless decided on the device and not read yet)."""
+        return not isinstance(self._nonfinite, DeviceFlag) or self._nonfinite.known
+
+    @property
+    def nonfinite(self) -> bool:
+        return self._nonfinite.read() if isinstance(self._nonfinite, DeviceFlag) else self._nonfinite
+
+    @property
+    def stepped(self) -> bool:
+        return not self.nonfinite if isinstance(self._nonfinite, DeviceFlag) else self._stepped
 
 
 @dataclass
@@ -160,9 +204,27 @@ class StudentObjective(nn.Module):
         return compute(self.student)
 
 
-def gate_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of step ``step``'s gate sample: the same on every rank and after a resume."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
+def compile_towers(student: nn.Module, backend: str = "inductor") -> list[nn.Module]:
+    """``torch.compile`` the modules that hold a CLIP student's compute, in place (``nn.Module.compile``):
+    the vision tower (``visual``) and the text transformer (``text`` of a CustomTextCLIP, else
+    ``transformer``). In place, the modules stay the objects they were: state-dict keys (checkpoints,
+    exports) get no ``_orig_mod.`` prefix, DDP wraps the same parameters, and the token embedding, final
+    norm and projections around them stay eager. Returns the compiled modules."""
+    text = getattr(student, "text", None) if isinstance(getattr(student, "text", None), nn.Module) else None
+    candidates = [getattr(student, "visual", None), text if text is not None else getattr(student, "transformer", None)]
+    towers = [m for m in candidates if isinstance(m, nn.Module)]
+    if not towers:
+        raise TrainingError(f"train.compile: the student ({type(student).__name__}) has neither a `visual` tower nor "
+                            "a text transformer to compile; set train.compile: false")
+    for module in towers:
+        module.compile(backend=backend)
+    return towers
+
+
+def gate_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of step ``step``'s gate sample on ``device`` (the trainer's: on CUDA the noise is
+    drawn there, no host copy): seeded from (seed, step), so the same on every rank and after a resume."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % 2**63)
 
 
 def splice(cached: list[ClipOutput], live: ClipOutput, index: int, live_scale: bool) -> ClipOutput:
@@ -175,6 +237,14 @@ def splice(cached: list[ClipOutput], live: ClipOutput, index: int, live_scale: b
 
 class Trainer:
     """Trains ``student`` for ``cfg.steps`` optimizer steps; see the module docstring."""
+
+    #: decide a non-finite step's skip on the device (fused AdamW / GradScaler with a ``found_inf`` tensor)
+    #: and read the flag on the host one step later, or at a log or checkpoint step, instead of a host sync
+    #: per step. ``None``: on CUDA (where a sync drains the GPU queue); ``True`` forces it (tests, on CPU).
+    defer_finite_check: bool | None = None
+    #: ``torch.compile``'s backend for ``train.compile`` (tests use ``aot_eager``: inductor's C++ build of a
+    #: CPU graph takes minutes on a small machine)
+    compile_backend: str = "inductor"
 
     def __init__(
         self,
@@ -219,7 +289,10 @@ class Trainer:
         self.elapsed_s = 0.0
         self.replaced_at: list[int] = []
         self.last_terms: dict[str, float] = {}
+        #: (step, result, samples) of steps whose outcome is not counted yet (see :meth:`_settle`)
+        self._pending: list[tuple[int, StepResult, int]] = []
         self._apply_grad_checkpointing()
+        self._apply_compile()
         self.optimizer = self._build_optimizer()
         self._wrap()
 
@@ -236,12 +309,27 @@ class Trainer:
             )
         self.student.set_grad_checkpointing(True)
 
+    def _apply_compile(self) -> None:
+        """``train.compile``: ``torch.compile`` the student's towers (:func:`compile_towers`), on the student
+        and on the smaller student a strategy swaps in. A student that carries learnable masks (auto
+        inheritance before its prune step) runs eagerly, and is compiled once it is pruned: the gates change
+        every step and are written into the modules by hooks, which compiled graphs would recompile for."""
+        if not self.cfg.compile:
+            return
+        from compress.masks import get_masks
+
+        if get_masks(self.student) is not None:
+            logger.warning("train.compile: the student carries learnable masks; it runs eagerly until it is "
+                           "pruned, and is compiled then")
+            return
+        compile_towers(self.student, self.compile_backend)
+
     def _build_optimizer(self) -> torch.optim.Optimizer:
         own = self.inheritance.param_groups(self.student)
         skip = {id(p) for g in own for p in g["params"]}
         modules = [("", self.student)] + [(f"loss.{t.name}", t.module) for t in self.losses]
         groups = weight_groups(modules, self.cfg.weight_decay, skip) + own
-        fused = self.device.type == "cuda" and not any(g.get("maximize") for g in own)
+        fused = self.device.type == "cuda" or self.defer_finite_check is True  # fused AdamW handles maximize too
         optimizer = build_adamw(groups, self.cfg.lr, tuple(self.cfg.betas), self.cfg.eps, fused=fused)
         owned_by_losses = {id(p) for t in self.losses for p in t.module.parameters()}
         #: what the backward of a micro-batch after the first accumulates into (see the module docstring)
@@ -322,7 +410,7 @@ class Trainer:
         """Forward and backward of one optimizer step's batch; returns (objective, terms), the
         objective being the weighted loss terms plus the strategy's regulariser."""
         weights = [t.weight_at(step) for t in self.losses] if weights is None else weights
-        with one_gate_sample(self.student, gate_generator(self.seed, step)):
+        with one_gate_sample(self.student, gate_generator(self.seed, step, self.device)):
             return self._accumulate(batch, step, weights)
 
     def _accumulate(
@@ -379,6 +467,9 @@ class Trainer:
         else:
             norm = grad_norm(weights)
         rest = grad_norm(others).to(norm.device)
+        if self._defers():
+            finite = torch.isfinite(loss.to(norm.device)) & torch.isfinite(norm) & torch.isfinite(rest)
+            return False, self._device_step(finite), norm
         checks = torch.stack([torch.isfinite(loss.to(norm.device)), torch.isfinite(norm), torch.isfinite(rest)])
         loss_finite, norm_finite, rest_finite = checks.tolist()
         grads_finite = norm_finite and rest_finite
@@ -397,6 +488,35 @@ class Trainer:
             self._clamp_logit_scale()
         return stepped, not stepped, norm
 
+    def _defers(self) -> bool:
+        """Whether the finite check is decided on the device (:attr:`defer_finite_check`); it needs the
+        fused AdamW, whose kernel skips the whole update (moments and step count too) when told to."""
+        wanted = self.device.type == "cuda" if self.defer_finite_check is None else self.defer_finite_check
+        return bool(wanted) and bool(self.optimizer.defaults.get("fused"))
+
+    def _device_step(self, finite: Tensor) -> DeviceFlag:
+        """The optimizer step, skipped on the device where ``finite`` is false; no host sync.
+
+        ``found_inf`` (1.0 = skip) is what torch's fused optimizers read (the protocol GradScaler uses);
+        with a scaler it is merged into the scaler's own inf flags, so the step is skipped and the scale
+        backs off (growth count reset) in one ``update``. The logit-scale clamp is run either way (a
+        skipped step left the scale as the last clamp did)."""
+        found_inf = (~finite).to(torch.float32)
+        if self.scaler is not None:
+            state = self.scaler._per_optimizer_states[id(self.optimizer)]
+            for flag in state["found_inf_per_device"].values():
+                flag.copy_(torch.maximum(flag, found_inf.to(flag.device)))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, found_inf
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+        self._clamp_logit_scale()
+        return DeviceFlag(~finite)
+
     @torch.no_grad()
     def _clamp_logit_scale(self) -> None:
         scale = getattr(self.student, "logit_scale", None)
@@ -410,6 +530,27 @@ class Trainer:
         stepped, nonfinite, norm = self._optimizer_step(loss)
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(stepped, nonfinite, loss, terms, weights, norm)
+
+    def _settle(self, keep: int = 0) -> int:
+        """Count the outcome of the pending steps but the newest ``keep`` (skipped: counted, and training
+        aborts after ``max_nonfinite_in_row``; taken: its samples); returns the samples of taken steps."""
+        taken = 0
+        while len(self._pending) > keep:
+            step, result, samples = self._pending.pop(0)
+            if result.nonfinite:
+                self.nonfinite += 1
+                self.in_a_row += 1
+                if self.in_a_row >= self.cfg.max_nonfinite_in_row:
+                    self._pending.clear()
+                    raise TrainingError(
+                        f"the loss or its gradients were not finite for {self.in_a_row} steps in a row (last at "
+                        f"step {step}); lower the learning rate, use bf16 instead of fp16, or check the data"
+                    )
+            else:
+                self.in_a_row = 0
+                self.samples += samples
+                taken += samples
+        return taken
 
     # -- loop ---------------------------------------------------------------------------
     def fit(self) -> TrainSummary:
@@ -430,23 +571,19 @@ class Trainer:
             result = self.train_step(batch, step)
             total, terms = result.loss, result.terms
             is_last = step + 1 == cfg.steps
-            if result.nonfinite:
-                self.nonfinite += 1
-                self.in_a_row += 1
-                if self.in_a_row >= cfg.max_nonfinite_in_row:
-                    raise TrainingError(
-                        f"the loss or its gradients were not finite for {self.in_a_row} steps in a row (last at "
-                        f"step {step}); lower the learning rate, use bf16 instead of fp16, or check the data"
-                    )
-            else:
-                self.in_a_row = 0
-                self.samples += batch_size
-                window_samples += batch_size
+            is_log = (step + 1) % cfg.log_every == 0 or is_last or step == 0
+            checkpoint_now = is_last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
+            # a flag decided on the device is read one step later (or now, at a log or checkpoint step)
+            self._pending.append((step, result, batch_size))
+            window_samples += self._settle(keep=0 if result.known or is_log or checkpoint_now else 1)
+            # not known to be skipped: taken, or (deferred) not read yet; a skipped step changed nothing,
+            # so the strategy then sees the last taken step's state (auto inheritance: its clamp is a no-op)
+            if not (result.known and result.nonfinite):
                 replacement = self.inheritance.on_step(self.student, step + 1)
                 if replacement is not None:
                     self._replace_student(replacement, step + 1, lr)
                     self.replaced_at.append(step + 1)
-                if (step + 1) % cfg.log_every == 0 or is_last or step == 0:
+                if is_log and not result.nonfinite:  # known: settled above
                     now = time.perf_counter()
                     rate = window_samples / max(now - window_start, 1e-9)
                     window_start, window_samples = now, 0
@@ -490,6 +627,7 @@ class Trainer:
         """A strategy made the student smaller: new optimizer, cosine decay without warm-up."""
         self.student = student.to(self.device).train()
         self._apply_grad_checkpointing()
+        self._apply_compile()
         self.optimizer = self._build_optimizer()
         self._wrap()
         self.lr_schedule = CosineFrom(lr, step, self.cfg.steps)
@@ -507,6 +645,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Hand the trainer to ``on_checkpoint`` on every rank (the run gathers each rank's data position
         and random states; rank 0 writes)."""
+        self._settle()  # the counters it saves include every step run
         if self.on_checkpoint is not None:
             self.on_checkpoint(self)
 

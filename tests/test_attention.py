@@ -225,3 +225,52 @@ def test_head_mask_on_out_proj_columns_equals_removed_head() -> None:
     assert _max_diff(out, small(x)[0]) < TOL
     out.sum().backward()
     assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
+def test_text_tower_causal_mask_goes_to_sdpa_as_is_causal(tiny: tuple[nn.Module, nn.Module], monkeypatch) -> None:
+    """The text tower's explicit causal mask is recognised (once per mask tensor: one look at its values,
+    not one per block or call) and SDPA gets ``is_causal=True`` without a mask (flash kernels allowed);
+    the outputs equal the explicit-mask path within float tolerance."""
+    import torch.nn.functional as F
+
+    from compress.models import attention
+
+    _, converted = tiny
+    tokens = torch.randint(0, 49408, (2, converted.context_length), generator=torch.Generator().manual_seed(0))
+    calls: list[tuple[bool, bool]] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    looks = []
+    equal = torch.equal
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(torch, "equal", lambda a, b: looks.append(1) or equal(a, b))
+    attention._CAUSAL_MEMO.clear()
+    with torch.no_grad():
+        fast = converted.encode_text(tokens)
+        converted.encode_text(tokens)
+    blocks = len(converted.transformer.resblocks)
+    assert calls == [(True, True)] * (2 * blocks) and len(looks) == 1
+    monkeypatch.setattr(torch, "equal", equal)
+    monkeypatch.setattr(attention, "is_causal_mask", lambda mask, n: False)  # the explicit mask, as before
+    calls.clear()
+    with torch.no_grad():
+        explicit = converted.encode_text(tokens)
+    assert calls == [(False, False)] * blocks
+    torch.testing.assert_close(fast, explicit, rtol=1e-5, atol=1e-6)
+
+
+def test_a_mask_that_is_not_causal_is_passed_as_given() -> None:
+    from compress.models.attention import is_causal_mask
+
+    n = 6
+    causal = torch.full((n, n), float("-inf")).triu(1)
+    assert is_causal_mask(causal, n) and is_causal_mask(torch.ones(n, n, dtype=torch.bool).triu(1), n)
+    banded = causal.clone()
+    banded[3, 0] = float("-inf")
+    assert not is_causal_mask(banded, n) and not is_causal_mask(causal, n + 1) and not is_causal_mask(None, n)
+    causal[3, 0] = float("-inf")  # changed in place: looked at again
+    assert not is_causal_mask(causal, n)

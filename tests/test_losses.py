@@ -312,3 +312,21 @@ def test_registry_builds_and_rejects_misspelt_parameters() -> None:
 def test_affinity_ignores_offered_embed_dims() -> None:
     loss = LOSSES.build("affinity", context={"student_embed_dim": 4, "teacher_embed_dim": 8})
     assert loss.scale == 50.0
+
+
+def test_scaled_similarity_is_float32_under_autocast():
+    """Under bf16 autocast the logits are still float32 and equal the float32 product (the matmul
+    would otherwise run, and round, in bf16)."""
+    from strategies.losses.common import scaled_similarity
+
+    g = torch.Generator().manual_seed(0)
+    rows = F.normalize(torch.randn(64, 32, generator=g), dim=-1)
+    cols = F.normalize(torch.randn(48, 32, generator=g), dim=-1)
+    scale = torch.tensor(30.0)
+    reference = scale * rows @ cols.T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = scaled_similarity(rows, cols, scale)
+        half = scaled_similarity(rows.bfloat16(), cols.bfloat16(), scale)
+    assert logits.dtype == torch.float32 and half.dtype == torch.float32
+    torch.testing.assert_close(logits, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(half, scale * rows.bfloat16().float() @ cols.bfloat16().float().T, rtol=1e-6, atol=1e-6)

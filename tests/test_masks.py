@@ -117,6 +117,30 @@ def test_one_sample_covers_every_gate_of_a_model(teacher: torch.nn.Module) -> No
         pass
 
 
+def test_one_sample_draws_every_gate_in_one_draw(teacher: torch.nn.Module, monkeypatch) -> None:
+    """A step's gate noise is one draw from the step's generator (on CUDA: one kernel on the device, no
+    host copy per gate module), and the numbers are those of one draw per gate module in turn."""
+    import copy
+
+    from compress.masks import attach, one_gate_sample
+    from compress.masks.gates import EPS
+
+    model = copy.deepcopy(teacher)
+    masks = attach_masks(model, layer_gates=True).train()
+    gates = [g for t in masks.towers.values() for g in t.gate_modules()]
+    calls = []
+    original = attach.logistic_noise
+    monkeypatch.setattr(attach, "logistic_noise", lambda *a, **k: calls.append(1) or original(*a, **k))
+    generator = torch.Generator().manual_seed(9)
+    with one_gate_sample(model, generator):
+        held = [g._noise.clone() for g in gates]
+    assert len(calls) == 1 and len(gates) > 1
+    generator = torch.Generator().manual_seed(9)
+    for g, noise in zip(gates, held, strict=True):
+        u = torch.empty(g.log_alpha.shape).uniform_(EPS, 1.0 - EPS, generator=generator)
+        assert torch.equal(noise, torch.log(u) - torch.log1p(-u))
+
+
 @pytest.fixture(scope="module")
 def teacher() -> torch.nn.Module:
     torch.manual_seed(0)

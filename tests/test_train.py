@@ -376,3 +376,70 @@ def test_gradients_are_clipped_to_grad_clip_and_grad_norm_is_logged_before(model
     trainer.fit()
     assert seen == [pytest.approx(1e-3, rel=1e-4)]  # clipped before the step
     assert records[0]["grad_norm"] > 1e-2  # the logged norm is the one before clipping
+
+
+# -- the finite check decided on the device (the CUDA path, forced on the CPU) -----------------------------
+@pytest.fixture
+def deferred(monkeypatch):
+    """The device-side finite check (fused AdamW with found_inf, flag read one step later) on the CPU."""
+    monkeypatch.setattr(Trainer, "defer_finite_check", True)
+
+
+@pytest.mark.parametrize(("kind", "precision"), [
+    pytest.param("inf", SCALED, marks=needs_cpu_scaler),
+    pytest.param("nan_grad", SCALED, marks=needs_cpu_scaler),
+    ("nan_grad", FP32),
+])
+def test_deferred_finite_check_skips_like_the_host_check(models, deferred, kind, precision):
+    """Decided on the device, a non-finite step is skipped (weights, moments, step count), counted, the
+    scale backs off; [bad, good] ends where [good] alone does, and where the host-checked run ends."""
+    teacher, student = models
+    trainer = make_trainer(teacher, copy.deepcopy(student), steps=2, precision=precision,
+                           losses=[LossTerm("affinity", 1.0, Scripted({0}, kind))])
+    assert trainer._defers() and trainer.optimizer.defaults["fused"]
+    summary = trainer.fit()
+    reference = make_trainer(teacher, copy.deepcopy(student), steps=1, losses=[LossTerm("affinity", 1.0, Scripted())])
+    reference.fit()
+    assert summary.nonfinite_steps == 1 and trainer._pending == []
+    if precision is SCALED:
+        assert trainer.scaler.get_scale() == 2.0**10 * 0.5
+    states_close(trainer.student.state_dict(), reference.student.state_dict())
+    steps = {float(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
+    assert steps == {1.0}  # the skipped step did not count in Adam's bias correction
+
+
+def test_deferred_finite_check_makes_no_host_read(models, deferred, monkeypatch):
+    """The optimizer step with its finite check reads nothing back from the device (no .item(), .tolist(),
+    bool(tensor)): on CUDA the queue is not drained; the flag is read at the next step."""
+    teacher, student = models
+    trainer = make_trainer(teacher, copy.deepcopy(student), steps=3, log_every=100)
+    original = Trainer._optimizer_step
+
+    def guarded(self, loss):
+        def refuse(*args, **kwargs):
+            raise AssertionError("host read in the optimizer step")
+
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+                m.setattr(torch.Tensor, name, refuse)
+            return original(self, loss)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", guarded)
+    pending = []
+    original_step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, b, s: pending.append(len(self._pending))
+                        or original_step(self, b, s))
+    assert trainer.fit().nonfinite_steps == 0
+    assert pending == [0, 0, 1]  # step 0 logs (settled at once), step 1's flag is read during step 2
+    assert trainer.samples == 3 * 16
+
+
+def test_deferred_finite_check_aborts_after_too_many_in_a_row(models, deferred):
+    teacher, student = models
+    before = copy.deepcopy(student.state_dict())
+    trainer = make_trainer(teacher, copy.deepcopy(student), losses=[LossTerm("x", 1.0, Poison())], steps=8,
+                           max_nonfinite_in_row=3, log_every=100)
+    with pytest.raises(TrainingError, match="not finite for 3 steps in a row"):
+        trainer.fit()
+    after = trainer.student.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -25,12 +25,13 @@ NON_IDENTITY_SECTIONS = ("output", "dispatch")
 #: keys that change how a run executes or reports, not the experiment. ``eval.batch_size`` and
 #: ``train.device`` change floating-point reassociation only (zero-shot and retrieval score every
 #: sample on its own); ``train.grad_checkpointing`` recomputes the same forward (RNG state
-#: restored); ``eval.throughput`` is a timing, not a result. ``data.num_workers`` does not change
+#: restored); ``train.compile`` runs the same forward through compiled kernels (reassociation only);
+#: ``eval.throughput`` is a timing, not a result. ``data.num_workers`` does not change
 #: map-style training data (each sample's augmentation is seeded by (seed, epoch, index), see
 #: ``compress.data.loader.SeededSamples``); for webdataset shards it changes the sample order
 #: (shards are split across workers), a different draw of the same experiment.
 NON_IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
-    "train": ("progress", "log_every", "checkpoint_every", "device", "grad_checkpointing"),
+    "train": ("progress", "log_every", "checkpoint_every", "device", "grad_checkpointing", "compile"),
     "data": ("num_workers",),
     "eval": ("throughput", "batch_size"),
 }

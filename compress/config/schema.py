@@ -89,6 +89,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     max_nonfinite_in_row: int = 20
     grad_checkpointing: bool = False
+    #: torch.compile the student's towers (vision tower, text transformer); an execution setting (not in the run id)
+    compile: bool = False
     progress: bool = True
 
 

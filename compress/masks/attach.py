@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from compress.masks.budget import TowerCosts
-from compress.masks.gates import LOG_ALPHA_INIT, HardConcreteGates
+from compress.masks.gates import LOG_ALPHA_INIT, HardConcreteGates, logistic_noise
 from compress.masks.modules import GatedLinear, MaskedLayerNorm
 from compress.models.attention import convert_attention, is_converted
 from compress.models.structure import tower_structure
@@ -193,13 +193,24 @@ class ClipMasks(nn.Module):
         accumulation makes; the trainer seeds ``generator`` from the run seed and the step, so
         every rank of a data-parallel run draws the same gates."""
         gates = [g for t in self.towers.values() for g in t.gate_modules()]
-        for g in gates:
-            g.hold_sample(generator)
+        for g, noise in zip(gates, _one_draw(gates, generator), strict=True):
+            g.hold_sample(generator, noise)
         try:
             yield
         finally:
             for g in gates:
                 g.release_sample()
+
+
+def _one_draw(gates: list[HardConcreteGates], generator: torch.Generator | None) -> list[Tensor | None]:
+    """Every gate module's noise from one draw of ``generator`` (one kernel, and at most one copy to the
+    gates' device instead of one per module). Uniform draws fill a tensor element by element in order,
+    so on the CPU this gives the same numbers as one draw per module in turn (tests/test_masks.py)."""
+    if generator is None or not gates or len({(g.log_alpha.dtype, g.log_alpha.device) for g in gates}) > 1:
+        return [None] * len(gates)
+    sizes = [g.log_alpha.numel() for g in gates]
+    noise = logistic_noise(gates[0].log_alpha.new_empty(sum(sizes)).detach(), generator)
+    return list(torch.split(noise, sizes))
 
 
 def one_gate_sample(model: nn.Module, generator: torch.Generator | None = None) -> contextlib.AbstractContextManager:

@@ -42,12 +42,14 @@ def keep_probability(log_alpha: Tensor) -> Tensor:
 
 
 def logistic_noise(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """log u - log(1 - u) with u ~ U(eps, 1 - eps), shaped like ``like`` (no gradient); with a (CPU)
-    ``generator`` u is drawn on the CPU from it, so every device and every rank draws the same u."""
+    """log u - log(1 - u) with u ~ U(eps, 1 - eps), shaped like ``like`` (no gradient); with a
+    ``generator`` u is drawn from it on the generator's device (a CUDA generator: no host copy;
+    seeded alike, every rank draws the same u) and lands on ``like``'s device."""
     if generator is None:
         u = torch.empty_like(like, requires_grad=False).uniform_(EPS, 1.0 - EPS)
     else:
-        u = torch.empty(like.shape, dtype=like.dtype).uniform_(EPS, 1.0 - EPS, generator=generator).to(like.device)
+        u = torch.empty(like.shape, dtype=like.dtype, device=generator.device)
+        u = u.uniform_(EPS, 1.0 - EPS, generator=generator).to(like.device)
     return torch.log(u) - torch.log1p(-u)
 
 
@@ -128,9 +130,10 @@ class HardConcreteGates(nn.Module):
     def sample(self) -> Tensor:
         return sample_gates(self.log_alpha, self._noise)
 
-    def hold_sample(self, generator: torch.Generator | None = None) -> None:
-        """Draw the noise of one sample now (from ``generator`` if given) and reuse it until :meth:`release_sample`."""
-        self._noise = logistic_noise(self.log_alpha.detach(), generator)
+    def hold_sample(self, generator: torch.Generator | None = None, noise: Tensor | None = None) -> None:
+        """Draw the noise of one sample now (from ``generator`` if given), or take ``noise`` (log u - log(1 - u),
+        shaped like ``log_alpha``), and reuse it until :meth:`release_sample`."""
+        self._noise = logistic_noise(self.log_alpha.detach(), generator) if noise is None else noise
 
     def release_sample(self) -> None:
         self._noise = None

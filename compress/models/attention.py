@@ -11,6 +11,7 @@ Learnable head masks gate the input columns of ``out_proj`` (:mod:`compress.mask
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,8 @@ class HeadAttention(nn.Module):
             # a new tensor, not a view of the parameter: under no_grad such a view still says
             # requires_grad (without a grad_fn), which trips autograd hooks (FLOP counting)
             out = x.new_zeros(x.shape) + bias.to(x.dtype)
+        elif key_padding_mask is None and (attn_mask is None and is_causal or is_causal_mask(attn_mask, x.shape[1])):
+            out = self._attend(x, None, causal=True)  # SDPA's is_causal: flash / memory-efficient kernels allowed
         else:
             mask = self._merge_masks(x, attn_mask, key_padding_mask, is_causal)
             out = self._attend(x, mask)
@@ -80,12 +83,13 @@ class HeadAttention(nn.Module):
             return out.squeeze(0), None
         return (out if self.batch_first else out.transpose(0, 1)), None
 
-    def _attend(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        """``out_proj(concat_h softmax(q_h k_h^T / sqrt(d_h) + mask) v_h)``; x is [N, L, D]."""
+    def _attend(self, x: Tensor, mask: Tensor | None, causal: bool = False) -> Tensor:
+        """``out_proj(concat_h softmax(q_h k_h^T / sqrt(d_h) + mask) v_h)``; x is [N, L, D]; ``causal``:
+        the mask is the causal one, given to SDPA as ``is_causal`` (no mask tensor)."""
         b, n, _ = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.out_proj(heads.transpose(1, 2).reshape(b, n, self.inner_dim))
 
     def _merge_masks(
@@ -132,6 +136,35 @@ class HeadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+
+#: id(mask) -> (a weak reference to it, its version counter, whether it is the causal mask)
+_CAUSAL_MEMO: dict[int, tuple[weakref.ref, int, bool]] = {}
+
+
+def is_causal_mask(mask: Tensor | None, n: int) -> bool:
+    """Whether ``mask`` is exactly the causal mask of length ``n`` (open_clip's text tower: float [n, n],
+    -inf strictly above the diagonal and 0 elsewhere; or boolean, True above it), so that SDPA can be
+    told ``is_causal`` instead of being handed the tensor, which rules out its flash kernels.
+
+    The answer needs a look at the values (a host sync), so it is computed once per mask tensor and
+    remembered while that tensor lives and is not modified in place (its version counter); the text
+    tower passes the same buffer to every block on every call. Under ``torch.compile`` the look is not
+    taken (a graph break per block would cost more) and the mask is used as given."""
+    if mask is None or mask.dim() != 2 or tuple(mask.shape) != (n, n) or torch.compiler.is_compiling():
+        return False
+    memo = _CAUSAL_MEMO.get(id(mask))
+    if memo is not None and memo[0]() is mask and memo[1] == mask._version:
+        return memo[2]
+    above = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.dtype == torch.bool:
+        causal = bool(torch.equal(mask, above))
+    else:
+        causal = bool(torch.equal(mask, torch.zeros_like(mask).masked_fill(above, float("-inf"))))
+    for key in [k for k, (ref, _, _) in _CAUSAL_MEMO.items() if ref() is None]:
+        del _CAUSAL_MEMO[key]
+    _CAUSAL_MEMO[id(mask)] = (weakref.ref(mask), mask._version, causal)
+    return causal
 
 
 def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:

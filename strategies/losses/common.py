@@ -41,10 +41,14 @@ def scale_of(scale: float | str, output: ClipOutput, *, detach: bool = False) ->
 
 
 def scaled_similarity(rows: Tensor, cols: Tensor, scale: Tensor | float) -> Tensor:
-    """``s * rows @ cols^T``, computed in at least float32 (half-precision logits lose the tail)."""
-    if rows.dtype in (torch.float16, torch.bfloat16):
-        rows, cols = rows.float(), cols.float()
-    return scale * rows @ cols.T
+    """``s * rows @ cols^T`` in at least float32 (half-precision logits lose the softmax's tail).
+
+    Autocast is switched off around the product: under it the matmul of float32 inputs would run
+    (and return) in bf16/fp16 again; float64 inputs stay float64."""
+    dtype = torch.promote_types(torch.promote_types(rows.dtype, cols.dtype), torch.float32)
+    with torch.autocast(device_type=rows.device.type, enabled=False):
+        scale = scale.to(dtype) if isinstance(scale, Tensor) else scale
+        return scale * rows.to(dtype) @ cols.to(dtype).T
 
 
 def soft_cross_entropy(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:

@@ -1,0 +1,70 @@
+"""``train.compile``: the student's towers compiled in place train like the eager student (float
+tolerance), keep their state-dict keys, leave the run id alone; a masked student runs eagerly."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from compress.config import TrainConfig
+from compress.models import load_model
+from compress.precision import resolve_precision
+from compress.registry import LOSSES, SCHEDULES
+from compress.teacher import OnlineTeacher
+from compress.train import LossTerm, Trainer
+
+FP32 = resolve_precision("fp32", torch.device("cpu"))
+
+
+def _trainer(teacher, student, compile_: bool, steps: int = 2, accum: int = 2) -> Trainer:
+    cfg = TrainConfig(steps=steps, batch_size=8, accum_steps=accum, lr=1e-3, progress=False, compile=compile_)
+    g = torch.Generator().manual_seed(0)
+    batch = {"images": torch.randn(8, 3, 32, 32, generator=g), "texts": torch.randint(1, 400, (8, 16), generator=g)}
+    losses = [LossTerm("affinity", 1.0, LOSSES.build({"name": "affinity", "scale": "model"}))]
+    lr = SCHEDULES.build("constant", context={"base_value": cfg.lr})
+    return Trainer(cfg, student, losses, lr, itertools.repeat(batch), FP32, teacher=OnlineTeacher(teacher, FP32))
+
+
+@pytest.mark.slow
+def test_compiled_student_trains_like_the_eager_one(monkeypatch):
+    """Two accumulated steps with the towers compiled (backend aot_eager here: dynamo's capture and AOT
+    autograd's forward and backward graphs; inductor's code generation is what CUDA adds) end within float
+    tolerance of the eager run, and the state dict (checkpoints, exports) has the eager keys."""
+    monkeypatch.setattr(Trainer, "compile_backend", "aot_eager")
+    torch.manual_seed(0)
+    teacher, student = load_model("cc-test-teacher"), load_model("cc-test-student")
+    eager = _trainer(teacher, copy.deepcopy(student), False)
+    compiled = _trainer(teacher, copy.deepcopy(student), True)
+    assert compiled.student.visual._compiled_call_impl is not None and eager.student.visual._compiled_call_impl is None
+    eager.fit()
+    compiled.fit()
+    a, b = eager.student.state_dict(), compiled.student.state_dict()
+    assert list(a) == list(b) and not any("_orig_mod" in k for k in b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert not any("_orig_mod" in str(k) for k in compiled.state_dict()["optimizer"]["param_groups"][0])
+
+
+def test_compile_is_not_part_of_the_run_id():
+    from compress.config.parsing import config_from_dict
+
+    data = {"name": "t", "teacher": {"model": "cc-test-teacher", "random_init": True},
+            "student": {"model": "cc-test-student"}}
+    plain = config_from_dict(data)
+    compiled = config_from_dict({**data, "train": {"compile": True}})
+    assert compiled.train.compile and not plain.train.compile
+    assert plain.run_id() == compiled.run_id()
+
+
+def test_a_masked_student_runs_eagerly_until_pruned(caplog):
+    from compress.masks import attach_masks
+
+    torch.manual_seed(0)
+    teacher, student = load_model("cc-test-teacher"), load_model("cc-test-student")
+    attach_masks(student)
+    trainer = _trainer(teacher, student, True, steps=1, accum=1)
+    assert trainer.student.visual._compiled_call_impl is None
+    assert "runs eagerly until it is pruned" in caplog.text
