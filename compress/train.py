@@ -1,28 +1,35 @@
 """The distillation loop: student vs frozen teacher, loss plug-ins, schedules, checkpoints.
 
 One process, or data-parallel over a torch.distributed group (:mod:`compress.distributed`):
-the student and the losses' own modules (projectors) are one :class:`StudentObjective`,
-wrapped in ``DistributedDataParallel`` (the frozen teacher is not); every loss compares its
-local rows against the columns of all ranks, gathered with gradients, so N processes with
-B samples each take the same step as one process with N·B. Each rank reads its own share of
-the data (the stream is passed in); the objective and its terms are averaged over ranks, so
-the finite check, the log and the gradient scaler agree everywhere; learnable masks draw one
-gate sample per step from a generator seeded with the run seed and the step, the same on
-every rank. The teacher's outputs come through one callable (:mod:`compress.teacher`) that a
-cache can replace.
+the student's live forward (:class:`LiveForward`) is wrapped in ``DistributedDataParallel``
+(the frozen teacher is not); every loss compares its local rows against the columns of all
+ranks, gathered with gradients, so N processes with B samples each take the same step as one
+process with N·B. Each rank reads its own share of the data (the stream is passed in); the
+objective and its terms are averaged over ranks, so the finite check, the log and the gradient
+scaler agree everywhere; learnable masks draw one gate sample per step from a generator seeded
+with the run seed and the step, the same on every rank. The teacher's outputs come through one
+callable (:mod:`compress.teacher`) that a cache can replace.
 
-Gradient accumulation follows open_clip's scheme so that distillation stays exact: the
-student's features for every micro-batch are first computed without gradient; then, for
-each micro-batch j, its features are recomputed with gradient and the loss is evaluated
-over the whole accumulated batch (the other micro-batches' features held constant), so the
-summed gradients equal the full-batch gradient. What the whole accumulated batch feeds
-directly is counted once: the student's logit scale and a strategy's regulariser take part
-in the first micro-batch's backward only, and the parameters a loss owns (a projector) get
-their gradient from the first micro-batch's backward only (later backwards accumulate into
-the other parameters alone). Learnable masks draw one gate sample per optimizer step, used
-by every pass of that step. With several processes, the passes of micro-batches 1.. run under
-DDP's ``no_sync`` and micro-batch 0's full backward comes last: it all-reduces the summed
-gradients once per step.
+A step takes ``accum_steps`` micro-batches from the stream (the loader's batch is the
+micro-batch, ``batch_size / (world size x accum_steps)``); they stay where the loader put them
+(host memory) and one at a time is moved to the device. Accumulation is the gradient cache
+(Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"),
+which keeps distillation exact: (1) the student's outputs (normalised features, and the
+embeddings a loss asks for) of every micro-batch without graph (its random state kept, so that
+the live pass replays the same dropout), BatchNorm normalising with the
+micro-batch's statistics without updating its running ones, and the teacher's outputs, once;
+(2) the loss terms over the whole step's batch, once (one set of B x B similarities and
+gathers), on leaf copies of those outputs, with the student's logit scale and the strategy's
+regulariser, in one backward: the outputs' gradients, and directly the gradients of the logit
+scale, of the parameters a loss owns (a projector) and of the strategy's (masks, multipliers);
+(3) for each micro-batch j a live forward with graph and ``backward(outputs_j, gradients_j)``,
+which sums to the full-batch gradient of the towers. Without accumulation (one micro-batch),
+step (1) is the live forward itself. With several processes, the live passes run under DDP's
+``no_sync`` but the last, which all-reduces once per step; DDP holds only the towers' weights,
+all used by every live pass (``find_unused_parameters=False``, no graph walk), and broadcasts
+no buffers per forward (they are constants or SyncBatchNorm statistics, updated alike on every
+rank); the gradients of the parameters outside the live forward (logit scale, the losses' and
+the strategy's) are averaged over ranks in one all-reduce.
 
 Every optimizer step is guarded: the objective (loss terms and regulariser) and the
 gradients of every trained parameter must be finite, otherwise the step is skipped (with
@@ -182,6 +189,22 @@ def frozen_batch_norm_statistics(model: nn.Module) -> Iterator[None]:
     finally:
         for m in norms:
             m.track_running_stats = True
+
+
+def random_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The torch random state a forward on ``device`` draws from (CPU, and the CUDA device's)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def replayed_random_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> Iterator[None]:
+    """Run the block from ``state`` (:func:`random_state`), so a live pass draws what its features pass
+    drew (Gao et al.'s RandContext); the random state after the block is the one before it."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 def step_batch(micro: Sequence[Mapping[str, Any]], device: torch.device) -> dict[str, Any]:
@@ -396,7 +419,7 @@ class Trainer:
             self._reduce_outside()
             return total.detach(), regular
         uses_teacher = any(t.module.needs_teacher for t in active)
-        teacher_parts, parts = [], []
+        teacher_parts, parts, states = [], [], []
         live: tuple[Tensor | None, ...] | None = None
         if len(micro) == 1:  # no accumulation: the live pass is the only pass
             on_device = to_device(micro[0], self.device)
@@ -411,6 +434,7 @@ class Trainer:
                     on_device = to_device(m, self.device)
                     if uses_teacher:
                         teacher_parts.append(self.teacher(on_device))
+                    states.append(random_state(self.device))
                     with self.precision.autocast():
                         parts.append(self.live(on_device["images"], on_device["texts"]))
         leaves = {
@@ -430,9 +454,9 @@ class Trainer:
             for j, m in enumerate(micro):
                 last = j == len(micro) - 1
                 with contextlib.nullcontext() if last else self._no_sync():
-                    if live is None:
+                    if live is None:  # the features pass's random draws (dropout) again: the same outputs
                         on_device = to_device(m, self.device)
-                        with self.precision.autocast():
+                        with replayed_random_state(states[j], self.device), self.precision.autocast():
                             live = self.model(on_device["images"], on_device["texts"])
                     names = [name for name in FEATURES if name in grads]
                     torch.autograd.backward([live[FEATURES.index(n)] for n in names], [grads[n][j] for n in names])

@@ -147,3 +147,41 @@ def test_every_parameter_ddp_holds_is_used_by_a_live_pass(models, kind):
     outside = strategy.owned_parameters(student) | {id(student.logit_scale)}
     unused = [n for n, p in student.named_parameters() if p.requires_grad and id(p) not in outside and p.grad is None]
     assert unused == []
+
+
+@pytest.mark.parametrize(("accum", "micro"), [(1, 16), (4, 4)])
+def test_the_training_loader_yields_micro_batches(accum, micro):
+    """The loader's batch is the micro-batch, batch_size / (processes x accum_steps): the batches in flight
+    and the data position (counted in loader batches) are micro-batches; a step draws K of them."""
+    from compress.config import config_from_dict
+    from compress.data.pipeline import train_batches
+
+    cfg = config_from_dict({
+        "name": "micro", "teacher": {"model": "cc-test-teacher", "random_init": True},
+        "student": {"model": "cc-test-student"}, "inheritance": {"name": "manual"}, "losses": [{"name": "affinity"}],
+        "data": {"train": {"kind": "synthetic", "num_samples": 64}},
+        "train": {"steps": 1, "batch_size": 16, "accum_steps": accum},
+    })
+    stream, stats = train_batches(cfg, load_model("cc-test-student"), None, torch.device("cpu"))
+    drawn = [next(stream) for _ in range(accum)]
+    assert [len(b["images"]) for b in drawn] == [micro] * accum
+    state = stats.loader.state_dict()
+    assert state["batch_size"] == micro and state["batches_in_epoch"] == accum
+
+
+def test_the_live_pass_replays_the_features_pass_dropout(models):
+    """A student that draws random numbers in its forward (dropout): each micro-batch's live pass draws
+    what its pass without graph drew, so the output gradients of the cached loss apply to it."""
+    teacher, student = models
+    clip = [LossTerm("clip", 1.0, LOSSES.build("clip"))]
+    trainer = make_trainer(teacher, copy.deepcopy(student), accum=2, losses=clip)
+    trainer.student.train()
+    trainer.student.visual.ln_post.register_forward_hook(lambda m, args, out: torch.nn.functional.dropout(out, 0.5))
+    seen = []
+    trainer.live.register_forward_hook(lambda m, args, out: seen.append(out[0].detach().clone()))
+    trainer._forward_backward(make_batch(), 0)
+    assert len(seen) == 4  # two passes without graph, then two live passes
+    torch.testing.assert_close(seen[2], seen[0], rtol=0, atol=0)
+    torch.testing.assert_close(seen[3], seen[1], rtol=0, atol=0)
+    images, texts = make_batch(2)["images"], make_batch(2)["texts"]
+    assert not torch.equal(trainer.live(images, texts)[0], trainer.live(images, texts)[0])  # dropout draws
