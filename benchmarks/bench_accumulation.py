@@ -12,7 +12,7 @@ For each K it reports, from a real :class:`~compress.train.Trainer` and the real
   tensors' sizes (``nbytes``), not from the process's RSS, which the allocator blurs;
 - the time of one optimizer step, as a ratio against K = 1 (median of rounds, interleaved).
 
-    python benchmarks/bench_accumulation.py [--batch 256] [--steps 2] [--rounds 3] [--workers 8]
+    python benchmarks/bench_accumulation.py [--batch 256] [--steps 2] [--rounds 3] [--workers 8] [--threads 1]
 """
 
 from __future__ import annotations
@@ -89,7 +89,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=8, help="data.num_workers of the memory estimate")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared CPU)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     precision = resolve_precision("auto", device)
     torch.manual_seed(0)

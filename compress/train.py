@@ -153,6 +153,7 @@ def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
 
 #: the per-sample outputs of a student forward that the losses differentiate (the gradient cache's leaves)
 FEATURES = ("image_features", "text_features", "image_embeds", "text_embeds")
+TOWERS = ("image", "text")
 
 
 class LiveForward(nn.Module):
@@ -450,6 +451,11 @@ class Trainer:
         self._backward(objective)
         grads = {name: leaf.grad.split([len(m["images"]) for m in micro]) for name, leaf in leaves.items()
                  if leaf.grad is not None}
+        if self.model is not self.live and not all({f"{t}_features", f"{t}_embeds"} & grads.keys() for t in TOWERS):
+            raise TrainingError(
+                f"with {distributed.world_size()} processes every tower must take part in the loss (DDP expects "
+                f"a gradient for all its weights), but the active loss terms read only {sorted(grads)}"
+            )
         if grads:
             for j, m in enumerate(micro):
                 last = j == len(micro) - 1
