@@ -139,6 +139,20 @@ def sum_over_ranks(tensor: Tensor) -> Tensor:
     return out.to(tensor.device)
 
 
+def broadcast_from_main(tensors: list[Tensor]) -> None:
+    """Overwrite ``tensors`` (in place) with rank 0's values; nothing to do on one process.
+    CPU tensors travel through the GPU under NCCL."""
+    if not is_distributed() or not tensors:
+        return
+    for tensor in tensors:
+        if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+            staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.broadcast(staged, src=0)
+            tensor.copy_(staged)
+        else:
+            dist.broadcast(tensor, src=0)
+
+
 def mean_over_ranks(tensor: Tensor) -> Tensor:
     """The mean of ``tensor`` over ranks (a copy; ``tensor`` itself on one process)."""
     return sum_over_ranks(tensor) / world_size() if is_distributed() else tensor

@@ -22,6 +22,9 @@ class DistillLoss(nn.Module):
     never by the loss on its own. ``needs_teacher = False`` lets a run without a teacher
     (training from scratch with the CLIP loss alone) skip the teacher's forward pass.
     ``needs`` names optional :class:`ClipOutput` extras the loss reads (``image_embeds``...).
+    The loss runs once per optimizer step over the whole step's outputs (gradient accumulation
+    included); ``batch`` then holds the step's texts and other per-sample entries, not its images
+    (:func:`compress.train.step_batch`).
     """
 
     needs_teacher: bool = True

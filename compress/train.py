@@ -1,28 +1,35 @@
 """The distillation loop: student vs frozen teacher, loss plug-ins, schedules, checkpoints.
 
 One process, or data-parallel over a torch.distributed group (:mod:`compress.distributed`):
-the student and the losses' own modules (projectors) are one :class:`StudentObjective`,
-wrapped in ``DistributedDataParallel`` (the frozen teacher is not); every loss compares its
-local rows against the columns of all ranks, gathered with gradients, so N processes with
-B samples each take the same step as one process with N·B. Each rank reads its own share of
-the data (the stream is passed in); the objective and its terms are averaged over ranks, so
-the finite check, the log and the gradient scaler agree everywhere; learnable masks draw one
-gate sample per step from a generator seeded with the run seed and the step, the same on
-every rank. The teacher's outputs come through one callable (:mod:`compress.teacher`) that a
-cache can replace.
+the student's live forward (:class:`LiveForward`) is wrapped in ``DistributedDataParallel``
+(the frozen teacher is not); every loss compares its local rows against the columns of all
+ranks, gathered with gradients, so N processes with B samples each take the same step as one
+process with N·B. Each rank reads its own share of the data (the stream is passed in); the
+objective and its terms are averaged over ranks, so the finite check, the log and the gradient
+scaler agree everywhere; learnable masks draw one gate sample per step from a generator seeded
+with the run seed and the step, the same on every rank. The teacher's outputs come through one
+callable (:mod:`compress.teacher`) that a cache can replace.
 
-Gradient accumulation follows open_clip's scheme so that distillation stays exact: the
-student's features for every micro-batch are first computed without gradient; then, for
-each micro-batch j, its features are recomputed with gradient and the loss is evaluated
-over the whole accumulated batch (the other micro-batches' features held constant), so the
-summed gradients equal the full-batch gradient. What the whole accumulated batch feeds
-directly is counted once: the student's logit scale and a strategy's regulariser take part
-in the first micro-batch's backward only, and the parameters a loss owns (a projector) get
-their gradient from the first micro-batch's backward only (later backwards accumulate into
-the other parameters alone). Learnable masks draw one gate sample per optimizer step, used
-by every pass of that step. With several processes, the passes of micro-batches 1.. run under
-DDP's ``no_sync`` and micro-batch 0's full backward comes last: it all-reduces the summed
-gradients once per step.
+A step takes ``accum_steps`` micro-batches from the stream (the loader's batch is the
+micro-batch, ``batch_size / (world size x accum_steps)``); they stay where the loader put them
+(host memory) and one at a time is moved to the device. Accumulation is the gradient cache
+(Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"),
+which keeps distillation exact: (1) the student's outputs (normalised features, and the
+embeddings a loss asks for) of every micro-batch without graph (its random state kept, so that
+the live pass replays the same dropout), BatchNorm normalising with the
+micro-batch's statistics without updating its running ones, and the teacher's outputs, once;
+(2) the loss terms over the whole step's batch, once (one set of B x B similarities and
+gathers), on leaf copies of those outputs, with the student's logit scale and the strategy's
+regulariser, in one backward: the outputs' gradients, and directly the gradients of the logit
+scale, of the parameters a loss owns (a projector) and of the strategy's (masks, multipliers);
+(3) for each micro-batch j a live forward with graph and ``backward(outputs_j, gradients_j)``,
+which sums to the full-batch gradient of the towers. Without accumulation (one micro-batch),
+step (1) is the live forward itself. With several processes, the live passes run under DDP's
+``no_sync`` but the last, which all-reduces once per step; DDP holds only the towers' weights,
+all used by every live pass (``find_unused_parameters=False``, no graph walk), and broadcasts
+no buffers per forward (they are constants or SyncBatchNorm statistics, updated alike on every
+rank); the gradients of the parameters outside the live forward (logit scale, the losses' and
+the strategy's) are averaged over ranks in one all-reduce.
 
 Every optimizer step is guarded: the objective (loss terms and regulariser) and the
 gradients of every trained parameter must be finite, otherwise the step is skipped (with
@@ -39,7 +46,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,19 +196,24 @@ def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
     ]
 
 
-class StudentObjective(nn.Module):
-    """The student and the loss plug-ins' modules as one module, what DDP wraps: every trained
-    parameter of a step (projectors included) is used inside its forward, so DDP's search for
-    idle parameters (``find_unused_parameters``) is exact. ``forward(compute)`` is
-    ``compute(student)``: the trainer passes the whole objective of one pass."""
+#: the per-sample outputs of a student forward that the losses differentiate (the gradient cache's leaves)
+FEATURES = ("image_features", "text_features", "image_embeds", "text_embeds")
+TOWERS = ("image", "text")
 
-    def __init__(self, student: nn.Module, losses: list[LossTerm]) -> None:
+
+class LiveForward(nn.Module):
+    """What DDP wraps: the student's forward with graph, returning its per-sample outputs (a tuple in
+    the order of :data:`FEATURES`, ``None`` where not asked for). The logit scale, the losses' modules
+    and a strategy's own parameters take no part in it: the trainer reduces their gradients itself."""
+
+    def __init__(self, student: nn.Module, needs: tuple[str, ...]) -> None:
         super().__init__()
         self.student = student
-        self.losses = nn.ModuleList(t.module for t in losses)
+        self.needs = needs
 
-    def forward(self, compute: Callable[[nn.Module], tuple[Tensor, dict[str, Tensor]]]):  # type: ignore[override]
-        return compute(self.student)
+    def forward(self, images: Tensor, texts: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        out = clip_forward(self.student, images, texts, self.needs)
+        return tuple(getattr(out, name) for name in FEATURES)
 
 
 def compile_towers(student: nn.Module, backend: str = "inductor") -> list[nn.Module]:
@@ -227,12 +239,53 @@ def gate_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % 2**63)
 
 
-def splice(cached: list[ClipOutput], live: ClipOutput, index: int, live_scale: bool) -> ClipOutput:
-    """The accumulated batch's outputs with micro-batch ``index`` replaced by ``live``."""
-    parts = cached[:index] + [live] + cached[index + 1 :]
-    full = ClipOutput.cat(parts)
-    full.logit_scale = live.logit_scale if live_scale else live.logit_scale.detach()
-    return full
+@contextlib.contextmanager
+def frozen_batch_norm_statistics(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in training mode normalise with the batch's statistics, as the live pass does,
+    but leave ``running_mean``, ``running_var`` and ``num_batches_tracked`` alone: the gradient cache's
+    features pass must not count a micro-batch that its live pass counts again."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False  # in training mode: batch statistics, no running update
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+def random_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The torch random state a forward on ``device`` draws from (CPU, and the CUDA device's)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def replayed_random_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> Iterator[None]:
+    """Run the block from ``state`` (:func:`random_state`), so a live pass draws what its features pass
+    drew (Gao et al.'s RandContext); the random state after the block is the one before it."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+def step_batch(micro: Sequence[Mapping[str, Any]], device: torch.device) -> dict[str, Any]:
+    """What the loss plug-ins get as ``batch``: the step's texts (on ``device``) and the other
+    per-sample entries of its micro-batches, concatenated; the images are left out (they stay on
+    the host, one micro-batch at a time goes to the device)."""
+    out: dict[str, Any] = {}
+    for key, value in micro[0].items():
+        if key in ("images", "teacher_images"):
+            continue
+        if isinstance(value, Tensor):
+            out[key] = to_device(torch.cat([m[key] for m in micro]) if len(micro) > 1 else value, device)
+        elif isinstance(value, list):
+            out[key] = [x for m in micro for x in m[key]]
+        else:
+            out[key] = value
+    return out
 
 
 class Trainer:
@@ -330,25 +383,47 @@ class Trainer:
         modules = [("", self.student)] + [(f"loss.{t.name}", t.module) for t in self.losses]
         groups = weight_groups(modules, self.cfg.weight_decay, skip) + own
         fused = self.device.type == "cuda" or self.defer_finite_check is True  # fused AdamW handles maximize too
-        optimizer = build_adamw(groups, self.cfg.lr, tuple(self.cfg.betas), self.cfg.eps, fused=fused)
-        owned_by_losses = {id(p) for t in self.losses for p in t.module.parameters()}
-        #: what the backward of a micro-batch after the first accumulates into (see the module docstring)
-        self._later_inputs = [
-            p for g in optimizer.param_groups for p in g["params"] if id(p) not in owned_by_losses
-        ]
-        return optimizer
+        return build_adamw(groups, self.cfg.lr, tuple(self.cfg.betas), self.cfg.eps, fused=fused)
 
     def _wrap(self) -> None:
-        """``self.objective`` (student and loss modules), in ``DistributedDataParallel`` when there are
-        several ranks (``self.model``; its construction broadcasts rank 0's weights)."""
+        """``self.model``: the student's live forward (:class:`LiveForward`), in ``DistributedDataParallel``
+        when there are several ranks. DDP holds the towers' weights, every one of which each live pass
+        uses (``find_unused_parameters=False``: no graph walk per step); the trained parameters outside
+        the live forward (the logit scale, the losses' projectors, a strategy's masks and multipliers,
+        ``self._outside``) are left out of DDP, broadcast from rank 0 here and their gradients averaged
+        over ranks once per step (:meth:`_reduce_outside`). Buffers are not broadcast in every forward
+        (``broadcast_buffers=False``): the student's buffers are constants (attention masks, mask
+        indices) or SyncBatchNorm statistics, which every rank updates with the same global statistics."""
+        self._outside: list[nn.Parameter] = []
         if distributed.world_size() > 1:
             self._sync_batch_norm()
-        self.objective = StudentObjective(self.student, self.losses)
-        self.model: nn.Module = self.objective
-        if distributed.world_size() > 1:
-            from torch.nn.parallel import DistributedDataParallel
+        self.live = LiveForward(self.student, self.needs)
+        self.model: nn.Module = self.live
+        if distributed.world_size() == 1:
+            return
+        from torch.nn.parallel import DistributedDataParallel
 
-            self.model = DistributedDataParallel(self.objective, find_unused_parameters=True)
+        trained = {id(p) for p in self.trained_parameters()}
+        scale = getattr(self.student, "logit_scale", None)
+        outside = self.inheritance.owned_parameters(self.student)
+        if isinstance(scale, Tensor):
+            outside.add(id(scale))
+        ignored = [name for name, p in self.live.named_parameters() if id(p) in outside or id(p) not in trained]
+        in_student = {id(p) for p in self.student.parameters()}
+        self._outside = [p for p in self.trained_parameters() if id(p) in outside or id(p) not in in_student]
+        distributed.broadcast_from_main([p.data for p in self._outside])
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.live, ignored)
+        self.model = DistributedDataParallel(self.live, find_unused_parameters=False, broadcast_buffers=False)
+
+    def _reduce_outside(self) -> None:
+        """Average over ranks the gradients DDP does not hold (``self._outside``), in one all-reduce:
+        each rank's loss over its rows gives its share, the mean is the whole batch's gradient."""
+        grads = [p.grad for p in self._outside if p.grad is not None]
+        if not grads:
+            return
+        flat = distributed.mean_over_ranks(torch.cat([g.reshape(-1) for g in grads]))
+        for g, value in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(value.view_as(g))
 
     def _sync_batch_norm(self) -> None:
         """BatchNorm layers of the student (ResNet towers) normalise over the global batch: converted to
@@ -398,57 +473,94 @@ class Trainer:
                 total = total + weight * value.float()
         return total, terms
 
-    def _backward(self, loss: Tensor, inputs: list[nn.Parameter] | None = None) -> None:
+    def _backward(self, loss: Tensor) -> None:
         if not loss.requires_grad:
             return  # no active loss term and no regulariser this step: nothing to learn from
         scaled = self.scaler.scale(loss) if self.scaler is not None else loss
-        scaled.backward(inputs=inputs)
+        scaled.backward()
 
     def _forward_backward(
-        self, batch: Mapping[str, Any], step: int, weights: list[float] | None = None
+        self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]], step: int, weights: list[float] | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Forward and backward of one optimizer step's batch; returns (objective, terms), the
-        objective being the weighted loss terms plus the strategy's regulariser."""
+        """Forward and backward of one optimizer step: ``batch`` is the step's ``accum_steps``
+        micro-batches (as :meth:`fit` draws them), or one collated batch, split here into views.
+        Returns (objective, terms), the objective being the weighted loss terms plus the strategy's
+        regulariser."""
         weights = [t.weight_at(step) for t in self.losses] if weights is None else weights
+        micro = split_batch(batch, self.cfg.accum_steps) if isinstance(batch, Mapping) else list(batch)
+        if len(micro) != self.cfg.accum_steps:
+            raise TrainingError(f"a step takes train.accum_steps = {self.cfg.accum_steps} micro-batches, "
+                                f"got {len(micro)}")
         with one_gate_sample(self.student, gate_generator(self.seed, step, self.device)):
-            return self._accumulate(batch, step, weights)
+            return self._accumulate(micro, step, weights)
 
     def _accumulate(
-        self, batch: Mapping[str, Any], step: int, weights: list[float]
+        self, micro: list[Mapping[str, Any]], step: int, weights: list[float]
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        micro = split_batch(batch, self.cfg.accum_steps)
+        """The gradient cache (Gao et al. 2021): (1) the student's outputs of every micro-batch without
+        graph (a single micro-batch: its live pass, with graph) and the teacher's, one micro-batch on the
+        device at a time; (2) the loss over the whole step's batch once, on leaf copies of those outputs,
+        plus the regulariser, one (scaled) backward: the outputs' gradients, and the gradients of the
+        logit scale, the losses' and the strategy's parameters; (3) per micro-batch a live forward and
+        ``backward(outputs, output gradients)``, all but the last under DDP's ``no_sync``; (4) the
+        gradients DDP does not hold averaged over ranks."""
         active = [t for t, w in zip(self.losses, weights, strict=True) if w != 0.0]
-        teacher_outs = [self.teacher(m) for m in micro] if any(t.module.needs_teacher for t in active) else None
-        teacher_full = ClipOutput.cat(teacher_outs) if teacher_outs else None
-        cached: list[ClipOutput] | None = None
-
-        def objective(j: int) -> Callable[[nn.Module], tuple[Tensor, dict[str, Tensor]]]:
-            """Pass j: micro-batch j live (the others cached); pass 0 adds the strategy's regulariser."""
-
-            def compute(student: nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
-                with self.precision.autocast():
-                    live = clip_forward(student, micro[j]["images"], micro[j]["texts"], self.needs)
-                    out = live if cached is None else splice(cached, live, j, live_scale=j == 0)
-                    total, terms = self._loss(out, teacher_full, batch, weights)
-                if j:
-                    return total, terms
-                regular = self.inheritance.regularizer(student, step)
-                return total + sum(regular.values(), total.new_zeros(())), {**terms, **regular}
-
-            return compute
-
-        # without an active loss term only the regulariser (no data, the same on every rank) is left
-        model = self.model if active else self.objective
-        if len(micro) > 1:
-            with torch.no_grad(), self.precision.autocast():
-                cached = [clip_forward(self.student, m["images"], m["texts"], self.needs) for m in micro]
-            with self._no_sync():
-                for j in range(1, len(micro)):
-                    total, _ = model(objective(j))
-                    self._backward(total, inputs=self._later_inputs)
-        loss, terms = model(objective(0))
-        self._backward(loss)
-        return loss.detach(), terms
+        regular = self.inheritance.regularizer(self.student, step) if not active else None
+        if regular is not None:  # no active loss term: the regulariser alone (no data, the same on every rank)
+            total = sum(regular.values(), torch.zeros((), device=self.device))
+            self._backward(total)
+            self._reduce_outside()
+            return total.detach(), regular
+        uses_teacher = any(t.module.needs_teacher for t in active)
+        teacher_parts, parts, states = [], [], []
+        live: tuple[Tensor | None, ...] | None = None
+        if len(micro) == 1:  # no accumulation: the live pass is the only pass
+            on_device = to_device(micro[0], self.device)
+            if uses_teacher:
+                teacher_parts.append(self.teacher(on_device))
+            with self.precision.autocast():
+                live = self.model(on_device["images"], on_device["texts"])
+            parts.append(live)
+        else:
+            with torch.no_grad(), frozen_batch_norm_statistics(self.student):
+                for m in micro:
+                    on_device = to_device(m, self.device)
+                    if uses_teacher:
+                        teacher_parts.append(self.teacher(on_device))
+                    states.append(random_state(self.device))
+                    with self.precision.autocast():
+                        parts.append(self.live(on_device["images"], on_device["texts"]))
+        leaves = {
+            name: (torch.cat([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]).detach().requires_grad_()
+            for i, name in enumerate(FEATURES) if parts[0][i] is not None
+        }
+        with self.precision.autocast():
+            student_out = ClipOutput(logit_scale=self.student.logit_scale.exp(), **leaves)
+            teacher_out = ClipOutput.cat(teacher_parts) if teacher_parts else None
+            loss, terms = self._loss(student_out, teacher_out, step_batch(micro, self.device), weights)
+        regular = self.inheritance.regularizer(self.student, step)
+        objective = loss + sum(regular.values(), loss.new_zeros(()))
+        self._backward(objective)
+        grads = {name: leaf.grad.split([len(m["images"]) for m in micro]) for name, leaf in leaves.items()
+                 if leaf.grad is not None}
+        if self.model is not self.live and not all({f"{t}_features", f"{t}_embeds"} & grads.keys() for t in TOWERS):
+            raise TrainingError(
+                f"with {distributed.world_size()} processes every tower must take part in the loss (DDP expects "
+                f"a gradient for all its weights), but the active loss terms read only {sorted(grads)}"
+            )
+        if grads:
+            for j, m in enumerate(micro):
+                last = j == len(micro) - 1
+                with contextlib.nullcontext() if last else self._no_sync():
+                    if live is None:  # the features pass's random draws (dropout) again: the same outputs
+                        on_device = to_device(m, self.device)
+                        with replayed_random_state(states[j], self.device), self.precision.autocast():
+                            live = self.model(on_device["images"], on_device["texts"])
+                    names = [name for name in FEATURES if name in grads]
+                    torch.autograd.backward([live[FEATURES.index(n)] for n in names], [grads[n][j] for n in names])
+                    live = None
+        self._reduce_outside()
+        return objective.detach(), {**terms, **regular}
 
     def _optimizer_step(self, loss: Tensor) -> tuple[bool, bool, Tensor | None]:
         """Clip, check and step; returns (stepped, non-finite, the weights' gradient norm before clipping).
@@ -523,8 +635,9 @@ class Trainer:
         if isinstance(scale, Tensor):
             scale.clamp_(0.0, LOGIT_SCALE_MAX)
 
-    def train_step(self, batch: Mapping[str, Any], step: int) -> StepResult:
-        """Forward, backward and (if everything is finite) one optimizer step on ``batch``."""
+    def train_step(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]], step: int) -> StepResult:
+        """Forward, backward and (if everything is finite) one optimizer step on ``batch`` (the step's
+        micro-batches, or one collated batch)."""
         weights = [t.weight_at(step) for t in self.losses]
         loss, terms = mean_over_ranks(*self._forward_backward(batch, step, weights))
         stepped, nonfinite, norm = self._optimizer_step(loss)
@@ -552,6 +665,20 @@ class Trainer:
                 taken += samples
         return taken
 
+    def _draw_micro_batches(self) -> list[Mapping[str, Any]]:
+        """The next ``accum_steps`` batches of the stream, each one micro-batch of this rank
+        (``batch_size / (world size x accum_steps)`` samples), left where the loader put them."""
+        size = self.cfg.batch_size // (distributed.world_size() * self.cfg.accum_steps)
+        micro = [next(self.batches) for _ in range(self.cfg.accum_steps)]
+        for m in micro:
+            if len(m["images"]) != size:
+                raise TrainingError(
+                    f"the data stream gave a batch of {len(m['images'])} samples; a step takes "
+                    f"{self.cfg.accum_steps} micro-batches of train.batch_size {self.cfg.batch_size} / "
+                    f"({distributed.world_size()} process(es) x {self.cfg.accum_steps}) = {size}"
+                )
+        return micro
+
     # -- loop ---------------------------------------------------------------------------
     def fit(self) -> TrainSummary:
         """Train from ``self.step`` (0, or the step a resumed checkpoint reached) to ``cfg.steps``."""
@@ -566,9 +693,9 @@ class Trainer:
         self.student.train()
         for step in range(self.step, cfg.steps):
             lr = self._set_lr(step)
-            batch = to_device(next(self.batches), self.device)
-            batch_size = len(batch["images"]) * distributed.world_size()  # samples of all ranks
-            result = self.train_step(batch, step)
+            micro = self._draw_micro_batches()  # on the host; one at a time goes to the device
+            batch_size = sum(len(m["images"]) for m in micro) * distributed.world_size()  # samples of all ranks
+            result = self.train_step(micro, step)
             total, terms = result.loss, result.terms
             is_last = step + 1 == cfg.steps
             is_log = (step + 1) % cfg.log_every == 0 or is_last or step == 0

@@ -43,8 +43,10 @@ def _sampler_for_ranks(seed: int):
 def train_batches(
     cfg: RunConfig, student: nn.Module, teacher: nn.Module | None, device: torch.device
 ) -> tuple[Iterator[dict[str, Any]], DataStats]:
-    """Batches ``{"images", "texts", "captions"}`` forever (a new shuffle each epoch), each
-    with exactly ``train.batch_size / world size`` samples (bad ones replaced).
+    """Micro-batches ``{"images", "texts", "captions"}`` forever (a new shuffle each epoch), each
+    with exactly ``train.batch_size / (world size x train.accum_steps)`` samples (bad ones
+    replaced): the trainer draws ``accum_steps`` of them per optimizer step, so the loader's
+    batches in flight, and the position it saves, are counted in micro-batches.
 
     Images are preprocessed for the student (its size and normalisation); when the teacher
     needs another size or normalisation, ``"teacher_images"`` holds the same random view
@@ -56,9 +58,9 @@ def train_batches(
     resume, call ``stats.loader.load_state_dict(state)`` (a saved ``stats.loader.state_dict()``)
     before drawing the first batch."""
     train_tf = train_transform_for(student, teacher)
-    per_rank = cfg.train.batch_size // distributed.world_size()
+    micro = cfg.train.batch_size // (distributed.world_size() * cfg.train.accum_steps)
     loader = build_train_loader(
-        cfg.data, train_tf, tokenizer_for(student), per_rank, seed=cfg.seed, sampler=_sampler_for_ranks(cfg.seed),
+        cfg.data, train_tf, tokenizer_for(student), micro, seed=cfg.seed, sampler=_sampler_for_ranks(cfg.seed),
         pin_memory=device.type == "cuda",
     )
     return loader.forever(), DataStats(loader)

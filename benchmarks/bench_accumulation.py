@@ -1,0 +1,123 @@
+"""Gradient accumulation at a fixed global batch: K = 1, 4, 16 micro-batches per step.
+
+For each K it reports, from a real :class:`~compress.train.Trainer` and the real training loader:
+
+- the similarity products (B x B logits) the loss computes per optimizer step (counted by wrapping
+  the loss modules' ``scaled_similarity``): the gradient cache computes the loss once, so it must not
+  grow with K (the scheme before recomputed it in every micro-batch pass: 4 K with affinity);
+- the loader's host memory: the bytes of one micro-batch as the real loader collates it (synthetic
+  data, the student's image size), the batches in flight (``num_workers x prefetch_factor``
+  micro-batches, what the workers' shared memory holds at most) and the step's micro-batches the
+  trainer keeps on the host (K micro-batches = the process's share of the step). Computed from the
+  tensors' sizes (``nbytes``), not from the process's RSS, which the allocator blurs;
+- the time of one optimizer step, as a ratio against K = 1 (median of rounds, interleaved).
+
+    python benchmarks/bench_accumulation.py [--batch 256] [--steps 2] [--rounds 3] [--workers 8] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+import strategies.losses.affinity as affinity_module
+from compress.config import TrainConfig, config_from_dict
+from compress.data.pipeline import train_batches
+from compress.models import load_model
+from compress.precision import resolve_device, resolve_precision
+from compress.registry import LOSSES, SCHEDULES
+from compress.teacher import OnlineTeacher, freeze
+from compress.train import LossTerm, Trainer
+
+KS = (1, 4, 16)
+#: DataLoader's default prefetch_factor: batches each worker prepares ahead
+PREFETCH = 2
+
+
+def batch_bytes(batch: dict) -> int:
+    return sum(v.nbytes for v in batch.values() if isinstance(v, torch.Tensor))
+
+
+def loader_micro_batch(student_name: str, batch: int, accum: int) -> dict:
+    """One micro-batch from the real training loader (synthetic data, no workers)."""
+    cfg = config_from_dict({
+        "name": "bench", "teacher": {"model": "cc-test-teacher", "random_init": True},
+        "student": {"model": student_name}, "inheritance": {"name": "manual"}, "losses": [{"name": "affinity"}],
+        "data": {"train": {"kind": "synthetic", "num_samples": batch}, "num_workers": 0},
+        "train": {"steps": 1, "batch_size": batch, "accum_steps": accum},
+    })
+    stream, _ = train_batches(cfg, load_model(student_name), None, torch.device("cpu"))
+    return next(stream)
+
+
+def step_times(args: argparse.Namespace, precision, teacher, base, micro: dict, accum: int) -> tuple[float, int]:
+    """Seconds per optimizer step and similarity products per step of a Trainer at ``accum``."""
+    counted = []
+    original = affinity_module.scaled_similarity
+
+    def counting(rows, cols, scale):
+        counted.append(1)
+        return original(rows, cols, scale)
+
+    affinity_module.scaled_similarity = counting
+    try:
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch, accum_steps=accum, lr=1e-4, progress=False,
+                          log_every=10**9)
+        losses = [LossTerm("affinity", 1.0, LOSSES.build({"name": "affinity", "scale": 50}))]
+        stream = iter([micro] * (args.steps * accum))
+        trainer = Trainer(cfg, copy.deepcopy(base), losses, SCHEDULES.build("constant", context={"base_value": 1e-4}),
+                          stream, precision, teacher=OnlineTeacher(teacher, precision))
+        start = time.perf_counter()
+        trainer.fit()
+        if precision.device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / args.steps, len(counted) // args.steps
+    finally:
+        affinity_module.scaled_similarity = original
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="cc-test-teacher")
+    parser.add_argument("--student", default="cc-test-student")
+    parser.add_argument("--batch", type=int, default=256, help="global batch (one process)")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=8, help="data.num_workers of the memory estimate")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared CPU)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    precision = resolve_precision("auto", device)
+    torch.manual_seed(0)
+    teacher = freeze(load_model(args.teacher, device=device))
+    base = load_model(args.student, device=device)
+    micro = {k: loader_micro_batch(args.student, args.batch, k) for k in KS}
+    times: dict[int, list[float]] = {k: [] for k in KS}
+    products: dict[int, int] = {}
+    for k in KS:  # warm-up
+        step_times(args, precision, teacher, base, micro[k], k)
+    for _ in range(args.rounds):
+        for k in KS:
+            seconds, products[k] = step_times(args, precision, teacher, base, micro[k], k)
+            times[k].append(seconds)
+    print(f"device {device} precision {precision.name} global batch {args.batch} student {args.student} "
+          f"teacher {args.teacher}; memory with {args.workers} workers x prefetch {PREFETCH}")
+    print("| K | micro-batch | similarity products / step | micro-batch MiB | in flight MiB (before: whole-step "
+          "batches) | step kept on host MiB | s / step | ratio vs K=1 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base_time = statistics.median(times[1])
+    for k in KS:
+        size = batch_bytes(micro[k])
+        median = statistics.median(times[k])
+        in_flight, before = args.workers * PREFETCH * size / 2**20, args.workers * PREFETCH * k * size / 2**20
+        print(f"| {k} | {len(micro[k]['images'])} | {products[k]} | {size / 2**20:.2f} | {in_flight:.1f} "
+              f"({before:.1f}) | {k * size / 2**20:.1f} | {median:.3f} | {median / base_time:.2f} |")
+
+if __name__ == "__main__":
+    main()
