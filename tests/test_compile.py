@@ -22,7 +22,9 @@ FP32 = resolve_precision("fp32", torch.device("cpu"))
 def _trainer(teacher, student, compile_: bool, steps: int = 2, accum: int = 2) -> Trainer:
     cfg = TrainConfig(steps=steps, batch_size=8, accum_steps=accum, lr=1e-3, progress=False, compile=compile_)
     g = torch.Generator().manual_seed(0)
-    batch = {"images": torch.randn(8, 3, 32, 32, generator=g), "texts": torch.randint(1, 400, (8, 16), generator=g)}
+    micro = 8 // accum  # the stream yields micro-batches (the loader's batch), accum of them per step
+    batch = {"images": torch.randn(micro, 3, 32, 32, generator=g),
+             "texts": torch.randint(1, 400, (micro, 16), generator=g)}
     losses = [LossTerm("affinity", 1.0, LOSSES.build({"name": "affinity", "scale": "model"}))]
     lr = SCHEDULES.build("constant", context={"base_value": cfg.lr})
     return Trainer(cfg, student, losses, lr, itertools.repeat(batch), FP32, teacher=OnlineTeacher(teacher, FP32))
