@@ -220,9 +220,9 @@ def bytes_per_sample(student_image: int, teacher_image: int | None, context_leng
 
 
 def world_size_of(cfg: Any) -> int:
-    """The data-parallel processes a run's dispatch starts: ``nodes x gpus_per_node`` (one per GPU;
-    ``gpus_per_node`` CPU processes without GPUs, one when it is 0)."""
-    return int(cfg.dispatch.nodes) * max(int(cfg.dispatch.gpus_per_node), 1)
+    """The data-parallel processes a run's dispatch starts: ``nodes x tasks_per_node`` (one task per GPU by
+    default; ``tasks_per_node`` CPU processes with ``gpus_per_node: 0``, one when it is unset)."""
+    return int(cfg.dispatch.nodes) * int(cfg.dispatch.tasks())
 
 
 def micro_batch_of(cfg: Any, world_size: int | None = None) -> int:

@@ -611,3 +611,18 @@ def test_a_run_on_a_truncated_and_a_damaged_shard_reports_the_lost_samples_in_it
         pass
     # per epoch the cut shard gives 8 good samples of its 20 (12 counted bad), the overwritten one loses >= 1
     assert row["metrics"]["data/bad_samples"] == replay.counter.bad >= 12 + 1
+
+
+def test_a_refilled_batch_is_pinned_like_the_loader_pins_its_batches(tmp_path, tokenizer, monkeypatch):
+    """On CUDA the loader pins its batches (pin_memory); a batch topped up from the reserve is a new
+    concatenation, so it is pinned too, else every step copies it from pageable memory."""
+    bad = {i for i in range(40) if i % 5 == 2}
+    data = DataConfig(train=DatasetConfig(kind="csv", path=str(_csv_with_bad(tmp_path, 40, bad)),
+                                          max_bad_fraction=0.5))
+    loader = build_train_loader(data, T.ToTensor(), tokenizer, batch_size=8, seed=3, pin_memory=False)
+    loader.loader.pin_memory = True  # as on CUDA (the DataLoader itself does not pin without a GPU)
+    pinned: list[int] = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pinned.append(id(self)) or self)
+    batches = list(itertools.islice(loader.forever(), 5))  # 8 of 40 rows bad: some batches are topped up
+    topped_up = [b for b in batches if id(b["images"]) in pinned]
+    assert topped_up and all(len(b["images"]) == 8 for b in batches)

@@ -75,6 +75,8 @@ def test_world_size_is_the_dispatch_processes():
     assert world_size_of(cfg) == 8
     cfg.dispatch.gpus_per_node = 0  # CPU: one process per node
     assert world_size_of(cfg) == 2
+    cfg.dispatch.tasks_per_node = 3  # CPU processes per node, apart from GPUs
+    assert world_size_of(cfg) == 6
 
 
 def _saved_bytes(fn) -> int:

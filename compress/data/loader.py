@@ -268,6 +268,8 @@ class CountedLoader:
                     self._reserve.append(batch)
                     return
                 batch = _concat([batch, *self._take(missing)])
+                if self.loader.pin_memory:  # the concatenation is a new, pageable tensor: pin it as the loader would
+                    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             yield {k: v for k, v in batch.items() if k not in _COUNT_KEYS}
 
     def forever(self, start_epoch: int = 0) -> Iterator[Batch]:

@@ -234,7 +234,17 @@ def test_a_requeued_job_is_queued_not_resubmitted_and_resumes_to_completion(tmp_
 
 
 def test_a_usr2_preemption_requeues_and_the_run_resumes_to_completion(tmp_path, cli):
-    """scancel --signal=USR2 (what SLURM sends before a preemption or the time limit): submitit's handler
-    requeues the job, which resumes the run from its checkpoint and completes it."""
+    """scancel --signal=USR2 (what SLURM sends before a preemption or the time limit): the run finishes its
+    step, checkpoints it and writes the interrupted row naming that step; then submitit's handler requeues
+    the job, which resumes the run from that checkpoint and completes it."""
     _, entry, folder = _signalled_mid_training(cli, tmp_path, "usr2", ["scancel", "--signal=USR2"])
+    signalled_at = logged_step(entry["run_dir"])
+    # before the requeued job restarts (about 12 s): the step in progress finished, was checkpointed and the
+    # interrupted row names it (not the periodic checkpoint every 5 steps: nothing since it is lost)
+    wait_for(lambda: (row(entry["run_dir"]) or {}).get("status") == "interrupted", 120,
+             "the interrupted row", folder, every=0.1)
+    stopped = row(entry["run_dir"])
+    assert stopped["step"] >= signalled_at, stopped
+    latest = (Path(entry["run_dir"]) / "checkpoints" / "latest").read_text().strip()
+    assert latest.endswith(f"{stopped['step']:08d}"), (latest, stopped["step"])
     _completes_after_a_restart(entry, folder)
