@@ -13,10 +13,13 @@ shard cut at a third used to lose its last two thirds with nothing counted. A sh
 only if its members end with an end-of-archive (zero) block; otherwise the samples it could not
 deliver are counted as bad (a :class:`~compress.data.robust.Lost` marker): the shard's expected
 count from the stats its writer left beside it (img2dataset's ``{shard}_stats.json``
-``"successes"``, or a ``sizes.json`` mapping shard file name -> count) minus the samples read, or
-1 when no count is known; the shard is named in the log once per process. The check costs no
-extra read: the end-of-archive block is the last header ``tarfile`` reads anyway; the stats file
-is read only for a broken shard.
+``"successes"``, or a ``sizes.json`` mapping shard file name -> count) minus the samples read;
+without stats, for a local uncompressed shard, an estimate from its size (:func:`_estimate_lost`:
+the bytes after the point where reading stopped over the mean bytes per sample read, at least 1:
+it sees a shard damaged in the middle, not a cut-off tail, which leaves no bytes behind); else 1
+("at least 1"). The shard is named in the log once per process. The check costs no extra read:
+the end-of-archive block is the last header ``tarfile`` reads anyway; the stats file is read, or
+the shard's size taken (one ``stat``), only for a broken shard.
 
 Shards are shuffled per epoch (``set_epoch``), split across distributed ranks and then
 across DataLoader workers; samples pass through a shuffle buffer in training. Each sample's
@@ -118,6 +121,30 @@ def expected_samples(url: str) -> tuple[int, str] | None:
     return None
 
 
+def _estimate_lost(url: str, stop: int, read: int) -> tuple[int, str] | None:
+    """Samples lost after byte ``stop`` (where reading stopped: a broken header) of a local uncompressed
+    shard of which ``read`` samples were read, from its size ``S`` (one ``stat``): the unread data over
+    the mean bytes per sample read, ``round((S - stop - tail) / (stop / read))``, at least 1. ``tail`` is
+    what an intact tar has after its data: the two zero end blocks (1 KiB) and, if ``S`` is a whole number
+    of tar records (10 KiB, what ``tarfile``, GNU tar and webdataset's writer pad to), half a record, the
+    mean padding. With the log's explanation; ``None`` if there is no size or no sample to measure by."""
+    path = _local_path(url)
+    if path is None or read <= 0 or stop <= 0:
+        return None
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    record = tarfile.RECORDSIZE
+    tail = 2 * tarfile.BLOCKSIZE + (record // 2 if size % record == 0 else 0)
+    per_sample = stop / read
+    lost = round(max(size - stop - tail, 0) / per_sample)
+    if lost < 1:
+        return 1, (f"at least 1: reading stopped at byte {stop} of {size}, so the shard was cut short and its "
+                   "size cannot tell how many samples were cut off")
+    return lost, f"estimated: {size - stop} bytes unread after byte {stop}, {per_sample:.0f} bytes per sample read"
+
+
 def _members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, int, bytes]]:
     """(sample key, extension, header offset, payload) of each regular member, metadata skipped."""
     for info in tar:
@@ -146,7 +173,7 @@ def shard_samples(url: str, shard: int) -> Iterator[dict[str, Any] | Lost]:
     -1 in a compressed shard), then, if the shard is truncated, damaged or unreadable, one
     :class:`Lost` for the samples it could not deliver (see the module docstring)."""
     read, current, problem = 0, None, None
-    stream = None
+    stream, tar, plain = None, None, False
     try:
         stream, tar = _open_tar(url)
         plain = getattr(tar.fileobj, "comptype", "tar") == "tar"
@@ -171,8 +198,11 @@ def shard_samples(url: str, shard: int) -> Iterator[dict[str, Any] | Lost]:
         read += 1
     if problem is not None:
         expected = expected_samples(url)
-        lost = max(expected[0] - read, 0) if expected else 1
-        known = f"{expected[0]} expected per {expected[1]}" if expected else "count unknown, 1 counted"
+        if expected is not None:
+            lost, known = max(expected[0] - read, 0), f"{expected[0]} expected per {expected[1]}"
+        else:
+            estimate = _estimate_lost(url, tar.offset, read) if tar is not None and plain else None
+            lost, known = estimate or (1, "count unknown: at least 1")
         warn_bad(url, f"truncated or damaged shard: {problem}; {read} sample(s) read, {lost} lost ({known})",
                  once=True)
         if lost:
