@@ -77,6 +77,12 @@ class Inheritance:
         (the trainer then rebuilds its optimizer), or None to go on unchanged."""
         return None
 
+    def replaces_at(self, student: nn.Module, step: int) -> bool:
+        """Whether :meth:`on_step` may return a replacement at ``step``. The trainer then learns whether the
+        step was taken before calling it (a skipped step is not followed by ``on_step``), even where it reads
+        that outcome one step late (the finite check decided on the device); True is always safe, only slower."""
+        return False
+
     def log_values(self, student: nn.Module) -> dict[str, float]:
         return {}
 

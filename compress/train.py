@@ -26,7 +26,8 @@ scale, of the parameters a loss owns (a projector) and of the strategy's (masks,
 which sums to the full-batch gradient of the towers. Without accumulation (one micro-batch),
 step (1) is the live forward itself. With several processes, the live passes run under DDP's
 ``no_sync`` but the last, which all-reduces once per step; DDP holds only the towers' weights,
-all used by every live pass (``find_unused_parameters=False``, no graph walk), and broadcasts
+all used by every live pass (``find_unused_parameters=False``, no graph walk; those of a layer pruned to
+no heads or neurons, which no pass reads, are left out), and broadcasts
 no buffers per forward (they are constants or SyncBatchNorm statistics, updated alike on every
 rank); the gradients of the parameters outside the live forward (logit scale, the losses' and
 the strategy's) are averaged over ranks in one all-reduce.
@@ -57,7 +58,9 @@ from torch import Tensor, nn
 from compress import distributed
 from compress.config import TrainConfig
 from compress.masks import one_gate_sample
+from compress.models.attention import mark_causal_mask
 from compress.models.forward import clip_forward
+from compress.models.towers import unused_parameters
 from compress.optim import build_adamw, grad_norm, weight_groups
 from compress.outputs import ClipOutput
 from compress.plugins import DistillLoss, Inheritance, Schedule
@@ -228,6 +231,9 @@ def compile_towers(student: nn.Module, backend: str = "inductor") -> list[nn.Mod
     if not towers:
         raise TrainingError(f"train.compile: the student ({type(student).__name__}) has neither a `visual` tower nor "
                             "a text transformer to compile; set train.compile: false")
+    if isinstance(candidates[1], nn.Module):  # the text tower's causal mask still reaches SDPA as is_causal
+        mask = getattr(text if text is not None else student, "attn_mask", None)
+        mark_causal_mask(candidates[1], mask if isinstance(mask, Tensor) else None)
     for module in towers:
         module.compile(backend=backend)
     return towers
@@ -391,9 +397,11 @@ class Trainer:
         uses (``find_unused_parameters=False``: no graph walk per step); the trained parameters outside
         the live forward (the logit scale, the losses' projectors, a strategy's masks and multipliers,
         ``self._outside``) are left out of DDP, broadcast from rank 0 here and their gradients averaged
-        over ranks once per step (:meth:`_reduce_outside`). Buffers are not broadcast in every forward
-        (``broadcast_buffers=False``): the student's buffers are constants (attention masks, mask
-        indices) or SyncBatchNorm statistics, which every rank updates with the same global statistics."""
+        over ranks once per step (:meth:`_reduce_outside`); so are the parameters no live pass reads
+        (:func:`~compress.models.towers.unused_parameters`: a layer pruned to no heads or no neurons).
+        Buffers are not broadcast in every forward (``broadcast_buffers=False``): the student's buffers are
+        constants (attention masks, mask indices) or SyncBatchNorm statistics, which every rank updates with
+        the same global statistics."""
         self._outside: list[nn.Parameter] = []
         if distributed.world_size() > 1:
             self._sync_batch_norm()
@@ -408,9 +416,13 @@ class Trainer:
         outside = self.inheritance.owned_parameters(self.student)
         if isinstance(scale, Tensor):
             outside.add(id(scale))
+        # parameters no live pass reads (a layer pruned to no heads or neurons): DDP would wait for their
+        # gradients forever; they get none, those with values are broadcast and reduced with the others outside
+        outside |= {id(p) for p in unused_parameters(self.student)}
         ignored = [name for name, p in self.live.named_parameters() if id(p) in outside or id(p) not in trained]
         in_student = {id(p) for p in self.student.parameters()}
-        self._outside = [p for p in self.trained_parameters() if id(p) in outside or id(p) not in in_student]
+        self._outside = [p for p in self.trained_parameters()
+                         if (id(p) in outside or id(p) not in in_student) and p.numel()]
         distributed.broadcast_from_main([p.data for p in self._outside])
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.live, ignored)
         self.model = DistributedDataParallel(self.live, find_unused_parameters=False, broadcast_buffers=False)
@@ -700,9 +712,11 @@ class Trainer:
             is_last = step + 1 == cfg.steps
             is_log = (step + 1) % cfg.log_every == 0 or is_last or step == 0
             checkpoint_now = is_last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
-            # a flag decided on the device is read one step later (or now, at a log or checkpoint step)
+            # a flag decided on the device is read one step later (or now, at a log or checkpoint step, or
+            # before the strategy may replace the student: a skipped step must not prune, as on the host path)
             self._pending.append((step, result, batch_size))
-            window_samples += self._settle(keep=0 if result.known or is_log or checkpoint_now else 1)
+            replaces = self.inheritance.replaces_at(self.student, step + 1)
+            window_samples += self._settle(keep=0 if result.known or is_log or checkpoint_now or replaces else 1)
             # not known to be skipped: taken, or (deferred) not read yet; a skipped step changed nothing,
             # so the strategy then sees the last taken step's state (auto inheritance: its clamp is a no-op)
             if not (result.known and result.nonfinite):

@@ -13,6 +13,7 @@ import torch
 import strategies.losses.affinity as affinity_module
 import strategies.losses.clip as clip_module
 from compress.config import TrainConfig
+from compress.masks import get_masks
 from compress.models import load_model
 from compress.models.forward import clip_forward
 from compress.registry import LOSSES, SCHEDULES
@@ -124,12 +125,16 @@ def test_batch_norm_statistics_move_once_per_micro_batch():
         torch.testing.assert_close(norm.running_var, expected[name].running_var, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["vit", "masked", "resnet"])
+@pytest.mark.parametrize("kind", ["vit", "masked", "resnet", "pruned", "pruned-masked"])
 def test_every_parameter_ddp_holds_is_used_by_a_live_pass(models, kind):
     """What makes ``find_unused_parameters=False`` right: one live pass (features and embeddings) reaches
-    every trained student parameter except the logit scale and a strategy's own (masks, multipliers),
-    which the trainer keeps out of DDP and reduces itself."""
+    every trained student parameter except the logit scale, a strategy's own (masks, multipliers) and those
+    no forward reads (a layer pruned to no heads or neurons: ``unused_parameters``), which the trainer keeps
+    out of DDP; and none of the latter gets a gradient that would then not be averaged."""
+    from compress.masks import attach_masks
+    from compress.models.towers import unused_parameters
     from compress.registry import INHERITANCE
+    from tests.test_ddp import pruned_student
 
     teacher, student = models
     strategy = INHERITANCE.build({"name": "none"})
@@ -138,15 +143,28 @@ def test_every_parameter_ddp_holds_is_used_by_a_live_pass(models, kind):
         student = strategy.inherit(None, teacher)
     elif kind == "resnet":
         student = load_model("cc-test-rn-student")
+    elif kind.startswith("pruned"):
+        student = pruned_student()
+        if kind == "pruned-masked":  # auto inheritance on a stage whose source lost whole layers' heads
+            attach_masks(student)
     student = copy.deepcopy(student).train()
     size = 64 if kind == "resnet" else 32
     live = LiveForward(student, ("image_embeds", "text_embeds"))
     outputs = live(torch.randn(4, 3, size, size), torch.randint(1, 400, (4, 16)))
     assert len(outputs) == len(FEATURES)
     sum(o.float().sum() for o in outputs if o is not None).backward()
+    masks = get_masks(student)
     outside = strategy.owned_parameters(student) | {id(student.logit_scale)}
-    unused = [n for n, p in student.named_parameters() if p.requires_grad and id(p) not in outside and p.grad is None]
+    outside |= {id(p) for p in masks.mask_parameters()} if masks is not None else set()
+    unread = {id(p) for p in unused_parameters(student)}
+    unused = [n for n, p in student.named_parameters()
+              if p.requires_grad and id(p) not in outside | unread and p.grad is None]
     assert unused == []
+    read = [n for n, p in student.named_parameters() if id(p) in unread and p.grad is not None and p.numel()]
+    assert read == []
+    if kind.startswith("pruned"):  # layer 0 of each tower has no heads: its ln_1 is read by nothing
+        names = {n for n, p in student.named_parameters() if id(p) in unread and p.numel()}
+        assert names == {f"{t}transformer.resblocks.0.ln_1.{w}" for t in ("visual.", "") for w in ("weight", "bias")}
 
 
 @pytest.mark.parametrize(("accum", "micro"), [(1, 16), (4, 4)])

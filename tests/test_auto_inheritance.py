@@ -80,7 +80,9 @@ def test_short_run_reaches_target_then_prunes_and_trains_on(teacher: nn.Module) 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        replaces = strategy.replaces_at(student, step + 1)  # what the trainer asks before on_step
         replacement = strategy.on_step(student, step + 1)
+        assert replaces is (replacement is not None)
         if replacement is not None:
             assert pruned_at is None
             pruned_at, student = step + 1, replacement.train()

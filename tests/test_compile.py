@@ -70,3 +70,33 @@ def test_a_masked_student_runs_eagerly_until_pruned(caplog):
     trainer = _trainer(teacher, student, True, steps=1, accum=1)
     assert trainer.student.visual._compiled_call_impl is None
     assert "runs eagerly until it is pruned" in caplog.text
+
+
+def test_the_compiled_text_tower_still_gives_sdpa_is_causal():
+    """Compiled, the attention cannot look at the mask's values (``is_causal_mask`` answers False while
+    compiling); ``compile_towers`` looks at the text tower's mask once before, so the compiled graph calls SDPA
+    with ``is_causal=True`` and no mask tensor (flash kernels allowed), and equals the eager tower."""
+    import torch.nn.functional as F
+
+    from compress.train import compile_towers
+
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    eager = load_model("cc-test-student").eval()
+    compiled = copy.deepcopy(eager)
+    compile_towers(compiled, backend=recording)
+    tokens = torch.randint(1, 400, (2, eager.context_length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = compiled.encode_text(tokens)
+        expected = eager.encode_text(tokens)
+    sdpa = [n for g in graphs for n in g.graph.nodes
+            if n.op == "call_function" and n.target is F.scaled_dot_product_attention]
+    assert len(sdpa) == len(eager.transformer.resblocks)
+    assert all(n.kwargs.get("is_causal") is True and n.kwargs.get("attn_mask") is None for n in sdpa), [
+        n.kwargs for n in sdpa]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

@@ -387,3 +387,82 @@ def test_the_trainer_draws_each_steps_gates_from_the_step_generator(tmp_path, mo
                             "output": {"dir": str(tmp_path)}})
     assert run_experiment(cfg)["status"] == "completed"
     assert drawn == [gate_generator(5, step).initial_seed() for step in (0, 1)]
+
+
+def pruned_student() -> torch.nn.Module:
+    """cc-test-student pruned as auto inheritance can leave it: layers without heads (vision 0, text 0: their
+    qkv and out weights have no elements and nothing reads their ln_1) and MLPs without neurons."""
+    from compress.models import load_model
+    from compress.models.structure import TowerKeep, prune_model
+
+    torch.manual_seed(0)
+    none, r = torch.empty(0, dtype=torch.long), torch.arange
+    keep = {"vision": TowerKeep(r(48), [none, r(3), r(2), r(3)], [r(192), none, r(100), r(192)]),
+            "text": TowerKeep(r(64), [none, r(4)], [r(256), none])}
+    return prune_model(load_model("cc-test-student"), keep)
+
+
+def pruned_batches(ranks: int, rank: int, steps: int, accum: int) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches of ``rank`` of ``ranks``: each step's 16 samples, split over ranks, then micro-batches."""
+    from tests.test_train import make_batch
+
+    size = 16 // (ranks * accum)
+    out = []
+    for step in range(steps):
+        batch = make_batch(16, seed=step)
+        for j in range(accum):
+            start = (rank * accum + j) * size
+            out.append({k: v[start:start + size] for k, v in batch.items()})
+    return out
+
+
+def pruned_worker(rank: int, port: int, out: str) -> None:
+    """One of two gloo processes training the pruned student (accumulation: no_sync passes, then the synced one)."""
+    import os
+
+    from compress.models import load_model
+    from tests.test_train import make_trainer
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "HF_HUB_OFFLINE": "1"})
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        teacher = load_model("cc-test-teacher")
+        trainer = make_trainer(teacher, pruned_student(), accum=2, steps=2, eps=1e-3,
+                               batches=iter(pruned_batches(WORLD, rank, 2, 2)))
+        trainer.fit()
+        if rank == 0:
+            torch.save(trainer.student.state_dict(), out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_student_pruned_to_layers_without_heads_trains_on_two_processes_as_on_one(tmp_path):
+    """Parameters no live pass reads (a layer without heads: its empty qkv and out weights, its ln_1) are left
+    out of DDP; with them in, DDP (find_unused_parameters=False) waited for their gradients and the step after
+    raised "Expected to have finished reduction in the prior iteration". Two processes equal one."""
+    from compress.models import load_model
+    from tests.test_train import make_trainer
+
+    out = tmp_path / "two.pt"
+    mp.spawn(pruned_worker, args=(free_ports(1)[0], str(out)), nprocs=WORLD)
+    torch.manual_seed(0)
+    teacher = load_model("cc-test-teacher")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = make_trainer(teacher, pruned_student(), accum=2, steps=2, eps=1e-3,
+                           batches=iter(pruned_batches(1, 0, 2, 2)))
+        one.fit()
+    finally:
+        torch.set_num_threads(threads)
+    two = torch.load(out, weights_only=True)
+    start = pruned_student().state_dict()
+    assert not torch.equal(start["visual.transformer.resblocks.1.attn.in_proj_weight"],
+                           two["visual.transformer.resblocks.1.attn.in_proj_weight"])  # it trained
+    assert torch.equal(start["visual.transformer.resblocks.0.ln_1.weight"],
+                       two["visual.transformer.resblocks.0.ln_1.weight"])  # read by nothing: no gradient, unchanged
+    for key, value in one.student.state_dict().items():
+        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -443,3 +443,21 @@ def test_deferred_finite_check_aborts_after_too_many_in_a_row(models, deferred):
         trainer.fit()
     after = trainer.student.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_a_skipped_step_at_prune_step_prunes_one_step_later_on_both_paths(models, monkeypatch, defer):
+    """Auto inheritance prunes after the first taken step from prune_step on. A step skipped there (non-finite)
+    is not followed by on_step: with the outcome read on the host at once, and with the finite check decided
+    on the device, where the trainer reads the flag at once when the strategy says it may replace the student
+    (``replaces_at``); it used to prune after the skipped step there, one step before the host path."""
+    monkeypatch.setattr(Trainer, "defer_finite_check", defer)
+    teacher, _ = models
+    auto = INHERITANCE.build({"name": "auto", "target_sparsity": 0.3, "prune_step": 2, "ramp_steps": 1})
+    student = auto.inherit(None, copy.deepcopy(teacher))
+    trainer = make_trainer(teacher, student, steps=4, inheritance=auto, log_every=100,
+                           losses=[LossTerm("affinity", 1.0, Scripted({1}, "nan_grad"))])
+    assert trainer._defers() is defer
+    summary = trainer.fit()
+    assert summary.nonfinite_steps == 1
+    assert summary.replaced_at == [3]  # step index 1 (ending at 2 = prune_step) was skipped; the next prunes

@@ -21,6 +21,9 @@ from torch import Tensor, nn
 class HeadAttention(nn.Module):
     """Self-attention ``out_proj(concat_h softmax(q_h k_h^T / sqrt(d_h)) v_h)`` (Vaswani et al.)."""
 
+    #: set by :func:`mark_causal_mask`: the [L, L] ``attn_mask`` this module is given is the causal one
+    causal_mask: bool = False
+
     def __init__(
         self,
         embed_dim: int,
@@ -74,7 +77,7 @@ class HeadAttention(nn.Module):
             # a new tensor, not a view of the parameter: under no_grad such a view still says
             # requires_grad (without a grad_fn), which trips autograd hooks (FLOP counting)
             out = x.new_zeros(x.shape) + bias.to(x.dtype)
-        elif key_padding_mask is None and (attn_mask is None and is_causal or is_causal_mask(attn_mask, x.shape[1])):
+        elif key_padding_mask is None and (attn_mask is None and is_causal or self._causal(attn_mask, x.shape[1])):
             out = self._attend(x, None, causal=True)  # SDPA's is_causal: flash / memory-efficient kernels allowed
         else:
             mask = self._merge_masks(x, attn_mask, key_padding_mask, is_causal)
@@ -82,6 +85,13 @@ class HeadAttention(nn.Module):
         if unbatched:
             return out.squeeze(0), None
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def _causal(self, mask: Tensor | None, n: int) -> bool:
+        """Whether ``mask`` is the causal mask of length ``n``: known without a look at its values where
+        :func:`mark_causal_mask` found the tower's mask causal (under ``torch.compile`` no look is taken)."""
+        if self.causal_mask and mask is not None and mask.dim() == 2 and tuple(mask.shape) == (n, n):
+            return True
+        return is_causal_mask(mask, n)
 
     def _attend(self, x: Tensor, mask: Tensor | None, causal: bool = False) -> Tensor:
         """``out_proj(concat_h softmax(q_h k_h^T / sqrt(d_h) + mask) v_h)``; x is [N, L, D]; ``causal``:
@@ -164,6 +174,18 @@ def is_causal_mask(mask: Tensor | None, n: int) -> bool:
     for key in [k for k, (ref, _, _) in _CAUSAL_MEMO.items() if ref() is None]:
         del _CAUSAL_MEMO[key]
     _CAUSAL_MEMO[id(mask)] = (weakref.ref(mask), mask._version, causal)
+    return causal
+
+
+def mark_causal_mask(transformer: nn.Module, mask: Tensor | None) -> bool:
+    """Tell the :class:`HeadAttention` modules of ``transformer`` whether the [L, L] mask they are given
+    (``mask``, the tower's buffer, or its top-left corner) is the causal one, looked at here once: compiled,
+    they cannot look at it (:func:`is_causal_mask`) and would hand SDPA the tensor instead of ``is_causal``.
+    Returns whether it is causal."""
+    causal = mask is not None and mask.dim() == 2 and is_causal_mask(mask, mask.shape[0])
+    for module in transformer.modules():
+        if isinstance(module, HeadAttention):
+            module.causal_mask = causal
     return causal
 
 

@@ -164,6 +164,19 @@ def get_tower(model: nn.Module, name: str) -> Tower:
     raise ValueError(f"unknown tower {name!r}; known: {', '.join(TOWERS)}")
 
 
+def unused_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters no forward of ``model`` reads (a data-parallel wrapper that expects a gradient for every
+    parameter it holds must leave them out): every zero-element tensor (the weights of a layer pruned to no
+    heads, or to no MLP neurons), and the pre-attention LayerNorm of an open_clip block whose attention has no
+    heads (:class:`HeadAttention` then adds its ``out_proj`` bias alone, whatever its input)."""
+    found = {id(p): p for p in model.parameters() if p.numel() == 0}
+    for block in model.modules():
+        attn = getattr(block, "attn", None)
+        if isinstance(block, ResidualAttentionBlock) and isinstance(attn, HeadAttention) and not attn.num_heads:
+            found.update({id(p): p for p in block.ln_1.parameters()})
+    return list(found.values())
+
+
 def resolve_towers(towers: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """``"both"`` / ``"vision"`` / ``"text"`` (or a list of them) -> a tuple of tower names."""
     if isinstance(towers, str):

@@ -176,6 +176,10 @@ class AutoInheritance(Inheritance):
         logger.info("auto inheritance: pruned at step %d: %s", step, _summary(pruned.clip_structure))
         return pruned
 
+    def replaces_at(self, student: nn.Module, step: int) -> bool:
+        """:meth:`on_step` prunes at the first step from ``prune_step`` on, while the masks are attached."""
+        return step >= self.prune_step and get_masks(student) is not None
+
     @torch.no_grad()
     def log_values(self, student: nn.Module) -> dict[str, float]:
         masks = get_masks(student)
