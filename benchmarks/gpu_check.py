@@ -10,23 +10,37 @@ PART:
   Tolerance: every step's objective within 2% (relative) and its gradient norm within 5%, and the
   cosine between the two runs' total weight updates >= 0.9 (Adam's first updates are nearly sign(g)
   lr, so weights with tiny gradients may flip in bf16: the cosine, not an element-wise bound).
-- ``speed``: the time of a Trainer step against a hand loop that mirrors open_clip_train's
-  ``train_one_epoch`` with ``--distill-model`` (open_clip's models with ``output_dict``, ``DistillClipLoss``
-  from ``open_clip.loss``, AdamW with open_clip's decay groups, bf16 autocast, the logit-scale clamp):
-  same models, batch 256, same optimizer hyper-parameters, 3 warm-up and 10 timed steps; our objective
-  is affinity + clip (the same two terms as ``DistillClipLoss``). PASS when ours / open_clip <= 1.15.
-- ``memory``: the peak device memory (``torch.cuda.max_memory_allocated``) of one step at the recipe's
-  micro-batch (256, ViT-B/32 teacher -> TinyCLIP-ViT-61M-32-Text-29M, bf16, gradient checkpointing as in
-  the recipe, affinity at scale 50) against ``compress.memory.estimate_device_memory`` when that module
-  exists (PASS when the measured peak is within 25% of the estimate), else ``estimate: not available``.
+- ``speed``: the time of a Trainer step against open_clip_train's own ``train_one_epoch``
+  (``open_clip_train.train``, installed with open_clip_torch 3.x), called as its ``main`` would with
+  ``--distill-model``: the frozen teacher as ``dist_model``, the loss from ``open_clip.create_loss(args)``
+  (``DistillClipLoss``), AdamW with open_clip_train's decay groups, ``const_lr``, no grad scaler (bf16),
+  ``--grad-clip-norm 5``, fed an in-memory epoch (``DataInfo`` over a loader of ``(images, texts)`` with
+  ``num_batches`` / ``num_samples``); same models, micro-batch 256, optimizer hyper-parameters and precision
+  (bf16 autocast) as ours, 3 warm-up steps (one call) and 10 timed steps (one call: its logging at an epoch's
+  first and last step is part of it). Our objective is affinity + clip (the two terms of ``DistillClipLoss``).
+  K = 1: one line. K = 4 (``--accum-freq 4`` = our ``train.accum_steps 4``, micro-batch 256, 5 timed
+  steps): open_clip_train 3.x cannot distill under accumulation (``main.py`` asserts ``accum_freq == 1``
+  with a distill model; the accumulation branch never calls ``dist_model``, so ``DistillClipLoss`` misses
+  its ``dist_*`` arguments). The part tries one such step; while it fails, the K = 4 line times its
+  feature-caching accumulation with ``ClipLoss`` against our Trainer with the clip loss alone, no teacher
+  on either side (the line quotes the error). PASS when ours / open_clip <= 1.15, on each line. Where
+  open_clip_train cannot be imported, K = 1 falls back to a hand loop mirroring ``train_one_epoch`` (the
+  line says so) and K = 4 is SKIP.
+- ``memory``: the peak device memory (``torch.cuda.max_memory_allocated``) of one step (the optimizer's
+  moments already allocated) at the recipe's micro-batch (256, ViT-B/32 teacher -> TinyCLIP-ViT-61M-32-Text-29M,
+  bf16, gradient checkpointing as in the recipe, affinity at scale 50), at K = 1 and at K = 4 micro-batches
+  (global batch 1024: the gradient cache's features and the similarity matrices of the whole step), each
+  against ``compress.memory.estimate_device_memory`` for that K (PASS when the measured peak is within 25% of
+  the estimate; ``estimate: not available`` where the module is missing).
 - ``ddp``: two processes over NCCL (1 GPU each, half the batch each) against one process with the whole
   batch, fp32 without TF32, Adam eps 1e-4, 3 steps: the final weights within 1e-5 (the attention key biases,
   whose true gradient is 0, within lr x steps; see tests/test_ddp.py). Needs 2 GPUs.
 - ``syncbn``: the same with a ResNet student (BatchNorm -> SyncBatchNorm). Needs 2 GPUs.
 
 ``--cpu-smoke`` runs every part's code on the CPU with the cc-test models and a small batch (bf16 on the
-CPU's autocast, the two-process part over gloo), so that the script is known to run before a GPU is
-lent: its timing and memory lines are ``INFO``, not judged.
+CPU's autocast, the two-process part over gloo; the speed part in fp32 through the same
+``train_one_epoch`` calls, K = 1 and 4), so that the script is known to run before a GPU is lent: its
+timing and memory lines are ``INFO``, not judged.
 """
 
 from __future__ import annotations
@@ -117,17 +131,19 @@ def models(setup: Setup, teacher: str | None = None, student: str | None = None,
 
 
 def trainer(setup: Setup, teacher, student, precision: Precision, steps: int, batch: dict, losses=None,
-            on_log=None, **train: Any) -> Trainer:
-    n = len(batch["images"])
+            on_log=None, accum_steps: int = 1, world: int = 1, **train: Any) -> Trainer:
+    """A Trainer on ``batch`` repeated, one micro-batch of ``accum_steps`` on each of ``world`` processes
+    (``train.batch_size`` = micro-batch x ``accum_steps`` x ``world``); ``teacher`` None: no teacher."""
+    n = len(batch["images"]) * world
     options = {"log_every": 1, "checkpoint_every": 0, **train}
-    cfg = TrainConfig(steps=steps, batch_size=n, accum_steps=1, lr=1e-4, progress=False, precision=precision.name,
-                      **options)
+    cfg = TrainConfig(steps=steps, batch_size=n * accum_steps, accum_steps=accum_steps, lr=1e-4, progress=False,
+                      precision=precision.name, **options)
     losses = losses or [LossTerm("affinity", 1.0, LOSSES.build({"name": "affinity", "scale": 50.0}))]
     for term in losses:
         term.module.to(setup.device)
     lr = SCHEDULES.build("constant", context={"base_value": cfg.lr})
     return Trainer(cfg, student.to(setup.device), losses, lr, itertools.repeat(batch), precision,
-                   teacher=OnlineTeacher(teacher, precision), on_log=on_log)
+                   teacher=None if teacher is None else OnlineTeacher(teacher, precision), on_log=on_log)
 
 
 def _flat(model: torch.nn.Module) -> torch.Tensor:
@@ -157,23 +173,91 @@ def part_bf16(setup: Setup) -> bool:
     return ok
 
 
-# -- (b) step time against open_clip's distillation loop -------------------------------------------------
-def open_clip_loop(setup: Setup, teacher, student, batch: dict, steps: int) -> float:
-    """Seconds per step of open_clip_train's ``train_one_epoch`` with a distillation model (accum_freq 1,
-    amp_bf16): zero_grad, autocast forward of the student and (no_grad) of the teacher, DistillClipLoss,
-    backward, AdamW step, logit-scale clamp. Mirrored, since open_clip_train is not installed."""
+# -- (b) step time against open_clip_train's own loop ----------------------------------------------------
+SPEED_ACCUM = 4  # K of the accumulated comparison: our train.accum_steps = open_clip_train's --accum-freq
+
+
+class _Loader:
+    """The in-memory stand-in of open_clip_train's data loader: iterates ``(images, texts)`` batches and
+    carries the ``num_batches`` / ``num_samples`` that ``train_one_epoch`` reads."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches = batches
+        self.num_batches = len(batches)
+        self.num_samples = sum(len(images) for images, _ in batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def open_clip_args(setup: Setup, precision: str, micro: int, accum: int, distill: bool) -> argparse.Namespace:
+    """The fields of open_clip_train's parsed arguments that ``train_one_epoch`` and ``create_loss`` read
+    (one process, no wandb / tensorboard / horovod; logging every 10**9 steps, i.e. at an epoch's first
+    and last step only, as open_clip_train always does)."""
+    return argparse.Namespace(
+        device=str(setup.device), precision=precision, accum_freq=accum, distill=distill, skip_scheduler=False,
+        horovod=False, grad_clip_norm=5.0, log_every_n_steps=10**9, batch_size=micro, world_size=1, rank=0,
+        local_rank=0, wandb=False, save_logs=False, local_loss=False, gather_with_grad=False, model=setup.student,
+        siglip=False, distill_model=setup.teacher if distill else None)
+
+
+def open_clip_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """open_clip_train's AdamW: no weight decay on gains, biases and the logit scale (main.py's ``exclude``);
+    the hyper-parameters are our TrainConfig's defaults (lr 1e-4, betas (0.9, 0.98), eps 1e-6, decay 0.2)."""
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+         {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.2}],
+        lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
+
+
+def open_clip_train_time(setup: Setup, student, teacher, micro: list[dict], steps: int, precision: str,
+                         warmup: int = 3) -> float:
+    """Seconds per optimizer step of open_clip_train's real ``train_one_epoch`` (``open_clip_train.train``):
+    with ``teacher`` as ``dist_model`` (``--distill-model``: ``DistillClipLoss`` from ``create_loss(args)``),
+    else the contrastive ``ClipLoss``; ``micro`` is one step's micro-batches (``len(micro)`` =
+    ``--accum-freq``), fed as an in-memory epoch of ``warmup`` (one call) then ``steps`` (timed call) steps."""
+    from open_clip import create_loss
+    from open_clip_train.data import DataInfo
+    from open_clip_train.scheduler import const_lr
+    from open_clip_train.train import train_one_epoch
+
+    accum = len(micro)
+    args = open_clip_args(setup, precision, len(micro[0]["images"]), accum, teacher is not None)
+    model = student.to(setup.device)
+    model.output_dict = True
+    if teacher is not None:
+        teacher = teacher.to(setup.device)
+        teacher.output_dict = True
+    optimizer = open_clip_optimizer(model)
+    scheduler = const_lr(optimizer, 1e-4, 0, warmup + steps)
+    loss = create_loss(args)
+    batches = [(m["images"], m["texts"]) for m in micro]
+
+    def epoch(n: int, index: int) -> None:
+        data = {"train": DataInfo(_Loader(batches * n))}
+        train_one_epoch(model, data, loss, index, optimizer, None, scheduler, teacher, args)
+
+    epoch(warmup, 0)
+    setup.sync()
+    start = time.perf_counter()
+    epoch(steps, 1)
+    setup.sync()
+    return (time.perf_counter() - start) / steps
+
+
+def open_clip_mirror_time(setup: Setup, student, teacher, batch: dict, steps: int, precision: str) -> float:
+    """Seconds per step of a hand loop that mirrors ``train_one_epoch`` with ``--distill-model`` (accum_freq
+    1): zero_grad, autocast forward of the student and (no_grad) of the teacher, DistillClipLoss, backward,
+    AdamW step, logit-scale clamp. The fallback where open_clip_train cannot be imported."""
     from open_clip.loss import DistillClipLoss
 
     model, dist_model = student.to(setup.device).train(), teacher.to(setup.device).eval()
     model.output_dict = dist_model.output_dict = True
-    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-         {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.2}],
-        lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = open_clip_optimizer(model)
     loss = DistillClipLoss(local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1)
-    autocast = setup.precision("bf16").autocast
+    autocast = setup.precision(precision).autocast
 
     def step() -> None:
         optimizer.zero_grad()
@@ -193,6 +277,19 @@ def open_clip_loop(setup: Setup, teacher, student, batch: dict, steps: int) -> f
     return _timed(setup, step, steps)
 
 
+def open_clip_distills_under_accumulation(setup: Setup, student, teacher, micro: list[dict], precision: str
+                                          ) -> str | None:
+    """None when open_clip_train's ``train_one_epoch`` runs one step with ``--distill-model`` at
+    ``--accum-freq`` ``len(micro)``, else why not. (open_clip 3.x: main.py asserts ``accum_freq == 1`` under
+    distillation, and the accumulation branch never calls ``dist_model``, so ``DistillClipLoss`` lacks its
+    ``dist_*`` arguments.)"""
+    try:
+        open_clip_train_time(setup, copy.deepcopy(student), teacher, micro, 1, precision, warmup=0)
+    except TypeError as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def _timed(setup: Setup, step, steps: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         step()
@@ -204,32 +301,84 @@ def _timed(setup: Setup, step, steps: int, warmup: int = 3) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def part_speed(setup: Setup) -> bool:
-    steps = 10 if not setup.smoke else 2
-    batch = setup.data(256 if not setup.smoke else None)
-    teacher, student = models(setup, convert=False)
-    theirs = open_clip_loop(setup, teacher, copy.deepcopy(student), batch, steps)
-    del teacher
-    teacher, student = models(setup)
-    losses = [LossTerm("affinity", 1.0, LOSSES.build({"name": "affinity", "scale": "model"})),
-              LossTerm("clip", 1.0, LOSSES.build("clip"))]
-    t = trainer(setup, teacher, student, setup.precision("bf16"), 10**9, batch, losses=losses, log_every=10**9,
-                grad_clip=5.0)
+def our_time(setup: Setup, teacher, student, micro: list[dict], steps: int, precision: str, warmup: int = 3
+             ) -> float:
+    """Seconds per optimizer step of our Trainer's ``train_step`` on one step's micro-batches
+    (``train.accum_steps = len(micro)``): affinity + clip with ``teacher`` (the two terms of
+    ``DistillClipLoss``), the clip loss alone without."""
+    losses = [LossTerm("clip", 1.0, LOSSES.build("clip"))]
+    if teacher is not None:
+        losses.insert(0, LossTerm("affinity", 1.0, LOSSES.build({"name": "affinity", "scale": "model"})))
+    t = trainer(setup, teacher, student, setup.precision(precision), 10**9, micro[0], losses=losses,
+                log_every=10**9, grad_clip=5.0, accum_steps=len(micro))
     counter = itertools.count()
-    ours = _timed(setup, lambda: t.train_step(batch, next(counter)), steps)
+    return _timed(setup, lambda: t.train_step(micro, next(counter)), steps, warmup)
+
+
+def _speed_line(setup: Setup, label: str, ours: float, theirs: float, what: str) -> bool:
     ratio = ours / theirs
     ok = ratio <= SPEED_RATIO_MAX
     status = "INFO" if setup.smoke else "PASS" if ok else "FAIL"
-    line(status, "step time vs open_clip distill loop",
-         f"ours {ours * 1e3:.1f} ms, open_clip {theirs * 1e3:.1f} ms per step (batch {len(batch['images'])}, "
-         f"bf16): ratio {ratio:.3f} (max {SPEED_RATIO_MAX})")
+    line(status, label, f"ours {ours * 1e3:.1f} ms, theirs {theirs * 1e3:.1f} ms per step: ratio {ratio:.3f} "
+                        f"(max {SPEED_RATIO_MAX}); theirs: {what}")
     return ok or setup.smoke
 
 
+def part_speed(setup: Setup) -> bool:
+    """K = 1: our Trainer (affinity + clip, teacher) against open_clip_train's ``train_one_epoch`` with
+    ``--distill-model``; K = SPEED_ACCUM at the same micro-batch: against ``--accum-freq K`` (contrastive
+    only on both sides where open_clip_train cannot distill under accumulation)."""
+    steps, accum_steps = (10, 5) if not setup.smoke else (2, 1)
+    precision, theirs_precision = ("fp32", "fp32") if setup.smoke else ("bf16", "amp_bf16")
+    size = 256 if not setup.smoke else None
+    batch = setup.data(size)
+    micro = [setup.data(size, seed=j) for j in range(SPEED_ACCUM)]
+    where = f"micro-batch {len(batch['images'])}, {precision}"
+    try:
+        import open_clip_train.train  # noqa: F401
+        real = True
+    except ImportError as error:
+        real, missing = False, f"{type(error).__name__}: {error}"
+    oc_teacher, oc_student = models(setup, convert=False)
+    if real:
+        theirs = open_clip_train_time(setup, copy.deepcopy(oc_student), oc_teacher, [batch], steps, theirs_precision)
+        label, what = "step time vs open_clip_train distill K=1", "open_clip_train.train_one_epoch"
+    else:
+        theirs = open_clip_mirror_time(setup, copy.deepcopy(oc_student), oc_teacher, batch, steps, precision)
+        label = "step time vs open_clip distill mirror K=1"
+        what = f"a mirror of train_one_epoch (open_clip_train not importable: {missing})"
+    teacher, student = models(setup)
+    ours = our_time(setup, teacher, copy.deepcopy(student), [batch], steps, precision)
+    ok = _speed_line(setup, label, ours, theirs, f"{what} with --distill-model, {where}")
+    k = f"K={SPEED_ACCUM}"
+    if not real:
+        line("SKIP", f"step time vs open_clip_train {k}",
+             "open_clip_train not importable; the mirror covers K=1 only")
+        return ok
+    why = open_clip_distills_under_accumulation(setup, oc_student, oc_teacher, micro, theirs_precision)
+    if why is None:  # a later open_clip_train that distills under --accum-freq
+        theirs = open_clip_train_time(setup, copy.deepcopy(oc_student), oc_teacher, micro, accum_steps,
+                                      theirs_precision)
+        ours = our_time(setup, teacher, copy.deepcopy(student), micro, accum_steps, precision)
+        return _speed_line(setup, f"step time vs open_clip_train distill {k}", ours, theirs,
+                           f"open_clip_train.train_one_epoch with --distill-model --accum-freq {SPEED_ACCUM}, "
+                           f"{where}; ours: train.accum_steps {SPEED_ACCUM}") and ok
+    del oc_teacher, teacher
+    theirs = open_clip_train_time(setup, copy.deepcopy(oc_student), None, micro, accum_steps, theirs_precision)
+    ours = our_time(setup, None, copy.deepcopy(student), micro, accum_steps, precision)
+    return _speed_line(setup, f"step time vs open_clip_train contrastive {k}", ours, theirs,
+                       f"open_clip_train.train_one_epoch with --accum-freq {SPEED_ACCUM} and ClipLoss, {where}; ours: "
+                       f"train.accum_steps {SPEED_ACCUM}, clip loss, no teacher on either side (open_clip_train has "
+                       f"no --distill-model under --accum-freq > 1: {why.splitlines()[0]})") and ok
+
+
 # -- (c) peak memory against the dry-run estimate --------------------------------------------------------
-def memory_estimate(teacher, student, batch: int) -> tuple[float | None, str]:
-    """``compress.memory.estimate_device_memory`` for one step at ``batch`` (accum 1, bf16, gradient
-    checkpointing, affinity at scale 50), or (None, why) when it is not there."""
+MEMORY_ACCUM = 4  # K of the accumulated measurement, at the same micro-batch
+
+
+def memory_estimate(teacher, student, micro: int, accum: int) -> tuple[float | None, str]:
+    """``compress.memory.estimate_device_memory`` for one step of ``accum`` micro-batches of ``micro`` (bf16,
+    gradient checkpointing, affinity at scale 50), or (None, why) when it is not there."""
     try:
         from compress.config.parsing import config_from_dict
         from compress.memory import estimate_device_memory
@@ -238,7 +387,7 @@ def memory_estimate(teacher, student, batch: int) -> tuple[float | None, str]:
     cfg = config_from_dict({
         "name": "gpu-check", "teacher": {"model": TEACHER, "random_init": True}, "student": {"model": STUDENT},
         "losses": [{"name": "affinity", "weight": 1.0, "scale": 50}],
-        "train": {"batch_size": batch, "accum_steps": 1, "precision": "bf16", "grad_checkpointing": True},
+        "train": {"batch_size": micro * accum, "accum_steps": accum, "precision": "bf16", "grad_checkpointing": True},
     })
     estimate = estimate_device_memory(cfg, student, teacher, world_size=1, precision="bf16")
     parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in estimate.parts().items())
@@ -246,27 +395,38 @@ def memory_estimate(teacher, student, batch: int) -> tuple[float | None, str]:
 
 
 def part_memory(setup: Setup) -> bool:
-    batch = setup.data(256 if not setup.smoke else None)
+    """The peak of one step (the optimizer's moments already there) at K = 1 and at K = MEMORY_ACCUM
+    micro-batches of the same size, each against the estimate for that K."""
+    size = 256 if not setup.smoke else None
     teacher, student = models(setup)
-    estimate, text = memory_estimate(teacher, student, len(batch["images"]))
-    if setup.smoke:
-        line("INFO", "peak memory vs estimate", f"CPU smoke, no device peak; {text}")
-        return True
-    t = trainer(setup, teacher, student, setup.precision("bf16"), 2, batch, grad_checkpointing=True)
-    t.train_step(batch, 0)  # the optimizer's moments exist from here on
-    setup.sync()
-    torch.cuda.reset_peak_memory_stats()
-    t.train_step(batch, 1)
-    setup.sync()
-    peak = torch.cuda.max_memory_allocated()
-    if estimate is None:
-        line("INFO", "peak memory vs estimate", f"peak {peak / 2**30:.2f} GiB at micro-batch 256; {text}")
-        return True
-    ratio = peak / estimate
-    ok = abs(ratio - 1.0) <= MEMORY_TOL
-    line("PASS" if ok else "FAIL", "peak memory vs estimate",
-         f"peak {peak / 2**30:.2f} GiB at micro-batch 256, {text}: measured/estimate {ratio:.2f} "
-         f"(within {MEMORY_TOL:.0%})")
+    ok = True
+    for accum in (1, MEMORY_ACCUM):
+        micro = [setup.data(size, seed=j) for j in range(accum)]
+        n = len(micro[0]["images"])
+        where = f"micro-batch {n} x K={accum}"
+        estimate, text = memory_estimate(teacher, student, n, accum)
+        t = trainer(setup, teacher, copy.deepcopy(student), setup.precision("bf16"), 2, micro[0],
+                    grad_checkpointing=True, accum_steps=accum)
+        t.train_step(micro, 0)  # the optimizer's moments exist from here on
+        if setup.smoke:
+            t.train_step(micro, 1)
+            line("INFO", f"peak memory vs estimate K={accum}", f"CPU smoke, no device peak ({where}); {text}")
+            continue
+        setup.sync()
+        torch.cuda.reset_peak_memory_stats()
+        t.train_step(micro, 1)
+        setup.sync()
+        peak = torch.cuda.max_memory_allocated()
+        del t
+        torch.cuda.empty_cache()
+        if estimate is None:
+            line("INFO", f"peak memory vs estimate K={accum}", f"peak {peak / 2**30:.2f} GiB at {where}; {text}")
+            continue
+        ratio = peak / estimate
+        good = abs(ratio - 1.0) <= MEMORY_TOL
+        ok = ok and good
+        line("PASS" if good else "FAIL", f"peak memory vs estimate K={accum}",
+             f"peak {peak / 2**30:.2f} GiB at {where}, {text}: measured/estimate {ratio:.2f} (within {MEMORY_TOL:.0%})")
     return ok
 
 
@@ -295,7 +455,7 @@ def _train_share(rank: int, world: int, port: int, smoke: bool, names: tuple[str
         teacher, student = models(setup, *names)
         whole = setup.data(setup.batch * world)
         share = {k: v.chunk(world)[rank] for k, v in whole.items()}
-        t = trainer(setup, teacher, student, setup.precision("fp32"), 3, share, eps=DDP_EPS)
+        t = trainer(setup, teacher, student, setup.precision("fp32"), 3, share, eps=DDP_EPS, world=world)
         t.fit()
         if rank == 0:
             torch.save({k: v.cpu() for k, v in t.student.state_dict().items()}, out)
