@@ -43,6 +43,7 @@ After each step the student's ``logit_scale`` is clamped to [0, ln 100] (CLIP, o
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -425,7 +426,11 @@ class Trainer:
                          if (id(p) in outside or id(p) not in in_student) and p.numel()]
         distributed.broadcast_from_main([p.data for p in self._outside])
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.live, ignored)
-        self.model = DistributedDataParallel(self.live, find_unused_parameters=False, broadcast_buffers=False)
+        # no buffer sync in every forward: ``forward_sync_buffers`` where torch has it (``broadcast_buffers``,
+        # its older name, warns there); the weights and buffers are the same on every rank from the start
+        newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        sync = "forward_sync_buffers" if newer else "broadcast_buffers"
+        self.model = DistributedDataParallel(self.live, find_unused_parameters=False, **{sync: False})
 
     def _reduce_outside(self) -> None:
         """Average over ranks the gradients DDP does not hold (``self._outside``), in one all-reduce:

@@ -122,7 +122,8 @@ def test_running_is_the_lock_held_by_a_live_process_and_the_probe_leaves_it_free
     assert run_state(run_dir).state == "failed"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
-         "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, str(os.getpid()).encode(), 0); print('held', flush=True); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.pwrite(fd, str(os.getpid()).encode(), 0); "
+             "print('held', flush=True); "
          "sys.stdin.read()", str(run_dir / ".lock")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
