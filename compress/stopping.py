@@ -10,6 +10,17 @@ the trainer raises :class:`StoppedAtStep`. The run writes its ``interrupted`` ro
 propagates; under submitit the job then requeues (``experiments.job``). The resumed run loses at most
 the step that was in progress when the signal came.
 
+The all-reduce runs on the run's own process group. Under gloo (CPU) it is synchronous and read at once.
+Under NCCL the flag is an int32 on the device, reduced asynchronously and copied without a host sync into
+pinned memory; it is read at the end of the *next* step (the last step reads it at once), so a run stops at
+most one step later than under gloo, that step checkpointed too. Every rank reads the value reduced at the
+same step, so they all stop after the same step. No side group is made (a gloo group across nodes needs a
+usable ``GLOO_SOCKET_IFNAME``).
+
+When training ends normally the ranks agree once more (:func:`deferred`): a signal that reached only some
+ranks after the last step's agreement stops all of them or none, never some ranks while the others wait in
+the next collective.
+
 Outside training (loading models and data before it, export and evaluation after it) the signal acts at
 once, as it did before: it raises :class:`StoppedAtStep` (step None) from wherever the run is. Nothing
 trained is lost: the last training step always writes a checkpoint (``output.save_checkpoint``), so a
@@ -26,7 +37,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -65,8 +76,9 @@ class _State:
     def __init__(self) -> None:
         self.requested = 0  # the signal number, 0: none
         self.deferring = False  # inside training: record, do not raise
-        self.group: Any = None  # the CPU group the flag is reduced over (NCCL runs)
-        self.group_of: Any = None
+        #: NCCL: the flag reduced at the previous call, on its way to the host: (device flag, host copy, wait)
+        self.inflight: tuple[Any, Any, Callable[[], Any]] | None = None
+        self.host: Any = None  # the pinned int32 the device flag is copied into (one per process)
 
 
 _STATE = _State()
@@ -107,15 +119,18 @@ def stop_signals() -> Iterator[None]:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """While training: a stop signal is only recorded, the trainer stops at the end of the step. A request
-    still pending when the block ends (the last step was in progress) stops the run at once after it."""
-    _STATE.deferring = True
+    """While training: a stop signal is only recorded, the trainer stops at the end of the step. When the block
+    ends normally the ranks agree once more (:func:`agreed`, the signal still only recorded meanwhile): a request
+    that came after the last step's agreement, on any rank, stops every rank at once after it (all or none)."""
+    _STATE.deferring, _STATE.inflight = True, None
+    stop = 0
     try:
         yield
+        stop = agreed(final=True)
     finally:
-        _STATE.deferring = False
-    if _STATE.requested:
-        raise StoppedAtStep(_STATE.requested, None)
+        _STATE.deferring, _STATE.inflight = False, None
+    if stop:
+        raise StoppedAtStep(stop, None)
 
 
 def ignore_in_worker(worker_id: int) -> None:
@@ -127,9 +142,11 @@ def ignore_in_worker(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def agreed() -> int:
-    """The stop signal that any rank received (0: none), the same on every rank: one all-reduce (max) of one
-    int32 per call, over gloo on the CPU (a side group when the run's backend is NCCL), so no device sync."""
+def agreed(final: bool = False) -> int:
+    """The stop signal that any rank received (0: none), the same on every rank: one all-reduce (max) of one int32
+    per call on the run's process group. Under gloo it is read at once; under NCCL (a device flag, no host sync)
+    a call returns what the previous call reduced and ``final`` (the last step) reads this call's value at once.
+    Every rank must call it at the same points (the end of every step, then once when training ends)."""
     import torch
     import torch.distributed as dist
 
@@ -137,22 +154,46 @@ def agreed() -> int:
 
     if not distributed.is_distributed():
         return _STATE.requested
-    flag = torch.tensor([_STATE.requested], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_cpu_group())
-    return int(flag.item())
+    device = _flag_device()
+    if device is None:  # gloo: the flag is on the CPU, the all-reduce costs no device sync
+        flag = torch.tensor([_STATE.requested], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+    previous = _read_inflight()  # reduced at the previous call: the same value on every rank
+    if previous:
+        return previous  # every rank stops here, none launches another reduction
+    flag = torch.full((1,), _STATE.requested, dtype=torch.int32, device=device)  # a fill kernel, no copy
+    work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+    if device.type == "cuda":
+        work.wait()  # NCCL: the current stream waits for the reduction; the host does not
+        if _STATE.host is None:
+            _STATE.host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+        _STATE.host.copy_(flag, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        _STATE.inflight = (flag, _STATE.host, done.synchronize)
+    else:  # a CPU flag reduced asynchronously (how the tests run this path on gloo)
+        _STATE.inflight = (flag, flag, work.wait)
+    return _read_inflight() if final else 0
 
 
-def _cpu_group() -> Any:
-    """``None`` (the default group) under gloo; under NCCL a gloo group of all ranks, made once per default group
-    (every rank calls :func:`agreed` at the same step, so they create it together)."""
+def _read_inflight() -> int:
+    """The flag the previous call reduced (0: none in flight); waits for its copy to the host (by the next
+    step's end the device has long finished the previous step, so the wait is short or none)."""
+    if _STATE.inflight is None:
+        return 0
+    _, host, wait = _STATE.inflight
+    _STATE.inflight = None
+    wait()
+    return int(host[0])
+
+
+def _flag_device() -> Any:
+    """Where the flag is reduced: ``None`` under gloo (on the CPU, synchronously); under NCCL the process's
+    current CUDA device (the one :func:`compress.distributed.process_group` set), reduced asynchronously."""
+    import torch
     import torch.distributed as dist
-
-    from compress import distributed
 
     if dist.get_backend() == "gloo":
         return None
-    default = dist.group.WORLD
-    if _STATE.group_of is not default:
-        _STATE.group = dist.new_group(backend="gloo", timeout=distributed.TIMEOUT)
-        _STATE.group_of = default
-    return _STATE.group
+    return torch.device("cuda", torch.cuda.current_device())

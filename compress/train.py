@@ -320,7 +320,7 @@ class Trainer:
         on_log: Any = None,
         on_checkpoint: Callable[[Trainer], None] | None = None,
         seed: int = 0,
-        should_stop: Callable[[], int] | None = None,
+        should_stop: Callable[[bool], int] | None = None,
     ) -> None:
         self.cfg = cfg
         self.student = student
@@ -335,7 +335,8 @@ class Trainer:
         self.on_checkpoint = on_checkpoint
         self.on_log = on_log
         self.seed = seed
-        #: asked after every step: a signal number (every rank the same) stops training there, after a checkpoint
+        #: asked after every step (is it the last?): a signal number (every rank the same) stops training there,
+        #: after a checkpoint
         self.should_stop = should_stop
         self.needs = tuple(sorted({n for term in losses for n in term.module.needs}))
         self.uses_teacher = any(term.module.needs_teacher for term in losses)
@@ -738,7 +739,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{float(total):.4f}", sps=f"{rate:.0f}")
             self.step = step + 1
             self.elapsed_s = elapsed_before + time.perf_counter() - start
-            stop = self.should_stop() if self.should_stop is not None else 0  # a signal: see compress.stopping
+            # a signal (see compress.stopping); the last step's flag is read at once, not one step later
+            stop = self.should_stop(is_last) if self.should_stop is not None else 0
             if stop or is_last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                 self.save_checkpoint()
             if stop:

@@ -309,17 +309,22 @@ def two_rank_worker(rank: int, out: str, ports: list[int]) -> None:
     assert row["status"] == "completed", row.get("error")
 
 
+def spawn_and_join(worker, args: tuple, processes: int, limit_s: float) -> None:
+    """Run ``worker(rank, *args)`` in ``processes`` processes; fail the test (kill them) after ``limit_s``."""
+    context = mp.spawn(worker, args=args, nprocs=processes, join=False)
+    deadline = time.monotonic() + limit_s
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {processes} processes did not finish within {limit_s:.0f} s")
+
+
 @pytest.mark.slow
 def test_two_processes_stop_at_the_same_step_when_only_one_gets_the_signal(tmp_path):
     from tests.test_ddp import WORLD, free_ports
 
-    context = mp.spawn(two_rank_worker, args=(str(tmp_path), free_ports(3)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 600
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two processes did not finish within 10 minutes")
+    spawn_and_join(two_rank_worker, (str(tmp_path), free_ports(3)), WORLD, 600)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert ranks == [{"stopped": True, "step": 2, "signal": int(signal.SIGUSR2)}] * WORLD
     assert json.loads((tmp_path / "checkpoints.json").read_text()) == ["latest", "step-00000002"]  # one, rank 0's
@@ -327,3 +332,76 @@ def test_two_processes_stop_at_the_same_step_when_only_one_gets_the_signal(tmp_p
     row = json.loads((run_dir_for(stopped) / "result.json").read_text())
     assert row["status"] == "completed"
     assert_same(outcome(run_dir_for(stopped)), outcome(run_dir_for(two_rank_config(tmp_path / "straight"))))
+
+
+# -- two processes, the agreement alone: which step every rank stops at ----------------------------------------------
+AGREE_STEPS = 4
+
+
+def agreement_worker(rank: int, out: str, port: int, nccl_like: bool, signal_at: int | str) -> None:
+    """A training loop reduced to its agreement (``Trainer.fit``: ``agreed(is_last)`` after every step, inside
+    ``deferred()``) over gloo; rank 1 alone sends itself SIGUSR2 before step ``signal_at``'s agreement, or just
+    after the last one (``"end"``). ``nccl_like``: the run looks like an NCCL run to the stop flag (its reduction
+    is the asynchronous one read a call later, here on the CPU) and no side group may be made. Afterwards both
+    ranks meet in a collective, as run.py's ``data_stats.as_metrics(all_ranks=True)``, unless they stopped."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from compress import stopping
+
+    torch.set_num_threads(1)
+    if nccl_like:
+        dist.get_backend = lambda *args, **kwargs: "nccl"
+        stopping._flag_device = lambda: torch.device("cpu")
+
+    def no_side_group(*args, **kwargs):
+        raise RuntimeError("a side group was made (gloo across nodes)")
+
+    dist.new_group = no_side_group
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    result: dict = {}
+    try:
+        with stopping.stop_signals():
+            try:
+                with stopping.deferred():
+                    for step in range(AGREE_STEPS):
+                        is_last = step + 1 == AGREE_STEPS
+                        if rank == 1 and step == signal_at:
+                            os.kill(os.getpid(), signal.SIGUSR2)
+                        stop = stopping.agreed(is_last)
+                        if rank == 1 and is_last and signal_at == "end":
+                            os.kill(os.getpid(), signal.SIGUSR2)  # after the last step's agreement
+                        if stop:
+                            raise StoppedAtStep(stop, step + 1)
+                result["stopped"] = None
+                flag = torch.ones(1)
+                dist.all_reduce(flag)  # the collective after training
+                result["after"] = float(flag)
+            except StoppedAtStep as stop:
+                result["stopped"] = stop.step if stop.step is not None else "end"
+    except Exception as error:  # noqa: BLE001 - reported to the test
+        result["error"] = repr(error)
+    (Path(out) / f"agree{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("nccl_like", "signal_at", "stopped"),
+    [
+        (False, 1, 2),  # gloo: read at once, after the step of the signal
+        (True, 1, 3),  # NCCL: read at the next step's end, one step later, on both ranks
+        (True, AGREE_STEPS - 1, AGREE_STEPS),  # the last step reads its flag at once
+        (False, "end", "end"),  # after the last agreement: training's end agrees once more
+        (True, "end", "end"),
+    ],
+)
+def test_ranks_stop_together_at_the_same_step(tmp_path, nccl_like, signal_at, stopped):
+    from tests.test_ddp import WORLD, free_ports
+
+    (port,) = free_ports(1)
+    spawn_and_join(agreement_worker, (str(tmp_path), port, nccl_like, signal_at), WORLD, 120)
+    ranks = [json.loads((tmp_path / f"agree{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks == [{"stopped": stopped}] * WORLD
