@@ -8,6 +8,7 @@ import torch
 from compress.config import ConfigError
 from compress.config.stages import per_stage_target, resolve_stages, with_source_fraction
 from compress.models import load_model
+from compress.plugins import Inheritance
 from compress.run import prunable_parameters, run_dir_for, run_experiment
 from tests.test_run_e2e import tiny_config
 
@@ -145,7 +146,7 @@ def _count(model, towers):
     return sum(parameter_report(model)[name] for name in towers)
 
 
-class ExactPrune:
+class ExactPrune(Inheritance):
     """A test strategy that removes exactly ``target_sparsity`` of its source's prunable parameters
     (up to one MLP neuron per layer), by dropping the same share of MLP neurons in every layer, so
     that the stage engine's cumulative accounting is tested without the masks' learning dynamics
