@@ -228,7 +228,7 @@ def world_size_of(cfg: Any) -> int:
 def micro_batch_of(cfg: Any, world_size: int | None = None) -> int:
     """Samples per process per micro-batch: ``batch_size // (world_size x accum_steps)``."""
     world = world_size or world_size_of(cfg)
-    return cfg.train.batch_size // (world * cfg.train.accum_steps)
+    return cfg.train.micro_batch(world)
 
 
 def compute_precision(cfg: Any) -> str:

@@ -102,6 +102,8 @@ class StagePlan:
     memory: MemoryEstimate | None = None
     host: HostEstimate | None = None
     world_size: int = 1
+    #: samples per process in one micro-batch (``TrainConfig.micro_batch``)
+    micro_batch: int = 0
     grad_checkpointing: bool = False
     memory_note: str = ""
 
@@ -419,6 +421,7 @@ def _stage_plan(
         state=_stage_state(directory, run_cfg, force, staged, warnings),
         towers=tuple(getattr(inheritance, "towers", ("vision", "text"))),
         world_size=world_size_of(cfg),
+        micro_batch=cfg.train.micro_batch(world_size_of(cfg)),
         grad_checkpointing=cfg.train.grad_checkpointing,
     )
     _add_memory(plan, cfg, teacher, previous, warnings)
@@ -508,7 +511,7 @@ def _kib(n: int) -> str:
 def _memory_lines(s: StagePlan) -> list[str]:
     """Micro-batch, host and device memory of one step per process (:mod:`compress.memory`)."""
     world = s.world_size
-    micro = s.batch_size // (world * s.accum_steps)
+    micro = s.micro_batch
     head = (f"  memory       micro-batch {micro} per process (batch {s.batch_size} / ({world} process"
             f"{'es' if world != 1 else ''} x {s.accum_steps} micro-batch{'es' if s.accum_steps != 1 else ''}))")
     if s.memory is None or s.host is None:

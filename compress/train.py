@@ -686,7 +686,7 @@ class Trainer:
     def _draw_micro_batches(self) -> list[Mapping[str, Any]]:
         """The next ``accum_steps`` batches of the stream, each one micro-batch of this rank
         (``batch_size / (world size x accum_steps)`` samples), left where the loader put them."""
-        size = self.cfg.batch_size // (distributed.world_size() * self.cfg.accum_steps)
+        size = self.cfg.micro_batch(distributed.world_size())
         micro = [next(self.batches) for _ in range(self.cfg.accum_steps)]
         for m in micro:
             if len(m["images"]) != size:

@@ -93,6 +93,11 @@ class TrainConfig:
     compile: bool = False
     progress: bool = True
 
+    def micro_batch(self, world_size: int) -> int:
+        """Samples per process in one micro-batch: ``batch_size // (world_size x accum_steps)`` (the data
+        loader's batch; a step draws ``accum_steps`` of them)."""
+        return self.batch_size // (world_size * self.accum_steps)
+
 
 @dataclass
 class ZeroShotTaskConfig:

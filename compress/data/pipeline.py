@@ -58,7 +58,7 @@ def train_batches(
     resume, call ``stats.loader.load_state_dict(state)`` (a saved ``stats.loader.state_dict()``)
     before drawing the first batch."""
     train_tf = train_transform_for(student, teacher)
-    micro = cfg.train.batch_size // (distributed.world_size() * cfg.train.accum_steps)
+    micro = cfg.train.micro_batch(distributed.world_size())
     loader = build_train_loader(
         cfg.data, train_tf, tokenizer_for(student), micro, seed=cfg.seed, sampler=_sampler_for_ranks(cfg.seed),
         pin_memory=device.type == "cuda",
