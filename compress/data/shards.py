@@ -309,9 +309,6 @@ class ShardDataset(IterableDataset):
         wid, nworkers = self._worker()
         return ids[self.rank :: self.world][wid::nworkers]
 
-    def shards_for_this_worker(self) -> list[str]:
-        return [self.urls[i] for i in self._shard_ids()]
-
     def _sample_seed(self, epoch: int, shard: int, position: int) -> int:
         """The augmentation seed of sample ``position`` of shard ``shard`` in ``epoch``."""
         return ((self.seed * 1_000_003 + epoch) * 1_000_003 + shard) * 1_000_000_007 + position
