@@ -38,9 +38,11 @@ Device memory, per process (bytes):
   and the softmax / gradient working copies add 3 more at the peak.
 
 Host memory: the batches in flight in the loader, ``max(num_workers x prefetch_factor, 1)`` micro-batches
-(prefetch_factor 2, PyTorch's default), and the step's micro-batches the trainer keeps for the gradient
-cache's second pass (B / world samples). A sample is its fp32 image at the student's size, the teacher's
-view when the teacher's size differs, and its int64 tokens.
+(prefetch_factor 2, PyTorch's default), and what the gradient cache's second pass reads the step from. With
+``train.accum_inputs: reread`` (and accum_steps > 1) a second loader reads the micro-batches again: twice
+the batches in flight, and of the step only its tokens are kept (B / world x 8 B x context length, for the
+loss); with ``keep`` the step's micro-batches stay on the host (B / world samples). A sample is its fp32
+image at the student's size, the teacher's view when the teacher's size differs, and its int64 tokens.
 """
 
 from __future__ import annotations
@@ -126,8 +128,9 @@ class MemoryEstimate:
 
 @dataclass
 class HostEstimate:
-    """Host memory of the data path per process, in bytes: the loader's micro-batches in flight and the
-    step's micro-batches kept for the gradient cache's second pass."""
+    """Host memory of the data path per process, in bytes: the loaders' micro-batches in flight (``loaders``:
+    2 when a second loader reads the step again) and what is kept of the step for the gradient cache's
+    second pass (``retained_samples`` whole samples, or, read again, only their tokens)."""
 
     micro_batch: int
     bytes_per_sample: int
@@ -135,6 +138,7 @@ class HostEstimate:
     in_flight: int
     retained_samples: int
     retained: int
+    loaders: int = 1
 
     @property
     def total(self) -> int:
@@ -307,9 +311,14 @@ def estimate_host_memory(cfg: Any, student: Any, teacher: Any | None = None, wor
     micro = micro_batch_of(cfg, world)
     sample = bytes_per_sample(student_shape.image_size, teacher_shape.image_size if teacher_shape else None,
                               student_shape.context_length)
-    in_flight = max(cfg.data.num_workers * PREFETCH_FACTOR, 1)
-    retained = cfg.train.batch_size // world
-    return HostEstimate(micro, sample, in_flight, in_flight * micro * sample, retained, retained * sample)
+    reread = cfg.train.accum_steps > 1 and cfg.train.accum_inputs == "reread"
+    loaders = 2 if reread else 1
+    in_flight = loaders * max(cfg.data.num_workers * PREFETCH_FACTOR, 1)
+    step = cfg.train.batch_size // world
+    if reread:  # only the step's tokens stay (the losses' batch)
+        return HostEstimate(micro, sample, in_flight, in_flight * micro * sample, 0,
+                            step * 8 * student_shape.context_length, loaders)
+    return HostEstimate(micro, sample, in_flight, in_flight * micro * sample, step, step * sample)
 
 
 def gib(n: int) -> str:

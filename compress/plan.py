@@ -518,9 +518,12 @@ def _memory_lines(s: StagePlan) -> list[str]:
         return [head, "               host and device memory unknown (a model's size is unknown)"]
     h, m = s.host, s.memory
     workers = f"{h.batches_in_flight} micro-batches" if h.batches_in_flight > 1 else "1 micro-batch"
-    host = (f"               host ~{gib(h.total)}: {gib(h.in_flight)} in flight in the loader ({workers} of {micro} x "
-            f"{_kib(h.bytes_per_sample)}) + {gib(h.retained)} for the step's {h.retained_samples} samples (kept for "
-            "the gradient cache's second pass)")
+    loaders = "the loader" if h.loaders == 1 else f"{h.loaders} loaders"
+    again = "; the second reads the step again" if h.loaders > 1 else ""
+    kept = (f"the step's {h.retained_samples} samples (kept for the gradient cache's second pass)"
+            if h.retained_samples else "the step's tokens (for the loss)")
+    host = (f"               host ~{gib(h.total)}: {gib(h.in_flight)} in flight in {loaders} ({workers} of {micro} x "
+            f"{_kib(h.bytes_per_sample)}{again}) + {gib(h.retained)} for {kept}")
     lower = "+" if m.unknown else ""
     sims = (f" ({m.similarity_matrices} + 3 working of {m.rows} x {m.columns} fp32)" if m.similarities else "")
     device = (f"               device ~{gib(m.total)}{lower} in {m.precision}: weights {gib(m.weights)}, optimizer "

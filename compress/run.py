@@ -464,6 +464,7 @@ def _run_stage(
         on_checkpoint=write if cfg.output.save_checkpoint else None,
         seed=run.seed,
         should_stop=stopping.agreed,
+        replay=data_stats.replay,
     )
     if checkpoint is not None:
         state = checkpoint.state()

@@ -11,8 +11,9 @@ with the run seed and the step, the same on every rank. The teacher's outputs co
 callable (:mod:`compress.teacher`) that a cache can replace.
 
 A step takes ``accum_steps`` micro-batches from the stream (the loader's batch is the
-micro-batch, ``batch_size / (world size x accum_steps)``); they stay where the loader put them
-(host memory) and one at a time is moved to the device. Accumulation is the gradient cache
+micro-batch, ``batch_size / (world size x accum_steps)``), drawn one at a time and moved to the
+device one at a time; the live pass reads them a second time from a second stream (``replay``, see
+:class:`StepInputs`) or, without one, from the first pass's, kept on the host. Accumulation is the gradient cache
 (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"),
 which keeps distillation exact: (1) the student's outputs (normalised features, and the
 embeddings a loss asks for) of every micro-batch without graph (its random state kept, so that
@@ -51,7 +52,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -278,13 +279,18 @@ def replayed_random_state(state: tuple[Tensor, Tensor | None], device: torch.dev
         yield
 
 
+#: entries of a micro-batch the loss plug-ins do not get: the images (one micro-batch at a time goes to the
+#: device) and the samples' keys (the data path's bookkeeping)
+NOT_FOR_LOSSES = ("images", "teacher_images", "keys")
+
+
 def step_batch(micro: Sequence[Mapping[str, Any]], device: torch.device) -> dict[str, Any]:
     """What the loss plug-ins get as ``batch``: the step's texts (on ``device``) and the other
-    per-sample entries of its micro-batches, concatenated; the images are left out (they stay on
-    the host, one micro-batch at a time goes to the device)."""
+    per-sample entries of its micro-batches, concatenated (the entries of :data:`NOT_FOR_LOSSES`
+    are left out)."""
     out: dict[str, Any] = {}
     for key, value in micro[0].items():
-        if key in ("images", "teacher_images"):
+        if key in NOT_FOR_LOSSES:
             continue
         if isinstance(value, Tensor):
             out[key] = to_device(torch.cat([m[key] for m in micro]) if len(micro) > 1 else value, device)
@@ -293,6 +299,67 @@ def step_batch(micro: Sequence[Mapping[str, Any]], device: torch.device) -> dict
         else:
             out[key] = value
     return out
+
+
+class Replay(Protocol):
+    """A second stream of the training micro-batches (:class:`compress.data.pipeline.ReplayStream`)."""
+
+    def begin_step(self) -> None:
+        """Called before a step's first micro-batch is drawn from the first stream."""
+
+    def again(self, keys: list[list[int]] | None) -> Mapping[str, Any]:
+        """The step's next micro-batch a second time (``keys``: its samples, as the first pass read them)."""
+
+
+class StepInputs:
+    """One step's ``count`` micro-batches as the gradient cache reads them: :meth:`first` draws them one at
+    a time (the features pass), :meth:`again` gives them a second time (the live pass) from ``replay``
+    (nothing of the step's images is kept: host memory does not grow with ``accum_steps``) or, without
+    one, from the first pass's micro-batches, kept (``batch_size / world`` samples per process). A single
+    micro-batch is read once. :attr:`meta` keeps what the losses need of each micro-batch (no images)."""
+
+    def __init__(self, draw: Callable[[], Mapping[str, Any]], count: int, replay: Replay | None = None) -> None:
+        self.draw, self.count = draw, count
+        self.replay = replay if count > 1 else None
+        self.meta: list[dict[str, Any]] = []
+        self.sizes: list[int] = []
+        self._kept: list[Mapping[str, Any] | None] = []
+
+    @classmethod
+    def of(cls, micro: Sequence[Mapping[str, Any]]) -> StepInputs:
+        """A step of micro-batches already in memory."""
+        parts = iter(micro)
+        return cls(lambda: next(parts), len(micro))
+
+    def first(self) -> Iterator[Mapping[str, Any]]:
+        if self.replay is not None:
+            self.replay.begin_step()
+        for _ in range(self.count):
+            m = self.draw()
+            self.sizes.append(len(m["images"]))
+            self.meta.append({k: v for k, v in m.items() if k not in ("images", "teacher_images")})
+            if self.count > 1 and self.replay is None:
+                self._kept.append(m)
+            yield m
+
+    def again(self) -> Iterator[Mapping[str, Any]]:
+        for j in range(self.count):
+            if self.replay is not None:
+                yield self.replay.again(self.meta[j].get("keys"))
+            else:
+                m, self._kept[j] = self._kept[j], None  # released as the live pass goes
+                assert m is not None
+                yield m
+
+    def skip(self) -> None:
+        """Read the step's micro-batches without using them, as a step that uses them would: the data
+        position (and the second stream's, kept in step with the first) moves on."""
+        for _ in self.first():
+            pass
+        if self.replay is not None:
+            for _ in self.again():
+                pass
+        self._kept.clear()
 
 
 class Trainer:
@@ -321,12 +388,15 @@ class Trainer:
         on_checkpoint: Callable[[Trainer], None] | None = None,
         seed: int = 0,
         should_stop: Callable[[bool], int] | None = None,
+        replay: Replay | None = None,
     ) -> None:
         self.cfg = cfg
         self.student = student
         self.losses = losses
         self.lr_schedule = lr_schedule
         self.batches = batches
+        #: the stream's micro-batches a second time, for the live pass (None: the first pass's are kept)
+        self.replay = replay
         self.precision = precision
         self.device = precision.device
         self.teacher = teacher
@@ -498,23 +568,23 @@ class Trainer:
         scaled.backward()
 
     def _forward_backward(
-        self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]], step: int, weights: list[float] | None = None
+        self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]] | StepInputs, step: int,
+        weights: list[float] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Forward and backward of one optimizer step: ``batch`` is the step's ``accum_steps``
-        micro-batches (as :meth:`fit` draws them), or one collated batch, split here into views.
-        Returns (objective, terms), the objective being the weighted loss terms plus the strategy's
-        regulariser."""
+        micro-batches (as :meth:`fit` draws them, or a list), or one collated batch, split here into
+        views. Returns (objective, terms), the objective being the weighted loss terms plus the
+        strategy's regulariser."""
         weights = [t.weight_at(step) for t in self.losses] if weights is None else weights
-        micro = split_batch(batch, self.cfg.accum_steps) if isinstance(batch, Mapping) else list(batch)
-        if len(micro) != self.cfg.accum_steps:
+        if not isinstance(batch, StepInputs):
+            batch = StepInputs.of(split_batch(batch, self.cfg.accum_steps) if isinstance(batch, Mapping) else batch)
+        if batch.count != self.cfg.accum_steps:
             raise TrainingError(f"a step takes train.accum_steps = {self.cfg.accum_steps} micro-batches, "
-                                f"got {len(micro)}")
+                                f"got {batch.count}")
         with one_gate_sample(self.student, gate_generator(self.seed, step, self.device)):
-            return self._accumulate(micro, step, weights)
+            return self._accumulate(batch, step, weights)
 
-    def _accumulate(
-        self, micro: list[Mapping[str, Any]], step: int, weights: list[float]
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def _accumulate(self, inputs: StepInputs, step: int, weights: list[float]) -> tuple[Tensor, dict[str, Tensor]]:
         """The gradient cache (Gao et al. 2021): (1) the student's outputs of every micro-batch without
         graph (a single micro-batch: its live pass, with graph) and the teacher's, one micro-batch on the
         device at a time; (2) the loss over the whole step's batch once, on leaf copies of those outputs,
@@ -525,6 +595,7 @@ class Trainer:
         active = [t for t, w in zip(self.losses, weights, strict=True) if w != 0.0]
         regular = self.inheritance.regularizer(self.student, step) if not active else None
         if regular is not None:  # no active loss term: the regulariser alone (no data, the same on every rank)
+            inputs.skip()  # the step's micro-batches are drawn all the same: the data position moves
             total = sum(regular.values(), torch.zeros((), device=self.device))
             self._backward(total)
             self._reduce_outside()
@@ -532,22 +603,24 @@ class Trainer:
         uses_teacher = any(t.module.needs_teacher for t in active)
         teacher_parts, parts, states = [], [], []
         live: tuple[Tensor | None, ...] | None = None
-        if len(micro) == 1:  # no accumulation: the live pass is the only pass
-            on_device = to_device(micro[0], self.device)
-            if uses_teacher:
-                teacher_parts.append(self.teacher(on_device))
-            with self.precision.autocast():
-                live = self.model(on_device["images"], on_device["texts"])
-            parts.append(live)
+        if inputs.count == 1:  # no accumulation: the live pass is the only pass
+            for m in inputs.first():
+                on_device = to_device(m, self.device)
+                if uses_teacher:
+                    teacher_parts.append(self.teacher(on_device))
+                with self.precision.autocast():
+                    live = self.model(on_device["images"], on_device["texts"])
+                parts.append(live)
         else:
             with torch.no_grad(), frozen_batch_norm_statistics(self.student):
-                for m in micro:
+                for m in inputs.first():
                     on_device = to_device(m, self.device)
                     if uses_teacher:
                         teacher_parts.append(self.teacher(on_device))
                     states.append(random_state(self.device))
                     with self.precision.autocast():
                         parts.append(self.live(on_device["images"], on_device["texts"]))
+                del m, on_device  # only the outputs stay; the live pass reads the micro-batches again
         leaves = {
             name: (torch.cat([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]).detach().requires_grad_()
             for i, name in enumerate(FEATURES) if parts[0][i] is not None
@@ -555,20 +628,19 @@ class Trainer:
         with self.precision.autocast():
             student_out = ClipOutput(logit_scale=self.student.logit_scale.exp(), **leaves)
             teacher_out = ClipOutput.cat(teacher_parts) if teacher_parts else None
-            loss, terms = self._loss(student_out, teacher_out, step_batch(micro, self.device), weights)
+            loss, terms = self._loss(student_out, teacher_out, step_batch(inputs.meta, self.device), weights)
         regular = self.inheritance.regularizer(self.student, step)
         objective = loss + sum(regular.values(), loss.new_zeros(()))
         self._backward(objective)
-        grads = {name: leaf.grad.split([len(m["images"]) for m in micro]) for name, leaf in leaves.items()
-                 if leaf.grad is not None}
+        grads = {name: leaf.grad.split(inputs.sizes) for name, leaf in leaves.items() if leaf.grad is not None}
         if self.model is not self.live and not all({f"{t}_features", f"{t}_embeds"} & grads.keys() for t in TOWERS):
             raise TrainingError(
                 f"with {distributed.world_size()} processes every tower must take part in the loss (DDP expects "
                 f"a gradient for all its weights), but the active loss terms read only {sorted(grads)}"
             )
         if grads:
-            for j, m in enumerate(micro):
-                last = j == len(micro) - 1
+            for j, m in enumerate(inputs.again() if live is None else [None]):
+                last = j == inputs.count - 1
                 with contextlib.nullcontext() if last else self._no_sync():
                     if live is None:  # the features pass's random draws (dropout) again: the same outputs
                         on_device = to_device(m, self.device)
@@ -577,6 +649,9 @@ class Trainer:
                     names = [name for name in FEATURES if name in grads]
                     torch.autograd.backward([live[FEATURES.index(n)] for n in names], [grads[n][j] for n in names])
                     live = None
+        elif inputs.replay is not None:  # no output has a gradient: no live pass, but the second stream moves on
+            for _ in inputs.again():
+                pass
         self._reduce_outside()
         return objective.detach(), {**terms, **regular}
 
@@ -653,7 +728,8 @@ class Trainer:
         if isinstance(scale, Tensor):
             scale.clamp_(0.0, LOGIT_SCALE_MAX)
 
-    def train_step(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]], step: int) -> StepResult:
+    def train_step(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]] | StepInputs, step: int
+                   ) -> StepResult:
         """Forward, backward and (if everything is finite) one optimizer step on ``batch`` (the step's
         micro-batches, or one collated batch)."""
         weights = [t.weight_at(step) for t in self.losses]
@@ -683,19 +759,18 @@ class Trainer:
                 taken += samples
         return taken
 
-    def _draw_micro_batches(self) -> list[Mapping[str, Any]]:
-        """The next ``accum_steps`` batches of the stream, each one micro-batch of this rank
-        (``batch_size / (world size x accum_steps)`` samples), left where the loader put them."""
+    def _draw_micro_batch(self) -> Mapping[str, Any]:
+        """The next batch of the stream, one micro-batch of this rank (``batch_size / (world size x
+        accum_steps)`` samples), left where the loader put it."""
         size = self.cfg.micro_batch(distributed.world_size())
-        micro = [next(self.batches) for _ in range(self.cfg.accum_steps)]
-        for m in micro:
-            if len(m["images"]) != size:
-                raise TrainingError(
-                    f"the data stream gave a batch of {len(m['images'])} samples; a step takes "
-                    f"{self.cfg.accum_steps} micro-batches of train.batch_size {self.cfg.batch_size} / "
-                    f"({distributed.world_size()} process(es) x {self.cfg.accum_steps}) = {size}"
-                )
-        return micro
+        m = next(self.batches)
+        if len(m["images"]) != size:
+            raise TrainingError(
+                f"the data stream gave a batch of {len(m['images'])} samples; a step takes "
+                f"{self.cfg.accum_steps} micro-batches of train.batch_size {self.cfg.batch_size} / "
+                f"({distributed.world_size()} process(es) x {self.cfg.accum_steps}) = {size}"
+            )
+        return m
 
     # -- loop ---------------------------------------------------------------------------
     def fit(self) -> TrainSummary:
@@ -711,9 +786,10 @@ class Trainer:
         self.student.train()
         for step in range(self.step, cfg.steps):
             lr = self._set_lr(step)
-            micro = self._draw_micro_batches()  # on the host; one at a time goes to the device
-            batch_size = sum(len(m["images"]) for m in micro) * distributed.world_size()  # samples of all ranks
+            # drawn as the step goes, one micro-batch at a time (each checked to be the micro-batch size)
+            micro = StepInputs(self._draw_micro_batch, cfg.accum_steps, self.replay)
             result = self.train_step(micro, step)
+            batch_size = sum(micro.sizes) * distributed.world_size()  # samples of all ranks
             total, terms = result.loss, result.terms
             is_last = step + 1 == cfg.steps
             is_log = (step + 1) % cfg.log_every == 0 or is_last or step == 0

@@ -203,3 +203,101 @@ def test_the_live_pass_replays_the_features_pass_dropout(models):
     torch.testing.assert_close(seen[3], seen[1], rtol=0, atol=0)
     images, texts = make_batch(2)["images"], make_batch(2)["texts"]
     assert not torch.equal(trainer.live(images, texts)[0], trainer.live(images, texts)[0])  # dropout draws
+
+
+def pipeline_trainer(teacher, student, accum_inputs: str, steps: int = 2, build=None):
+    """A trainer on the real training pipeline (synthetic data, K = 4 micro-batches of 4), its stream
+    wrapped to record every micro-batch it yields (weak references: what keeps them alive is the trainer)."""
+    import weakref
+
+    from compress.config import config_from_dict
+    from compress.data.pipeline import ReplayStream, train_batches
+
+    cfg = config_from_dict({
+        "name": "replay", "teacher": {"model": "cc-test-teacher", "random_init": True},
+        "student": {"model": "cc-test-student"}, "inheritance": {"name": "manual"}, "losses": [{"name": "affinity"}],
+        "data": {"train": {"kind": "synthetic", "num_samples": 64}},
+        "train": {"steps": steps, "batch_size": 16, "accum_steps": 4, "accum_inputs": accum_inputs},
+    })
+    stream, stats = train_batches(cfg, student, None, torch.device("cpu"))
+    if build is not None:
+        stats.replay = ReplayStream(build(cfg, student), stats.loader)
+    drawn: list = []
+
+    class Recorded:  # no generator frame of ours holds the last batch
+        def __next__(self):
+            batch = next(stream)
+            drawn.append(weakref.ref(batch["images"]))
+            return batch
+
+    trainer = make_trainer(teacher, student, accum=4, steps=steps, batches=Recorded(), eps=1e-3)
+    trainer.replay = stats.replay
+    alive_at_loss: list[int] = []
+    trainer.losses[0].module.register_forward_pre_hook(
+        lambda *_: alive_at_loss.append(sum(ref() is not None for ref in drawn)))
+    return trainer, stats, alive_at_loss
+
+
+@pytest.mark.parametrize("accum_inputs", ["reread", "keep"])
+def test_reread_keeps_none_of_the_steps_micro_batches_and_trains_as_keep(models, accum_inputs):
+    """``train.accum_inputs: reread``: when the loss runs, at most the loader's last micro-batch of the step
+    is alive (``keep`` holds all K = 4 for the live pass); the step is the same, bit for bit."""
+    teacher, student = models
+    trainer, stats, alive = pipeline_trainer(teacher, copy.deepcopy(student), accum_inputs)
+    assert (stats.replay is not None) == (accum_inputs == "reread")
+    trainer.fit()
+    assert alive == ([1, 1] if accum_inputs == "reread" else [4, 4])
+    reference, _, _ = pipeline_trainer(teacher, copy.deepcopy(student), "keep")
+    reference.fit()
+    for key, value in reference.student.state_dict().items():
+        torch.testing.assert_close(trainer.student.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    if stats.replay is not None:
+        assert stats.replay.resyncs == 0 and stats.as_metrics()["data/replay_resyncs"] == 0
+
+
+def test_a_second_reading_out_of_step_is_read_again_by_key_and_restarted(models, capsys):
+    """The second loader gives other samples than the first pass read (here: its first build has another
+    seed): those micro-batches are read again by key, the second loader is restarted from the first's
+    position at the next step, and the run trains exactly as with ``keep``."""
+    from compress.data.loader import build_train_loader
+    from compress.data.transforms import train_transform_for
+    from compress.models.forward import tokenizer_for
+
+    teacher, student = models
+    seeds = iter([99, 0, 0, 0])
+
+    def build(cfg, model):
+        def make():
+            return build_train_loader(cfg.data, train_transform_for(model, None), tokenizer_for(model), 4,
+                                      seed=next(seeds), pin_memory=False)
+        return make
+
+    trainer, stats, _ = pipeline_trainer(teacher, copy.deepcopy(student), "reread", steps=3, build=build)
+    trainer.fit()
+    assert stats.replay.resyncs == 1 and next(seeds) == 0  # built twice: once out of step, then in step
+    assert "the second reading of a micro-batch gave other samples" in capsys.readouterr().err
+    reference, _, _ = pipeline_trainer(teacher, copy.deepcopy(student), "keep", steps=3)
+    reference.fit()
+    for key, value in reference.student.state_dict().items():
+        torch.testing.assert_close(trainer.student.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_step_without_an_active_loss_moves_both_readings_on(models):
+    """A step whose loss weights are all 0 reads its micro-batches all the same (the data position moves),
+    the second reading with them: the next steps' second reading is still in step (no restart)."""
+
+    class OffAtFirst:
+        def __call__(self, step: int) -> float:
+            return 0.0 if step == 0 else 1.0
+
+    teacher, student = models
+    trainer, stats, _ = pipeline_trainer(teacher, copy.deepcopy(student), "reread", steps=3)
+    trainer.losses[0].schedule = OffAtFirst()
+    trainer.fit()
+    assert stats.replay.resyncs == 0
+    assert stats.loader.state_dict()["batches_in_epoch"] == 12  # 3 steps x 4 micro-batches
+    reference, _, _ = pipeline_trainer(teacher, copy.deepcopy(student), "keep", steps=3)
+    reference.losses[0].schedule = OffAtFirst()
+    reference.fit()
+    for key, value in reference.student.state_dict().items():
+        torch.testing.assert_close(trainer.student.state_dict()[key], value, rtol=0, atol=0, msg=key)

@@ -64,9 +64,15 @@ def test_known_answers_on_a_tiny_shape():
     scheduled.schedules["weight/clip"] = {"name": "constant"}
     assert estimate_device_memory(scheduled, student, None, world_size=1).similarity_matrices == 6
     # host: 3 workers x 2 micro-batches of 2 samples, a sample = 3*4*4*4 + the teacher's 3*8*8*4 + 8*4 = 992 B
-    h = estimate_host_memory(_config(), student, _tiny(3000, 8), world_size=2)
+    h = estimate_host_memory(_config(accum_inputs="keep"), student, _tiny(3000, 8), world_size=2)
     assert (h.bytes_per_sample, h.batches_in_flight, h.in_flight) == (992, 6, 6 * 2 * 992)
-    assert (h.retained_samples, h.retained) == (4, 4 * 992)
+    assert (h.loaders, h.retained_samples, h.retained) == (1, 4, 4 * 992)
+    # read again (the default): a second loader's batches in flight, and of the step only its 4 x 4 tokens
+    again = estimate_host_memory(_config(), student, _tiny(3000, 8), world_size=2)
+    assert (again.loaders, again.batches_in_flight, again.in_flight) == (2, 12, 12 * 2 * 992)
+    assert (again.retained_samples, again.retained) == (0, 4 * 8 * 4)
+    one = estimate_host_memory(_config(accum_steps=1), student, _tiny(3000, 8), world_size=2)
+    assert (one.loaders, one.retained_samples) == (1, 4)  # one micro-batch: read once, nothing to read again
 
 
 def test_world_size_is_the_dispatch_processes():
@@ -129,7 +135,9 @@ def test_dry_run_of_a_shipped_recipe_shows_the_micro_batch_and_memory(capsys):
     out = capsys.readouterr().out
     memory = [line for line in out.splitlines() if "memory" in line and "micro-batch" in line]
     assert len(memory) == 2 and all("micro-batch 256 per process (batch 32768 / (1 process x 128" in x for x in memory)
-    assert "host ~" in out and "in flight in the loader (16 micro-batches of 256" in out
+    # read again by a second loader (accum_inputs: reread): flat in accum_steps, the step's tokens only
+    assert "host ~4.6 GiB: 4.6 GiB in flight in 2 loaders (32 micro-batches of 256" in out
+    assert "+ 19 MiB for the step's tokens (for the loss)" in out
     assert "similarities 28.0 GiB (4 + 3 working of 32768 x 32768 fp32)" in out
     assert "device ~" in out and "activations" in out and "(one micro-batch, grad checkpointing)" in out
 

@@ -91,6 +91,12 @@ class TrainConfig:
     grad_checkpointing: bool = False
     #: torch.compile the student's towers (vision tower, text transformer); an execution setting (not in the run id)
     compile: bool = False
+    #: the gradient cache's second reading of a step's micro-batches (``accum_steps`` > 1): ``reread`` (a
+    #: second loader reads them again, K micro-batches behind the first: host memory flat in accum_steps,
+    #: every sample decoded twice) or ``keep`` (the features pass's micro-batches stay on the host until
+    #: the live pass: ``batch_size / world`` samples per process, one decode); an execution setting (not
+    #: in the run id: both give the same step)
+    accum_inputs: str = "reread"
     progress: bool = True
 
     def micro_batch(self, world_size: int) -> int:

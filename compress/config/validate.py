@@ -81,6 +81,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+#: ``train.accum_inputs``: read a step's micro-batches again with a second loader, or keep them on the host
+ACCUM_INPUTS = ("reread", "keep")
+
+
 def _check_train(cfg: RunConfig) -> None:
     """Ranges of the optimiser and loop settings (AdamW: Loshchilov & Hutter, ICLR 2019)."""
     t = cfg.train
@@ -99,6 +103,11 @@ def _check_train(cfg: RunConfig) -> None:
     if t.batch_size % t.accum_steps:
         raise ConfigError(
             f"train.batch_size ({t.batch_size}) must be divisible by train.accum_steps ({t.accum_steps})"
+        )
+    if t.accum_inputs not in ACCUM_INPUTS:
+        raise ConfigError(
+            f"train.accum_inputs: {t.accum_inputs!r} is not one of {', '.join(ACCUM_INPUTS)} (how the gradient "
+            f"cache's live pass gets a step's micro-batches again).{suggest(t.accum_inputs, list(ACCUM_INPUTS))}"
         )
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(

@@ -103,8 +103,9 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n // self.world
 
 
-#: bookkeeping entries of a collated training batch, removed before the batch is yielded
-_COUNT_KEYS = ("num_bad", "num_samples", "keys")
+#: bookkeeping entries of a collated batch, removed before the batch is yielded (a training batch keeps
+#: ``"keys"``, its samples' keys: what the gradient cache's second reading checks, see ``read``)
+_COUNT_KEYS = ("num_bad", "num_samples")
 
 
 class _KeyedCollate:
@@ -270,7 +271,24 @@ class CountedLoader:
                 batch = _concat([batch, *self._take(missing)])
                 if self.loader.pin_memory:  # the concatenation is a new, pageable tensor: pin it as the loader would
                     batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            yield {k: v for k, v in batch.items() if k not in _COUNT_KEYS}
+            yield self._without_counts(batch)
+
+    def _without_counts(self, batch: Batch) -> Batch:
+        return {k: v for k, v in batch.items() if k not in _COUNT_KEYS}
+
+    def read(self, keys: list[list[int]]) -> Batch:
+        """The training batch of the samples named by ``keys`` (a yielded batch's ``"keys"``), read and
+        decoded again in this process: the same tensors (each sample's augmentation is seeded by its key),
+        pinned as the loader pins. Raises ``DataError`` if a sample can no longer be read."""
+        batch = self._reread([tuple(int(x) for x in k) for k in keys])
+        if batch is None or _length(batch) != len(keys):
+            raise DataError(
+                f"data set {self.counter.name!r}: {len(keys) - (0 if batch is None else _length(batch))} of "
+                f"{len(keys)} samples read before could not be read again (first key {keys[0]})"
+            )
+        if self.loader.pin_memory:
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return self._without_counts(batch)
 
     def forever(self, start_epoch: int = 0) -> Iterator[Batch]:
         """Batches without end, epoch after epoch, each reshuffled (``set_epoch``).
