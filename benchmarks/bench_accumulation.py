@@ -12,7 +12,15 @@ For each K it reports, from a real :class:`~compress.train.Trainer` and the real
   tensors' sizes (``nbytes``), not from the process's RSS, which the allocator blurs;
 - the time of one optimizer step, as a ratio against K = 1 (median of rounds, interleaved).
 
+A second table (``--second-reading``) measures where the gradient cache's live pass gets a step's
+micro-batches again (``train.accum_inputs``), on the real training pipeline (synthetic data rendered and
+augmented per sample, no workers) at a fixed micro-batch: the image bytes of the step's micro-batches
+still alive when the loss runs (measured: weak references to every micro-batch the stream yielded),
+which must not grow with K under ``reread`` and grows as K micro-batches under ``keep``, and the step
+time of ``reread`` (every sample decoded twice) against ``keep``.
+
     python benchmarks/bench_accumulation.py [--batch 256] [--steps 2] [--rounds 3] [--workers 8] [--threads 1]
+    python benchmarks/bench_accumulation.py --second-reading [--micro 64] [--steps 2] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -80,6 +88,67 @@ def step_times(args: argparse.Namespace, precision, teacher, base, micro: dict, 
         affinity_module.scaled_similarity = original
 
 
+def second_reading(args: argparse.Namespace, teacher, base, accum: int, inputs: str) -> tuple[float, int]:
+    """Seconds per step and the peak image bytes of the step's micro-batches alive at the loss, on the real
+    pipeline with ``train.accum_inputs: inputs`` at micro-batch ``args.micro``."""
+    import weakref
+
+    cfg = config_from_dict({
+        "name": "bench", "teacher": {"model": args.teacher, "random_init": True},
+        "student": {"model": args.student}, "inheritance": {"name": "manual"},
+        "losses": [{"name": "affinity", "scale": 50}],
+        "data": {"train": {"kind": "synthetic", "num_samples": 4 * args.micro * accum * args.steps},
+                 "num_workers": 0},
+        "train": {"steps": args.steps, "batch_size": args.micro * accum, "accum_steps": accum,
+                  "accum_inputs": inputs, "lr": 1e-4, "progress": False, "log_every": 10**9},
+    })
+    student = copy.deepcopy(base)
+    stream, stats = train_batches(cfg, student, None, torch.device("cpu"))
+    drawn: list = []
+
+    class Recorded:
+        def __next__(self):
+            batch = next(stream)
+            drawn.append(weakref.ref(batch["images"]))
+            return batch
+
+    precision = resolve_precision("fp32", torch.device("cpu"))
+    losses = [LossTerm("affinity", 1.0, LOSSES.build({"name": "affinity", "scale": 50}))]
+    peak = [0]
+
+    def measure(*_):
+        alive = [ref() for ref in drawn]
+        peak[0] = max(peak[0], sum(t.nbytes for t in alive if t is not None))
+
+    losses[0].module.register_forward_pre_hook(measure)
+    trainer = Trainer(cfg.train, student, losses, SCHEDULES.build("constant", context={"base_value": 1e-4}),
+                      Recorded(), precision, teacher=OnlineTeacher(teacher, precision), replay=stats.replay)
+    start = time.perf_counter()
+    trainer.fit()
+    return (time.perf_counter() - start) / args.steps, peak[0]
+
+
+def second_reading_table(args: argparse.Namespace, teacher, base) -> None:
+    times: dict[tuple[int, str], list[float]] = {}
+    peaks: dict[tuple[int, str], int] = {}
+    modes = ("keep", "reread")
+    for k in KS:  # warm-up
+        second_reading(args, teacher, base, k, "reread")
+    for _ in range(args.rounds):
+        for k in KS:
+            for mode in modes:
+                seconds, peaks[k, mode] = second_reading(args, teacher, base, k, mode)
+                times.setdefault((k, mode), []).append(seconds)
+    print(f"micro-batch {args.micro}, student {args.student}, teacher {args.teacher}, fp32 on the CPU, no workers")
+    print("| K | global batch | step's images alive at the loss, keep MiB | reread MiB | s / step keep | "
+          "s / step reread | reread / keep |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for k in KS:
+        keep, again = statistics.median(times[k, "keep"]), statistics.median(times[k, "reread"])
+        print(f"| {k} | {k * args.micro} | {peaks[k, 'keep'] / 2**20:.2f} | {peaks[k, 'reread'] / 2**20:.2f} | "
+              f"{keep:.3f} | {again:.3f} | {again / keep:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="cc-test-teacher")
@@ -90,8 +159,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8, help="data.num_workers of the memory estimate")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared CPU)")
+    parser.add_argument("--second-reading", action="store_true",
+                        help="the table of train.accum_inputs (reread against keep) at a fixed micro-batch")
+    parser.add_argument("--micro", type=int, default=64, help="micro-batch of --second-reading")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.second_reading:
+        torch.manual_seed(0)
+        second_reading_table(args, freeze(load_model(args.teacher)), load_model(args.student))
+        return
     device = resolve_device(args.device)
     precision = resolve_precision("auto", device)
     torch.manual_seed(0)
