@@ -58,6 +58,12 @@ class AnalysisError(ValueError):
     """A user error in the analysis (unknown key, no rows, bad file): one line."""
 
 
+def config_columns(frame: pd.DataFrame) -> list[str]:
+    """The flattened config columns of a results frame (``train.lr``, ``losses.0.name``): not an identity
+    column, an alias or a metric (metric names hold a ``/``)."""
+    return [c for c in frame.columns if "/" not in str(c) and c not in IDENTITY_COLUMNS and c not in ALIASES]
+
+
 def read_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """The raw result rows (dicts with ``row`` and ``path``) of run folders, ``result.json`` and ``.jsonl`` files."""
     from experiments.collect import collect_rows
@@ -290,11 +296,14 @@ def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
 
 def load_curves(paths: str | Path | Iterable[str | Path], stages: bool = False) -> pd.DataFrame:
     """Every logged value of ``metrics.jsonl`` in long form: one line per (run, step, term) with
-    columns ``run_id, path, step, term, value`` and the alias columns of the run. ``stages``: the
-    per-stage curves of staged runs (their step counts restart at each stage) instead of none."""
+    columns ``run_id, path, step, term, value``, the alias columns of the run and the config columns
+    whose value differs between the loaded runs (what a group must not pool, and what a filter may name;
+    a setting every run shares is left out, so the frame does not grow with the config's size).
+    ``stages``: the per-stage curves of staged runs (their step counts restart at each stage) instead of none."""
     results = load_results(paths)
     results = results[results["row"] == ("stage" if stages else "run")]
-    keep = ["run_id", "path", "name", "status", *ALIASES]
+    varying = [c for c in config_columns(results) if results[c].map(value_text).nunique() > 1]
+    keep = ["run_id", "path", "name", "status", *ALIASES, *varying]
     frames = []
     for _, result in results.iterrows():
         file = Path(result["path"]) / METRICS_FILE

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.load import AnalysisError, value_text
-from analysis.select import check_cells, resolve_key
+from analysis.select import GROUP_FIX, check_cells, resolve_key
 from analysis.structure_report import load_structure
 from analysis.structure_report import plot_structure as _structure_figure
 from analysis.tables import direction
@@ -107,16 +107,35 @@ def pareto_points(frame: pd.DataFrame, x: str, y: str, label: Sequence[str]) -> 
     frame = frame.dropna(subset=[x, y])
     if frame.empty:
         raise AnalysisError(f"no completed run has both {x} and {y}")
-    check_cells(frame, keys)
+    check_cells(frame, keys, GROUP_FIX)
     grouped = frame.groupby(keys, dropna=False, sort=True)
     points = grouped.agg(x=(x, "mean"), y=(y, "mean"), y_std=(y, "std"), n=(y, "size")).reset_index()
     points["label"] = [_label(tuple(r[k] for k in keys), keys) for _, r in points.iterrows()]
     return points
 
 
+def shared_labels(xs: Sequence[float], ys: Sequence[float], labels: Sequence[str],
+                  tolerance: float = 0.01) -> list[tuple[float, float, str]]:
+    """One label per place: points within ``tolerance`` of each axis's span of the first point of a place
+    share one annotation there, their labels one per line (in the order given), instead of printing
+    over each other."""
+    span_x = (max(xs) - min(xs)) if xs else 0.0
+    span_y = (max(ys) - min(ys)) if ys else 0.0
+    places: list[tuple[float, float, list[str]]] = []
+    for x, y, label in zip(xs, ys, labels, strict=True):
+        for px, py, texts in places:
+            if abs(x - px) <= tolerance * span_x and abs(y - py) <= tolerance * span_y:
+                texts.append(label)
+                break
+        else:
+            places.append((x, y, [label]))
+    return [(x, y, "\n".join(texts)) for x, y, texts in places]
+
+
 def plot_pareto(frame: pd.DataFrame, path: str | Path, x: str = "params", y: str | None = None,
                 label: Sequence[str] = ("name",), title: str | None = None) -> Path:
-    """``y`` (default: the first zero-shot top-1) against ``x``, points labelled by ``label``, the front drawn."""
+    """``y`` (default: the first zero-shot top-1) against ``x``, points labelled by ``label`` (points at one
+    place share a label, :func:`shared_labels`), the front drawn."""
     y = y or _first_metric(frame, "zs/*/top1")
     points = pareto_points(frame, x, y, label)
     x_name, x_scale = axis(resolve_key(frame, x))
@@ -131,9 +150,9 @@ def plot_pareto(frame: pd.DataFrame, path: str | Path, x: str = "params", y: str
     fy = points["y"].iloc[front] / y_scale
     steps = "steps-post" if direction(x) != "max" else "steps-pre"
     ax.plot(fx, fy, "-o", color="tab:red", mfc="none", ms=11, drawstyle=steps, label="Pareto front")
-    for _, p in points.iterrows():
-        ax.annotate(p["label"], (p["x"] / x_scale, p["y"] / y_scale), textcoords="offset points", xytext=(4, 4),
-                    fontsize=7)
+    for px, py, text in shared_labels((points["x"] / x_scale).tolist(), (points["y"] / y_scale).tolist(),
+                                      points["label"].tolist()):
+        ax.annotate(text, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel(x_name)
     ax.set_ylabel(y_name)
     ax.legend(fontsize=8)
@@ -154,14 +173,16 @@ def _first_metric(frame: pd.DataFrame, pattern: str) -> str:
 
 def plot_curves(curves: pd.DataFrame, path: str | Path, term: str = "loss", group: Sequence[str] = (),
                 title: str | None = None) -> Path:
-    """A logged ``term`` (``loss``, ``loss/affinity``, ``lr``, ...) against the step (from
+    """A logged ``term`` (``loss``, ``loss/affinity_i2t``, ``lr``, ...) against the step (from
     ``analysis.load.load_curves``): one line per run, or with ``group`` the mean per group with a
-    ±1 std band over its runs (seeds)."""
+    ±1 std band over its runs, which may differ in their seeds only (else refused, naming the keys)."""
     data = curves[curves["term"] == term]
     if data.empty:
         terms = sorted(curves["term"].unique())
         raise AnalysisError(f"no logged term {term!r}; logged: {', '.join(terms[:20])}")
     keys = [resolve_key(data, k) for k in group]
+    if keys:  # a group is averaged: its runs may differ in their seeds only (the check of tables)
+        check_cells(data.drop_duplicates("path").drop(columns=["step", "term", "value"]), keys, GROUP_FIX)
     fig, ax = _figure(title or f"{term} during training")
     if keys:
         for value, part in data.groupby(keys, sort=True):
@@ -189,7 +210,7 @@ def plot_steps(frame: pd.DataFrame, path: str | Path, y: str | None = None, x: s
     frame = _completed(frame)
     keys = [resolve_key(frame, k) for k in group]
     x, y = resolve_key(frame, x), resolve_key(frame, y)
-    check_cells(frame, [*keys, x])
+    check_cells(frame, [*keys, x], GROUP_FIX)
     x_name, x_scale = axis(x)
     y_name, y_scale = axis(y)
     fig, ax = _figure(title or f"{_short(y_name)} against {_short(x_name)}")

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from analysis.load import ALIASES, IDENTITY_COLUMNS, AnalysisError, value_text
+from analysis.load import ALIASES, AnalysisError, config_columns, value_text
 from compress.config.identity import NON_IDENTITY_KEYS, NON_IDENTITY_SECTIONS
 
 SEED_KEY = "seed"
@@ -74,10 +74,15 @@ def _ignored(column: str) -> bool:
             or rest in NON_IDENTITY_KEYS.get(section, ()))
 
 
-def check_cells(frame: pd.DataFrame, keys: list[str]) -> None:
-    """Refuse a cell that mixes runs differing in more than their seed."""
-    config = [c for c in frame.columns if "/" not in c and c not in IDENTITY_COLUMNS and c not in ALIASES
-              and c not in keys and not _ignored(c)]
+#: how to fix a refused cell of a table, and of a figure's group
+TABLE_FIX = "add them to the rows or columns, or --filter"
+GROUP_FIX = "add them to --group, or --filter"
+
+
+def check_cells(frame: pd.DataFrame, keys: list[str], fix: str = TABLE_FIX) -> None:
+    """Refuse a cell (a table cell, a figure's group) that mixes runs differing in more than their seed;
+    the one-line error names the keys that differ and ``fix``."""
+    config = [c for c in config_columns(frame) if c not in keys and not _ignored(c)]
     if frame.empty or not config:
         return
     groups = frame.groupby(keys, dropna=False, sort=False) if keys else [((), frame)]
@@ -87,4 +92,4 @@ def check_cells(frame: pd.DataFrame, keys: list[str]) -> None:
             values = label if isinstance(label, tuple) else (label,)
             where = ", ".join(f"{k}={value_text(v)}" for k, v in zip(keys, values, strict=True)) or "the table"
             raise AnalysisError(f"the runs of {where} differ in {', '.join(differ[:5])}"
-                                f"{' ...' if len(differ) > 5 else ''}: add them to the rows or columns, or --filter")
+                                f"{' ...' if len(differ) > 5 else ''}: {fix}")

@@ -51,7 +51,7 @@ from compress.results import (
     read_result,
     write_result,
 )
-from compress.rundir import CONFIG_FILE, METRICS_FILE, STAGES_DIR, owned_run_dir, stage_dir
+from compress.rundir import CONFIG_FILE, METRICS_FILE, STAGES_DIR, owned_run_dir, run_dir_for, stage_dir
 from compress.stopping import RunInterrupted, StoppedAtStep
 from compress.teacher import OnlineTeacher, freeze
 from compress.train import LossTerm, Trainer
@@ -61,11 +61,6 @@ log = logging.getLogger(__name__)
 
 class RunError(RuntimeError):
     """The run's configuration cannot be executed as written."""
-
-
-def run_dir_for(cfg: RunConfig) -> Path:
-    """``output.dir / (output.run_name or NAME-RUNID)``."""
-    return Path(cfg.output.dir) / (cfg.output.run_name or f"{cfg.name}-{cfg.run_id()}")
 
 
 def seed_everything(seed: int) -> None:

@@ -18,8 +18,12 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from compress.fileio import atomic_write_text
+
+if TYPE_CHECKING:
+    from compress.config import RunConfig
 
 LOCK_FILE = ".lock"
 RUN_ID_FILE = "run_id"
@@ -33,6 +37,11 @@ STAGES_DIR = "stages"
 LOCK_WAIT_S = 2.0
 
 log = logging.getLogger(__name__)
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    """``output.dir / (output.run_name or NAME-RUNID)``."""
+    return Path(cfg.output.dir) / (cfg.output.run_name or f"{cfg.name}-{cfg.run_id()}")
 
 
 def stage_dir(run_dir: Path, stage_dir_name: str | None) -> Path:

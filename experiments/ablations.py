@@ -163,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.ablations", description=__doc__.splitlines()[0])
     known = ", ".join(ABLATIONS)
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"ablations: {known} (default: all)")
-    parser.add_argument("--backend", choices=["inline", "local"], default="inline")
+    parser.add_argument("--backend", choices=["inline", "local"], default="inline",
+                        help="inline: the runs one after the other in this process (default); local: each run in "
+                        "a process of its own, all started at once, then waited for")
     parser.add_argument("--scale", type=int, default=1, help="K x the batch and the data (bigger machines)")
     parser.add_argument("--docs", default="docs/ablations", help="where the pages go")
     parser.add_argument("--cache-dir", default=None, help="where the demo teacher is cached")

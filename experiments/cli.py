@@ -16,7 +16,13 @@ class CliError(Exception):
 def _cmd_list(args: argparse.Namespace) -> int:
     from compress.registry import REGISTRIES
 
-    kinds = [args.kind] if args.kind else list(REGISTRIES)
+    kind, name = (args.kind, args.name) if args.kind in REGISTRIES or args.kind is None else (None, args.kind)
+    if args.name is not None and kind is None:
+        raise CliError(f"list: {args.kind!r} is not a kind ({', '.join(REGISTRIES)}); give KIND NAME or NAME")
+    if name is not None:
+        print(describe_plugin(name, kind))
+        return 0
+    kinds = [kind] if kind else list(REGISTRIES)
     for kind in kinds:
         entries = REGISTRIES[kind].entries()
         print(f"{kind}:")
@@ -30,7 +36,64 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print("shipped model configs:")
         for name in list_shipped_configs():
             print(f"  {name}")
+    print("`clip-compress list NAME`: a plug-in's parameters, defaults and documentation")
     return 0
+
+
+#: parameters the engine fills in for a plug-in that declares them (compress.config.validate), and from what
+ENGINE_CONTEXT = {
+    "losses": {"student_embed_dim": "the student's embedding size",
+               "teacher_embed_dim": "the teacher's embedding size"},
+    "inheritance": {"total_steps": "train.steps"},
+    "schedules": {"base_value": "train.lr for schedules.lr, the loss's weight for schedules.weight/<loss>",
+                  "total_steps": "train.steps"},
+}
+
+
+def describe_plugin(name: str, kind: str | None = None) -> str:
+    """``clip-compress list NAME``: each registered plug-in of that name (of ``kind`` only, if given) with
+    its config keys (the constructor's parameters: type, default, or the engine's value) and its docstring."""
+    import inspect
+    import json
+
+    from compress.registry import REGISTRIES, suggest
+
+    kinds = [kind] if kind else list(REGISTRIES)
+    found = [k for k in kinds if name in REGISTRIES[k]]
+    if not found:
+        known = sorted({n for k in kinds for n in REGISTRIES[k].names()})
+        raise CliError(f"list: no plug-in {name!r}{' in ' + kind if kind else ''}.{suggest(name, known)} "
+                       f"Known: {', '.join(known)}")
+    blocks = []
+    for k in found:
+        registry = REGISTRIES[k]
+        factory = registry.get(name)
+        lines = [f"{k} {name!r} ({factory.__module__}.{getattr(factory, '__qualname__', factory)})", "parameters:"]
+        params = [p for p in registry.signature(name).parameters.values()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.VAR_KEYWORD)]
+        if k == "losses":  # the engine's, on every loss term
+            lines.append("  weight: float = 1.0  (every loss: its terms' factor in the summed loss)")
+        for p in params:
+            if p.kind is p.VAR_KEYWORD:
+                lines.append(f"  **{p.name}: any further keys")
+                continue
+            annotation = "" if p.annotation is p.empty else f": {getattr(p.annotation, '__name__', p.annotation)}"
+            if p.name in ENGINE_CONTEXT.get(k, {}):
+                default = f"  (set by the engine: {ENGINE_CONTEXT[k][p.name]})"
+            elif p.default is p.empty:
+                default = "  (required)"
+            else:
+                try:
+                    default = f" = {json.dumps(p.default)}"
+                except (TypeError, ValueError):
+                    default = f" = {p.default!r}"
+            lines.append(f"  {p.name}{annotation}{default}")
+        if not params and k != "losses":
+            lines.append("  (none)")
+        doc = inspect.getdoc(factory) or "(no docstring)"
+        lines += ["", *(f"  {line}" if line else "" for line in doc.splitlines())]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 #: why a sweep, or a run handed to a backend, is refused under torchrun (every rank would submit it)
@@ -48,11 +111,12 @@ def _refuse_under_torchrun() -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from compress.config import load_config
+
+    cfg = load_config(args.config, args.set or [])  # before anything imports torch: a YAML mistake fails at once
     from compress.distributed import environment
     from compress.run import run_dir_for
     from experiments.dispatch import STATUS_SUBMITTED, dispatch
 
-    cfg = load_config(args.config, args.set or [])
     if args.dry_run:
         from compress.plan import build_plan, format_plan
 
@@ -64,7 +128,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if environment().rank != 0:  # one of several processes (torchrun): rank 0 reports
         return 0 if all(r.get("status") in ("completed", "skipped") for r in rows) else 1
     for row in rows:
-        if row.get("status") in ("completed", "skipped"):
+        if row.get("status") == "skipped":  # dispatch said "[skip] ... completed result in ..."
+            print(f"  {headline_numbers(row)}")
+        elif row.get("status") == "completed":
             print(headline(row, run_dir_for(cfg)))
         elif row.get("status") == STATUS_SUBMITTED:
             print(f"[submitted] {cfg.name} ({cfg.run_id()}) as job {row['job_id']}: the result lands in "
@@ -73,11 +139,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from experiments.sweep import load_sweep
+
+    sweep = load_sweep(args.sweep, args.set or [])  # before anything imports torch: a YAML mistake fails at once
+    _refuse_under_torchrun()
     from experiments.sweep_cli import run_sweep
 
-    _refuse_under_torchrun()
-    return run_sweep(args.sweep, backend=args.backend, overrides=args.set or [], dry_run=args.dry_run,
-                     only_failed=args.only_failed, force=args.force)
+    return run_sweep(sweep, backend=args.backend, dry_run=args.dry_run, only_failed=args.only_failed,
+                     force=args.force)
 
 
 #: metric keys (by prefix and suffix) a finished run prints, in this order
@@ -86,6 +155,11 @@ HEADLINE_KEYS = ("zs/*/top1", "ret/*/i2t_r1", "ret/*/t2i_r1", "sparsity/achieved
 
 def headline(row: dict, run_dir: object) -> str:
     """Two lines for a finished run: where it is, and its main numbers."""
+    return f"[{row.get('status')}] {row.get('name')} ({row.get('run_id')}) in {run_dir}\n  " + headline_numbers(row)
+
+
+def headline_numbers(row: dict) -> str:
+    """A finished run's main numbers in one line (:data:`HEADLINE_KEYS`, then the parameters)."""
     import fnmatch
 
     metrics = row.get("metrics", {})
@@ -96,7 +170,7 @@ def headline(row: dict, run_dir: object) -> str:
             parts.append(f"{key} {value:.1%}" if key.startswith("sparsity/") else f"{key} {value:.2f}")
     if "params/vision" in metrics and "params/text" in metrics:
         parts.append(f"params/vision+text {(metrics['params/vision'] + metrics['params/text']) / 1e6:.2f}M")
-    return f"[{row.get('status')}] {row.get('name')} ({row.get('run_id')}) in {run_dir}\n  " + "  ".join(parts)
+    return "  ".join(parts)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -309,9 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
-        "list", parents=[verbose], help="list plug-ins and model configs", description="List registered plug-ins."
+        "list", parents=[verbose], help="list plug-ins and model configs, or one plug-in's parameters",
+        description="List registered plug-ins and shipped model configs; `list NAME`: one plug-in's parameters, "
+        "defaults and documentation."
     )
-    p.add_argument("kind", nargs="?", choices=["losses", "inheritance", "schedules"], help="only this kind")
+    p.add_argument("kind", nargs="?", metavar="KIND|NAME",
+                   help="a kind (losses, inheritance, schedules): list only it; a plug-in's name: its parameters "
+                   "with their defaults, and its documentation")
+    p.add_argument("name", nargs="?", metavar="NAME", help="with a KIND: that kind's plug-in NAME")
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser(

@@ -1,4 +1,5 @@
-"""Progressive against one-shot pruning on the embedded data (TinyCLIP §3.3, ``TINYCLIP.md`` §4).
+"""Progressive against one-shot pruning on the embedded data: TinyCLIP's multi-stage progressive distillation
+(Wu et al., "TinyCLIP: CLIP Distillation via Affinity Mimicking and Weight Inheritance", ICCV 2023).
 
 ``python -m experiments.progressive [--quick]`` distils the demo's teacher (trained once and
 cached, as ``clip-compress demo`` does) into students with 75% of its prunable parameters

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -373,6 +373,12 @@ def _shorten(text: str | None, width: int = ERROR_WIDTH) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def values_text(values: Mapping[str, Any]) -> str:
+    """A run's axis values in one line, each value as JSON: ``train.lr=0.0003, losses=[{"name": "clip"}]``
+    (what the sweep's dry run and its errors print too)."""
+    return ", ".join(f"{key}={json.dumps(value, default=str)}" for key, value in values.items())
+
+
 def summary(states: Iterable[RunState]) -> str:
     """``N runs: a completed, b failed, ...`` (states with no run left out)."""
     states = list(states)
@@ -388,7 +394,7 @@ def format_status(states: Sequence[RunState]) -> str:
     header = ["STATE", "RUN ID", "NAME", "STAGE", "STEP", "JOB", *(["VALUES"] if with_values else []), "ERROR"]
     rows = [header]
     for s in states:
-        values = " ".join(f"{k}={v}" for k, v in s.values.items())
+        values = values_text(s.values)
         state = f"{s.state} (pid {s.pid})" if s.state == RUNNING and s.pid else s.state
         state = f"{state} ({s.job_state})" if s.state == QUEUED and s.job_state else state
         rows.append([state, s.run_id or "-", s.name or "-", s.stage or "-", _steps_text(s), s.job_id or "-",

@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.config import ConfigError, RunConfig, config_from_dict, parse_override, yaml_load
-from compress.run import run_dir_for
-from experiments.status import MANIFEST_FILE
+from compress.config import ConfigError, OverrideError, RunConfig, config_from_dict, parse_override
+from compress.config.yamlio import read_yaml
+from compress.rundir import run_dir_for
+from experiments.status import MANIFEST_FILE, values_text
 
 SWEEP_KEYS = ("name", "base", "set", "output_dir", "axes", "zip", "seeds", "exclude")
 #: keys the sweep sets on every run itself
@@ -97,11 +98,13 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     if not path.is_file():
         raise SweepError(f"sweep file not found: {path}")
     try:
-        data = yaml_load(path.read_text())
-    except Exception as error:  # noqa: BLE001 - yaml's errors: one line
-        raise SweepError(f"{path}: not valid YAML: {error}") from None
+        data = read_yaml(path)
+    except ConfigError as error:
+        raise SweepError(str(error)) from None
     try:
         return _expand(path, data, overrides)
+    except OverrideError:  # a --set of the command line: it applies to every run, and names itself
+        raise
     except ConfigError as error:
         raise SweepError(f"{path}: {error}") from None
 
@@ -120,7 +123,7 @@ def _expand(path: Path, data: Any, overrides: Sequence[str]) -> Sweep:
     base_path = (path.parent / data["base"]).resolve()
     if not base_path.is_file():
         raise SweepError(f"base: config file not found: {base_path}")
-    base = yaml_load(base_path.read_text()) or {}
+    base = read_yaml(base_path) or {}
     fixed = _mapping(data.get("set") or {}, "set")
     cli = {".".join(keys): value for keys, value in (parse_override(text) for text in overrides)}
     axes = _axes(data)
@@ -146,9 +149,12 @@ def _expand(path: Path, data: Any, overrides: Sequence[str]) -> Sweep:
     sweep = Sweep(name=name, path=path, output_dir=output_dir, axes=axes)
     seen: dict[str, dict[str, Any]] = {}
     for index, values in enumerate(kept):
-        items = [*fixed.items(), *cli.items(), *values.items(), ("name", name), ("output.dir", str(output_dir))]
-        try:
-            cfg = config_from_dict(base, [(key.split("."), value) for key, value in items])
+        items = [*fixed.items(), *values.items(), ("name", name), ("output.dir", str(output_dir))]
+        parsed = [(key.split("."), value) for key, value in items]
+        try:  # the --set texts as given, so that an error they bring in names them
+            cfg = config_from_dict(base, [*parsed[:len(fixed)], *overrides, *parsed[len(fixed):]])
+        except OverrideError:
+            raise
         except ConfigError as error:
             raise SweepError(f"run {index} ({describe(values)}): {error}") from None
         run_id = cfg.run_id()
@@ -243,7 +249,7 @@ def _exclusions(rules: Any, axes: list[Axis]) -> list[dict[str, Any]]:
 
 def describe(values: Mapping[str, Any]) -> str:
     """``train.lr=0.0003, seed=1``: a run's axis values in one line."""
-    return ", ".join(f"{key}={json.dumps(value, default=str)}" for key, value in values.items()) or "the base config"
+    return values_text(values) or "the base config"
 
 
 def short_values(values: Mapping[str, Any], limit: int = 80) -> str:

@@ -91,11 +91,17 @@ def format_table(sweep: Sweep, runs: Sequence[SweepRun], states: Sequence[str], 
     return "\n".join(lines)
 
 
-def run_sweep(path: str | Path, backend: str | None = None, overrides: Sequence[str] = (), dry_run: bool = False,
-              only_failed: bool = False, force: bool = False) -> int:
+def run_sweep(path: str | Path | Sweep, backend: str | None = None, overrides: Sequence[str] = (),
+              dry_run: bool = False, only_failed: bool = False, force: bool = False) -> int:
     """Submit the sweep's runs that the mode selects (see :func:`selected`); the exit code is 1 when an
-    ``inline``/``debug`` run failed, else 0 (``local``/``slurm`` jobs are not waited for)."""
-    sweep = load_sweep(path, overrides)
+    ``inline``/``debug`` run failed, else 0 (``local``/``slurm`` jobs are not waited for). ``path``: a sweep
+    file (expanded with ``overrides``), or a sweep already loaded."""
+    if isinstance(path, Sweep):
+        if overrides:
+            raise ValueError("overrides apply when a sweep file is loaded; this sweep is loaded already")
+        sweep = path
+    else:
+        sweep = load_sweep(path, overrides)
     runs = sweep.runs()
     jobs = read_manifest(sweep.manifest)
     states, note = sweep_run_states(runs, jobs)

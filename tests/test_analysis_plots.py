@@ -82,3 +82,52 @@ def test_curves_and_structure_figures(tmp_path: Path) -> None:
     assert _is_figure(plots.plot_structure(tmp_path / "runs" / "r0", tmp_path / "structure.pdf"))
     with pytest.raises(AnalysisError, match="no structure.json"):
         plots.plot_structure(tmp_path / "runs" / "r1", tmp_path / "structure.png")
+
+
+def _curve_runs(root: Path, configs: dict[str, dict]) -> None:
+    for name, config in configs.items():
+        run = root / name
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps({"status": "completed", "name": "lr-sweep", "config": config,
+                                                     "metrics": {}}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2)))
+
+
+def test_curves_refuse_a_group_that_pools_runs_differing_in_more_than_their_seeds(tmp_path, capsys):
+    """Two learning rates of a sweep are not one group of n=4 (what ``table`` refuses too)."""
+    from experiments.cli import main
+
+    configs = {f"r{lr}-{seed}": {"name": "lr-sweep", "seed": seed, "train": {"lr": lr},
+                                 "losses": [{"name": "affinity"}]} for lr in (1e-3, 3e-3) for seed in (0, 1)}
+    _curve_runs(tmp_path / "runs", configs)
+    curves = load_curves(tmp_path / "runs")
+    with pytest.raises(AnalysisError, match=r"the runs of loss=affinity differ in train.lr: add them to --group"):
+        plots.plot_curves(curves, tmp_path / "c.png", group=["loss"])
+    assert _is_figure(plots.plot_curves(curves, tmp_path / "c.png", group=["loss", "lr"]))  # n=2 seeds per line
+    assert _is_figure(plots.plot_curves(curves, tmp_path / "c.png"))  # a line per run pools nothing
+    out = tmp_path / "cli.png"
+    assert main(["plot", str(tmp_path / "runs"), "--kind", "curves", "--group", "loss", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differ in train.lr" in err[0] and not out.exists()
+    assert main(["plot", str(tmp_path / "runs"), "--kind", "curves", "--group", "loss", "--filter",
+                 "train.lr=0.001", "-o", str(out)]) == 0
+
+
+def test_pareto_points_at_one_place_share_one_label(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    assert plots.shared_labels([1.0, 1.0, 2.0, 1.001], [5.0, 5.0, 6.0, 5.0], ["a", "b", "c", "d"]) == [
+        (1.0, 5.0, "a\nb\nd"), (2.0, 6.0, "c")]
+    rows = tmp_path / "rows.jsonl"
+    metrics = [(1e6, 80.0), (1e6, 80.0), (2e6, 90.0)]
+    rows.write_text("".join(json.dumps({
+        "run_id": f"r{i}", "name": f"run{i}", "status": "completed",
+        "config": {"seed": 0, "losses": [{"name": f"loss{i}"}]},
+        "metrics": {"zs/t/top1": top1, "params/vision": params, "params/text": 0}}) + "\n"
+        for i, (params, top1) in enumerate(metrics)))
+    texts = []
+    original = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *a, **k: texts.append(text) or original(self, text, *a, **k))
+    assert _is_figure(plots.plot_pareto(load_results(rows), tmp_path / "p.png", label=["loss"]))
+    assert sorted(texts) == ["loss0\nloss1", "loss2"]

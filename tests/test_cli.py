@@ -22,6 +22,53 @@ def test_list_prints_every_plugin_with_description(capsys):
     assert {"none", "manual", "auto"} <= set(INHERITANCE.names())
 
 
+def test_list_name_prints_the_parameters_their_defaults_and_the_docstring(capsys):
+    assert main(["list", "affinity"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("losses 'affinity' (strategies.losses.affinity.AffinityMimicking)")
+    for line in ("weight: float = 1.0", "weight_i2t: float = 0.5", "weight_t2i: float = 0.5",
+                 "scale: float | str = 50.0", "TinyCLIP affinity mimicking"):
+        assert f"  {line}" in out, line
+    assert main(["list", "inheritance", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "  prune_step: int = 3000" in out and "  total_steps: int | None  (set by the engine: train.steps)" in out
+    assert main(["list", "warmup_cosine"]) == 0
+    assert "  base_value: float  (set by the engine: train.lr" in capsys.readouterr().out
+    assert main(["list", "affinty"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no plug-in 'affinty'. Did you mean 'affinity'" in err[0]
+    assert main(["list", "losses", "auto"]) == 2  # auto is an inheritance strategy
+    assert "no plug-in 'auto' in losses" in capsys.readouterr().err
+
+
+def test_config_mistakes_fail_before_torch_is_imported(tmp_path):
+    """A YAML mistake (a key twice, an unknown key, a wrong --set) is reported without importing torch,
+    which takes seconds; checked in a fresh interpreter for each command."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    config = root / "experiments" / "configs" / "tiny-test.yaml"
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(config.read_text() + "name: again\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(config.read_text().replace("lr: 1e-3", "lrate: 1e-3"))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"name: s\nbase: {config}\naxes:\n  train.lr: [1.0e-3]\n  train.lr: [2.0e-3]\n")
+    commands = {"duplicate key 'name'": ["run", str(twice)], "unknown key 'train.lrate'": ["run", str(unknown)],
+                "--set train.stepz=2": ["run", str(config), "--set", "train.stepz=2"],
+                "duplicate key 'axes.train.lr'": ["sweep", str(sweep), "--dry-run"]}
+    for message, argv in commands.items():
+        code = ("import sys\nfrom experiments.cli import main\n"
+                f"code = main({argv!r})\nprint(code, 'torch' in sys.modules)")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                                env={**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"})
+        assert result.stdout.split() == ["2", "False"], (argv, result.stdout, result.stderr)
+        assert message in result.stderr
+
+
 def test_config_errors_are_one_line(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("name: x\ntrain: {lrr: 1.0e-3}\n")

@@ -394,3 +394,50 @@ def test_has_weights_agrees_with_what_load_model_loads(tmp_path):
 def test_lr_schedule_is_required():
     with pytest.raises(ConfigError, match="schedules.lr: a learning-rate schedule is required"):
         config_from_dict(builtin_dict(schedules={"weight/affinity": {"name": "constant"}}))
+
+
+# -- what a new user meets (issue 16): a key written twice, and errors an override brings in --------------------
+def _tiny_yaml(**extra) -> str:
+    return yaml.safe_dump({**builtin_dict(), **extra}, sort_keys=False)
+
+
+@pytest.mark.parametrize(("text", "key", "lines"), [
+    ("name: first\nseed: 0\nname: second\n", "name", "lines 1 and 3"),
+    ("train:\n  lr: 1.0e-3\n  steps: 4\n  lr: 3.0e-4\n", "train.lr", "lines 2 and 4"),
+    ("losses:\n  - {name: affinity, scale: 50, scale: 40}\n", "losses.0.scale", "twice on line 2"),
+])
+def test_a_key_written_twice_is_refused_naming_key_file_and_lines(tmp_path, text, key, lines):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value) == f"{path}: duplicate key {key!r} ({lines})"
+
+
+def test_yaml_merge_keys_may_override_what_they_merge():
+    from compress.config import yaml_load
+
+    text = "defaults: &d {lr: 1.0e-3, steps: 4}\ntrain:\n  <<: *d\n  lr: 3.0e-4\n"
+    assert yaml_load(text)["train"] == {"lr": 3.0e-4, "steps": 4}
+
+
+def test_set_errors_name_the_override_not_the_file(tmp_path):
+    from compress.config import OverrideError
+
+    path = tmp_path / "base.yaml"
+    path.write_text(_tiny_yaml())
+    for override, message in (
+        ("train.lrate=1e-3", "--set train.lrate=1e-3: unknown key 'train.lrate'. Did you mean 'lr'?"),
+        ("train.lr=fast", "--set train.lr=fast: train.lr: expected a number, got 'fast'"),
+        ("train.steps=0", "--set train.steps=0: train.steps: must be at least 1, got 0"),
+        ("name.first=x", "--set name.first=x: 'name' is not a mapping"),
+        ("train.lr", "--set train.lr: not of the form key.path=value"),
+    ):
+        with pytest.raises(OverrideError) as error:
+            load_config(path, ["train.steps=2", override])
+        assert str(error.value).startswith(message) and str(path) not in str(error.value)
+    # the file's own mistake stays the file's, whatever the overrides
+    path.write_text(_tiny_yaml(train={"lrr": 1e-3}))
+    with pytest.raises(ConfigError, match=rf"^{path}: unknown key 'train.lrr'") as error:
+        load_config(path, ["train.steps=2"])
+    assert not isinstance(error.value, OverrideError)

@@ -447,3 +447,17 @@ def test_evaluate_model_restores_training_mode_and_needs_tokenizer(tiny: nn.Modu
     assert model.training
     with pytest.raises(ValueError, match="tokenizer"):
         evaluate_model(model, zero_shot_tasks=[ZeroShotTask("t", [], ["a"], ["{}"])])
+
+
+def test_progress_lines_name_the_set(tiny: nn.Module, capsys: pytest.CaptureFixture[str]) -> None:
+    """``[zero-shot color] 1/1``, not ``[zero-shot] 1/1`` for each of several sets (issue 16)."""
+    tokenizer = _tokenizer()
+    images, labels = torch.randn(4, 3, 32, 32), torch.arange(4) % 2
+    tasks = [ZeroShotTask(name, [(images, labels)], ["red", "blue"], ["a {}."]) for name in ("color", "shape")]
+    tokens = tokenizer(["a red one", "a blue one"] * 2)
+    sets = [RetrievalSet("val", [(images, tokens)])]
+    evaluate_model(tiny, tokenizer, zero_shot_tasks=tasks, retrieval_sets=sets, measure_macs=False,
+                   measure_throughput=False, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("]")[0] for line in lines if line.startswith("[")] == [
+        "[zero-shot color", "[zero-shot shape", "[retrieval val"]

@@ -1,4 +1,6 @@
-"""The shipped TinyCLIP configs have the architecture and parameter counts of TINYCLIP.md §5.
+"""The shipped TinyCLIP configs have the architecture and parameter counts of the TinyCLIP models
+(Wu et al., "TinyCLIP: CLIP Distillation via Affinity Mimicking and Weight Inheritance", ICCV 2023,
+and its released model zoo).
 
 Models are built on the meta device (shapes only, no memory, no initialisation cost).
 """
@@ -11,7 +13,7 @@ import torch
 from compress.models import build_from_config, get_model_config, list_shipped_configs
 from compress.models.params import format_millions, parameter_report
 
-# name: (vision params, text params without token embedding), in millions, TINYCLIP.md §5
+# name: (vision params, text params without token embedding), in millions, of the TinyCLIP paper's models
 PAPER_COUNTS = {
     "ViT-B-32": (87.85, 38.13),  # the paper rounds the text tower to 38.1M
     "TinyCLIP-ViT-61M-32-Text-29M": (61.41, 28.67),
@@ -29,7 +31,7 @@ RESNET_COUNTS = {
     "TinyCLIP-ResNet-19M-Text-19M": (18_596_766, 19_479_040),
 }
 
-# name: (vision layers, width, heads, patch), (text layers, width, heads): TINYCLIP.md §5 table
+# name: (vision layers, width, heads, patch), (text layers, width, heads): the TinyCLIP paper's models
 VIT_ARCH = {
     "ViT-B-32": ((12, 768, 12, 32), (12, 512, 8)),
     "TinyCLIP-ViT-61M-32-Text-29M": ((12, 640, 10, 32), (9, 512, 8)),

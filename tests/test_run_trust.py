@@ -306,3 +306,16 @@ def test_replacing_a_stage_students_local_file_changes_the_run_id(tmp_path):
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert cfg().run_id() != first
+
+
+def test_a_skipped_run_prints_one_line_and_its_numbers(tmp_path, capsys):
+    from experiments.cli import main
+
+    path = _write_cli_config(tmp_path, progress=False)
+    assert main(["run", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 0  # completed: skipped
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[skip] cli (") and "[skipped]" not in out
+    assert lines[1].startswith("  zs/cs/top1 ")

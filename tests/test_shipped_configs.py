@@ -51,7 +51,7 @@ def test_shipped_config_passes_the_dry_run(path, tmp_path, capsys):
 
 
 def test_dry_run_of_the_tinyclip_recipes_gives_the_papers_sizes(capsys):
-    """The recipes' students have the parameter counts of TINYCLIP.md §5, and the automatic chain
+    """The recipes' students have the parameter counts of the TinyCLIP paper's models, and the automatic chain
     ends at 25% of ViT-B/32's prunable parameters (87.85M + 38.13M)."""
     from compress.config.stages import resolve_stages
     from compress.plan import build_plan

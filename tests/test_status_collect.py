@@ -287,3 +287,15 @@ def test_status_and_collect_modules_do_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.strip() == "False"
+
+
+def test_status_prints_axis_values_as_json_like_the_sweep_dry_run(tmp_path):
+    from experiments.sweep import describe
+
+    values = {"train.lr": 0.0003, "losses": [{"name": "clip", "weight": 1.0}], "student.model": "a.json",
+              "train.compile": False}
+    state = run_state(tmp_path / "not-started")
+    state.values = values
+    line = format_status([state]).splitlines()[1]
+    shown = 'train.lr=0.0003, losses=[{"name": "clip", "weight": 1.0}], student.model="a.json", train.compile=false'
+    assert shown in line and describe(values) == shown

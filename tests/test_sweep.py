@@ -112,6 +112,26 @@ def test_cli_set_applies_to_every_run_and_may_not_name_an_axis(tmp_path):
         load_sweep(path, ["train.lr=1e-2"])
 
 
+def test_a_key_written_twice_in_a_sweep_or_its_base_is_refused(tmp_path):
+    path = write_sweep(tmp_path, axes={"train.lr": [1.0e-3]})
+    path.write_text(path.read_text() + "axes:\n  seed: [0, 1]\n")
+    with pytest.raises(SweepError) as error:
+        load_sweep(path)
+    assert str(error.value) == f"{path}: duplicate key 'axes' (lines 4 and 7)"
+    path = write_sweep(tmp_path, axes={"train.lr": [1.0e-3]})
+    base = tmp_path / "configs" / "base.yaml"
+    base.write_text(base.read_text() + "name: again\n")
+    with pytest.raises(SweepError, match=r"base.yaml: duplicate key 'name' \(lines \d+ and \d+\)$"):
+        load_sweep(path)
+
+
+def test_a_set_error_of_a_sweep_names_the_override(tmp_path, capsys):
+    path = write_sweep(tmp_path, axes={"train.lr": [1.0e-3, 3.0e-4]})
+    assert main(["sweep", str(path), "--dry-run", "--set", "train.stepz=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("clip-compress: error: --set train.stepz=3: unknown key 'train.stepz'")
+
+
 def test_an_invalid_sweep_is_a_one_line_error_of_the_cli(tmp_path, capsys):
     path = write_sweep(tmp_path, zip=[{"train.lr": [1.0e-3, 2.0e-3], "seed": [0]}])
     assert main(["sweep", str(path), "--backend", "inline"]) == 2

@@ -10,7 +10,7 @@ plug-in's constructor at validation time, so a typo fails before anything is bui
 - :mod:`~compress.config.identity`: the run id.
 """
 
-from compress.config.errors import ConfigError
+from compress.config.errors import ConfigError, OverrideError
 from compress.config.identity import identity_dict, run_id
 from compress.config.overrides import apply_overrides, parse_override
 from compress.config.parsing import config_from_dict, dump_config, load_config
@@ -28,7 +28,7 @@ from compress.config.schema import (
     ZeroShotTaskConfig,
 )
 from compress.config.validate import inheritance_context, schedule_context, validate
-from compress.config.yamlio import yaml_load
+from compress.config.yamlio import read_yaml, yaml_load
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -38,6 +38,7 @@ __all__ = [
     "DispatchConfig",
     "EvalConfig",
     "ModelSpec",
+    "OverrideError",
     "OutputConfig",
     "PluginSpec",
     "RunConfig",
@@ -50,6 +51,7 @@ __all__ = [
     "inheritance_context",
     "load_config",
     "parse_override",
+    "read_yaml",
     "run_id",
     "schedule_context",
     "validate",

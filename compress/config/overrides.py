@@ -8,22 +8,22 @@ from typing import Any
 
 import yaml
 
-from compress.config.errors import ConfigError
-from compress.config.yamlio import yaml_load
+from compress.config.errors import ConfigError, OverrideError
+from compress.config.yamlio import yaml_error_text, yaml_load
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``train.lr=3e-4`` -> (["train", "lr"], 3e-4); the value is parsed as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+        raise OverrideError(f"--set {text}: not of the form key.path=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"override {text!r} has no key")
+        raise OverrideError(f"--set {text}: no key before '='")
     try:
         value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: cannot parse value: {e}") from None
+        raise OverrideError(f"--set {text}: cannot parse the value: {yaml_error_text(e)}") from None
     return key.split("."), value
 
 
@@ -33,29 +33,40 @@ Override = str | tuple[list[str], Any]
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[Override]) -> dict[str, Any]:
     """Set dotted keys in a plain config dict; list items are addressed by index
-    (``losses.0.weight=2``). Unknown keys are left for validation to report."""
+    (``losses.0.weight=2``). Unknown keys are left for validation to report. An error of a ``--set``
+    text is an :class:`OverrideError` naming it."""
     data = copy.deepcopy(data)
-    for text in overrides:
-        keys, value = parse_override(text) if isinstance(text, str) else (list(text[0]), copy.deepcopy(text[1]))
-        shown = text if isinstance(text, str) else f"{'.'.join(keys)}={value!r}"
-        node: Any = data
-        for i, key in enumerate(keys[:-1]):
-            where = ".".join(keys[: i + 1])
-            if isinstance(node, list):
-                node = _list_item(node, key, where)
-            else:
-                if node.get(key) is None:
-                    node[key] = {}
-                node = node[key]
-                if not isinstance(node, dict | list):
-                    raise ConfigError(f"override {shown!r}: {where!r} is not a mapping")
-        last = keys[-1]
-        if isinstance(node, list):
-            index = _list_index(node, last, shown)
-            node[index] = value
+    for override in overrides:
+        if isinstance(override, str):
+            keys, value = parse_override(override)
         else:
-            node[last] = value
+            keys, value = list(override[0]), copy.deepcopy(override[1])
+        try:
+            _set(data, keys, value)
+        except ConfigError as error:
+            if isinstance(override, str):
+                raise OverrideError(f"--set {override}: {error}") from None
+            raise ConfigError(f"override {'.'.join(keys)}={value!r}: {error}") from None
     return data
+
+
+def _set(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    node: Any = data
+    for i, key in enumerate(keys[:-1]):
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            node = _list_item(node, key, where)
+        else:
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, dict | list):
+                raise ConfigError(f"{where!r} is not a mapping")
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, ".".join(keys))] = value
+    else:
+        node[last] = value
 
 
 def _list_index(node: list, key: str, where: str) -> int:

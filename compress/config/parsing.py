@@ -5,18 +5,18 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
-from compress.config.errors import ConfigError
+from compress.config.errors import ConfigError, OverrideError
 from compress.config.overrides import Override, apply_overrides
 from compress.config.schema import RunConfig
 from compress.config.stages import expand_stage_chain
 from compress.config.validate import validate
-from compress.config.yamlio import yaml_load
+from compress.config.yamlio import read_yaml
 from compress.registry import suggest
 
 
@@ -123,27 +123,71 @@ def _merge(cls: type, base: Mapping[str, Any], data: Mapping[str, Any]) -> dict[
 
 def config_from_dict(data: Mapping[str, Any], overrides: Sequence[Override] | None = None) -> RunConfig:
     """Defaults, then ``data`` on top, then the ``--set`` overrides on top of both (so that
-    ``losses.0.weight=2`` works when ``data`` lists no losses), then validation."""
+    ``losses.0.weight=2`` works when ``data`` lists no losses), then validation. An error that a
+    ``--set`` text brings in is an :class:`OverrideError` naming it (see :func:`_blame`)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"a config is a mapping at the top level, got {type(data).__name__}")
-    merged = apply_overrides(_merge(RunConfig, RunConfig().to_dict(), data), overrides or [])
+    overrides = list(overrides or [])
+    try:  # the key names and types first: a mistake there fails before the plug-ins (and torch) are imported
+        cfg = _parse(data, overrides)
+    except OverrideError:
+        raise
+    except ConfigError as error:
+        _blame(error, data, overrides, _parse)
+    try:
+        return validate(cfg)
+    except OverrideError:
+        raise
+    except ConfigError as error:
+        _blame(error, data, overrides, _resolve)
+
+
+def _parse(data: Mapping[str, Any], overrides: list[Override]) -> RunConfig:
+    """Defaults, ``data``, ``overrides`` -> the dataclasses (key names and types checked, not validated)."""
+    merged = apply_overrides(_merge(RunConfig, RunConfig().to_dict(), data), overrides)
     merged["stages"] = expand_stage_chain(merged.get("stages") or [])
-    return validate(_from_dict(RunConfig, merged))
+    return _from_dict(RunConfig, merged)
+
+
+def _resolve(data: Mapping[str, Any], overrides: list[Override]) -> RunConfig:
+    return validate(_parse(data, overrides))
+
+
+def _blame(error: ConfigError, data: Mapping[str, Any], overrides: list[Override],
+           check: Callable[[Mapping[str, Any], list[Override]], Any]) -> NoReturn:
+    """Raise ``error``, as an :class:`OverrideError` naming the ``--set`` text that brings it in where
+    there is one: the last override of the shortest prefix of ``overrides`` with which ``check`` already
+    fails with that message. Not renamed when the config fails so without overrides (the file's error) or
+    that override is not a ``--set`` text (a sweep's axis value, which the sweep names). Runs only on the
+    error path: at most one ``check`` per override."""
+    message = str(error)
+    culprit: Override | None = overrides[-1] if overrides else None
+    if any(isinstance(o, str) for o in overrides):
+        for k in range(len(overrides)):
+            try:
+                check(data, overrides[:k])
+            except ConfigError as other:
+                if str(other) == message:
+                    culprit = overrides[k - 1] if k else None
+                    break
+    if isinstance(culprit, str):
+        raise OverrideError(f"--set {culprit}: {message}") from None
+    raise error
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (safe loading only: no Python objects), apply ``--set`` overrides, validate."""
+    """Read a YAML config (safe loading only: no Python objects, no key twice), apply ``--set`` overrides,
+    validate."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path)
     if data is None:
         raise ConfigError(f"config file {path} is empty")
     try:
         return config_from_dict(data, overrides)
+    except OverrideError:
+        raise
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

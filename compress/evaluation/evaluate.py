@@ -53,12 +53,14 @@ def evaluate_model(
             model, tokenizer, task.classnames, task.templates, device, precision=precision, progress=progress
         )
         accuracy = zero_shot_accuracy(
-            model, classifier, task.loader, device, task.topk, task.label_subsets, progress, precision
+            model, classifier, task.loader, device, task.topk, task.label_subsets, progress, precision,
+            desc=f"zero-shot {task.name}",
         )
         metrics.update({f"zs/{task.name}/{k}": v for k, v in accuracy.items()})
     for rset in retrieval_sets:
         recall = retrieval_recall(
-            model, rset.loader, device, rset.ks, rset.text_to_image, precision, rset.chunk_size, progress
+            model, rset.loader, device, rset.ks, rset.text_to_image, precision, rset.chunk_size, progress,
+            desc=f"retrieval {rset.name}",
         )
         metrics.update({f"ret/{rset.name}/{k}": v for k, v in recall.items()})
     if measure_params:

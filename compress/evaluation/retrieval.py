@@ -35,19 +35,20 @@ def encode_retrieval_set(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     progress: bool = False,
+    desc: str = "retrieval",
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Normalised fp32 ``(image_features [Ni, E], text_features [Nt, E], text_to_image [Nt])``.
 
     ``loader`` yields ``(images, tokens)`` (or dicts with ``images`` / ``texts``). Tokens
     [B, L] are one caption per image (pairs); tokens [B, K, L] are K captions per image.
     The implied ``text_to_image`` is ``None`` when a batch has neither form (then the caller
-    must give the mapping)."""
+    must give the mapping). ``desc`` names the progress lines (the set: ``retrieval coco``)."""
     device = torch.device(device)
     policy = resolve_precision(precision, device)
     images_out, texts_out, mapping = [], [], []
     implied, offset = True, 0
     with eval_mode(model):
-        for batch in progress_iter(loader, "retrieval", progress):
+        for batch in progress_iter(loader, desc, progress):
             images, tokens = unpack(batch, ("texts", "tokens"))
             n_img = len(images)
             per_image = tokens.dim() == 3
@@ -123,13 +124,14 @@ def retrieval_recall(
     precision: str = "fp32",
     chunk_size: int = 1024,
     progress: bool = False,
+    desc: str = "retrieval",
 ) -> dict[str, float]:
     """Image->text and text->image recall@k (percent) of ``model`` on ``loader``.
 
     ``text_to_image`` (global, over all texts in loader order) gives the image of each
     text; without it, tokens [B, L] pair text i with image i of the batch and tokens
     [B, K, L] give K captions to each image."""
-    img, txt, implied = encode_retrieval_set(model, loader, device, precision, progress)
+    img, txt, implied = encode_retrieval_set(model, loader, device, precision, progress, desc)
     mapping = text_to_image if text_to_image is not None else implied
     if mapping is None:
         raise ValueError(

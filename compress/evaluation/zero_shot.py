@@ -89,6 +89,7 @@ def zero_shot_accuracy(
     label_subsets: Mapping[str, Iterable[int]] | None = None,
     progress: bool = False,
     precision: str = "fp32",
+    desc: str = "zero-shot",
 ) -> dict[str, float]:
     """Top-k accuracy in percent: ``{"top1", "top5", "top1_<subset>", "top5_<subset>", ...}``.
 
@@ -96,7 +97,7 @@ def zero_shot_accuracy(
     ``classifier`` is [E, C]; top-k is reported only for ``k <= C``. ``label_subsets``
     (e.g. ``{"heldout": {...}, "seen": {...}}``) restricts the samples to those whose TRUE
     label is in the subset; the prediction is still over all C classes. An empty subset
-    gives NaN."""
+    gives NaN. ``desc`` names the progress lines (the set: ``zero-shot imagenet``)."""
     device = torch.device(device)
     num_classes = classifier.shape[1]
     ks = sorted({int(k) for k in topk if int(k) <= num_classes})
@@ -106,7 +107,7 @@ def zero_shot_accuracy(
     policy = resolve_precision(precision, device)
     hits, all_labels = [], []
     with eval_mode(model):
-        for batch in progress_iter(loader, "zero-shot", progress):
+        for batch in progress_iter(loader, desc, progress):
             images, labels = unpack(batch, ("labels",))
             images, labels = to_device(images, device), torch.as_tensor(labels, device=device)
             with policy.autocast():
