@@ -21,7 +21,7 @@ import pandas as pd
 
 from analysis.load import AnalysisError, value_text
 from analysis.select import GROUP_FIX, check_cells, resolve_key
-from analysis.structure_report import load_structure
+from analysis.structure_report import load_structure, load_title
 from analysis.structure_report import plot_structure as _structure_figure
 from analysis.tables import direction
 
@@ -253,4 +253,4 @@ def plot_structure(source: Any, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in (".png", ".pdf"):
         raise AnalysisError(f"{path}: give a .png or .pdf file")
-    return _structure_figure(structure, path)
+    return _structure_figure(structure, path, load_title(source))

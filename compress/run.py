@@ -502,10 +502,27 @@ def _run_stage(
 
     def finish() -> None:  # rank 0, while the others wait (an error there reaches every rank)
         metrics["export/path"] = str(save_model(exported, directory / "model"))
-        write_structure(exported, directory)
+        write_structure(exported, directory, **report_reference(run, run_cfg, inheritance, metrics))
         metrics.update(evaluate_prepared(exported, eval_sets, cfg.eval, device, precision.name, cfg.train.progress))
 
     distributed.main_first(finish)  # after it, the model is on disk: the next stage loads it on every rank
+
+
+def report_reference(run: StageRun, run_cfg: RunConfig, inheritance: Any, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a stage's structure report compares its exported student with, and its title: the model it
+    inherited from (the teacher, or the previous stage's model) with the strategy's ``layer_map`` where it
+    has one, titled with the run and its sparsity against that source (TinyCLIP's count, as in the row);
+    a strategy that does not read the source (``none``) is shown against its own config."""
+    label = run_dir_for(run_cfg).name + (f" stage {run.stage.dir_name}" if run.stage is not None else "")
+    source = run.source if getattr(inheritance, "needs_source", True) else None
+    achieved = metrics.get("sparsity/stage_achieved", metrics.get("sparsity/achieved"))
+    if source is None or achieved is None:
+        return {"title": f"{label}: not inherited (against its own config)"}
+    whose = "the teacher" if run.stage is None or run.stage.source == "teacher" else "the previous stage's model"
+    title = f"{label}: {achieved:.1%} of {whose} pruned"
+    if "sparsity/stage_achieved" in metrics and whose != "the teacher":
+        title += f" ({metrics['sparsity/achieved']:.1%} of the teacher)"
+    return {"source": source, "layer_map": getattr(inheritance, "layer_map", None), "title": title}
 
 
 def truncate_metrics(path: Path, step: int) -> None:

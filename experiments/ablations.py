@@ -1,26 +1,36 @@
 """TinyCLIP's ablations on the embedded benchmark: the sweep files of ``experiments/configs/ablations/``
-run with the demo's trained teacher, each rendered into ``docs/ablations/<name>.md`` (tables and figures).
+run with the demo's trained teacher, each rendered into a page ``<name>.md`` (tables and figures).
 
     python -m experiments.ablations [loss inheritance progressive speedup logit_scale]
-        [--backend inline|local] [--scale K] [--docs docs/ablations] [--cache-dir DIR] [--render-only]
+        [--backend inline|local] [--scale K] [--docs DIR] [--cache-dir DIR] [--render-only]
 
 The teacher is the demo's (``clip-compress demo``: trained once, cached). ``--scale K`` multiplies the
 batch and the training data by K for bigger machines (same steps). Runs land in ``runs/ablations``
-(the sweeps' ``output_dir``); finished runs are skipped when the command is repeated.
+(the sweeps' ``output_dir``); finished runs are skipped when the command is repeated. The pages go next
+to the runs (``runs/ablations/pages``) unless ``--docs DIR`` names another folder: ``--docs
+docs/ablations`` rewrites the repository's pages, which is never done unasked. ``--render-only`` trains
+nothing: it renders the runs on disk (the teacher must be in the cache, since the runs are found by it).
+Ctrl-C stops with one line; the same command then resumes (an unfinished run from its last checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments.demo import TABLE_COLUMNS
+from compress.config import ConfigError
+from experiments.demo import FULL, TABLE_COLUMNS, DemoPlan
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "ablations"
+#: the teacher every sweep distils from: the demo's (trained once, cached and shared with ``clip-compress demo``)
+TEACHER_PLAN: DemoPlan = FULL
+#: the folder of the pages under the sweeps' ``output_dir`` when ``--docs`` is not given
+PAGES_DIR = "pages"
 #: the metrics of every ablation table: zero-shot top-1 (all classes, held-out colour-shape pairs), R@1
 METRICS = ["zs/color_shape/top1", "zs/color_shape/top1_heldout", "ret/val/i2t_r1", "ret/val/t2i_r1"]
 LABELS = {**TABLE_COLUMNS, "sparsity/achieved": "pruned", "train_time_s": "training s"}
@@ -46,8 +56,50 @@ ABLATIONS: dict[str, Ablation] = {
 }
 
 
+class AblationsError(Exception):
+    """A mistake the command reports in one line (exit code 2)."""
+
+
+class NoResults(AblationsError, FileNotFoundError):
+    """None of an ablation's runs has a result row yet."""
+
+
 def command(name: str, scale: int = 1) -> str:
     return f"python -m experiments.ablations {name}" + (f" --scale {scale}" if scale != 1 else "")
+
+
+def cached_teacher(cache: Path) -> str | None:
+    """The exported model of the demo teacher in ``cache`` if its row there says completed; nothing is trained."""
+    from experiments.demo import teacher_config
+    from experiments.job import completed_row
+
+    row = completed_row(teacher_config(TEACHER_PLAN, cache))
+    return row["metrics"]["export/path"] if row is not None else None
+
+
+class InlineRuns:
+    """The runs this process trains itself, with the row each had before. A Ctrl-C inside one of them
+    leaves its ``interrupted`` row, which the same command resumes, and ``compress.run`` says so in a
+    line naming that row: then that line is the only one."""
+
+    def __init__(self) -> None:
+        self.before: dict[Path, dict[str, Any] | None] = {}
+
+    def add(self, run_dirs: Sequence[Path]) -> None:
+        from compress.results import read_result
+
+        for run_dir in run_dirs:
+            self.before.setdefault(run_dir, read_result(run_dir))
+
+    def reported(self) -> bool:
+        """Whether one of them wrote an ``interrupted`` row in this process (its line is printed)."""
+        from compress.results import STATUS_INTERRUPTED, read_result
+
+        for run_dir, before in self.before.items():
+            row = read_result(run_dir)
+            if row is not None and row != before and row.get("status") == STATUS_INTERRUPTED:
+                return True
+        return False
 
 
 def scale_overrides(scale: int) -> list[str]:
@@ -97,10 +149,12 @@ def render(name: str, run_dirs: Sequence[Path], docs: Path, scale: int = 1) -> P
     from analysis.tables import ablation_table
 
     spec = ABLATIONS[name]
-    docs.mkdir(parents=True, exist_ok=True)
     found = [d for d in run_dirs if (d / "result.json").is_file()]
     if not found:
-        raise FileNotFoundError(f"ablation {name}: no result rows in its run directories (run it first)")
+        where = sorted({str(d.parent) for d in run_dirs})
+        raise NoResults(f"ablation {name}: none of its {len(run_dirs)} runs has a result in {', '.join(where)} "
+                        f"(`{command(name, scale)}` runs them)")
+    docs.mkdir(parents=True, exist_ok=True)
     missing = len(run_dirs) - len(found)
     frame = load_results(found)
     frame = frame[frame["row"] == "run"]
@@ -156,10 +210,6 @@ def speedup_text(frame: Any) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from experiments.demo import FULL, default_cache_dir, train_teacher
-    from experiments.sweep import load_sweep
-    from experiments.sweep_cli import run_sweep
-
     parser = argparse.ArgumentParser(prog="python -m experiments.ablations", description=__doc__.splitlines()[0])
     known = ", ".join(ABLATIONS)
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"ablations: {known} (default: all)")
@@ -167,25 +217,73 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="inline: the runs one after the other in this process (default); local: each run in "
                         "a process of its own, all started at once, then waited for")
     parser.add_argument("--scale", type=int, default=1, help="K x the batch and the data (bigger machines)")
-    parser.add_argument("--docs", default="docs/ablations", help="where the pages go")
+    parser.add_argument("--docs", default=None, metavar="DIR",
+                        help="where the pages go (default: next to the runs, runs/ablations/pages); "
+                             "--docs docs/ablations rewrites the repository's pages")
     parser.add_argument("--cache-dir", default=None, help="where the demo teacher is cached")
-    parser.add_argument("--render-only", action="store_true", help="render the pages from the runs on disk")
+    parser.add_argument("--render-only", action="store_true",
+                        help="train nothing: render the pages from the runs on disk (needs the cached teacher)")
     args = parser.parse_args(argv)
     names = args.names or list(ABLATIONS)
     unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
         parser.error(f"unknown ablation(s) {unknown}; known: {', '.join(ABLATIONS)}")
+    if args.scale < 1:
+        parser.error(f"--scale must be >= 1, got {args.scale}")
+    inline = InlineRuns()
+    try:
+        return run_ablations(names, args, inline)
+    except (AblationsError, ConfigError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if not inline.reported():
+            print(f"{parser.prog}: interrupted: the same command resumes (finished runs are kept)", file=sys.stderr)
+        return 130
+
+
+def run_ablations(names: Sequence[str], args: argparse.Namespace, inline: InlineRuns) -> int:
+    """Train the teacher (unless cached) and run the sweeps (unless ``--render-only``), then render each page;
+    1 when a run failed. ``inline`` learns the runs trained in this process before they start."""
+    from compress.run import run_dir_for
+    from experiments.demo import default_cache_dir, teacher_config, train_teacher
+    from experiments.sweep import load_sweep
+    from experiments.sweep_cli import run_sweep
+
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    teacher = train_teacher(FULL, cache, False, "ablations")["metrics"]["export/path"]
+    if args.render_only:
+        teacher = cached_teacher(cache)
+        if teacher is None:
+            raise AblationsError(f"--render-only: no trained demo teacher in {cache}, and the runs are found by it "
+                                 "(give the --cache-dir it is in, or run without --render-only)")
+    else:
+        inline.add([run_dir_for(teacher_config(TEACHER_PLAN, cache))])
+        teacher = train_teacher(TEACHER_PLAN, cache, False, "ablations")["metrics"]["export/path"]
     overrides = [f"teacher.model={teacher}", *scale_overrides(args.scale)]
     failed = 0
+    missing: list[tuple[str, NoResults, Path]] = []
     for name in names:
         path = CONFIG_DIR / f"{name}.yaml"
-        run_dirs = [run.run_dir for run in load_sweep(path, overrides).runs()]
+        sweep = load_sweep(path, overrides)
+        run_dirs = [run.run_dir for run in sweep.runs()]
         if not args.render_only:
+            if args.backend == "inline":
+                inline.add(run_dirs)
             failed |= run_sweep(path, backend=args.backend, overrides=overrides)
             wait_for(run_dirs)
-        print(f"[ablations] {name}: {render(name, run_dirs, Path(args.docs), args.scale)}")
+        docs = Path(args.docs) if args.docs else sweep.output_dir / PAGES_DIR
+        try:
+            print(f"[ablations] {name}: {render(name, run_dirs, docs, args.scale)}")
+        except NoResults as error:
+            missing.append((name, error, sweep.output_dir))
+    if len(missing) == 1:
+        raise missing[0][1]
+    if missing:
+        todo = [name for name, _, _ in missing]
+        folders = ", ".join(sorted({str(folder) for _, _, folder in missing}))
+        again = " ".join(todo) + (f" --scale {args.scale}" if args.scale != 1 else "")
+        raise AblationsError(f"ablations {', '.join(todo)}: none of their runs has a result in {folders} "
+                             f"(`python -m experiments.ablations {again}` runs them)")
     return 1 if failed else 0
 
 

@@ -143,3 +143,122 @@ def test_waiting_for_runs_that_never_finish_times_out_naming_them(tmp_path):
     done.mkdir()
     (done / "result.json").write_text(json.dumps({"run_id": "x", "name": "x", "status": "completed"}))
     wait_for([done], poll_s=0.01, timeout_s=0.05)  # returns at once
+
+
+def never(*args, **kwargs):
+    raise AssertionError("--render-only trained something")
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Every way the command could train (the teacher, the sweeps, a dispatched run) fails the test."""
+    import experiments.demo
+    import experiments.dispatch
+    import experiments.sweep_cli
+
+    monkeypatch.setattr(experiments.demo, "train_teacher", never)
+    monkeypatch.setattr(experiments.sweep_cli, "run_sweep", never)
+    monkeypatch.setattr(experiments.dispatch, "dispatch", never)
+
+
+def cache_teacher(cache, teacher: str) -> None:
+    """The completed row of the demo teacher in ``cache``, as a finished training leaves it (its model: ``teacher``)."""
+    from compress.run import run_dir_for
+    from experiments.ablations import TEACHER_PLAN
+    from experiments.demo import teacher_config
+
+    cfg = teacher_config(TEACHER_PLAN, cache)
+    run_dir_for(cfg).mkdir(parents=True)
+    row = {"run_id": cfg.run_id(), "name": cfg.name, "status": "completed", "metrics": {"export/path": teacher}}
+    (run_dir_for(cfg) / "result.json").write_text(json.dumps(row))
+
+
+def test_render_only_without_the_cached_teacher_trains_nothing(no_training, monkeypatch, tmp_path, capsys):
+    from experiments.ablations import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["loss", "--render-only", "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no trained demo teacher in" in err[0] and "--render-only" in err[0]
+
+
+def test_render_only_renders_the_runs_on_disk_next_to_them(no_training, teacher, monkeypatch, tmp_path, capsys):
+    """No runs: one line naming the ablation and where its runs were looked for, nothing trained. With rows:
+    the page, written next to the runs (runs/ablations/pages), not into a docs/ folder of the checkout."""
+    from experiments.ablations import main
+
+    monkeypatch.chdir(tmp_path)
+    cache_teacher(tmp_path / "cache", teacher)
+    assert main(["loss", "--render-only", "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m experiments.ablations: error: ablation loss: none of its 21")
+    assert str(tmp_path / "runs" / "ablations") in err[0]
+    assert main(["loss", "speedup", "--render-only", "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ablations loss, speedup: none of their runs" in err[0]
+
+    write_rows(runs_of("logit_scale", teacher), lambda run: 50.0 + run.cfg.seed)
+    assert main(["logit_scale", "--render-only", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert (tmp_path / "runs" / "ablations" / "pages" / "logit_scale.md").is_file()
+    assert not (tmp_path / "docs").exists()
+    assert main(["logit_scale", "--render-only", "--cache-dir", str(tmp_path / "cache"), "--docs", "docs/x"]) == 0
+    assert (tmp_path / "docs" / "x" / "logit_scale.md").is_file()  # only where --docs says
+
+
+def test_ctrl_c_outside_a_run_is_one_line(teacher, monkeypatch, tmp_path, capsys):
+    import experiments.sweep
+    from experiments.ablations import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    cache_teacher(tmp_path / "cache", teacher)
+    monkeypatch.setattr(experiments.sweep, "load_sweep", interrupted)
+    assert main(["loss", "--render-only", "--cache-dir", str(tmp_path / "cache")]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m experiments.ablations: interrupted: the same command resumes (finished runs are kept)"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_teacher_is_one_line_and_the_next_command_finishes_it(monkeypatch, tmp_path, capsys):
+    """Ctrl-C while the shared demo teacher trains: the run's one line (no traceback), its ``interrupted``
+    row; the same command then trains the teacher to completion and goes on with the sweeps."""
+    import experiments.ablations
+    import experiments.sweep_cli
+    from compress.run import run_dir_for
+    from compress.train import Trainer
+    from experiments.ablations import cached_teacher, main
+    from experiments.demo import DemoPlan, teacher_config
+
+    monkeypatch.chdir(tmp_path)
+    plan = DemoPlan(teacher_steps=3, student_steps=1, batch_size=8, teacher_lr=1e-3, student_lr=1e-3,
+                    val_samples=16, train_samples=64)
+    monkeypatch.setattr(experiments.ablations, "TEACHER_PLAN", plan)
+    cache = tmp_path / "cache"
+    row_path = run_dir_for(teacher_config(plan, cache)) / "result.json"
+    original = Trainer.train_step
+
+    def ctrl_c_at_step_2(self, batch, at):
+        if at == 2:
+            raise KeyboardInterrupt
+        return original(self, batch, at)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", ctrl_c_at_step_2)
+        assert main(["loss", "--cache-dir", str(cache)]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if "interrupted" in line] == [
+        f"clip-compress: run demo-teacher interrupted (see {row_path})"]
+    assert json.loads(row_path.read_text())["status"] == "interrupted"
+    assert cached_teacher(cache) is None  # an interrupted teacher is not one to render with
+
+    swept = []
+    monkeypatch.setattr(experiments.sweep_cli, "run_sweep", lambda path, **kw: swept.append(kw["overrides"]) or 0)
+    monkeypatch.setattr(experiments.ablations, "wait_for", lambda run_dirs: None)
+    assert main(["loss", "--cache-dir", str(cache)]) == 2  # the sweep ran nothing here: no rows to render
+    row = json.loads(row_path.read_text())
+    assert row["status"] == "completed" and row["metrics"]["train/steps"] == 3
+    assert cached_teacher(cache) == row["metrics"]["export/path"]
+    assert swept == [[f"teacher.model={row['metrics']['export/path']}"]]

@@ -103,6 +103,34 @@ def test_auto_inheritance_run_prunes_exports_and_reports(tmp_path):
         assert (run_dir / name).is_file(), name
 
 
+def test_a_manual_students_structure_report_is_against_its_teacher(tmp_path):
+    """cc-test-student inherits from cc-test-teacher: vision width 48 of 64, text 2 of its 4 layers (source
+    layers 0 and 2, TinyCLIP's interval rule). Its report shows what it kept of the teacher, not of its own
+    config (which read 100% kept, width 48 / 48), and is titled with the run and its sparsity."""
+    from analysis.structure_report import load_structure
+    from experiments.dispatch import dispatch
+
+    cfg = tiny_config(tmp_path)
+    (row,) = dispatch([cfg])
+    assert row["status"] == "completed", row.get("error")
+    run_dir = tmp_path / "runs" / f"e2e-{cfg.run_id()}"
+    structure = load_structure(run_dir)
+    vision, text = structure["vision"], structure["text"]
+    assert (vision["width"], vision["full"]["width"]) == (48, 64)
+    assert text.get("layers") == [0, 2] and text["full"]["heads"] == [4, 4, 4, 4]
+    table = (run_dir / "structure.md").read_text()
+    assert "### vision: width 48 / 64, heads 12 / 16, MLP neurons 768 / 1024" in table
+    assert "| 0 | 3 / 4 | 75% | 192 / 256 | 75% |" in table  # a vision layer: 3 of the teacher's 4 heads
+    assert "### text: width 64 / 64, layers 2 / 4, heads 8 / 16, MLP neurons 512 / 1024" in table
+    assert "| 1 | 0 / 4 (layer dropped) | 0% | 0 / 256 | 0% |" in table
+    sparsity = row["metrics"]["sparsity/achieved"]
+    assert 0.3 < sparsity < 0.7
+    title = json.loads((run_dir / "structure.json").read_text())["title"]
+    assert title == f"{run_dir.name}: {sparsity:.1%} of the teacher pruned"
+    assert table.startswith(f"## {title}\n")
+    assert (run_dir / "structure.png").stat().st_size > 0
+
+
 def test_skip_completed_and_force(tmp_path, capsys):
     from experiments.dispatch import dispatch
 

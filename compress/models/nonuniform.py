@@ -16,7 +16,7 @@ the model, and this format otherwise.)
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from compress.models.factory import (
     read_state_dict,
     set_preprocess,
 )
-from compress.models.structure import apply_structure, describe_structure
+from compress.models.structure import apply_structure, describe_against, describe_structure
 
 NONUNIFORM_CONFIG_FILE = "clip_compress_config.json"
 NONUNIFORM_WEIGHTS_FILE = "model.safetensors"
@@ -57,13 +57,19 @@ def save_nonuniform(model: nn.Module, folder: str | Path, report_dir: str | Path
     return folder
 
 
-def write_structure(model: nn.Module, folder: str | Path) -> Path | None:
-    """``folder/structure.json``: the model's structure (for ``analysis.structure_report``), if it has towers."""
-    structure = describe_structure(model)
+def write_structure(
+    model: nn.Module, folder: str | Path, source: nn.Module | None = None,
+    layer_map: Mapping[str, list[int]] | None = None, title: str | None = None,
+) -> Path | None:
+    """``folder/structure.json``: the model's structure (for ``analysis.structure_report``), if it has towers:
+    relative to ``source``, the model it inherited from (:func:`describe_against`; ``layer_map`` aligns a
+    shallower tower), else to its own config; with ``title`` (the run and its sparsity) for the report."""
+    structure = describe_against(model, source, layer_map) if source is not None else describe_structure(model)
     if not structure:
         return None
     path = Path(folder) / STRUCTURE_FILE
-    atomic_write_text(path, json.dumps(structure, indent=2))
+    data = {"title": title, "structure": structure} if title else structure
+    atomic_write_text(path, json.dumps(data, indent=2))
     return path
 
 

@@ -7,8 +7,10 @@ A *structure* describes the transformer towers of a (possibly non-uniform) CLIP 
      "text": {...}}
 
 ``width`` is the residual width, ``heads`` / ``mlp_width`` are per layer, and ``full`` the
-same counts for the model config the structure is relative to (for reports). Towers missing
-from the dict keep the model config's shapes.
+same counts for the model config the structure is relative to (for reports; the report of a
+run is relative to the model it inherited from, :func:`describe_against`, where ``layers``, the
+source layer of each layer, aligns a shallower tower). Towers missing from the dict keep the
+model config's shapes.
 
 - :func:`apply_structure` replaces the modules of a model built from its config by modules
   of the structure's shapes (on the meta device: they are filled by ``load_state_dict(...,
@@ -76,6 +78,32 @@ def describe_structure(model: nn.Module, towers: tuple[str, ...] = TOWERS) -> di
             continue
         full = tower_structure(get_tower(reference, name)) if reference is not None else own
         out[name] = {**own, "full": {k: full[k] for k in ("width", "heads", "mlp_width")}}
+    return out
+
+
+def describe_against(
+    model: nn.Module, source: nn.Module, layer_map: Mapping[str, list[int]] | None = None,
+    towers: tuple[str, ...] = TOWERS,
+) -> dict[str, Any]:
+    """:func:`describe_structure` for reports, with ``full`` the shapes of ``source``, the model ``model``
+    inherited from (the teacher, or a previous stage's model): what was kept of it, as TinyCLIP counts a
+    student's sparsity against its teacher. ``layer_map`` ({tower: [source layer of layer i]}, manual
+    inheritance's) aligns a shallower tower with the source's layers; it is written as ``layers`` where
+    the depths differ. A tower the source lacks, or a shallower one without a map, keeps its own config."""
+    out = describe_structure(model, towers)
+    for name, t in out.items():
+        try:
+            reference = tower_structure(get_tower(source, name))
+        except UnsupportedTower:
+            continue
+        depth, source_depth = len(t["heads"]), len(reference["heads"])
+        mapped = (layer_map or {}).get(name)
+        layers = list(mapped) if mapped is not None else list(range(depth)) if depth == source_depth else []
+        if len(layers) != depth or not all(0 <= j < source_depth for j in layers):
+            continue  # the layers cannot be matched: its own config stays the reference
+        t["full"] = {k: reference[k] for k in ("width", "heads", "mlp_width")}
+        if depth != source_depth:
+            t["layers"] = layers
     return out
 
 
