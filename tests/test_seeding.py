@@ -98,11 +98,11 @@ def test_the_callers_cpu_generator_is_left_as_it_was():
 
 
 def test_seeding_a_sample_leaves_every_accelerator_generator_alone(monkeypatch):
-    """``torch.manual_seed`` also seeds CUDA (and MPS, XPU) generators: ~140 us a call on a CUDA build
+    """``torch.manual_seed`` also seeds CUDA (and MPS, XPU, MTIA) generators: ~140 us a call on a CUDA build
     whose CUDA was never started (a lazy call with a stack trace), and with CUDA started it reseeds the
     GPUs' generators with the last sample's seed. The per-sample seeding must do neither."""
     called = []
-    for module in (torch.cuda, torch.mps, torch.xpu):
+    for module in (torch.cuda, torch.mps, torch.xpu, torch.mtia):
         for fn in ("manual_seed", "manual_seed_all"):
             if hasattr(module, fn):
                 monkeypatch.setattr(module, fn, lambda *a, _n=f"{module.__name__}.{fn}", **k: called.append(_n))

@@ -78,8 +78,9 @@ def torch_seeded(seed: int) -> Iterator[None]:
     Only the CPU generator is saved, seeded and restored (its state is a 5 KB tensor): the draws are
     those of ``torch.random.fork_rng(devices=[])`` + ``torch.manual_seed(seed)``, bit for bit, without
     ``torch.manual_seed``'s seeding of every accelerator's generators, which on a CUDA build whose
-    CUDA is not started queues a lazy call with a formatted stack trace (~140 us a sample against
-    ~2 us here) and where CUDA is started reseeds the GPUs' generators behind the trainer's back."""
+    CUDA is not started queues a lazy call with a formatted stack trace (~150 us a sample against
+    ~3 us here: benchmarks/bench_sample_seeding.py) and where CUDA is started reseeds the GPUs'
+    generators behind the trainer's back."""
     generator = torch.default_generator
     state = generator.get_state()
     generator.manual_seed(seed % (1 << 64))
