@@ -73,10 +73,21 @@ def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
 @contextmanager
 def torch_seeded(seed: int) -> Iterator[None]:
     """A block with torch's CPU generator seeded by ``seed`` (mod 2**64); the caller's state is
-    restored after, so a sample's random augmentation depends on its key, not on the process."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed % (1 << 64))
+    restored after, so a sample's random augmentation depends on its key, not on the process.
+
+    Only the CPU generator is saved, seeded and restored (its state is a 5 KB tensor): the draws are
+    those of ``torch.random.fork_rng(devices=[])`` + ``torch.manual_seed(seed)``, bit for bit, without
+    ``torch.manual_seed``'s seeding of every accelerator's generators, which on a CUDA build whose
+    CUDA is not started queues a lazy call with a formatted stack trace (~150 us a sample against
+    ~3 us here: benchmarks/bench_sample_seeding.py) and where CUDA is started reseeds the GPUs'
+    generators behind the trainer's back."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed % (1 << 64))
+    try:
         yield
+    finally:
+        generator.set_state(state)
 
 
 def apply_transform(transform: Any, image: Image.Image, name: str) -> Any | None:
