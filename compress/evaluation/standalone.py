@@ -142,9 +142,9 @@ def evaluate_only(
         policy = resolve_precision(precision, dev)
     except ValueError as error:
         raise EvalError(f"--device {device}: {error}") from None
-    model_module = load_model(str(model_path))
+    loaded = load_model(str(model_path))
     try:
-        metrics = evaluate_with(model_module, eval_cfg, data_cfg, dev, policy.name, progress)
+        metrics = evaluate_with(loaded, eval_cfg, data_cfg, dev, policy.name, progress)
     except MissingColumns as error:
         if data is None:  # a run directory's own CSV: its config names the columns
             raise EvalError(str(error)) from None
