@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.fileio import atomic_write, atomic_write_text, fsync_path
+from compress.fileio import NO_SPACE, atomic_write, atomic_write_text, fsync_path, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def write_checkpoint(
         atomic_write_text(tmp / META_FILE, json.dumps({"format": FORMAT, **meta, "step": step}, indent=1))
         fsync_path(tmp)
     except Exception as error:  # the partial folder would keep the space the run's row needs
-        reason = _io_failure(error, root)
+        reason = write_failure(error, root)  # None: not the disk's fault, raised as it is
         shutil.rmtree(tmp, ignore_errors=True)
         if reason is None:
             raise
@@ -205,33 +205,6 @@ def write_checkpoint(
     return final
 
 
-#: what torch (``RuntimeError``) and safetensors (``SafetensorError``) say when a write fails for a full disk
-_DISK_FULL_TEXT = ("no space left on device", "os error 28", "storagefull", "file write failed")
-#: below this many free bytes, a failed write is taken for a full disk
-_NEARLY_FULL_BYTES = 16 * 2**20
-
-
-def _io_failure(error: BaseException, root: Path) -> str | None:
-    """Why a checkpoint write failed if the disk is to blame (``None``: another error, raised as it is). torch and
-    safetensors report a full disk as ``RuntimeError``/``SafetensorError``, not ``OSError``: their text, then the
-    free space left (read before the partial folder is removed) decide."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno is not None:
-            if seen.errno == errno.ENOSPC:
-                return "no space left on device"
-            return (seen.strerror or os.strerror(seen.errno)).lower()
-        seen = seen.__cause__ or seen.__context__
-    if any(text in str(error).lower() for text in _DISK_FULL_TEXT):
-        return "no space left on device"
-    try:
-        if shutil.disk_usage(root).free < _NEARLY_FULL_BYTES:
-            return "no space left on device"
-    except OSError:  # pragma: no cover
-        pass
-    return None
-
-
 def _write_error(reason: str, error: BaseException, root: Path, name: str) -> CheckpointWriteError:
     """One line: why the checkpoint could not be written, and which one the run keeps."""
     pointer = root / LATEST_FILE
@@ -239,7 +212,7 @@ def _write_error(reason: str, error: BaseException, root: Path, name: str) -> Ch
     keeps = f"the previous checkpoint {kept} is kept" if kept else "there is no earlier checkpoint"
     return CheckpointWriteError(
         f"{reason} while writing checkpoint {name} in {root} (the partial checkpoint was removed; {keeps})",
-        getattr(error, "errno", None) or (errno.ENOSPC if reason == "no space left on device" else None),
+        getattr(error, "errno", None) or (errno.ENOSPC if reason == NO_SPACE else None),
     )
 
 

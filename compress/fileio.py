@@ -8,15 +8,28 @@ The temporary file is created private (``mkstemp``: mode 0600) and given the mod
 ordinary ``open()`` would have (0666 less the umask) before the rename, so result files
 and exported models stay readable to colleagues in a shared folder. No torch import:
 ``analysis`` uses it too.
+
+:func:`write_failure` is the one place that tells whether a failed write is the file system's fault (a full disk,
+a quota, a read-only or failing disk) and says so in a few words: checkpoints, the run directory and the run's
+own failure message all ask it.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+#: the reason :func:`write_failure` gives for a full disk
+NO_SPACE = "no space left on device"
+#: what torch (``RuntimeError``) and safetensors (``SafetensorError``) say when a write fails for a full disk:
+#: they do not raise ``OSError``
+DISK_FULL_TEXT = (NO_SPACE, "os error 28", "storagefull", "file write failed")
+#: below this many free bytes, a write that failed without saying why is taken for a full disk
+NEARLY_FULL_BYTES = 16 * 2**20
 
 
 def _default_file_mode() -> int:
@@ -67,3 +80,29 @@ def fsync_path(path: str | Path) -> None:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (see the module docstring)."""
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_failure(error: BaseException, root: str | Path | None = None) -> str | None:
+    """Why a write failed if the file system is to blame, in a few words (``None``: another error).
+
+    The first ``OSError`` with an errno in the error's chain (``__cause__``/``__context__``) decides:
+    ENOSPC gives :data:`NO_SPACE`, any other errno the system's words for it ("disk quota exceeded", "permission
+    denied", "read-only file system", "not a directory"). torch and safetensors report a full disk as a
+    ``RuntimeError``/``SafetensorError``: their text decides then and, given ``root`` (the folder that was
+    written to), the free space left there (below :data:`NEARLY_FULL_BYTES`: a full disk)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            if seen.errno == errno.ENOSPC:
+                return NO_SPACE
+            return (seen.strerror or os.strerror(seen.errno)).lower()
+        seen = seen.__cause__ or seen.__context__
+    if any(text in str(error).lower() for text in DISK_FULL_TEXT):
+        return NO_SPACE
+    if root is not None:
+        try:
+            if shutil.disk_usage(root).free < NEARLY_FULL_BYTES:
+                return NO_SPACE
+        except OSError:  # pragma: no cover - the folder is gone
+            pass
+    return None

@@ -20,7 +20,7 @@ import copy
 import functools
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.config import ModelSpec, RunConfig, inheritance_context, schedule_context
+from compress.config import ConfigError, ModelSpec, RunConfig, inheritance_context, schedule_context
 from compress.config.stages import ResolvedStage, resolve_stages
 from compress.config.validate import loss_weight_keys
 from compress.memory import (
@@ -65,6 +65,8 @@ class ModelFacts:
     macs_text: int | None = None
     #: what the memory estimate reads (:mod:`compress.memory`)
     shape: ModelShape | None = None
+    #: the model with its shapes and no weights (PyTorch's ``meta`` device), for the inheritance check
+    build: Callable[[], nn.Module] | None = field(default=None, repr=False, compare=False)
 
     @property
     def prunable(self) -> int | None:
@@ -148,13 +150,19 @@ def _architecture_facts(cfg_json: str) -> tuple[tuple[str, int], ...]:
 
     cfg = json.loads(cfg_json)
     try:
-        with torch.device("meta"):
-            model = build_from_config(cfg)
-        facts = facts_of_model(model)
+        facts = facts_of_model(shape_model(cfg))
     except Exception as error:  # an op without a meta kernel in this torch: count on a real build
         log.debug("plan: counting %s on the meta device failed (%s); building it on the CPU", cfg, error)
         facts = facts_of_model(build_from_config(cfg))
     return tuple(facts.items())
+
+
+def shape_model(model_cfg: Mapping[str, Any]) -> nn.Module:
+    """An open_clip model config built on the ``meta`` device: every shape, no weights, no memory."""
+    from compress.models.factory import build_from_config
+
+    with torch.device("meta"):
+        return build_from_config(model_cfg)
 
 
 def architecture_facts(model_cfg: Mapping[str, Any]) -> dict[str, int]:
@@ -182,7 +190,10 @@ def model_facts(spec: ModelSpec, role: str, warnings: list[str]) -> ModelFacts:
     path = Path(name)
     if kind == "exported":
         model = load_model(spec.model, force_quick_gelu=spec.force_quick_gelu)
-        return ModelFacts(label, f"read from {path}", **facts_of_model(model), shape=shape_of_model(model))
+        facts = ModelFacts(label, f"read from {path}", **facts_of_model(model), shape=shape_of_model(model))
+        shapes = model.to("meta")  # its weights are not needed any more
+        facts.build = lambda: shapes
+        return facts
     if kind == "file":
         if not path.is_file():
             warnings.append(f"{role}.model: no such file: {path}")
@@ -209,7 +220,7 @@ def model_facts(spec: ModelSpec, role: str, warnings: list[str]) -> ModelFacts:
             warnings.append(f"{role}.pretrained: no such file: {pretrained}")
         note = f"random weights stand in for {pretrained}"
     facts = architecture_facts(cfg)
-    return ModelFacts(label, note, **facts, shape=model_shape(cfg, facts["total"]))
+    return ModelFacts(label, note, **facts, shape=model_shape(cfg, facts["total"]), build=lambda: shape_model(cfg))
 
 
 # -- the run directory --------------------------------------------------------------------------
@@ -383,8 +394,11 @@ def _stage_plan(
         if cfg.student is None:
             student_text = "(none)"
         else:
-            student = model_facts(cfg.student, f"stages[{stage.index}].student" if staged else "student", warnings)
+            where = f"stages[{stage.index}].student" if staged else "student"
+            student = model_facts(cfg.student, where, warnings)
             student_text = student.label
+            source = teacher if stage.source == "teacher" else previous.student if previous is not None else None
+            check_inheritance(inheritance, student, source, where)
     else:
         base = "the teacher" if stage.source == "teacher" else source_text
         prune_step = getattr(inheritance, "prune_step", None)
@@ -428,6 +442,24 @@ def _stage_plan(
     return plan
 
 
+def check_inheritance(inheritance: Any, student: ModelFacts, source: ModelFacts | None, where: str) -> None:
+    """The run's own check of the student against its source (:meth:`compress.plugins.Inheritance.check`: manual
+    inheritance refuses a student larger than its source), on shape-only models; a :class:`ConfigError` naming
+    the student's key. A source of unknown shape (a missing file, a stage that learns its structure) is not
+    checked."""
+    if student.build is None or source is None or source.build is None:
+        return
+    try:
+        shapes = student.build(), source.build()
+    except Exception as error:  # an op without a meta kernel in this torch: the run checks it as it starts
+        log.debug("plan: building %s or its source on the meta device failed (%s): not checked", where, error)
+        return
+    try:
+        inheritance.check(*shapes)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
 def _add_memory(plan: StagePlan, cfg: RunConfig, teacher: ModelFacts | None, previous: StagePlan | None,
                 warnings: list[str]) -> None:
     """The stage's memory estimate (:mod:`compress.memory`). A student that learns its structure is a
@@ -453,14 +485,21 @@ def _add_memory(plan: StagePlan, cfg: RunConfig, teacher: ModelFacts | None, pre
                         f"than an 80 GiB GPU holds (largest: {largest} {gib(parts[largest])})")
 
 
-def build_plan(cfg: RunConfig, force: bool = False) -> Plan:
+def build_plan(cfg: RunConfig, force: bool = False, here: bool = True) -> Plan:
     """The plan of ``cfg`` (validated): teacher, stages, run directory and resume state. Reads the
-    run directory if it exists; writes nothing."""
-    from compress.run import run_dir_for
+    run directory if it exists; writes nothing. What the run would refuse as it starts is refused
+    with the run's own checks (one line): a run directory that cannot be made, a student its
+    inheritance cannot fill from its source and, when the run would run ``here`` (on this machine,
+    not on a cluster's node), a ``train.device`` or ``train.precision`` this machine does not have."""
+    from compress.run import run_device, run_dir_for
+    from compress.rundir import check_writable
 
     warnings: list[str] = []
     run_id = cfg.run_id()
     run_dir = run_dir_for(cfg)
+    if here:
+        run_device(cfg)
+    check_writable(run_dir)
     resolved = resolve_stages(cfg)
     staged = bool(resolved)
     stages = resolved or [ResolvedStage(0, cfg.name, "teacher", None, cfg)]

@@ -60,6 +60,11 @@ class Inheritance:
     def inherit(self, student: nn.Module | None, source: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    def check(self, student: nn.Module | None, source: nn.Module) -> None:
+        """Raise the error (a ``ValueError``) that :meth:`inherit` would raise for these architectures, changing
+        nothing: the dry run calls it on shape-only models (PyTorch's ``meta`` device), so what the run would
+        refuse a second after it starts is refused before. The default checks nothing."""
+
     def regularizer(self, student: nn.Module, step: int) -> dict[str, Tensor]:
         """Extra loss terms added to the distillation loss (e.g. a sparsity Lagrangian)."""
         return {}

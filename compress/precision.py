@@ -4,6 +4,7 @@ training and evaluation), and moving batches to the device."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,12 +15,34 @@ from torch import Tensor
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+class DeviceError(ValueError):
+    """A device this machine does not have (or a name that is no device)."""
+
+
 def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA if there is one, else the CPU), ``cpu``, ``cuda``, ``cuda:N``: a device this machine has,
+    else :class:`DeviceError` (:func:`available_device`)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"{name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    return available_device(device)
+
+
+def available_device(device: torch.device) -> torch.device:
+    """``device`` if this machine has it: CUDA available, and ``cuda:N`` with N below the visible device count."""
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        raise DeviceError(f"{str(device)!r} requested but this machine has no CUDA device (torch {torch.__version__}, "
+                          f"CUDA_VISIBLE_DEVICES={visible}): use cpu or auto")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise DeviceError(f"{str(device)!r} requested but this machine has {count} CUDA device(s) "
+                          f"(cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})")
     return device
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import random
@@ -34,13 +33,13 @@ from compress.checkpoint import (
 from compress.config import ConfigError, RunConfig, dump_config
 from compress.config.stages import ResolvedStage, pruned_towers, resolve_stages, with_source_fraction
 from compress.config.validate import inheritance_context, loss_weight_keys, schedule_context
-from compress.fileio import atomic_write_text
+from compress.fileio import NO_SPACE, atomic_write_text, write_failure
 from compress.models import load_model
 from compress.models.forward import context_length_of, embed_dim, tokenizer_for
 from compress.models.nonuniform import STRUCTURE_FILE
 from compress.models.params import parameter_report, prunable_count
 from compress.models.towers import TOWERS
-from compress.precision import resolve_device, resolve_precision
+from compress.precision import DeviceError, Precision, available_device, resolve_device, resolve_precision
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES
 from compress.results import (
     RESULT_FILE,
@@ -51,7 +50,16 @@ from compress.results import (
     read_result,
     write_result,
 )
-from compress.rundir import CONFIG_FILE, METRICS_FILE, STAGES_DIR, owned_run_dir, run_dir_for, stage_dir
+from compress.rundir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    STAGES_DIR,
+    check_writable,
+    owned_run_dir,
+    run_dir_for,
+    stage_dir,
+    unwritable,
+)
 from compress.stopping import RunInterrupted, StoppedAtStep
 from compress.teacher import OnlineTeacher, freeze
 from compress.train import LossTerm, Trainer
@@ -177,20 +185,38 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     data-parallel: rank 0 holds the directory and writes checkpoints, metrics, the model and the
     rows, and evaluates alone; ``train.batch_size`` is the global batch."""
     run_dir = run_dir_for(cfg)
-    device = distributed.local_device(resolve_device(cfg.train.device))
+    device, precision = run_device(cfg)
     with distributed.process_group(device), contextlib.ExitStack() as held:
         check_batch_split(cfg, distributed.world_size())
 
         def prepare() -> None:  # rank 0 holds the directory and clears it before any rank reads it
-            held.enter_context(owned_run_dir(run_dir, cfg.run_id()))
-            run_dir.mkdir(parents=True, exist_ok=True)
-            distributed.clear_failures(run_dir)
-            if force:
-                start_fresh(run_dir)
-            atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
+            check_writable(run_dir)
+            try:
+                held.enter_context(owned_run_dir(run_dir, cfg.run_id()))
+                run_dir.mkdir(parents=True, exist_ok=True)
+                distributed.clear_failures(run_dir)
+                if force:
+                    start_fresh(run_dir)
+                atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
+            except OSError as error:  # a full disk, or what only writing shows: no row can be written yet
+                raise unwritable(run_dir, error) from error
 
         distributed.main_first(prepare)
-        return _run_in(cfg, run_dir, device)
+        return _run_in(cfg, run_dir, device, precision)
+
+
+def run_device(cfg: RunConfig) -> tuple[torch.device, Precision]:
+    """The device this process trains on (``train.device``; ``cuda`` is ``cuda:LOCAL_RANK`` in a run of several
+    processes) and the precision there (``train.precision``), refused with a :class:`ConfigError` naming the key
+    when this machine does not have them. The run asks before anything is written; its dry run asks too."""
+    try:
+        device = available_device(distributed.local_device(resolve_device(cfg.train.device)))
+    except DeviceError as error:
+        raise ConfigError(f"train.device: {error}") from None
+    try:
+        return device, resolve_precision(cfg.train.precision, device)
+    except ValueError as error:
+        raise ConfigError(f"train.precision: {error}") from None
 
 
 #: the structure table and heat-map ``experiments.job.write_reports`` writes (``analysis.structure_report``)
@@ -220,7 +246,7 @@ class StageRun:
     seed: int
 
 
-def _run_in(cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, Any]:
+def _run_in(cfg: RunConfig, run_dir: Path, device: torch.device, precision: Precision) -> dict[str, Any]:
     started = time.time()
     main = distributed.is_main_process()
     stages: list[ResolvedStage | None] = list(resolve_stages(cfg)) or [None]
@@ -248,15 +274,16 @@ def _run_in(cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, An
             write_result(run_dir, row)
         return row
 
-    def write_final_rows(status: str, error: BaseException | None = None, step: int | None = None) -> dict[str, Any]:
-        """:func:`write_rows` after a failure or a stop: a row that cannot be written (the disk is full) is
-        said in one line, and the run's outcome still reaches the caller."""
+    def write_final_rows(status: str, error: BaseException | None = None,
+                         step: int | None = None) -> tuple[dict[str, Any], str]:
+        """:func:`write_rows` after a failure or a stop, and where the one line that says so sends the user: a
+        row that cannot be written (the disk is full) is said there instead, and the run's outcome still
+        reaches the caller."""
         try:
-            return write_rows(status, error, step=step)
-        except OSError as unwritable:
-            print(f"clip-compress: error: run {cfg.name}: the {status} row could not be written to "
-                  f"{run_dir / RESULT_FILE} ({unwritable.strerror or unwritable})", file=sys.stderr)
-            return row_for(status, error, step)
+            return write_rows(status, error, step=step), f"see {run_dir / RESULT_FILE}"
+        except OSError as unwritten:
+            return row_for(status, error, step), (f"the {status} row could not be written to {run_dir / RESULT_FILE}: "
+                                                  f"{write_failure(unwritten) or unwritten}")
 
     for stage in stages:  # another run's or another config's checkpoint: refused before anything is loaded
         directory = stage_dir(run_dir, stage.dir_name if stage is not None else None)
@@ -265,7 +292,6 @@ def _run_in(cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, An
             checkpoint.check_owner(cfg.run_id(), config_hash(cfg))
     try:
         with stopping.stop_signals():
-            precision = resolve_precision(cfg.train.precision, device)
             seed_everything(cfg.seed)  # a random-init teacher (tests) is the same in every attempt
             teacher = load_teacher(cfg)
             previous: nn.Module | None = None
@@ -293,24 +319,25 @@ def _run_in(cfg: RunConfig, run_dir: Path, device: torch.device) -> dict[str, An
             _after_success(current)
     except (KeyboardInterrupt, RunInterrupted) as interruption:  # a failing peer may be why (srun ends the step)
         step = interruption.step if isinstance(interruption, StoppedAtStep) else None
-        write_final_rows(STATUS_INTERRUPTED, distributed.failure_with_causes(run_dir, interruption, wait_s=0)
-                         if main else interruption, step)
+        _, where = write_final_rows(STATUS_INTERRUPTED, distributed.failure_with_causes(run_dir, interruption, wait_s=0)
+                                    if main else interruption, step)
         if main and step is not None:
-            print(f"clip-compress: run {cfg.name} {interruption}: the same command resumes it (see "
-                  f"{run_dir / RESULT_FILE})", file=sys.stderr)
+            print(f"clip-compress: run {cfg.name} {interruption}: the same command resumes it ({where})",
+                  file=sys.stderr)
         elif step is None:
-            print(f"clip-compress: run {cfg.name} interrupted (see {run_dir / RESULT_FILE})", file=sys.stderr)
+            print(f"clip-compress: run {cfg.name} interrupted ({where})", file=sys.stderr)
         raise
     except Exception as error:  # the row records the failure; the caller decides what to do with it
         distributed.record_failure(run_dir, error)
         if main:
             error = distributed.failure_with_causes(run_dir, error)
-        row = write_final_rows(STATUS_FAILED, error)
-        if isinstance(error, CheckpointWriteError) or getattr(error, "errno", None) == errno.ENOSPC:
-            print(f"clip-compress: error: run {cfg.name}: {error} (see {run_dir / RESULT_FILE})", file=sys.stderr)
+        row, where = write_final_rows(STATUS_FAILED, error)
+        if isinstance(error, CheckpointWriteError):  # it says what and which checkpoint is kept
+            print(f"clip-compress: error: run {cfg.name}: {error} ({where})", file=sys.stderr)
+        elif write_failure(error) == NO_SPACE:  # the file system's fault, not the run's
+            print(f"clip-compress: error: run {cfg.name}: {NO_SPACE} ({row['error']}) ({where})", file=sys.stderr)
         else:
-            print(f"clip-compress: run {cfg.name} failed: {row['error']} (see {run_dir / RESULT_FILE})",
-                  file=sys.stderr)
+            print(f"clip-compress: run {cfg.name} failed: {row['error']} ({where})", file=sys.stderr)
     return row
 
 

@@ -6,6 +6,8 @@
 - A run directory remembers the run id it was made for (``RUN_DIR/run_id``); a config with
   another id that points at it (a reused ``output.run_name``) is refused instead of
   overwriting another experiment's results.
+- A run directory that cannot be made or written (``output.dir`` is a file, a read-only folder, a
+  full disk) is refused in one line (:func:`check_writable`, :func:`unwritable`) before the run starts.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from compress.fileio import atomic_write_text
+from compress.fileio import atomic_write_text, write_failure
 
 if TYPE_CHECKING:
     from compress.config import RunConfig
@@ -67,6 +69,36 @@ def recorded_run_id(run_dir: Path) -> str | None:
 def _holder(fd: int) -> str:
     """The pid the owner wrote into the lock file, or ``"unknown"``."""
     return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse a run directory this process could not make or write, reading only (the dry run asks too): the
+    nearest folder of ``run_dir`` that exists must be a folder (``output.dir``, or a folder above it, may be a
+    file) and writable. What only writing shows (a full disk; permissions the kernel checks otherwise, as for
+    root) is said by :func:`unwritable` when the write fails."""
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if existing is None:  # pragma: no cover - the root always exists
+        return
+    if not existing.is_dir():
+        raise RunDirError(f"cannot make the run directory {run_dir}: {existing} is a file, not a folder "
+                          "(choose another output.dir)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "on a read-only file system" if _read_only(existing) else "not writable by this user"
+        raise RunDirError(f"cannot make the run directory {run_dir}: {existing} is {why} (choose another "
+                          "output.dir)")
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # pragma: no cover - no statvfs
+        return False
+
+
+def unwritable(run_dir: Path, error: OSError) -> RunDirError:
+    """The one line for a run directory whose making or first files failed (before the run has a row)."""
+    where = f": {error.filename}" if getattr(error, "filename", None) else ""
+    return RunDirError(f"cannot write the run directory {run_dir}: {write_failure(error) or error}{where}")
 
 
 class RunDirBusy(RunDirError):

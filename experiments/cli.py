@@ -120,7 +120,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from compress.plan import build_plan, format_plan
 
-        print(format_plan(build_plan(cfg, force=args.force)))
+        # the device is checked where the run will run: here, or (slurm) on a node the plan cannot see
+        print(format_plan(build_plan(cfg, force=args.force, here=(args.backend or cfg.dispatch.backend) != "slurm")))
         return 0
     if (args.backend or cfg.dispatch.backend) in ("debug", "local", "slurm"):
         _refuse_under_torchrun()
@@ -185,6 +186,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             throughput=not args.no_throughput,
             output=args.output,
+            csv={"image_key": args.image_key, "caption_key": args.caption_key, "separator": args.separator},
         )
     except EvalError as error:
         raise CliError(str(error)) from None
@@ -310,6 +312,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from compress.config.schema import DISPATCH_BACKENDS as BACKENDS
+    from compress.config.schema import DatasetConfig
 
     parser = argparse.ArgumentParser(
         prog="clip-compress",
@@ -376,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="'synthetic' (default for a model), an ImageNet-layout folder, or a CSV for retrieval",
     )
     p.add_argument("--kind", choices=["synthetic", "folder", "csv"], default=None, help="data kind (guessed)")
+    # the keys of a config's data.val for a CSV (DatasetConfig): the same names, the same defaults
+    p.add_argument("--image-key", default=None, metavar="COLUMN",
+                   help=f"CSV: the column of image paths (data.*.image_key; default {DatasetConfig.image_key})")
+    p.add_argument("--caption-key", default=None, metavar="COLUMN",
+                   help=f"CSV: the column of captions (data.*.caption_key; default {DatasetConfig.caption_key})")
+    p.add_argument("--separator", default=None, metavar="SEP",
+                   help=f"CSV: the column separator (data.*.separator; default {DatasetConfig.separator!r}, a tab "
+                   "for .tsv)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's, else 128")
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")

@@ -25,6 +25,7 @@ from compress.config.schema import DISPATCH_BACKENDS
 from compress.distributed import environment
 from compress.results import STATUS_FAILED, read_result
 from compress.run import run_dir_for
+from compress.rundir import check_writable
 from experiments.job import RunJob, RunQueue, completed_row
 
 BACKENDS = DISPATCH_BACKENDS
@@ -66,6 +67,8 @@ def submit(
     groups = _groups(cfgs)
     for group in groups:  # what cannot be submitted is refused before anything is
         _check_resources(group[0], backend)
+    for cfg in cfgs:  # output.dir a file, a read-only folder: before submitit writes its folder there
+        check_writable(run_dir_for(cfg))
     if backend == "slurm":
         for group in groups:
             check_partition(group[0])

@@ -105,6 +105,10 @@ class TrainConfig:
         return self.batch_size // (world_size * self.accum_steps)
 
 
+#: the zero-shot tasks of the synthetic shapes world (``ZeroShotTaskConfig.task`` of a ``synthetic`` task)
+SYNTHETIC_TASKS = ("shape", "color", "color_shape")
+
+
 @dataclass
 class ZeroShotTaskConfig:
     name: str = "zero_shot"

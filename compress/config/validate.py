@@ -12,7 +12,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from compress.config.errors import ConfigError
-from compress.config.schema import DATASET_KINDS, DISPATCH_BACKENDS, SCHEMA_VERSION, ModelSpec, RunConfig
+from compress.config.schema import (
+    DATASET_KINDS,
+    DISPATCH_BACKENDS,
+    SCHEMA_VERSION,
+    SYNTHETIC_TASKS,
+    ModelSpec,
+    RunConfig,
+)
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES, Registry, RegistryError, suggest
 
 #: parameters the engine supplies to schedule constructors when they declare them
@@ -256,6 +263,12 @@ def _check_eval(cfg: RunConfig) -> None:
             )
         if task.kind != "synthetic" and not task.path:
             raise ConfigError(f"eval.zero_shot[{i}].path: a {task.kind} task needs the path of an image folder")
+        known = SYNTHETIC_TASKS if task.kind == "synthetic" else ("imagenet",)  # a folder: its own class names
+        if task.task is not None and task.task not in known:
+            raise ConfigError(
+                f"eval.zero_shot[{i}].task: {task.task!r} is not a {task.kind} task (known: {', '.join(known)})."
+                f"{suggest(task.task, list(known))}"
+            )
 
 
 def _check_device(name: str) -> None:

@@ -16,6 +16,16 @@ from torch.utils.data import Dataset
 from compress.data.robust import DataError, apply_transform, open_image, warn_bad
 
 
+class MissingColumns(DataError):
+    """A CSV/TSV file without the image or caption column it is read with: the ``missing`` names, and the
+    ``columns`` it has (one joined column: another separator)."""
+
+    def __init__(self, path: Path, missing: list[str], columns: list[str]) -> None:
+        self.path, self.missing, self.columns = path, missing, columns
+        super().__init__(f"CSV data set {path}: column(s) {missing} not found; columns are {columns} "
+                         "(set data.*.image_key / caption_key / separator)")
+
+
 class CsvDataset(Dataset):
     """(image, caption) pairs listed in a CSV/TSV file."""
 
@@ -38,10 +48,7 @@ class CsvDataset(Dataset):
             raise DataError(f"CSV data set {self.path}: cannot read: {e}") from None
         missing = [k for k in (image_key, caption_key) if k not in df.columns]
         if missing:
-            raise DataError(
-                f"CSV data set {self.path}: column(s) {missing} not found; columns are {list(df.columns)} "
-                f"(set data.*.image_key / caption_key / separator)"
-            )
+            raise MissingColumns(self.path, missing, [str(c) for c in df.columns])
         if num_samples is not None:
             df = df.iloc[:num_samples]
         root = self.path.parent

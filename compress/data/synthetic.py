@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
+from compress.config.schema import SYNTHETIC_TASKS
 from compress.data.captions import caption
 from compress.data.robust import DataError, apply_transform
 from compress.data.shapes import (
@@ -124,7 +125,7 @@ class ShapesClassification(Dataset):
     included) is equally represented.
     """
 
-    TASKS = ("shape", "color", "color_shape")
+    TASKS = SYNTHETIC_TASKS
 
     def __init__(
         self,

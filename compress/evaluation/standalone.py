@@ -10,6 +10,8 @@ from typing import Any
 
 from compress.config import DataConfig, DatasetConfig, EvalConfig, ZeroShotTaskConfig, load_config
 from compress.config.stages import resolve_stages
+from compress.data.csv_data import MissingColumns
+from compress.data.robust import DataError
 from compress.evaluation.run_eval import evaluate_with
 from compress.fileio import atomic_write_text
 from compress.models import load_model
@@ -36,11 +38,23 @@ def looks_like_path(name: str) -> bool:
     return "/" in name or os.sep in name or name.startswith((".", "~")) or Path(name).suffix in MODEL_SUFFIXES
 
 
-def eval_config_for_data(data: str, kind: str | None = None) -> tuple[EvalConfig, DataConfig | None]:
+#: the options of ``clip-compress eval`` that name a CSV's columns and separator: the keys of ``DatasetConfig``
+CSV_OPTIONS = {"image_key": "--image-key", "caption_key": "--caption-key", "separator": "--separator"}
+
+
+def eval_config_for_data(
+    data: str, kind: str | None = None, csv: dict[str, str] | None = None
+) -> tuple[EvalConfig, DataConfig | None]:
     """(EvalConfig, DataConfig) for ``--data``: ``synthetic``, an image folder (ImageNet layout;
-    the ImageNet preset when it has 1000 classes) or a CSV / TSV of image-text pairs."""
+    the ImageNet preset when it has 1000 classes) or a CSV / TSV of image-text pairs, read with
+    ``csv`` (``image_key``, ``caption_key``, ``separator``: as in a config's ``data.val``; the
+    separator defaults to a tab for ``.tsv``). ``csv`` given for another kind is refused."""
     path = Path(data)
     kind = kind or ("synthetic" if data == "synthetic" else "csv" if path.suffix in (".csv", ".tsv") else "folder")
+    csv = {k: v for k, v in (csv or {}).items() if v is not None}
+    if csv and kind != "csv":
+        given = ", ".join(CSV_OPTIONS[k] for k in csv)
+        raise EvalError(f"{given}: only for a CSV / TSV of image-text pairs (--kind csv), not for --kind {kind}")
     if kind == "synthetic":
         if data != "synthetic":
             raise EvalError(f"--kind synthetic takes no data path, got --data {data}")
@@ -51,8 +65,8 @@ def eval_config_for_data(data: str, kind: str | None = None) -> tuple[EvalConfig
     if kind == "csv":
         if not path.is_file():
             raise EvalError(f"--data {data}: --kind csv needs a CSV / TSV file of image-text pairs, got a folder")
-        sep = "\t" if path.suffix == ".tsv" else ","
-        pairs = DatasetConfig(kind="csv", path=data, separator=sep)
+        csv.setdefault("separator", "\t" if path.suffix == ".tsv" else ",")
+        pairs = DatasetConfig(kind="csv", path=data, **csv)
         return EvalConfig(zero_shot=[]), DataConfig(train=pairs, val=pairs)
     if not path.is_dir():
         raise EvalError(f"--data {data}: --kind folder needs a folder with one sub-folder per class, got a file")
@@ -91,17 +105,22 @@ def evaluate_only(
     throughput: bool = True,
     output: str | None = None,
     progress: bool = True,
+    csv: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Load a model (a name, checkpoint, export, or a run directory's ``model/``), evaluate it
     and optionally write the metrics as JSON.
 
     A run directory is evaluated with its own ``eval`` / ``data`` config, batch size and
     precision unless ``data`` / ``batch_size`` say otherwise; anything else on ``data``
-    (``synthetic`` by default) with a batch size of 128 and ``auto`` precision."""
+    (``synthetic`` by default) with a batch size of 128 and ``auto`` precision. ``csv`` names
+    the columns and separator of a CSV ``data`` (:func:`eval_config_for_data`)."""
     if batch_size is not None and batch_size < 1:
         raise EvalError(f"--batch-size must be at least 1, got {batch_size}")
     if kind not in (None, "synthetic") and data is None:
         raise EvalError(f"--kind {kind} needs --data PATH")
+    if data is None and any(v is not None for v in (csv or {}).values()):
+        raise EvalError(f"{', '.join(CSV_OPTIONS[k] for k, v in csv.items() if v is not None)}: name the columns "
+                        "of a CSV given with --data")
     try:
         dev = resolve_device(device)
     except (RuntimeError, ValueError) as error:
@@ -110,12 +129,12 @@ def evaluate_only(
     if is_run_dir(path):
         model_path, eval_cfg, data_cfg, precision = _run_setup(path)
         if data is not None:
-            eval_cfg, data_cfg = eval_config_for_data(data, kind)
+            eval_cfg, data_cfg = eval_config_for_data(data, kind, csv)
     else:
         if looks_like_path(model) and not path.exists():
             raise EvalError(f"no such file or folder: {model}")
         model_path, precision = path if path.exists() else model, "auto"
-        eval_cfg, data_cfg = eval_config_for_data(data or "synthetic", kind)
+        eval_cfg, data_cfg = eval_config_for_data(data or "synthetic", kind, csv)
     if batch_size is not None:
         eval_cfg.batch_size = batch_size
     eval_cfg.throughput = eval_cfg.throughput and throughput
@@ -123,7 +142,19 @@ def evaluate_only(
         policy = resolve_precision(precision, dev)
     except ValueError as error:
         raise EvalError(f"--device {device}: {error}") from None
-    metrics = evaluate_with(load_model(str(model_path)), eval_cfg, data_cfg, dev, policy.name, progress)
+    loaded = load_model(str(model_path))
+    try:
+        metrics = evaluate_with(loaded, eval_cfg, data_cfg, dev, policy.name, progress)
+    except MissingColumns as error:
+        if data is None:  # a run directory's own CSV: its config names the columns
+            raise EvalError(str(error)) from None
+        raise EvalError(
+            f"--data {data}: no column {' or '.join(map(repr, error.missing))}; its columns are "
+            f"{', '.join(map(repr, error.columns))}: name them with --image-key and --caption-key (and --separator "
+            "if the file is not comma-separated)"
+        ) from None
+    except DataError as error:
+        raise EvalError(str(error)) from None
     if output:
         atomic_write_text(Path(output), json.dumps(metrics, indent=2))
     return metrics

@@ -247,10 +247,9 @@ class _Problems:
 
     def raise_if_any(self) -> None:
         if self.messages:
-            lines = "\n".join(f"  - {m}" for m in self.messages.values())
             raise InheritanceError(
                 "manual inheritance takes leading slices, so the student must be no larger than its "
-                f"source in any dimension and must match its tensors:\n{lines}"
+                f"source in any dimension and must match its tensors: {'; '.join(self.messages.values())}"
             )
 
 
@@ -394,20 +393,28 @@ def require_clip(model: object, role: str = "model") -> nn.Module:
     return model
 
 
-def inherit_weights(
+def inheritance_map(
     student: nn.Module, source: nn.Module, choices: Mapping[str, str] | None = None
-) -> dict[str, list[int]]:
-    """Fill ``student`` in place from ``source`` by manual inheritance; returns the layer map
-    (``{"vision": [...], "text": [...]}``, ResNet: ``vision.layer1``..``vision.layer4``)."""
+) -> tuple[dict[str, Tensor], dict[str, list[int]]]:
+    """What manual inheritance copies into ``student``, and the layer map, without copying it: every
+    check of :func:`inherit_weights` (the dry run calls it on ``meta`` models: shapes only)."""
     require_clip(student, "student")
     require_clip(source, "source")
     kinds = type(student.visual).__name__, type(source.visual).__name__
     if kinds[0] != kinds[1]:
         raise InheritanceError(f"the student's image tower is a {kinds[0]} but the source's a {kinds[1]}")
-    student_sd = student.state_dict()
-    new, maps = inherit_state_dict(
-        student_sd, source.state_dict(), attention_shapes(student), attention_shapes(source), choices
+    return inherit_state_dict(
+        student.state_dict(), source.state_dict(), attention_shapes(student), attention_shapes(source), choices
     )
+
+
+def inherit_weights(
+    student: nn.Module, source: nn.Module, choices: Mapping[str, str] | None = None
+) -> dict[str, list[int]]:
+    """Fill ``student`` in place from ``source`` by manual inheritance; returns the layer map
+    (``{"vision": [...], "text": [...]}``, ResNet: ``vision.layer1``..``vision.layer4``)."""
+    new, maps = inheritance_map(student, source, choices)
+    student_sd = student.state_dict()
     with torch.no_grad():
         for key, tensor in new.items():
             student_sd[key].copy_(tensor)

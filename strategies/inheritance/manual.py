@@ -6,7 +6,7 @@ import logging
 
 from torch import nn
 
-from compress.models.inherit import InheritanceError, check_layer_choice, inherit_weights
+from compress.models.inherit import InheritanceError, check_layer_choice, inherit_weights, inheritance_map
 from compress.plugins import Inheritance
 from compress.registry import INHERITANCE
 
@@ -41,11 +41,22 @@ class ManualInheritance(Inheritance):
         self.layer_map: dict[str, list[int]] = {}
 
     def inherit(self, student: nn.Module | None, source: nn.Module) -> nn.Module:
-        if student is None:
-            raise InheritanceError("inheritance 'manual' needs a student architecture (set student.model)")
-        choices = {"vision": self.vision_layer_choice, "text": self.text_layer_choice}
-        self.layer_map = inherit_weights(student, source, choices)
+        self.layer_map = inherit_weights(self._needs(student), source, self._choices())
         if self.verbose:
             for group, layers in self.layer_map.items():
                 logger.info("manual inheritance: %s layers <- source layers %s", group, layers)
+        return student
+
+    def check(self, student: nn.Module | None, source: nn.Module) -> None:
+        """The student no larger than its source in any dimension, every tensor with its source tensor: the
+        mapping :meth:`inherit` copies, computed and dropped (on ``meta`` models it costs no memory)."""
+        inheritance_map(self._needs(student), source, self._choices())
+
+    def _choices(self) -> dict[str, str]:
+        return {"vision": self.vision_layer_choice, "text": self.text_layer_choice}
+
+    @staticmethod
+    def _needs(student: nn.Module | None) -> nn.Module:
+        if student is None:
+            raise InheritanceError("inheritance 'manual' needs a student architecture (set student.model)")
         return student
