@@ -41,7 +41,8 @@ Host memory: the batches in flight in the loader, ``max(num_workers x prefetch_f
 (prefetch_factor 2, PyTorch's default), and what the gradient cache's second pass reads the step from. With
 ``train.accum_inputs: reread`` (and accum_steps > 1) a second loader reads the micro-batches again: twice
 the batches in flight, and of the step only its tokens are kept (B / world x 8 B x context length, for the
-loss); with ``keep`` the step's micro-batches stay on the host (B / world samples). A sample is its fp32
+loss; its captions and sample keys, some tens of bytes a sample, are not counted); with ``keep`` the step's
+micro-batches stay on the host (B / world samples). A sample is its fp32
 image at the student's size, the teacher's view when the teacher's size differs, and its int64 tokens.
 """
 

@@ -280,8 +280,8 @@ def replayed_random_state(state: tuple[Tensor, Tensor | None], device: torch.dev
 
 
 #: entries of a micro-batch the loss plug-ins do not get: the images (one micro-batch at a time goes to the
-#: device) and the samples' keys (the data path's bookkeeping)
-NOT_FOR_LOSSES = ("images", "teacher_images", "keys")
+#: device) and the data path's bookkeeping (the samples' keys, the images' fingerprints)
+NOT_FOR_LOSSES = ("images", "teacher_images", "keys", "fingerprints")
 
 
 def step_batch(micro: Sequence[Mapping[str, Any]], device: torch.device) -> dict[str, Any]:
@@ -307,8 +307,9 @@ class Replay(Protocol):
     def begin_step(self) -> None:
         """Called before a step's first micro-batch is drawn from the first stream."""
 
-    def again(self, keys: list[list[int]] | None) -> Mapping[str, Any]:
-        """The step's next micro-batch a second time (``keys``: its samples, as the first pass read them)."""
+    def again(self, first: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The step's next micro-batch a second time (``first``: what the first pass read of it, images left
+        out: its keys and fingerprints)."""
 
 
 class StepInputs:
@@ -345,7 +346,7 @@ class StepInputs:
     def again(self) -> Iterator[Mapping[str, Any]]:
         for j in range(self.count):
             if self.replay is not None:
-                yield self.replay.again(self.meta[j].get("keys"))
+                yield self.replay.again(self.meta[j])
             else:
                 m, self._kept[j] = self._kept[j], None  # released as the live pass goes
                 assert m is not None

@@ -138,7 +138,8 @@ def test_train_batches_carry_the_teachers_view_only_when_needed(tmp_path):
     batch = next(batches)
     assert batch["images"].shape == (8, 3, 24, 24) and batch["teacher_images"].shape == (8, 3, 32, 32)
     same, _ = train_batches(cfg, load_model("cc-test-student"), teacher, torch.device("cpu"))
-    assert [sorted(b) for b in itertools.islice(same, 2)] == [["captions", "images", "keys", "texts"]] * 2
+    expected = ["captions", "fingerprints", "images", "keys", "texts"]
+    assert [sorted(b) for b in itertools.islice(same, 2)] == [expected] * 2
 
 
 @pytest.mark.parametrize("accum_steps", [1, 2])

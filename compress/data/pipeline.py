@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,42 +21,77 @@ from compress.models.forward import tokenizer_for
 class ReplayStream:
     """The gradient cache's second reading of a step's micro-batches (``train.accum_inputs: reread``).
 
-    A second loader over the same data, order and per-sample seeds, started (:meth:`begin_step`) from the
-    position the first loader has when a step begins, yields the step's micro-batches again one pass
-    later: the trainer keeps none of the step's images (host memory: this loader's batches in flight, not
-    ``accum_steps`` micro-batches); the cost is a second decode of every sample (and ``data.num_workers``
-    more worker processes). Each micro-batch is checked against the keys the first pass read; one that
-    differs (a sample that read differently the second time, e.g. a flaky file system) is read again by
-    key in this process (:meth:`CountedLoader.read`), and the second loader restarts from the first's
-    position at the next step (counted in ``resyncs``)."""
+    A second loader over the same data set object, order and per-sample seeds, started (:meth:`begin_step`)
+    from the position the first loader has when a step begins, yields the step's micro-batches again one
+    pass later: the trainer keeps none of the step's images (host memory: this loader's batches in flight,
+    not ``accum_steps`` micro-batches); the cost is a second read and decode of every sample (and
+    ``data.num_workers`` more worker processes). Each micro-batch read again is checked against the first
+    pass's sample keys and image fingerprints (``"fingerprints"``, a float64 sum per image, made in the
+    workers). One that differs, or a read that fails the second time (a flaky file system), is read again
+    by key in this process (:meth:`CountedLoader.read`), and the second loader restarts from the first's
+    position at the next step (``resyncs``). A restart that cannot find its place (webdataset shards read by
+    several workers, in the tail of an epoch where a worker ran out of samples: ``ShardDataset.seek`` is not
+    exact there) stops the second loader until the next epoch: those steps read their micro-batches again
+    by key in this process (``by_key_steps``; host memory stays flat, the reading is serial)."""
 
     def __init__(self, build: Callable[[], CountedLoader], main: CountedLoader) -> None:
         self.build, self.main = build, main
         self._stream: Iterator[dict[str, Any]] | None = None
+        self._unsure_start = False  # restarted at this step where a seek may miss its place
+        self._paused_in_epoch: int | None = None
         self.resyncs = 0
+        self.by_key_steps = 0
 
     def begin_step(self) -> None:
         """Before the step's first micro-batch is drawn from the first loader: (re)start the second one at
-        that position if it is not running in step (the first step, or after a mismatch)."""
-        if self._stream is None:
-            loader = self.build()
-            loader.load_state_dict(self.main.state_dict())
-            self._stream = loader.forever()
-
-    def again(self, keys: list[list[int]] | None) -> dict[str, Any]:
-        """The next micro-batch of the step a second time; ``keys``: the samples the first pass read."""
+        that position if it is not running in step (the first step, after a resume or a failed reading)."""
         if self._stream is not None:
-            batch = next(self._stream)
-            if keys is None or batch.get("keys") == keys:
-                return batch
-            self._stream = None  # out of step: its workers go with it; restarted at the next step
+            self._unsure_start = False
+            return
+        if self._paused_in_epoch is not None and self.main.epoch <= self._paused_in_epoch:
+            self.by_key_steps += 1  # :meth:`again` reads this step by key
+            return
+        self._paused_in_epoch = None
+        loader = self.build()
+        loader.load_state_dict(self.main.state_dict())
+        loader.prepare()  # with workers: they seek to the position while the features pass runs
+        self._stream = loader.forever()
+        self._unsure_start = self.main.batches_in_epoch > 0 and not self.main.seeks_exactly
+
+    def again(self, first: Mapping[str, Any]) -> dict[str, Any]:
+        """The next micro-batch of the step a second time; ``first``: what the first pass read of it (its
+        ``keys`` and ``fingerprints``)."""
+        keys = first.get("keys")
+        if self._stream is not None:
+            try:
+                batch = next(self._stream)
+                why = None if same_samples(first, batch) else f"other samples (first key {keys and keys[0]})"
+            except Exception as e:  # noqa: BLE001 - any failure of the second reading is read again by key
+                batch, why = None, f"{type(e).__name__}: {e}"
+            if why is None:
+                return batch  # type: ignore[return-value]
+            self._stream = None  # out of step: its workers go with it
             self.resyncs += 1
-            print(f"clip-compress: warning: the second reading of a micro-batch gave other samples than the first "
-                  f"(first key {keys[0]} vs {batch.get('keys', [None])[0]}); reading them again by key and restarting "
-                  f"the second loader at the next step", file=sys.stderr)
+            paused = self._unsure_start
+            if paused:  # the restart itself did not find the step's place: not again in this epoch
+                self._paused_in_epoch = self.main.epoch
+            if self.resyncs == 1 or paused:
+                then = ("the steps until the next epoch are read by key too" if paused
+                        else "the second loader restarts at the next step")
+                print(f"clip-compress: warning: the second reading of a micro-batch failed ({why}); it is read again "
+                      f"by key and {then} (counted in data/replay_resyncs)", file=sys.stderr)
         if keys is None:
             raise DataError("the second loader stopped and the micro-batch has no sample keys to read it again by")
         return self.main.read(keys)
+
+
+def same_samples(first: Mapping[str, Any], again: Mapping[str, Any]) -> bool:
+    """Whether two readings of a micro-batch hold the same samples: equal keys, and equal image
+    fingerprints (float64 sums, up to their rounding) where the batches carry them."""
+    if first.get("keys") != again.get("keys"):
+        return False
+    a, b = first.get("fingerprints"), again.get("fingerprints")
+    return a is None or b is None or (a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-9, atol=0.0)))
 
 
 @dataclass
@@ -70,14 +105,14 @@ class DataStats:
     def as_metrics(self, all_ranks: bool = False) -> dict[str, Any]:
         """This process's counts, or (``all_ranks``, a collective) the sums over every process's share."""
         counter = self.loader.counter
-        counts = [counter.seen, counter.bad] + ([self.replay.resyncs] if self.replay is not None else [])
+        counts = [counter.seen, counter.bad] + ([self.replay.resyncs, self.replay.by_key_steps] if self.replay else [])
         if all_ranks and distributed.world_size() > 1:
             counts = distributed.sum_over_ranks(torch.tensor(counts, dtype=torch.int64)).tolist()
         seen, bad = counts[:2]
         out = {"data/samples_seen": seen, "data/bad_samples": bad,
                "data/bad_fraction": round(bad / seen, 6) if seen else 0.0}
         if self.replay is not None:
-            out["data/replay_resyncs"] = counts[2]
+            out["data/replay_resyncs"], out["data/replay_by_key_steps"] = counts[2], counts[3]
         return out
 
 
@@ -110,12 +145,13 @@ def train_batches(
     train_tf = train_transform_for(student, teacher)
     micro = cfg.train.micro_batch(distributed.world_size())
 
-    def build() -> CountedLoader:
+    def build(twin_of: CountedLoader | None = None) -> CountedLoader:
         return build_train_loader(
             cfg.data, train_tf, tokenizer_for(student), micro, seed=cfg.seed, sampler=_sampler_for_ranks(cfg.seed),
-            pin_memory=device.type == "cuda",
+            pin_memory=device.type == "cuda", dataset=twin_of.source_dataset() if twin_of is not None else None,
         )
 
     loader = build()
-    replay = ReplayStream(build, loader) if cfg.train.accum_steps > 1 and cfg.train.accum_inputs == "reread" else None
+    reread = cfg.train.accum_steps > 1 and cfg.train.accum_inputs == "reread"
+    replay = ReplayStream(lambda: build(loader), loader) if reread else None
     return loader.forever(), DataStats(loader, replay)
