@@ -397,8 +397,6 @@ def _stage_plan(
             where = f"stages[{stage.index}].student" if staged else "student"
             student = model_facts(cfg.student, where, warnings)
             student_text = student.label
-            source = teacher if stage.source == "teacher" else previous.student if previous is not None else None
-            check_inheritance(inheritance, student, source, where)
     else:
         base = "the teacher" if stage.source == "teacher" else source_text
         prune_step = getattr(inheritance, "prune_step", None)
@@ -440,6 +438,27 @@ def _stage_plan(
     )
     _add_memory(plan, cfg, teacher, previous, warnings)
     return plan
+
+
+def check_inheritances(cfg: RunConfig, teacher: ModelFacts | None = None) -> None:
+    """Every stage's student against its source (:func:`check_inheritance`): the teacher, or the previous stage's
+    student (not checked after a stage that learns its structure). The dry run and the run before it starts
+    (:func:`experiments.dispatch.check_before_run`) both ask it; ``teacher``: its facts when known already."""
+    from compress.registry import INHERITANCE
+
+    warnings: list[str] = []  # a missing file: not checked here, the plan warns
+    if teacher is None and cfg.teacher is not None:
+        teacher = model_facts(cfg.teacher, "teacher", warnings)
+    resolved = resolve_stages(cfg)
+    previous: ModelFacts | None = None
+    for stage in resolved or [ResolvedStage(0, cfg.name, "teacher", None, cfg)]:
+        inheritance = INHERITANCE.build(stage.cfg.inheritance, context=inheritance_context(stage.cfg))
+        student = None
+        if getattr(inheritance, "needs_student_config", True) and stage.cfg.student is not None:
+            where = f"stages[{stage.index}].student" if resolved else "student"
+            student = model_facts(stage.cfg.student, where, warnings)
+            check_inheritance(inheritance, student, teacher if stage.source == "teacher" else previous, where)
+        previous = student
 
 
 def check_inheritance(inheritance: Any, student: ModelFacts, source: ModelFacts | None, where: str) -> None:
@@ -504,6 +523,7 @@ def build_plan(cfg: RunConfig, force: bool = False, here: bool = True) -> Plan:
     staged = bool(resolved)
     stages = resolved or [ResolvedStage(0, cfg.name, "teacher", None, cfg)]
     teacher = model_facts(cfg.teacher, "teacher", warnings) if cfg.teacher is not None else None
+    check_inheritances(cfg, teacher)
     state, verdict = _run_state(cfg, run_dir, force, warnings)
     plans: list[StagePlan] = []
     for stage in stages:

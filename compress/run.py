@@ -337,8 +337,14 @@ def _run_in(cfg: RunConfig, run_dir: Path, device: torch.device, precision: Prec
         elif write_failure(error) == NO_SPACE:  # the file system's fault, not the run's
             print(f"clip-compress: error: run {cfg.name}: {NO_SPACE} ({row['error']}) ({where})", file=sys.stderr)
         else:
-            print(f"clip-compress: run {cfg.name} failed: {row['error']} ({where})", file=sys.stderr)
+            print(failed_line(cfg.name, row["error"], where), file=sys.stderr)
     return row
+
+
+def failed_line(name: str, error: str | None, where: str) -> str:
+    """The one line that says a run failed: its name, the first line of its row's error, where the row is."""
+    first = (error or "unknown error").splitlines()[0] if (error or "").strip() else "unknown error"
+    return f"clip-compress: run {name} failed: {first} ({where})"
 
 
 def _completed(directory: Path, stage: ResolvedStage | None) -> bool:

@@ -114,7 +114,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set or [])  # before anything imports torch: a YAML mistake fails at once
     from compress.distributed import environment
-    from compress.run import run_dir_for
+    from compress.run import failed_line, run_dir_for
     from experiments.dispatch import STATUS_SUBMITTED, dispatch
 
     if args.dry_run:
@@ -123,7 +123,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # the device is checked where the run will run: here, or (slurm) on a node the plan cannot see
         print(format_plan(build_plan(cfg, force=args.force, here=(args.backend or cfg.dispatch.backend) != "slurm")))
         return 0
-    if (args.backend or cfg.dispatch.backend) in ("debug", "local", "slurm"):
+    chosen = args.backend or cfg.dispatch.backend
+    if chosen in ("debug", "local", "slurm"):
         _refuse_under_torchrun()
     rows = dispatch([cfg], backend=args.backend, force=args.force)
     if environment().rank != 0:  # one of several processes (torchrun): rank 0 reports
@@ -136,6 +137,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         elif row.get("status") == STATUS_SUBMITTED:
             print(f"[submitted] {cfg.name} ({cfg.run_id()}) as job {row['job_id']}: the result lands in "
                   f"{run_dir_for(cfg) / 'result.json'}")
+        elif row.get("status") == "failed" and chosen == "local":  # in this process (inline, debug) the run said it
+            print(failed_line(cfg.name, row.get("error"), f"see {run_dir_for(cfg) / 'result.json'}"), file=sys.stderr)
     return 0 if all(r.get("status") in ("completed", "skipped", STATUS_SUBMITTED) for r in rows) else 1
 
 

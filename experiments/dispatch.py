@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress.config import RunConfig
+from compress.config import ConfigError, RunConfig
 from compress.config.schema import DISPATCH_BACKENDS
 from compress.distributed import environment
 from compress.results import STATUS_FAILED, read_result
@@ -67,8 +67,7 @@ def submit(
     groups = _groups(cfgs)
     for group in groups:  # what cannot be submitted is refused before anything is
         _check_resources(group[0], backend)
-    for cfg in cfgs:  # output.dir a file, a read-only folder: before submitit writes its folder there
-        check_writable(run_dir_for(cfg))
+    check_before_run(cfgs, backend)  # before submitit writes its folder in a run directory
     if backend == "slurm":
         for group in groups:
             check_partition(group[0])
@@ -94,6 +93,42 @@ def submit(
         out += done
     out.sort(key=lambda s: order[id(s.cfg)])
     return out
+
+
+def check_before_run(cfgs: Sequence[RunConfig], backend: str | Sequence[str]) -> None:
+    """What a run would refuse a second after it starts, refused before any is submitted, in one line: a run
+    directory that cannot be made (``output.dir`` a file, a read-only folder), a student its inheritance cannot
+    fill from its source (:func:`compress.plan.check_inheritances`) and, for the backends that run on this machine
+    (not ``slurm``: its nodes are not this machine), a ``train.device``/``train.precision`` it does not have
+    (:func:`compress.run.run_device`); a ``local`` job with ``dispatch.gpus_per_node: 0`` sees no GPU at all
+    (``CUDA_VISIBLE_DEVICES`` empty), so a ``cuda`` device is refused there too. ``backend``: one for all, or one
+    per config. Each check runs once per distinct value (a sweep of 100 learning rates checks its device once).
+    Used by :func:`submit`, and by the plan of ``clip-compress sweep`` (its dry run too)."""
+    from compress.plan import check_inheritances
+    from compress.run import run_device
+
+    backends = [backend] * len(cfgs) if isinstance(backend, str) else list(backend)
+    seen: set[str] = set()
+
+    def once(key: Any) -> bool:
+        text = json.dumps(key, sort_keys=True, default=str)
+        fresh = text not in seen
+        seen.add(text)
+        return fresh
+
+    for cfg, chosen in zip(cfgs, backends, strict=True):
+        check_writable(run_dir_for(cfg))
+        t = cfg.train
+        if chosen == "local" and cfg.dispatch.gpus_per_node == 0 and str(t.device).startswith("cuda"):
+            raise ConfigError(f"train.device: {t.device!r} but dispatch.gpus_per_node is 0: a local job then sees no "
+                              "GPU (CUDA_VISIBLE_DEVICES is empty); set dispatch.gpus_per_node, or train.device: cpu "
+                              "or auto")
+        if chosen != "slurm" and once(("device", t.device, t.precision)):
+            run_device(cfg)
+        whole = cfg.to_dict()
+        facts = {k: whole.get(k) for k in ("teacher", "student", "inheritance", "stages")}
+        if once(("inheritance", facts, t.steps)):  # train.steps: the inheritance's total_steps
+            check_inheritances(cfg)
 
 
 def _check_resources(cfg: RunConfig, backend: str) -> None:

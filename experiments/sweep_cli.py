@@ -10,7 +10,7 @@ from typing import Any
 from compress.config import RunConfig
 from compress.results import STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED
 from compress.rundir import RunDirBusy, lock_holder
-from experiments.dispatch import submit
+from experiments.dispatch import check_before_run, submit
 from experiments.job import RUNNING_ELSEWHERE, completed_row
 from experiments.status import PENDING, QUEUED, RUNNING, STOPPED, mark_queued, read_manifest, run_state
 from experiments.sweep import (
@@ -123,6 +123,9 @@ def run_sweep(path: str | Path | Sweep, backend: str | None = None, overrides: S
               "if still queued (squeue), submitting them again wastes an allocation")
     todo = [run for run, c in zip(runs, chosen, strict=True) if c]
     skipped = len(runs) - len(todo)
+    # what a run would refuse as it starts (run directory, device, inheritance): one line, before anything is
+    # submitted or written, in the dry run too
+    check_before_run([run.cfg for run in todo], [backend or run.cfg.dispatch.backend for run in todo])
     if dry_run:
         print(f"dry run: {len(todo)} to submit, {skipped} skipped; nothing submitted or written")
         return 0

@@ -165,6 +165,42 @@ def test_a_cuda_index_this_machine_does_not_have_is_one_line(tmp_path, capsys, m
                     "(cuda:0..cuda:1)")
 
 
+@pytest.mark.parametrize("backend", ["local", "debug"])
+def test_cuda_on_a_machine_without_cuda_is_one_line_for_the_backends_here(tmp_path, capsys, monkeypatch, backend):
+    """Was (local): ``[submitted] ...``, exit 1 and not a word (the traceback only in submitit's log), no row."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = write_config(tmp_path, train={"steps": 2, "batch_size": 8, "lr": 1e-3, "progress": False,
+                                           "device": "cuda"})
+    line = one_line(capsys, ["run", config, "--backend", backend])
+    assert line.startswith("clip-compress: error: train.device: 'cuda' requested but this machine has no CUDA "
+                           "device"), line
+    assert not (tmp_path / "runs").exists()  # refused before submitit's folder is made
+
+
+def test_a_local_job_without_gpus_refuses_cuda(tmp_path, capsys, monkeypatch):
+    """``dispatch.gpus_per_node: 0``: the local job runs with ``CUDA_VISIBLE_DEVICES`` empty, so ``cuda`` there
+    fails although this machine has a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    config = write_config(tmp_path, train={"steps": 2, "batch_size": 8, "lr": 1e-3, "progress": False,
+                                           "device": "cuda"}, dispatch={"gpus_per_node": 0})
+    line = one_line(capsys, ["run", config, "--backend", "local"])
+    assert line == ("clip-compress: error: train.device: 'cuda' but dispatch.gpus_per_node is 0: a local job then "
+                    "sees no GPU (CUDA_VISIBLE_DEVICES is empty); set dispatch.gpus_per_node, or train.device: cpu "
+                    "or auto")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_local_run_is_said_in_one_line(tmp_path, capsys):
+    """Was: ``[submitted] ...`` and exit 1 without a word (the error only in the row and submitit's log)."""
+    config = write_config(tmp_path, data={"train": {"kind": "csv", "path": str(tmp_path / "missing.csv")}})
+    line = one_line(capsys, ["run", config, "--backend", "local"], code=1)
+    result = run_dir_for(load_config(config)) / "result.json"
+    assert line == (f"clip-compress: run e2e failed: DataError: CSV data set: file not found: "
+                    f"{tmp_path / 'missing.csv'} (see {result})")
+    assert json.loads(result.read_text())["status"] == "failed"
+
+
 def test_the_dry_run_of_a_cluster_run_leaves_the_device_to_the_node(tmp_path, capsys, monkeypatch):
     """A SLURM run's device is its node's: a login node without a GPU plans it."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -177,7 +213,7 @@ def test_the_dry_run_of_a_cluster_run_leaves_the_device_to_the_node(tmp_path, ca
 # -- what the dry run must refuse as the run does -----------------------------------------------------------------
 def test_a_student_larger_than_its_teacher_is_refused_by_the_dry_run(tmp_path, capsys):
     """Manual inheritance takes leading slices: the dry run asks the strategy's own check (on meta models) and
-    refuses in one line; the run refuses the same in one line (it printed six) and writes its failed row."""
+    refuses in one line; the run refuses the same line before it starts (it wrote a failed row, exit 1)."""
     config = write_config(tmp_path, teacher={"model": "cc-test-student", "random_init": True},
                           student={"model": "cc-test-teacher"})
     line = one_line(capsys, ["run", config, "--dry-run"])
@@ -185,11 +221,9 @@ def test_a_student_larger_than_its_teacher_is_refused_by_the_dry_run(tmp_path, c
                            "must be no larger than its source"), line
     assert "text layers (text_cfg.layers): student 4 > source 2; vision width (vision_cfg.width): student 64 > " \
            "source 48" in line
-    line = one_line(capsys, ["run", config], code=1)
-    assert line.startswith("clip-compress: run e2e failed: InheritanceError: manual inheritance takes leading "
-                           "slices"), line
-    row = json.loads((run_dir_for(load_config(config)) / "result.json").read_text())
-    assert row["status"] == "failed" and "student 4 > source 2" in row["error"]
+    for backend in ("inline", "debug"):  # was: a failed row and exit 1; now the dry run's check, before the run
+        assert one_line(capsys, ["run", config, "--backend", backend]) == line
+    assert not (tmp_path / "runs").exists()  # no row, no submitit folder
 
 
 def test_a_stage_whose_student_is_larger_than_the_previous_one_is_refused_by_the_dry_run(tmp_path, capsys):

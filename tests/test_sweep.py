@@ -152,6 +152,31 @@ def test_dry_run_prints_the_table_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_sweep_refuses_what_its_runs_would_before_the_first(tmp_path, capsys, monkeypatch, dry_run):
+    """The run's pre-run checks, once, before anything is submitted or written. Was: the dry run said "2 to
+    submit ... nothing written", and the sweep printed one ``[error] ... RunDirError`` line per run, exit 1."""
+    import torch
+
+    a_file = tmp_path / "results"
+    a_file.write_text("not a folder")
+    how = ["--dry-run"] if dry_run else []
+    path = write_sweep(tmp_path, axes={"train.lr": [1.0e-3, 3.0e-4]}, output_dir=str(a_file / "abl"))
+    assert main(["sweep", str(path), "--backend", "inline", *how]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("clip-compress: error: cannot make the run directory "), err
+    assert f"{a_file} is a file, not a folder" in err[0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = write_sweep(tmp_path, axes={"train.lr": [1.0e-3, 3.0e-4]}, set={"train.device": "cuda"})
+    assert main(["sweep", str(path), "--backend", "inline", *how]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [captured.err.strip()]
+    assert captured.err.startswith("clip-compress: error: train.device: 'cuda' requested but this machine has no "
+                                   "CUDA device"), captured.err
+    assert "to submit" not in captured.out and not (tmp_path / "runs").exists()
+    assert main(["sweep", str(path), "--backend", "slurm", *(["--dry-run"])]) == 0  # the node's device: not here
+
+
 def test_manifest_lines_hold_the_run_the_job_and_the_code(tmp_path, capsys):
     path = write_sweep(tmp_path, axes={"train.lr": [1.0e-3, 3.0e-4]})
     runs = load_sweep(path).runs()
