@@ -294,16 +294,24 @@ def load_results(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     return results_frame(rows)
 
 
-def load_curves(paths: str | Path | Iterable[str | Path], stages: bool = False) -> pd.DataFrame:
+def load_curves(paths: str | Path | Iterable[str | Path], stages: bool = False,
+                keys: Sequence[str] = ()) -> pd.DataFrame:
     """Every logged value of ``metrics.jsonl`` in long form: one line per (run, step, term) with
     columns ``run_id, path, step, term, value``, the alias columns of the run and the config columns
     whose value differs between the loaded runs (what a group must not pool, and what a filter may name;
     a setting every run shares is left out, so the frame does not grow with the config's size).
-    ``stages``: the per-stage curves of staged runs (their step counts restart at each stage) instead of none."""
+    ``stages``: the per-stage curves of staged runs (their step counts restart at each stage) instead of none.
+    ``keys`` (a plot's ``--filter`` and ``--group`` keys) are resolved against every column of the result rows,
+    before the shared settings are left out, and kept: a filter may name a setting all runs share."""
+    from analysis.select import resolve_key
+
     results = load_results(paths)
     results = results[results["row"] == ("stage" if stages else "run")]
     varying = [c for c in config_columns(results) if results[c].map(value_text).nunique() > 1]
-    keep = ["run_id", "path", "name", "status", *ALIASES, *varying]
+    long_columns = ("step", "term", "value")
+    named = [resolve_key(results, key) for key in keys if key not in long_columns]
+    keep = list(dict.fromkeys(["run_id", "path", "name", "status", *ALIASES, *varying,
+                               *(c for c in named if c not in long_columns)]))
     frames = []
     for _, result in results.iterrows():
         file = Path(result["path"]) / METRICS_FILE
@@ -321,4 +329,4 @@ def load_curves(paths: str | Path | Iterable[str | Path], stages: bool = False) 
     if not frames:
         raise AnalysisError(f"no {METRICS_FILE} next to the result rows of {', '.join(map(str, paths))}")
     curves = pd.concat(frames, ignore_index=True)
-    return curves[[*keep, "step", "term", "value"]]
+    return curves[[*keep, *long_columns]]

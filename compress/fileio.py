@@ -11,7 +11,8 @@ and exported models stay readable to colleagues in a shared folder. No torch imp
 
 :func:`write_failure` is the one place that tells whether a failed write is the file system's fault (a full disk,
 a quota, a read-only or failing disk) and says so in a few words: checkpoints, the run directory and the run's
-own failure message all ask it.
+own failure message all ask it. :func:`check_output` refuses, reading only and before any compute, an output
+path that cannot be written (a folder where a file goes, a file where a folder goes, a read-only folder).
 """
 
 from __future__ import annotations
@@ -106,3 +107,40 @@ def write_failure(error: BaseException, root: str | Path | None = None) -> str |
         except OSError:  # pragma: no cover - the folder is gone
             pass
     return None
+
+
+class OutputPathError(ValueError):
+    """An output path this process cannot write (printed by the command line as one line, exit 2)."""
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # pragma: no cover - no statvfs
+        return False
+
+
+def output_problem(path: str | Path, folder: bool = False) -> str | None:
+    """Why ``path`` could not be written as a file (or made as a ``folder``), reading only; ``None`` when it looks
+    writable. The path must not be a folder (a file) or a file (a folder), and the nearest folder of it that exists
+    must be a folder and writable. What only writing shows (a full disk) is for :func:`write_failure`."""
+    path = Path(path)
+    if path.is_dir() != folder and path.exists():
+        return f"{path} is a folder, not a file" if path.is_dir() else f"{path} is a file, not a folder"
+    start = path if folder else path.parent
+    existing = next((p for p in (start, *start.parents) if p.exists()), None)
+    if existing is None:  # pragma: no cover - the root (or the working folder) always exists
+        return None
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is {'on a read-only file system' if _read_only(existing) else 'not writable by this user'}"
+    return None
+
+
+def check_output(path: str | Path, option: str, folder: bool = False) -> None:
+    """Refuse (:class:`OutputPathError`, naming ``option``) an output file (or ``folder``) that
+    :func:`output_problem` says cannot be written: asked before any compute, so a mistake costs no run."""
+    problem = output_problem(path, folder)
+    if problem is not None:
+        raise OutputPathError(f"{option}: cannot write {path}: {problem}")

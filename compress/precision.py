@@ -20,19 +20,22 @@ class DeviceError(ValueError):
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` (CUDA if there is one, else the CPU), ``cpu``, ``cuda``, ``cuda:N``: a device this machine has,
+    """``auto`` (CUDA if there is one, else the CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``: a device this machine has,
     else :class:`DeviceError` (:func:`available_device`)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise DeviceError(f"{name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+        raise DeviceError(f"{name!r} is not a device (auto, cpu, cuda, cuda:N or mps)") from None
     return available_device(device)
 
 
 def available_device(device: torch.device) -> torch.device:
-    """``device`` if this machine has it: CUDA available, and ``cuda:N`` with N below the visible device count."""
+    """``device`` if this machine has it (the one device rule of validation, dry run and run): the CPU; ``mps``
+    where ``torch.backends.mps.is_available()``; CUDA available, and ``cuda:N`` with N below the visible count."""
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"{str(device)!r} requested but this machine has no MPS (Apple GPU) device: use cpu or auto")
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from compress.fileio import atomic_write_text, write_failure
+from compress.fileio import atomic_write_text, output_problem, write_failure
 
 if TYPE_CHECKING:
     from compress.config import RunConfig
@@ -74,25 +74,11 @@ def _holder(fd: int) -> str:
 def check_writable(run_dir: Path) -> None:
     """Refuse a run directory this process could not make or write, reading only (the dry run asks too): the
     nearest folder of ``run_dir`` that exists must be a folder (``output.dir``, or a folder above it, may be a
-    file) and writable. What only writing shows (a full disk; permissions the kernel checks otherwise, as for
-    root) is said by :func:`unwritable` when the write fails."""
-    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
-    if existing is None:  # pragma: no cover - the root always exists
-        return
-    if not existing.is_dir():
-        raise RunDirError(f"cannot make the run directory {run_dir}: {existing} is a file, not a folder "
-                          "(choose another output.dir)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        why = "on a read-only file system" if _read_only(existing) else "not writable by this user"
-        raise RunDirError(f"cannot make the run directory {run_dir}: {existing} is {why} (choose another "
-                          "output.dir)")
-
-
-def _read_only(folder: Path) -> bool:
-    try:
-        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-    except (OSError, AttributeError):  # pragma: no cover - no statvfs
-        return False
+    file) and writable (:func:`compress.fileio.output_problem`). What only writing shows (a full disk; permissions
+    the kernel checks otherwise, as for root) is said by :func:`unwritable` when the write fails."""
+    problem = output_problem(run_dir, folder=True)
+    if problem is not None:
+        raise RunDirError(f"cannot make the run directory {run_dir}: {problem} (choose another output.dir)")
 
 
 def unwritable(run_dir: Path, error: OSError) -> RunDirError:

@@ -16,6 +16,7 @@ Ctrl-C stops with one line; the same command then resumes (an unfinished run fro
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -64,8 +65,10 @@ class NoResults(AblationsError, FileNotFoundError):
     """None of an ablation's runs has a result row yet."""
 
 
-def command(name: str, scale: int = 1) -> str:
-    return f"python -m experiments.ablations {name}" + (f" --scale {scale}" if scale != 1 else "")
+def command(name: str, scale: int = 1, docs: str | None = None) -> str:
+    """The command that runs an ablation and writes its page (``docs``: the ``--docs DIR`` it was given)."""
+    return (f"python -m experiments.ablations {name}" + (f" --scale {scale}" if scale != 1 else "")
+            + (f" --docs {shlex.quote(str(docs))}" if docs else ""))
 
 
 def cached_teacher(cache: Path) -> str | None:
@@ -142,8 +145,9 @@ def header_comment(path: Path) -> str:
     return " ".join(lines).split(" Regenerate:")[0]  # the page states the command itself
 
 
-def render(name: str, run_dirs: Sequence[Path], docs: Path, scale: int = 1) -> Path:
-    """``docs/<name>.md``: the command, what the sweep compares, the table (mean ± std over seeds) and figures."""
+def render(name: str, run_dirs: Sequence[Path], docs: Path, scale: int = 1, docs_option: str | None = None) -> Path:
+    """``docs/<name>.md``: the command (with ``--docs docs_option`` when it was given), what the sweep compares,
+    the table (mean ± std over seeds) and figures."""
     from analysis.load import load_curves, load_results
     from analysis.plots import plot_curves, plot_pareto, plot_steps
     from analysis.tables import ablation_table
@@ -153,13 +157,13 @@ def render(name: str, run_dirs: Sequence[Path], docs: Path, scale: int = 1) -> P
     if not found:
         where = sorted({str(d.parent) for d in run_dirs})
         raise NoResults(f"ablation {name}: none of its {len(run_dirs)} runs has a result in {', '.join(where)} "
-                        f"(`{command(name, scale)}` runs them)")
+                        f"(`{command(name, scale, docs_option)}` runs them)")
     docs.mkdir(parents=True, exist_ok=True)
     missing = len(run_dirs) - len(found)
     frame = load_results(found)
     frame = frame[frame["row"] == "run"]
     baseline = {spec.rows: str(frame.loc[frame["path"] == str(found[0]), spec.rows].iloc[0])}
-    parts = [f"# {spec.title}", "", f"Regenerate from scratch: `{command(name, scale)}`", "",
+    parts = [f"# {spec.title}", "", f"Regenerate from scratch: `{command(name, scale, docs_option)}`", "",
              header_comment(CONFIG_DIR / f"{name}.yaml"), ""]
     if missing:
         parts += [f"**{missing} of {len(run_dirs)} runs have no result yet**: their cells count fewer seeds.", ""]
@@ -273,7 +277,7 @@ def run_ablations(names: Sequence[str], args: argparse.Namespace, inline: Inline
             wait_for(run_dirs)
         docs = Path(args.docs) if args.docs else sweep.output_dir / PAGES_DIR
         try:
-            print(f"[ablations] {name}: {render(name, run_dirs, docs, args.scale)}")
+            print(f"[ablations] {name}: {render(name, run_dirs, docs, args.scale, args.docs)}")
         except NoResults as error:
             missing.append((name, error, sweep.output_dir))
     if len(missing) == 1:

@@ -229,9 +229,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_collect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from compress.fileio import check_output
     from experiments.collect import collect
     from experiments.status import StatusError
 
+    check_output(args.output, "-o/--output")
     try:
         collect([Path(p) for p in args.paths], Path(args.output))
     except StatusError as error:
@@ -257,7 +259,10 @@ def _cmd_table(args: argparse.Namespace) -> int:
     from analysis.load import AnalysisError, load_results
     from analysis.select import parse_pairs
     from analysis.tables import ablation_table
+    from compress.fileio import atomic_write_text, check_output
 
+    if args.output:
+        check_output(args.output, "-o/--output")
     try:
         frame = load_results(args.results)
         table = ablation_table(
@@ -269,8 +274,6 @@ def _cmd_table(args: argparse.Namespace) -> int:
     except AnalysisError as error:
         raise CliError(str(error)) from None
     if args.output:
-        from compress.fileio import atomic_write_text
-
         atomic_write_text(args.output, text)
         print(f"wrote {args.output}")
     else:
@@ -282,6 +285,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from analysis import plots
     from analysis.load import AnalysisError, load_curves, load_results
     from analysis.select import filter_rows, parse_pairs
+    from compress.fileio import check_output
 
     group = _csv_list(args.group)
     unused = {"--stages": args.stages and args.kind != "curves", "--x": args.x and args.kind in ("curves", "structure"),
@@ -290,6 +294,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     refused = [option for option, given in unused.items() if given]
     if refused:
         raise CliError(f"--kind {args.kind} does not use {', '.join(refused)}")
+    check_output(args.output, "-o/--output")
     try:
         where = parse_pairs(args.filter or [], "--filter")
         if args.kind == "structure":
@@ -297,7 +302,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
                 raise CliError("--kind structure: give one run directory (or its structure.json)")
             path = plots.plot_structure(args.results[0], args.output)
         elif args.kind == "curves":
-            curves = filter_rows(load_curves(args.results, stages=args.stages), where)
+            curves = filter_rows(load_curves(args.results, stages=args.stages, keys=[*where, *group]), where)
             path = plots.plot_curves(curves, args.output, term=args.y or "loss", group=group)
         else:
             frame = filter_rows(load_results(args.results), where)
@@ -499,11 +504,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except _loaded("compress.config:ConfigError", "compress.registry:RegistryError", "compress.models:ModelLoadError",
                    "experiments.dispatch:DispatchError", "compress.rundir:RunDirError",
-                   "compress.checkpoint:CheckpointError",
-                   "compress.distributed:DistributedError") + (CliError, FileNotFoundError) as e:
+                   "compress.checkpoint:CheckpointError", "compress.distributed:DistributedError",
+                   "compress.fileio:OutputPathError") + (CliError, FileNotFoundError) as e:
         if args.verbose:
             raise
         print(f"clip-compress: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the checks before the compute could not foresee: a full disk, a race
+        if args.verbose:
+            raise
+        from compress.fileio import write_failure
+
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"clip-compress: error: {where}{write_failure(e) or e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("clip-compress: interrupted", file=sys.stderr)

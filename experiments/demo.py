@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.config import RunConfig, config_from_dict
+from compress.fileio import check_output
 from experiments.dispatch import dispatch
 
 TEACHER_MODEL = "cc-demo-teacher"
@@ -137,6 +138,7 @@ def run_demo(quick: bool = False, results_dir: str | Path = "results/demo", cach
 
     plan = QUICK if quick else FULL
     results = Path(results_dir) / ("quick" if quick else "full")
+    check_output(results, "--results", folder=True)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     teacher_path = train_teacher(plan, cache, force, "demo")["metrics"]["export/path"]
     labels = {str(run_dir_for(teacher_config(plan, cache))): "teacher"}

@@ -87,6 +87,9 @@ def test_the_speedup_page_reports_the_factor_computed_from_the_rows(teacher, mon
     assert "reaches it after 45 steps: a **5.3x** speed-up" in page
     assert "| none | 10 ± 1 | 20 ± 1 | 30 ± 1 | 40 ± 1 |" in page  # seeds at -1/0/+1 of the means above
     assert (tmp_path / "docs" / "speedup-steps.png").is_file()
+    # pages written where --docs said: the command on the page says it too (it goes to the runs' folder without)
+    page = render("speedup", [r.run_dir for r in runs], tmp_path / "docs", docs_option="docs/ablations").read_text()
+    assert "Regenerate from scratch: `python -m experiments.ablations speedup --docs docs/ablations`" in page
 
 
 def write_rows(runs, top1) -> None:

@@ -131,3 +131,18 @@ def test_pareto_points_at_one_place_share_one_label(tmp_path, monkeypatch):
                         lambda self, text, *a, **k: texts.append(text) or original(self, text, *a, **k))
     assert _is_figure(plots.plot_pareto(load_results(rows), tmp_path / "p.png", label=["loss"]))
     assert sorted(texts) == ["loss0\nloss1", "loss2"]
+
+
+def test_curves_filter_and_group_by_a_setting_every_run_shares(tmp_path, capsys):
+    """``--filter train.steps=3`` / ``--group train.steps`` name a setting the runs share: it is resolved against
+    every config key (as ``table`` does), not only the ones that vary (was: "unknown key 'train.steps'")."""
+    from experiments.cli import main
+
+    configs = {f"r{seed}": {"name": "lr-sweep", "seed": seed, "train": {"lr": 1e-3, "steps": 3}} for seed in (0, 1)}
+    _curve_runs(tmp_path / "runs", configs)
+    out = tmp_path / "c.png"
+    for option in (["--filter", "train.steps=3"], ["--group", "train.steps"], ["--filter", "config.train.steps=3"]):
+        assert main(["plot", str(tmp_path / "runs"), "--kind", "curves", *option, "-o", str(out)]) == 0, option
+        assert _is_figure(out)
+    assert main(["plot", str(tmp_path / "runs"), "--kind", "curves", "--filter", "train.stepz=3", "-o", str(out)]) == 2
+    assert "unknown key or metric 'train.stepz'" in capsys.readouterr().err

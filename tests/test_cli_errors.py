@@ -252,7 +252,11 @@ def test_eval_names_the_columns_of_a_csv(tmp_path, capsys):
         Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(tmp_path / f"{i}.png")
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("image;caption\n" + "".join(f"{i}.png;a red square {i}\n" for i in range(4)))
-    line = one_line(capsys, ["eval", "cc-test-teacher", "--data", str(pairs), "--no-throughput"])
+    import compress.evaluation.standalone as standalone
+
+    with pytest.MonkeyPatch.context() as patch:  # the header is read before the model is loaded
+        patch.setattr(standalone, "load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+        line = one_line(capsys, ["eval", "cc-test-teacher", "--data", str(pairs), "--no-throughput"])
     assert line.startswith(f"clip-compress: error: --data {pairs}: no column 'filepath' or 'title'; its columns are "
                            "'image;caption': name them with --image-key and --caption-key"), line
     line = one_line(capsys, ["eval", "cc-test-teacher", "--data", str(pairs), "--no-throughput", "--separator", ";",
@@ -268,3 +272,85 @@ def test_eval_names_the_columns_of_a_csv(tmp_path, capsys):
     line = one_line(capsys, ["eval", "cc-test-teacher", "--data", str(tmp_path), "--caption-key", "caption"])
     assert line == ("clip-compress: error: --caption-key: only for a CSV / TSV of image-text pairs (--kind csv), not "
                     "for --kind folder")
+
+
+# -- output paths outside run directories (refused before any compute) --------------------------------------------
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("computed before the output path was checked")
+
+
+def _hand_written_row(root) -> None:
+    run = root / "runs" / "r0"
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({"run_id": "r0", "name": "r", "status": "completed",
+                                                 "config": {"name": "r", "seed": 0}, "metrics": {"params": 1}}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2)))
+
+
+def test_an_eval_output_that_is_a_folder_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """Was: IsADirectoryError and a traceback after the whole evaluation ran."""
+    import compress.evaluation.standalone as standalone
+
+    monkeypatch.setattr(standalone, "load_model", _must_not_run)
+    line = one_line(capsys, ["eval", "cc-test-teacher", "--output", str(tmp_path)])
+    assert line == f"clip-compress: error: --output: cannot write {tmp_path}: {tmp_path} is a folder, not a file"
+
+
+def test_plot_table_and_collect_outputs_under_a_file_are_one_line(tmp_path, capsys):
+    """Was: FileExistsError / NotADirectoryError from mkdir, a traceback."""
+    _hand_written_row(tmp_path)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    runs = str(tmp_path / "runs")
+    for argv, out in ((["table", runs, "--rows", "name", "--value", "params"], a_file / "t.md"),
+                      (["plot", runs, "--kind", "curves"], a_file / "c.png"),
+                      (["plot", runs, "--kind", "pareto", "--y", "params"], a_file / "sub" / "p.png"),
+                      (["collect", runs], a_file / "rows.jsonl")):
+        line = one_line(capsys, [*argv, "-o", str(out)])
+        assert line == f"clip-compress: error: -o/--output: cannot write {out}: {a_file} is a file, not a folder", line
+
+
+def test_a_write_that_fails_in_a_command_is_one_line(tmp_path, capsys, monkeypatch):
+    """An OSError no check foresaw (here a full disk while ``table`` writes) is one line, exit 2."""
+    import compress.fileio as fileio
+
+    _hand_written_row(tmp_path)
+    out = tmp_path / "t.md"
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(fileio, "atomic_write_text", full)
+    line = one_line(capsys, ["table", str(tmp_path / "runs"), "--rows", "name", "--value", "params", "-o", str(out)])
+    assert line == f"clip-compress: error: {out}: no space left on device"
+
+
+def test_demo_results_that_are_a_file_are_refused_before_the_teacher_trains(tmp_path, capsys, monkeypatch):
+    """Was: the teacher's training started before anything was refused."""
+    import experiments.demo as demo
+
+    monkeypatch.setattr(demo, "train_teacher", _must_not_run)
+    a_file = tmp_path / "results"
+    a_file.write_text("not a folder")
+    line = one_line(capsys, ["demo", "--quick", "--results", str(a_file), "--cache-dir", str(tmp_path / "cache")])
+    assert line == (f"clip-compress: error: --results: cannot write {a_file / 'quick'}: {a_file} is a file, not a "
+                    "folder")
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_mps_on_a_machine_without_it_is_one_line(tmp_path, capsys, monkeypatch, dry_run):
+    """Was: accepted by validation and the dry run, then a failed run (exit 1) and a failed row."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    config = write_config(tmp_path, train={"steps": 2, "batch_size": 8, "lr": 1e-3, "progress": False,
+                                           "device": "mps"})
+    line = one_line(capsys, ["run", config, *(["--dry-run"] if dry_run else [])])
+    assert line == ("clip-compress: error: train.device: 'mps' requested but this machine has no MPS (Apple GPU) "
+                    "device: use cpu or auto")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_mps_where_torch_has_it_is_kept(monkeypatch):
+    from compress.precision import available_device, resolve_device
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert available_device(torch.device("mps")) == torch.device("mps") == resolve_device("mps")

@@ -326,7 +326,7 @@ def test_inheritance_that_reads_the_teacher_needs_one():
         ("losses.0.weight=-1", r"losses\[0\].weight: must be a finite number >= 0"),
         ("losses.0.weight=.nan", r"losses\[0\].weight: must be a finite number >= 0"),
         ("train.lr=-1e-4", "train.lr: must be"),
-        ("train.device=bogus", "train.device: 'bogus' is not auto, cpu, cuda or cuda:N"),
+        ("train.device=bogus", "train.device: 'bogus' is not auto, cpu, cuda, cuda:N or mps"),
         ("eval.batch_size=0", "eval.batch_size: must be at least 1"),
         ("eval.zero_shot=[{name: x, kind: imagenett, path: /x}]", r"zero_shot\[0\].kind: .*'imagenet'"),
         ("eval.zero_shot=[{name: x, kind: folder}]", r"eval.zero_shot\[0\].path"),

@@ -272,11 +272,12 @@ def _check_eval(cfg: RunConfig) -> None:
 
 
 def _check_device(name: str) -> None:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether CUDA is there is checked where the run starts)."""
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether this machine has it is asked where the run, or
+    its dry run, starts: :func:`compress.precision.available_device`)."""
     kind, _, index = name.partition(":")
     if name == "auto" or (kind in ("cpu", "cuda", "mps") and (not index or index.isdigit())):
         return
-    raise ConfigError(f"train.device: {name!r} is not auto, cpu, cuda or cuda:N")
+    raise ConfigError(f"train.device: {name!r} is not auto, cpu, cuda, cuda:N or mps")
 
 
 #: sbatch flags the dispatcher writes itself, and the key that sets each

@@ -26,6 +26,24 @@ class MissingColumns(DataError):
                          "(set data.*.image_key / caption_key / separator)")
 
 
+def read_pairs(path: str | Path, image_key: str, caption_key: str, separator: str = ",",
+               nrows: int | None = None) -> pd.DataFrame:
+    """The rows of a CSV/TSV file (``nrows=0``: only its header, to check the columns before a model is loaded),
+    refused with :class:`MissingColumns` when it lacks the image or caption column."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"CSV data set: file not found: {path}")
+    sep = "\t" if separator in ("\\t", "tab") else separator
+    try:
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, nrows=nrows)
+    except Exception as e:
+        raise DataError(f"CSV data set {path}: cannot read: {e}") from None
+    missing = [k for k in (image_key, caption_key) if k not in df.columns]
+    if missing:
+        raise MissingColumns(path, missing, [str(c) for c in df.columns])
+    return df
+
+
 class CsvDataset(Dataset):
     """(image, caption) pairs listed in a CSV/TSV file."""
 
@@ -39,16 +57,7 @@ class CsvDataset(Dataset):
         num_samples: int | None = None,
     ) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise DataError(f"CSV data set: file not found: {self.path}")
-        sep = "\t" if separator in ("\\t", "tab") else separator
-        try:
-            df = pd.read_csv(self.path, sep=sep, dtype=str, keep_default_na=False)
-        except Exception as e:
-            raise DataError(f"CSV data set {self.path}: cannot read: {e}") from None
-        missing = [k for k in (image_key, caption_key) if k not in df.columns]
-        if missing:
-            raise MissingColumns(self.path, missing, [str(c) for c in df.columns])
+        df = read_pairs(self.path, image_key, caption_key, separator)
         if num_samples is not None:
             df = df.iloc[:num_samples]
         root = self.path.parent

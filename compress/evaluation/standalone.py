@@ -10,10 +10,10 @@ from typing import Any
 
 from compress.config import DataConfig, DatasetConfig, EvalConfig, ZeroShotTaskConfig, load_config
 from compress.config.stages import resolve_stages
-from compress.data.csv_data import MissingColumns
+from compress.data.csv_data import MissingColumns, read_pairs
 from compress.data.robust import DataError
 from compress.evaluation.run_eval import evaluate_with
-from compress.fileio import atomic_write_text
+from compress.fileio import atomic_write_text, check_output
 from compress.models import load_model
 from compress.precision import resolve_device, resolve_precision
 from compress.rundir import stage_dir
@@ -121,6 +121,8 @@ def evaluate_only(
     if data is None and any(v is not None for v in (csv or {}).values()):
         raise EvalError(f"{', '.join(CSV_OPTIONS[k] for k, v in csv.items() if v is not None)}: name the columns "
                         "of a CSV given with --data")
+    if output:
+        check_output(output, "--output")
     try:
         dev = resolve_device(device)
     except (RuntimeError, ValueError) as error:
@@ -142,8 +144,11 @@ def evaluate_only(
         policy = resolve_precision(precision, dev)
     except ValueError as error:
         raise EvalError(f"--device {device}: {error}") from None
-    loaded = load_model(str(model_path))
+    val = data_cfg.val if data_cfg is not None else None
     try:
+        if val is not None and val.kind == "csv":  # its header first: a wrong column name costs no model load
+            read_pairs(val.path, val.image_key, val.caption_key, val.separator, nrows=0)
+        loaded = load_model(str(model_path))
         metrics = evaluate_with(loaded, eval_cfg, data_cfg, dev, policy.name, progress)
     except MissingColumns as error:
         if data is None:  # a run directory's own CSV: its config names the columns
