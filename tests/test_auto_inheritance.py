@@ -53,6 +53,7 @@ def test_param_groups_and_trainable_copy(teacher: nn.Module) -> None:
     assert [g.get("maximize", False) for g in optimizer.param_groups].count(True) == 1
 
 
+@pytest.mark.slow
 def test_short_run_reaches_target_then_prunes_and_trains_on(teacher: nn.Module) -> None:
     torch.manual_seed(0)
     target = 0.5

@@ -201,6 +201,7 @@ def test_eval_errors_are_one_line(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("clip-compress: error: ") and message in err[0], (argv, err)
 
 
+@pytest.mark.slow
 def test_miniature_demo_runs_every_student(tmp_path, monkeypatch, capsys):
     tiny = demo.DemoPlan(teacher_steps=3, student_steps=4, batch_size=8, teacher_lr=1e-3, student_lr=1e-3,
                          val_samples=40, train_samples=64)

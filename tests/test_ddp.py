@@ -213,6 +213,7 @@ def key_bias_slices(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow
 def test_two_processes_train_as_one_process_with_the_doubled_batch(runs, name):
     one, two = runs[name]["one"], runs[name]["two"]
     a, b = series(one), series(two)
@@ -350,6 +351,7 @@ def test_a_checkpoint_of_two_processes_is_not_resumed_by_one(runs, tmp_path):
     assert row["status"] == "failed" and "written by 2 process(es), this attempt has 1" in row["error"]
 
 
+@pytest.mark.slow
 def test_torchrun_runs_the_cli_as_two_processes_and_rank_0_reports(tmp_path):
     import os
     import subprocess

@@ -99,6 +99,7 @@ def test_debug_backend_runs_the_sweep_through_submitit_and_never_opens_pdb(tmp_p
     assert statuses(runs) == ["completed"] * 4
 
 
+@pytest.mark.slow
 def test_local_backend_returns_at_once_and_runs_at_most_max_parallel_jobs(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the jobs import this checkout
     path = write_sweep(tmp_path, axes={"train.lr": [1.0e-3, 3.0e-4]}, seeds=[0, 1],
@@ -345,6 +346,7 @@ def test_run_with_the_slurm_backend_submits_and_returns(tmp_path, fake_slurm, ca
     assert "--array" not in script and "#SBATCH --job-name=base" in script
 
 
+@pytest.mark.slow
 def test_a_local_job_of_two_tasks_trains_data_parallel_like_one_process(tmp_path, capsys):
     """dispatch.gpus_per_node: 2 on a machine without GPUs: one local job of two CPU tasks; the job
     exports torchrun's variables and the run trains data-parallel (gloo) over both."""

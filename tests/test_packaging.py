@@ -41,3 +41,15 @@ def test_ci_prints_the_resolved_versions_before_the_tests(tmp_path: Path) -> Non
     assert "python" in lines
     for name in LOGGED:
         assert lines[name] == version(name)
+
+
+def test_ci_runs_the_readmes_test_line_and_the_slow_tier() -> None:
+    """``.ci/run`` runs the quick start's test command (the everyday suite) and the slow tier the README names."""
+    readme = (ROOT / "README.md").read_text()
+    script = (ROOT / ".ci" / "run").read_text()
+    quick_start = readme[readme.index("## Quick start"):]
+    test_line = next(line for line in quick_start.splitlines() if "python -m pytest" in line)
+    everyday = test_line.split("HF_HUB_OFFLINE=1 ", 1)[1].split("  #")[0].strip()
+    slow = 'python -m pytest -q -m "slow or slurm"'
+    assert everyday == 'python -m pytest -q -m "not slow and not slurm"'
+    assert f"\n{everyday}\n" in script and f"\n{slow}\n" in script and f"`HF_HUB_OFFLINE=1 {slow}`" in readme

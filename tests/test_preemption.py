@@ -195,6 +195,7 @@ def signal_at(monkeypatch, step: int, *signums: int) -> None:
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
+@pytest.mark.slow
 def test_sigusr2_mid_step_stops_after_it_with_a_checkpoint_and_exit_140(tmp_path, monkeypatch, usr2_ignored, capsys):
     from experiments.cli import main
 
@@ -237,6 +238,7 @@ def test_a_second_sigterm_while_stopping_interrupts_at_once(tmp_path, monkeypatc
     assert latest_checkpoint(run_dir_for(cfg)).step == 2  # the periodic one: step 3 was not finished
 
 
+@pytest.mark.slow
 def test_a_signal_during_evaluation_stops_at_once_and_the_trained_model_is_kept(tmp_path, monkeypatch, capsys):
     import compress.evaluation.run_eval as run_eval
 

@@ -84,6 +84,7 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow
 def test_a_stopped_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, monkeypatch, name, capsys):
     straight = config(tmp_path, name, out="straight")
     assert run_experiment(straight)["status"] == "completed"
@@ -105,6 +106,7 @@ def test_a_stopped_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, mon
     assert not list(run_dir.rglob("checkpoints"))  # removed once the run completed
 
 
+@pytest.mark.slow
 def test_sigkill_mid_masked_stage_then_the_same_command_resumes_exactly(tmp_path):
     """A real process, killed with SIGKILL in the masked phase of its second stage (after a checkpoint
     of that stage), then started again with the same command: the same weights and metrics as a run
