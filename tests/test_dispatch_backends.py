@@ -49,13 +49,15 @@ def test_inline_sweep_runs_everything_and_resubmission_runs_nothing(tmp_path, ca
 
 
 def test_a_run_failing_during_training_leaves_a_failed_row_and_only_failed_retries_it(tmp_path, capsys):
-    # a student larger than its teacher passes validation and fails when manual inheritance runs
-    path = write_sweep(tmp_path, axes={"student.model": ["cc-test-student", "cc-test-teacher"]},
-                       set={"teacher.model": "cc-test-student"}, seeds=[0, 1])
+    # a training set whose file is not on this machine passes validation (data sets live on the cluster) and
+    # fails when the run builds its data
+    missing = str(tmp_path / "not-here.csv")
+    path = write_sweep(tmp_path, axes={"data.train": [{"kind": "synthetic", "num_samples": 16},
+                                                      {"kind": "csv", "path": missing}]}, seeds=[0, 1])
     runs = load_sweep(path).runs()
     assert main(["sweep", str(path), "--backend", "inline"]) == 1  # a run failed
     assert statuses(runs) == ["completed", "completed", "failed", "failed"]
-    assert "InheritanceError" in read_result(runs[2].run_dir)["error"]
+    assert "not-here.csv" in read_result(runs[2].run_dir)["error"]
     assert "2 completed, 2 failed" in capsys.readouterr().out
     done = [(r.run_dir / "result.json").stat().st_mtime_ns for r in runs[:2]]
     assert main(["sweep", str(path), "--backend", "inline", "--only-failed"]) == 1
