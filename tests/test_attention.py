@@ -43,6 +43,7 @@ def _outputs(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tu
         return model.encode_image(images), model.encode_text(tokens)
 
 
+@pytest.mark.slow
 def test_vit_b32_conversion_is_exact(vit_b32: tuple[nn.Module, nn.Module]) -> None:
     original, converted = vit_b32
     assert is_converted(converted) and not is_converted(original)

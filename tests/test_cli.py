@@ -150,6 +150,7 @@ def test_eval_run_dir_reproduces_its_result_json(tmp_path, capsys):
     assert "has no exported model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_staged_run_dir_evaluates_the_last_stages_model(tmp_path, capsys):
     """A staged run's model is its last stage's (``stages/<k>-<name>/model``): ``clip-compress eval
     RUN_DIR`` finds it and gives the numbers of the run's result.json (it looked only in RUN_DIR/model)."""

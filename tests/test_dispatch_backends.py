@@ -75,6 +75,7 @@ def test_force_reruns_completed_runs_from_step_0(tmp_path):
     assert (run.run_dir / "result.json").stat().st_mtime_ns != first[1] and len(manifest(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_debug_backend_runs_the_sweep_through_submitit_and_never_opens_pdb(tmp_path, monkeypatch):
     import pdb
 

@@ -132,6 +132,7 @@ def test_vit_b32_into_61m(vit_b32: nn.Module) -> None:
     assert torch.equal(student.text_projection, vit_b32.text_projection)
 
 
+@pytest.mark.slow
 def test_vit_b32_into_40m_layer_choices(vit_b32: nn.Module) -> None:
     student = load_model("TinyCLIP-ViT-40M-32-Text-19M")
     strategy = manual()

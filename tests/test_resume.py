@@ -165,6 +165,7 @@ def test_sigkill_mid_masked_stage_then_the_same_command_resumes_exactly(tmp_path
     assert_same(outcome(killed_dir), outcome(straight_dir))
 
 
+@pytest.mark.slow
 def test_a_torn_checkpoint_write_leaves_the_previous_checkpoint_in_use(tmp_path, monkeypatch, capsys):
     import compress.models.export as export
 

@@ -191,6 +191,7 @@ def test_slurm_backend_off_cluster_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.slow
 def test_a_stopped_run_leaves_an_interrupted_row(tmp_path, sig, code):
     path = _write_cli_config(tmp_path, steps=100000, progress=False, log_every=1)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -241,6 +242,7 @@ def test_verbose_flag_before_or_after_the_command(tmp_path, capsys):
             main(argv)
 
 
+@pytest.mark.slow
 def test_run_job_pickles_and_runs_on_the_local_backend(tmp_path):
     import pickle
 

@@ -225,6 +225,7 @@ def test_cumulative_targets_end_at_the_cumulative_sparsity(tmp_path):
     assert last["sparsity/missed"] is False
 
 
+@pytest.mark.slow
 def test_progressive_and_one_shot_arms_share_teacher_and_total_steps(tmp_path, monkeypatch):
     """``python -m experiments.progressive``: two stages 0 -> 0.5 -> 0.75 against one jump to 0.75,
     the same teacher and the same total steps; a miniature version runs end to end."""
