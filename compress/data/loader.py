@@ -294,13 +294,17 @@ class CountedLoader:
                 if self._reserved() < missing:  # end of the epoch: keep the samples for the next one
                     self._reserve.append(batch)
                     return
-                batch = _concat([batch, *self._take(missing)])
-                if self.loader.pin_memory:  # the concatenation is a new, pageable tensor: pin it as the loader would
-                    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                batch = self._pinned(_concat([batch, *self._take(missing)]))  # a new, pageable concatenation
             yield self._without_counts(batch)
 
     def _without_counts(self, batch: Batch) -> Batch:
         return {k: v for k, v in batch.items() if k not in _COUNT_KEYS}
+
+    def _pinned(self, batch: Batch) -> Batch:
+        """A batch made outside the DataLoader (concatenated, read again), pinned as the loader pins its own."""
+        if not self.loader.pin_memory:
+            return batch
+        return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def read(self, keys: list[list[int]]) -> Batch:
         """The training batch of the samples named by ``keys`` (a yielded batch's ``"keys"``), read and
@@ -312,9 +316,7 @@ class CountedLoader:
                 f"data set {self.counter.name!r}: {len(keys) - (0 if batch is None else _length(batch))} of "
                 f"{len(keys)} samples read before could not be read again (first key {keys[0]})"
             )
-        if self.loader.pin_memory:
-            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        return self._without_counts(batch)
+        return self._without_counts(self._pinned(batch))
 
     def forever(self, start_epoch: int = 0) -> Iterator[Batch]:
         """Batches without end, epoch after epoch, each reshuffled (``set_epoch``).
