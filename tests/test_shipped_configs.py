@@ -69,3 +69,16 @@ def test_dry_run_of_the_tinyclip_recipes_gives_the_papers_sizes(capsys):
     prunable = plan.teacher.prunable
     assert prunable == 87849216 + 38131200
     assert plan.stages[-1].expected_prunable == round(0.25 * prunable)
+
+
+GOLDEN_DRY_RUNS = Path(__file__).parent / "data" / "dry_runs"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_ROOT)))
+def test_dry_run_of_a_shipped_config_is_what_it_was(path, capsys):
+    """The plan a shipped config prints is kept in tests/data/dry_runs/ (regenerate one on purpose with
+    ``clip-compress run CONFIG --dry-run --set output.dir=/runs > tests/data/dry_runs/NAME.txt``), so a
+    refactoring of the engine that changes what a user is told shows here."""
+    assert main(["run", str(path), "--dry-run", "--set", "output.dir=/runs"]) == 0
+    golden = (GOLDEN_DRY_RUNS / f"{path.stem}.txt").read_text()
+    assert capsys.readouterr().out == golden
