@@ -3,9 +3,11 @@
 A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` holding
 
 - ``student.safetensors``: the student's state dict (masks and multipliers included);
-- ``student.json``: how to rebuild the student without the code that made it: its base open_clip
-  config, its structure (per-layer heads, MLP widths and residual width, see
-  :mod:`compress.models.structure`), its preprocess config, and whether masks are attached;
+- ``student.json``: how to rebuild the student: its base open_clip config, its structure (per-layer
+  heads, MLP widths and residual width, see :mod:`compress.models.structure`), its preprocess config,
+  and the inheritance strategy's own record of what it made of it
+  (:meth:`compress.plugins.Inheritance.record`, e.g. masks attached), which the strategy reads back
+  on resume (:meth:`~compress.plugins.Inheritance.restore`);
 - ``state.pt``: the trainer's state (optimizer, gradient scaler, schedules, counters, the
   strategy's own step) and, under ``ranks``, every process's data position and random states
   (one entry per rank of a data-parallel run), plain tensors and numbers read back with
@@ -129,9 +131,13 @@ def latest_checkpoint(directory: str | Path) -> Checkpoint | None:
     return Checkpoint(path, meta)
 
 
-def student_record(model: nn.Module) -> dict[str, Any]:
-    """How to rebuild ``model``'s modules: base config, structure, preprocess config, masks."""
-    from compress.masks.attach import get_masks
+#: the keys of a student record that are the engine's (a strategy's record may not use them)
+RECORD_KEYS = ("model_cfg", "structure", "preprocess_cfg", "converted")
+
+
+def student_record(model: nn.Module, strategy: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """How to rebuild ``model``'s modules: base config, structure, preprocess config, and the strategy's own
+    record (:meth:`compress.plugins.Inheritance.record`) beside them."""
     from compress.models.attention import is_converted
     from compress.models.export import preprocess_config
     from compress.models.structure import describe_structure
@@ -139,23 +145,25 @@ def student_record(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "clip_cfg", None)
     if cfg is None:
         raise CheckpointError("the student has no clip_cfg: create it with compress.models.load_model")
+    clash = sorted(set(strategy or {}) & set(RECORD_KEYS))
+    if clash:
+        raise CheckpointError(f"the inheritance strategy's record uses the engine's key(s) {clash}; rename them")
     converted = is_converted(model)
     return {
         "model_cfg": cfg,
         "structure": describe_structure(model) if converted else {},
         "preprocess_cfg": preprocess_config(model),
         "converted": converted,
-        "masked": get_masks(model) is not None,
+        **(strategy or {}),
     }
 
 
 def rebuild_student(record: Mapping[str, Any]) -> nn.Module:
-    """An unmasked student of the recorded base config and structure (weights still to be loaded)."""
+    """A plain student of the recorded base config and structure (weights still to be loaded); what a strategy
+    made of it beyond its structure is rebuilt by the strategy (:meth:`compress.plugins.Inheritance.restore`)."""
     from compress.models.factory import build_from_config, set_preprocess
     from compress.models.structure import apply_structure
 
-    if record.get("masked"):
-        raise CheckpointError("a masked student is rebuilt by its inheritance strategy, not from its record")
     converted = bool(record.get("converted", True))
     model = build_from_config(record["model_cfg"], convert=converted)
     if record.get("structure"):
@@ -172,9 +180,11 @@ def write_checkpoint(
     state: Mapping[str, Any],
     meta: Mapping[str, Any],
     keep_every: int = 0,
+    strategy_record: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a complete checkpoint of ``step`` under ``directory/checkpoints`` and point ``latest``
-    at it; then remove the older ones, except those whose step is a multiple of ``keep_every``."""
+    at it; then remove the older ones, except those whose step is a multiple of ``keep_every``.
+    ``strategy_record``: the inheritance strategy's record of the student, kept in ``student.json``."""
     from compress.models.export import save_safetensors
 
     root = Path(directory) / CHECKPOINT_DIR
@@ -185,7 +195,7 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_safetensors(student.state_dict(), tmp / STUDENT_WEIGHTS)  # each file: atomic and fsynced
-        atomic_write_text(tmp / STUDENT_RECORD, json.dumps(student_record(student), indent=1))
+        atomic_write_text(tmp / STUDENT_RECORD, json.dumps(student_record(student, strategy_record), indent=1))
         atomic_write(tmp / STATE_FILE, lambda path: torch.save(dict(state), path))
         atomic_write_text(tmp / META_FILE, json.dumps({"format": FORMAT, **meta, "step": step}, indent=1))
         fsync_path(tmp)

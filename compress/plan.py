@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.config import ConfigError, ModelSpec, RunConfig, inheritance_context, schedule_context
+from compress.config import ConfigError, ModelSpec, RunConfig, schedule_context
 from compress.config.stages import ResolvedStage, resolve_stages
-from compress.config.validate import loss_weight_keys
+from compress.config.validate import build_inheritance, loss_weight_keys
 from compress.memory import (
     REFERENCE_GPU_BYTES,
     HostEstimate,
@@ -43,6 +43,7 @@ from compress.memory import (
     shape_of_model,
     world_size_of,
 )
+from compress.registry import spec_text
 from compress.rundir import stage_dir
 
 log = logging.getLogger(__name__)
@@ -309,24 +310,12 @@ def _plain_spec(spec: Any) -> dict[str, Any]:
     return {"name": spec} if isinstance(spec, str) else dict(spec)
 
 
-def _spec_text(spec: Any, skip: tuple[str, ...] = ()) -> str:
-    """``name(key=value, ...)`` of a plug-in spec."""
-    params = _plain_spec(spec)
-    name = params.pop("name")
-    args = ", ".join(f"{k}={_value(v)}" for k, v in params.items() if k not in skip)
-    return f"{name}({args})" if args else str(name)
-
-
-def _value(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def _losses(cfg: RunConfig) -> list[str]:
     out = []
     for spec in cfg.losses:
         params = _plain_spec(spec)
         weight = float(params.pop("weight", 1.0))
-        out.append(f"{_spec_text(params)} x {weight:g}")
+        out.append(f"{spec_text(params)} x {weight:g}")
     return out
 
 
@@ -335,32 +324,19 @@ def _schedules(cfg: RunConfig, inheritance: Any) -> list[str]:
     from compress.registry import SCHEDULES
 
     steps = cfg.train.steps
-    prune_step = getattr(inheritance, "prune_step", None)
+    replaced = inheritance.replacement_step()
     weight_keys = loss_weight_keys(cfg.losses)
     out = []
     for key, spec in cfg.schedules.items():
         context = schedule_context(cfg, key)
         schedule = SCHEDULES.build(spec, context=context)
-        # the lr after pruning is the trainer's cosine (below), not the configured schedule
-        points = sorted({0, prune_step} if key == "lr" and prune_step is not None else {0, steps // 2, steps - 1})
+        # the lr after the strategy replaced the student is the strategy's (its schedule lines say which)
+        points = sorted({0, replaced} if key == "lr" and replaced is not None else {0, steps // 2, steps - 1})
         values = ", ".join(f"step {s}: {schedule.value(s):.3g}" for s in points)
         base = f", base {context['base_value']:g}" if "base_value" in context else ""
         what = f" (losses[{weight_keys[key]}])" if key != "lr" else ""
-        out.append(f"{key}{what}: {_spec_text(spec)}{base}; {values}")
-    if prune_step is not None:
-        out.append(f"after pruning at step {prune_step}: the lr follows a cosine from its value there to 0 at step "
-                   f"{steps} (no new warm-up)")
-        spec = _plain_spec(cfg.inheritance)
-        target = getattr(inheritance, "target_sparsity", None)
-        if spec.get("target_schedule") is not None:
-            out.append(f"target sparsity: {_spec_text(spec['target_schedule'])}, masks learned until step {prune_step}")
-        elif target is not None:
-            start = float(spec.get("start_sparsity", 0.0))
-            ramp = getattr(inheritance, "schedule", None)
-            ramp_steps = getattr(ramp, "steps", spec.get("ramp_steps"))
-            out.append(f"target sparsity: linear ramp {start:.1%} -> {target:.1%} of the source over {ramp_steps} "
-                       f"steps, masks learned until step {prune_step}")
-    return out
+        out.append(f"{key}{what}: {spec_text(spec)}{base}; {values}")
+    return out + inheritance.schedule_lines(steps)
 
 
 def _stage_plan(
@@ -373,16 +349,14 @@ def _stage_plan(
     force: bool,
     warnings: list[str],
 ) -> StagePlan:
-    from compress.registry import INHERITANCE
 
     cfg = stage.cfg
     directory = stage_dir(run_dir, stage.dir_name if staged else None)
-    inheritance = INHERITANCE.build(cfg.inheritance, context=inheritance_context(cfg))
+    inheritance = build_inheritance(cfg)
     spec = _plain_spec(cfg.inheritance)
-    stage_target = getattr(inheritance, "target_sparsity", None)
+    stage_target = inheritance.pruning_target()
     target = stage.target_sparsity if stage.target_sparsity is not None else stage_target
-    needs_source = getattr(inheritance, "needs_source", True)
-    if not needs_source:
+    if not inheritance.needs_source:
         source_text = "none: random initialisation (the source is not read)"
     elif stage.source == "teacher":
         source_text = f"the teacher ({teacher.label})" if teacher is not None else "the teacher"
@@ -390,7 +364,7 @@ def _stage_plan(
         source_text = f"stage {previous.index} ({previous.name})'s exported student" if previous else "previous"
     student: ModelFacts | None = None
     expected_prunable = expected_total = None
-    if getattr(inheritance, "needs_student_config", True):
+    if inheritance.needs_student_config:
         if cfg.student is None:
             student_text = "(none)"
         else:
@@ -398,13 +372,9 @@ def _stage_plan(
             student = model_facts(cfg.student, where, warnings)
             student_text = student.label
     else:
-        base = "the teacher" if stage.source == "teacher" else source_text
-        prune_step = getattr(inheritance, "prune_step", None)
-        when = f", physically pruned at step {prune_step}" if prune_step is not None else ""
-        student_text = f"{base} with learned masks (heads, MLP neurons, residual channels){when}"
+        student_text = inheritance.describe_student("the teacher" if stage.source == "teacher" else source_text)
         if target is not None and teacher is not None and teacher.prunable is not None:
-            towers = tuple(getattr(inheritance, "towers", ("vision", "text")))  # the target's towers
-            masked = sum(getattr(teacher, t) for t in towers)
+            masked = sum(getattr(teacher, t) for t in inheritance.towers)  # the target's towers
             expected_prunable = round((1.0 - target) * masked) + teacher.prunable - masked
             expected_total = expected_prunable + teacher.total - teacher.prunable
     steps, batch = cfg.train.steps, cfg.train.batch_size
@@ -415,7 +385,7 @@ def _stage_plan(
         name=stage.name,
         source=stage.source,
         source_text=source_text,
-        inheritance=_spec_text(spec, skip=("target_sparsity",)),
+        inheritance=spec_text(spec, skip=(inheritance.target_parameter,) if inheritance.target_parameter else ()),
         student=student,
         student_text=student_text,
         target_sparsity=target,
@@ -431,7 +401,7 @@ def _stage_plan(
         schedules=_schedules(cfg, inheritance),
         directory=directory,
         state=_stage_state(directory, run_cfg, force, staged, warnings),
-        towers=tuple(getattr(inheritance, "towers", ("vision", "text"))),
+        towers=tuple(inheritance.towers),
         world_size=world_size_of(cfg),
         micro_batch=cfg.train.micro_batch(world_size_of(cfg)),
         grad_checkpointing=cfg.train.grad_checkpointing,
@@ -444,7 +414,6 @@ def check_inheritances(cfg: RunConfig, teacher: ModelFacts | None = None) -> Non
     """Every stage's student against its source (:func:`check_inheritance`): the teacher, or the previous stage's
     student (not checked after a stage that learns its structure). The dry run and the run before it starts
     (:func:`experiments.dispatch.check_before_run`) both ask it; ``teacher``: its facts when known already."""
-    from compress.registry import INHERITANCE
 
     warnings: list[str] = []  # a missing file: not checked here, the plan warns
     if teacher is None and cfg.teacher is not None:
@@ -452,9 +421,9 @@ def check_inheritances(cfg: RunConfig, teacher: ModelFacts | None = None) -> Non
     resolved = resolve_stages(cfg)
     previous: ModelFacts | None = None
     for stage in resolved or [ResolvedStage(0, cfg.name, "teacher", None, cfg)]:
-        inheritance = INHERITANCE.build(stage.cfg.inheritance, context=inheritance_context(stage.cfg))
+        inheritance = build_inheritance(stage.cfg)
         student = None
-        if getattr(inheritance, "needs_student_config", True) and stage.cfg.student is not None:
+        if inheritance.needs_student_config and stage.cfg.student is not None:
             where = f"stages[{stage.index}].student" if resolved else "student"
             student = model_facts(stage.cfg.student, where, warnings)
             check_inheritance(inheritance, student, teacher if stage.source == "teacher" else previous, where)

@@ -7,7 +7,7 @@ register the implementations in ``compress.registry``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -29,6 +29,11 @@ class DistillLoss(nn.Module):
 
     needs_teacher: bool = True
     needs: tuple[str, ...] = ()
+    #: the values the engine supplies to the constructor (parameters of the same names), declared here once:
+    #: ``student_embed_dim``, ``teacher_embed_dim`` (the models' embedding sizes). They are known only once the
+    #: models are built, so validation builds the loss without them: such a parameter needs a default (None).
+    #: A name the engine does not supply, or one the constructor does not take, is refused when the config is read.
+    context: ClassVar[tuple[str, ...]] = ()
     #: the (local rows x global batch) similarity matrices the loss computes per step, the teacher's and
     #: the student's (what :mod:`compress.memory` counts; each keeps one fp32 matrix until the backward)
     similarity_matrices: int = 0
@@ -47,15 +52,33 @@ class Inheritance:
     module to train. Strategies that learn their structure (masks) add a regulariser and
     parameter groups, and may make the model smaller during training (``on_step``).
     ``export(student)`` returns the physically smaller model that is saved and evaluated.
+
+    A strategy describes itself to the engine through the members below (the engine reads nothing
+    else of it): what its constructor needs from the engine (``context``), whether it prunes to a
+    target and which parameter sets it (``target_parameter``, :meth:`pruning_target`), its text in
+    ``--dry-run``'s plan (:meth:`describe_student`, :meth:`replacement_step`, :meth:`schedule_lines`),
+    the learning rate after it replaced the student (:meth:`schedule_after_replacement`), and what it
+    made of the student for a checkpoint (:meth:`record`, :meth:`restore`; NVIDIA ModelOpt's
+    convert / restore).
     """
 
     #: False when the strategy does not need a student architecture (it derives it itself).
     needs_student_config: bool = True
     #: False when the strategy does not read the source model (training from scratch).
     needs_source: bool = True
-    #: the towers a ``target_sparsity`` is a fraction of (their prunable parameters: the tower without
-    #: the token embedding); the row's ``sparsity/achieved`` counts the same towers
+    #: the towers a target is a fraction of (their prunable parameters: the tower without the token
+    #: embedding); the row's ``sparsity/achieved`` counts the same towers
     towers: tuple[str, ...] = ("vision", "text")
+    #: the values the engine supplies to the constructor (parameters of the same names): ``total_steps``
+    #: (``train.steps``). A name the engine does not supply is refused when the config is read.
+    context: ClassVar[tuple[str, ...]] = ()
+    #: the constructor parameter that sets the fraction of its source's prunable parameters the strategy
+    #: removes (None: it does not prune to a target). A staged run sets it to each stage's own share of the
+    #: stage's cumulative ``target_sparsity`` (:mod:`compress.recipe.stages`).
+    target_parameter: ClassVar[str | None] = None
+    #: after ``inherit``, the source layer of each student layer per tower (``{"vision": [0, 2, ...]}``), where
+    #: the strategy maps layers; the structure report aligns the student with its source by it
+    layer_map: dict[str, list[int]] | None = None
 
     def inherit(self, student: nn.Module | None, source: nn.Module) -> nn.Module:
         raise NotImplementedError
@@ -64,6 +87,46 @@ class Inheritance:
         """Raise the error (a ``ValueError``) that :meth:`inherit` would raise for these architectures, changing
         nothing: the dry run calls it on shape-only models (PyTorch's ``meta`` device), so what the run would
         refuse a second after it starts is refused before. The default checks nothing."""
+
+    def pruning_target(self) -> float | None:
+        """The fraction of its source's prunable parameters this instance removes (None: no target). The
+        default reads the attribute named by :attr:`target_parameter` (the constructor stores it so)."""
+        return None if self.target_parameter is None else float(getattr(self, self.target_parameter))
+
+    def describe_student(self, source: str) -> str:
+        """The plan's student line of a strategy that derives the student from ``source`` (a text: "the
+        teacher", "stage 0 (a)'s exported student"), for ``needs_student_config = False``."""
+        return f"derived from {source} by inheritance {type(self).__name__}"
+
+    def replacement_step(self) -> int | None:
+        """The step at which :meth:`on_step` replaces the student, where it is known before training (the plan
+        shows the learning rate there); None: no replacement, or not known in advance."""
+        return None
+
+    def schedule_lines(self, total_steps: int) -> list[str]:
+        """The plan's lines on the strategy's own schedules and on what follows its replacement of the student
+        (below the configured schedules); none by default."""
+        return []
+
+    def schedule_after_replacement(self, lr_schedule: Schedule, lr: float, step: int, total_steps: int) -> Schedule:
+        """The learning-rate schedule once :meth:`on_step` replaced the student at ``step`` (the lr was ``lr``
+        there; the trainer builds a new optimizer). Called again with the same values on resume, so it must
+        depend on them alone. The default: the configured ``lr_schedule`` goes on."""
+        return lr_schedule
+
+    def record(self, student: nn.Module) -> dict[str, Any]:
+        """What the strategy made of ``student`` that its weights and structure do not say (masks attached ...),
+        as plain JSON values: the checkpoint stores it beside the student's structure and hands it back to
+        :meth:`restore` on resume (ModelOpt's convert record). Its keys must not be the engine's (``model_cfg``,
+        ``structure``, ``preprocess_cfg``, ``converted``). The default: nothing."""
+        return {}
+
+    def restore(self, record: Mapping[str, Any], source: nn.Module | None) -> nn.Module | None:
+        """The module whose state a checkpoint holds, rebuilt from its :meth:`record` (the whole student record
+        of the checkpoint, the strategy's keys included) without weights yet (the engine loads them, strictly),
+        or None: the engine rebuilds a plain student of the recorded structure. ``source``: the stage's source
+        model. The default: None."""
+        return None
 
     def regularizer(self, student: nn.Module, step: int) -> dict[str, Tensor]:
         """Extra loss terms added to the distillation loss (e.g. a sparsity Lagrangian)."""

@@ -51,6 +51,14 @@ def suggest(name: str, known: list[str]) -> str:
     return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
 
 
+def spec_text(spec: str | Mapping[str, Any], skip: tuple[str, ...] = ()) -> str:
+    """``name(key=value, ...)`` of a plug-in spec (a float as ``%g``), without the keys in ``skip``."""
+    params = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = params.pop("name")
+    args = ", ".join(f"{k}={f'{v:g}' if isinstance(v, float) else v}" for k, v in params.items() if k not in skip)
+    return f"{name}({args})" if args else str(name)
+
+
 _plugins_loaded = False
 
 

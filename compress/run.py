@@ -32,7 +32,7 @@ from compress.checkpoint import (
 )
 from compress.config import ConfigError, RunConfig, dump_config
 from compress.config.stages import ResolvedStage, pruned_towers, resolve_stages, with_source_fraction
-from compress.config.validate import inheritance_context, loss_weight_keys, schedule_context
+from compress.config.validate import build_inheritance, loss_weight_keys, offered, schedule_context
 from compress.fileio import NO_SPACE, atomic_write_text, write_failure
 from compress.models import load_model
 from compress.models.forward import context_length_of, embed_dim, tokenizer_for
@@ -40,7 +40,7 @@ from compress.models.nonuniform import STRUCTURE_FILE
 from compress.models.params import parameter_report, prunable_count
 from compress.models.towers import TOWERS
 from compress.precision import DeviceError, Precision, available_device, resolve_device, resolve_precision
-from compress.registry import INHERITANCE, LOSSES, SCHEDULES
+from compress.registry import LOSSES, SCHEDULES
 from compress.results import (
     RESULT_FILE,
     STATUS_COMPLETED,
@@ -96,7 +96,8 @@ def build_losses(cfg: RunConfig, student: nn.Module, teacher: nn.Module | None) 
         if i in schedule_of:
             key = schedule_of[i]
             schedule = SCHEDULES.build(cfg.schedules[key], context=schedule_context(cfg, key))
-        terms.append(LossTerm(params["name"], weight, LOSSES.build(params, context=context), schedule))
+        loss = LOSSES.build(params, context=offered(LOSSES, params, context))
+        terms.append(LossTerm(params["name"], weight, loss, schedule))
     return terms
 
 
@@ -138,13 +139,13 @@ def sparsity_metrics(
     and ``sparsity/stage_achieved`` / ``sparsity/stage_target`` are against the stage's own source."""
     if teacher is None:
         return {}
-    towers = tuple(getattr(inheritance, "towers", TOWERS))
+    towers = tuple(inheritance.towers)
     achieved = 1.0 - prunable_count(exported, towers) / prunable_count(teacher, towers)
     out: dict[str, Any] = {"sparsity/achieved": round(achieved, 6)}
     if set(towers) != set(TOWERS):
         out["sparsity/towers"] = "+".join(towers)
         out["sparsity/achieved_both"] = round(1.0 - prunable_parameters(exported) / prunable_parameters(teacher), 6)
-    target = getattr(inheritance, "target_sparsity", None)
+    target = inheritance.pruning_target()
     stage = run.stage if run is not None else None
     if stage is not None and run is not None and run.source is not None:
         kept = prunable_count(exported, towers) / prunable_count(run.source, towers)
@@ -398,17 +399,18 @@ def _after_success(run: StageRun) -> None:
 
 
 def _load_student(run: StageRun, inheritance: Any, checkpoint: Checkpoint | None) -> nn.Module:
-    """The stage's student: from the checkpoint's record and weights when resuming a student that was
-    made smaller (no strategy code involved), else built and filled by the strategy (a masked
-    checkpoint's weights, masks and multipliers then loaded into it)."""
-    record = checkpoint.student_record() if checkpoint is not None else None
-    if record is not None and not record["masked"]:
-        student = rebuild_student(record)
-        student.load_state_dict(checkpoint.student_state(), strict=True, assign=True)
-        return student
-    student = build_student(run.cfg, inheritance, run.source)
-    if checkpoint is not None:
+    """The stage's student: from the checkpoint when resuming (the strategy rebuilds what it made of the student
+    from its record, :meth:`~compress.plugins.Inheritance.restore`, else a plain student of the recorded
+    structure is built, no strategy code involved), else built and filled by the strategy."""
+    if checkpoint is None:
+        return build_student(run.cfg, inheritance, run.source)
+    record = checkpoint.student_record()
+    student = inheritance.restore(record, run.source)
+    if student is not None:
         student.load_state_dict(checkpoint.student_state(), strict=True)
+        return student
+    student = rebuild_student(record)
+    student.load_state_dict(checkpoint.student_state(), strict=True, assign=True)
     return student
 
 
@@ -447,7 +449,7 @@ def _run_stage(
     world = distributed.world_size()
     metrics.update({"dist/world_size": world, "dist/batch_per_process": cfg.train.batch_size // world})
     seed_everything(run.seed)
-    inheritance = INHERITANCE.build(cfg.inheritance, context=inheritance_context(cfg))
+    inheritance = build_inheritance(cfg)
     student = _load_student(run, inheritance, checkpoint)
     if teacher is not None and context_length_of(teacher) != context_length_of(student):
         raise RunError(
@@ -475,7 +477,8 @@ def _run_stage(
             state = {"trainer": trainer.state_dict(), "ranks": ranks}
             meta = {"run_id": run_id, "config_sha": config_sha, "stage": stage_index, "precision": precision.name,
                     "world_size": world}
-            write_checkpoint(directory, trainer.step, trainer.student, state, meta, keep_every=cfg.output.keep_every)
+            write_checkpoint(directory, trainer.step, trainer.student, state, meta, keep_every=cfg.output.keep_every,
+                             strategy_record=inheritance.record(trainer.student))
 
         distributed.main_first(save)
 
@@ -547,7 +550,7 @@ def report_reference(run: StageRun, run_cfg: RunConfig, inheritance: Any, metric
     has one, titled with the run and its sparsity against that source (TinyCLIP's count, as in the row);
     a strategy that does not read the source (``none``) is shown against its own config."""
     label = run_dir_for(run_cfg).name + (f" stage {run.stage.dir_name}" if run.stage is not None else "")
-    source = run.source if getattr(inheritance, "needs_source", True) else None
+    source = run.source if inheritance.needs_source else None
     achieved = metrics.get("sparsity/stage_achieved", metrics.get("sparsity/achieved"))
     if source is None or achieved is None:
         return {"title": f"{label}: not inherited (against its own config)"}
@@ -555,7 +558,7 @@ def report_reference(run: StageRun, run_cfg: RunConfig, inheritance: Any, metric
     title = f"{label}: {achieved:.1%} of {whose} pruned"
     if "sparsity/stage_achieved" in metrics and whose != "the teacher":
         title += f" ({metrics['sparsity/achieved']:.1%} of the teacher)"
-    return {"source": source, "layer_map": getattr(inheritance, "layer_map", None), "title": title}
+    return {"source": source, "layer_map": inheritance.layer_map, "title": title}
 
 
 def truncate_metrics(path: Path, step: int) -> None:

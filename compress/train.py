@@ -164,19 +164,6 @@ class TrainSummary:
     replaced_at: list[int] = field(default_factory=list)
 
 
-class CosineFrom(Schedule):
-    """Cosine decay from ``start_value`` at ``start_step`` to 0 at ``total_steps`` (no warm-up):
-    the lr after a strategy made the student smaller (TinyCLIP continues this way after pruning)."""
-
-    def __init__(self, start_value: float, start_step: int, total_steps: int) -> None:
-        self.start_value, self.start_step = start_value, start_step
-        self.span = max(total_steps - start_step, 1)
-
-    def value(self, step: int) -> float:
-        progress = min(max((step - self.start_step) / self.span, 0.0), 1.0)
-        return self.start_value * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def mean_over_ranks(loss: Tensor, terms: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     """The objective and its terms averaged over ranks (each rank's loss is over its own rows against
     all ranks' columns: the mean is the loss of the global batch); unchanged on one process."""
@@ -395,6 +382,9 @@ class Trainer:
         self.student = student
         self.losses = losses
         self.lr_schedule = lr_schedule
+        #: the configured schedule, and (lr, step) of the last replacement of the student (its schedule after it)
+        self.configured_lr = lr_schedule
+        self.replaced_lr: tuple[float, int] | None = None
         self.batches = batches
         #: the stream's micro-batches a second time, for the live pass (None: the first pass's are kept)
         self.replay = replay
@@ -849,13 +839,20 @@ class Trainer:
         return record
 
     def _replace_student(self, student: nn.Module, step: int, lr: float) -> None:
-        """A strategy made the student smaller: new optimizer, cosine decay without warm-up."""
+        """A strategy replaced the student (made it smaller): a new optimizer, and the lr schedule the strategy
+        names for what follows (:meth:`compress.plugins.Inheritance.schedule_after_replacement`)."""
         self.student = student.to(self.device).train()
         self._apply_grad_checkpointing()
         self._apply_compile()
         self.optimizer = self._build_optimizer()
         self._wrap()
-        self.lr_schedule = CosineFrom(lr, step, self.cfg.steps)
+        self._follow_replacement(lr, step)
+
+    def _follow_replacement(self, lr: float, step: int) -> None:
+        """The lr schedule after the replacement at ``step`` (lr ``lr`` there), as the strategy names it."""
+        self.replaced_lr = (float(lr), int(step))
+        self.lr_schedule = self.inheritance.schedule_after_replacement(self.configured_lr, float(lr), int(step),
+                                                                       self.cfg.steps)
 
     def _log(self, record: dict[str, Any]) -> None:
         if not distributed.is_main_process():
@@ -879,12 +876,11 @@ class Trainer:
         """What the next step depends on besides the student's weights, the data position and the
         random states: optimizer, scaler, the lr schedule after a swap, counters, loss modules
         (projectors) and the strategy's own state. Plain tensors and numbers (``weights_only``)."""
-        cosine = self.lr_schedule if isinstance(self.lr_schedule, CosineFrom) else None
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "cosine_from": [cosine.start_value, cosine.start_step] if cosine is not None else None,
+            "replaced_lr": list(self.replaced_lr) if self.replaced_lr is not None else None,
             "nonfinite": self.nonfinite,
             "in_a_row": self.in_a_row,
             "samples": self.samples,
@@ -903,9 +899,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
-        if state["cosine_from"] is not None:
-            lr, step = state["cosine_from"]
-            self.lr_schedule = CosineFrom(float(lr), int(step), self.cfg.steps)
+        replaced = state.get("replaced_lr", state.get("cosine_from"))  # its name in checkpoints before issue 17
+        if replaced is not None:
+            lr, step = replaced
+            self._follow_replacement(float(lr), int(step))
         self.step = int(state["step"])
         self.nonfinite, self.in_a_row = int(state["nonfinite"]), int(state["in_a_row"])
         self.samples, self.elapsed_s = int(state["samples"]), float(state["elapsed_s"])

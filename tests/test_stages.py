@@ -154,6 +154,7 @@ class ExactPrune(Inheritance):
 
     needs_student_config = False
     needs_source = True
+    target_parameter = "target_sparsity"
 
     def __init__(self, target_sparsity: float = 0.5, towers: str = "both", removes: float | None = None) -> None:
         self.target_sparsity = target_sparsity

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.config.schema import RunConfig
-from compress.config.validate import INHERITANCE_CONTEXT, LOSS_CONTEXT, SCHEDULE_CONTEXT
+from compress.config.validate import SCHEDULE_CONTEXT, declared_context
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES
 
 #: sections that describe where and how a run executes, not what it computes
@@ -92,8 +92,12 @@ def _resolved_losses(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for spec in specs:
         params = dict(spec)
         weight = params.pop("weight", 1.0)
-        losses.append({**LOSSES.resolved(params, LOSS_CONTEXT), "weight": weight})
+        losses.append({**LOSSES.resolved(params, declared_context(LOSSES, params)), "weight": weight})
     return losses
+
+
+def _resolved_inheritance(spec: Any) -> dict[str, Any]:
+    return INHERITANCE.resolved(spec, declared_context(INHERITANCE, spec))
 
 
 def _resolved_schedules(specs: dict[str, Any]) -> dict[str, Any]:
@@ -105,13 +109,13 @@ def identity_dict(cfg: RunConfig) -> dict[str, Any]:
     data = {k: v for k, v in cfg.to_dict().items() if k not in NON_IDENTITY_SECTIONS}
     for section, keys in NON_IDENTITY_KEYS.items():
         data[section] = {k: v for k, v in data[section].items() if k not in keys}
-    data["inheritance"] = INHERITANCE.resolved(cfg.inheritance, INHERITANCE_CONTEXT)
+    data["inheritance"] = _resolved_inheritance(cfg.inheritance)
     data["losses"] = _resolved_losses(cfg.losses)
     data["schedules"] = _resolved_schedules(cfg.schedules)
     for stage in data["stages"]:  # plug-in specs of stages resolved the same way
         stage["train"] = {k: v for k, v in stage["train"].items() if k not in NON_IDENTITY_KEYS["train"]}
         if stage["inheritance"] is not None:
-            stage["inheritance"] = INHERITANCE.resolved(stage["inheritance"], INHERITANCE_CONTEXT)
+            stage["inheritance"] = _resolved_inheritance(stage["inheritance"])
         if stage["losses"] is not None:
             stage["losses"] = _resolved_losses(stage["losses"])
         if stage["schedules"] is not None:

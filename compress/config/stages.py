@@ -129,7 +129,8 @@ def resolve_stages(cfg: RunConfig) -> list[ResolvedStage]:
         if target is not None:
             _check_target(where, target, previous_target if source == "previous" else 0.0, data["inheritance"])
             fraction = 1.0 - previous_target if source == "previous" else 1.0
-            data["inheritance"] = {**_spec(data["inheritance"]), "target_sparsity": per_stage_target(target, fraction)}
+            data["inheritance"] = {**_spec(data["inheritance"]),
+                                   _target_parameter(data["inheritance"]): per_stage_target(target, fraction)}
         else:
             _refuse_missing_target(where, data["inheritance"])
         try:
@@ -152,11 +153,9 @@ def resolve_stages(cfg: RunConfig) -> list[ResolvedStage]:
 def pruned_towers(cfg: RunConfig) -> tuple[str, ...]:
     """The towers the config's inheritance strategy prunes, those its target is a fraction of
     (the strategy's ``towers``)."""
-    from compress.config.validate import inheritance_context
-    from compress.registry import INHERITANCE
+    from compress.config.validate import build_inheritance
 
-    strategy = INHERITANCE.build(cfg.inheritance, context=inheritance_context(cfg))
-    return tuple(getattr(strategy, "towers", ("vision", "text")))
+    return tuple(build_inheritance(cfg).towers)
 
 
 def with_source_fraction(stage: ResolvedStage, source_fraction: float) -> RunConfig:
@@ -176,7 +175,7 @@ def with_source_fraction(stage: ResolvedStage, source_fraction: float) -> RunCon
         )
         per_stage = 0.0
     cfg = copy.deepcopy(stage.cfg)
-    cfg.inheritance = {**_spec(cfg.inheritance), "target_sparsity": per_stage}
+    cfg.inheritance = {**_spec(cfg.inheritance), _target_parameter(cfg.inheritance): per_stage}
     return cfg
 
 
@@ -190,11 +189,14 @@ def _plain(value: Any) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
-def _accepts_target(spec: Any) -> bool:
+def _target_parameter(spec: Any) -> str | None:
+    """The constructor parameter that sets the strategy's target (its declared ``target_parameter``), or None."""
     from compress.registry import INHERITANCE
 
     name = _spec(spec).get("name")
-    return isinstance(name, str) and name in INHERITANCE and INHERITANCE.accepts(name, "target_sparsity")
+    if not (isinstance(name, str) and name in INHERITANCE):
+        return None
+    return getattr(INHERITANCE.get(name), "target_parameter", None)
 
 
 def _check_target(where: str, target: float, floor: float, inheritance: Any) -> None:
@@ -203,20 +205,21 @@ def _check_target(where: str, target: float, floor: float, inheritance: Any) -> 
             f"{where}.target_sparsity: a cumulative target must be in ({floor:g}, 1) (above the source's), "
             f"got {target}"
         )
-    if not _accepts_target(inheritance):
+    parameter = _target_parameter(inheritance)
+    if parameter is None:
         raise ConfigError(
             f"{where}.target_sparsity: inheritance {_spec(inheritance).get('name')!r} takes no target sparsity; "
             "give the stage a student (manual) or use inheritance auto"
         )
-    if "target_sparsity" in _spec(inheritance):
+    if parameter in _spec(inheritance):
         raise ConfigError(
-            f"{where}: inheritance.target_sparsity is set, but in a staged run the target is the stage's "
-            "cumulative target_sparsity; remove inheritance.target_sparsity"
+            f"{where}: inheritance.{parameter} is set, but in a staged run the target is the stage's "
+            f"cumulative target_sparsity; remove inheritance.{parameter}"
         )
 
 
 def _refuse_missing_target(where: str, inheritance: Any) -> None:
-    if _accepts_target(inheritance):
+    if _target_parameter(inheritance) is not None:
         raise ConfigError(
             f"{where}.target_sparsity: inheritance {_spec(inheritance).get('name')!r} prunes to a target; in a "
             "staged run give each such stage its cumulative target_sparsity"

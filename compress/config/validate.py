@@ -22,12 +22,39 @@ from compress.config.schema import (
 )
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES, Registry, RegistryError, suggest
 
-#: parameters the engine supplies to schedule constructors when they declare them
+#: parameters the engine supplies to schedule constructors that take them
 SCHEDULE_CONTEXT = ("base_value", "total_steps")
-#: parameters the engine supplies to loss constructors when they declare them (known once models exist)
+#: what the engine supplies to a loss that declares it in its ``context`` (known once models exist)
 LOSS_CONTEXT = ("student_embed_dim", "teacher_embed_dim")
-#: parameters the engine supplies to inheritance constructors when they declare them
+#: what the engine supplies to an inheritance strategy that declares it in its ``context``
 INHERITANCE_CONTEXT = ("total_steps",)
+
+
+def declared_context(registry: Registry[Any], spec: Any) -> tuple[str, ...]:
+    """The context names the plug-in of ``spec`` declares (its class's ``context``; none for a plain factory)."""
+    return tuple(getattr(registry.get(registry.split_spec(spec)[0]), "context", ()))
+
+
+def offered(registry: Registry[Any], spec: Any, context: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of ``context`` that the plug-in of ``spec`` declares it needs."""
+    return {k: context[k] for k in declared_context(registry, spec) if k in context}
+
+
+def _check_context(registry: Registry[Any], spec: Any, where: str, supplied: tuple[str, ...]) -> None:
+    """A declared context name must be one the engine supplies and one the constructor takes."""
+    name = registry.split_spec(spec)[0]
+    for key in declared_context(registry, spec):
+        if key not in supplied:
+            raise ConfigError(f"{where}: {registry.kind} {name!r} declares context {key!r}, which the engine does not "
+                              f"supply (it supplies: {', '.join(supplied)})")
+        if not registry.accepts(name, key):
+            raise ConfigError(f"{where}: {registry.kind} {name!r} declares context {key!r}, but its constructor takes "
+                              "no such parameter")
+
+
+def build_inheritance(cfg: RunConfig) -> Any:
+    """The config's inheritance strategy, built with the context it declares."""
+    return INHERITANCE.build(cfg.inheritance, context=offered(INHERITANCE, cfg.inheritance, inheritance_context(cfg)))
 
 
 def _build_plugin(registry: Registry[Any], spec: Any, where: str, context: Mapping[str, Any] | None = None) -> Any:
@@ -67,7 +94,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         resolve_stages(cfg)
         return cfg
     _check_train(cfg)
-    inheritance = _build_plugin(INHERITANCE, cfg.inheritance, "inheritance", inheritance_context(cfg))
+    try:
+        _check_context(INHERITANCE, cfg.inheritance, "inheritance", INHERITANCE_CONTEXT)
+    except RegistryError as e:
+        raise ConfigError(f"inheritance: {e}") from None
+    inheritance = _build_plugin(INHERITANCE, cfg.inheritance, "inheritance",
+                                offered(INHERITANCE, cfg.inheritance, inheritance_context(cfg)))
     _check_models(cfg, inheritance)
     if not cfg.losses:
         raise ConfigError("losses: at least one loss term is needed")
@@ -78,6 +110,10 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"losses[{i}].weight: expected a number, got {weight!r}")
         if not math.isfinite(weight) or weight < 0:
             raise ConfigError(f"losses[{i}].weight: must be a finite number >= 0, got {weight!r}")
+        try:
+            _check_context(LOSSES, params, f"losses[{i}]", LOSS_CONTEXT)
+        except RegistryError as e:
+            raise ConfigError(f"losses[{i}]: {e}") from None
         _build_plugin(LOSSES, params, f"losses[{i}]")
     _check_schedules(cfg)
     if cfg.teacher is None and any(LOSSES.get(LOSSES.split_spec(s)[0]).needs_teacher for s in _loss_specs(cfg)):
@@ -141,7 +177,7 @@ def _check_models(cfg: RunConfig, inheritance: Any) -> None:
     if cfg.teacher is not None:
         _check_teacher(cfg.teacher)
         _check_model_name(cfg.teacher, "teacher")
-    if getattr(inheritance, "needs_student_config", True):
+    if inheritance.needs_student_config:
         if cfg.student is None:
             raise ConfigError(f"student: inheritance {name!r} needs a student architecture (student.model)")
         _check_model_name(cfg.student, "student")
@@ -155,11 +191,11 @@ def _check_models(cfg: RunConfig, inheritance: Any) -> None:
             f"student: inheritance {name!r} derives the student from its source (the teacher); "
             "remove student (or set it to null)"
         )
-    if getattr(inheritance, "needs_source", True) and cfg.teacher is None:
+    if inheritance.needs_source and cfg.teacher is None:
         raise ConfigError(
             f"teacher: inheritance {name!r} takes the student's weights from the teacher, but teacher is null"
         )
-    if cfg.teacher is not None and cfg.student is not None and getattr(inheritance, "needs_student_config", True):
+    if cfg.teacher is not None and cfg.student is not None and inheritance.needs_student_config:
         _check_tokenizers(cfg.teacher, cfg.student)
 
 

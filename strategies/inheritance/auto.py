@@ -30,8 +30,9 @@ from compress.masks import (
 from compress.masks.gates import LOG_ALPHA_INIT
 from compress.masks.lagrangian import MODES
 from compress.models.towers import resolve_towers
-from compress.plugins import Inheritance
-from compress.registry import INHERITANCE, SCHEDULES
+from compress.plugins import Inheritance, Schedule
+from compress.registry import INHERITANCE, SCHEDULES, spec_text
+from strategies.schedules.lr import CosineFrom
 
 logger = logging.getLogger(__name__)
 BUDGETS = ("pooled", "per_tower")
@@ -58,6 +59,8 @@ class AutoInheritance(Inheritance):
     """
 
     needs_student_config = False
+    context = ("total_steps",)
+    target_parameter = "target_sparsity"
 
     def __init__(
         self,
@@ -119,6 +122,42 @@ class AutoInheritance(Inheritance):
         self.schedule = SCHEDULES.build(spec, context={"base_value": target_sparsity, "total_steps": prune_step})
         self.step = 0
         self.full_size: dict[str, int] = {}
+        self.ramp_text = (None if target_schedule is not None else
+                          f"linear ramp {start_sparsity:.1%} -> {self.target_sparsity:.1%} of the source over "
+                          f"{ramp_steps} steps")
+        self.target_schedule = target_schedule
+
+    # -- what the engine asks of it --------------------------------------------------------
+    def describe_student(self, source: str) -> str:
+        return (f"{source} with learned masks (heads, MLP neurons, residual channels), physically pruned at step "
+                f"{self.prune_step}")
+
+    def replacement_step(self) -> int | None:
+        return self.prune_step
+
+    def schedule_lines(self, total_steps: int) -> list[str]:
+        """The lr after pruning (TinyCLIP's cosine without a new warm-up) and the ramp of the target."""
+        ramp = spec_text(self.target_schedule) if self.ramp_text is None else self.ramp_text
+        return [f"after pruning at step {self.prune_step}: the lr follows a cosine from its value there to 0 at step "
+                f"{total_steps} (no new warm-up)",
+                f"target sparsity: {ramp}, masks learned until step {self.prune_step}"]
+
+    def schedule_after_replacement(self, lr_schedule: Schedule, lr: float, step: int, total_steps: int) -> Schedule:
+        """A cosine from the lr at pruning to 0 at the last step, no new warm-up (TinyCLIP's official code)."""
+        return CosineFrom(lr, step, total_steps)
+
+    def record(self, student: nn.Module) -> dict[str, Any]:
+        """``masked``: the masks (and multipliers) are still attached, so the checkpoint holds them."""
+        return {"masked": get_masks(student) is not None}
+
+    def restore(self, record: Mapping[str, Any], source: nn.Module | None) -> nn.Module | None:
+        """A masked student is rebuilt as :meth:`inherit` made it (a copy of the source with masks); once pruned
+        it is a plain student of its recorded structure (None: the engine rebuilds it)."""
+        if not record.get("masked"):
+            return None
+        if source is None:
+            raise ValueError("a masked student is rebuilt from its source, and this stage has none")
+        return self.inherit(None, source)
 
     # -- the contract ---------------------------------------------------------------------
     def inherit(self, student: nn.Module | None, source: nn.Module) -> nn.Module:

@@ -31,6 +31,7 @@ class FeatureDistill(DistillLoss):
     """
 
     needs: tuple[str, ...] = ("image_embeds", "text_embeds")
+    context = ("student_embed_dim", "teacher_embed_dim")
 
     def __init__(
         self,
