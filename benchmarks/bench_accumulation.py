@@ -33,10 +33,11 @@ import time
 import torch
 
 import strategies.losses.affinity as affinity_module
-from compress.config import TrainConfig, config_from_dict
+from compress.config import TrainConfig
 from compress.data.pipeline import train_batches
 from compress.models import load_model
 from compress.precision import resolve_device, resolve_precision
+from compress.recipe import config_from_dict
 from compress.registry import LOSSES, SCHEDULES
 from compress.teacher import OnlineTeacher, freeze
 from compress.train import LossTerm, Trainer

@@ -31,13 +31,14 @@ from typing import Any
 
 import torch
 
-from compress.config import RunConfig, config_from_dict
+from compress.config import RunConfig
 from compress.data import loader as loader_module
 from compress.data import shards as shards_module
 from compress.data.pipeline import train_batches
 from compress.data.robust import torch_seeded
 from compress.models import load_model
 from compress.precision import resolve_precision
+from compress.recipe import config_from_dict
 from compress.registry import LOSSES, SCHEDULES
 from compress.teacher import OnlineTeacher, freeze
 from compress.train import LossTerm, Trainer

@@ -380,8 +380,8 @@ def memory_estimate(teacher, student, micro: int, accum: int) -> tuple[float | N
     """``compress.memory.estimate_device_memory`` for one step of ``accum`` micro-batches of ``micro`` (bf16,
     gradient checkpointing, affinity at scale 50), or (None, why) when it is not there."""
     try:
-        from compress.config.parsing import config_from_dict
         from compress.memory import estimate_device_memory
+        from compress.recipe import config_from_dict
     except ImportError as error:
         return None, f"estimate: not available ({error})"
     cfg = config_from_dict({

@@ -27,7 +27,6 @@ row, and raises :class:`CheckpointWriteError`.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -72,10 +71,9 @@ def config_hash(cfg: Any) -> str:
     """The hash a checkpoint records of the config it was written under: the whole resolved
     config that the run id is cut from (execution settings such as the device, logging or
     workers left out, so a run may resume on another machine)."""
-    from compress.config import identity_dict
+    from compress.recipe import config_hash as resolved_hash
 
-    blob = json.dumps(identity_dict(cfg), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return resolved_hash(cfg)
 
 
 @dataclass

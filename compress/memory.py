@@ -248,15 +248,15 @@ def similarity_matrices(cfg: Any) -> int:
     """The similarity matrices the configured losses compute per step (``DistillLoss.similarity_matrices``
     of each term with a non-zero weight or a weight schedule; a term of weight 0 is not computed)."""
     from compress.config.validate import loss_weight_keys
-    from compress.registry import LOSSES
+    from compress.recipe.build import loss_similarity_matrices
 
     scheduled = {index for key, index in loss_weight_keys(cfg.losses).items() if key in cfg.schedules}
     total = 0
-    for i, spec in enumerate(cfg.losses):
+    for i, (spec, count) in enumerate(zip(cfg.losses, loss_similarity_matrices(cfg), strict=True)):
         params = {"name": spec} if isinstance(spec, str) else dict(spec)
         if float(params.get("weight", 1.0)) == 0.0 and i not in scheduled:
             continue
-        total += int(getattr(LOSSES.get(params["name"]), "similarity_matrices", 0))
+        total += count
     return total
 
 

@@ -13,13 +13,14 @@ names a module (or a callable) whose import registers its plug-ins.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
+
+from compress.config.errors import suggest
 
 T = TypeVar("T")
 
@@ -41,14 +42,6 @@ class Entry:
 def _first_doc_line(obj: Any) -> str:
     doc = inspect.getdoc(obj) or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
-
-
-def suggest(name: str, known: list[str]) -> str:
-    """`` Did you mean 'x'?`` for the closest known names, or an empty string."""
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    if not close:
-        return ""
-    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
 
 
 def spec_text(spec: str | Mapping[str, Any], skip: tuple[str, ...] = ()) -> str:

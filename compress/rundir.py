@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 
 def run_dir_for(cfg: RunConfig) -> Path:
     """``output.dir / (output.run_name or NAME-RUNID)``."""
-    return Path(cfg.output.dir) / (cfg.output.run_name or f"{cfg.name}-{cfg.run_id()}")
+    from compress.recipe import run_id_of
+
+    return Path(cfg.output.dir) / (cfg.output.run_name or f"{cfg.name}-{run_id_of(cfg)}")
 
 
 def stage_dir(run_dir: Path, stage_dir_name: str | None) -> Path:

@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from compress.recipe import run_id_of
+
 
 class CliError(Exception):
     """A user error: printed as one line, exit code 2."""
@@ -40,7 +42,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-#: parameters the engine fills in for a plug-in that declares them (compress.config.validate), and from what
+#: parameters the engine fills in for a plug-in that declares them (compress.recipe.context), and from what
 ENGINE_CONTEXT = {
     "losses": {"student_embed_dim": "the student's embedding size",
                "teacher_embed_dim": "the teacher's embedding size"},
@@ -110,7 +112,7 @@ def _refuse_under_torchrun() -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from compress.config import load_config
+    from compress.recipe import load_config
 
     cfg = load_config(args.config, args.set or [])  # before anything imports torch: a YAML mistake fails at once
     from compress.distributed import environment
@@ -135,7 +137,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         elif row.get("status") == "completed":
             print(headline(row, run_dir_for(cfg)))
         elif row.get("status") == STATUS_SUBMITTED:
-            print(f"[submitted] {cfg.name} ({cfg.run_id()}) as job {row['job_id']}: the result lands in "
+            print(f"[submitted] {cfg.name} ({run_id_of(cfg)}) as job {row['job_id']}: the result lands in "
                   f"{run_dir_for(cfg) / 'result.json'}")
         elif row.get("status") == "failed" and chosen == "local":  # in this process (inline, debug) the run said it
             print(failed_line(cfg.name, row.get("error"), f"see {run_dir_for(cfg) / 'result.json'}"), file=sys.stderr)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress.config import RunConfig, config_from_dict
+from compress.config import RunConfig
 from compress.fileio import check_output
+from compress.recipe import config_from_dict
 from experiments.dispatch import dispatch
 
 TEACHER_MODEL = "cc-demo-teacher"

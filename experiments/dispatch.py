@@ -23,6 +23,7 @@ from typing import Any
 from compress.config import ConfigError, RunConfig
 from compress.config.schema import DISPATCH_BACKENDS
 from compress.distributed import environment
+from compress.recipe import run_id_of
 from compress.results import STATUS_FAILED, read_result
 from compress.run import run_dir_for
 from compress.rundir import check_writable
@@ -258,7 +259,7 @@ def _groups(cfgs: Sequence[RunConfig]) -> list[list[RunConfig]]:
 
 
 def _job(cfg: RunConfig, force: bool) -> RunJob:
-    return RunJob(cfg.to_dict(), force=force, run_id=cfg.run_id())
+    return RunJob(cfg.to_dict(), force=force, run_id=run_id_of(cfg))
 
 
 class _Captured:
@@ -384,11 +385,11 @@ def wait(submission: Submission) -> dict[str, Any]:
         return submission.row
     cfg = submission.cfg
     if submission.backend == "slurm":
-        return {"run_id": cfg.run_id(), "name": cfg.name, "status": STATUS_SUBMITTED, "job_id": submission.job_id}
+        return {"run_id": run_id_of(cfg), "name": cfg.name, "status": STATUS_SUBMITTED, "job_id": submission.job_id}
     try:
         result = submission.job.result()
     except Exception as error:  # noqa: BLE001 - the job's own result.json holds the failure
-        return read_result(run_dir_for(cfg)) or {"run_id": cfg.run_id(), "name": cfg.name, "status": STATUS_FAILED,
+        return read_result(run_dir_for(cfg)) or {"run_id": run_id_of(cfg), "name": cfg.name, "status": STATUS_FAILED,
                                                  "error": str(error)}
     return result if isinstance(result, dict) else read_result(run_dir_for(cfg)) or {}
 
@@ -402,12 +403,12 @@ def dispatch(cfgs: list[RunConfig], backend: str | None = None, force: bool = Fa
         chosen = backend or cfg.dispatch.backend
         done = completed_row(cfg)
         if done is not None and not force:
-            print(f"[skip] {cfg.name} ({cfg.run_id()}): completed result in {run_dir_for(cfg)}")
+            print(f"[skip] {cfg.name} ({run_id_of(cfg)}): completed result in {run_dir_for(cfg)}")
             rows.append({**done, "status": "skipped"})
             continue
         folder = run_dir_for(cfg) / "submitit"
         (submission,) = submit([cfg], chosen, folder, force=force)
         if chosen in ("local", "slurm"):
-            print(f"[submitted] {cfg.name} ({cfg.run_id()}) as {chosen} job {submission.job_id}; logs in {folder}")
+            print(f"[submitted] {cfg.name} ({run_id_of(cfg)}) as {chosen} job {submission.job_id}; logs in {folder}")
         rows.append(wait(submission))
     return rows

@@ -8,10 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from compress.config import RunConfig, config_from_dict
+from compress.config import RunConfig
+from compress.recipe import config_from_dict, run_id_of
 from compress.results import STATUS_COMPLETED, STATUS_FAILED, read_result
-from compress.run import RunError, run_dir_for
+from compress.run import run_dir_for
 from compress.rundir import RunDirBusy
+from compress.stage import RunError
 from compress.stopping import StoppedAtStep
 
 #: the row status (never written to ``result.json``) of a run whose directory another live process holds
@@ -44,7 +46,7 @@ def slurm_restart_count() -> int:
 def own_result(cfg: RunConfig) -> dict[str, Any] | None:
     """The row in the run's ``result.json`` if it is this run's (same run id), else None."""
     row = read_result(run_dir_for(cfg))
-    return row if row is not None and row.get("run_id") == cfg.run_id() else None
+    return row if row is not None and row.get("run_id") == run_id_of(cfg) else None
 
 
 def completed_row(cfg: RunConfig) -> dict[str, Any] | None:
@@ -89,9 +91,9 @@ class RunJob:
     def run_config(self) -> RunConfig:
         """The config, parsed and validated in this process."""
         cfg = config_from_dict(self.config)
-        if self.run_id is not None and cfg.run_id() != self.run_id:
+        if self.run_id is not None and run_id_of(cfg) != self.run_id:
             raise RunError(
-                f"run {cfg.name}: the config was submitted as run {self.run_id} but is run {cfg.run_id()} here "
+                f"run {cfg.name}: the config was submitted as run {self.run_id} but is run {run_id_of(cfg)} here "
                 "(a local model file changed since submission?): submit it again"
             )
         return cfg
@@ -113,7 +115,7 @@ class RunJob:
             row = run_experiment(cfg, force=force)
         except StoppedAtStep as stop:  # the checkpoint and the interrupted row are written: now requeue
             if requeue_after_stop(stop):
-                return own_result(cfg) or {"run_id": cfg.run_id(), "name": cfg.name, "status": "interrupted"}
+                return own_result(cfg) or {"run_id": run_id_of(cfg), "name": cfg.name, "status": "interrupted"}
             raise
         # the process group is gone by now: the rank the job was launched as decides who writes
         launch = distributed.environment()

@@ -19,7 +19,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from compress.config import RunConfig, config_from_dict
+from compress.config import RunConfig
+from compress.recipe import config_from_dict
 from experiments.demo import FULL, QUICK, DemoPlan, _common, default_cache_dir, save_table, train_teacher
 from experiments.dispatch import dispatch
 

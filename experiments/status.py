@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from compress.recipe import run_id_of
 from compress.results import RESULT_FILE, STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED
 from compress.rundir import (
     CONFIG_FILE,
@@ -288,7 +289,7 @@ def sweep_states(path: Path) -> list[RunState]:
     states = []
     for run in sweep.runs():
         state = run_state(Path(run.run_dir))
-        run_id = run.cfg.run_id()
+        run_id = run_id_of(run.cfg)
         state.run_id, state.name = state.run_id or run_id, state.name or run.cfg.name
         state.values = dict(run.values)
         if run_id in jobs:

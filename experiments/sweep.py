@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.config import ConfigError, OverrideError, RunConfig, config_from_dict, parse_override
+from compress.config import ConfigError, OverrideError, RunConfig, parse_override
 from compress.config.yamlio import read_yaml
+from compress.recipe import config_from_dict, run_id_of
 from compress.rundir import run_dir_for
 from experiments.status import MANIFEST_FILE, values_text
 
@@ -73,7 +74,7 @@ class SweepRun:
 
     @property
     def run_id(self) -> str:
-        return self.cfg.run_id()
+        return run_id_of(self.cfg)
 
 
 @dataclass
@@ -157,7 +158,7 @@ def _expand(path: Path, data: Any, overrides: Sequence[str]) -> Sweep:
             raise
         except ConfigError as error:
             raise SweepError(f"run {index} ({describe(values)}): {error}") from None
-        run_id = cfg.run_id()
+        run_id = run_id_of(cfg)
         if run_id in seen:
             raise SweepError(
                 f"runs ({describe(seen[run_id])}) and ({describe(values)}) are the same experiment (run id "

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from compress.config import ConfigError
+from compress.recipe import run_id_of
 from experiments.ablations import ABLATIONS, CONFIG_DIR, render, scale_overrides
 from experiments.sweep import load_sweep
 
@@ -40,7 +41,7 @@ def test_each_ablation_has_three_seeds_one_teacher_and_one_budget(name, teacher,
 
 def test_the_inheritance_ablation_prunes_to_the_manual_students_budget():
     from compress.models import load_model
-    from compress.run import prunable_parameters
+    from compress.stage import prunable_parameters
 
     auto = [spec for spec in load_sweep_text("inheritance")["zip"][0]["inheritance"] if spec["name"] == "auto"][0]
     kept = prunable_parameters(load_model("cc-demo-student")) / prunable_parameters(load_model("cc-demo-teacher"))
@@ -172,7 +173,7 @@ def cache_teacher(cache, teacher: str) -> None:
 
     cfg = teacher_config(TEACHER_PLAN, cache)
     run_dir_for(cfg).mkdir(parents=True)
-    row = {"run_id": cfg.run_id(), "name": cfg.name, "status": "completed", "metrics": {"export/path": teacher}}
+    row = {"run_id": run_id_of(cfg), "name": cfg.name, "status": "completed", "metrics": {"export/path": teacher}}
     (run_dir_for(cfg) / "result.json").write_text(json.dumps(row))
 
 

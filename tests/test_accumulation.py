@@ -171,8 +171,8 @@ def test_every_parameter_ddp_holds_is_used_by_a_live_pass(models, kind):
 def test_the_training_loader_yields_micro_batches(accum, micro):
     """The loader's batch is the micro-batch, batch_size / (processes x accum_steps): the batches in flight
     and the data position (counted in loader batches) are micro-batches; a step draws K of them."""
-    from compress.config import config_from_dict
     from compress.data.pipeline import train_batches
+    from compress.recipe import config_from_dict
 
     cfg = config_from_dict({
         "name": "micro", "teacher": {"model": "cc-test-teacher", "random_init": True},
@@ -210,8 +210,8 @@ def pipeline_trainer(teacher, student, accum_inputs: str, steps: int = 2, build=
     wrapped to record every micro-batch it yields (weak references: what keeps them alive is the trainer)."""
     import weakref
 
-    from compress.config import config_from_dict
     from compress.data.pipeline import ReplayStream, train_batches
+    from compress.recipe import config_from_dict
 
     cfg = config_from_dict({
         "name": "replay", "teacher": {"model": "cc-test-teacher", "random_init": True},

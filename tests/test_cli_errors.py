@@ -18,7 +18,7 @@ from PIL import Image
 import compress.models.export as export
 import compress.results as results
 import compress.rundir as rundir
-from compress.config import load_config
+from compress.recipe import load_config
 from compress.run import run_dir_for
 from experiments.cli import main
 from tests.test_run_e2e import tiny_config

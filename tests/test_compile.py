@@ -12,6 +12,7 @@ import torch
 from compress.config import TrainConfig
 from compress.models import load_model
 from compress.precision import resolve_precision
+from compress.recipe import run_id_of
 from compress.registry import LOSSES, SCHEDULES
 from compress.teacher import OnlineTeacher
 from compress.train import LossTerm, Trainer
@@ -51,14 +52,14 @@ def test_compiled_student_trains_like_the_eager_one(monkeypatch):
 
 
 def test_compile_is_not_part_of_the_run_id():
-    from compress.config.parsing import config_from_dict
+    from compress.recipe import config_from_dict
 
     data = {"name": "t", "teacher": {"model": "cc-test-teacher", "random_init": True},
             "student": {"model": "cc-test-student"}}
     plain = config_from_dict(data)
     compiled = config_from_dict({**data, "train": {"compile": True}})
     assert compiled.train.compile and not plain.train.compile
-    assert plain.run_id() == compiled.run_id()
+    assert run_id_of(plain) == run_id_of(compiled)
 
 
 def test_a_masked_student_runs_eagerly_until_pruned(caplog):

@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from compress.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config, run_id
+from compress.config import ConfigError, RunConfig, apply_overrides
+from compress.recipe import config_from_dict, load_config, run_id, run_id_of
 
 
 def minimal(**extra):
@@ -103,7 +104,7 @@ def test_run_id_ignores_output_and_dispatch(with_plugins):
     c = config_from_dict(cfg_dict(train={"lr": 5e-4}))
     assert run_id(a) == run_id(b)
     assert run_id(a) != run_id(c)
-    assert run_id(a) == a.run_id() and len(run_id(a)) == 12
+    assert run_id(a) == run_id_of(a) and len(run_id(a)) == 12
 
 
 def test_load_yaml_file_and_errors(tmp_path, with_plugins):
@@ -181,7 +182,7 @@ def test_run_id_ignores_settings_that_do_not_change_the_result(section, key, val
      "teacher.model=cc-test-rn-teacher", "student.model=cc-test-rn-student"],
 )
 def test_run_id_changes_with_settings_that_change_the_result(override):
-    assert config_from_dict(builtin_dict(), [override]).run_id() != config_from_dict(builtin_dict()).run_id()
+    assert run_id_of(config_from_dict(builtin_dict(), [override])) != run_id_of(config_from_dict(builtin_dict()))
 
 
 def test_run_id_same_when_plugin_defaults_are_written_out():

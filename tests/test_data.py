@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from compress.config import ConfigError, DataConfig, DatasetConfig, ZeroShotTaskConfig, config_from_dict
+from compress.config import ConfigError, DataConfig, DatasetConfig, ZeroShotTaskConfig
 from compress.data import (
     CLIP_MEAN,
     CLIP_STD,
@@ -33,6 +33,7 @@ from compress.data import (
 )
 from compress.data.captions import task_classnames
 from compress.data.shapes import COLOR_NAMES, HELDOUT, SHAPES, combo_label, position_name
+from compress.recipe import config_from_dict
 
 TO_TENSOR = T.ToTensor()
 PALETTE = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}

@@ -32,8 +32,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from compress.config import config_from_dict
 from compress.distributed import DistEnv, DistributedError, environment
+from compress.recipe import config_from_dict
 from compress.run import run_dir_for, run_experiment
 from compress.train import Trainer
 

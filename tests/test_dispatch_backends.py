@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from compress.config import ConfigError
+from compress.recipe import run_id_of
 from compress.results import read_result
 from experiments.cli import main
 from experiments.job import RunJob, RunQueue
@@ -88,7 +89,7 @@ def test_debug_backend_runs_the_sweep_through_submitit_and_never_opens_pdb(tmp_p
     original = compress.run.run_experiment
 
     def raising(cfg, force=False):
-        if cfg.run_id() == runs[0].run_id:
+        if run_id_of(cfg) == runs[0].run_id:
             raise RuntimeError("this job cannot run")
         return original(cfg, force=force)
 
@@ -280,7 +281,7 @@ def test_slurm_backend_submits_job_arrays_in_chunks_with_the_resources(tmp_path,
         job = submission.function
         assert isinstance(job, RunJob) and job.config == run.cfg.to_dict() and job.force is False
         assert job.run_id == run.run_id and submission._timeout_countdown == 5
-        assert pickle.loads(pickle.dumps(job)).run_config().run_id() == run.run_id
+        assert run_id_of(pickle.loads(pickle.dumps(job)).run_config()) == run.run_id
     out = capsys.readouterr().out
     assert "8 submitted, 0 skipped" in out and "1001_0" in out
 
@@ -397,7 +398,7 @@ def test_force_is_one_shot_a_job_restarted_by_slurm_resumes(tmp_path, monkeypatc
     original = compress.run.start_fresh
     monkeypatch.setattr(compress.run, "start_fresh", lambda run_dir: (cleared.append(run_dir), original(run_dir)))
     cfg = tiny_config(tmp_path)
-    job = pickle.loads(pickle.dumps(RunJob(cfg.to_dict(), force=True, run_id=cfg.run_id())))
+    job = pickle.loads(pickle.dumps(RunJob(cfg.to_dict(), force=True, run_id=run_id_of(cfg))))
     result = compress.run.run_dir_for(cfg) / "result.json"
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     assert job()["status"] == "completed" and cleared == []
@@ -454,7 +455,7 @@ def test_a_submitted_run_without_a_directory_is_shown_queued(tmp_path, fake_slur
 def test_a_failing_task_other_than_rank_0_exits_non_zero(tmp_path, monkeypatch):
     """srun's --kill-on-bad-exit then ends the step, so no task waits on its failed peer in a collective."""
     import compress.run
-    from compress.config import config_from_dict
+    from compress.recipe import config_from_dict
 
     cfg = tiny_config(tmp_path)
     monkeypatch.setattr(compress.run, "run_experiment", lambda cfg, force=False: {"status": "failed", "error": "x"})

@@ -132,7 +132,7 @@ def test_a_full_disk_while_checkpointing_frees_the_space_keeps_the_row_and_says_
     it is removed."""
     import compress.models.export as export
     import compress.results as results
-    from compress.config import load_config
+    from compress.recipe import load_config
     from experiments.cli import main
 
     path = cli_config(tmp_path)

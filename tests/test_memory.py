@@ -3,7 +3,6 @@ real forward and a real loss keep for the backward, and in the dry run of a ship
 
 import torch
 
-from compress.config import config_from_dict
 from compress.memory import (
     BlockShape,
     ModelShape,
@@ -16,6 +15,7 @@ from compress.memory import (
     world_size_of,
 )
 from compress.models import load_model
+from compress.recipe import config_from_dict
 from experiments.cli import main
 
 

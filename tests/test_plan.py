@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 
 from compress.checkpoint import config_hash, write_checkpoint
-from compress.config import config_from_dict
 from compress.evaluation.efficiency import count_macs
 from compress.models import load_model
 from compress.models.params import parameter_report
 from compress.plan import build_plan, format_plan
+from compress.recipe import config_from_dict, run_id_of
 from compress.results import write_result
 from compress.run import run_dir_for
 from compress.rundir import stage_dir
@@ -113,8 +113,8 @@ def test_dry_run_reports_the_checkpoint_it_would_resume_and_the_finished_stages(
     cfg = config_from_dict(_two_stages(tmp_path))
     run_dir = run_dir_for(cfg)
     stages = build_plan(cfg).stages
-    write_result(stages[0].directory, {"status": "completed", "run_id": cfg.run_id()})
-    meta = {"run_id": cfg.run_id(), "config_sha": config_hash(cfg), "stage": 1}
+    write_result(stages[0].directory, {"status": "completed", "run_id": run_id_of(cfg)})
+    meta = {"run_id": run_id_of(cfg), "config_sha": config_hash(cfg), "stage": 1}
     write_checkpoint(stages[1].directory, 3, load_model("cc-test-student"), {}, meta)
     before = _snapshot(run_dir)
     plan = build_plan(cfg)
@@ -129,7 +129,7 @@ def test_dry_run_reports_a_single_stage_checkpoint_and_refuses_another_runs(tmp_
     cfg = config_from_dict(_config(tmp_path))
     run_dir = run_dir_for(cfg)
     assert stage_dir(run_dir, None) == run_dir
-    meta = {"run_id": cfg.run_id(), "config_sha": config_hash(cfg)}
+    meta = {"run_id": run_id_of(cfg), "config_sha": config_hash(cfg)}
     write_checkpoint(run_dir, 5, load_model("cc-test-student"), {}, meta)
     assert build_plan(cfg).stages[0].state.startswith("resumes from its checkpoint at step 5")
     write_checkpoint(run_dir, 6, load_model("cc-test-student"), {}, {"run_id": "0123456789ab"})
@@ -140,7 +140,7 @@ def test_dry_run_reports_a_single_stage_checkpoint_and_refuses_another_runs(tmp_
 
 def test_dry_run_of_a_completed_run_says_it_is_skipped(tmp_path):
     cfg = config_from_dict(_config(tmp_path))
-    write_result(run_dir_for(cfg), {"status": "completed", "run_id": cfg.run_id()})
+    write_result(run_dir_for(cfg), {"status": "completed", "run_id": run_id_of(cfg)})
     plan = build_plan(cfg)
     assert "would be skipped" in plan.state and plan.stages[0].state == "not run (the run is skipped)"
     assert "--force reruns" in build_plan(cfg, force=True).state

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from compress.checkpoint import latest_checkpoint
-from compress.config import config_from_dict, load_config
+from compress.recipe import config_from_dict, load_config, run_id_of
 from compress.run import run_dir_for, run_experiment
 from compress.stopping import RunInterrupted, StoppedAtStep
 from compress.train import Trainer
@@ -117,7 +117,7 @@ def test_sigusr2_under_submitit_checkpoints_writes_the_row_then_requeues_and_res
     cfg = load_config(write_config(tmp_path, "stopped"))
     folder = tmp_path / "submitit"
     folder.mkdir()
-    submission = submitit.helpers.DelayedSubmission(RunJob(cfg.to_dict(), force=True, run_id=cfg.run_id()))
+    submission = submitit.helpers.DelayedSubmission(RunJob(cfg.to_dict(), force=True, run_id=run_id_of(cfg)))
     submission.set_timeout(60, 3)  # what the slurm executor sets: 60 minutes, 3 requeues after timeouts
     pickled = folder / f"{JOB_ID}_submitted.pkl"
     submission.dump(pickled)
@@ -141,7 +141,7 @@ def test_sigusr2_under_submitit_checkpoints_writes_the_row_then_requeues_and_res
     assert calls.read_text().split() == ["requeue", JOB_ID]
     assert "Traceback" not in stderr.split("Caught signal")[0]
     resubmitted = pickle.loads(pickled.read_bytes()).function  # what RunJob.checkpoint returned
-    assert isinstance(resubmitted, RunJob) and resubmitted.force is False and resubmitted.run_id == cfg.run_id()
+    assert isinstance(resubmitted, RunJob) and resubmitted.force is False and resubmitted.run_id == run_id_of(cfg)
 
     again = subprocess.run(command, cwd=ROOT, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True,
                            text=True, timeout=900)

@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from compress.checkpoint import CheckpointError, latest_checkpoint
+from compress.recipe import run_id_of
 from compress.run import run_dir_for, run_experiment
 from compress.train import Trainer
 from tests.test_run_e2e import tiny_config
@@ -211,7 +212,7 @@ def test_another_runs_checkpoint_is_refused_with_a_clear_message(tmp_path, monke
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True)
     shutil.copytree(run_dir_for(other) / "checkpoints", run_dir / "checkpoints")
-    with pytest.raises(CheckpointError, match=f"belongs to run {other.run_id()}, not to this run"):
+    with pytest.raises(CheckpointError, match=f"belongs to run {run_id_of(other)}, not to this run"):
         run_experiment(cfg)
     assert not (run_dir / "metrics.jsonl").exists()  # refused before anything ran
     # the command line prints it as one line

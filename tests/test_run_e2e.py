@@ -6,7 +6,7 @@ import open_clip
 import pytest
 import torch
 
-from compress.config import config_from_dict
+from compress.recipe import config_from_dict, run_id_of
 from compress.run import run_experiment
 
 
@@ -34,9 +34,9 @@ def test_tiny_run_writes_result_metrics_and_model(tmp_path, inheritance):
     cfg = tiny_config(tmp_path, inheritance={"name": inheritance})
     row = run_experiment(cfg)
     assert row["status"] == "completed", row.get("error")
-    run_dir = tmp_path / "runs" / f"e2e-{cfg.run_id()}"
+    run_dir = tmp_path / "runs" / f"e2e-{run_id_of(cfg)}"
     on_disk = json.loads((run_dir / "result.json").read_text())
-    assert on_disk["run_id"] == cfg.run_id() and on_disk["status"] == "completed"
+    assert on_disk["run_id"] == run_id_of(cfg) and on_disk["status"] == "completed"
     metrics = on_disk["metrics"]
     assert {"started_at", "duration_s"} <= set(on_disk) and torch.__version__.startswith(on_disk["versions"]["torch"])
     for key in ("train/nonfinite_steps", "train/samples_per_s", "data/bad_fraction", "train/precision"):
@@ -74,11 +74,11 @@ def test_failed_run_writes_failed_row(tmp_path):
                       student={"model": "cc-test-teacher"})
     row = run_experiment(cfg)
     assert row["status"] == "failed"
-    on_disk = json.loads((tmp_path / "runs" / f"e2e-{cfg.run_id()}" / "result.json").read_text())
+    on_disk = json.loads((tmp_path / "runs" / f"e2e-{run_id_of(cfg)}" / "result.json").read_text())
     assert on_disk["status"] == "failed"
     assert on_disk["error"].startswith("InheritanceError") and "student" in on_disk["error"]
     assert "Traceback" in on_disk["traceback"]
-    assert on_disk["run_id"] == cfg.run_id()
+    assert on_disk["run_id"] == run_id_of(cfg)
 
 
 def test_auto_inheritance_run_prunes_exports_and_reports(tmp_path):
@@ -92,7 +92,7 @@ def test_auto_inheritance_run_prunes_exports_and_reports(tmp_path):
         "steps": 5, "batch_size": 8, "lr": 1e-3, "log_every": 1, "progress": False})
     (row,) = dispatch([cfg])
     assert row["status"] == "completed", row.get("error")
-    run_dir = tmp_path / "runs" / f"e2e-{cfg.run_id()}"
+    run_dir = tmp_path / "runs" / f"e2e-{run_id_of(cfg)}"
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["inherit/pruned"] == 0.0 and lines[-1]["inherit/pruned"] == 1.0
     assert "inherit/expected_sparsity/all" in lines[0] and "inherit/target_sparsity" in lines[0]
@@ -113,7 +113,7 @@ def test_a_manual_students_structure_report_is_against_its_teacher(tmp_path):
     cfg = tiny_config(tmp_path)
     (row,) = dispatch([cfg])
     assert row["status"] == "completed", row.get("error")
-    run_dir = tmp_path / "runs" / f"e2e-{cfg.run_id()}"
+    run_dir = tmp_path / "runs" / f"e2e-{run_id_of(cfg)}"
     structure = load_structure(run_dir)
     vision, text = structure["vision"], structure["text"]
     assert (vision["width"], vision["full"]["width"]) == (48, 64)

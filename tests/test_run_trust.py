@@ -18,8 +18,11 @@ import yaml
 
 from compress.config import ConfigError
 from compress.models import load_model
+from compress.plugins import Inheritance
 from compress.progress import LineProgress, progress
-from compress.run import run_dir_for, run_experiment, sparsity_metrics
+from compress.recipe import run_id_of
+from compress.run import run_dir_for, run_experiment
+from compress.stage import sparsity_metrics
 from tests.test_run_e2e import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +127,8 @@ def test_sparsity_target_and_achieved_are_in_the_row(tmp_path):
 def test_missed_sparsity_target_is_flagged(capsys):
     teacher = load_model("cc-test-teacher")
 
-    class Strategy:
+    class Strategy(Inheritance):  # declares what it prunes to (the engine reads nothing else of it)
+        target_parameter = "target_sparsity"
         target_sparsity = 0.5
 
     out = sparsity_metrics(Strategy(), teacher, teacher)  # nothing pruned
@@ -251,7 +255,7 @@ def test_run_job_pickles_and_runs_on_the_local_backend(tmp_path):
 
     cfg = tiny_config(tmp_path)
     again = pickle.loads(pickle.dumps(RunJob(cfg.to_dict())))
-    assert again.run_config().run_id() == cfg.run_id()
+    assert run_id_of(again.run_config()) == run_id_of(cfg)
     (row,) = dispatch([cfg], backend="local")
     assert row["status"] == "completed", row.get("error")
     assert (run_dir_for(cfg) / "submitit").is_dir() and (run_dir_for(cfg) / "result.json").is_file()
@@ -262,7 +266,7 @@ def test_a_second_process_on_a_running_run_directory_is_refused(tmp_path):
 
     cfg = tiny_config(tmp_path)
     run_dir = run_dir_for(cfg)
-    with owned_run_dir(run_dir, cfg.run_id()):  # another process holds it (flock is per open file)
+    with owned_run_dir(run_dir, run_id_of(cfg)):  # another process holds it (flock is per open file)
         with pytest.raises(RunDirError, match=r"in use by another process \(pid \d+\)"):
             run_experiment(cfg)
         assert not (run_dir / "result.json").exists() and not (run_dir / "config.yaml").exists()
@@ -277,7 +281,7 @@ def test_a_reused_run_name_of_another_config_is_refused(tmp_path, capsys):
     assert run_experiment(first)["status"] == "completed"
     before = (run_dir_for(first) / "result.json").read_text()
     other = tiny_config(tmp_path, output=output, train={"steps": 3, "batch_size": 8, "lr": 1e-3, "progress": False})
-    with pytest.raises(RunDirError, match=f"another config's run \\(run id {first.run_id()}"):
+    with pytest.raises(RunDirError, match=f"another config's run \\(run id {run_id_of(first)}"):
         run_experiment(other)
     assert (run_dir_for(first) / "result.json").read_text() == before  # untouched
     assert run_experiment(first)["status"] == "completed"  # its own config may run there again
@@ -289,12 +293,12 @@ def test_replacing_a_local_teacher_checkpoint_changes_the_run_id(tmp_path):
 
     folder = save_model(load_model("cc-test-teacher"), tmp_path / "teacher")
     cfg = lambda: tiny_config(tmp_path, teacher={"model": str(folder)})  # noqa: E731
-    first = cfg().run_id()
-    assert cfg().run_id() == first  # stable while the files are unchanged
+    first = run_id_of(cfg())
+    assert run_id_of(cfg()) == first  # stable while the files are unchanged
     weights = next(p for p in Path(folder).iterdir() if p.suffix == ".safetensors")
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # replaced at the same path
-    assert cfg().run_id() != first
+    assert run_id_of(cfg()) != first
 
 
 def test_replacing_a_stage_students_local_file_changes_the_run_id(tmp_path):
@@ -303,11 +307,11 @@ def test_replacing_a_stage_students_local_file_changes_the_run_id(tmp_path):
 
     folder = save_model(load_model("cc-test-student"), tmp_path / "student")
     cfg = lambda: tiny_config(tmp_path, stages=[{"student": {"model": str(folder)}}])  # noqa: E731
-    first = cfg().run_id()
+    first = run_id_of(cfg())
     weights = next(p for p in Path(folder).iterdir() if p.suffix == ".safetensors")
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    assert cfg().run_id() != first
+    assert run_id_of(cfg()) != first
 
 
 def test_a_skipped_run_prints_one_line_and_its_numbers(tmp_path, capsys):

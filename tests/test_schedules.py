@@ -40,7 +40,7 @@ LR = {"name": "warmup_cosine", "warmup_steps": 0}
 
 
 def weight_config(schedules, losses=None):
-    from compress.config import config_from_dict
+    from compress.recipe import config_from_dict
 
     losses = losses or [{"name": "affinity", "weight": 1.0}, {"name": "clip", "weight": 0.25}]
     return config_from_dict({
@@ -53,7 +53,7 @@ def weight_config(schedules, losses=None):
 def test_loss_weight_schedules_reach_the_loss_terms():
     """schedules.weight/<loss>: a schedule plug-in whose base_value is the loss's configured weight."""
     from compress.models import load_model
-    from compress.run import build_losses
+    from compress.recipe import build_losses
 
     cfg = weight_config({"weight/clip": CONST, "weight/0": {"name": "linear_ramp", "end": 2.0, "steps": 4}})
     terms = build_losses(cfg, load_model("cc-test-student"), load_model("cc-test-teacher"))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from compress.config import load_config
+from compress.recipe import load_config, run_id_of
 from experiments.cli import main
 
 CONFIG_ROOT = Path(__file__).parent.parent / "experiments" / "configs"
@@ -17,7 +17,7 @@ CONFIGS = sorted(p for p in CONFIG_ROOT.rglob("*.yaml") if p.parent.name != "abl
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_ROOT)))
 def test_shipped_config_validates(path):
     cfg = load_config(path)
-    assert cfg.name and len(cfg.run_id()) == 12
+    assert cfg.name and len(run_id_of(cfg)) == 12
 
 
 def test_there_are_shipped_configs():
@@ -45,7 +45,7 @@ def test_shipped_config_passes_the_dry_run(path, tmp_path, capsys):
     assert main(["run", str(path), "--dry-run", "--set", f"output.dir={out_dir}"]) == 0
     out = capsys.readouterr().out
     cfg = load_config(path)
-    assert f"plan of {cfg.name} (run id {cfg.run_id()})" in out
+    assert f"plan of {cfg.name} (run id {run_id_of(cfg)})" in out
     assert "MACs per image" in out and "samples" in out
     assert not out_dir.exists()
 
@@ -53,8 +53,8 @@ def test_shipped_config_passes_the_dry_run(path, tmp_path, capsys):
 def test_dry_run_of_the_tinyclip_recipes_gives_the_papers_sizes(capsys):
     """The recipes' students have the parameter counts of the TinyCLIP paper's models, and the automatic chain
     ends at 25% of ViT-B/32's prunable parameters (87.85M + 38.13M)."""
-    from compress.config.stages import resolve_stages
     from compress.plan import build_plan
+    from compress.recipe import resolve_stages
 
     sizes = {}
     for name in ("vit-b32-manual", "vit-b16-manual", "rn50-manual"):

@@ -11,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from compress.recipe import run_id_of
+
 ROOT = Path(__file__).parent.parent
 CONFIG_ROOT = ROOT / "experiments" / "configs"
 TABLE = Path(__file__).parent / "data" / "shipped_run_ids.json"
@@ -26,17 +28,17 @@ def shipped_sweeps() -> list[Path]:
 
 def current_ids() -> dict[str, str]:
     """``{what: run id}`` for every shipped run config, every run of every shipped sweep and every demo run."""
-    from compress.config import load_config
+    from compress.recipe import load_config
     from experiments.demo import FULL, QUICK, student_configs, teacher_config
     from experiments.sweep import load_sweep
 
     ids: dict[str, str] = {}
     for path in sorted(p for p in CONFIG_ROOT.rglob("*.yaml") if p.parent.name != "ablations"):
-        ids[f"config {path.relative_to(ROOT)}"] = load_config(path).run_id()
+        ids[f"config {path.relative_to(ROOT)}"] = run_id_of(load_config(path))
     for path in shipped_sweeps():
         overrides = SWEEP_OVERRIDES if path.parent.name == "ablations" else []
         for run in load_sweep(path, overrides).runs():
-            ids[f"sweep {path.relative_to(ROOT)} run {run.index}"] = run.cfg.run_id()
+            ids[f"sweep {path.relative_to(ROOT)} run {run.index}"] = run_id_of(run.cfg)
     with tempfile.TemporaryDirectory() as tmp:  # the demo's students distil from a folder: a fixed stand-in
         teacher = Path(tmp) / "teacher-model"
         teacher.mkdir()
@@ -46,9 +48,9 @@ def current_ids() -> dict[str, str]:
         os.chdir(tmp)  # the model path is written relative, so the id does not depend on where tmp is
         try:
             for label, plan in (("full", FULL), ("quick", QUICK)):
-                ids[f"demo {label} teacher"] = teacher_config(plan, Path("/cache")).run_id()
+                ids[f"demo {label} teacher"] = run_id_of(teacher_config(plan, Path("/cache")))
                 for name, cfg in student_configs(plan, "teacher-model", Path("/results")):
-                    ids[f"demo {label} {name}"] = cfg.run_id()
+                    ids[f"demo {label} {name}"] = run_id_of(cfg)
         finally:
             os.chdir(cwd)
     return ids

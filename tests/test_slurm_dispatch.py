@@ -10,6 +10,7 @@ import json
 import pytest
 
 from compress.config import ConfigError
+from compress.recipe import run_id_of
 from compress.results import read_result
 from compress.rundir import owned_run_dir
 from experiments.cli import main
@@ -44,7 +45,7 @@ def test_cpu_tasks_per_node_without_gpus_and_gpus_only_when_asked(tmp_path, clus
     assert "--kill-on-bad-exit=1" in (cluster / "script-1001.sh").read_text()
     assert gpu["ntasks-per-node"] == "1" and gpu["gpus-per-node"] == "1"
     base = tiny_config(tmp_path)
-    assert tiny_config(tmp_path, dispatch={"gpus_per_node": 0, "tasks_per_node": 4}).run_id() == base.run_id()
+    assert run_id_of(tiny_config(tmp_path, dispatch={"gpus_per_node": 0, "tasks_per_node": 4})) == run_id_of(base)
     assert base.dispatch.tasks() == 1 and tiny_config(tmp_path, dispatch={"gpus_per_node": 4}).dispatch.tasks() == 4
 
 
@@ -222,6 +223,6 @@ def test_a_local_queue_reports_a_held_run_as_running_elsewhere(tmp_path):
     cfgs = [tiny_config(tmp_path, seed=s) for s in range(2)]
     from compress.run import run_dir_for
 
-    with owned_run_dir(run_dir_for(cfgs[0]), cfgs[0].run_id()):
-        rows = RunQueue([RunJob(c.to_dict(), run_id=c.run_id()) for c in cfgs])()
+    with owned_run_dir(run_dir_for(cfgs[0]), run_id_of(cfgs[0])):
+        rows = RunQueue([RunJob(c.to_dict(), run_id=run_id_of(c)) for c in cfgs])()
     assert [r["status"] for r in rows] == ["running elsewhere", "completed"]

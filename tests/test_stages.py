@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from compress.config import ConfigError
-from compress.config.stages import per_stage_target, resolve_stages, with_source_fraction
+from compress.config.stages import per_stage_target
 from compress.models import load_model
 from compress.plugins import Inheritance
-from compress.run import prunable_parameters, run_dir_for, run_experiment
+from compress.recipe import resolve_stages, run_id_of, with_source_fraction
+from compress.run import run_dir_for, run_experiment
+from compress.stage import prunable_parameters
 from tests.test_run_e2e import tiny_config
 
 #: round_to 1: the test towers are 64 wide, too narrow for widths rounded to a multiple of 8
@@ -33,7 +35,7 @@ def test_chain_form_is_one_stage_per_cumulative_target(tmp_path):
     assert [s.target_sparsity for s in stages] == [0.25, 0.5, 0.75]
     listed = auto_config(tmp_path, stages=[{"name": f"sparsity{q}", "target_sparsity": q / 100, "steps": 5}
                                            for q in (25, 50, 75)])
-    assert listed.run_id() == cfg.run_id()  # the chain is shorthand for the list
+    assert run_id_of(listed) == run_id_of(cfg)  # the chain is shorthand for the list
 
 
 def test_stage_steps_default_to_train_steps_and_keys_come_from_the_top_level(tmp_path):

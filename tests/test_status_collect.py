@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from compress.recipe import run_id_of
 from compress.run import RunInterrupted, run_dir_for, run_experiment
 from compress.rundir import owned_run_dir
 from compress.train import Trainer
@@ -76,13 +77,13 @@ def test_states_steps_and_errors_of_real_runs(runs):
     _, dirs, cfgs = runs
     done = run_state(dirs["completed"])
     assert (done.state, done.step, done.steps, done.error, done.stage) == ("completed", 2, 2, None, None)
-    assert (done.run_id, done.name) == (cfgs["completed"].run_id(), "done")
+    assert (done.run_id, done.name) == (run_id_of(cfgs["completed"]), "done")
     failed = run_state(dirs["failed"])
     assert (failed.state, failed.step, failed.steps) == ("failed", 2, 4)
     assert failed.error == "RuntimeError: boom at step 2"  # one line
     stopped = run_state(dirs["stopped"])
     assert (stopped.state, stopped.step, stopped.steps, stopped.error) == ("stopped", 2, 4, None)
-    assert stopped.run_id == cfgs["stopped"].run_id() and stopped.name == "killed"
+    assert stopped.run_id == run_id_of(cfgs["stopped"]) and stopped.name == "killed"
     interrupted = run_state(dirs["interrupted"])
     assert (interrupted.state, interrupted.step) == ("interrupted", 1)
     assert interrupted.error == "RunInterrupted: stopped by signal SIGTERM"
@@ -115,7 +116,7 @@ def test_running_is_the_lock_held_by_a_live_process_and_the_probe_leaves_it_free
     _, dirs, cfgs = runs
     run_dir = tmp_path / "copy"
     shutil.copytree(dirs["failed"], run_dir)
-    run_id = cfgs["failed"].run_id()
+    run_id = run_id_of(cfgs["failed"])
     with owned_run_dir(run_dir, run_id):  # another open file description: flock conflicts in-process too
         state = run_state(run_dir)
         assert (state.state, state.pid, state.step, state.error) == ("running", str(os.getpid()), 2, None)
@@ -171,14 +172,14 @@ def test_status_command_prints_the_table_and_the_counts(runs, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == "6 runs: 2 completed, 2 failed, 1 interrupted, 1 stopped"
     by_id = {line.split()[1]: line.split() for line in lines[1:-1]}
-    assert by_id[cfgs["failed"].run_id()][:5] == ["failed", cfgs["failed"].run_id(), "broken", "-", "2/4"]
-    assert "RuntimeError: boom at step 2" in " ".join(by_id[cfgs["failed"].run_id()])
-    assert by_id[cfgs["staged"].run_id()][:5] == ["completed", cfgs["staged"].run_id(), "staged", "1-second", "3/3"]
-    assert by_id[cfgs["stopped"].run_id()][:5] == ["stopped", cfgs["stopped"].run_id(), "killed", "-", "2/4"]
+    assert by_id[run_id_of(cfgs["failed"])][:5] == ["failed", run_id_of(cfgs["failed"]), "broken", "-", "2/4"]
+    assert "RuntimeError: boom at step 2" in " ".join(by_id[run_id_of(cfgs["failed"])])
+    assert by_id[run_id_of(cfgs["staged"])][:5] == ["completed", run_id_of(cfgs["staged"]), "staged", "1-second", "3/3"]
+    assert by_id[run_id_of(cfgs["stopped"])][:5] == ["stopped", run_id_of(cfgs["stopped"]), "killed", "-", "2/4"]
     assert main(["status", str(root), "--failed"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert sorted(line.split()[1] for line in out[1:-2]) == sorted([cfgs["failed"].run_id(),
-                                                                    cfgs["staged_failed"].run_id()])
+    assert sorted(line.split()[1] for line in out[1:-2]) == sorted([run_id_of(cfgs["failed"]),
+                                                                    run_id_of(cfgs["staged_failed"])])
     assert out[-1] == "(--failed: 2 of 6 runs: 2 completed, 2 failed, 1 interrupted, 1 stopped)"
     assert main(["status", str(root / "nowhere")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
@@ -195,7 +196,7 @@ def test_manifest_gives_job_ids_and_lists_runs_not_started(runs, tmp_path, capsy
     _, dirs, cfgs = runs
     sweep = tmp_path / "sweep"
     shutil.copytree(dirs["completed"], sweep / dirs["completed"].name)
-    entry = {"run_id": cfgs["completed"].run_id(), "name": "done", "run_dir": str(sweep / dirs["completed"].name),
+    entry = {"run_id": run_id_of(cfgs["completed"]), "name": "done", "run_dir": str(sweep / dirs["completed"].name),
              "backend": "slurm", "job_id": "4242_0", "submitted_at": "2026-01-01T00:00:00", "git_commit": "abc",
              "git_dirty": False, "values": {"seed": 0}, "config": {}}
     queued = {**entry, "run_id": "feedbeef0000", "name": "later", "run_dir": str(sweep / "later-feedbeef0000"),
@@ -224,12 +225,12 @@ def test_status_of_a_sweep_file_reads_each_runs_folder(runs, tmp_path, monkeypat
     fake.load_sweep = lambda path, overrides=(): types.SimpleNamespace(name="s", output_dir=tmp_path,
                                                                          runs=lambda: sweep_runs)
     monkeypatch.setitem(sys.modules, "experiments.sweep", fake)
-    (tmp_path / "manifest.jsonl").write_text(json.dumps({"run_id": unstarted.run_id(), "job_id": "77"}) + "\n")
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"run_id": run_id_of(unstarted), "job_id": "77"}) + "\n")
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text("base: x\n")
     first, second = status(sweep_file)
     assert (first.state, first.values, first.step) == ("failed", {"seed": 0}, 2)
-    assert (second.state, second.run_id, second.name, second.job_id) == ("pending", unstarted.run_id(),
+    assert (second.state, second.run_id, second.name, second.job_id) == ("pending", run_id_of(unstarted),
                                                                          "unstarted", "77")
 
 

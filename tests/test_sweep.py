@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from compress.config import ConfigError, config_from_dict
+from compress.config import ConfigError
+from compress.recipe import config_from_dict, run_id_of
 from compress.run import run_dir_for
 from experiments.cli import main
 from experiments.status import MANIFEST_FILE, read_manifest
@@ -60,7 +61,7 @@ def test_axes_zip_seeds_and_exclusions_expand_in_order(tmp_path):
     # each run is the base config with its values set, nothing else changed (an independent build)
     expected = config_from_dict({**BASE, "name": "abl", "seed": 0, "output": {"dir": str(tmp_path / "runs" / "abl")},
                                  "train": {**BASE["train"], "batch_size": 4, "weight_decay": 0.1}})
-    assert first.run_id == expected.run_id()
+    assert first.run_id == run_id_of(expected)
     assert first.run_dir == run_dir_for(first.cfg) and first.run_dir.parent == tmp_path / "runs" / "abl"
     assert first.run_dir.name == f"abl-lr=0.001_losses=affinity_batch_size=4_weight_decay=0.1_seed=0-{first.run_id}"
     assert len({r.run_dir for r in runs}) == len(runs)
@@ -187,7 +188,7 @@ def test_manifest_lines_hold_the_run_the_job_and_the_code(tmp_path, capsys):
         assert set(entry) == {"run_id", "name", "run_dir", "backend", "job_id", "submitted_at", "git_commit",
                               "git_dirty", "values", "config"}
         assert entry["run_dir"] == str(run.run_dir) and entry["backend"] == "inline" and entry["name"] == "abl"
-        assert entry["values"] == run.values and config_from_dict(entry["config"]).run_id() == run.run_id
+        assert entry["values"] == run.values and run_id_of(config_from_dict(entry["config"])) == run.run_id
         assert len(entry["git_commit"]) == 40 and isinstance(entry["git_dirty"], bool)  # the tests run in a checkout
         assert entry["submitted_at"][:2] == "20" and "T" in entry["submitted_at"]
     assert read_manifest(tmp_path / "runs" / "abl" / MANIFEST_FILE).keys() == {r.run_id for r in runs}

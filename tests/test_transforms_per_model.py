@@ -15,13 +15,14 @@ from open_clip.transform import PreprocessCfg
 from PIL import Image
 from torch import nn
 
-from compress.config import EvalConfig, ZeroShotTaskConfig, config_from_dict
+from compress.config import EvalConfig, ZeroShotTaskConfig
 from compress.data import DistillTransform, eval_transform_for, preprocess_of, train_transform, train_transform_for
 from compress.data.pipeline import train_batches
 from compress.models import load_model
 from compress.models.factory import get_model_config
 from compress.models.forward import clip_forward, tokenizer_for
 from compress.precision import resolve_precision
+from compress.recipe import config_from_dict
 from compress.teacher import OnlineTeacher
 
 SIGLIP_LIKE = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "resize_mode": "squash", "interpolation": "bilinear"}

@@ -1,19 +1,20 @@
-"""Run configuration: YAML -> validated dataclasses, dotted overrides, stable run id.
+"""Run configuration as data: YAML -> dataclasses, dotted overrides, the config's own checks.
 
-A config names plug-ins by registry name; their parameters are checked against the
-plug-in's constructor at validation time, so a typo fails before anything is built.
+Pure data: nothing here knows a plug-in. Validating a config with its plug-ins, its stages, its run id and
+loading a config file are the Recipe's (:mod:`compress.recipe`: ``load_config``, ``config_from_dict``,
+``run_id``).
 
 - :mod:`~compress.config.schema`: the dataclasses (what a config may say) and their defaults;
 - :mod:`~compress.config.parsing`: YAML and dicts -> dataclasses with key-path errors;
 - :mod:`~compress.config.overrides`: ``--set key.path=value``;
-- :mod:`~compress.config.validate`: plug-ins, ranges and combinations;
-- :mod:`~compress.config.identity`: the run id.
+- :mod:`~compress.config.validate`: ranges and combinations of the sections;
+- :mod:`~compress.config.stages`: the stages' keys on top of the top level's;
+- :mod:`~compress.config.identity`: what the run id leaves out, and its hash.
 """
 
 from compress.config.errors import ConfigError, OverrideError
-from compress.config.identity import identity_dict, run_id
 from compress.config.overrides import apply_overrides, parse_override
-from compress.config.parsing import config_from_dict, dump_config, load_config
+from compress.config.parsing import dump_config, parse_config
 from compress.config.schema import (
     SCHEMA_VERSION,
     DataConfig,
@@ -27,7 +28,6 @@ from compress.config.schema import (
     TrainConfig,
     ZeroShotTaskConfig,
 )
-from compress.config.validate import inheritance_context, schedule_context, validate
 from compress.config.yamlio import read_yaml, yaml_load
 
 __all__ = [
@@ -45,15 +45,9 @@ __all__ = [
     "TrainConfig",
     "ZeroShotTaskConfig",
     "apply_overrides",
-    "config_from_dict",
     "dump_config",
-    "identity_dict",
-    "inheritance_context",
-    "load_config",
+    "parse_config",
     "parse_override",
     "read_yaml",
-    "run_id",
-    "schedule_context",
-    "validate",
     "yaml_load",
 ]

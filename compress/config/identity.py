@@ -1,10 +1,11 @@
-"""The run id: a stable hash of what a run computes.
+"""What the run id hashes, as data: the settings that do not change the result (left out), numbers in one form,
+the fingerprints of local model files, and the hash itself.
 
-It hashes the resolved config: plug-in specs with their constructor defaults filled in (so
-``scale: 50`` written or omitted give one id), numbers in one form (``50`` and ``50.0`` are
-equal), and without the settings that do not change the result (below). Sweeps skip a
-finished run by this id, so leaving out a key that does change the result would be a bug;
-when in doubt a key stays in.
+The run id hashes the resolved config: plug-in specs with their constructor defaults filled in (so
+``scale: 50`` written or omitted give one id; that resolution is the plug-ins' knowledge,
+:mod:`compress.recipe.identity`), numbers in one form (``50`` and ``50.0`` are equal), and without the
+settings that do not change the result (below). Sweeps skip a finished run by this id, so leaving out a key
+that does change the result would be a bug; when in doubt a key stays in.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from compress.config.schema import RunConfig
-from compress.config.validate import SCHEDULE_CONTEXT, declared_context
-from compress.registry import INHERITANCE, LOSSES, SCHEDULES
 
 #: sections that describe where and how a run executes, not what it computes
 NON_IDENTITY_SECTIONS = ("output", "dispatch")
@@ -39,12 +38,12 @@ NON_IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _canonical(value: Any) -> Any:
+def canonical(value: Any) -> Any:
     """One form per value: integers as floats (``50`` == ``50.0``), tuples as lists."""
     if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in value.items()}
+        return {str(k): canonical(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_canonical(v) for v in value]
+        return [canonical(v) for v in value]
     if isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
@@ -87,49 +86,19 @@ def model_fingerprints(cfg: RunConfig) -> dict[str, str]:
     return out
 
 
-def _resolved_losses(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    losses = []
-    for spec in specs:
-        params = dict(spec)
-        weight = params.pop("weight", 1.0)
-        losses.append({**LOSSES.resolved(params, declared_context(LOSSES, params)), "weight": weight})
-    return losses
-
-
-def _resolved_inheritance(spec: Any) -> dict[str, Any]:
-    return INHERITANCE.resolved(spec, declared_context(INHERITANCE, spec))
-
-
-def _resolved_schedules(specs: dict[str, Any]) -> dict[str, Any]:
-    return {k: SCHEDULES.resolved(s, SCHEDULE_CONTEXT) for k, s in specs.items()}
-
-
-def identity_dict(cfg: RunConfig) -> dict[str, Any]:
-    """The resolved config without the sections and keys that do not change the result."""
+def identity_base(cfg: RunConfig) -> dict[str, Any]:
+    """The config as a dict without the sections and keys that do not change the result (plug-in specs as
+    written; :func:`compress.recipe.identity.identity_dict` resolves them)."""
     data = {k: v for k, v in cfg.to_dict().items() if k not in NON_IDENTITY_SECTIONS}
     for section, keys in NON_IDENTITY_KEYS.items():
         data[section] = {k: v for k, v in data[section].items() if k not in keys}
-    data["inheritance"] = _resolved_inheritance(cfg.inheritance)
-    data["losses"] = _resolved_losses(cfg.losses)
-    data["schedules"] = _resolved_schedules(cfg.schedules)
-    for stage in data["stages"]:  # plug-in specs of stages resolved the same way
+    for stage in data["stages"]:
         stage["train"] = {k: v for k, v in stage["train"].items() if k not in NON_IDENTITY_KEYS["train"]}
-        if stage["inheritance"] is not None:
-            stage["inheritance"] = _resolved_inheritance(stage["inheritance"])
-        if stage["losses"] is not None:
-            stage["losses"] = _resolved_losses(stage["losses"])
-        if stage["schedules"] is not None:
-            stage["schedules"] = _resolved_schedules(stage["schedules"])
-    if not data["stages"]:  # configs written before stages existed keep their ids
-        del data["stages"]
-    fingerprints = model_fingerprints(cfg)
-    if fingerprints:  # a checkpoint replaced at the same path is another experiment
-        data["model_files"] = fingerprints
-    return _canonical(data)
+    return data
 
 
-def run_id(cfg: RunConfig, length: int = 12) -> str:
-    """A stable hash of what the run computes: equal resolved configs (execution settings aside)
-    give equal ids, so resubmitting a sweep can skip finished runs."""
-    blob = json.dumps(identity_dict(cfg), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+def hash_identity(data: Any, length: int | None = None) -> str:
+    """sha256 of the identity dict's canonical JSON (cut to ``length`` hex digits: the run id)."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()
+    return digest[:length] if length else digest

@@ -1,23 +1,25 @@
-"""YAML and plain dicts -> schema dataclasses, with key-path errors; loading a config file."""
+"""YAML and plain dicts -> schema dataclasses, with key-path errors (key names and types; no plug-in knowledge).
+
+A config is validated, with its plug-ins, by :func:`compress.recipe.config_from_dict` and
+:func:`compress.recipe.load_config`, which call :func:`parse_config` first.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
-from compress.config.errors import ConfigError, OverrideError
+from compress.config.errors import ConfigError, OverrideError, suggest
 from compress.config.overrides import Override, apply_overrides
 from compress.config.schema import RunConfig
 from compress.config.stages import expand_stage_chain
-from compress.config.validate import validate
 from compress.config.yamlio import read_yaml
-from compress.registry import suggest
 
 
 def _type_name(tp: Any) -> str:
@@ -44,7 +46,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping for {_type_name(tp)}, got {value!r}")
-        return _from_dict(tp, value, path)
+        return from_dict(tp, value, path)
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
@@ -81,7 +83,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
-def _from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
+def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -121,39 +123,15 @@ def _merge(cls: type, base: Mapping[str, Any], data: Mapping[str, Any]) -> dict[
     return out
 
 
-def config_from_dict(data: Mapping[str, Any], overrides: Sequence[Override] | None = None) -> RunConfig:
-    """Defaults, then ``data`` on top, then the ``--set`` overrides on top of both (so that
-    ``losses.0.weight=2`` works when ``data`` lists no losses), then validation. An error that a
-    ``--set`` text brings in is an :class:`OverrideError` naming it (see :func:`_blame`)."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"a config is a mapping at the top level, got {type(data).__name__}")
-    overrides = list(overrides or [])
-    try:  # the key names and types first: a mistake there fails before the plug-ins (and torch) are imported
-        cfg = _parse(data, overrides)
-    except OverrideError:
-        raise
-    except ConfigError as error:
-        _blame(error, data, overrides, _parse)
-    try:
-        return validate(cfg)
-    except OverrideError:
-        raise
-    except ConfigError as error:
-        _blame(error, data, overrides, _resolve)
-
-
-def _parse(data: Mapping[str, Any], overrides: list[Override]) -> RunConfig:
-    """Defaults, ``data``, ``overrides`` -> the dataclasses (key names and types checked, not validated)."""
+def parse_config(data: Mapping[str, Any], overrides: list[Override]) -> RunConfig:
+    """Defaults, ``data`` on top, then the ``--set`` overrides on top of both (so that ``losses.0.weight=2`` works
+    when ``data`` lists no losses) -> the dataclasses (key names and types checked, not validated)."""
     merged = apply_overrides(_merge(RunConfig, RunConfig().to_dict(), data), overrides)
     merged["stages"] = expand_stage_chain(merged.get("stages") or [])
-    return _from_dict(RunConfig, merged)
+    return from_dict(RunConfig, merged)
 
 
-def _resolve(data: Mapping[str, Any], overrides: list[Override]) -> RunConfig:
-    return validate(_parse(data, overrides))
-
-
-def _blame(error: ConfigError, data: Mapping[str, Any], overrides: list[Override],
+def blame(error: ConfigError, data: Mapping[str, Any], overrides: list[Override],
            check: Callable[[Mapping[str, Any], list[Override]], Any]) -> NoReturn:
     """Raise ``error``, as an :class:`OverrideError` naming the ``--set`` text that brings it in where
     there is one: the last override of the shortest prefix of ``overrides`` with which ``check`` already
@@ -175,21 +153,15 @@ def _blame(error: ConfigError, data: Mapping[str, Any], overrides: list[Override
     raise error
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (safe loading only: no Python objects, no key twice), apply ``--set`` overrides,
-    validate."""
+def read_config_file(path: str | Path) -> Any:
+    """A YAML config file's data (safe loading only: no Python objects, no key twice)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     data = read_yaml(path)
     if data is None:
         raise ConfigError(f"config file {path} is empty")
-    try:
-        return config_from_dict(data, overrides)
-    except OverrideError:
-        raise
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return data
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -238,8 +238,3 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
-    def run_id(self) -> str:
-        from compress.config.identity import run_id
-
-        return run_id(self)
-

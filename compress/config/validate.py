@@ -1,134 +1,51 @@
-"""Checks the dataclasses cannot make: plug-in names and parameters, ranges, combinations.
+"""The config's own checks that the dataclasses cannot make: ranges and combinations of its sections.
 
-Everything here runs before any model is built, so a wrong config fails in a second with one
-line naming the key, not after the models are loaded or after hours of training. Plug-ins are
-built once here with the engine's context, so their constructors' value checks run too.
+Pure data: nothing here knows a plug-in. The checks that need the plug-ins (their names, parameters and
+values, the models they need) are the Recipe's (:mod:`compress.recipe.checks`), which calls these in order.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from compress.config.errors import ConfigError
-from compress.config.schema import (
-    DATASET_KINDS,
-    DISPATCH_BACKENDS,
-    SCHEMA_VERSION,
-    SYNTHETIC_TASKS,
-    ModelSpec,
-    RunConfig,
-)
-from compress.registry import INHERITANCE, LOSSES, SCHEDULES, Registry, RegistryError, suggest
-
-#: parameters the engine supplies to schedule constructors that take them
-SCHEDULE_CONTEXT = ("base_value", "total_steps")
-#: what the engine supplies to a loss that declares it in its ``context`` (known once models exist)
-LOSS_CONTEXT = ("student_embed_dim", "teacher_embed_dim")
-#: what the engine supplies to an inheritance strategy that declares it in its ``context``
-INHERITANCE_CONTEXT = ("total_steps",)
+from compress.config.errors import ConfigError, suggest
+from compress.config.schema import DATASET_KINDS, DISPATCH_BACKENDS, SCHEMA_VERSION, SYNTHETIC_TASKS, RunConfig
 
 
-def declared_context(registry: Registry[Any], spec: Any) -> tuple[str, ...]:
-    """The context names the plug-in of ``spec`` declares (its class's ``context``; none for a plain factory)."""
-    return tuple(getattr(registry.get(registry.split_spec(spec)[0]), "context", ()))
-
-
-def offered(registry: Registry[Any], spec: Any, context: Mapping[str, Any]) -> dict[str, Any]:
-    """The values of ``context`` that the plug-in of ``spec`` declares it needs."""
-    return {k: context[k] for k in declared_context(registry, spec) if k in context}
-
-
-def _check_context(registry: Registry[Any], spec: Any, where: str, supplied: tuple[str, ...]) -> None:
-    """A declared context name must be one the engine supplies and one the constructor takes."""
-    name = registry.split_spec(spec)[0]
-    for key in declared_context(registry, spec):
-        if key not in supplied:
-            raise ConfigError(f"{where}: {registry.kind} {name!r} declares context {key!r}, which the engine does not "
-                              f"supply (it supplies: {', '.join(supplied)})")
-        if not registry.accepts(name, key):
-            raise ConfigError(f"{where}: {registry.kind} {name!r} declares context {key!r}, but its constructor takes "
-                              "no such parameter")
-
-
-def build_inheritance(cfg: RunConfig) -> Any:
-    """The config's inheritance strategy, built with the context it declares."""
-    return INHERITANCE.build(cfg.inheritance, context=offered(INHERITANCE, cfg.inheritance, inheritance_context(cfg)))
-
-
-def _build_plugin(registry: Registry[Any], spec: Any, where: str, context: Mapping[str, Any] | None = None) -> Any:
-    """Build the plug-in once so that its constructor checks its values; errors name ``where``."""
-    try:
-        return registry.validate(spec, context)
-    except RegistryError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def inheritance_context(cfg: RunConfig) -> dict[str, Any]:
-    """What the engine offers an inheritance constructor (``total_steps``: ``train.steps``)."""
-    return {"total_steps": cfg.train.steps}
-
-
-def schedule_context(cfg: RunConfig, key: str) -> dict[str, Any]:
-    """What the engine offers the constructor of ``schedules.<key>``: ``total_steps`` (``train.steps``)
-    and ``base_value``: ``train.lr`` for ``lr``, the loss's configured ``weight`` for ``weight/<loss>``."""
-    context: dict[str, Any] = {"total_steps": cfg.train.steps}
-    if key == "lr":
-        context["base_value"] = cfg.train.lr
-    elif key in (weight_keys := loss_weight_keys(cfg.losses)):
-        context["base_value"] = float(dict(cfg.losses[weight_keys[key]]).get("weight", 1.0))
-    return context
-
-
-def validate(cfg: RunConfig) -> RunConfig:
-    """Check what the dataclasses cannot: plug-in names, their parameters and values, ranges."""
+def check_version(cfg: RunConfig) -> None:
+    """``schema_version``: the one this code reads."""
     if cfg.schema_version != SCHEMA_VERSION:
         raise ConfigError(
             f"schema_version: this clip-compress reads version {SCHEMA_VERSION}, the config has "
             f"{cfg.schema_version}"
         )
-    if cfg.stages:  # every stage runs as its own resolved config: check those
-        from compress.config.stages import resolve_stages
 
-        resolve_stages(cfg)
-        return cfg
-    _check_train(cfg)
-    try:
-        _check_context(INHERITANCE, cfg.inheritance, "inheritance", INHERITANCE_CONTEXT)
-    except RegistryError as e:
-        raise ConfigError(f"inheritance: {e}") from None
-    inheritance = _build_plugin(INHERITANCE, cfg.inheritance, "inheritance",
-                                offered(INHERITANCE, cfg.inheritance, inheritance_context(cfg)))
-    _check_models(cfg, inheritance)
-    if not cfg.losses:
-        raise ConfigError("losses: at least one loss term is needed")
-    for i, spec in enumerate(cfg.losses):
-        params = dict(spec)
-        weight = params.pop("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, int | float):
-            raise ConfigError(f"losses[{i}].weight: expected a number, got {weight!r}")
-        if not math.isfinite(weight) or weight < 0:
-            raise ConfigError(f"losses[{i}].weight: must be a finite number >= 0, got {weight!r}")
-        try:
-            _check_context(LOSSES, params, f"losses[{i}]", LOSS_CONTEXT)
-        except RegistryError as e:
-            raise ConfigError(f"losses[{i}]: {e}") from None
-        _build_plugin(LOSSES, params, f"losses[{i}]")
-    _check_schedules(cfg)
-    if cfg.teacher is None and any(LOSSES.get(LOSSES.split_spec(s)[0]).needs_teacher for s in _loss_specs(cfg)):
-        raise ConfigError("teacher: the configured losses need a teacher, but teacher is null")
+
+def check_loss_weight(index: int, spec: Any) -> dict[str, Any]:
+    """``losses[index].weight`` a finite number >= 0; returns the loss's spec without it."""
+    params = dict(spec)
+    weight = params.pop("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        raise ConfigError(f"losses[{index}].weight: expected a number, got {weight!r}")
+    if not math.isfinite(weight) or weight < 0:
+        raise ConfigError(f"losses[{index}].weight: must be a finite number >= 0, got {weight!r}")
+    return params
+
+
+def check_sections(cfg: RunConfig) -> None:
+    """The data, evaluation and dispatch sections (the last checks of a config)."""
     _check_data(cfg)
     _check_eval(cfg)
     _check_dispatch(cfg)
-    return cfg
 
 
 #: ``train.accum_inputs``: read a step's micro-batches again with a second loader, or keep them on the host
 ACCUM_INPUTS = ("reread", "keep")
 
 
-def _check_train(cfg: RunConfig) -> None:
+def check_train(cfg: RunConfig) -> None:
     """Ranges of the optimiser and loop settings (AdamW: Loshchilov & Hutter, ICLR 2019)."""
     t = cfg.train
     for key in ("steps", "batch_size", "accum_steps", "log_every", "max_nonfinite_in_row"):
@@ -169,119 +86,6 @@ def _check_train(cfg: RunConfig) -> None:
             raise ConfigError(f"train.betas[{i}]: must be in [0, 1), got {beta}")
     if t.grad_clip is not None and not (math.isfinite(t.grad_clip) and t.grad_clip >= 0):
         raise ConfigError(f"train.grad_clip: must be a number >= 0 (0 or null: no clipping), got {t.grad_clip}")
-
-
-def _check_models(cfg: RunConfig, inheritance: Any) -> None:
-    """Teacher weights, and a student exactly where the inheritance strategy reads one."""
-    name = cfg.inheritance["name"] if isinstance(cfg.inheritance, Mapping) else cfg.inheritance
-    if cfg.teacher is not None:
-        _check_teacher(cfg.teacher)
-        _check_model_name(cfg.teacher, "teacher")
-    if inheritance.needs_student_config:
-        if cfg.student is None:
-            raise ConfigError(f"student: inheritance {name!r} needs a student architecture (student.model)")
-        _check_model_name(cfg.student, "student")
-        if cfg.student.random_init:
-            raise ConfigError(
-                "student.random_init: only a teacher can be asked to be random; a student is built "
-                "randomly and then filled by its inheritance strategy"
-            )
-    elif cfg.student is not None:
-        raise ConfigError(
-            f"student: inheritance {name!r} derives the student from its source (the teacher); "
-            "remove student (or set it to null)"
-        )
-    if inheritance.needs_source and cfg.teacher is None:
-        raise ConfigError(
-            f"teacher: inheritance {name!r} takes the student's weights from the teacher, but teacher is null"
-        )
-    if cfg.teacher is not None and cfg.student is not None and inheritance.needs_student_config:
-        _check_tokenizers(cfg.teacher, cfg.student)
-
-
-def _check_tokenizers(teacher: ModelSpec, student: ModelSpec) -> None:
-    """Teacher and student must read the same token ids (open_clip's tokenizer config: the HF tokenizer
-    name, its options, vocabulary size, context length); a model whose config is not known before it is
-    loaded (a checkpoint without metadata) is checked when the run loads it."""
-    from compress.models.forward import tokenizer_mismatch
-
-    configs = [model_config_of(spec) for spec in (teacher, student)]
-    if configs[0] is not None and configs[1] is not None:
-        problem = tokenizer_mismatch(configs[0], configs[1])
-        if problem:
-            raise ConfigError(f"student.model: {problem}")
-
-
-def model_config_of(spec: ModelSpec) -> dict[str, Any] | None:
-    """The open_clip config of a model spec read without its weights (an architecture name, a config
-    JSON, a checkpoint's metadata, an exported folder's config file), ``None`` where it is unknown."""
-    from pathlib import Path
-
-    from compress.models.factory import (
-        OPEN_CLIP_CONFIG_FILE,
-        ModelLoadError,
-        checkpoint_config,
-        get_model_config,
-        read_config_file,
-        resolve_spec,
-    )
-    from compress.models.nonuniform import is_nonuniform_folder, read_nonuniform_config
-
-    try:
-        kind, name, _ = resolve_spec(spec.model, spec.pretrained)
-        path = Path(name)
-        if kind == "named":
-            return get_model_config(name)
-        if kind == "exported":
-            if is_nonuniform_folder(path):
-                return dict(read_nonuniform_config(path)["model_cfg"])
-            return read_config_file(path / OPEN_CLIP_CONFIG_FILE) if (path / OPEN_CLIP_CONFIG_FILE).is_file() else None
-        if not path.is_file():
-            return None
-        return read_config_file(path) if path.suffix == ".json" else checkpoint_config(path)
-    except (ModelLoadError, OSError, ValueError, KeyError):
-        return None
-
-
-def _check_model_name(spec: ModelSpec, where: str) -> None:
-    """An architecture name must be known (a typo fails here, not after the teacher is loaded)."""
-    from pathlib import Path
-
-    from compress.models.factory import ModelLoadError, get_model_config, resolve_spec
-
-    try:
-        kind, name, _ = resolve_spec(spec.model, spec.pretrained)
-        if kind == "named":
-            if "/" in name and not Path(name).exists():
-                raise ConfigError(f"{where}.model: no such file or folder: {name}")
-            get_model_config(name)
-    except ModelLoadError as e:
-        raise ConfigError(f"{where}.model: {e}") from None
-
-
-def _check_teacher(spec: ModelSpec) -> None:
-    """A teacher without weights distils from noise: refused unless ``random_init: true`` says so."""
-    from pathlib import Path
-
-    from compress.models.factory import ModelLoadError, has_weights
-
-    try:
-        weighted = has_weights(spec.model, spec.pretrained)
-    except ModelLoadError as e:
-        raise ConfigError(f"teacher.model: {e}") from None
-    if weighted and spec.random_init:
-        raise ConfigError(
-            f"teacher.random_init: true, but teacher {spec.model!r} loads weights "
-            f"{'(' + spec.pretrained + ') ' if spec.pretrained else ''}; drop one of the two"
-        )
-    if not weighted and not spec.random_init:
-        typo = "/" in spec.model and not Path(spec.model).exists()
-        missing = f" (no such file or folder: {spec.model})" if typo else ""
-        raise ConfigError(
-            f"teacher.model: {spec.model!r} has no weights{missing}: it is an architecture without "
-            "a @tag, a pretrained checkpoint, a checkpoint file or an exported folder, so the student would "
-            "distil from a random teacher; give weights, or set teacher.random_init: true if that is intended"
-        )
 
 
 #: zero-shot task kinds the evaluation builds
@@ -400,14 +204,14 @@ def loss_weight_keys(losses: list[Mapping[str, Any]]) -> dict[str, int]:
     return keys
 
 
-def _check_schedules(cfg: RunConfig) -> None:
-    """``schedules``: ``lr`` (required; base value ``train.lr``) and ``weight/<loss>`` (base value
-    the loss's ``weight``); each a schedule plug-in whose parameters fit its constructor."""
+def check_schedule_keys(cfg: RunConfig) -> Iterator[str]:
+    """``schedules``: ``lr`` (required; base value ``train.lr``) and ``weight/<loss>`` (base value the loss's
+    ``weight``), at most one per loss; yields each key once it is checked (the caller then builds its plug-in)."""
     if "lr" not in cfg.schedules:
         raise ConfigError("schedules.lr: a learning-rate schedule is required")
     weight_keys = loss_weight_keys(cfg.losses)
     scheduled: dict[int, str] = {}
-    for key, spec in cfg.schedules.items():
+    for key in cfg.schedules:
         if key != "lr" and key not in weight_keys:
             names = [k for k in weight_keys if not k[len(WEIGHT_PREFIX):].isdigit()]
             shared = key.startswith(WEIGHT_PREFIX) and any(
@@ -423,8 +227,4 @@ def _check_schedules(cfg: RunConfig) -> None:
             if index in scheduled:
                 raise ConfigError(f"schedules.{key}: losses[{index}] already has a schedule ({scheduled[index]})")
             scheduled[index] = key
-        _build_plugin(SCHEDULES, spec, f"schedules.{key}", schedule_context(cfg, key))
-
-
-def _loss_specs(cfg: RunConfig) -> list[dict[str, Any]]:
-    return [{k: v for k, v in dict(s).items() if k != "weight"} for s in cfg.losses]
+        yield key

@@ -8,14 +8,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from compress.config import DataConfig, DatasetConfig, EvalConfig, ZeroShotTaskConfig, load_config
-from compress.config.stages import resolve_stages
+from compress.config import DataConfig, DatasetConfig, EvalConfig, ZeroShotTaskConfig
 from compress.data.csv_data import MissingColumns, read_pairs
 from compress.data.robust import DataError
 from compress.evaluation.run_eval import evaluate_with
 from compress.fileio import atomic_write_text, check_output
 from compress.models import load_model
 from compress.precision import resolve_device, resolve_precision
+from compress.recipe import load_config, resolve_stages
 from compress.rundir import stage_dir
 
 #: file suffixes of model files ``load_model`` reads (an argument ending so is a path, not a name)

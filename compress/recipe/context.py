@@ -1,0 +1,60 @@
+"""What the engine supplies to plug-in constructors, and to which: the one place that knows it.
+
+A loss or an inheritance strategy declares the names it needs in its class's ``context``
+(:mod:`compress.plugins`); a schedule takes ``base_value`` / ``total_steps`` by parameter name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from compress.config.errors import ConfigError
+from compress.config.schema import RunConfig
+from compress.config.validate import loss_weight_keys
+from compress.registry import Registry
+
+#: parameters the engine supplies to schedule constructors that take them
+SCHEDULE_CONTEXT = ("base_value", "total_steps")
+#: what the engine supplies to a loss that declares it in its ``context`` (known once models exist)
+LOSS_CONTEXT = ("student_embed_dim", "teacher_embed_dim")
+#: what the engine supplies to an inheritance strategy that declares it in its ``context``
+INHERITANCE_CONTEXT = ("total_steps",)
+
+
+def declared_context(registry: Registry[Any], spec: Any) -> tuple[str, ...]:
+    """The context names the plug-in of ``spec`` declares (its class's ``context``; none for a plain factory)."""
+    return tuple(getattr(registry.get(registry.split_spec(spec)[0]), "context", ()))
+
+
+def offered(registry: Registry[Any], spec: Any, context: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of ``context`` that the plug-in of ``spec`` declares it needs."""
+    return {k: context[k] for k in declared_context(registry, spec) if k in context}
+
+
+def check_context(registry: Registry[Any], spec: Any, where: str, supplied: tuple[str, ...]) -> None:
+    """A declared context name must be one the engine supplies and one the constructor takes."""
+    name = registry.split_spec(spec)[0]
+    for key in declared_context(registry, spec):
+        if key not in supplied:
+            raise ConfigError(f"{where}: {registry.kind} {name!r} declares context {key!r}, which the engine does not "
+                              f"supply (it supplies: {', '.join(supplied)})")
+        if not registry.accepts(name, key):
+            raise ConfigError(f"{where}: {registry.kind} {name!r} declares context {key!r}, but its constructor takes "
+                              "no such parameter")
+
+
+def inheritance_context(cfg: RunConfig) -> dict[str, Any]:
+    """What the engine offers an inheritance constructor (``total_steps``: ``train.steps``)."""
+    return {"total_steps": cfg.train.steps}
+
+
+def schedule_context(cfg: RunConfig, key: str) -> dict[str, Any]:
+    """What the engine offers the constructor of ``schedules.<key>``: ``total_steps`` (``train.steps``)
+    and ``base_value``: ``train.lr`` for ``lr``, the loss's configured ``weight`` for ``weight/<loss>``."""
+    context: dict[str, Any] = {"total_steps": cfg.train.steps}
+    if key == "lr":
+        context["base_value"] = cfg.train.lr
+    elif key in (weight_keys := loss_weight_keys(cfg.losses)):
+        context["base_value"] = float(dict(cfg.losses[weight_keys[key]]).get("weight", 1.0))
+    return context

@@ -1,0 +1,48 @@
+"""The Recipe: a validated config turned into what a run executes, read alike by the plan and the run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from compress.config.schema import RunConfig
+from compress.config.stages import ResolvedStage
+from compress.recipe.build import build_inheritance, build_losses, build_schedule
+from compress.recipe.identity import run_id
+from compress.recipe.stages import resolve_stages
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@dataclass
+class Recipe:
+    """``cfg`` (validated) with its run id and its stages, each with its source, cumulative target and resolved
+    config (a run without stages is one stage, index 0, from the teacher), and the builders of their plug-ins.
+    ``--dry-run``'s plan formats it (:mod:`compress.plan`), :func:`compress.run.run_experiment` executes it."""
+
+    cfg: RunConfig
+    run_id: str
+    stages: list[ResolvedStage]
+    staged: bool
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> Recipe:
+        resolved = resolve_stages(cfg)
+        stages = resolved or [ResolvedStage(0, cfg.name, "teacher", None, cfg)]
+        return cls(cfg, run_id(cfg), stages, bool(resolved))
+
+    @staticmethod
+    def inheritance(cfg: RunConfig) -> Any:
+        """A stage's inheritance strategy (``cfg``: the stage's resolved config)."""
+        return build_inheritance(cfg)
+
+    @staticmethod
+    def losses(cfg: RunConfig, student: nn.Module, teacher: nn.Module | None) -> list[Any]:
+        """A stage's loss terms, given the models (their embedding sizes are the losses' context)."""
+        return build_losses(cfg, student, teacher)
+
+    @staticmethod
+    def schedule(cfg: RunConfig, key: str) -> Any:
+        """``schedules.<key>`` of a stage (``lr``, ``weight/<loss>``)."""
+        return build_schedule(cfg, key)

@@ -1,0 +1,117 @@
+"""What plug-ins declare and the engine asks (issue 17, point 2): the context a constructor needs, declared in one
+place, and the learning rate after a strategy replaced the student, the strategy's own."""
+
+import copy
+
+import pytest
+
+from compress.config import ConfigError
+from compress.models import load_model
+from compress.models.forward import embed_dim
+from compress.plugins import DistillLoss, Inheritance, Schedule
+from compress.recipe import build_losses, config_from_dict
+from compress.registry import LOSSES
+from tests.test_train import make_trainer
+
+
+class Swaps(Inheritance):
+    """Replaces the student by a copy of itself at step 2 (as a pruning strategy would)."""
+
+    def __init__(self, after=None):
+        self.after = after
+
+    def on_step(self, student, step):
+        return copy.deepcopy(student) if step == 2 else None
+
+    def replaces_at(self, student, step):
+        return step == 2
+
+    def schedule_after_replacement(self, lr_schedule, lr, step, total_steps):
+        return lr_schedule if self.after is None else self.after(lr, step)
+
+
+class Fixed(Schedule):
+    def __init__(self, lr, step):
+        self.lr, self.step = lr, step
+
+    def value(self, step):
+        return 0.25 * self.lr
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_model("cc-test-teacher"), load_model("cc-test-student")
+
+
+def lrs(trainer):
+    seen = []
+    trainer.on_log = lambda record: seen.append((record["step"], record["lr"]))
+    trainer.fit()
+    return dict(seen)
+
+
+def test_by_default_the_configured_lr_goes_on_after_a_replacement(models):
+    """It was TinyCLIP's cosine from the replacement for every strategy, hard-coded in the trainer."""
+    teacher, student = models
+    trainer = make_trainer(teacher, copy.deepcopy(student), steps=4, inheritance=Swaps(), log_every=1)
+    assert lrs(trainer) == {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 1e-3}
+    assert trainer.replaced_at == [2] and trainer.state_dict()["replaced_lr"] == [1e-3, 2]
+
+
+def test_the_strategy_names_the_lr_after_its_replacement_and_a_resumed_trainer_follows_it(models):
+    teacher, student = models
+    trainer = make_trainer(teacher, copy.deepcopy(student), steps=4, inheritance=Swaps(Fixed), log_every=1)
+    assert lrs(trainer) == {1: 1e-3, 2: 1e-3, 3: 2.5e-4, 4: 2.5e-4}
+    resumed = make_trainer(teacher, copy.deepcopy(trainer.student), steps=4, inheritance=Swaps(Fixed))
+    resumed.load_state_dict(trainer.state_dict())
+    assert resumed.lr_schedule(3) == 2.5e-4
+
+
+def config(loss):
+    return {"name": "c", "teacher": {"model": "cc-test-teacher", "random_init": True},
+            "student": {"model": "cc-test-student"}, "losses": [{"name": loss}]}
+
+
+def test_a_declared_context_the_engine_does_not_supply_or_the_constructor_does_not_take_is_refused():
+    with LOSSES.scoped():
+
+        @LOSSES.register("wants_width")
+        class WantsWidth(DistillLoss):
+            context = ("student_width",)
+
+            def __init__(self, student_width: int | None = None) -> None:
+                super().__init__()
+
+        @LOSSES.register("declares_only")
+        class DeclaresOnly(DistillLoss):
+            context = ("student_embed_dim",)
+
+        with pytest.raises(ConfigError, match="losses\\[0\\]: losses 'wants_width' declares context 'student_width', "
+                                              "which the engine does not supply"):
+            config_from_dict(config("wants_width"))
+        with pytest.raises(ConfigError, match="'declares_only' declares context 'student_embed_dim', but its "
+                                              "constructor takes no such parameter"):
+            config_from_dict(config("declares_only"))
+
+
+def test_only_a_declared_context_reaches_the_constructor(models):
+    """A loss names the model-derived values it needs in one place (its ``context``); a parameter of the same name
+    that it does not declare is a plain config key, left at its value."""
+    teacher, student = models
+    with LOSSES.scoped():
+
+        @LOSSES.register("declared")
+        class Declared(DistillLoss):
+            context = ("student_embed_dim", "teacher_embed_dim")
+
+            def __init__(self, student_embed_dim: int | None = None, teacher_embed_dim: int | None = None) -> None:
+                super().__init__()
+                self.dims = (student_embed_dim, teacher_embed_dim)
+
+        @LOSSES.register("undeclared")
+        class Undeclared(Declared):
+            context = ()
+
+        cfg = config_from_dict({**config("declared"), "losses": [{"name": "declared"}, {"name": "undeclared"}]})
+        declared, undeclared = (term.module for term in build_losses(cfg, student, teacher))
+    assert declared.dims == (embed_dim(student), embed_dim(teacher)) and undeclared.dims == (None, None)
