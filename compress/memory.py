@@ -247,14 +247,14 @@ def compute_precision(cfg: Any) -> str:
 def similarity_matrices(cfg: Any) -> int:
     """The similarity matrices the configured losses compute per step (``DistillLoss.similarity_matrices``
     of each term with a non-zero weight or a weight schedule; a term of weight 0 is not computed)."""
+    from compress.config.specs import split_loss
     from compress.config.validate import loss_weight_keys
     from compress.recipe.build import loss_similarity_matrices
 
     scheduled = {index for key, index in loss_weight_keys(cfg.losses).items() if key in cfg.schedules}
     total = 0
     for i, (spec, count) in enumerate(zip(cfg.losses, loss_similarity_matrices(cfg), strict=True)):
-        params = {"name": spec} if isinstance(spec, str) else dict(spec)
-        if float(params.get("weight", 1.0)) == 0.0 and i not in scheduled:
+        if float(split_loss(spec)[1]) == 0.0 and i not in scheduled:
             continue
         total += count
     return total

@@ -39,7 +39,7 @@ from compress.models.towers import TOWERS
 from compress.precision import Precision
 from compress.recipe import Recipe, pruned_towers, with_source_fraction
 from compress.rundir import METRICS_FILE, run_dir_for
-from compress.teacher import OnlineTeacher, freeze
+from compress.teacher import freeze
 from compress.train import Trainer, TrainSummary
 
 #: stage k draws its data order and random states from ``seed + k * STAGE_SEED_STRIDE``
@@ -328,7 +328,7 @@ def run_stage(run: StageRun, recipe: Recipe, teacher: nn.Module | None, device: 
                                         teacher if uses_teacher else None, device)
     trainer = Trainer(
         cfg.train, student, losses, Recipe.schedule(cfg, "lr"), batches, precision,
-        teacher=OnlineTeacher(teacher, precision, needs) if teacher is not None else None,
+        teacher=Recipe.teacher_source(cfg, teacher, precision, needs),
         inheritance=inheritance, run_dir=run.directory if main else None,
         on_checkpoint=(_checkpoint_writer(run, recipe, precision, data_stats.loader, inheritance)
                        if cfg.output.save_checkpoint else None),

@@ -122,7 +122,3 @@ def stage_data(top: dict[str, Any], stage: StageConfig, index: int) -> dict[str,
         data["train"]["steps"] = stage.steps
     return data
 
-
-def plain_spec(spec: Any) -> dict[str, Any]:
-    """A plug-in spec as a dict (a bare name is ``{"name": name}``)."""
-    return {"name": spec} if isinstance(spec, str) else dict(spec)

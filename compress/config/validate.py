@@ -12,6 +12,7 @@ from typing import Any
 
 from compress.config.errors import ConfigError, suggest
 from compress.config.schema import DATASET_KINDS, DISPATCH_BACKENDS, SCHEMA_VERSION, SYNTHETIC_TASKS, RunConfig
+from compress.config.specs import split_loss
 
 
 def check_version(cfg: RunConfig) -> None:
@@ -25,8 +26,7 @@ def check_version(cfg: RunConfig) -> None:
 
 def check_loss_weight(index: int, spec: Any) -> dict[str, Any]:
     """``losses[index].weight`` a finite number >= 0; returns the loss's spec without it."""
-    params = dict(spec)
-    weight = params.pop("weight", 1.0)
+    params, weight = split_loss(spec)
     if isinstance(weight, bool) or not isinstance(weight, int | float):
         raise ConfigError(f"losses[{index}].weight: expected a number, got {weight!r}")
     if not math.isfinite(weight) or weight < 0:

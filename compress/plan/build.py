@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from compress.config import ConfigError, RunConfig
-from compress.config.stages import ResolvedStage, plain_spec
+from compress.config.specs import split_loss
+from compress.config.stages import ResolvedStage
 from compress.config.validate import loss_weight_keys
 from compress.memory import (
     REFERENCE_GPU_BYTES,
@@ -96,9 +97,8 @@ class Plan:
 def _losses(cfg: RunConfig) -> list[str]:
     out = []
     for spec in cfg.losses:
-        params = plain_spec(spec)
-        weight = float(params.pop("weight", 1.0))
-        out.append(f"{spec_text(params)} x {weight:g}")
+        params, weight = split_loss(spec)
+        out.append(f"{spec_text(params)} x {float(weight):g}")
     return out
 
 

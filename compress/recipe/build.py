@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from compress.config.schema import RunConfig
+from compress.config.specs import split_loss
 from compress.config.validate import loss_weight_keys
 from compress.recipe.context import inheritance_context, offered, schedule_context
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES
@@ -35,11 +36,10 @@ def build_losses(cfg: RunConfig, student: nn.Module, teacher: nn.Module | None) 
     schedule_of = {i: key for key, i in loss_weight_keys(cfg.losses).items() if key in cfg.schedules}
     terms = []
     for i, spec in enumerate(cfg.losses):
-        params = dict(spec)
-        weight = float(params.pop("weight", 1.0))
+        params, weight = split_loss(spec)
         schedule = build_schedule(cfg, schedule_of[i]) if i in schedule_of else None
         loss = LOSSES.build(params, context=offered(LOSSES, params, context))
-        terms.append(LossTerm(params["name"], weight, loss, schedule))
+        terms.append(LossTerm(params["name"], float(weight), loss, schedule))
     return terms
 
 

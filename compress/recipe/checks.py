@@ -13,6 +13,7 @@ from typing import Any
 
 from compress.config.errors import ConfigError
 from compress.config.schema import ModelSpec, RunConfig
+from compress.config.specs import split_loss
 from compress.config.validate import check_loss_weight, check_schedule_keys, check_sections, check_train
 from compress.recipe.context import (
     INHERITANCE_CONTEXT,
@@ -62,7 +63,7 @@ def validate_one(cfg: RunConfig) -> RunConfig:
 
 
 def _loss_specs(cfg: RunConfig) -> list[dict[str, Any]]:
-    return [{k: v for k, v in dict(s).items() if k != "weight"} for s in cfg.losses]
+    return [split_loss(s)[0] for s in cfg.losses]
 
 
 def _check_models(cfg: RunConfig, inheritance: Any) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from compress.config.errors import ConfigError
 from compress.config.schema import RunConfig
+from compress.config.specs import split_loss
 from compress.config.validate import loss_weight_keys
 from compress.registry import Registry
 
@@ -56,5 +57,5 @@ def schedule_context(cfg: RunConfig, key: str) -> dict[str, Any]:
     if key == "lr":
         context["base_value"] = cfg.train.lr
     elif key in (weight_keys := loss_weight_keys(cfg.losses)):
-        context["base_value"] = float(dict(cfg.losses[weight_keys[key]]).get("weight", 1.0))
+        context["base_value"] = float(split_loss(cfg.losses[weight_keys[key]])[1])
     return context

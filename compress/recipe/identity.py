@@ -11,6 +11,7 @@ from typing import Any
 
 from compress.config.identity import canonical, hash_identity, identity_base, model_fingerprints
 from compress.config.schema import RunConfig
+from compress.config.specs import WEIGHT_KEY, split_loss
 from compress.recipe.context import SCHEDULE_CONTEXT, declared_context
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES
 
@@ -18,9 +19,8 @@ from compress.registry import INHERITANCE, LOSSES, SCHEDULES
 def _resolved_losses(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     losses = []
     for spec in specs:
-        params = dict(spec)
-        weight = params.pop("weight", 1.0)
-        losses.append({**LOSSES.resolved(params, declared_context(LOSSES, params)), "weight": weight})
+        params, weight = split_loss(spec)
+        losses.append({**LOSSES.resolved(params, declared_context(LOSSES, params)), WEIGHT_KEY: weight})
     return losses
 
 

@@ -43,6 +43,14 @@ class Recipe:
         return build_losses(cfg, student, teacher)
 
     @staticmethod
+    def teacher_source(cfg: RunConfig, teacher: nn.Module | None, precision: Any, needs: set[str]) -> Any:
+        """Where a stage's trainer gets the teacher's outputs (:class:`compress.teacher.TeacherSource`): the
+        teacher run online, or None without a teacher. A teacher-output cache is chosen here."""
+        from compress.teacher import OnlineTeacher
+
+        return OnlineTeacher(teacher, precision, needs) if teacher is not None else None
+
+    @staticmethod
     def schedule(cfg: RunConfig, key: str) -> Any:
         """``schedules.<key>`` of a stage (``lr``, ``weight/<loss>``)."""
         return build_schedule(cfg, key)

@@ -19,7 +19,8 @@ from typing import Any
 from compress.config.errors import ConfigError
 from compress.config.parsing import from_dict
 from compress.config.schema import RunConfig
-from compress.config.stages import ResolvedStage, per_stage_target, plain_spec, stage_data, stage_source
+from compress.config.specs import plain_spec
+from compress.config.stages import ResolvedStage, per_stage_target, stage_data, stage_source
 from compress.recipe.build import build_inheritance
 from compress.recipe.checks import validate_one
 from compress.registry import INHERITANCE
