@@ -3,10 +3,17 @@ plug-in :mod:`tests.plugins.magnitude_inheritance` prunes by weight magnitude to
 with cumulative targets, resumes exactly after a stop, and shows in ``--dry-run``."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
 
+from compress.checkpoint import CheckpointError, latest_checkpoint
 from compress.models import load_model
 from compress.models.params import prunable_count
 from compress.plan import build_plan, format_plan
@@ -17,6 +24,16 @@ from tests.test_resume import TRAIN, Stop, assert_same, outcome, stop_at
 from tests.test_run_e2e import tiny_config
 
 NO_EVAL = {"zero_shot": [], "retrieval": False, "throughput": False, "macs": False}
+ROOT = Path(__file__).resolve().parents[1]
+#: ``clip-compress run CONFIG`` in a process of its own, with the plug-in registered first (as an entry point would)
+RUN_WITH_PLUGIN = (
+    "import sys\n"
+    "from compress.registry import INHERITANCE\n"
+    "from tests.plugins.magnitude_inheritance import MagnitudeInheritance\n"
+    "INHERITANCE.register('magnitude')(MagnitudeInheritance)\n"
+    "from experiments.cli import main\n"
+    "sys.exit(main(['run', sys.argv[1]]))\n"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -83,3 +100,49 @@ def test_the_dry_run_shows_the_plugins_text_and_targets(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     assert main(["run", str(path), "--dry-run"]) == 0
     assert "pruned once by weight magnitude" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sigkill_in_the_second_magnitude_stage_then_the_same_command_resumes_exactly(tmp_path):
+    """A real process, killed with SIGKILL in its second stage (after a checkpoint of that stage), then started
+    again with the same command: the same weights, metrics series and rows as a run never stopped."""
+    train = {"steps": 30, "batch_size": 8, "lr": 1e-3, "log_every": 1, "progress": False, "checkpoint_every": 3}
+    runs = {}
+    for out in ("straight", "killed"):
+        cfg = tiny_config(tmp_path, name="kill", inheritance={"name": "magnitude"}, student=None,
+                          stages={"targets": [0.2, 0.4]}, train=train, eval=NO_EVAL,
+                          output={"dir": str(tmp_path / out)})
+        runs[out] = tmp_path / f"{out}.yaml"
+        runs[out].write_text(yaml.safe_dump(cfg.to_dict()))
+    command = [sys.executable, "-c", RUN_WITH_PLUGIN]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([*command, str(runs["straight"])], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    process = subprocess.Popen([*command, str(runs["killed"])], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline, stage = time.monotonic() + 600, None
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            stage = next((tmp_path / "killed").glob("*/stages/1-*"), None)
+            try:
+                checkpoint = latest_checkpoint(stage) if stage is not None else None
+            except CheckpointError:  # read while the writer replaced it: look again
+                checkpoint = None
+            if checkpoint is not None and checkpoint.step >= 3:
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        if process.poll() is None:  # killed above, or the test is failing: never leave it training
+            process.kill()
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = latest_checkpoint(stage)
+    again = subprocess.run([*command, str(runs["killed"])], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming" in again.stderr and f"step {killed_at.step} of 30" in again.stderr
+    (straight_dir,) = (tmp_path / "straight").glob("kill-*")
+    (killed_dir,) = (tmp_path / "killed").glob("kill-*")
+    assert_same(outcome(killed_dir), outcome(straight_dir))
