@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from compress.config.schema import RunConfig
 from compress.config.specs import split_loss
 from compress.config.validate import loss_weight_keys
-from compress.recipe.context import inheritance_context, offered, schedule_context
+from compress.recipe.context import inheritance_context, loss_context, offered, schedule_context
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES
 
 if TYPE_CHECKING:
@@ -27,12 +27,9 @@ def build_schedule(cfg: RunConfig, key: str) -> Any:
 def build_losses(cfg: RunConfig, student: nn.Module, teacher: nn.Module | None) -> list[Any]:
     """The loss terms with their weights, and the weight schedules (``schedules.weight/<loss>``); each loss gets
     the model-derived context it declares (``student_embed_dim``, ``teacher_embed_dim``)."""
-    from compress.models.forward import embed_dim
     from compress.train import LossTerm
 
-    context = {"student_embed_dim": embed_dim(student)}
-    if teacher is not None:
-        context["teacher_embed_dim"] = embed_dim(teacher)
+    context = loss_context(student, teacher)
     schedule_of = {i: key for key, i in loss_weight_keys(cfg.losses).items() if key in cfg.schedules}
     terms = []
     for i, spec in enumerate(cfg.losses):

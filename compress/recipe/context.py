@@ -7,7 +7,7 @@ A loss or an inheritance strategy declares the names it needs in its class's ``c
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compress.config.errors import ConfigError
 from compress.config.schema import RunConfig
@@ -15,9 +15,13 @@ from compress.config.specs import split_loss
 from compress.config.validate import loss_weight_keys
 from compress.registry import Registry
 
+if TYPE_CHECKING:
+    from torch import nn
+
 #: parameters the engine supplies to schedule constructors that take them
 SCHEDULE_CONTEXT = ("base_value", "total_steps")
-#: what the engine supplies to a loss that declares it in its ``context`` (known once models exist)
+#: what the engine supplies to a loss that declares it in its ``context`` (known once models exist:
+#: :func:`loss_context`; a new kind of model-derived context is added in these two places of this module)
 LOSS_CONTEXT = ("student_embed_dim", "teacher_embed_dim")
 #: what the engine supplies to an inheritance strategy that declares it in its ``context``
 INHERITANCE_CONTEXT = ("total_steps",)
@@ -43,6 +47,16 @@ def check_context(registry: Registry[Any], spec: Any, where: str, supplied: tupl
         if not registry.accepts(name, key):
             raise ConfigError(f"{where}: {registry.kind} {name!r} declares context {key!r}, but its constructor takes "
                               "no such parameter")
+
+
+def loss_context(student: nn.Module, teacher: nn.Module | None) -> dict[str, Any]:
+    """The model-derived values a loss may declare (:data:`LOSS_CONTEXT`): the embedding sizes."""
+    from compress.models.forward import embed_dim
+
+    context = {"student_embed_dim": embed_dim(student)}
+    if teacher is not None:
+        context["teacher_embed_dim"] = embed_dim(teacher)
+    return context
 
 
 def inheritance_context(cfg: RunConfig) -> dict[str, Any]:
