@@ -36,7 +36,6 @@ from compress.config.validate import inheritance_context, loss_weight_keys, sche
 from compress.fileio import NO_SPACE, atomic_write_text, write_failure
 from compress.models import load_model
 from compress.models.forward import context_length_of, embed_dim, tokenizer_for
-from compress.models.nonuniform import STRUCTURE_FILE
 from compress.models.params import parameter_report, prunable_count
 from compress.models.towers import TOWERS
 from compress.precision import DeviceError, Precision, available_device, resolve_device, resolve_precision
@@ -53,7 +52,8 @@ from compress.results import (
 from compress.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
-    STAGES_DIR,
+    MODEL_DIR,
+    RUN_OUTPUTS,
     check_writable,
     owned_run_dir,
     run_dir_for,
@@ -219,12 +219,6 @@ def run_device(cfg: RunConfig) -> tuple[torch.device, Precision]:
         raise ConfigError(f"train.precision: {error}") from None
 
 
-#: the structure table and heat-map ``experiments.job.write_reports`` writes (``analysis.structure_report``)
-REPORT_FILES = ("structure.md", "structure.png")
-#: what an attempt leaves in a run directory (removed by ``--force``)
-RUN_OUTPUTS = ("checkpoints", STAGES_DIR, METRICS_FILE, RESULT_FILE, "model", STRUCTURE_FILE, *REPORT_FILES)
-
-
 def start_fresh(run_dir: Path) -> None:
     """Remove checkpoints, stage folders, metrics, result, model and reports of an earlier attempt."""
     for name in RUN_OUTPUTS:
@@ -299,7 +293,7 @@ def _run_in(cfg: RunConfig, run_dir: Path, device: torch.device, precision: Prec
                 directory = stage_dir(run_dir, stage.dir_name if stage is not None else None)
                 if _completed(directory, stage):
                     metrics = dict(read_result(directory)["metrics"])  # its model is the next stage's source
-                    previous = load_model(str(directory / "model"))
+                    previous = load_model(str(directory / MODEL_DIR))
                     if main and not cfg.output.keep_checkpoints:  # a kill may have come before they were removed
                         remove_checkpoints(directory)
                     log.info("stage %s already completed: its exported model is the next stage's source",
@@ -313,7 +307,7 @@ def _run_in(cfg: RunConfig, run_dir: Path, device: torch.device, precision: Prec
                     _after_success(current)
                     current = None  # its row is final: a later failure must not overwrite it
                     # the next stage starts from this stage's exported model as saved (on every rank)
-                    previous = load_model(str(directory / "model"))
+                    previous = load_model(str(directory / MODEL_DIR))
         row = write_rows(STATUS_COMPLETED)
         if current is not None:
             _after_success(current)
@@ -534,7 +528,7 @@ def _run_stage(
         )
 
     def finish() -> None:  # rank 0, while the others wait (an error there reaches every rank)
-        metrics["export/path"] = str(save_model(exported, directory / "model"))
+        metrics["export/path"] = str(save_model(exported, directory / MODEL_DIR))
         write_structure(exported, directory, **report_reference(run, run_cfg, inheritance, metrics))
         metrics.update(evaluate_prepared(exported, eval_sets, cfg.eval, device, precision.name, cfg.train.progress))
 

@@ -68,6 +68,7 @@ from compress.outputs import ClipOutput
 from compress.plugins import DistillLoss, Inheritance, Schedule
 from compress.precision import Precision, to_device
 from compress.progress import progress
+from compress.rundir import METRICS_FILE
 from compress.stopping import StoppedAtStep
 from compress.teacher import TeacherSource
 
@@ -862,7 +863,7 @@ class Trainer:
             return
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
+            with open(self.run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.on_log is not None:
             self.on_log(record)

@@ -24,8 +24,7 @@ from compress.config import ConfigError, RunConfig
 from compress.config.schema import DISPATCH_BACKENDS
 from compress.distributed import environment
 from compress.results import STATUS_FAILED, read_result
-from compress.run import run_dir_for
-from compress.rundir import check_writable
+from compress.rundir import check_writable, run_dir_for
 from experiments.job import RunJob, RunQueue, completed_row
 
 BACKENDS = DISPATCH_BACKENDS

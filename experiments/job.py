@@ -57,8 +57,7 @@ def write_reports(run_dir: Path) -> None:
     """Human-readable companions of a run: the structure table and heat-map (kept heads and
     MLP neurons per layer) next to ``result.json``."""
     from analysis.structure_report import write_structure_report
-    from compress.models.nonuniform import STRUCTURE_FILE
-    from compress.rundir import STAGES_DIR
+    from compress.rundir import STAGES_DIR, STRUCTURE_FILE
 
     for folder in [run_dir, *sorted((run_dir / STAGES_DIR).glob("*"))]:  # a staged run: one report per stage
         if (folder / STRUCTURE_FILE).is_file():
