@@ -52,6 +52,7 @@ STAGES_DIR = "stages"
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"
 CHECKPOINT_META_FILE = "meta.json"
+CHECKPOINT_FORMAT = "clip-compress-checkpoint/1"
 #: the exported (physically smaller) student, loadable with ``compress.models.load_model``
 MODEL_DIR = "model"
 #: the exported student's per-layer structure (``compress.models.nonuniform.write_structure``), and the table and
@@ -198,13 +199,14 @@ class RunDir:
 
     def checkpoint_step(self) -> int | None:
         """The step of the newest complete checkpoint (``checkpoints/latest`` names it; its ``meta.json`` holds
-        the step), read without torch; ``None`` when there is none or it cannot be read."""
+        the step), read without torch; ``None`` when there is none, or it cannot be read or is not of
+        :data:`CHECKPOINT_FORMAT` (what ``compress.checkpoint.latest_checkpoint`` refuses)."""
         pointer = self.checkpoints / LATEST_FILE
         try:
             meta = json.loads((self.checkpoints / pointer.read_text().strip() / CHECKPOINT_META_FILE).read_text())
         except (OSError, ValueError):
             return None
-        step = meta.get("step") if isinstance(meta, dict) else None
+        step = meta.get("step") if isinstance(meta, dict) and meta.get("format") == CHECKPOINT_FORMAT else None
         return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
