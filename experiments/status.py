@@ -30,7 +30,6 @@ import yaml
 from compress.results import RESULT_FILE, STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED, ResultsError
 from compress.rundir import RunDir, walk_run_dirs
 from compress.rundir import find_run_dirs as find_run_dirs
-from compress.rundir import is_run_dir as is_run_dir
 from experiments.manifest import MANIFEST_FILE, entry_run_dir, read_manifest, values_text
 
 PENDING = "pending"
