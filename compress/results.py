@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.fileio import atomic_write_text
-from compress.rundir import RESULT_FILE, STAGES_DIR, RunDir, find_run_dirs
+from compress.rundir import RESULT_FILE, RunDir, find_run_dirs
 
 #: the kind of a collected row: a run's own row, or one stage's of a staged run
 ROW_RUN = "run"
@@ -110,7 +110,7 @@ def result_files(root: Path) -> list[Path]:
 
 def row_kind(result_file: Path) -> str:
     """``stage`` for ``.../stages/K-NAME/result.json``, else ``run``."""
-    return ROW_STAGE if result_file.parent.parent.name == STAGES_DIR else ROW_RUN
+    return ROW_STAGE if RunDir(result_file.parent).stage_of() is not None else ROW_RUN
 
 
 def collect_rows(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], list[str]]:

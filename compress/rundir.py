@@ -176,6 +176,11 @@ class RunDir:
         """The folder of stage ``<k>-<name>`` (:func:`stage_dir`; this folder itself for ``None``)."""
         return RunDir(stage_dir(self.path, stage_dir_name))
 
+    def stage_of(self) -> RunDir | None:
+        """The run this folder is a stage of (``RUN/stages/<k>-<name>``), or ``None`` (not a stage folder)."""
+        parent = self.path.parent
+        return RunDir(parent.parent) if parent.name == STAGES_DIR else None
+
     def stages(self) -> list[RunDir]:
         """The stage folders ``stages/<k>-<name>`` there are, in stage order (none for a run without stages)."""
         if not self.stages_root.is_dir():

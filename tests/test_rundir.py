@@ -91,6 +91,7 @@ def test_the_torch_free_modules_import_without_torch():
 def test_layout_stage_order_and_outputs(tmp_path):
     run = RunDir(tmp_path / "r")
     assert run.stage(None) == run and run.stage("2-b").path == tmp_path / "r" / "stages" / "2-b"
+    assert run.stage("2-b").stage_of() == run and run.stage_of() is None
     assert (run.config.name, run.metrics.name, run.result.name, run.checkpoints.name, run.model.name) == (
         "config.yaml", "metrics.jsonl", "result.json", CHECKPOINT_DIR, "model")
     assert run.stages() == [] and not run.is_run()
