@@ -33,6 +33,7 @@ from open_clip.transformer import LayerScale
 from torch import Tensor, nn
 
 from compress.models.attention import HeadAttention
+from compress.models.build import build_from_config
 from compress.models.towers import TOWERS, Tower, UnsupportedTower, get_tower
 
 
@@ -65,8 +66,6 @@ def describe_structure(model: nn.Module, towers: tuple[str, ...] = TOWERS) -> di
     reference = None
     cfg = getattr(model, "clip_cfg", None)
     if cfg is not None:
-        from compress.models.factory import build_from_config
-
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             reference = build_from_config(cfg, convert=True)
