@@ -224,6 +224,14 @@ def _block_slices(
         take(f"{prefix}{key}", lambda t: t[ch])
 
 
+def _select(t: Tensor, axis: int, kept: Tensor) -> Tensor:
+    """``t`` keeping the indices ``kept`` along ``axis`` (a new tensor), or ``t`` itself when ``kept`` is every
+    index in order: a tensor with two selected axes (the token embedding) is then copied at most once."""
+    if len(kept) == t.shape[axis] and torch.equal(kept.detach().cpu().long(), torch.arange(len(kept))):
+        return t
+    return t.index_select(axis, kept.to(device=t.device, dtype=torch.long)).contiguous()
+
+
 def _select_layers(state: dict[str, Tensor], prefix: str, depth: int, layers: list[int]) -> None:
     """Renumber the blocks of one tower in ``state``: block ``i`` takes the tensors of block ``layers[i]``
     (moved, not copied); the blocks not kept are dropped."""
@@ -257,10 +265,10 @@ def select_state(
         for i, (h, n) in enumerate(zip(k.heads, k.neurons, strict=True)):
             _block_slices(state, f"{tower.blocks_prefix}{i}.", ch, h.to(ch), n.to(ch), head_dim)
         for p in tower.channel_params:
-            state[p.key] = state[p.key].index_select(p.axis, ch).contiguous()
+            state[p.key] = _select(state[p.key], p.axis, k.channels)
         for a in tower.axis_params:
             if a.unit in k.units:
-                state[a.key] = state[a.key].index_select(a.axis, k.units[a.unit].to(ch)).contiguous()
+                state[a.key] = _select(state[a.key], a.axis, k.units[a.unit])
         structure[name] = {"width": len(ch), "head_dim": head_dim, "heads": [len(h) for h in k.heads],
                            "mlp_width": [len(n) for n in k.neurons]}
     return state, structure
