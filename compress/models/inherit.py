@@ -153,6 +153,7 @@ def tower_keep(student: Tower, source: Tower, choice: str, problems: _Problems) 
 # -- ModifiedResNet: leading slices -------------------------------------------------------
 _RW = "ResNet width (vision_cfg.width)"
 _RF = "ResNet feature width (32 x vision_cfg.width)"
+_GRID_RN = "attention-pool token grid ((vision_cfg.image_size / 32)^2 + 1; a flattened 2D grid cannot be sliced)"
 
 
 def _resnet_label(name: str, axis: int) -> tuple[str, bool]:
@@ -162,9 +163,6 @@ def _resnet_label(name: str, axis: int) -> tuple[str, bool]:
             return (_GRID_RN, True) if axis == 0 else (_RF, False)
         return (_EMBED, False) if name.startswith("attnpool.c_proj") and axis == 0 else (_RF, False)
     return ("kernel size", True) if axis >= 2 else (_RW, False)
-
-
-_GRID_RN = "attention-pool token grid ((vision_cfg.image_size / 32)^2 + 1; a flattened 2D grid cannot be sliced)"
 
 
 def _resnet_tensors(
