@@ -249,10 +249,11 @@ def inheritance_map(
         maps.update(resnet_maps)
     problems.raise_if_any()
     state = select_state(source, keep, converted=False)[0]
+    chosen = {key for name in keep for key, _ in towers[name].named_parameters()}
     for key, target in student.state_dict().items():
         if key in out or key.rsplit(".", 1)[-1] in OWN_TENSORS:
             continue
-        tensor = state.get(key)
+        tensor = state.get(key) if key in chosen else None
         if tensor is None:
             problems.add(key, f"no manual-inheritance rule for student tensor {key!r} (known: open_clip "
                               "VisionTransformer, text transformer, ModifiedResNet)")
