@@ -293,7 +293,7 @@ def _csv_with_bad(root: Path, n: int, bad: set[int]) -> Path:
 
 
 def test_train_batches_keep_their_size_with_bad_samples_mixed_in(tmp_path, tokenizer):
-    from compress.train import split_batch
+    from compress.step_inputs import split_batch
 
     bad = {i for i in range(40) if i % 5 == 2}  # 8 of 40 bad
     path = _csv_with_bad(tmp_path, 40, bad)
