@@ -495,7 +495,7 @@ def test_webdataset_with_fewer_shards_than_processes_is_refused(tmp_path, monkey
 
 
 def test_each_rank_takes_every_nth_index_of_the_same_permutation():
-    from compress.data.loader import EpochShuffleSampler
+    from compress.data.sampling import EpochShuffleSampler
 
     for epoch in (0, 3):
         whole = EpochShuffleSampler(11, seed=5)
