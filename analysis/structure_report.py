@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from compress.fileio import atomic_write_text
-from compress.rundir import MODEL_DIR, REPORT_FILES, STRUCTURE_FILE
+from compress.rundir import MODEL_DIR, NONUNIFORM_CONFIG_FILE, REPORT_FILES, STRUCTURE_FILE
 
 #: the report's table and heat-map, next to the ``structure.json`` they are drawn from (a run directory's layout)
 TABLE_FILE, HEATMAP_FILE = REPORT_FILES
-#: the config of a non-uniform export (``compress.models.nonuniform``; not imported: it imports torch)
-NONUNIFORM_CONFIG_FILE = "clip_compress_config.json"
 
 
 def _read(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:

@@ -58,6 +58,8 @@ MODEL_DIR = "model"
 #: the exported student's per-layer structure (``compress.models.nonuniform.write_structure``), and the table and
 #: heat-map ``analysis.structure_report`` draws from it
 STRUCTURE_FILE = "structure.json"
+#: the config of a non-uniform export (:mod:`compress.models.nonuniform`), beside its weights and structure
+NONUNIFORM_CONFIG_FILE = "clip_compress_config.json"
 REPORT_FILES = ("structure.md", "structure.png")
 #: the logs submitit keeps of a run handed to a backend that does not run it in this process
 SUBMITIT_DIR = "submitit"

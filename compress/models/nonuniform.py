@@ -34,11 +34,10 @@ from compress.models.build import (
     set_preprocess,
 )
 from compress.models.structure import apply_structure, describe_against, describe_structure
+from compress.rundir import NONUNIFORM_CONFIG_FILE, STRUCTURE_FILE
 
-NONUNIFORM_CONFIG_FILE = "clip_compress_config.json"
 NONUNIFORM_WEIGHTS_FILE = "model.safetensors"
 FORMAT = "clip-compress-nonuniform/1"
-STRUCTURE_FILE = "structure.json"
 
 
 def save_nonuniform(model: nn.Module, folder: str | Path, report_dir: str | Path | None = None) -> Path:
