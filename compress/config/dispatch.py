@@ -33,6 +33,8 @@ class DispatchConfig(dict):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping for DispatchConfig, got {value!r}")
         out = cls({**COMMON_KEYS, **{str(k): v for k, v in value.items()}})
+        if isinstance(out["backend"], int | float) and not isinstance(out["backend"], bool):
+            out["backend"] = str(out["backend"])  # as a string key of the schema takes a number
         if not isinstance(out["backend"], str):
             raise ConfigError(f"{where}.backend: expected a string, got {out['backend']!r}")
         for key in ("nodes", "gpus_per_node", "tasks_per_node"):

@@ -71,8 +71,15 @@ def _load() -> None:
     _loaded = True
     for name in BUILTIN_BACKENDS:
         importlib.import_module(f"{__name__}.{name}")
+    load_entry_points()
+
+
+def load_entry_points() -> None:
+    """Register the backends of the entry-point group ``clip_compress.backends``: an entry point naming a
+    ``Backend`` subclass registers it (unless it is registered already); one naming a module registers what the
+    module's import registers; a callable is called. Idempotent: a later call registers only what is new."""
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        loaded = ep.load()  # a module registers its backends as it is imported
+        loaded = ep.load()
         if isinstance(loaded, type) and issubclass(loaded, Backend):
             if _backends.get(loaded.name) is not loaded:
                 register_backend(loaded)

@@ -1,0 +1,89 @@
+"""A dispatch backend added without an edit to ``experiments/``: the toy backend of ``tests/plugins/toy_backend.py``,
+installed through the entry-point group ``clip_compress.backends`` (a dist-info folder on ``sys.path``, as pip
+would write it), submitted through ``clip-compress sweep``, its setting validated with the config, its refusals
+one line before anything runs."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+
+import pytest
+
+from compress.results import read_result
+from experiments.cli import main
+from experiments.sweep import load_sweep
+from tests.test_dispatch_backends import manifest
+from tests.test_sweep import write_sweep
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    """The toy backend installed (an entry point in a dist-info folder on sys.path), removed after the test."""
+    import experiments.backends
+    from tests.plugins.toy_backend import ToyBackend
+
+    site = tmp_path / "site"
+    info = site / "toy_backend-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-backend\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[clip_compress.backends]\ntoy = tests.plugins.toy_backend:ToyBackend\n")
+    monkeypatch.setattr(ToyBackend, "queue", [])
+    with experiments.backends.scoped():
+        assert "toy" not in experiments.backends.backend_names()
+        monkeypatch.syspath_prepend(str(site))
+        experiments.backends.load_entry_points()
+        yield ToyBackend
+
+
+def test_a_backend_from_an_entry_point_runs_a_sweep(tmp_path, toy, capsys):
+    path = write_sweep(tmp_path, seeds=[0, 1], set={"dispatch.toy_queue": "fast"})
+    runs = load_sweep(path).runs()
+    assert main(["sweep", str(path), "--backend", "toy"]) == 0  # returns at once: the jobs are queued
+    assert [(queue, job_id) for queue, job_id, _ in toy.queue] == [("fast", "toy-0"), ("fast", "toy-1")]
+    entries = manifest(tmp_path)
+    assert [(e["run_id"], e["backend"], e["job_id"]) for e in entries] == [
+        (runs[0].run_id, "toy", "toy-0"), (runs[1].run_id, "toy", "toy-1")]
+    assert all(read_result(run.run_dir) is None for run in runs)
+    for _, _, job in toy.queue:  # the scheduler runs the pickled jobs
+        assert pickle.loads(pickle.dumps(job))()["status"] == "completed"
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--backend", "toy"]) == 0
+    assert "nothing to submit: 2 runs skipped" in capsys.readouterr().out
+    assert len(toy.queue) == 2 and len(manifest(tmp_path)) == 2
+
+
+def test_the_backend_setting_is_checked_with_the_config(tmp_path, toy, capsys):
+    path = write_sweep(tmp_path, seeds=[0], set={"dispatch.toy_queue": "not a name"})
+    assert main(["sweep", str(path), "--backend", "toy"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("clip-compress: error: ")
+    assert "dispatch.toy_queue: 'not a name' is not a queue name" in err[0]
+    path = write_sweep(tmp_path, seeds=[0], set={"dispatch.toy_queu": "fast"})
+    assert main(["sweep", str(path), "--backend", "toy"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown key 'dispatch.toy_queu'. Did you mean 'toy_queue'?" in err[0]
+    path = write_sweep(tmp_path, seeds=[0], set={"dispatch.nodes": 2})
+    assert main(["sweep", str(path), "--backend", "toy"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the toy scheduler has one node" in err[0]
+    assert toy.queue == [] and manifest(tmp_path) == []
+
+
+def test_a_restarted_job_is_recognised_by_the_backend_that_restarts_it(toy, monkeypatch):
+    from experiments.backends import restart_count
+
+    assert restart_count() == 0
+    monkeypatch.setenv("TOY_RESTARTS", "2")
+    assert restart_count() == 2
+
+
+def test_two_backends_of_one_name_are_refused(toy):
+    from experiments.backends import DispatchError, register_backend
+
+    class Other(toy):
+        pass
+
+    with pytest.raises(DispatchError, match="backend 'toy' is already registered"):
+        register_backend(Other)
+    assert "toy" in sys.modules["experiments.backends"].backend_names()
