@@ -87,3 +87,21 @@ def test_two_backends_of_one_name_are_refused(toy):
     with pytest.raises(DispatchError, match="backend 'toy' is already registered"):
         register_backend(Other)
     assert "toy" in sys.modules["experiments.backends"].backend_names()
+
+
+def test_run_submits_one_config_to_the_backend_and_refuses_a_bad_setting_in_one_line(tmp_path, toy, capsys):
+    import yaml
+
+    from tests.test_sweep import BASE
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "output": {"dir": str(tmp_path / "runs")}}))
+    assert main(["run", str(config), "--set", "dispatch.toy_queue=a b", "--backend", "toy"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["clip-compress: error: --set dispatch.toy_queue=a b: dispatch.toy_queue: 'a b' is not a queue name "
+                   "(letters, digits, _)"]
+    assert toy.queue == []
+    assert main(["run", str(config), "--set", "dispatch.toy_queue=slow", "--backend", "toy"]) == 0
+    out = capsys.readouterr().out
+    assert [(queue, job_id) for queue, job_id, _ in toy.queue] == [("slow", "toy-0")]
+    assert "as toy job toy-0" in out and "[submitted]" in out

@@ -140,12 +140,15 @@ class Backend:
         raise NotImplementedError
 
     def result(self, submission: Submission) -> dict[str, Any]:
-        """The run's result row: the one :meth:`submit` returned, else the job's (waiting for it)."""
+        """The run's result row: the one :meth:`submit` returned, else the job's (waiting for it); a ``submitted``
+        row where the result arrives later (``returns_result`` false)."""
         from compress.run import run_dir_for
 
         if submission.row is not None:
             return submission.row
         cfg = submission.cfg
+        if not self.returns_result:
+            return {"run_id": cfg.run_id(), "name": cfg.name, "status": STATUS_SUBMITTED, "job_id": submission.job_id}
         try:
             result = submission.job.result()
         except Exception as error:  # noqa: BLE001 - the job's own result.json holds the failure

@@ -18,7 +18,6 @@ from typing import Any
 from compress.config import ConfigError, RunConfig
 from experiments.backends import register_backend
 from experiments.backends.base import (
-    STATUS_SUBMITTED,
     Backend,
     DispatchError,
     JobSettings,
@@ -76,7 +75,7 @@ class SlurmBackend(Backend):
     """Job arrays on a SLURM cluster (one array task per run, ``nodes`` x ``tasks_per_node`` tasks each)."""
 
     name = "slurm"
-    returns_result = False
+    returns_result = False  # the row arrives in the run directory later
     queue_visible = True  # squeue
     runs_here = False  # its nodes are not this machine: the device is checked where the job runs
     Settings = SlurmSettings
@@ -148,11 +147,6 @@ class SlurmBackend(Backend):
             return ""
         return (f" (the job asks for {gpus} GPU(s) per node, dispatch.gpus_per_node: on a partition without GPUs "
                 "set gpus_per_node: 0 and tasks_per_node for CPU processes)")
-
-    def result(self, submission: Submission) -> dict[str, Any]:
-        """A ``submitted`` row: the result arrives in the run directory later."""
-        cfg = submission.cfg
-        return {"run_id": cfg.run_id(), "name": cfg.name, "status": STATUS_SUBMITTED, "job_id": submission.job_id}
 
     @staticmethod
     def restart_count() -> int:

@@ -32,6 +32,7 @@ class ToyBackend(Backend):
 
     name = "toy"
     waits = False
+    returns_result = False  # the row arrives when the test runs the queue
     Settings = ToySettings
     #: the jobs submitted and not run yet: (queue, job id, the picklable job)
     queue: list[tuple[str, str, Any]] = []
@@ -55,10 +56,6 @@ class ToyBackend(Backend):
             return out
 
         return submit_groups(self, groups, notify, one)
-
-    def result(self, submission: Submission) -> dict[str, Any]:
-        return {"run_id": submission.cfg.run_id(), "name": submission.cfg.name, "status": "submitted",
-                "job_id": submission.job_id}
 
     @staticmethod
     def restart_count() -> int:
