@@ -105,3 +105,40 @@ def test_run_submits_one_config_to_the_backend_and_refuses_a_bad_setting_in_one_
     out = capsys.readouterr().out
     assert [(queue, job_id) for queue, job_id, _ in toy.queue] == [("slow", "toy-0")]
     assert "as toy job toy-0" in out and "[submitted]" in out
+
+
+def test_a_setting_two_backends_declare_differently_or_a_common_key_is_refused(toy):
+    from dataclasses import dataclass
+
+    from experiments.backends import DispatchError, register_backend
+    from experiments.backends.base import Backend
+
+    @dataclass
+    class Clashing:
+        timeout_min: str = "1h"  # local's and slurm's is an int of minutes
+
+    @dataclass
+    class Common:
+        nodes: int = 2
+
+    for settings, message in [(Clashing, "dispatch.timeout_min is declared by backend 'local'"),
+                              (Common, "dispatch.nodes is a common key")]:
+        other = type("Other", (Backend,), {"name": "other", "Settings": settings})
+        with pytest.raises(DispatchError, match=message):
+            register_backend(other)
+
+
+def test_the_engine_alone_keeps_the_backend_settings_as_written(tmp_path):
+    """compress knows the common keys only: without ``experiments`` imported, a backend's setting is kept as
+    written (it is checked where a run is dispatched, by the backends)."""
+    import subprocess
+
+    code = ("import sys\nfrom compress.config import config_from_dict\n"
+            "cfg = config_from_dict({'teacher': None, 'student': {'model': 'cc-test-student'}, "
+            "'inheritance': {'name': 'none'}, 'losses': [{'name': 'clip'}], "
+            "'dispatch': {'backend': 'lsf', 'lsf_queue': 'long', 'gpus_per_node': 2}})\n"
+            "assert 'experiments' not in sys.modules, 'the engine imported experiments'\n"
+            "print(cfg.dispatch.backend, cfg.dispatch.tasks(), cfg.to_dict()['dispatch']['lsf_queue'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["lsf", "2", "long"]

@@ -36,10 +36,11 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
     backend declares with another type or default, is refused."""
     if not cls.name:
         raise DispatchError(f"backend {cls.__qualname__} has no name")
-    if cls.name in _backends or cls.name in RENAMED:
-        other = _backends.get(cls.name)
-        raise DispatchError(f"backend {cls.name!r} is already registered"
-                            f"{f' (by {other.__module__}.{other.__qualname__})' if other else ''}")
+    if cls.name in RENAMED:
+        raise DispatchError(f"backend {cls.name!r}: the old name of {RENAMED[cls.name]!r}, not a new backend's")
+    if cls.name in _backends:
+        other = _backends[cls.name]
+        raise DispatchError(f"backend {cls.name!r} is already registered (by {other.__module__}.{other.__qualname__})")
     mine = _fields(cls)
     clash = sorted(set(mine) & set(COMMON_KEYS))
     if clash:
@@ -103,7 +104,8 @@ def get_backend(name: str) -> Backend:
     _load()
     if name not in _backends:
         hint = f" (renamed: use {RENAMED[name]!r})" if name in RENAMED else ""
-        raise DispatchError(f"unknown backend {name!r}{hint}; one of {', '.join(_backends)}")
+        names = list(_backends)
+        raise DispatchError(f"unknown backend {name!r}{hint}; one of {', '.join(names)}.{suggest(name, names)}")
     return _backends[name]()
 
 
