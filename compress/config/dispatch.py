@@ -60,10 +60,6 @@ class DispatchConfig(dict):
         """Processes per node: ``tasks_per_node``, else one per GPU (``gpus_per_node``), at least 1."""
         return self.tasks_per_node if self.tasks_per_node is not None else max(self.gpus_per_node, 1)
 
-    def settings(self) -> dict[str, Any]:
-        """The backends' keys: everything but the common keys."""
-        return {k: v for k, v in self.items() if k not in COMMON_KEYS}
-
 
 #: the check of the backend and its settings, installed by the dispatch layer (``experiments.backends``)
 _settings_check: Callable[[DispatchConfig], None] | None = None
