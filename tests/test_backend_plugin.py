@@ -142,3 +142,27 @@ def test_the_engine_alone_keeps_the_backend_settings_as_written(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["lsf", "2", "long"]
+
+
+def test_a_dispatch_mistake_is_one_line_before_torch_is_imported(tmp_path):
+    """The backends check their settings as the config is parsed: a wrong dispatch key, value or backend in
+    ``run`` or ``sweep`` fails in one line without importing torch (as a wrong ``train`` key does)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    config = root / "experiments" / "configs" / "tiny-test.yaml"
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"name: s\nbase: {config}\nseeds: [0]\n")
+    commands = {"unknown key 'dispatch.partiton'": ["run", str(config), "--set", "dispatch.partiton=gpu"],
+                "dispatch.mem_gb: must be a number > 0": ["run", str(config), "--set", "dispatch.mem_gb=0"],
+                "dispatch.backend: 'slurmm' is not one of": ["sweep", str(sweep), "--set", "dispatch.backend=slurmm"],
+                "dispatch.max_parallel: must be at least 1": ["sweep", str(sweep), "--set", "dispatch.max_parallel=0"]}
+    for message, argv in commands.items():
+        code = ("import sys\nfrom experiments.cli import main\n"
+                f"code = main({argv!r})\nprint(code, 'torch' in sys.modules)")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                                env={**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}, timeout=300)
+        assert result.stdout.split() == ["2", "False"], (argv, result.stdout, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr

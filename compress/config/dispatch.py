@@ -7,7 +7,7 @@ with ``gpus_per_node: 0``, and with GPUs it must equal ``gpus_per_node``. GPUs a
 the backend. Every other key is a backend's own setting (``experiments.backends``: ``max_parallel`` of
 ``local``, ``partition`` or ``slurm_options`` of ``slurm``, ...): the engine keeps them as written and leaves
 their names, types and values to the check the dispatch layer installs (:func:`set_settings_check`), which
-runs where the engine validates a config. Without it (the engine used alone, which never dispatches) the
+runs where the engine parses a config. Without it (the engine used alone, which never dispatches) the
 backend's name and settings are kept unchecked.
 """
 
@@ -27,7 +27,8 @@ class DispatchConfig(dict):
 
     @classmethod
     def of(cls, value: Any, where: str = "dispatch") -> DispatchConfig:
-        """``value`` (a mapping) with the common keys' defaults filled in and their types checked."""
+        """``value`` (a mapping) with the common keys' defaults filled in, checked (:func:`check_dispatch`) as it
+        is parsed: a mistake there fails before the plug-ins (and torch) are imported."""
         if isinstance(value, DispatchConfig):
             return value
         if not isinstance(value, Mapping):
@@ -44,6 +45,7 @@ class DispatchConfig(dict):
             if (number is not None or key != "tasks_per_node") and (isinstance(number, bool)
                                                                      or not isinstance(number, int)):
                 raise ConfigError(f"{where}.{key}: expected an integer, got {number!r}")
+        check_dispatch(out)
         return out
 
     def _get(self, key: str) -> Any:

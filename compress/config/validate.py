@@ -11,7 +11,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from compress.config.dispatch import check_dispatch
 from compress.config.errors import ConfigError
 from compress.config.schema import (
     DATASET_KINDS,
@@ -84,7 +83,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("teacher: the configured losses need a teacher, but teacher is null")
     _check_data(cfg)
     _check_eval(cfg)
-    check_dispatch(cfg.dispatch)
     return cfg
 
 
