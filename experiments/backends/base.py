@@ -12,6 +12,7 @@ scheduler restarted is recognised (:meth:`Backend.restart_count`) and how a run'
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -76,9 +77,15 @@ def parse_settings(cls: type, dispatch: Mapping[str, Any]) -> Any:
     """The dataclass ``cls`` from the keys of ``dispatch`` it declares (types checked as the config's are)."""
     from compress.config.parsing import _coerce
 
+    hints = _hints(cls)
+    return cls(**{k: _coerce(v, hints[k], f"dispatch.{k}") for k, v in dispatch.items() if k in hints})
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The settings dataclass's fields and their types (resolved once per class)."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: _coerce(v, hints[k], f"dispatch.{k}") for k, v in dispatch.items() if k in names})
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 class Backend:
