@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import typing
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,7 @@ def _hints(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-class Backend:
+class Backend(ABC):
     """Where runs execute. Subclasses set ``name``, ``waits`` and ``runs_here`` and implement :meth:`submit`."""
 
     #: the name ``dispatch.backend`` and ``--backend`` say
@@ -130,7 +131,8 @@ class Backend:
     # -- before anything runs -----------------------------------------------------------------
     def refuse(self, groups: Sequence[Sequence[RunConfig]]) -> None:
         """Raise :class:`DispatchError` (one line naming the key) for what this backend cannot run, before
-        anything is submitted; ``groups``: the runs by equal settings (:meth:`group_key`)."""
+        anything is submitted; ``groups``: the runs by equal settings (:meth:`group_key`). By default: nothing."""
+        return None
 
     def check_device(self, cfg: RunConfig) -> None:
         """Refuse a ``train.device``/``train.precision`` the run would not have where it runs (one line)."""
@@ -140,11 +142,11 @@ class Backend:
             run_device(cfg)
 
     # -- running ------------------------------------------------------------------------------
+    @abstractmethod
     def submit(self, groups: Sequence[Sequence[RunConfig]], folder: Path, force: bool,
                notify: Notify) -> list[Submission]:
         """Hand the runs to the backend (submitit's logs and pickles under ``folder``); ``notify`` as soon as
         a run has its job id."""
-        raise NotImplementedError
 
     def result(self, submission: Submission) -> dict[str, Any]:
         """The run's result row: the one :meth:`submit` returned, else the job's (waiting for it); a ``submitted``
