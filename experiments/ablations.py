@@ -26,6 +26,7 @@ from typing import Any
 
 from compress.config import ConfigError
 from compress.rundir import RunDir, run_dir_for
+from experiments.backends import get_backend
 from experiments.demo import FULL, TABLE_COLUMNS, DemoPlan
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "ablations"
@@ -271,7 +272,7 @@ def run_ablations(names: Sequence[str], args: argparse.Namespace, inline: Inline
         sweep = load_sweep(path, overrides)
         run_dirs = [run.run_dir for run in sweep.runs()]
         if not args.render_only:
-            if args.backend == "inline":
+            if get_backend(args.backend).waits:  # trained in this process
                 inline.add(run_dirs)
             failed |= run_sweep(path, backend=args.backend, overrides=overrides)
             wait_for(run_dirs)

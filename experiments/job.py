@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +12,7 @@ from compress.results import STATUS_COMPLETED, STATUS_FAILED, read_result
 from compress.run import RunError, run_dir_for
 from compress.rundir import RunDirBusy
 from compress.stopping import StoppedAtStep
+from experiments.backends import restart_count
 
 #: the row status (never written to ``result.json``) of a run whose directory another live process holds
 RUNNING_ELSEWHERE = "running elsewhere"
@@ -31,14 +31,6 @@ def export_task_environment() -> None:
         return
     if env.num_tasks > 1:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-
-
-def slurm_restart_count() -> int:
-    """How often SLURM has restarted this job (``SLURM_RESTART_COUNT``, set on a requeued job); 0 outside SLURM."""
-    try:
-        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    except ValueError:
-        return 0
 
 
 def own_result(cfg: RunConfig) -> dict[str, Any] | None:
@@ -73,10 +65,11 @@ class RunJob:
     would send the run to another directory than the manifest says. A run whose ``result.json``
     says completed is not run again (its row is returned) unless ``force``; an unfinished one
     resumes from its newest checkpoint; ``force=True`` starts from step 0, once: the same job restarted
-    by SLURM (``SLURM_RESTART_COUNT`` > 0) resumes. A job that SLURM preempts or times out gets submitit's
-    ``SIGUSR2``: every rank finishes its step, the checkpoint of that step and the ``interrupted`` row are
-    written (:mod:`compress.stopping`), and only then is the job requeued, by submitit's own handler
-    (:func:`requeue_after_stop`; it calls :meth:`checkpoint`), and resumes."""
+    by its scheduler (:func:`experiments.backends.restart_count` > 0: SLURM's ``SLURM_RESTART_COUNT``)
+    resumes. A job that SLURM preempts or times out gets submitit's ``SIGUSR2``: every rank finishes its
+    step, the checkpoint of that step and the ``interrupted`` row are written (:mod:`compress.stopping`), and
+    only then is the job requeued, by submitit's own handler (:func:`requeue_after_stop`; it calls
+    :meth:`checkpoint`), and resumes."""
 
     def __init__(self, config: Mapping[str, Any], force: bool = False, run_id: str | None = None) -> None:
         if not isinstance(config, Mapping):
@@ -103,7 +96,7 @@ class RunJob:
         run_dir = run_dir_for(cfg)
         # force is one-shot: a job SLURM restarts itself (node failure, PreemptMode=REQUEUE) reloads the
         # pickle submitted with force and must resume, not throw its progress away
-        force = self.force and slurm_restart_count() == 0
+        force = self.force and restart_count() == 0
         done = completed_row(cfg)
         if done is not None and not force:
             return done  # a requeued or resubmitted job of a finished run: nothing to do
