@@ -78,13 +78,15 @@ class _Problems:
     def add(self, topic: str, message: str) -> None:
         self.messages.setdefault(topic, message)
 
-    def larger(self, label: str, student: int, source: int, where: str, exact: bool = False) -> bool:
-        """Report ``student > source`` (``exact``: ``!=``) under ``label``; True when it fits."""
+    def larger(self, label: str, student: int, source: int, where: str | None, exact: bool = False) -> bool:
+        """Report ``student > source`` (``exact``: ``!=``) under ``label`` (``where``: the tensor or layer, if
+        the label alone does not say it); True when it fits."""
+        at = f" ({where})" if where else ""
         if exact and student != source:
-            self.add(label, f"{label}: student {student} != source {source} ({where}); it must equal the source's")
+            self.add(label, f"{label}: student {student} != source {source}{at}; it must equal the source's")
             return False
         if student > source:
-            self.add(label, f"{label}: student {student} > source {source} ({where})")
+            self.add(label, f"{label}: student {student} > source {source}{at}")
             return False
         return True
 
@@ -121,7 +123,7 @@ def tower_keep(student: Tower, source: Tower, choice: str, problems: _Problems) 
         problems.add(where, f"{where}: the student's tensors are under {student.prefix!r}, the source's under "
                             f"{source.prefix!r} (a CLIP and a CustomTextCLIP)")
         return None
-    depth_ok = problems.larger(label["layers"], len(s["heads"]), len(t["heads"]), where)
+    depth_ok = problems.larger(label["layers"], len(s["heads"]), len(t["heads"]), None)
     ok = problems.larger(label["width"], s["width"], t["width"], where) and depth_ok
     if any(s["heads"]) and s["head_dim"] != t["head_dim"]:
         problems.add(f"head dim {label['heads']}", f"head dim: student {s['head_dim']} != source {t['head_dim']} "
@@ -173,7 +175,7 @@ def _resnet_tensors(
     for stage in range(1, 5):
         n, n_src = len(getattr(student, f"layer{stage}")), len(getattr(source, f"layer{stage}"))
         label = f"ResNet stage {stage} blocks (vision_cfg.layers[{stage - 1}])"
-        if problems.larger(label, n, n_src, "vision tower"):
+        if problems.larger(label, n, n_src, None):
             maps[f"vision.layer{stage}"] = layer_indices(n_src, n, choice)
     pools = student.attnpool, source.attnpool
     if isinstance(pools[0], AttentionPool2d) and isinstance(pools[1], AttentionPool2d):
@@ -238,6 +240,9 @@ def inheritance_map(
     choices, problems = choices or {}, _Problems()
     towers, source_towers = _towers(student), _towers(source)
     keep, maps = {}, {}
+    for name, tower in towers.items():  # depths first: a shallower source is the first thing to read
+        if name in source_towers:
+            problems.larger(_labels(name)["layers"], len(tower.blocks), len(source_towers[name].blocks), None)
     for name, tower in towers.items():
         if name not in source_towers:
             problems.add(name, f"the student has a {name} transformer tower but the source has none")
