@@ -29,46 +29,13 @@ from typing import Any
 
 import pandas as pd
 
-from compress.results import RESULT_FILE, STATUS_COMPLETED
-
-METRICS_FILE = "metrics.jsonl"
-
-#: the short column names and what they hold
-ALIASES: dict[str, str] = {
-    "loss": "the loss terms (see the module docstring)",
-    "inheritance": "inheritance plug-in name (per stage joined by '→' when stages differ)",
-    "student": "student model (last stage's for a staged run; '(pruned teacher)' when none is named)",
-    "teacher": "teacher model (a local path shortened to its run folder name)",
-    "stage": "stage name (metric stage/name; empty for a run without stages)",
-    "target_sparsity": "cumulative target sparsity (metric sparsity/target, else the config's)",
-    "seed": "config seed",
-    "lr": "config train.lr",
-    "batch_size": "config train.batch_size (global)",
-    "world_size": "processes (metric dist/world_size, 1 if not recorded)",
-    "steps": "training steps configured (summed over the stages of a staged run row)",
-    "samples_seen": "steps x global batch size (summed over stages)",
-    "train_time_s": "training time in seconds (metric train/duration_s; summed over the stage rows of a staged run)",
-    "params": "params/vision + params/text (without the token embedding, TinyCLIP's count)",
-}
-
-IDENTITY_COLUMNS = ("run_id", "name", "status", "failed", "error", "row", "path")
-
-
-class AnalysisError(ValueError):
-    """A user error in the analysis (unknown key, no rows, bad file): one line."""
-
-
-def config_columns(frame: pd.DataFrame) -> list[str]:
-    """The flattened config columns of a results frame (``train.lr``, ``losses.0.name``): not an identity
-    column, an alias or a metric (metric names hold a ``/``)."""
-    return [c for c in frame.columns if "/" not in str(c) and c not in IDENTITY_COLUMNS and c not in ALIASES]
+from analysis.columns import ALIASES, IDENTITY_COLUMNS, AnalysisError, config_columns, resolve_key, value_text
+from compress.results import RESULT_FILE, STATUS_COMPLETED, ResultsError, collect_rows
+from compress.rundir import METRICS_FILE, MODEL_DIR, RunDir
 
 
 def read_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """The raw result rows (dicts with ``row`` and ``path``) of run folders, ``result.json`` and ``.jsonl`` files."""
-    from experiments.collect import collect_rows
-    from experiments.status import StatusError
-
     rows: list[dict[str, Any]] = []
     folders: list[Path] = []
     for path in map(Path, paths):
@@ -79,7 +46,7 @@ def read_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     if folders:
         try:
             found, unreadable = collect_rows(folders)
-        except StatusError as error:
+        except ResultsError as error:
             raise AnalysisError(str(error)) from None
         if unreadable:
             raise AnalysisError(f"unreadable {RESULT_FILE}: {unreadable[0]}" + (
@@ -125,13 +92,6 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
             return out
         return {prefix: json.dumps(list(value))}
     return {prefix: value}
-
-
-def value_text(value: Any) -> str:
-    """A config value as text: numbers in ``%g`` form (``0.001``, ``50``), nothing for None/NaN."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return "" if isinstance(value, float) and math.isnan(value) else f"{value:g}"
-    return "" if value is None else str(value)
 
 
 def _stage_specs(config: Mapping[str, Any], key: str) -> list[Any]:
@@ -195,7 +155,7 @@ def _short_model(spec: Any) -> str | None:
     model = str(spec["model"]).removeprefix("local-dir:")
     if "/" in model:
         parts = [p for p in Path(model).parts if p not in ("", "/")]
-        while len(parts) > 1 and parts[-1] in ("model", "export"):
+        while len(parts) > 1 and parts[-1] in (MODEL_DIR, "export"):
             parts.pop()
         model = parts[-1] if parts else model
     return f"{model}@{spec['pretrained']}" if spec.get("pretrained") else model
@@ -303,8 +263,6 @@ def load_curves(paths: str | Path | Iterable[str | Path], stages: bool = False,
     ``stages``: the per-stage curves of staged runs (their step counts restart at each stage) instead of none.
     ``keys`` (a plot's ``--filter`` and ``--group`` keys) are resolved against every column of the result rows,
     before the shared settings are left out, and kept: a filter may name a setting all runs share."""
-    from analysis.select import resolve_key
-
     results = load_results(paths)
     results = results[results["row"] == ("stage" if stages else "run")]
     varying = [c for c in config_columns(results) if results[c].map(value_text).nunique() > 1]
@@ -314,7 +272,7 @@ def load_curves(paths: str | Path | Iterable[str | Path], stages: bool = False,
                                *(c for c in named if c not in long_columns)]))
     frames = []
     for _, result in results.iterrows():
-        file = Path(result["path"]) / METRICS_FILE
+        file = RunDir(result["path"]).metrics
         if not file.is_file():
             continue
         records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]

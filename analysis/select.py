@@ -3,26 +3,15 @@ check that the runs aggregated together differ only in their seeds (no torch imp
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from analysis.load import ALIASES, AnalysisError, config_columns, value_text
+from analysis.columns import AnalysisError, config_columns, resolve_key, value_text
 from compress.config.identity import NON_IDENTITY_KEYS, NON_IDENTITY_SECTIONS
 
 SEED_KEY = "seed"
-
-
-def resolve_key(frame: pd.DataFrame, key: str) -> str:
-    """The column a key names (``config.`` / ``metrics.`` prefixes allowed), or an error with close matches."""
-    for candidate in (key, key.removeprefix("config."), key.removeprefix("metrics.")):
-        if candidate in frame.columns:
-            return candidate
-    close = difflib.get_close_matches(key, [str(c) for c in frame.columns], n=5, cutoff=0.5)
-    hint = f"; close matches: {', '.join(close)}" if close else f"; aliases: {', '.join(ALIASES)}"
-    raise AnalysisError(f"unknown key or metric {key!r}{hint}")
 
 
 def expand_metrics(frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from compress.fileio import atomic_write_text
+from compress.rundir import MODEL_DIR, NONUNIFORM_CONFIG_FILE, REPORT_FILES, STRUCTURE_FILE
 
-STRUCTURE_FILE = "structure.json"
-TABLE_FILE = "structure.md"
-HEATMAP_FILE = "structure.png"
-NONUNIFORM_CONFIG_FILE = "clip_compress_config.json"
+#: the report's table and heat-map, next to the ``structure.json`` they are drawn from (a run directory's layout)
+TABLE_FILE, HEATMAP_FILE = REPORT_FILES
 
 
 def _read(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:
@@ -29,7 +28,7 @@ def _read(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:
         return dict(source)
     path = Path(source)
     if path.is_dir():
-        candidates = [path / STRUCTURE_FILE, path / NONUNIFORM_CONFIG_FILE, path / "model" / NONUNIFORM_CONFIG_FILE]
+        candidates = [path / STRUCTURE_FILE, path / NONUNIFORM_CONFIG_FILE, path / MODEL_DIR / NONUNIFORM_CONFIG_FILE]
         found = next((p for p in candidates if p.is_file()), None)
         if found is None:
             raise FileNotFoundError(f"{path}: no {STRUCTURE_FILE} or {NONUNIFORM_CONFIG_FILE}")

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from compress.config import RunConfig
-from compress.data import loader as loader_module
+from compress.data import sampling as sampling_module
 from compress.data import shards as shards_module
 from compress.data.pipeline import train_batches
 from compress.data.robust import torch_seeded
@@ -58,7 +58,7 @@ SEEDINGS: dict[str, Callable[[int], Any]] = {"old": old_torch_seeded, "new": tor
 
 def use_seeding(name: str) -> None:
     """Make the data path seed its samples the ``name`` way."""
-    loader_module.torch_seeded = shards_module.torch_seeded = SEEDINGS[name]  # type: ignore[attr-defined]
+    sampling_module.torch_seeded = shards_module.torch_seeded = SEEDINGS[name]  # type: ignore[attr-defined]
 
 
 def us_per_seeding(name: str, calls: int) -> float:

@@ -41,16 +41,15 @@ import torch
 from torch import nn
 
 from compress.fileio import NO_SPACE, atomic_write, atomic_write_text, fsync_path, write_failure
+from compress.rundir import CHECKPOINT_DIR, CHECKPOINT_FORMAT, CHECKPOINT_META_FILE, LATEST_FILE
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-LATEST_FILE = "latest"
-FORMAT = "clip-compress-checkpoint/1"
+FORMAT = CHECKPOINT_FORMAT
 STUDENT_WEIGHTS = "student.safetensors"
 STUDENT_RECORD = "student.json"
 STATE_FILE = "state.pt"
-META_FILE = "meta.json"
+META_FILE = CHECKPOINT_META_FILE
 _PREFIX = "step-"
 
 

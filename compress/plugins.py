@@ -24,7 +24,7 @@ class DistillLoss(nn.Module):
     ``needs`` names optional :class:`ClipOutput` extras the loss reads (``image_embeds``...).
     The loss runs once per optimizer step over the whole step's outputs (gradient accumulation
     included); ``batch`` then holds the step's texts and other per-sample entries, not its images
-    (:func:`compress.train.step_batch`).
+    (:func:`compress.step_inputs.step_batch`).
     """
 
     needs_teacher: bool = True

@@ -23,9 +23,8 @@ from compress.config import ConfigError, RunConfig, dump_config
 from compress.config.stages import ResolvedStage
 from compress.fileio import NO_SPACE, atomic_write_text, write_failure
 from compress.models import load_model
-from compress.models.nonuniform import STRUCTURE_FILE
 from compress.precision import DeviceError, Precision, available_device, resolve_device, resolve_precision
-from compress.recipe import Recipe
+from compress.recipe import Recipe, run_dir_for
 from compress.results import (
     RESULT_FILE,
     STATUS_COMPLETED,
@@ -37,11 +36,10 @@ from compress.results import (
 )
 from compress.rundir import (
     CONFIG_FILE,
-    METRICS_FILE,
-    STAGES_DIR,
+    MODEL_DIR,
+    RUN_OUTPUTS,
     check_writable,
     owned_run_dir,
-    run_dir_for,
     stage_dir,
     unwritable,
 )
@@ -118,12 +116,6 @@ def run_device(cfg: RunConfig) -> tuple[torch.device, Precision]:
         raise ConfigError(f"train.precision: {error}") from None
 
 
-#: the structure table and heat-map ``experiments.job.write_reports`` writes (``analysis.structure_report``)
-REPORT_FILES = ("structure.md", "structure.png")
-#: what an attempt leaves in a run directory (removed by ``--force``)
-RUN_OUTPUTS = ("checkpoints", STAGES_DIR, METRICS_FILE, RESULT_FILE, "model", STRUCTURE_FILE, *REPORT_FILES)
-
-
 def start_fresh(run_dir: Path) -> None:
     """Remove checkpoints, stage folders, metrics, result, model and reports of an earlier attempt."""
     for name in RUN_OUTPUTS:
@@ -164,7 +156,7 @@ class _Attempt:
             directory = self.directory(stage)
             if _completed(directory, stage):
                 self.metrics = dict(read_result(directory)["metrics"])  # its model is the next stage's source
-                previous = load_model(str(directory / "model"))
+                previous = load_model(str(directory / MODEL_DIR))
                 if self.main and not self.cfg.output.keep_checkpoints:  # a kill may have come before they went
                     remove_checkpoints(directory)
                 log.info("stage %s already completed: its exported model is the next stage's source", stage.dir_name)
@@ -177,7 +169,7 @@ class _Attempt:
                 _after_success(self.current)
                 self.current = None  # its row is final: a later failure must not overwrite it
                 # the next stage starts from this stage's exported model as saved (on every rank)
-                previous = load_model(str(directory / "model"))
+                previous = load_model(str(directory / MODEL_DIR))
 
     def row_for(self, status: str, error: BaseException | None = None, step: int | None = None) -> dict[str, Any]:
         current = self.current

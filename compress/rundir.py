@@ -8,6 +8,17 @@
   overwriting another experiment's results.
 - A run directory that cannot be made or written (``output.dir`` is a file, a read-only folder, a
   full disk) is refused in one line (:func:`check_writable`, :func:`unwritable`) before the run starts.
+
+:class:`RunDir` owns the layout of a run directory (its name, and where its config, metrics, checkpoints,
+stages, model, result and structure reports lie); every other module asks it instead of spelling file
+names. This module imports no torch (sweeps, ``status``, ``collect`` and ``analysis`` use it)::
+
+    output.dir/NAME-RUNID/          (a sweep's run: NAME-<axis values>-RUNID; output.run_name: that name)
+        .lock  run_id  config.yaml  metrics.jsonl  result.json
+        checkpoints/latest  checkpoints/step-NNNNNNNN/meta.json ...
+        model/  structure.json  structure.md  structure.png  submitit/
+        stages/<k>-<name>/          (a staged run: one folder per stage, each with the layout of a run
+                                     without stages: metrics, checkpoints, model, result, structure)
 """
 
 from __future__ import annotations
@@ -25,15 +36,37 @@ from typing import TYPE_CHECKING
 from compress.fileio import atomic_write_text, output_problem, write_failure
 
 if TYPE_CHECKING:
-    from compress.config import RunConfig
+    pass
 
 LOCK_FILE = ".lock"
 RUN_ID_FILE = "run_id"
 #: the resolved config of a run, and its (or a stage's) training log: one JSON line per logged step
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+#: the one result row of a run (and of each stage), see :mod:`compress.results`
+RESULT_FILE = "result.json"
 #: the folder of a staged run that holds one folder per stage (``run_dir/stages/<k>-<name>``)
 STAGES_DIR = "stages"
+#: the resume checkpoints (``checkpoints/step-NNNNNNNN/``) and the pointer file naming the newest complete one,
+#: whose ``meta.json`` records its step (:mod:`compress.checkpoint` writes them)
+CHECKPOINT_DIR = "checkpoints"
+LATEST_FILE = "latest"
+CHECKPOINT_META_FILE = "meta.json"
+CHECKPOINT_FORMAT = "clip-compress-checkpoint/1"
+#: the exported (physically smaller) student, loadable with ``compress.models.load_model``
+MODEL_DIR = "model"
+#: the exported student's per-layer structure (``compress.models.nonuniform.write_structure``), and the table and
+#: heat-map ``analysis.structure_report`` draws from it
+STRUCTURE_FILE = "structure.json"
+#: the config of a non-uniform export (:mod:`compress.models.nonuniform`), beside its weights and structure
+NONUNIFORM_CONFIG_FILE = "clip_compress_config.json"
+REPORT_FILES = ("structure.md", "structure.png")
+#: the logs submitit keeps of a run handed to a backend that does not run it in this process
+SUBMITIT_DIR = "submitit"
+#: what an attempt leaves in a run directory (removed by ``--force``)
+RUN_OUTPUTS = (CHECKPOINT_DIR, STAGES_DIR, METRICS_FILE, RESULT_FILE, MODEL_DIR, STRUCTURE_FILE, *REPORT_FILES)
+#: the files that make a folder a run directory
+RUN_MARKERS = (RUN_ID_FILE, RESULT_FILE, CONFIG_FILE)
 #: how long a starting run waits for a lock held only for a moment (``clip-compress status`` probing
 #: it, :func:`lock_holder`) before it is refused; a real owner holds the lock for the whole run
 LOCK_WAIT_S = 2.0
@@ -41,16 +74,165 @@ LOCK_WAIT_S = 2.0
 log = logging.getLogger(__name__)
 
 
-def run_dir_for(cfg: RunConfig) -> Path:
-    """``output.dir / (output.run_name or NAME-RUNID)``."""
-    from compress.recipe import run_id_of
+def run_dir_name(name: str, run_id: str, label: str | None = None) -> str:
+    """The name of a run's directory: ``NAME-RUNID``, or ``NAME-LABEL-RUNID`` (a sweep's run, labelled by its
+    axis values); it ends in ``-RUNID``, so :func:`find_run_dir` finds a run by its id whatever the label."""
+    return f"{name}-{label}-{run_id}" if label else f"{name}-{run_id}"
 
-    return Path(cfg.output.dir) / (cfg.output.run_name or f"{cfg.name}-{run_id_of(cfg)}")
+
+def find_run_dir(output_dir: Path, run_id: str) -> Path | None:
+    """The one directory ``output_dir/*-RUNID`` if there is exactly one (a sweep edited without changing
+    what a run computes keeps that run's directory), else ``None``."""
+    output_dir = Path(output_dir)
+    found = [p for p in output_dir.glob(f"*-{run_id}") if p.is_dir()] if output_dir.is_dir() else []
+    return found[0] if len(found) == 1 else None
 
 
 def stage_dir(run_dir: Path, stage_dir_name: str | None) -> Path:
     """Where a stage writes: ``run_dir/stages/<k>-<name>``; the run directory itself for a run without stages."""
     return run_dir if stage_dir_name is None else run_dir / STAGES_DIR / stage_dir_name
+
+
+def stage_index(stage_dir_name: str) -> int | None:
+    """``k`` of a stage folder ``<k>-<name>``, or ``None`` for a folder that is not a stage's."""
+    head = stage_dir_name.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+class RunDir:
+    """The layout of one run directory, or of one stage folder of a staged run (which has the same files,
+    without the config, lock and stages): every path of a run is a property here, and nothing else spells
+    a file name. A plain value (a path), cheap to make; it creates nothing."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunDir) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def result(self) -> Path:
+        return self.path / RESULT_FILE
+
+    @property
+    def run_id_file(self) -> Path:
+        return self.path / RUN_ID_FILE
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINT_DIR
+
+    @property
+    def model(self) -> Path:
+        return self.path / MODEL_DIR
+
+    @property
+    def structure(self) -> Path:
+        return self.path / STRUCTURE_FILE
+
+    @property
+    def reports(self) -> tuple[Path, ...]:
+        return tuple(self.path / name for name in REPORT_FILES)
+
+    @property
+    def submitit(self) -> Path:
+        return self.path / SUBMITIT_DIR
+
+    @property
+    def stages_root(self) -> Path:
+        return self.path / STAGES_DIR
+
+    def stage(self, stage_dir_name: str | None) -> RunDir:
+        """The folder of stage ``<k>-<name>`` (:func:`stage_dir`; this folder itself for ``None``)."""
+        return RunDir(stage_dir(self.path, stage_dir_name))
+
+    def stage_of(self) -> RunDir | None:
+        """The run this folder is a stage of (``RUN/stages/<k>-<name>``), or ``None`` (not a stage folder)."""
+        parent = self.path.parent
+        return RunDir(parent.parent) if parent.name == STAGES_DIR else None
+
+    def stages(self) -> list[RunDir]:
+        """The stage folders ``stages/<k>-<name>`` there are, in stage order (none for a run without stages)."""
+        if not self.stages_root.is_dir():
+            return []
+        found = [(stage_index(p.name), p) for p in self.stages_root.iterdir() if p.is_dir()]
+        return [RunDir(p) for k, p in sorted((k, p) for k, p in found if k is not None)]
+
+    def outputs(self) -> list[Path]:
+        """What an attempt leaves here (:data:`RUN_OUTPUTS`), whether it exists or not."""
+        return [self.path / name for name in RUN_OUTPUTS]
+
+    def is_run(self) -> bool:
+        """Whether the folder holds a run (one of :data:`RUN_MARKERS`)."""
+        return is_run_dir(self.path)
+
+    def recorded_run_id(self) -> str | None:
+        return recorded_run_id(self.path)
+
+    def lock_holder(self) -> str | None:
+        return lock_holder(self.path)
+
+    def checkpoint_step(self) -> int | None:
+        """The step of the newest complete checkpoint (``checkpoints/latest`` names it; its ``meta.json`` holds
+        the step), read without torch; ``None`` when there is none, or it cannot be read or is not of
+        :data:`CHECKPOINT_FORMAT` (what ``compress.checkpoint.latest_checkpoint`` refuses)."""
+        pointer = self.checkpoints / LATEST_FILE
+        try:
+            meta = json.loads((self.checkpoints / pointer.read_text().strip() / CHECKPOINT_META_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        step = meta.get("step") if isinstance(meta, dict) and meta.get("format") == CHECKPOINT_FORMAT else None
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a run (its ``run_id``, ``result.json`` or ``config.yaml``)."""
+    return any((Path(path) / marker).is_file() for marker in RUN_MARKERS)
+
+
+def walk_run_dirs(root: Path, also: str | None = None) -> tuple[list[Path], list[Path]]:
+    """The run directories under ``root`` (``root`` itself included; hidden folders skipped; the folders inside a
+    run, its stages, checkpoints and model, are part of it, not runs of their own), sorted, and the files named
+    ``also`` (a sweep's manifest) in the folders above them, sorted."""
+    runs: list[Path] = []
+    files: list[Path] = []
+    for folder, subfolders, names in os.walk(root):
+        path = Path(folder)
+        if is_run_dir(path):
+            runs.append(path)
+            subfolders.clear()
+            continue
+        if also is not None and also in names:
+            files.append(path / also)
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+    return sorted(runs), sorted(files)
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Every run directory under ``root`` (:func:`walk_run_dirs`)."""
+    return walk_run_dirs(Path(root))[0]
 
 
 class RunDirError(RuntimeError):
@@ -63,7 +245,7 @@ def recorded_run_id(run_dir: Path) -> str | None:
     if path.is_file():
         return path.read_text().strip() or None
     try:
-        return json.loads((run_dir / "result.json").read_text()).get("run_id")
+        return json.loads((run_dir / RESULT_FILE).read_text()).get("run_id")
     except (OSError, ValueError):
         return None
 

@@ -37,8 +37,8 @@ from compress.models.forward import context_length_of, tokenizer_for
 from compress.models.params import parameter_report, prunable_count
 from compress.models.towers import TOWERS
 from compress.precision import Precision
-from compress.recipe import Recipe, pruned_towers, with_source_fraction
-from compress.rundir import METRICS_FILE, run_dir_for
+from compress.recipe import Recipe, pruned_towers, run_dir_for, with_source_fraction
+from compress.rundir import METRICS_FILE, MODEL_DIR
 from compress.teacher import freeze
 from compress.train import Trainer, TrainSummary
 
@@ -350,7 +350,7 @@ def run_stage(run: StageRun, recipe: Recipe, teacher: nn.Module | None, device: 
     _warn_missed(cfg.name, metrics)
 
     def finish() -> None:  # rank 0, while the others wait (an error there reaches every rank)
-        metrics["export/path"] = str(save_model(exported, run.directory / "model"))
+        metrics["export/path"] = str(save_model(exported, run.directory / MODEL_DIR))
         write_structure(exported, run.directory, **report_reference(run, recipe.cfg, inheritance, metrics))
         metrics.update(evaluate_prepared(exported, eval_sets, cfg.eval, device, precision.name, cfg.train.progress))
 

@@ -52,30 +52,30 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from compress import distributed
 from compress.config import TrainConfig
+from compress.live_forward import FEATURES, TOWERS, LiveForward, compile_towers
 from compress.masks import one_gate_sample
-from compress.models.attention import mark_causal_mask
-from compress.models.forward import clip_forward
 from compress.models.towers import unused_parameters
 from compress.optim import build_adamw, grad_norm, weight_groups
 from compress.outputs import ClipOutput
 from compress.plugins import DistillLoss, Inheritance, Schedule
 from compress.precision import Precision, to_device
 from compress.progress import progress
+from compress.rundir import METRICS_FILE
+from compress.step_inputs import Replay, StepInputs, split_batch, step_batch
+from compress.step_random import frozen_batch_norm_statistics, gate_generator, random_state, replayed_random_state
+from compress.step_result import DeviceFlag, StepResult
 from compress.stopping import StoppedAtStep
 from compress.teacher import TeacherSource
+from compress.training_error import TrainingError
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite losses in a row)."""
 
 
 #: the student's logit scale ln(1/tau) is clamped to [0, ln 100] after every step (CLIP, open_clip, TinyCLIP)
@@ -102,58 +102,6 @@ def loss_labels(losses: list[LossTerm]) -> list[str]:
     return [name if names.count(name) == 1 else str(i) for i, name in enumerate(names)]
 
 
-class DeviceFlag:
-    """A 0-dim flag computed on the device, copied without blocking into pinned host memory: :meth:`read`
-    waits for that copy only (read one step later, it is long done), not for the queue to drain."""
-
-    def __init__(self, flag: Tensor) -> None:
-        self._value: bool | None = None
-        if flag.device.type == "cuda":
-            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            self._host.copy_(flag, non_blocking=True)
-            self._event: Any = torch.cuda.Event()
-            self._event.record()
-        else:  # on the CPU the value is there already
-            self._host, self._event = flag.detach().to("cpu", torch.bool), None
-
-    @property
-    def known(self) -> bool:
-        return self._value is not None
-
-    def read(self) -> bool:
-        if self._value is None:
-            if self._event is not None:
-                self._event.synchronize()
-            self._value = bool(self._host)
-        return self._value
-
-
-class StepResult:
-    """One optimizer step: whether it was taken or skipped for a non-finite objective or gradient,
-    the objective, its terms, the loss weights used and the weights' gradient norm (before clipping).
-
-    With the finite check decided on the device (:attr:`Trainer.defer_finite_check`) the non-finite flag is
-    a :class:`DeviceFlag`; reading :attr:`nonfinite` / :attr:`stepped` then waits for it."""
-
-    def __init__(self, stepped: bool, nonfinite: bool | DeviceFlag, loss: Tensor, terms: dict[str, Tensor],
-                 weights: list[float], grad_norm: Tensor | None = None) -> None:
-        self._stepped, self._nonfinite = stepped, nonfinite
-        self.loss, self.terms, self.weights, self.grad_norm = loss, terms, weights, grad_norm
-
-    @property
-    def known(self) -> bool:
-        """Whether the outcome is on the host already (always, unless decided on the device and not read yet)."""
-        return not isinstance(self._nonfinite, DeviceFlag) or self._nonfinite.known
-
-    @property
-    def nonfinite(self) -> bool:
-        return self._nonfinite.read() if isinstance(self._nonfinite, DeviceFlag) else self._nonfinite
-
-    @property
-    def stepped(self) -> bool:
-        return not self.nonfinite if isinstance(self._nonfinite, DeviceFlag) else self._stepped
-
-
 @dataclass
 class TrainSummary:
     steps: int
@@ -172,182 +120,6 @@ def mean_over_ranks(loss: Tensor, terms: dict[str, Tensor]) -> tuple[Tensor, dic
     local = torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())])
     values = distributed.mean_over_ranks(local)
     return values[0], dict(zip(terms, values[1:], strict=True))
-
-
-def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
-    """Split every tensor (and list) of a batch into ``parts`` equal micro-batches."""
-    if parts == 1:
-        return [dict(batch)]
-    size = len(batch["images"])
-    if size % parts:
-        raise TrainingError(f"batch of {size} cannot be split into {parts} equal micro-batches")
-    step = size // parts
-    return [
-        {k: v[i * step : (i + 1) * step] if isinstance(v, Tensor | list) else v for k, v in batch.items()}
-        for i in range(parts)
-    ]
-
-
-#: the per-sample outputs of a student forward that the losses differentiate (the gradient cache's leaves)
-FEATURES = ("image_features", "text_features", "image_embeds", "text_embeds")
-TOWERS = ("image", "text")
-
-
-class LiveForward(nn.Module):
-    """What DDP wraps: the student's forward with graph, returning its per-sample outputs (a tuple in
-    the order of :data:`FEATURES`, ``None`` where not asked for). The logit scale, the losses' modules
-    and a strategy's own parameters take no part in it: the trainer reduces their gradients itself."""
-
-    def __init__(self, student: nn.Module, needs: tuple[str, ...]) -> None:
-        super().__init__()
-        self.student = student
-        self.needs = needs
-
-    def forward(self, images: Tensor, texts: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        out = clip_forward(self.student, images, texts, self.needs)
-        return tuple(getattr(out, name) for name in FEATURES)
-
-
-def compile_towers(student: nn.Module, backend: str = "inductor") -> list[nn.Module]:
-    """``torch.compile`` the modules that hold a CLIP student's compute, in place (``nn.Module.compile``):
-    the vision tower (``visual``) and the text transformer (``text`` of a CustomTextCLIP, else
-    ``transformer``). In place, the modules stay the objects they were: state-dict keys (checkpoints,
-    exports) get no ``_orig_mod.`` prefix, DDP wraps the same parameters, and the token embedding, final
-    norm and projections around them stay eager. Returns the compiled modules."""
-    text = getattr(student, "text", None) if isinstance(getattr(student, "text", None), nn.Module) else None
-    candidates = [getattr(student, "visual", None), text if text is not None else getattr(student, "transformer", None)]
-    towers = [m for m in candidates if isinstance(m, nn.Module)]
-    if not towers:
-        raise TrainingError(f"train.compile: the student ({type(student).__name__}) has neither a `visual` tower nor "
-                            "a text transformer to compile; set train.compile: false")
-    if isinstance(candidates[1], nn.Module):  # the text tower's causal mask still reaches SDPA as is_causal
-        mask = getattr(text if text is not None else student, "attn_mask", None)
-        mark_causal_mask(candidates[1], mask if isinstance(mask, Tensor) else None)
-    for module in towers:
-        module.compile(backend=backend)
-    return towers
-
-
-def gate_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of step ``step``'s gate sample on ``device`` (the trainer's: on CUDA the noise is
-    drawn there, no host copy): seeded from (seed, step), so the same on every rank and after a resume."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % 2**63)
-
-
-@contextlib.contextmanager
-def frozen_batch_norm_statistics(model: nn.Module) -> Iterator[None]:
-    """BatchNorm layers in training mode normalise with the batch's statistics, as the live pass does,
-    but leave ``running_mean``, ``running_var`` and ``num_batches_tracked`` alone: the gradient cache's
-    features pass must not count a micro-batch that its live pass counts again."""
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-    for m in norms:
-        m.track_running_stats = False  # in training mode: batch statistics, no running update
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
-
-
-def random_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """The torch random state a forward on ``device`` draws from (CPU, and the CUDA device's)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-@contextlib.contextmanager
-def replayed_random_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> Iterator[None]:
-    """Run the block from ``state`` (:func:`random_state`), so a live pass draws what its features pass
-    drew (Gao et al.'s RandContext); the random state after the block is the one before it."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], device)
-        yield
-
-
-#: entries of a micro-batch the loss plug-ins do not get: the images (one micro-batch at a time goes to the
-#: device) and the data path's bookkeeping (the samples' keys, the images' fingerprints)
-NOT_FOR_LOSSES = ("images", "teacher_images", "keys", "fingerprints")
-
-
-def step_batch(micro: Sequence[Mapping[str, Any]], device: torch.device) -> dict[str, Any]:
-    """What the loss plug-ins get as ``batch``: the step's texts (on ``device``) and the other
-    per-sample entries of its micro-batches, concatenated (the entries of :data:`NOT_FOR_LOSSES`
-    are left out)."""
-    out: dict[str, Any] = {}
-    for key, value in micro[0].items():
-        if key in NOT_FOR_LOSSES:
-            continue
-        if isinstance(value, Tensor):
-            out[key] = to_device(torch.cat([m[key] for m in micro]) if len(micro) > 1 else value, device)
-        elif isinstance(value, list):
-            out[key] = [x for m in micro for x in m[key]]
-        else:
-            out[key] = value
-    return out
-
-
-class Replay(Protocol):
-    """A second stream of the training micro-batches (:class:`compress.data.pipeline.ReplayStream`)."""
-
-    def begin_step(self) -> None:
-        """Called before a step's first micro-batch is drawn from the first stream."""
-
-    def again(self, first: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The step's next micro-batch a second time (``first``: what the first pass read of it, images left
-        out: its keys and fingerprints)."""
-
-
-class StepInputs:
-    """One step's ``count`` micro-batches as the gradient cache reads them: :meth:`first` draws them one at
-    a time (the features pass), :meth:`again` gives them a second time (the live pass) from ``replay``
-    (nothing of the step's images is kept: host memory does not grow with ``accum_steps``) or, without
-    one, from the first pass's micro-batches, kept (``batch_size / world`` samples per process). A single
-    micro-batch is read once. :attr:`meta` keeps what the losses need of each micro-batch (no images)."""
-
-    def __init__(self, draw: Callable[[], Mapping[str, Any]], count: int, replay: Replay | None = None) -> None:
-        self.draw, self.count = draw, count
-        self.replay = replay if count > 1 else None
-        self.meta: list[dict[str, Any]] = []
-        self.sizes: list[int] = []
-        self._kept: list[Mapping[str, Any] | None] = []
-
-    @classmethod
-    def of(cls, micro: Sequence[Mapping[str, Any]]) -> StepInputs:
-        """A step of micro-batches already in memory."""
-        parts = iter(micro)
-        return cls(lambda: next(parts), len(micro))
-
-    def first(self) -> Iterator[Mapping[str, Any]]:
-        if self.replay is not None:
-            self.replay.begin_step()
-        for _ in range(self.count):
-            m = self.draw()
-            self.sizes.append(len(m["images"]))
-            self.meta.append({k: v for k, v in m.items() if k not in ("images", "teacher_images")})
-            if self.count > 1 and self.replay is None:
-                self._kept.append(m)
-            yield m
-
-    def again(self) -> Iterator[Mapping[str, Any]]:
-        for j in range(self.count):
-            if self.replay is not None:
-                yield self.replay.again(self.meta[j])
-            else:
-                m, self._kept[j] = self._kept[j], None  # released as the live pass goes
-                assert m is not None
-                yield m
-
-    def skip(self) -> None:
-        """Read the step's micro-batches without using them, as a step that uses them would: the data
-        position (and the second stream's, kept in step with the first) moves on."""
-        for _ in self.first():
-            pass
-        if self.replay is not None:
-            for _ in self.again():
-                pass
-        self._kept.clear()
 
 
 class Trainer:
@@ -859,7 +631,7 @@ class Trainer:
             return
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
+            with open(self.run_dir / METRICS_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.on_log is not None:
             self.on_log(record)

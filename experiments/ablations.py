@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from compress.config import ConfigError
+from compress.recipe import run_dir_for
+from compress.rundir import RunDir
+from experiments.backends import get_backend
 from experiments.demo import FULL, TABLE_COLUMNS, DemoPlan
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "ablations"
@@ -153,7 +156,7 @@ def render(name: str, run_dirs: Sequence[Path], docs: Path, scale: int = 1, docs
     from analysis.tables import ablation_table
 
     spec = ABLATIONS[name]
-    found = [d for d in run_dirs if (d / "result.json").is_file()]
+    found = [d for d in run_dirs if RunDir(d).result.is_file()]
     if not found:
         where = sorted({str(d.parent) for d in run_dirs})
         raise NoResults(f"ablation {name}: none of its {len(run_dirs)} runs has a result in {', '.join(where)} "
@@ -249,7 +252,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_ablations(names: Sequence[str], args: argparse.Namespace, inline: InlineRuns) -> int:
     """Train the teacher (unless cached) and run the sweeps (unless ``--render-only``), then render each page;
     1 when a run failed. ``inline`` learns the runs trained in this process before they start."""
-    from compress.run import run_dir_for
     from experiments.demo import default_cache_dir, teacher_config, train_teacher
     from experiments.sweep import load_sweep
     from experiments.sweep_cli import run_sweep
@@ -271,7 +273,7 @@ def run_ablations(names: Sequence[str], args: argparse.Namespace, inline: Inline
         sweep = load_sweep(path, overrides)
         run_dirs = [run.run_dir for run in sweep.runs()]
         if not args.render_only:
-            if args.backend == "inline":
+            if get_backend(args.backend).waits:  # trained in this process
                 inline.add(run_dirs)
             failed |= run_sweep(path, backend=args.backend, overrides=overrides)
             wait_for(run_dirs)

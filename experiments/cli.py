@@ -7,8 +7,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from compress.recipe import run_id_of
+from experiments.backends import backend_names, get_backend, names_where
 
 
 class CliError(Exception):
@@ -42,7 +44,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-#: parameters the engine fills in for a plug-in that declares them (compress.recipe.context), and from what
+#: parameters the engine fills in for a plug-in that declares them (compress.config.validate), and from what
 ENGINE_CONTEXT = {
     "losses": {"student_embed_dim": "the student's embedding size",
                "teacher_embed_dim": "the teacher's embedding size"},
@@ -116,17 +118,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set or [])  # before anything imports torch: a YAML mistake fails at once
     from compress.distributed import environment
-    from compress.run import failed_line, run_dir_for
+    from compress.recipe import run_dir_for, run_dir_of
+    from compress.run import failed_line
     from experiments.dispatch import STATUS_SUBMITTED, dispatch
 
+    backend = get_backend(args.backend or cfg.dispatch.backend)
     if args.dry_run:
         from compress.plan import build_plan, format_plan
 
-        # the device is checked where the run will run: here, or (slurm) on a node the plan cannot see
-        print(format_plan(build_plan(cfg, force=args.force, here=(args.backend or cfg.dispatch.backend) != "slurm")))
+        # the device is checked where the run will run: here, or (slurm) on a node the plan cannot see (runs_here)
+        print(format_plan(build_plan(cfg, force=args.force, here=backend.runs_here)))
         return 0
-    chosen = args.backend or cfg.dispatch.backend
-    if chosen in ("debug", "local", "slurm"):
+    if not backend.under_torchrun:
         _refuse_under_torchrun()
     rows = dispatch([cfg], backend=args.backend, force=args.force)
     if environment().rank != 0:  # one of several processes (torchrun): rank 0 reports
@@ -138,9 +141,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(headline(row, run_dir_for(cfg)))
         elif row.get("status") == STATUS_SUBMITTED:
             print(f"[submitted] {cfg.name} ({run_id_of(cfg)}) as job {row['job_id']}: the result lands in "
-                  f"{run_dir_for(cfg) / 'result.json'}")
-        elif row.get("status") == "failed" and chosen == "local":  # in this process (inline, debug) the run said it
-            print(failed_line(cfg.name, row.get("error"), f"see {run_dir_for(cfg) / 'result.json'}"), file=sys.stderr)
+                  f"{run_dir_of(cfg).result}")
+        elif row.get("status") == "failed" and not backend.waits:  # a backend that waits: the run said it here
+            print(failed_line(cfg.name, row.get("error"), f"see {run_dir_of(cfg).result}"), file=sys.stderr)
     return 0 if all(r.get("status") in ("completed", "skipped", STATUS_SUBMITTED) for r in rows) else 1
 
 
@@ -321,9 +324,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from compress.config.schema import DISPATCH_BACKENDS as BACKENDS
-    from compress.config.schema import DatasetConfig
-
+    """The ``clip-compress`` parser: one function per command adds its arguments."""
     parser = argparse.ArgumentParser(
         prog="clip-compress",
         description="Compress CLIP models by distillation and weight inheritance (TinyCLIP and relatives).",
@@ -334,7 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                          help="log debug messages and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_run, _add_sweep, _add_eval, _add_list, _add_demo, _add_status, _add_collect,
+                _add_results_commands):
+        add(sub, verbose)
+    return parser
 
+
+def _and(names: Sequence[str]) -> str:
+    """``a, b and c``."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else list(names))
+
+
+def _add_run(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    """The ``run`` command's arguments."""
     p = sub.add_parser(
         "run", parents=[verbose], help="run one experiment config", description="Run one experiment config."
     )
@@ -342,10 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set train.lr=3e-4"
     )
+    later = names_where(returns_result=False)
     p.add_argument(
-        "--backend", choices=BACKENDS, default=None,
-        help="where to run (default: the config's dispatch.backend); inline, debug and local wait for the "
-        "run, slurm submits the job and returns",
+        "--backend", choices=backend_names(), default=None,
+        help=f"where to run (default: the config's dispatch.backend); {_and(names_where(returns_result=True))} wait "
+        f"for the run, {_and(later)} submit{'s' * (len(later) == 1)} the job and return{'s' * (len(later) == 1)}",
     )
     p.add_argument(
         "--force", action="store_true",
@@ -358,13 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_run)
 
+
+def _add_sweep(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    """The ``sweep`` command's arguments."""
     p = sub.add_parser(
         "sweep", parents=[verbose], help="run or submit every run of a sweep file",
         description="Expand a sweep file (a base config and axes) into runs and hand those not completed to a "
-        "backend; local and slurm return at once. Writes OUTPUT_DIR/manifest.jsonl.",
+        f"backend; {_and(names_where(waits=False))} return at once. Writes OUTPUT_DIR/manifest.jsonl.",
     )
     p.add_argument("sweep", help="YAML sweep file (base config, axes, zip, seeds, exclude)")
-    p.add_argument("--backend", choices=BACKENDS, default=None,
+    p.add_argument("--backend", choices=backend_names(), default=None,
                    help="where to run (default: each run's dispatch.backend)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of every run")
     p.add_argument("--dry-run", action="store_true",
@@ -374,6 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="submit only the runs whose result.json says failed or interrupted")
     mode.add_argument("--force", action="store_true", help="rerun every run from step 0, completed ones included")
     p.set_defaults(func=_cmd_sweep)
+
+
+def _add_eval(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    """The ``eval`` command's arguments."""
+    from compress.config.schema import DatasetConfig
 
     p = sub.add_parser(
         "eval", parents=[verbose], help="evaluate a model",
@@ -403,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="write the metrics as JSON to this file")
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_list(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    """The ``list`` command's arguments."""
     p = sub.add_parser(
         "list", parents=[verbose], help="list plug-ins and model configs, or one plug-in's parameters",
         description="List registered plug-ins and shipped model configs; `list NAME`: one plug-in's parameters, "
@@ -414,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", metavar="NAME", help="with a KIND: that kind's plug-in NAME")
     p.set_defaults(func=_cmd_list)
 
+
+def _add_demo(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    """The ``demo`` command's arguments."""
     p = sub.add_parser(
         "demo", parents=[verbose], help="compress a CLIP on the embedded data set",
         description="Train a small teacher on the embedded shapes data set, distil students, print a table.",
@@ -424,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain the teacher and rerun every student")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_status(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    """The ``status`` command's arguments."""
     p = sub.add_parser(
         "status", parents=[verbose], help="the state of every run of a sweep or under a folder",
         description="Each run's state (pending, running, completed, failed, interrupted, stopped), stage, step "
@@ -433,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failed", action="store_true", help="list only the failed runs")
     p.set_defaults(func=_cmd_status)
 
+
+def _add_collect(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    """The ``collect`` command's arguments."""
     p = sub.add_parser(
         "collect", parents=[verbose], help="gather every result.json row into one JSON Lines file",
         description="Every run and stage result.json under the folders (failed and interrupted rows included), "
@@ -442,15 +476,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the JSON Lines file to write")
     p.set_defaults(func=_cmd_collect)
 
+
+def _add_results_commands(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    """``table`` and ``plot``: their inputs are result rows, filtered."""
     # the inputs of table and plot: result rows, filtered
     results = argparse.ArgumentParser(add_help=False)
     results.add_argument("results", nargs="+", metavar="RESULTS",
                          help="run or sweep folders, result.json files, or JSON Lines from `clip-compress collect` "
                          "(plot --kind structure: one run folder)")
     results.add_argument("--filter", action="append", metavar="KEY=VALUE", help="keep only rows with this value")
+    _add_table(sub, [verbose, results])
+    _add_plot(sub, [verbose, results])
 
+
+def _add_table(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """The ``table`` command's arguments."""
     p = sub.add_parser(
-        "table", parents=[verbose, results], help="an ablation table (markdown, LaTeX or CSV) from result rows",
+        "table", parents=parents, help="an ablation table (markdown, LaTeX or CSV) from result rows",
         description="Aggregate result rows over seeds into a table: rows and columns by config keys or aliases "
         "(loss, inheritance, student, teacher, stage, target_sparsity, seed, lr, steps, ...), one column per metric "
         "and column value; mean ± sample std (ddof=1) with the seed count, a Δ column against --baseline, the best "
@@ -466,8 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: print)")
     p.set_defaults(func=_cmd_table)
 
+
+def _add_plot(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """The ``plot`` command's arguments."""
     p = sub.add_parser(
-        "plot", parents=[verbose, results], help="a figure (PNG or PDF) from result rows or training curves",
+        "plot", parents=parents, help="a figure (PNG or PDF) from result rows or training curves",
         description="pareto: --y (default: the first zero-shot top-1) against --x (params, macs/image, "
         "throughput/pairs_per_s; default params), points labelled by --group, the Pareto front drawn. curves: the "
         "logged term --y (default loss) against the step, one line per run or per --group with a std band. steps: "
@@ -483,8 +528,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", action="store_true", help="curves: the per-stage curves of staged runs")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the .png or .pdf file to write")
     p.set_defaults(func=_cmd_plot)
-    return parser
-
 
 def _loaded(*names: str) -> tuple[type[BaseException], ...]:
     """The exception classes ``module:Class`` of the modules a command imported: a command that did
@@ -505,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except _loaded("compress.config:ConfigError", "compress.registry:RegistryError", "compress.models:ModelLoadError",
-                   "experiments.dispatch:DispatchError", "compress.rundir:RunDirError",
+                   "experiments.backends.base:DispatchError", "compress.rundir:RunDirError",
                    "compress.checkpoint:CheckpointError", "compress.distributed:DistributedError",
                    "compress.fileio:OutputPathError") + (CliError, FileNotFoundError) as e:
         if args.verbose:

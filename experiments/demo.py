@@ -135,7 +135,7 @@ def run_demo(quick: bool = False, results_dir: str | Path = "results/demo", cach
              force: bool = False) -> Any:
     """Run the demo and return its result rows (a pandas DataFrame indexed by model label)."""
     from analysis.load import load_results
-    from compress.run import run_dir_for
+    from compress.recipe import run_dir_for
 
     plan = QUICK if quick else FULL
     results = Path(results_dir) / ("quick" if quick else "full")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +14,7 @@ from compress.run import run_dir_for
 from compress.rundir import RunDirBusy
 from compress.stage import RunError
 from compress.stopping import StoppedAtStep
+from experiments.backends import restart_count
 
 #: the row status (never written to ``result.json``) of a run whose directory another live process holds
 RUNNING_ELSEWHERE = "running elsewhere"
@@ -35,14 +35,6 @@ def export_task_environment() -> None:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
-def slurm_restart_count() -> int:
-    """How often SLURM has restarted this job (``SLURM_RESTART_COUNT``, set on a requeued job); 0 outside SLURM."""
-    try:
-        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    except ValueError:
-        return 0
-
-
 def own_result(cfg: RunConfig) -> dict[str, Any] | None:
     """The row in the run's ``result.json`` if it is this run's (same run id), else None."""
     row = read_result(run_dir_for(cfg))
@@ -59,8 +51,7 @@ def write_reports(run_dir: Path) -> None:
     """Human-readable companions of a run: the structure table and heat-map (kept heads and
     MLP neurons per layer) next to ``result.json``."""
     from analysis.structure_report import write_structure_report
-    from compress.models.nonuniform import STRUCTURE_FILE
-    from compress.rundir import STAGES_DIR
+    from compress.rundir import STAGES_DIR, STRUCTURE_FILE
 
     for folder in [run_dir, *sorted((run_dir / STAGES_DIR).glob("*"))]:  # a staged run: one report per stage
         if (folder / STRUCTURE_FILE).is_file():
@@ -76,10 +67,11 @@ class RunJob:
     would send the run to another directory than the manifest says. A run whose ``result.json``
     says completed is not run again (its row is returned) unless ``force``; an unfinished one
     resumes from its newest checkpoint; ``force=True`` starts from step 0, once: the same job restarted
-    by SLURM (``SLURM_RESTART_COUNT`` > 0) resumes. A job that SLURM preempts or times out gets submitit's
-    ``SIGUSR2``: every rank finishes its step, the checkpoint of that step and the ``interrupted`` row are
-    written (:mod:`compress.stopping`), and only then is the job requeued, by submitit's own handler
-    (:func:`requeue_after_stop`; it calls :meth:`checkpoint`), and resumes."""
+    by its scheduler (:func:`experiments.backends.restart_count` > 0: SLURM's ``SLURM_RESTART_COUNT``)
+    resumes. A job that SLURM preempts or times out gets submitit's ``SIGUSR2``: every rank finishes its
+    step, the checkpoint of that step and the ``interrupted`` row are written (:mod:`compress.stopping`), and
+    only then is the job requeued, by submitit's own handler (:func:`requeue_after_stop`; it calls
+    :meth:`checkpoint`), and resumes."""
 
     def __init__(self, config: Mapping[str, Any], force: bool = False, run_id: str | None = None) -> None:
         if not isinstance(config, Mapping):
@@ -106,7 +98,7 @@ class RunJob:
         run_dir = run_dir_for(cfg)
         # force is one-shot: a job SLURM restarts itself (node failure, PreemptMode=REQUEUE) reloads the
         # pickle submitted with force and must resume, not throw its progress away
-        force = self.force and slurm_restart_count() == 0
+        force = self.force and restart_count() == 0
         done = completed_row(cfg)
         if done is not None and not force:
             return done  # a requeued or resubmitted job of a finished run: nothing to do

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from compress.config import RunConfig
-from compress.recipe import config_from_dict
+from compress.recipe import config_from_dict, run_dir_for
+from compress.rundir import RunDir
 from experiments.demo import FULL, QUICK, DemoPlan, _common, default_cache_dir, save_table, train_teacher
 from experiments.dispatch import dispatch
 
@@ -59,7 +60,7 @@ def summary_rows(name: str, seed: int, run_dir: Path) -> list[dict[str, Any]]:
     import json
 
     lines = []
-    for path in sorted((run_dir / "stages").glob("*/result.json")):
+    for path in [stage.result for stage in RunDir(run_dir).stages() if stage.result.is_file()]:
         m = json.loads(path.read_text()).get("metrics", {})
         lines.append({
             "arm": name,
@@ -81,8 +82,6 @@ def run_comparison(quick: bool = False, results_dir: str | Path = "results/progr
     """Train (or reuse) the demo teacher, run both arms for every seed, print and save the table
     (one line per arm, seed and stage; with several seeds, then the mean per arm and stage)."""
     import pandas as pd
-
-    from compress.run import run_dir_for
 
     plan = QUICK if quick else FULL
     results = Path(results_dir) / ("quick" if quick else "full")

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,16 +28,10 @@ from typing import Any
 import yaml
 
 from compress.recipe import run_id_of
-from compress.results import RESULT_FILE, STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED
-from compress.rundir import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    RUN_ID_FILE,
-    STAGES_DIR,
-    lock_holder,
-    recorded_run_id,
-    stage_dir,
-)
+from compress.results import RESULT_FILE, STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED, ResultsError
+from compress.rundir import RunDir, walk_run_dirs
+from compress.rundir import find_run_dirs as find_run_dirs
+from experiments.manifest import MANIFEST_FILE, entry_run_dir, read_manifest, values_text
 
 PENDING = "pending"
 QUEUED = "queued"
@@ -46,16 +40,13 @@ STOPPED = "stopped"
 #: every state, in the order the summary line counts them
 STATES = (PENDING, QUEUED, RUNNING, STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED, STOPPED)
 
-#: the sweep's manifest (``experiments.sweep.MANIFEST_FILE``): one JSON line per submitted run, newest wins
-MANIFEST_FILE = "manifest.jsonl"
-#: the files that make a folder a run directory
-RUN_MARKERS = (RUN_ID_FILE, RESULT_FILE, CONFIG_FILE)
 #: how much of an error the table shows
 ERROR_WIDTH = 100
 
 
-class StatusError(ValueError):
-    """A path given to ``status`` or ``collect`` does not exist or holds no run."""
+#: a path given to ``status`` or ``collect`` does not exist or holds no run (``analysis`` reads rows through
+#: :func:`compress.results.collect_rows` too, so the error is that module's)
+StatusError = ResultsError
 
 
 @dataclass
@@ -83,18 +74,19 @@ class RunState:
 # -- one run directory ----------------------------------------------------------------------------
 def run_state(run_dir: Path) -> RunState:
     """The state of the run in ``run_dir`` (see the module docstring)."""
-    run_dir = Path(run_dir)
+    layout = RunDir(run_dir)
+    run_dir = layout.path
     if not run_dir.is_dir():
         return RunState(PENDING, run_dir)
-    config = _read_yaml(run_dir / CONFIG_FILE)
-    row, unreadable = _read_row(run_dir / RESULT_FILE)
-    pid = lock_holder(run_dir)
-    stage = _current_stage(run_dir, None if pid is not None else row)
-    step = _step_reached(stage_dir(run_dir, stage))
+    config = _read_yaml(layout.config)
+    row, unreadable = _read_row(layout.result)
+    pid = layout.lock_holder()
+    stage = _current_stage(layout, None if pid is not None else row)
+    step = _step_reached(layout.stage(stage))
     if step is None and row is not None and stage is None:
         step = row.get("metrics", {}).get("train/steps")
     state = RunState(
-        PENDING, run_dir, run_id=recorded_run_id(run_dir), name=(row or {}).get("name") or config.get("name"),
+        PENDING, run_dir, run_id=layout.recorded_run_id(), name=(row or {}).get("name") or config.get("name"),
         stage=stage, step=step, steps=_total_steps(config or (row or {}).get("config") or {}, stage), pid=pid,
     )
     if pid is not None:
@@ -104,7 +96,7 @@ def run_state(run_dir: Path) -> RunState:
     elif row is not None:
         state.state = str(row.get("status", STATUS_FAILED))
         state.error = first_line(row.get("error"))
-    elif step is not None or (run_dir / RUN_ID_FILE).is_file():
+    elif step is not None or layout.run_id_file.is_file():
         state.state = STOPPED
     return state
 
@@ -137,35 +129,20 @@ def _read_row(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     return row, None
 
 
-def _stage_folders(run_dir: Path) -> list[str]:
-    """The stage folders ``K-NAME`` of a staged run, in stage order."""
-    folder = run_dir / STAGES_DIR
-    if not folder.is_dir():
-        return []
-    names = [p.name for p in folder.iterdir() if p.is_dir() and p.name.split("-", 1)[0].isdigit()]
-    return sorted(names, key=lambda name: int(name.split("-", 1)[0]))
-
-
-def _current_stage(run_dir: Path, row: dict[str, Any] | None) -> str | None:
-    """The stage a finished run's row names, else the newest stage folder (``None``: no stages)."""
+def _current_stage(run_dir: RunDir, row: dict[str, Any] | None) -> str | None:
+    """The stage a finished run's row names, else the newest stage folder ``K-NAME`` (``None``: no stages)."""
     if row is not None and row.get("stage"):
         return str(row["stage"])
-    folders = _stage_folders(run_dir)
-    return folders[-1] if folders else None
+    folders = run_dir.stages()
+    return folders[-1].name if folders else None
 
 
-def _step_reached(directory: Path) -> int | None:
-    """The step of the newest line of ``metrics.jsonl``, else of the newest checkpoint."""
-    step = _last_logged_step(directory / METRICS_FILE)
-    if step is not None or not directory.is_dir():
+def _step_reached(directory: RunDir) -> int | None:
+    """The step of the newest line of ``metrics.jsonl``, else of the newest checkpoint (read without torch)."""
+    step = _last_logged_step(directory.metrics)
+    if step is not None or not directory.path.is_dir():
         return step
-    from compress.checkpoint import CheckpointError, latest_checkpoint  # imports torch: only without metrics
-
-    try:
-        checkpoint = latest_checkpoint(directory)
-    except CheckpointError:
-        return None
-    return checkpoint.step if checkpoint is not None else None
+    return directory.checkpoint_step()
 
 
 def _last_logged_step(path: Path, tail: int = 65536) -> int | None:
@@ -200,60 +177,7 @@ def _total_steps(config: dict[str, Any], stage: str | None) -> int | None:
     return steps if isinstance(steps, int) else None
 
 
-# -- many runs ------------------------------------------------------------------------------------
-def is_run_dir(path: Path) -> bool:
-    return any((path / marker).is_file() for marker in RUN_MARKERS)
-
-
-def find_run_dirs(root: Path) -> list[Path]:
-    """Every run directory under ``root`` (``root`` itself included), sorted; the folders inside a
-    run (its stages, checkpoints, model) are part of it, not runs of their own."""
-    return _walk(Path(root))[0]
-
-
-def _walk(root: Path) -> tuple[list[Path], list[Path]]:
-    """The run directories and the sweep manifests under ``root`` (hidden folders skipped)."""
-    runs: list[Path] = []
-    manifests: list[Path] = []
-    for folder, subfolders, files in os.walk(root):
-        path = Path(folder)
-        if is_run_dir(path):
-            runs.append(path)
-            subfolders.clear()
-            continue
-        if MANIFEST_FILE in files:
-            manifests.append(path / MANIFEST_FILE)
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-    return sorted(runs), sorted(manifests)
-
-
-def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
-    """The sweep manifest's entries by run id, the newest line of a run winning; a torn line is
-    reported on stderr and skipped."""
-    entries: dict[str, dict[str, Any]] = {}
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return entries
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            entries[str(entry["run_id"])] = entry
-        except (ValueError, KeyError, TypeError) as error:
-            print(f"clip-compress: warning: {path}:{number}: unreadable manifest line skipped ({error})",
-                  file=sys.stderr)
-    return entries
-
-
-def _entry_run_dir(entry: dict[str, Any], manifest: Path) -> Path:
-    path = Path(str(entry.get("run_dir", "")))
-    if path.is_absolute() or path.exists():
-        return path
-    return manifest.parent / path
-
-
+# -- many runs (the run directories: :func:`compress.rundir.walk_run_dirs`) ------------------------------
 def _with_entry(state: RunState, entry: dict[str, Any]) -> RunState:
     state.job_id = None if entry.get("job_id") is None else str(entry["job_id"])
     state.backend = None if entry.get("backend") is None else str(entry["backend"])
@@ -266,7 +190,7 @@ def _with_entry(state: RunState, entry: dict[str, Any]) -> RunState:
 def directory_states(root: Path) -> list[RunState]:
     """Every run under ``root``, and every run a manifest under ``root`` lists whose folder does not
     exist yet (``pending``, with its job id)."""
-    run_dirs, below = _walk(root)
+    run_dirs, below = walk_run_dirs(root, also=MANIFEST_FILE)
     states = [run_state(d) for d in run_dirs]
     above = [parent / MANIFEST_FILE for parent in root.resolve().parents if (parent / MANIFEST_FILE).is_file()]
     by_id = {s.run_id: s for s in states if s.run_id is not None}
@@ -275,14 +199,14 @@ def directory_states(root: Path) -> list[RunState]:
             if run_id in by_id:
                 _with_entry(by_id[run_id], entry)
             elif manifest in below:
-                by_id[run_id] = _with_entry(run_state(_entry_run_dir(entry, manifest)), entry)
+                by_id[run_id] = _with_entry(run_state(entry_run_dir(entry, manifest)), entry)
                 states.append(by_id[run_id])
     return states
 
 
 def sweep_states(path: Path) -> list[RunState]:
     """Every run of the sweep file ``path``, in the sweep's order (``pending`` until it starts)."""
-    from experiments.sweep import load_sweep
+    from experiments.sweep import load_sweep  # validates every run's config: the plug-in registries
 
     sweep = load_sweep(path)
     jobs = read_manifest(Path(sweep.output_dir) / MANIFEST_FILE)
@@ -372,12 +296,6 @@ def _shorten(text: str | None, width: int = ERROR_WIDTH) -> str:
     if not text:
         return ""
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def values_text(values: Mapping[str, Any]) -> str:
-    """A run's axis values in one line, each value as JSON: ``train.lr=0.0003, losses=[{"name": "clip"}]``
-    (what the sweep's dry run and its errors print too)."""
-    return ", ".join(f"{key}={json.dumps(value, default=str)}" for key, value in values.items())
 
 
 def summary(states: Iterable[RunState]) -> str:

@@ -41,9 +41,9 @@ from typing import Any
 
 from compress.config import ConfigError, OverrideError, RunConfig, parse_override
 from compress.config.yamlio import read_yaml
-from compress.recipe import config_from_dict, run_id_of
-from compress.rundir import run_dir_for
-from experiments.status import MANIFEST_FILE, values_text
+from compress.recipe import config_from_dict, run_dir_for, run_id_of
+from compress.rundir import find_run_dir, run_dir_name
+from experiments.manifest import MANIFEST_FILE, values_text
 
 SWEEP_KEYS = ("name", "base", "set", "output_dir", "axes", "zip", "seeds", "exclude")
 #: keys the sweep sets on every run itself
@@ -165,8 +165,8 @@ def _expand(path: Path, data: Any, overrides: Sequence[str]) -> Sweep:
                 f"{run_id}): an axis varies only settings that do not change the result, or values repeat"
             )
         seen[run_id] = values
-        cfg.output.run_name = existing_run_name(output_dir, run_id) or (
-            f"{name}-{short_values(values)}-{run_id}" if values else f"{name}-{run_id}")
+        cfg.output.run_name = existing_run_name(output_dir, run_id) or run_dir_name(
+            name, run_id, short_values(values) if values else None)
         sweep._runs.append(SweepRun(index=index, cfg=cfg, values=values, run_dir=run_dir_for(cfg)))
     return sweep
 
@@ -175,8 +175,8 @@ def existing_run_name(output_dir: Path, run_id: str) -> str | None:
     """The name of the one directory ``output_dir/*-<run_id>`` if there is exactly one: a run keeps its
     directory when the sweep file is edited without changing what it computes (axes reordered, an axis
     of the base value added), so it is found (completed, resumed) by its run id."""
-    found = [p.name for p in output_dir.glob(f"*-{run_id}") if p.is_dir()] if output_dir.is_dir() else []
-    return found[0] if len(found) == 1 else None
+    found = find_run_dir(output_dir, run_id)
+    return found.name if found is not None else None
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 from compress.config import RunConfig
 from compress.results import STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED
 from compress.rundir import RunDirBusy, lock_holder
+from experiments.backends import find, get_backend
 from experiments.dispatch import check_before_run, submit
 from experiments.job import RUNNING_ELSEWHERE, completed_row
 from experiments.status import PENDING, QUEUED, RUNNING, STOPPED, mark_queued, read_manifest, run_state
@@ -23,8 +24,8 @@ from experiments.sweep import (
     manifest_line,
 )
 
-#: a run handed to ``local``/``slurm`` (its newest manifest line) that has no run directory yet, where the
-#: scheduler cannot be asked (``local``, or no ``squeue``): its job may still wait in the queue (submitting it
+#: a run handed to a backend that does not wait (its newest manifest line) that has no run directory yet, where
+#: the scheduler cannot be asked (``local``, or no ``squeue``): its job may still wait in the queue (submitting it
 #: again would only waste an allocation), or died before it started
 QUEUED_MAYBE = "queued?"
 
@@ -42,8 +43,9 @@ def sweep_run_states(runs: Sequence[SweepRun], jobs: dict[str, dict[str, Any]]) 
         states.append(state)
     note = mark_queued(states)
     for state in states:
-        if state.state == PENDING and state.job_id and state.backend in ("local", "slurm") and (
-                state.backend == "local" or note is not None):
+        backend = find(state.backend)
+        if state.state == PENDING and state.job_id and backend is not None and not backend.waits and (
+                not backend.queue_visible or note is not None):
             state.state = QUEUED_MAYBE
     return [state.state for state in states], note
 
@@ -93,9 +95,9 @@ def format_table(sweep: Sweep, runs: Sequence[SweepRun], states: Sequence[str], 
 
 def run_sweep(path: str | Path | Sweep, backend: str | None = None, overrides: Sequence[str] = (),
               dry_run: bool = False, only_failed: bool = False, force: bool = False) -> int:
-    """Submit the sweep's runs that the mode selects (see :func:`selected`); the exit code is 1 when an
-    ``inline``/``debug`` run failed, else 0 (``local``/``slurm`` jobs are not waited for). ``path``: a sweep
-    file (expanded with ``overrides``), or a sweep already loaded."""
+    """Submit the sweep's runs that the mode selects (see :func:`selected`); the exit code is 1 when a run of a
+    backend that waits failed, else 0 (the jobs of the others are not waited for). ``path``: a sweep file
+    (expanded with ``overrides``), or a sweep already loaded."""
     if isinstance(path, Sweep):
         if overrides:
             raise ValueError("overrides apply when a sweep file is loaded; this sweep is loaded already")
@@ -103,10 +105,40 @@ def run_sweep(path: str | Path | Sweep, backend: str | None = None, overrides: S
     else:
         sweep = load_sweep(path, overrides)
     runs = sweep.runs()
+    backends = [backend or run.cfg.dispatch.backend for run in runs]
+    todo = _plan(sweep, runs, backends, only_failed, force)
+    skipped = len(runs) - len(todo)
+    # what a run would refuse as it starts (run directory, device, inheritance): one line, before anything is
+    # submitted or written, in the dry run too
+    check_before_run([run.cfg for run in todo], [backend or run.cfg.dispatch.backend for run in todo])
+    if dry_run:
+        print(f"dry run: {len(todo)} to submit, {skipped} skipped; nothing submitted or written")
+        return 0
+    if not todo:
+        print(f"nothing to submit: {skipped} runs skipped (completed, or not selected)")
+        return 0
+    submitter = _Submitter(sweep, todo, backend, force)
+    wanted = {run.index for run in todo}
+    for name in dict.fromkeys(backends):  # each backend once, in order
+        group = [run for run, b in zip(runs, backends, strict=True) if b == name and run.index in wanted]
+        if group and not get_backend(name).waits:
+            submit([run.cfg for run in group], name, submitter.folder, force=force, on_submit=submitter.record)
+        elif group:
+            submitter.run_here(group, name)
+    rows, others = submitter.rows, submitter.others
+    failed = sum(row.get("status") != STATUS_COMPLETED for row in rows)
+    ran = f"; {len(rows) - failed} completed, {failed} failed" if rows else ""
+    ran += f", {others} run or completed by another process" if others else ""
+    print(f"sweep {sweep.name}: {len(todo) - others} submitted, {skipped} skipped{ran}; manifest {sweep.manifest}")
+    return 1 if failed else 0
+
+
+def _plan(sweep: Sweep, runs: Sequence[SweepRun], backends: Sequence[str], only_failed: bool,
+          force: bool) -> list[SweepRun]:
+    """Print the sweep's table (each run's state and action) and its notes; return the runs to submit."""
     jobs = read_manifest(sweep.manifest)
     states, note = sweep_run_states(runs, jobs)
     chosen = [selected(state, only_failed, force) for state in states]
-    backends = [backend or run.cfg.dispatch.backend for run in runs]
     actions = [action(state, c, force) for state, c in zip(states, chosen, strict=True)]
     print(format_table(sweep, runs, states, actions, backends))
     queued = [jobs[run.run_id]["job_id"] for run, state in zip(runs, states, strict=True) if state == QUEUED]
@@ -121,65 +153,53 @@ def run_sweep(path: str | Path | Sweep, backend: str | None = None, overrides: S
         print(f"note: {len(maybe)} run(s) {QUEUED_MAYBE}: submitted (job {', '.join(map(str, maybe[:5]))}"
               f"{', ...' if len(maybe) > 5 else ''}) but not started, and the scheduler cannot be asked here; "
               "if still queued (squeue), submitting them again wastes an allocation")
-    todo = [run for run, c in zip(runs, chosen, strict=True) if c]
-    skipped = len(runs) - len(todo)
-    # what a run would refuse as it starts (run directory, device, inheritance): one line, before anything is
-    # submitted or written, in the dry run too
-    check_before_run([run.cfg for run in todo], [backend or run.cfg.dispatch.backend for run in todo])
-    if dry_run:
-        print(f"dry run: {len(todo)} to submit, {skipped} skipped; nothing submitted or written")
-        return 0
-    if not todo:
-        print(f"nothing to submit: {skipped} runs skipped (completed, or not selected)")
-        return 0
-    code = code_version()
-    of_cfg = {id(run.cfg): run for run in todo}
-    rows = []
+    return [run for run, c in zip(runs, chosen, strict=True) if c]
 
-    def now() -> str:
-        return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
-    def on_submit(cfg: RunConfig, job_id: str, when: str | None = None) -> None:
-        run = of_cfg[id(cfg)]
-        append_manifest(sweep, manifest_line(run, backend or cfg.dispatch.backend, job_id, when or now(), code))
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+class _Submitter:
+    """Hands a sweep's runs to backends and records each in the manifest as it gets its job id; runs those of a
+    backend that waits here, one after the other (one run's error does not stop the others)."""
+
+    def __init__(self, sweep: Sweep, todo: Sequence[SweepRun], backend: str | None, force: bool) -> None:
+        self.sweep, self.backend, self.force = sweep, backend, force
+        self.of_cfg = {id(run.cfg): run for run in todo}
+        self.code = code_version()
+        self.folder = sweep.output_dir / "submitit"
+        self.rows: list[dict[str, Any]] = []
+        self.others = 0
+
+    def record(self, cfg: RunConfig, job_id: str, when: str | None = None) -> None:
+        run = self.of_cfg[id(cfg)]
+        line = manifest_line(run, self.backend or cfg.dispatch.backend, job_id, when or _now(), self.code)
+        append_manifest(self.sweep, line)
         print(f"[submitted] {run.run_id} job {job_id} {run.run_dir}", flush=True)
 
-    folder = sweep.output_dir / "submitit"
-    others = 0
-    wanted = {run.index for run in todo}
-    for name in dict.fromkeys(backends):  # each backend once, in order
-        group = [run for run, b in zip(runs, backends, strict=True) if b == name and run.index in wanted]
-        if not group:
-            continue
-        if name in ("local", "slurm"):
-            submit([run.cfg for run in group], name, folder, force=force, on_submit=on_submit)
-            continue
-        for run in group:  # in this process, one after the other: one run's error does not stop the others
-            elsewhere = _elsewhere(run, force)
+    def run_here(self, group: Sequence[SweepRun], name: str) -> None:
+        for run in group:
+            elsewhere = _elsewhere(run, self.force)
             if elsewhere:  # another process (a second sweep) took it since the table: neither submitted nor failed
                 print(f"[{elsewhere}] {run.run_id} ({describe(run.values)}): not run here", flush=True)
-                others += 1
+                self.others += 1
                 continue
             # the run's manifest line is written once its job ran, and not if another process held the run (its
             # lock is taken inside the job: a line written before it could name a run this command never ran)
             started: list[tuple[RunConfig, str, str]] = []
             busy = False
             try:
-                (done,) = submit([run.cfg], name, folder, force=force,
-                                 on_submit=lambda cfg, job_id, to=started: to.append((cfg, job_id, now())))
-                rows.append(done.row or {})
+                (done,) = submit([run.cfg], name, self.folder, force=self.force,
+                                 on_submit=lambda cfg, job_id, to=started: to.append((cfg, job_id, _now())))
+                self.rows.append(done.row or {})
             except RunDirBusy as error:  # taken between the check above and its lock
                 busy = True
                 print(f"[{RUNNING_ELSEWHERE}] {run.run_id} ({describe(run.values)}): {error}", flush=True)
-                others += 1
+                self.others += 1
             except Exception as error:  # noqa: BLE001 - reported, counted, and the sweep goes on
                 print(f"[error] {run.run_id} ({describe(run.values)}): {type(error).__name__}: {error}", flush=True)
-                rows.append({"status": STATUS_FAILED})
+                self.rows.append({"status": STATUS_FAILED})
             finally:  # also when the run is interrupted (Ctrl-C): it ran here
                 for cfg, job_id, when in started if not busy else []:
-                    on_submit(cfg, job_id, when)
-    failed = sum(row.get("status") != STATUS_COMPLETED for row in rows)
-    ran = f"; {len(rows) - failed} completed, {failed} failed" if rows else ""
-    ran += f", {others} run or completed by another process" if others else ""
-    print(f"sweep {sweep.name}: {len(todo) - others} submitted, {skipped} skipped{ran}; manifest {sweep.manifest}")
-    return 1 if failed else 0
+                    self.record(cfg, job_id, when)

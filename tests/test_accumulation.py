@@ -13,11 +13,13 @@ import torch
 import strategies.losses.affinity as affinity_module
 import strategies.losses.clip as clip_module
 from compress.config import TrainConfig
+from compress.live_forward import FEATURES, LiveForward
 from compress.masks import get_masks
 from compress.models import load_model
 from compress.models.forward import clip_forward
 from compress.registry import LOSSES, SCHEDULES
-from compress.train import FEATURES, LiveForward, LossTerm, Trainer, TrainingError
+from compress.train import LossTerm, Trainer
+from compress.training_error import TrainingError
 from tests.test_train import FP32, SCALED, all_grads, make_batch, make_trainer, models, needs_cpu_scaler, states_close
 
 __all__ = ["models"]  # the module-scoped fixture of tests/test_train.py

@@ -79,7 +79,7 @@ def test_the_compiled_text_tower_still_gives_sdpa_is_causal():
     with ``is_causal=True`` and no mask tensor (flash kernels allowed), and equals the eager tower."""
     import torch.nn.functional as F
 
-    from compress.train import compile_towers
+    from compress.live_forward import compile_towers
 
     graphs = []
 

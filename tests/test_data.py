@@ -294,7 +294,7 @@ def _csv_with_bad(root: Path, n: int, bad: set[int]) -> Path:
 
 
 def test_train_batches_keep_their_size_with_bad_samples_mixed_in(tmp_path, tokenizer):
-    from compress.train import split_batch
+    from compress.step_inputs import split_batch
 
     bad = {i for i in range(40) if i % 5 == 2}  # 8 of 40 bad
     path = _csv_with_bad(tmp_path, 40, bad)
@@ -496,7 +496,7 @@ def test_webdataset_with_fewer_shards_than_processes_is_refused(tmp_path, monkey
 
 
 def test_each_rank_takes_every_nth_index_of_the_same_permutation():
-    from compress.data.loader import EpochShuffleSampler
+    from compress.data.sampling import EpochShuffleSampler
 
     for epoch in (0, 3):
         whole = EpochShuffleSampler(11, seed=5)

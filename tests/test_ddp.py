@@ -264,7 +264,7 @@ def test_the_gate_sample_of_a_step_does_not_depend_on_the_process_random_state()
     from compress.masks import attach_masks, one_gate_sample
     from compress.masks.attach import get_masks
     from compress.models import load_model
-    from compress.train import gate_generator
+    from compress.step_random import gate_generator
 
     model = load_model("cc-test-student")
     attach_masks(model)
@@ -374,7 +374,7 @@ def test_torchrun_runs_the_cli_as_two_processes_and_rank_0_reports(tmp_path):
 
 def test_the_trainer_draws_each_steps_gates_from_the_step_generator(tmp_path, monkeypatch):
     import compress.train as train
-    from compress.train import gate_generator
+    from compress.step_random import gate_generator
 
     drawn = []
     original = train.one_gate_sample

@@ -154,10 +154,10 @@ def test_local_executor_gets_the_dispatch_settings(tmp_path, monkeypatch, local_
     """timeout_min, signal_delay_s, max_num_timeout, tasks (one per GPU) and max_parallel reach
     submitit's LocalExecutor; with enough GPUs the parallel jobs get disjoint ones, without any the
     tasks run on the CPU."""
-    import experiments.dispatch
+    import experiments.backends.local
     from experiments.dispatch import submit
 
-    monkeypatch.setattr(experiments.dispatch, "_cuda_devices", lambda: devices)
+    monkeypatch.setattr(experiments.backends.local, "cuda_devices", lambda: devices)
     made = local_executors
     cfgs = [tiny_config(tmp_path, seed=s, dispatch={"max_parallel": 2, "timeout_min": 7, "signal_delay_s": 30,
                                                     "max_num_timeout": 5, "gpus_per_node": 3}) for s in range(3)]
@@ -175,18 +175,18 @@ def test_local_executor_gets_the_dispatch_settings(tmp_path, monkeypatch, local_
 def test_parallel_local_jobs_never_share_gpus(tmp_path, monkeypatch, local_executors):
     """Every local job running at once (over all groups of dispatch settings) gets its own GPUs; fewer GPUs
     than max_parallel x gpus_per_node is a one-line refusal before any job starts."""
-    import experiments.dispatch
+    import experiments.backends.local
     from experiments.dispatch import DispatchError, submit
 
     def cfgs(max_parallel: int) -> list:
         dispatch = {"max_parallel": max_parallel, "gpus_per_node": 2}
         return [tiny_config(tmp_path, seed=s, dispatch={**dispatch, "timeout_min": 60 + s // 3}) for s in range(4)]
 
-    monkeypatch.setattr(experiments.dispatch, "_cuda_devices", lambda: 6)
+    monkeypatch.setattr(experiments.backends.local, "cuda_devices", lambda: 6)
     submit(cfgs(2), "local", tmp_path / "logs")  # seeds 0-2: 2 jobs; seed 3 (another timeout): 1 job
     assert [e.params["visible_gpus"] for e in local_executors] == [[0, 1], [2, 3], [4, 5]]
     local_executors.clear()
-    monkeypatch.setattr(experiments.dispatch, "_cuda_devices", lambda: 4)
+    monkeypatch.setattr(experiments.backends.local, "cuda_devices", lambda: 4)
     with pytest.raises(DispatchError, match=r"need 6 GPUs \(2 parallel job\(s\) x 2 GPUs \+ 1 parallel.* has 4"):
         submit(cfgs(2), "local", tmp_path / "logs")
     assert local_executors == []

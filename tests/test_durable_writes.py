@@ -213,6 +213,6 @@ def test_force_removes_every_file_of_the_attempt_before(tmp_path, monkeypatch):
 
 def test_the_report_files_force_removes_are_the_ones_the_report_writes():
     from analysis.structure_report import HEATMAP_FILE, TABLE_FILE
-    from compress.run import REPORT_FILES
+    from compress.rundir import REPORT_FILES
 
     assert set(REPORT_FILES) == {TABLE_FILE, HEATMAP_FILE}

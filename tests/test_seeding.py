@@ -20,7 +20,7 @@ from torchvision import transforms as T
 
 from compress.config import DataConfig, DatasetConfig
 from compress.data import DistillTransform, build_train_loader, train_transform
-from compress.data import loader as loader_module
+from compress.data import sampling as sampling_module
 from compress.data import shards as shards_module
 from compress.data.robust import torch_seeded
 
@@ -113,7 +113,7 @@ def test_seeding_a_sample_leaves_every_accelerator_generator_alone(monkeypatch):
 
 def _loader_images(data: DataConfig, transform: object, seeding: object, monkeypatch: pytest.MonkeyPatch,
                    batches: int) -> list[torch.Tensor]:
-    monkeypatch.setattr(loader_module, "torch_seeded", seeding)
+    monkeypatch.setattr(sampling_module, "torch_seeded", seeding)
     monkeypatch.setattr(shards_module, "torch_seeded", seeding)
     import open_clip
 

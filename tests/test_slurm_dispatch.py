@@ -86,7 +86,7 @@ def test_the_warning_signal_leaves_a_minute_even_when_slurm_sends_it_60_s_early(
 
 
 def test_gres_gpus_of_sinfo():
-    from experiments.dispatch import gres_gpus
+    from experiments.backends.slurm import gres_gpus
 
     assert [gres_gpus(g) for g in ["(null)", "gpu:2", "gpu:a100:4(S:0-1),gpu:v100:2", "mps:100,gpu:8"]] == [0, 2, 6, 8]
 

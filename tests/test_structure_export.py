@@ -13,10 +13,10 @@ from PIL import Image
 from torch import nn
 
 from compress.masks import attach_masks, detach_masks, prune_masked
-from compress.models import load_model
+from compress.models import load_model, load_with_transforms
 from compress.models.export import save_model
 from compress.models.factory import OPEN_CLIP_CONFIG_FILE
-from compress.models.nonuniform import NONUNIFORM_CONFIG_FILE, load_with_transforms, save_nonuniform
+from compress.models.nonuniform import NONUNIFORM_CONFIG_FILE, save_nonuniform
 from compress.models.structure import TowerKeep, describe_structure, prune_model
 
 TOL = 1e-5

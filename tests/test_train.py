@@ -20,7 +20,8 @@ from compress.plugins import Inheritance
 from compress.precision import Precision, resolve_precision
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES
 from compress.teacher import OnlineTeacher
-from compress.train import LOGIT_SCALE_MAX, LossTerm, Trainer, TrainingError
+from compress.train import LOGIT_SCALE_MAX, LossTerm, Trainer
+from compress.training_error import TrainingError
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ NON_IDENTITY_SECTIONS = ("output", "dispatch")
 #: ``train.accum_inputs`` reads the same micro-batches a second time or keeps them (the same step);
 #: ``eval.throughput`` is a timing, not a result. ``data.num_workers`` does not change
 #: map-style training data (each sample's augmentation is seeded by (seed, epoch, index), see
-#: ``compress.data.loader.SeededSamples``); for webdataset shards it changes the sample order
+#: ``compress.data.sampling.SeededSamples``); for webdataset shards it changes the sample order
 #: (shards are split across workers), a different draw of the same experiment.
 NON_IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
     "train": ("progress", "log_every", "checkpoint_every", "device", "grad_checkpointing", "compile",

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from compress.config.dispatch import DispatchConfig
+
 SCHEMA_VERSION = 1
 
 PluginSpec = dict[str, Any]
@@ -146,48 +148,6 @@ class OutputConfig:
     keep_checkpoints: bool = False
 
 
-#: where a run executes (``experiments.dispatch``): this process, submitit's in-process debug
-#: executor, local processes, or SLURM job arrays
-DISPATCH_BACKENDS = ("inline", "debug", "local", "slurm")
-
-
-@dataclass
-class DispatchConfig:
-    """Where and with what a run executes (none of it changes the run id).
-
-    ``nodes`` x ``tasks_per_node`` processes train one run data-parallel (the world size);
-    ``tasks_per_node`` defaults to ``gpus_per_node`` (one task per GPU), or 1 with ``gpus_per_node: 0``,
-    and with GPUs it must equal ``gpus_per_node``. GPUs are requested only when ``gpus_per_node`` > 0;
-    ``gpus_per_node: 0, tasks_per_node: N``: N CPU processes per node (``local``: on a machine without
-    GPUs, the tasks run on the CPU whatever ``gpus_per_node`` says). ``local``: ``max_parallel`` runs at
-    once, each with ``timeout_min``. ``slurm``: the sbatch resources (``partition``, ``account``,
-    ``cpus_per_task``, ``mem_gb``, ``timeout_min``), a sweep's runs as job arrays of at most
-    ``max_array_size`` tasks (the cluster's MaxArraySize) with ``array_parallelism`` running at once;
-    SIGUSR2 arrives ``signal_delay_s`` before the time limit, and a job that times out is requeued
-    (resuming from its checkpoint) at most ``max_num_timeout`` times (preemptions do not count).
-    ``slurm_options``: further ``#SBATCH`` flags, e.g. ``{constraint: a100, qos: high}``."""
-
-    backend: str = "inline"
-    nodes: int = 1
-    gpus_per_node: int = 1
-    tasks_per_node: int | None = None
-    timeout_min: int = 60 * 24
-    max_parallel: int = 1
-    partition: str | None = None
-    account: str | None = None
-    cpus_per_task: int | None = None
-    mem_gb: float | None = None
-    array_parallelism: int = 256
-    max_array_size: int = 1000
-    signal_delay_s: int = 120
-    max_num_timeout: int = 3
-    slurm_options: dict[str, Any] = field(default_factory=dict)
-
-    def tasks(self) -> int:
-        """Processes per node: ``tasks_per_node``, else one per GPU (``gpus_per_node``), at least 1."""
-        return self.tasks_per_node if self.tasks_per_node is not None else max(self.gpus_per_node, 1)
-
-
 @dataclass
 class StageConfig:
     """One stage of a progressive run (TinyCLIP's multi-stage distillation).
@@ -232,8 +192,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    dispatch: DispatchConfig = field(default_factory=lambda: DispatchConfig.of({}))
     stages: list[StageConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.dispatch = DispatchConfig.of(self.dispatch)  # a free mapping: the backends' keys are theirs
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from compress.config.errors import ConfigError, suggest
-from compress.config.schema import DATASET_KINDS, DISPATCH_BACKENDS, SCHEMA_VERSION, SYNTHETIC_TASKS, RunConfig
+from compress.config.schema import DATASET_KINDS, SCHEMA_VERSION, SYNTHETIC_TASKS, RunConfig
 from compress.config.specs import split_loss
 
 
@@ -35,10 +35,9 @@ def check_loss_weight(index: int, spec: Any) -> dict[str, Any]:
 
 
 def check_sections(cfg: RunConfig) -> None:
-    """The data, evaluation and dispatch sections (the last checks of a config)."""
+    """The data and evaluation sections (the last checks of a config; dispatch is checked as it is parsed)."""
     _check_data(cfg)
     _check_eval(cfg)
-    _check_dispatch(cfg)
 
 
 #: ``train.accum_inputs``: read a step's micro-batches again with a second loader, or keep them on the host
@@ -118,57 +117,6 @@ def _check_device(name: str) -> None:
     if name == "auto" or (kind in ("cpu", "cuda", "mps") and (not index or index.isdigit())):
         return
     raise ConfigError(f"train.device: {name!r} is not auto, cpu, cuda, cuda:N or mps")
-
-
-#: sbatch flags the dispatcher writes itself, and the key that sets each
-MANAGED_SBATCH_FLAGS = {
-    "partition": "dispatch.partition", "account": "dispatch.account", "time": "dispatch.timeout_min",
-    "nodes": "dispatch.nodes", "ntasks-per-node": "dispatch.tasks_per_node",
-    "gpus-per-node": "dispatch.gpus_per_node", "cpus-per-task": "dispatch.cpus_per_task", "mem": "dispatch.mem_gb",
-    "array": "dispatch.max_array_size and array_parallelism", "signal": "dispatch.signal_delay_s",
-    "job-name": "the run's or the sweep's name", "output": "the submitit log folder",
-    "error": "the submitit log folder", "requeue": "always on: a preempted or timed-out job is requeued",
-}
-
-
-def _check_dispatch(cfg: RunConfig) -> None:
-    """Backend names and resource counts (what submitit and sbatch would otherwise refuse late)."""
-    d = cfg.dispatch
-    if d.backend == "inprocess":
-        raise ConfigError("dispatch.backend: 'inprocess' was renamed: use 'inline'")
-    if d.backend not in DISPATCH_BACKENDS:
-        raise ConfigError(
-            f"dispatch.backend: {d.backend!r} is not one of {', '.join(DISPATCH_BACKENDS)}."
-            f"{suggest(d.backend, list(DISPATCH_BACKENDS))}"
-        )
-    at_least = {"nodes": 1, "gpus_per_node": 0, "timeout_min": 1, "max_parallel": 1, "array_parallelism": 1,
-                "max_array_size": 1, "signal_delay_s": 0, "max_num_timeout": 0, "cpus_per_task": 1,
-                "tasks_per_node": 1}
-    for key, low in at_least.items():
-        value = getattr(d, key)
-        if value is not None and value < low:
-            raise ConfigError(f"dispatch.{key}: must be at least {low}, got {value}")
-    if d.tasks_per_node is not None and d.gpus_per_node > 0 and d.tasks_per_node != d.gpus_per_node:
-        raise ConfigError(
-            f"dispatch.tasks_per_node: {d.tasks_per_node} tasks for {d.gpus_per_node} GPUs per node "
-            "(dispatch.gpus_per_node): each task uses one GPU; leave tasks_per_node unset, or set "
-            "gpus_per_node: 0 for CPU processes"
-        )
-    if d.mem_gb is not None and not d.mem_gb > 0:
-        raise ConfigError(f"dispatch.mem_gb: must be a number > 0 (or null: the partition's default), got {d.mem_gb}")
-    for key, value in d.slurm_options.items():
-        flag = str(key).replace("_", "-")
-        if flag in MANAGED_SBATCH_FLAGS:
-            raise ConfigError(
-                f"dispatch.slurm_options.{key}: set by the dispatcher ({MANAGED_SBATCH_FLAGS[flag]}); not an option"
-            )
-        if value is not None and not isinstance(value, str | int | float | bool):
-            raise ConfigError(f"dispatch.slurm_options.{key}: expected a string, number or true, got {value!r}")
-    if d.signal_delay_s >= 60 * d.timeout_min:
-        raise ConfigError(
-            f"dispatch.signal_delay_s: {d.signal_delay_s} s is not shorter than the time limit "
-            f"(timeout_min {d.timeout_min}): the job would be signalled before it starts"
-        )
 
 
 def _check_data(cfg: RunConfig) -> None:

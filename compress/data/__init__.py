@@ -37,15 +37,11 @@ samples were bad (judged once ``bad_window`` samples were read) or when a whole 
 
 from compress.data.collate import make_collate, make_label_collate
 from compress.data.csv_data import CsvDataset
+from compress.data.datasets import build_dataset
 from compress.data.folder import FolderTextDataset, ImageFolderDataset, imagenet_preset
-from compress.data.loader import (
-    CountedLoader,
-    EpochShuffleSampler,
-    build_dataset,
-    build_eval_loader,
-    build_train_loader,
-)
+from compress.data.loader import CountedLoader, build_eval_loader, build_train_loader
 from compress.data.robust import BadSampleCounter, DataError, open_image
+from compress.data.sampling import EpochShuffleSampler
 from compress.data.shards import ShardDataset
 from compress.data.synthetic import ShapesClassification, ShapesDataset, ShapesOptions
 from compress.data.tasks import RetrievalSet, ZeroShotTask, build_retrieval_set, build_zero_shot_task

@@ -1,4 +1,4 @@
-"""Data sets from config, and the loaders the trainer and evaluator iterate.
+"""The loaders the trainer and evaluator iterate.
 
 :class:`CountedLoader` wraps a ``DataLoader``: it feeds each batch's bad-sample numbers to
 a :class:`BadSampleCounter` in the main process (raising ``DataError`` past the limit),
@@ -7,12 +7,13 @@ and :meth:`CountedLoader.forever` yields batches without end for step-based trai
 calling ``set_epoch`` on the sampler / iterable data set before each pass so every epoch
 is reshuffled deterministically from the seed. :meth:`CountedLoader.state_dict` /
 :meth:`CountedLoader.load_state_dict` save and restore the stream's position for exact resume.
+The data sets come from :mod:`compress.data.datasets`, the training order and the seeding of each
+sample's augmentation from :mod:`compress.data.sampling`.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -21,110 +22,22 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from compress.config import DataConfig, DatasetConfig
-from compress.config.schema import DATASET_KINDS
-from compress.data.collate import Batch, Tokenizer, make_collate
-from compress.data.csv_data import CsvDataset
-from compress.data.folder import FolderTextDataset
-from compress.data.robust import BadSampleCounter, DataError, torch_seeded
-from compress.data.shards import Keyed, ShardDataset
-from compress.data.synthetic import ShapesDataset, ShapesOptions
+from compress.config import DataConfig
+from compress.data.collate import Batch, KeyedCollate, Tokenizer, make_collate
+from compress.data.datasets import build_dataset, dataset_name
+from compress.data.robust import BadSampleCounter, DataError
+from compress.data.sampling import EpochKeys, EpochShuffleSampler, SeededSamples
+from compress.data.shards import ShardDataset
 from compress.stopping import ignore_in_worker
-
-_WDS_OPTIONS = ("shuffle_buffer", "image_exts", "text_exts")
 
 log = logging.getLogger(__name__)
 
 SamplerArg = Sampler | Callable[[Dataset], Sampler] | None
 
 
-def dataset_name(cfg: DatasetConfig, split: str | None = None) -> str:
-    return f"{cfg.kind}:{cfg.path or ''}:{split or cfg.split}".replace("::", ":")
-
-
-def _check_options(cfg: DatasetConfig, allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(cfg.options) - set(allowed))
-    if unknown:
-        raise DataError(f"{cfg.kind} data set: unknown option(s) {unknown}; known: {list(allowed)}")
-
-
-def build_dataset(
-    cfg: DatasetConfig, transform: Any, split: str | None = None, shuffle: bool | None = None
-) -> Dataset:
-    """A data set of ``(image_tensor, caption)`` items, ``None`` for a bad sample.
-
-    ``split`` defaults to ``cfg.split`` (it selects the synthetic split; for files the path
-    names the split). ``shuffle`` (webdataset only) defaults to ``split == "train"``.
-    """
-    split = split or cfg.split
-    if cfg.kind not in DATASET_KINDS:
-        raise DataError(f"data set kind {cfg.kind!r} is not one of {', '.join(DATASET_KINDS)}")
-    if cfg.kind == "synthetic":
-        return ShapesDataset(cfg.seed, split, cfg.num_samples, transform, ShapesOptions.from_dict(cfg.options))
-    if not cfg.path:
-        raise DataError(f"{cfg.kind} data set: 'path' is required")
-    if cfg.kind == "csv":
-        _check_options(cfg, ())
-        return CsvDataset(cfg.path, transform, cfg.image_key, cfg.caption_key, cfg.separator, cfg.num_samples)
-    if cfg.kind == "folder":
-        _check_options(cfg, ("templates",))
-        return FolderTextDataset(cfg.path, transform, cfg.options.get("templates"))
-    _check_options(cfg, _WDS_OPTIONS)
-    return ShardDataset(
-        cfg.path,
-        transform,
-        shuffle=(split == "train") if shuffle is None else shuffle,
-        seed=cfg.seed,
-        num_samples=cfg.num_samples,
-        **cfg.options,
-    )
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A random permutation of ``range(n)`` drawn from ``(seed, epoch)``: reproducible and
-    different every epoch (``set_epoch``). With ``world`` > 1 ranks, rank ``r`` takes every
-    ``world``-th index from position ``r`` of the same permutation (its tail cut to a multiple of
-    ``world``, as ``DistributedSampler(drop_last=True)``): step k's per-rank batches of B together
-    are exactly the samples of one process's batch k of ``world * B``."""
-
-    def __init__(self, n: int, seed: int = 0, rank: int = 0, world: int = 1) -> None:
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} of {world} ranks")
-        self.n, self.seed, self.epoch, self.rank, self.world = n, seed, 0, rank, world
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)
-        return iter(order[self.rank : self.n - self.n % self.world : self.world].tolist())
-
-    def __len__(self) -> int:
-        return self.n // self.world
-
-
 #: bookkeeping entries of a collated batch, removed before the batch is yielded (a training batch keeps
 #: ``"keys"``, its samples' keys: what the gradient cache's second reading checks, see ``read``)
 _COUNT_KEYS = ("num_bad", "num_samples")
-
-
-class _KeyedCollate:
-    """Training collate over :class:`~compress.data.shards.Keyed` items: the inner collate of the
-    items, plus ``"keys"``, the keys of the good samples in the batch's order (what the refill
-    reserve saves instead of the decoded images), and ``"fingerprints"``, each image's float64 sum
-    (made here, in the worker: what a second reading of the batch is checked against, see
-    ``compress.data.pipeline.ReplayStream``; about 40 ms of a worker per 256 images at 224 px)."""
-
-    def __init__(self, collate: Callable[[list[Any]], Batch]) -> None:
-        self.collate = collate
-
-    def __call__(self, items: list[Any]) -> Batch:
-        keys = [list(x.key) for x in items if isinstance(x, Keyed) and x.item is not None]
-        batch = self.collate([x.item if isinstance(x, Keyed) else x for x in items])
-        images = batch.get("images")
-        prints = images.flatten(1).sum(1, dtype=torch.float64) if isinstance(images, torch.Tensor) else None
-        return {**batch, "keys": keys, "fingerprints": prints}
 
 
 def _length(batch: Batch) -> int:
@@ -404,48 +317,6 @@ class CountedLoader:
 _STATE_VERSION = 2
 
 
-class EpochKeys(Sampler[tuple[int, int]]):
-    """Yields ``(epoch, index)`` for every index of ``sampler`` (see :class:`SeededSamples`),
-    from position ``start`` of the epoch's order on (:meth:`skip`; ``set_epoch`` resets it)."""
-
-    def __init__(self, sampler: Sampler) -> None:
-        self.sampler, self.epoch, self.start = sampler, 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.start = epoch, 0
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    def skip(self, n: int) -> None:
-        """Leave out the first ``n`` indices of the current epoch's order (they are not loaded)."""
-        self.start = n
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        return ((epoch, int(i)) for i in itertools.islice(self.sampler, self.start, None))
-
-    def __len__(self) -> int:
-        return max(len(self.sampler) - self.start, 0)  # type: ignore[arg-type]
-
-
-class SeededSamples(Dataset):
-    """A map-style data set whose random augmentation of sample ``index`` in ``epoch`` is drawn
-    from a generator seeded with ``(seed, epoch, index)``, not from whichever worker process
-    loads it: the training images are the same whatever ``data.num_workers`` is (and a
-    resumed run can redraw them). Keys are ``(epoch, index)`` pairs from :class:`EpochKeys`."""
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> Keyed:
-        epoch, index = key
-        with torch_seeded((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index):
-            return Keyed((epoch, index), self.dataset[index])
-
-
 def _resolve_sampler(sampler: SamplerArg, dataset: Dataset, seed: int) -> Sampler:
     if sampler is None:
         return EpochShuffleSampler(len(dataset), seed)
@@ -481,7 +352,7 @@ def build_train_loader(
     common: dict[str, Any] = dict(
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_KeyedCollate(make_collate(tokenizer)),
+        collate_fn=KeyedCollate(make_collate(tokenizer)),
         drop_last=True,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         generator=torch.Generator().manual_seed(seed),

@@ -12,8 +12,9 @@ from torch import nn
 
 from compress import distributed
 from compress.config import RunConfig
-from compress.data.loader import CountedLoader, EpochShuffleSampler, build_train_loader
+from compress.data.loader import CountedLoader, build_train_loader
 from compress.data.robust import DataError
+from compress.data.sampling import EpochShuffleSampler
 from compress.data.transforms import train_transform_for
 from compress.models.forward import tokenizer_for
 

@@ -13,12 +13,13 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+import compress.data.shapes as shapes
 from compress.config import DataConfig, DatasetConfig, ZeroShotTaskConfig
-from compress.data import shapes
 from compress.data.captions import task_classnames, task_templates
 from compress.data.collate import Tokenizer, make_collate, make_label_collate
+from compress.data.datasets import build_dataset, dataset_name
 from compress.data.folder import FOLDER_TEMPLATES, ImageFolderDataset, folder_classnames, imagenet_preset
-from compress.data.loader import build_dataset, build_eval_loader, dataset_name
+from compress.data.loader import build_eval_loader
 from compress.data.robust import DataError
 from compress.data.synthetic import DEFAULT_EVAL_SAMPLES, ShapesClassification, ShapesOptions
 

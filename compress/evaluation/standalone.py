@@ -16,7 +16,7 @@ from compress.fileio import atomic_write_text, check_output
 from compress.models import load_model
 from compress.precision import resolve_device, resolve_precision
 from compress.recipe import load_config, resolve_stages
-from compress.rundir import stage_dir
+from compress.rundir import RunDir
 
 #: file suffixes of model files ``load_model`` reads (an argument ending so is a path, not a name)
 MODEL_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".json")
@@ -28,7 +28,7 @@ class EvalError(ValueError):
 
 def is_run_dir(path: Path) -> bool:
     """A run directory holds the resolved ``config.yaml`` (and, once finished, ``model/``)."""
-    return path.is_dir() and (path / "config.yaml").is_file()
+    return path.is_dir() and RunDir(path).config.is_file()
 
 
 def looks_like_path(name: str) -> bool:
@@ -81,16 +81,16 @@ def eval_config_for_data(
 def _run_setup(run_dir: Path) -> tuple[Path, EvalConfig, DataConfig | None, str]:
     """The exported model, evaluation config, data config and precision of a finished run. A staged
     run's model is its last stage's (``stages/<k>-<name>/model``), evaluated with that stage's config."""
-    cfg = load_config(run_dir / "config.yaml")
+    layout = RunDir(run_dir)
+    cfg = load_config(layout.config)
     stages = resolve_stages(cfg)
     if stages:
         cfg = stages[-1].cfg
-    folder = stage_dir(run_dir, stages[-1].dir_name if stages else None)
-    model = folder / "model"
+    model = layout.stage(stages[-1].dir_name if stages else None).model
     if not model.exists():
         status = ""
-        if (run_dir / "result.json").is_file():
-            status = f" (status: {json.loads((run_dir / 'result.json').read_text()).get('status')})"
+        if layout.result.is_file():
+            status = f" (status: {json.loads(layout.result.read_text()).get('status')})"
         raise EvalError(f"{run_dir}: the run has no exported model ({model.relative_to(run_dir)}/); it did not "
                         f"finish{status}")
     return model, cfg.eval, cfg.data, cfg.train.precision

@@ -7,6 +7,7 @@ from compress.models.factory import (
     get_model_config,
     list_shipped_configs,
     load_model,
+    load_with_transforms,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "is_converted",
     "list_shipped_configs",
     "load_model",
+    "load_with_transforms",
 ]

@@ -9,59 +9,27 @@ size equal to the width) is written in open_clip's own layout, a folder holding
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from open_clip.transform import PreprocessCfg
-from safetensors.torch import save_file
 from torch import nn
 
-from compress.fileio import atomic_write, atomic_write_text
-from compress.models.factory import (
-    METADATA_CONFIG_KEY,
+from compress.fileio import atomic_write_text
+from compress.models.build import (
     OPEN_CLIP_CONFIG_FILE,
     OPEN_CLIP_WEIGHTS_FILE,
     ModelLoadError,
     _finish,
     build_from_config,
     check_fits,
+    checkpoint_metadata,
     load_weights,
+    preprocess_config,
+    save_safetensors,
     set_preprocess,
 )
-
-
-def save_safetensors(
-    state: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None
-) -> None:
-    """Atomically write a state dict (shared storage cloned, tensors made contiguous).
-
-    With ``metadata=checkpoint_metadata(model)`` the file describes itself, and
-    ``load_model(path)`` needs nothing else."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None))
-
-
-def checkpoint_metadata(model: nn.Module) -> dict[str, str]:
-    """Safetensors metadata recording ``model.clip_cfg`` (read back by ``load_model``)."""
-    cfg = getattr(model, "clip_cfg", None)
-    if cfg is None:
-        raise ModelLoadError("the model has no clip_cfg: create it with compress.models.load_model")
-    return {METADATA_CONFIG_KEY: json.dumps(cfg)}
-
-
-def preprocess_config(model: nn.Module) -> dict[str, Any]:
-    """The model's open_clip preprocess config (``model.visual.preprocess_cfg``), JSON-ready."""
-    visual = getattr(model, "visual", model)
-    cfg = getattr(visual, "preprocess_cfg", None)
-    if cfg is None:
-        size = getattr(visual, "image_size", 224)
-        cfg = asdict(PreprocessCfg(size=size))
-    return json.loads(json.dumps(cfg))  # tuples -> lists
+from compress.models.nonuniform import is_nonuniform_folder, load_nonuniform, save_nonuniform
 
 
 def check_uniform(model: nn.Module, cfg: dict[str, Any]) -> None:
@@ -69,7 +37,8 @@ def check_uniform(model: nn.Module, cfg: dict[str, Any]) -> None:
 
     Every tensor must have the shape a fresh model of ``cfg`` has (same heads, inner size and
     MLP width in every layer), and no learnable masks may be attached."""
-    from compress.masks.attach import get_masks  # compress.masks builds on compress.models
+    # not at the top: ``compress.models`` (whose package imports this module) is imported by compress.masks
+    from compress.masks.attach import get_masks
 
     if get_masks(model) is not None:
         raise ModelLoadError(
@@ -104,8 +73,6 @@ def load_exported(folder: Path, convert: bool = True) -> nn.Module:
     """Load a folder written by :func:`save_open_clip` (or any open_clip ``local-dir`` folder
     holding ``open_clip_config.json`` and ``open_clip_model.safetensors``), or a non-uniform
     folder written by :func:`compress.models.nonuniform.save_nonuniform`."""
-    from compress.models.nonuniform import is_nonuniform_folder, load_nonuniform  # (import cycle)
-
     if is_nonuniform_folder(folder):
         return load_nonuniform(folder)
     config_file = folder / OPEN_CLIP_CONFIG_FILE
@@ -129,7 +96,5 @@ def save_model(model: nn.Module, folder: str | Path, report_dir: Path | None = N
     try:
         check_uniform(model, model.clip_cfg)
     except ModelLoadError:
-        from compress.models.nonuniform import save_nonuniform
-
         return save_nonuniform(model, folder, report_dir=report_dir)
     return save_open_clip(model, folder)

@@ -8,7 +8,7 @@ open_clip cannot describe such a model in its config, so it is written as a fold
 
 ``compress.models.load_model(folder)`` (through ``load_exported``) or :func:`load_nonuniform`
 loads it back as an open_clip ``CLIP`` with ``encode_image`` / ``encode_text``;
-:func:`load_with_transforms` also gives the open_clip preprocessing and tokenizer.
+``compress.models.load_with_transforms`` also gives the open_clip preprocessing and tokenizer.
 (``compress.models.export.save_model`` picks open_clip's own layout when open_clip can build
 the model, and this format otherwise.)
 """
@@ -16,29 +16,28 @@ the model, and this format otherwise.)
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
 from compress.fileio import atomic_write_text
-from compress.models.export import preprocess_config, save_safetensors
-from compress.models.factory import (
+from compress.models.build import (
     ModelLoadError,
     _finish,
     build_from_config,
     check_fits,
+    preprocess_config,
     read_state_dict,
+    save_safetensors,
     set_preprocess,
 )
 from compress.models.structure import apply_structure, describe_against, describe_structure
+from compress.rundir import NONUNIFORM_CONFIG_FILE, STRUCTURE_FILE
 
-NONUNIFORM_CONFIG_FILE = "clip_compress_config.json"
 NONUNIFORM_WEIGHTS_FILE = "model.safetensors"
 FORMAT = "clip-compress-nonuniform/1"
-STRUCTURE_FILE = "structure.json"
 
 
 def save_nonuniform(model: nn.Module, folder: str | Path, report_dir: str | Path | None = None) -> Path:
@@ -104,12 +103,3 @@ def load_nonuniform(folder: str | Path, device: str = "cpu") -> nn.Module:
     model.clip_structure = structure
     return model.to(device).eval()
 
-
-def load_with_transforms(folder: str | Path, device: str = "cpu") -> tuple[nn.Module, Callable, Callable]:
-    """``(model, preprocess, tokenizer)`` like ``open_clip.create_model_and_transforms`` (eval transform)."""
-    from compress.models.factory import load_model
-    from compress.models.forward import tokenizer_for
-
-    model = load_model(str(folder), device=device)
-    preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
-    return model, preprocess, tokenizer_for(model)

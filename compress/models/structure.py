@@ -15,9 +15,13 @@ model config's shapes.
 - :func:`apply_structure` replaces the modules of a model built from its config by modules
   of the structure's shapes (on the meta device: they are filled by ``load_state_dict(...,
   assign=True)``); loading a non-uniform export and pruning both go through it.
-- :func:`prune_model` keeps given channels / heads / neurons (index selection; the masks'
-  values must already be folded into the weights) and returns the smaller model, exactly
-  equivalent to the masked one.
+- :func:`select_state` is the one slicing rule: the state dict of a model keeping given layers,
+  residual channels, heads, MLP neurons and other units (:class:`TowerKeep`; index selection, the
+  qkv layout ``in_proj`` [3, H, d_h, D] written only here), the model itself left as it is. Manual
+  inheritance hands it leading units and interval layers and fills a student built at its config.
+- :func:`prune_model` keeps given channels / heads / neurons (the masks' values must already be
+  folded into the weights): :func:`select_state`, then the modules rebuilt at the kept shapes,
+  exactly equivalent to the masked model.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,16 +37,22 @@ from open_clip.transformer import LayerScale
 from torch import Tensor, nn
 
 from compress.models.attention import HeadAttention
+from compress.models.build import build_from_config
 from compress.models.towers import TOWERS, Tower, UnsupportedTower, get_tower
 
 
 @dataclass
 class TowerKeep:
-    """Kept indices of one tower: residual channels, heads and MLP neurons of every layer."""
+    """Kept indices of one tower: residual channels, heads and MLP neurons of every kept layer; ``layers``
+    the source block of each kept layer (``None``: every block, in order); ``units`` kept indices along the
+    tower's other axes (:class:`~compress.models.towers.AxisParam`: ``embed``, ``positions``, ``vocab``;
+    a unit not named keeps all)."""
 
     channels: Tensor
     heads: list[Tensor]
     neurons: list[Tensor]
+    layers: list[int] | None = None
+    units: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 # -- describing ------------------------------------------------------------------------
@@ -65,8 +75,6 @@ def describe_structure(model: nn.Module, towers: tuple[str, ...] = TOWERS) -> di
     reference = None
     cfg = getattr(model, "clip_cfg", None)
     if cfg is not None:
-        from compress.models.factory import build_from_config
-
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             reference = build_from_config(cfg, convert=True)
@@ -140,6 +148,8 @@ def _resize_block(block: nn.Module, width: int, heads: int, head_dim: int, mlp_w
     block.attn = HeadAttention(width, heads, head_dim, batch_first=attn.batch_first, bias=attn.in_proj_bias is not None)
     block.mlp.c_fc = _linear(block.mlp.c_fc, width, mlp_width)
     block.mlp.c_proj = _linear(block.mlp.c_proj, mlp_width, width)
+    if isinstance(getattr(block.mlp, "ln", None), nn.LayerNorm):  # open_clip's scale_fc
+        block.mlp.ln = _norm(block.mlp.ln, mlp_width)
     for name in ("ls_1", "ls_2"):
         old = getattr(block, name)
         if isinstance(old, LayerScale):
@@ -206,31 +216,76 @@ def _block_slices(
     take(f"{prefix}attn.out_proj.weight", lambda w: w[ch].view(d, h, head_dim)[:, heads].reshape(d, -1))
     take(f"{prefix}mlp.c_fc.weight", lambda w: w[neurons][:, ch])
     take(f"{prefix}mlp.c_fc.bias", lambda b: b[neurons])
+    take(f"{prefix}mlp.ln.weight", lambda t: t[neurons])
+    take(f"{prefix}mlp.ln.bias", lambda t: t[neurons])
     take(f"{prefix}mlp.c_proj.weight", lambda w: w[ch][:, neurons])
     for key in ("attn.out_proj.bias", "mlp.c_proj.bias", "ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias",
                 "ls_1.gamma", "ls_2.gamma"):
         take(f"{prefix}{key}", lambda t: t[ch])
 
 
-def prune_model(model: nn.Module, keep: Mapping[str, TowerKeep]) -> nn.Module:
-    """Keep only the given channels, heads and neurons of each tower (in place; returns ``model``).
+def _select(t: Tensor, axis: int, kept: Tensor) -> Tensor:
+    """``t`` keeping the indices ``kept`` along ``axis`` (a new tensor), or ``t`` itself when ``kept`` is every
+    index in order: a tensor with two selected axes (the token embedding) is then copied at most once."""
+    if len(kept) == t.shape[axis] and torch.equal(kept.detach().cpu().long(), torch.arange(len(kept))):
+        return t
+    return t.index_select(axis, kept.to(device=t.device, dtype=torch.long)).contiguous()
 
-    Mask values must already be folded into the weights: this only selects. The result carries
-    ``model.clip_structure`` (see :func:`describe_structure`); its ``clip_cfg`` is the open_clip
-    config of the result when open_clip can build it, else the source's config."""
+
+def _select_layers(state: dict[str, Tensor], prefix: str, depth: int, layers: list[int]) -> None:
+    """Renumber the blocks of one tower in ``state``: block ``i`` takes the tensors of block ``layers[i]``
+    (moved, not copied); the blocks not kept are dropped."""
+    if any(not 0 <= j < depth for j in layers):
+        raise ValueError(f"{prefix}: kept layers {layers} outside the {depth} blocks")
+    blocks: list[dict[str, Tensor]] = [{} for _ in range(depth)]
+    for key in [k for k in state if k.startswith(prefix)]:
+        index, _, rest = key[len(prefix):].partition(".")
+        blocks[int(index)][rest] = state.pop(key)
+    for i, j in enumerate(layers):
+        state.update({f"{prefix}{i}.{rest}": t for rest, t in blocks[j].items()})
+
+
+def select_state(
+    model: nn.Module, keep: Mapping[str, TowerKeep], converted: bool = True
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``model``'s state dict keeping only the given layers, channels, heads, neurons and units of each tower
+    (new tensors where anything is selected; ``model`` is left as it is), and the structure it has (see
+    :func:`describe_structure`, without ``full``). ``converted=False`` also reads ``nn.MultiheadAttention``."""
     state = model.state_dict()
     structure: dict[str, Any] = {}
     for name, k in keep.items():
-        tower = get_tower(model, name)
+        tower = get_tower(model, name, converted)
         device = state[f"{tower.blocks_prefix}0.ln_1.weight"].device if tower.blocks else None
         ch = k.channels.to(device=device, dtype=torch.long)
         head_dim = tower_structure(tower)["head_dim"]
+        if k.layers is not None:
+            _select_layers(state, tower.blocks_prefix, len(tower.blocks), list(k.layers))
+        if len(k.heads) != len(k.neurons) or len(k.heads) != (len(tower.blocks) if k.layers is None else len(k.layers)):
+            raise ValueError(f"{name}: the kept heads and neurons do not name every kept layer")
         for i, (h, n) in enumerate(zip(k.heads, k.neurons, strict=True)):
             _block_slices(state, f"{tower.blocks_prefix}{i}.", ch, h.to(ch), n.to(ch), head_dim)
         for p in tower.channel_params:
-            state[p.key] = state[p.key].index_select(p.axis, ch).contiguous()
+            state[p.key] = _select(state[p.key], p.axis, k.channels)
+        for a in tower.axis_params:
+            if a.unit in k.units:
+                state[a.key] = _select(state[a.key], a.axis, k.units[a.unit])
         structure[name] = {"width": len(ch), "head_dim": head_dim, "heads": [len(h) for h in k.heads],
                            "mlp_width": [len(n) for n in k.neurons]}
+    return state, structure
+
+
+def prune_model(model: nn.Module, keep: Mapping[str, TowerKeep]) -> nn.Module:
+    """Keep only the given channels, heads and neurons of each tower (in place; returns ``model``).
+
+    Mask values must already be folded into the weights: this only selects (:func:`select_state`) and
+    rebuilds the modules at the kept shapes. Every layer and every other unit stays (the modules of a
+    shallower tower or of fewer embedding dims are not rebuilt here). The result carries
+    ``model.clip_structure`` (see :func:`describe_structure`); its ``clip_cfg`` is the open_clip
+    config of the result when open_clip can build it, else the source's config."""
+    if any(k.layers is not None or k.units for k in keep.values()):
+        raise ValueError("prune_model keeps every layer and every embedding unit; select_state selects them "
+                         "for a caller that builds the modules (manual inheritance)")
+    state, structure = select_state(model, keep)
     apply_structure(model, structure)
     model.load_state_dict(state, strict=True, assign=True)
     _check_materialized(model)

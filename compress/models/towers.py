@@ -10,7 +10,10 @@ transformer (the ``CLIP`` model itself, or ``CustomTextCLIP.text``):
 - the tower-level tensors with a residual-channel axis (:class:`ChannelParam`): embeddings
   (the channel mask is folded into them when pruning), final norm and projection;
 - the module whose input is the embedding sum that the channel mask multiplies
-  (``visual.ln_pre`` as in TinyCLIP, the text ``transformer``).
+  (``visual.ln_pre`` as in TinyCLIP, the text ``transformer``);
+- the tower-level tensor axes over other units (:class:`AxisParam`): the joint embedding dims the
+  projection writes, the positional-embedding rows, the token-embedding rows (what manual
+  inheritance keeps leading slices of; masks never change them).
 
 Prunable parameters (the sizes masks change, and the size budgets count) are every parameter
 of the tower except the text token embedding: TinyCLIP's naming convention (ViT-B/32 =
@@ -47,6 +50,17 @@ class ChannelParam:
     counted: bool = True
 
 
+@dataclass(frozen=True)
+class AxisParam:
+    """A tower-level tensor axis over another unit than the residual channels: ``embed`` (the joint
+    embedding dims the projection writes), ``positions`` (positional-embedding rows), ``vocab``
+    (token-embedding rows)."""
+
+    key: str
+    axis: int
+    unit: str
+
+
 @dataclass
 class Tower:
     name: str
@@ -56,6 +70,7 @@ class Tower:
     transformer: nn.Module
     embed_site: nn.Module
     channel_params: tuple[ChannelParam, ...]
+    axis_params: tuple[AxisParam, ...] = ()
 
     @property
     def blocks(self) -> list[ResidualAttentionBlock]:
@@ -93,16 +108,18 @@ class Tower:
         return [k for k, _ in self.named_parameters() if k not in skip]
 
 
-def _check_blocks(transformer: nn.Module, where: str) -> None:
+def _check_blocks(transformer: nn.Module, where: str, converted: bool = True) -> None:
     for i, block in enumerate(transformer.resblocks):
         if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
             raise UnsupportedTower(f"{where}: block {i} is a {type(block).__name__}; only open_clip's "
                                    "ResidualAttentionBlock (self-attention) can carry structured masks")
-        if not isinstance(block.attn, HeadAttention):
+        if converted and not isinstance(block.attn, HeadAttention):
             raise UnsupportedTower(f"{where}: block {i} attention is not converted; call convert_attention first")
 
 
-def vision_tower(model: nn.Module) -> Tower:
+def vision_tower(model: nn.Module, converted: bool = True) -> Tower:
+    """The vision transformer tower (``converted``: its attention must be :class:`HeadAttention`, as masks need;
+    ``False`` reads an unconverted one, whose ``nn.MultiheadAttention`` has the same tensors)."""
     visual = getattr(model, "visual", None)
     if not isinstance(visual, VisionTransformer):
         raise UnsupportedTower(
@@ -111,7 +128,7 @@ def vision_tower(model: nn.Module) -> Tower:
         )
     if visual.attn_pool is not None or visual.proj is None:
         raise UnsupportedTower("vision towers with attentional pooling or without projection are not supported")
-    _check_blocks(visual.transformer, "vision tower")
+    _check_blocks(visual.transformer, "vision tower", converted)
     params = [ChannelParam("visual.conv1.weight", 0, fold=True)]
     if visual.conv1.bias is not None:
         params.append(ChannelParam("visual.conv1.bias", 0, fold=True))
@@ -124,10 +141,11 @@ def vision_tower(model: nn.Module) -> Tower:
             params += [ChannelParam(f"visual.{ln}.weight", 0), ChannelParam(f"visual.{ln}.bias", 0)]
     params.append(ChannelParam("visual.proj", 0))
     attrs = tuple(n for n, _ in visual.named_children()) + tuple(n for n, _ in visual.named_parameters(recurse=False))
-    return Tower("vision", "visual.", visual, attrs, visual.transformer, visual.ln_pre, tuple(params))
+    axes = (AxisParam("visual.positional_embedding", 0, "positions"), AxisParam("visual.proj", 1, "embed"))
+    return Tower("vision", "visual.", visual, attrs, visual.transformer, visual.ln_pre, tuple(params), axes)
 
 
-def text_tower(model: nn.Module) -> Tower:
+def text_tower(model: nn.Module, converted: bool = True) -> Tower:
     text = getattr(model, "text", None)
     if text is not None and not isinstance(text, TextTransformer):
         raise UnsupportedTower(f"the text tower is a {type(text).__name__}; structured masks need open_clip's "
@@ -138,29 +156,35 @@ def text_tower(model: nn.Module) -> Tower:
                                "are not supported")
     if not hasattr(root, "token_embedding") or not hasattr(root, "transformer"):
         raise UnsupportedTower(f"{type(model).__name__} has no open_clip text transformer")
-    _check_blocks(root.transformer, "text tower")
+    _check_blocks(root.transformer, "text tower", converted)
     params = [
         ChannelParam(f"{prefix}token_embedding.weight", 1, fold=True, counted=False),
         ChannelParam(f"{prefix}positional_embedding", 1, fold=True),
         ChannelParam(f"{prefix}ln_final.weight", 0),
         ChannelParam(f"{prefix}ln_final.bias", 0),
     ]
+    axes = [AxisParam(f"{prefix}token_embedding.weight", 0, "vocab")]
+    axes.append(AxisParam(f"{prefix}positional_embedding", 0, "positions"))
     proj = root.text_projection
     if isinstance(proj, nn.Linear):
         params.append(ChannelParam(f"{prefix}text_projection.weight", 1))
+        axes.append(AxisParam(f"{prefix}text_projection.weight", 0, "embed"))
+        if proj.bias is not None:
+            axes.append(AxisParam(f"{prefix}text_projection.bias", 0, "embed"))
     elif proj is not None:
         params.append(ChannelParam(f"{prefix}text_projection", 0))
+        axes.append(AxisParam(f"{prefix}text_projection", 1, "embed"))
     attrs = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
     if text is not None:
         attrs = tuple(n for n, _ in text.named_children()) + tuple(n for n, _ in text.named_parameters(recurse=False))
-    return Tower("text", prefix, root, attrs, root.transformer, root.transformer, tuple(params))
+    return Tower("text", prefix, root, attrs, root.transformer, root.transformer, tuple(params), tuple(axes))
 
 
-def get_tower(model: nn.Module, name: str) -> Tower:
+def get_tower(model: nn.Module, name: str, converted: bool = True) -> Tower:
     if name == "vision":
-        return vision_tower(model)
+        return vision_tower(model, converted)
     if name == "text":
-        return text_tower(model)
+        return text_tower(model, converted)
     raise ValueError(f"unknown tower {name!r}; known: {', '.join(TOWERS)}")
 
 

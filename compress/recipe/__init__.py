@@ -10,7 +10,7 @@ supplies to plug-ins (:mod:`~compress.recipe.context`), the builders (:mod:`~com
 
 from compress.recipe.build import build_inheritance, build_losses, build_schedule
 from compress.recipe.context import inheritance_context, schedule_context
-from compress.recipe.identity import config_hash, identity_dict, run_id, run_id_of
+from compress.recipe.identity import config_hash, identity_dict, run_dir_for, run_dir_of, run_id, run_id_of
 from compress.recipe.loading import config_from_dict, load_config
 from compress.recipe.recipe import Recipe
 from compress.recipe.stages import pruned_towers, resolve_stages, with_source_fraction
@@ -28,6 +28,8 @@ __all__ = [
     "load_config",
     "pruned_towers",
     "resolve_stages",
+    "run_dir_for",
+    "run_dir_of",
     "run_id",
     "run_id_of",
     "schedule_context",

@@ -7,6 +7,7 @@ applies, not the default. Writing a default out and omitting it give one id.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from compress.config.identity import canonical, hash_identity, identity_base, model_fingerprints
@@ -14,6 +15,7 @@ from compress.config.schema import RunConfig
 from compress.config.specs import WEIGHT_KEY, split_loss
 from compress.recipe.context import SCHEDULE_CONTEXT, declared_context
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES
+from compress.rundir import RunDir, run_dir_name
 
 
 def _resolved_losses(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -62,6 +64,17 @@ def run_id(cfg: RunConfig, length: int = 12) -> str:
 def run_id_of(cfg: RunConfig) -> str:
     """The run id of ``cfg`` (:func:`run_id` at its usual length)."""
     return run_id(cfg)
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    """``output.dir / (output.run_name or NAME-RUNID)``: a config's run directory, named by its run id (the
+    layout inside it is :class:`compress.rundir.RunDir`'s, which knows no plug-in)."""
+    return Path(cfg.output.dir) / (cfg.output.run_name or run_dir_name(cfg.name, run_id_of(cfg)))
+
+
+def run_dir_of(cfg: RunConfig) -> RunDir:
+    """The :class:`~compress.rundir.RunDir` of a config (:func:`run_dir_for`)."""
+    return RunDir(run_dir_for(cfg))
 
 
 def config_hash(cfg: RunConfig) -> str:
