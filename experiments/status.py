@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -222,53 +219,34 @@ def sweep_states(path: Path) -> list[RunState]:
     return states
 
 
-#: job states ``squeue`` may still list for a job that is over
-FINAL_JOB_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
-                              "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"})
-#: a SLURM job id as the manifest holds it: ``JOB`` or ``JOB_TASK`` (an array task)
-_JOB_ID = re.compile(r"\d+(_\d+)?")
-
-
-def scheduler_jobs(job_ids: Iterable[str]) -> dict[str, str] | None:
-    """The jobs of ``job_ids`` (``JOB`` or ``JOB_TASK``) that SLURM still has in its queue, with their state
-    (``PENDING``, ``RUNNING``, ...), from ONE ``squeue`` call for all of them (``-r``: one line per array
-    task); ``None`` where SLURM cannot be asked (no ``squeue`` on PATH, or it fails)."""
-    ids = {str(j) for j in job_ids if j is not None and _JOB_ID.fullmatch(str(j))}
-    if not ids:
-        return {}
-    if shutil.which("squeue") is None:
-        return None
-    jobs = ",".join(sorted({j.split("_", 1)[0] for j in ids}, key=int))
-    try:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", jobs], capture_output=True, text=True,
-                             timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:  # every job id unknown (purged since): none is queued; else SLURM did not answer
-        return {} if "Invalid job id" in out.stderr else None
-    alive = {}
-    for line in out.stdout.splitlines():
-        job_id, _, job_state = line.strip().partition("|")
-        job_state = job_state.split()[0] if job_state.split() else ""
-        if job_id in ids and job_state and job_state not in FINAL_JOB_STATES:
-            alive[job_id] = job_state
-    return alive
-
-
 def mark_queued(states: Sequence[RunState]) -> str | None:
-    """Set ``queued`` on the runs (neither running nor completed) whose SLURM job is still in the queue
-    (:func:`scheduler_jobs`, one call); returns a note when SLURM could not be asked, else ``None``."""
-    candidates = [s for s in states if s.backend == "slurm" and s.job_id and s.state not in (RUNNING, STATUS_COMPLETED)]
-    if not candidates:
-        return None
-    jobs = scheduler_jobs(s.job_id for s in candidates)
-    if jobs is None:
-        return (f"{len(candidates)} run(s) were handed to SLURM but SLURM cannot be asked here (squeue missing or "
-                "failing): a run whose job still waits in the queue shows its last state")
-    for s in candidates:
-        if s.job_id in jobs:
-            s.state, s.job_state = QUEUED, jobs[s.job_id]
-    return None
+    """Set ``queued`` on the runs (neither running nor completed) whose job is still in their backend's queue
+    (:meth:`~experiments.backends.base.Backend.queued_jobs`, one call per backend); returns a note when a
+    scheduler could not be asked, else ``None``."""
+    from experiments.backends import DispatchError, get_backend
+
+    by_backend: dict[str, list[RunState]] = {}
+    for s in states:
+        if s.backend and s.job_id and s.state not in (RUNNING, STATUS_COMPLETED):
+            by_backend.setdefault(s.backend, []).append(s)
+    notes = []
+    for name, candidates in by_backend.items():
+        try:
+            backend = get_backend(name)
+        except DispatchError:  # a backend of a package not installed here: its queue cannot be asked
+            continue
+        if not backend.queue_visible:
+            continue
+        jobs = backend.queued_jobs([s.job_id for s in candidates])
+        if jobs is None:
+            notes.append(f"{len(candidates)} run(s) were handed to {backend.scheduler} but {backend.scheduler} "
+                         f"cannot be asked here ({backend.queue_query_hint}): a run whose job still waits in the "
+                         "queue shows its last state")
+            continue
+        for s in candidates:
+            if s.job_id in jobs:
+                s.state, s.job_state = QUEUED, jobs[s.job_id]
+    return "; ".join(notes) or None
 
 
 def status(target: Path) -> list[RunState]:

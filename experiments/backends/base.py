@@ -101,8 +101,11 @@ class Backend(ABC):
     #: lands in the run directory later
     returns_result: ClassVar[bool] = True
     #: ``clip-compress status`` and ``sweep`` can ask its scheduler whether a job is still queued
-    #: (:func:`experiments.status.mark_queued`)
+    #: (:meth:`queued_jobs`, called by :func:`experiments.status.mark_queued`)
     queue_visible: ClassVar[bool] = False
+    #: the scheduler's name and how it is asked, for the note where it cannot be (``queue_visible`` backends)
+    scheduler: ClassVar[str] = ""
+    queue_query_hint: ClassVar[str] = ""
     #: the runs execute on this machine: the device and precision are checked here before they are submitted
     runs_here: ClassVar[bool] = True
     #: the run can also be started in a process of a ``torchrun`` (it starts no process or job of its own)
@@ -120,6 +123,11 @@ class Backend(ABC):
         check, run for every backend whatever ``dispatch.backend`` says (``--backend`` may choose another)."""
         if hasattr(settings, "check"):
             settings.check()
+
+    def queued_jobs(self, job_ids: Sequence[str]) -> dict[str, str] | None:
+        """The jobs of ``job_ids`` still in the scheduler's queue, with their state, from one query for all of
+        them; ``None`` where the scheduler cannot be asked. Only a ``queue_visible`` backend is asked."""
+        raise NotImplementedError(f"backend {self.name!r} says queue_visible but has no queued_jobs")
 
     def group_key(self, cfg: RunConfig) -> str:
         """Configs with equal keys share a submission (an executor, an array): the common keys but the

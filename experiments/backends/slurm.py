@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,15 +71,53 @@ class SlurmSettings(JobSettings):
                 raise ConfigError(f"dispatch.slurm_options.{key}: expected a string, number or true, got {value!r}")
 
 
+#: job states ``squeue`` may still list for a job that is over
+FINAL_JOB_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+                              "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "SPECIAL_EXIT", "TIMEOUT"})
+#: a SLURM job id as the manifest holds it: ``JOB`` or ``JOB_TASK`` (an array task)
+_JOB_ID = re.compile(r"\d+(_\d+)?")
+
+
+def scheduler_jobs(job_ids: Iterable[str]) -> dict[str, str] | None:
+    """The jobs of ``job_ids`` (``JOB`` or ``JOB_TASK``) that SLURM still has in its queue, with their state
+    (``PENDING``, ``RUNNING``, ...), from ONE ``squeue`` call for all of them (``-r``: one line per array
+    task); ``None`` where SLURM cannot be asked (no ``squeue`` on PATH, or it fails)."""
+    ids = {str(j) for j in job_ids if j is not None and _JOB_ID.fullmatch(str(j))}
+    if not ids:
+        return {}
+    if shutil.which("squeue") is None:
+        return None
+    jobs = ",".join(sorted({j.split("_", 1)[0] for j in ids}, key=int))
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", jobs], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:  # every job id unknown (purged since): none is queued; else SLURM did not answer
+        return {} if "Invalid job id" in out.stderr else None
+    alive = {}
+    for line in out.stdout.splitlines():
+        job_id, _, job_state = line.strip().partition("|")
+        job_state = job_state.split()[0] if job_state.split() else ""
+        if job_id in ids and job_state and job_state not in FINAL_JOB_STATES:
+            alive[job_id] = job_state
+    return alive
+
+
 @register_backend
 class SlurmBackend(Backend):
     """Job arrays on a SLURM cluster (one array task per run, ``nodes`` x ``tasks_per_node`` tasks each)."""
 
     name = "slurm"
     returns_result = False  # the row arrives in the run directory later
-    queue_visible = True  # squeue
+    queue_visible = True
+    scheduler = "SLURM"
+    queue_query_hint = "squeue missing or failing"
     runs_here = False  # its nodes are not this machine: the device is checked where the job runs
     Settings = SlurmSettings
+
+    def queued_jobs(self, job_ids: Sequence[str]) -> dict[str, str] | None:
+        return scheduler_jobs(job_ids)
 
     def refuse(self, groups: Sequence[Sequence[RunConfig]]) -> None:
         """No SLURM here, a warning signal that leaves the job less than a minute, or a job no node of its
