@@ -18,13 +18,20 @@ from compress.registry import Registry
 if TYPE_CHECKING:
     from torch import nn
 
-#: parameters the engine supplies to schedule constructors that take them
-SCHEDULE_CONTEXT = ("base_value", "total_steps")
-#: what the engine supplies to a loss that declares it in its ``context`` (known once models exist:
-#: :func:`loss_context`; a new kind of model-derived context is added in these two places of this module)
-LOSS_CONTEXT = ("student_embed_dim", "teacher_embed_dim")
-#: what the engine supplies to an inheritance strategy that declares it in its ``context``
-INHERITANCE_CONTEXT = ("total_steps",)
+#: what the engine supplies to a plug-in constructor, by registry, and from what (``clip-compress list NAME`` shows
+#: it): to a loss or an inheritance strategy that declares the name in its ``context``, to a schedule that takes it
+#: as a parameter. A loss's values are known once the models exist (:func:`loss_context`; a new kind of
+#: model-derived context is added there and here)
+ENGINE_CONTEXT = {
+    "losses": {"student_embed_dim": "the student's embedding size",
+               "teacher_embed_dim": "the teacher's embedding size"},
+    "inheritance": {"total_steps": "train.steps"},
+    "schedules": {"base_value": "train.lr for schedules.lr, the loss's weight for schedules.weight/<loss>",
+                  "total_steps": "train.steps"},
+}
+SCHEDULE_CONTEXT = tuple(ENGINE_CONTEXT["schedules"])
+LOSS_CONTEXT = tuple(ENGINE_CONTEXT["losses"])
+INHERITANCE_CONTEXT = tuple(ENGINE_CONTEXT["inheritance"])
 
 
 def declared_context(registry: Registry[Any], spec: Any) -> tuple[str, ...]:
