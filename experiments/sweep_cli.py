@@ -9,7 +9,7 @@ from typing import Any
 
 from compress.config import RunConfig
 from compress.results import STATUS_COMPLETED, STATUS_FAILED, STATUS_INTERRUPTED
-from compress.rundir import RunDirBusy, lock_holder
+from compress.rundir import SUBMITIT_DIR, RunDirBusy, lock_holder
 from experiments.backends import find, get_backend
 from experiments.dispatch import check_before_run, submit
 from experiments.job import RUNNING_ELSEWHERE, completed_row
@@ -168,7 +168,7 @@ class _Submitter:
         self.sweep, self.backend, self.force = sweep, backend, force
         self.of_cfg = {id(run.cfg): run for run in todo}
         self.code = code_version()
-        self.folder = sweep.output_dir / "submitit"
+        self.folder = sweep.output_dir / SUBMITIT_DIR  # the sweep's own submitit folder
         self.rows: list[dict[str, Any]] = []
         self.others = 0
 
