@@ -24,7 +24,8 @@ from compress.config.stages import ResolvedStage
 from compress.fileio import NO_SPACE, atomic_write_text, write_failure
 from compress.models import load_model
 from compress.precision import DeviceError, Precision, available_device, resolve_device, resolve_precision
-from compress.recipe import Recipe, run_dir_for
+from compress.recipe import Recipe
+from compress.recipe import run_dir_for as run_dir_for  # where callers of run_experiment look for it
 from compress.results import (
     RESULT_FILE,
     STATUS_COMPLETED,
@@ -81,7 +82,7 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     data-parallel: rank 0 holds the directory and writes checkpoints, metrics, the model and the
     rows, and evaluates alone; ``train.batch_size`` is the global batch."""
     recipe = Recipe.of(cfg)
-    run_dir = run_dir_for(cfg)
+    run_dir = recipe.run_dir
     device, precision = run_device(cfg)
     with distributed.process_group(device), contextlib.ExitStack() as held:
         check_batch_split(recipe, distributed.world_size())

@@ -258,12 +258,12 @@ def build_plan(cfg: RunConfig, force: bool = False, here: bool = True) -> Plan:
     with the run's own checks (one line): a run directory that cannot be made, a student its
     inheritance cannot fill from its source and, when the run would run ``here`` (on this machine,
     not on a cluster's node), a ``train.device`` or ``train.precision`` this machine does not have."""
-    from compress.run import run_device, run_dir_for
+    from compress.run import run_device
     from compress.rundir import check_writable
 
     warnings: list[str] = []
     recipe = Recipe.of(cfg)
-    run_dir = run_dir_for(cfg)
+    run_dir = recipe.run_dir
     if here:
         run_device(cfg)
     check_writable(run_dir)

@@ -68,7 +68,8 @@ def run_id_of(cfg: RunConfig) -> str:
 
 def run_dir_for(cfg: RunConfig) -> Path:
     """``output.dir / (output.run_name or NAME-RUNID)``: a config's run directory, named by its run id (the
-    layout inside it is :class:`compress.rundir.RunDir`'s, which knows no plug-in)."""
+    layout inside it is :class:`compress.rundir.RunDir`'s, which knows no plug-in; a built Recipe has it as
+    ``Recipe.run_dir``, the same path)."""
     return Path(cfg.output.dir) / (cfg.output.run_name or run_dir_name(cfg.name, run_id_of(cfg)))
 
 

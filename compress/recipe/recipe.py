@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compress.config.identity import hash_identity
 from compress.config.schema import RunConfig
 from compress.config.stages import ResolvedStage
 from compress.recipe.build import build_inheritance, build_losses, build_schedule
-from compress.recipe.identity import run_id
+from compress.recipe.identity import identity_dict
 from compress.recipe.stages import resolve_stages
+from compress.rundir import RunDir, run_dir_name
 
 if TYPE_CHECKING:
     from torch import nn
@@ -17,11 +20,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class Recipe:
-    """``cfg`` (validated) with its run id and its stages, each with its source, cumulative target and resolved
-    config (a run without stages is one stage, index 0, from the teacher), and the builders of their plug-ins.
-    ``--dry-run``'s plan formats it (:mod:`compress.plan`), :func:`compress.run.run_experiment` executes it."""
+    """``cfg`` (validated) with its resolved identity (every plug-in spec with its defaults filled in, the local
+    model files' fingerprints), the run id cut from it, its run directory, and its stages, each with its source,
+    cumulative target and resolved config (a run without stages is one stage, index 0, from the teacher), and the
+    builders of their plug-ins. ``--dry-run``'s plan formats it (:mod:`compress.plan`),
+    :func:`compress.run.run_experiment` executes it."""
 
     cfg: RunConfig
+    identity: dict[str, Any]
     run_id: str
     stages: list[ResolvedStage]
     staged: bool
@@ -30,7 +36,17 @@ class Recipe:
     def of(cls, cfg: RunConfig) -> Recipe:
         resolved = resolve_stages(cfg)
         stages = resolved or [ResolvedStage(0, cfg.name, "teacher", None, cfg)]
-        return cls(cfg, run_id(cfg), stages, bool(resolved))
+        identity = identity_dict(cfg)
+        return cls(cfg, identity, hash_identity(identity, 12), stages, bool(resolved))
+
+    @property
+    def run_dir(self) -> Path:
+        """``output.dir / (output.run_name or NAME-RUNID)`` (the layout inside is :class:`compress.rundir.RunDir`'s)."""
+        return Path(self.cfg.output.dir) / (self.cfg.output.run_name or run_dir_name(self.cfg.name, self.run_id))
+
+    @property
+    def layout(self) -> RunDir:
+        return RunDir(self.run_dir)
 
     @staticmethod
     def inheritance(cfg: RunConfig) -> Any:
