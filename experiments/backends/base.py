@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from compress.config import ConfigError, RunConfig
 from compress.config.dispatch import COMMON_KEYS
+from compress.config.parsing import coerce
 from compress.recipe import run_id_of
 from compress.results import STATUS_FAILED, read_result
 
@@ -77,10 +78,8 @@ def at_least(settings: Any, **lows: int) -> None:
 
 def parse_settings(cls: type, dispatch: Mapping[str, Any]) -> Any:
     """The dataclass ``cls`` from the keys of ``dispatch`` it declares (types checked as the config's are)."""
-    from compress.config.parsing import _coerce
-
     hints = _hints(cls)
-    return cls(**{k: _coerce(v, hints[k], f"dispatch.{k}") for k, v in dispatch.items() if k in hints})
+    return cls(**{k: coerce(v, hints[k], f"dispatch.{k}") for k, v in dispatch.items() if k in hints})
 
 
 @functools.cache
