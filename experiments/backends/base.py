@@ -118,8 +118,8 @@ class Backend(ABC):
         return parse_settings(self.Settings, dispatch) if self.Settings is not None else None
 
     def check_settings(self, settings: Any) -> None:
-        """Refuse a bad value of a setting (:class:`ConfigError` naming ``dispatch.<key>``); the config's
-        check, run for every backend whatever ``dispatch.backend`` says (``--backend`` may choose another)."""
+        """Refuse a bad value of a setting (:class:`ConfigError` naming ``dispatch.<key>``); the config's check,
+        run for the chosen backend and for every backend one of whose settings is not at its default."""
         if hasattr(settings, "check"):
             settings.check()
 
