@@ -1,5 +1,5 @@
 """What runs: configs, sweeps, the submitit job, dispatch backends and the command line.
 
-Importing the package installs the check of the config's ``dispatch`` section (:mod:`experiments.backends`)."""
-
-import experiments.backends  # noqa: F401 - installs the dispatch section's check into the engine's validation
+The engine's config validation loads the check of the ``dispatch`` section (:mod:`experiments.backends`) by
+name when it parses a config (:data:`compress.config.dispatch.BUILTIN_SETTINGS_CHECK`): nothing needs importing
+first."""

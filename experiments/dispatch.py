@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from compress.config import RunConfig
+from compress.config.dispatch import check_dispatch
 from compress.recipe import run_dir_for, run_dir_of, run_id_of
 from compress.rundir import check_writable
-from experiments.backends import get_backend
+from experiments.backends import check_dispatch_section, get_backend
 from experiments.backends.base import STATUS_SUBMITTED, Backend, DispatchError, Notify, Submission
 from experiments.job import completed_row
 
@@ -27,9 +28,14 @@ def submit(cfgs: Sequence[RunConfig], backend: str, folder: Path, force: bool = 
            on_submit: Notify | None = None) -> list[Submission]:
     """Hand every config to ``backend`` (submitit's logs and pickles under ``folder``); configs whose settings
     differ go into separate submissions (executors, arrays). What the backend refuses, and what a run would
-    refuse as it starts (:func:`check_before_run`), is refused before anything is submitted. ``on_submit(cfg,
-    job_id)`` is called as soon as a run has its job id, before the run starts in a backend that waits."""
+    refuse as it starts (:func:`check_before_run`), is refused before anything is submitted; each config's
+    ``dispatch`` section is checked again for ``backend`` (a config changed since it was parsed, or one
+    ``--backend`` sends to another backend than its section names). ``on_submit(cfg, job_id)`` is called as soon
+    as a run has its job id, before the run starts in a backend that waits."""
     chosen = get_backend(backend)
+    for cfg in cfgs:
+        check_dispatch(cfg.dispatch)
+        check_dispatch_section(cfg.dispatch, backend)
     notify = on_submit or (lambda cfg, job_id: None)
     groups = [[cfg] for cfg in cfgs] if chosen.waits else _groups(cfgs, chosen)  # in order where they run here
     chosen.refuse(groups)

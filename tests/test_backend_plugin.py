@@ -128,20 +128,54 @@ def test_a_setting_two_backends_declare_differently_or_a_common_key_is_refused(t
             register_backend(other)
 
 
-def test_the_engine_alone_keeps_the_backend_settings_as_written(tmp_path):
-    """compress knows the common keys only: without ``experiments`` imported, a backend's setting is kept as
-    written (it is checked where a run is dispatched, by the backends)."""
+def test_the_engine_alone_checks_the_dispatch_section(tmp_path):
+    """A process that imports only ``compress`` checks the ``dispatch`` section too (the engine loads the dispatch
+    layer's check by name): a misspelt setting and an unknown backend are refused by ``load_config`` with the line
+    the command line prints, and what is accepted has every backend's defaults filled in."""
+    import os
     import subprocess
+    from pathlib import Path
 
-    code = ("import sys\nfrom compress.recipe import config_from_dict\n"
-            "cfg = config_from_dict({'teacher': None, 'student': {'model': 'cc-test-student'}, "
-            "'inheritance': {'name': 'none'}, 'losses': [{'name': 'clip'}], "
-            "'dispatch': {'backend': 'lsf', 'lsf_queue': 'long', 'gpus_per_node': 2}})\n"
-            "assert 'experiments' not in sys.modules, 'the engine imported experiments'\n"
-            "print(cfg.dispatch.backend, cfg.dispatch.tasks(), cfg.to_dict()['dispatch']['lsf_queue'])\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["lsf", "2", "long"]
+    root = Path(__file__).resolve().parents[1]
+    config = root / "experiments" / "configs" / "tiny-test.yaml"
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    for override in ("dispatch.max_paralel=2", "dispatch.backend=slrum"):
+        code = ("import sys\nfrom compress.config import ConfigError\nfrom compress.recipe import load_config\n"
+                "assert 'experiments' not in sys.modules, 'the engine imported experiments'\n"
+                f"try:\n    load_config({str(config)!r}, [{override!r}])\nexcept ConfigError as e:\n    print(e)\n"
+                "else:\n    print('accepted')\n")
+        engine = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert engine.returncode == 0, engine.stderr[-2000:]
+        cli = subprocess.run([sys.executable, "-c", "import sys\nfrom experiments.cli import main\n"
+                              f"sys.exit(main(['run', {str(config)!r}, '--set', {override!r}]))"],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert cli.returncode == 2 and len(cli.stderr.strip().splitlines()) == 1, cli.stderr
+        assert cli.stderr.strip() == f"clip-compress: error: {engine.stdout.strip()}", (engine.stdout, cli.stderr)
+    code = ("from compress.recipe import load_config\n"
+            f"cfg = load_config({str(config)!r}, ['dispatch.backend=local'])\n"
+            "print(cfg.dispatch.timeout_min, cfg.to_dict()['dispatch']['max_array_size'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["1440", "1000"], out.stderr[-2000:]
+
+
+def test_submit_checks_the_section_again_for_the_chosen_backend(tmp_path):
+    """A config whose ``dispatch`` was changed after it was parsed, or that ``--backend`` sends elsewhere, is
+    checked again by ``submit`` before anything is submitted."""
+    from compress.config import ConfigError
+    from compress.recipe import load_config
+    from experiments.dispatch import submit
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "experiments" / "configs" / "tiny-test.yaml")
+    submitted: list[str] = []
+    cfg.dispatch["backend"] = "slrum"
+    with pytest.raises(ConfigError, match="dispatch.backend: 'slrum' is not one of .* Did you mean 'slurm'"):
+        submit([cfg], "inline", tmp_path, on_submit=lambda cfg, job_id: submitted.append(job_id))
+    cfg.dispatch["backend"] = "inline"
+    cfg.dispatch["max_paralel"] = 2
+    with pytest.raises(ConfigError, match="unknown key 'dispatch.max_paralel'"):
+        submit([cfg], "inline", tmp_path, on_submit=lambda cfg, job_id: submitted.append(job_id))
+    assert submitted == [] and not any(tmp_path.iterdir())
 
 
 def test_a_dispatch_mistake_is_one_line_before_torch_is_imported(tmp_path):
@@ -166,3 +200,21 @@ def test_a_dispatch_mistake_is_one_line_before_torch_is_imported(tmp_path):
                                 env={**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}, timeout=300)
         assert result.stdout.split() == ["2", "False"], (argv, result.stdout, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def test_without_a_dispatch_layer_only_inline_and_the_common_keys_are_accepted(monkeypatch):
+    """Where the dispatch layer is not installed the engine runs configs in this process only: another backend or
+    a backend's setting would have no effect, and is refused in one line."""
+    import compress.config.dispatch as dispatch
+    from compress.config import ConfigError
+
+    monkeypatch.setattr(dispatch, "BUILTIN_SETTINGS_CHECK", "no_such_dispatch_layer:check")
+    dispatch.set_settings_check(None)
+    try:
+        assert dispatch.DispatchConfig.of({"nodes": 2, "gpus_per_node": 0}).tasks() == 1
+        with pytest.raises(ConfigError, match="dispatch.backend: 'slurm' needs the dispatch layer"):
+            dispatch.DispatchConfig.of({"backend": "slurm"})
+        with pytest.raises(ConfigError, match="unknown key 'dispatch.timeout_min': the dispatch layer"):
+            dispatch.DispatchConfig.of({"timeout_min": 5})
+    finally:
+        dispatch.set_settings_check(None)  # the built-in check again, loaded on the next config

@@ -466,3 +466,60 @@ def test_a_failing_task_other_than_rank_0_exits_non_zero(tmp_path, monkeypatch):
         RunJob(cfg.to_dict())()
     monkeypatch.setenv("RANK", "0")  # rank 0 returns its failed row (it wrote it)
     assert RunJob(config_from_dict(cfg.to_dict()).to_dict())()["status"] == "failed"
+
+
+#: ``load_config(tiny-test.yaml).to_dict()["dispatch"]`` before backends were types (commit 941f5a6), without and
+#: with SLURM settings written: every backend's setting with its default (what config.yaml and rows hold)
+DISPATCH_941F5A6 = {"backend": "inline", "nodes": 1, "gpus_per_node": 1, "tasks_per_node": None, "timeout_min": 1440,
+                    "max_parallel": 1, "partition": None, "account": None, "cpus_per_task": None, "mem_gb": None,
+                    "array_parallelism": 256, "max_array_size": 1000, "signal_delay_s": 120, "max_num_timeout": 3,
+                    "slurm_options": {}}
+SLURM_SET = ["dispatch.backend=slurm", "dispatch.mem_gb=64", "dispatch.cpus_per_task=8",
+             "dispatch.slurm_options={qos: high}"]
+SLURM_941F5A6 = {**DISPATCH_941F5A6, "backend": "slurm", "cpus_per_task": 8, "mem_gb": 64.0,
+                 "slurm_options": {"qos": "high"}}
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [([], DISPATCH_941F5A6), (SLURM_SET, SLURM_941F5A6)])
+def test_the_resolved_dispatch_section_has_every_backend_default(overrides, expected):
+    """The section written to config.yaml, a row and a manifest is the resolved one, as before backends were
+    types: rows of runs that wrote different dispatch keys have the same columns; settings read as attributes."""
+    from compress.recipe import load_config
+
+    cfg = load_config(ROOT / "experiments" / "configs" / "tiny-test.yaml", overrides)
+    dispatch = cfg.to_dict()["dispatch"]
+    assert dispatch == expected and type(dispatch["mem_gb"]) is type(expected["mem_gb"])
+    assert cfg.dispatch.timeout_min == 1440 and cfg.dispatch.slurm_options == expected["slurm_options"]
+    with pytest.raises(AttributeError):
+        cfg.dispatch.timeout_minutes  # noqa: B018 - the attribute is what is tested
+
+
+def test_a_backend_whose_defaults_fail_its_check_breaks_only_itself():
+    """A backend's own check runs for the chosen backend and for a backend whose settings were set, not for
+    every registered backend on every config."""
+    from dataclasses import dataclass
+
+    import experiments.backends as backends
+    from compress.recipe import load_config
+    from experiments.backends.base import Backend
+
+    @dataclass
+    class BrokenSettings:
+        broken_queue: str = ""
+
+        def check(self) -> None:
+            if not self.broken_queue:
+                raise ConfigError("dispatch.broken_queue: must name a queue")
+
+    config = ROOT / "experiments" / "configs" / "tiny-test.yaml"
+    with backends.scoped():
+        backends.register_backend(type("Broken", (Backend,), {"name": "broken", "Settings": BrokenSettings,
+                                                              "submit": lambda *a: []}))
+        cfg = load_config(config)
+        assert cfg.dispatch.backend == "inline" and cfg.dispatch.broken_queue == ""
+        load_config(config, ["dispatch.backend=local", "dispatch.max_parallel=2"])
+        with pytest.raises(ConfigError, match="dispatch.broken_queue: must name a queue"):
+            load_config(config, ["dispatch.backend=broken"])
+        assert load_config(config, ["dispatch.backend=broken", "dispatch.broken_queue=q"]).dispatch.broken_queue == "q"
+        with pytest.raises(ConfigError, match="dispatch.max_parallel: must be at least 1"):
+            load_config(config, ["dispatch.max_parallel=0"])  # a setting written is checked whatever the backend

@@ -26,7 +26,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
+def coerce(value: Any, tp: Any, path: str) -> Any:
+    """``value`` as the type hint ``tp`` says (a config's field, a backend's setting), checked as a config's values
+    are; a mismatch is a :class:`ConfigError` naming ``path``."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -39,7 +41,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, path)
+                return coerce(value, arg, path)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
@@ -50,15 +52,15 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        return tuple(coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return {k: _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
+        return {k: coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
@@ -94,7 +96,7 @@ def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
                 f"unknown key {where!r}.{suggest(str(key), names)} "
                 f"Valid keys{' of ' + path if path else ''}: {', '.join(names)}"
             )
-        kwargs[key] = _coerce(value, hints[key], where)
+        kwargs[key] = coerce(value, hints[key], where)
     return cls(**kwargs)
 
 

@@ -3,21 +3,23 @@
 A backend is a :class:`~experiments.backends.base.Backend` subclass registered with :func:`register_backend`.
 The built-ins are the modules named in :data:`BUILTIN_BACKENDS`; third-party backends are found through the
 entry-point group ``clip_compress.backends`` (each entry point names a module whose import registers its
-backends, or a ``Backend`` subclass), as plug-ins are (:mod:`compress.registry`). Importing this package
-installs the check of the ``dispatch`` section into the engine's config validation
-(:func:`compress.config.dispatch.set_settings_check`): the backend's name, and every backend's settings.
+backends, or a ``Backend`` subclass), as plug-ins are (:mod:`compress.registry`). The engine's config
+validation loads :func:`check_dispatch_section` by name (:data:`compress.config.dispatch.BUILTIN_SETTINGS_CHECK`)
+on the first config it parses: the backend's name, and the backends' settings, with their defaults filled in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import inspect
 from collections.abc import Iterator
 from importlib.metadata import entry_points
+from typing import Any
 
 from compress.config import ConfigError
-from compress.config.dispatch import COMMON_KEYS, DispatchConfig, set_settings_check
+from compress.config.dispatch import COMMON_KEYS, DispatchConfig
 from compress.registry import suggest
 from experiments.backends.base import Backend, DispatchError, Submission
 
@@ -56,12 +58,10 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
 
 def _fields(cls: type[Backend]) -> dict[str, tuple[str, str]]:
     """A backend's setting keys, each with its type and default (as text)."""
-    import dataclasses
-
     if cls.Settings is None:
         return {}
-    return {f.name: (str(f.type), repr(f.default if f.default is not dataclasses.MISSING else f.default_factory()))
-            for f in dataclasses.fields(cls.Settings)}
+    defaults = _defaults(cls)
+    return {f.name: (str(f.type), repr(defaults[f.name])) for f in dataclasses.fields(cls.Settings)}
 
 
 def _load() -> None:
@@ -130,29 +130,56 @@ def setting_keys() -> list[str]:
     return list(keys)
 
 
-def check_dispatch_section(d: DispatchConfig) -> None:
-    """The config's check of ``dispatch``: a known backend, no key that no backend has, and every backend's
-    settings parsed and checked (``--backend`` may choose another backend than ``dispatch.backend``)."""
+def check_dispatch_section(d: DispatchConfig, backend: str | None = None) -> None:
+    """The config's check of ``dispatch`` (:data:`compress.config.dispatch.BUILTIN_SETTINGS_CHECK`): a known
+    backend, no key that no backend has, every backend's settings parsed (types) and filled in with their
+    defaults in ``d`` (the resolved section: the same keys whatever the config wrote, so that rows compare).
+    A backend's own check (:meth:`Backend.check_settings`) runs for the chosen backend (``backend``: the one
+    ``--backend`` chose, else ``dispatch.backend``) and for every backend one of whose settings is not at its
+    default (``--backend`` may choose it later); a backend whose defaults its own check refuses does not break
+    the others' runs."""
     _load()
-    if d.backend in RENAMED:
-        raise ConfigError(f"dispatch.backend: {d.backend!r} was renamed: use {RENAMED[d.backend]!r}")
-    if d.backend not in _backends:
-        names = list(_backends)
-        raise ConfigError(f"dispatch.backend: {d.backend!r} is not one of {', '.join(names)}."
-                          f"{suggest(d.backend, names)}")
+    for where, name in (("dispatch.backend", d.backend), ("--backend", backend)):
+        if name is None:
+            continue
+        if name in RENAMED:
+            raise ConfigError(f"{where}: {name!r} was renamed: use {RENAMED[name]!r}")
+        if name not in _backends:
+            names = list(_backends)
+            raise ConfigError(f"{where}: {name!r} is not one of {', '.join(names)}.{suggest(name, names)}")
     keys = setting_keys()
     for key in d:
         if key not in keys:
             raise ConfigError(f"unknown key 'dispatch.{key}'.{suggest(key, keys)} Valid keys of dispatch: "
                               f"{', '.join(keys)}")
+    chosen = backend or d.backend
+    resolved: dict[str, Any] = {}
     for cls in _backends.values():
-        backend = cls()
-        backend.check_settings(backend.settings(d))
+        instance = cls()
+        settings = instance.settings(d)
+        if settings is None:
+            continue
+        values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+        if cls.name == chosen or values != _defaults(cls):
+            instance.check_settings(settings)
+        resolved.update(values)
+    common = {key: d[key] for key in COMMON_KEYS}
+    d.clear()
+    d.update({**common, **resolved})  # in the order of setting_keys(), whatever order the config wrote
+
+
+def _defaults(cls: type[Backend]) -> dict[str, Any]:
+    """A backend's settings at their defaults."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls.Settings)}
 
 
 def restart_count() -> int:
     """Inside a job: how often its scheduler restarted it (requeued after a preemption or a node failure), as
-    the backend that restarts jobs recognises it (:meth:`Backend.restart_count`); 0 where none did."""
+    the backend that restarts jobs recognises it (:meth:`Backend.restart_count`); 0 where none did. Every backend
+    is asked, not only the run's ``dispatch.backend``: ``--backend`` submits a config whose section names another
+    backend (the job's config keeps it), and each backend reads its own scheduler's variable
+    (``SLURM_RESTART_COUNT``), which a job of another backend does not have."""
     _load()
     return max((cls.restart_count() for cls in _backends.values()), default=0)
 
@@ -168,7 +195,5 @@ def scoped() -> Iterator[None]:
         _backends.clear()
         _backends.update(saved)
 
-
-set_settings_check(check_dispatch_section)
 
 __all__ = ["Backend", "DispatchError", "Submission", "backend_names", "get_backend", "register_backend", "scoped"]

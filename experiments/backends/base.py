@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from compress.config import ConfigError, RunConfig
 from compress.config.dispatch import COMMON_KEYS
+from compress.config.parsing import coerce
 from compress.recipe import run_id_of
 from compress.results import STATUS_FAILED, read_result
 
@@ -77,10 +78,8 @@ def at_least(settings: Any, **lows: int) -> None:
 
 def parse_settings(cls: type, dispatch: Mapping[str, Any]) -> Any:
     """The dataclass ``cls`` from the keys of ``dispatch`` it declares (types checked as the config's are)."""
-    from compress.config.parsing import _coerce
-
     hints = _hints(cls)
-    return cls(**{k: _coerce(v, hints[k], f"dispatch.{k}") for k, v in dispatch.items() if k in hints})
+    return cls(**{k: coerce(v, hints[k], f"dispatch.{k}") for k, v in dispatch.items() if k in hints})
 
 
 @functools.cache
@@ -119,8 +118,8 @@ class Backend(ABC):
         return parse_settings(self.Settings, dispatch) if self.Settings is not None else None
 
     def check_settings(self, settings: Any) -> None:
-        """Refuse a bad value of a setting (:class:`ConfigError` naming ``dispatch.<key>``); the config's
-        check, run for every backend whatever ``dispatch.backend`` says (``--backend`` may choose another)."""
+        """Refuse a bad value of a setting (:class:`ConfigError` naming ``dispatch.<key>``); the config's check,
+        run for the chosen backend and for every backend one of whose settings is not at its default."""
         if hasattr(settings, "check"):
             settings.check()
 
