@@ -8,7 +8,7 @@ import pytest
 from compress.config import ConfigError
 from compress.models import load_model
 from compress.models.forward import embed_dim
-from compress.plugins import DistillLoss, Inheritance, Schedule
+from compress.plugins import CosineFrom, DistillLoss, Inheritance, Schedule
 from compress.recipe import build_losses, config_from_dict
 from compress.registry import LOSSES
 from tests.test_train import make_trainer
@@ -27,11 +27,13 @@ class Swaps(Inheritance):
         return step == 2
 
     def schedule_after_replacement(self, lr_schedule, lr, step, total_steps):
-        return lr_schedule if self.after is None else self.after(lr, step)
+        if self.after is None:
+            return super().schedule_after_replacement(lr_schedule, lr, step, total_steps)
+        return self.after(lr_schedule, lr, step)
 
 
 class Fixed(Schedule):
-    def __init__(self, lr, step):
+    def __init__(self, configured, lr, step):
         self.lr, self.step = lr, step
 
     def value(self, step):
@@ -50,12 +52,28 @@ def lrs(trainer):
     return dict(seen)
 
 
-def test_by_default_the_configured_lr_goes_on_after_a_replacement(models):
-    """It was TinyCLIP's cosine from the replacement for every strategy, hard-coded in the trainer."""
+def test_by_default_the_lr_follows_tinyclips_cosine_after_a_replacement_as_before_strategies_named_it(models):
+    """The trainer applied TinyCLIP's policy to every strategy that replaced the student (a cosine from the lr at the
+    replacement to 0 at the last step, no new warm-up): the contract's default keeps it, and a resumed trainer
+    follows it, from a checkpoint of before issue 17 too (its key was ``cosine_from``)."""
     teacher, student = models
     trainer = make_trainer(teacher, copy.deepcopy(student), steps=4, inheritance=Swaps(), log_every=1)
-    assert lrs(trainer) == {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 1e-3}
+    assert lrs(trainer) == {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: pytest.approx(5e-4)}  # lr_schedule(3) at logged step 4
     assert trainer.replaced_at == [2] and trainer.state_dict()["replaced_lr"] == [1e-3, 2]
+    assert isinstance(trainer.lr_schedule, CosineFrom)
+    state = trainer.state_dict()
+    old = {("cosine_from" if k == "replaced_lr" else k): v for k, v in state.items()}
+    for saved in (state, old):
+        resumed = make_trainer(teacher, copy.deepcopy(trainer.student), steps=4, inheritance=Swaps())
+        resumed.load_state_dict(saved)
+        assert resumed.lr_schedule(3) == pytest.approx(5e-4) and resumed.lr_schedule(4) == pytest.approx(0.0)
+
+
+def test_a_strategy_may_let_the_configured_lr_go_on_after_its_replacement(models):
+    teacher, student = models
+    keeps = Swaps(lambda configured, lr, step: configured)
+    trainer = make_trainer(teacher, copy.deepcopy(student), steps=4, inheritance=keeps, log_every=1)
+    assert lrs(trainer) == {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 1e-3}
 
 
 def test_the_strategy_names_the_lr_after_its_replacement_and_a_resumed_trainer_follows_it(models):
