@@ -121,14 +121,19 @@ class Inheritance:
         """What the strategy made of ``student`` that its weights and structure do not say (masks attached ...),
         as plain JSON values: the checkpoint stores it beside the student's structure and hands it back to
         :meth:`restore` on resume (ModelOpt's convert record). Its keys must not be the engine's (``model_cfg``,
-        ``structure``, ``preprocess_cfg``, ``converted``). The default: nothing."""
-        return {}
+        ``structure``, ``preprocess_cfg``, ``converted``). The default, the record of every checkpoint before
+        strategies wrote their own: ``masked``, whether masks (:mod:`compress.masks`) are attached to the student,
+        so that a resume rebuilds a masked one through :meth:`inherit` (see :meth:`restore`)."""
+        from compress.masks import get_masks  # lazily: the contract is imported without the models
+
+        return {"masked": get_masks(student) is not None}
 
     def restore(self, record: Mapping[str, Any], source: nn.Module | None) -> nn.Module | None:
         """The module whose state a checkpoint holds, rebuilt from its :meth:`record` (the whole student record
         of the checkpoint, the strategy's keys included) without weights yet (the engine loads them, strictly),
-        or None: the engine rebuilds a plain student of the recorded structure. ``source``: the stage's source
-        model. The default: None."""
+        or None: the engine rebuilds the student itself, through :meth:`inherit` as on a fresh start where the
+        record says ``masked`` (the masks' modules are then the ones the weights were saved from), else as a plain
+        student of the recorded structure. ``source``: the stage's source model. The default: None."""
         return None
 
     def regularizer(self, student: nn.Module, step: int) -> dict[str, Tensor]:

@@ -2,15 +2,21 @@
 place, and the learning rate after a strategy replaced the student, the strategy's own."""
 
 import copy
+import re
 
 import pytest
 
+from compress.checkpoint import CheckpointError, latest_checkpoint, student_record
 from compress.config import ConfigError
+from compress.masks import attach_masks, prune_masked
 from compress.models import load_model
 from compress.models.forward import embed_dim
 from compress.plugins import CosineFrom, DistillLoss, Inheritance, Schedule
 from compress.recipe import build_losses, config_from_dict
-from compress.registry import LOSSES
+from compress.registry import INHERITANCE, LOSSES
+from compress.run import run_dir_for, run_experiment
+from tests.test_resume import TRAIN, Stop, assert_same, outcome, stop_at
+from tests.test_run_e2e import tiny_config
 from tests.test_train import make_trainer
 
 
@@ -133,3 +139,46 @@ def test_only_a_declared_context_reaches_the_constructor(models):
         cfg = config_from_dict({**config("declared"), "losses": [{"name": "declared"}, {"name": "undeclared"}]})
         declared, undeclared = (term.module for term in build_losses(cfg, student, teacher))
     assert declared.dims == (embed_dim(student), embed_dim(teacher)) and undeclared.dims == (None, None)
+
+
+class MaskedKeep(Inheritance):
+    """A third-party strategy: the source with masks attached (:mod:`compress.masks`), kept masked; it names
+    neither a record nor a restore."""
+
+    needs_student_config = False
+
+    def inherit(self, student, source):
+        model = copy.deepcopy(source).requires_grad_(True)
+        attach_masks(model)
+        return model
+
+    def export(self, student):
+        return prune_masked(student)
+
+
+@pytest.mark.slow
+def test_a_masked_student_of_a_third_party_strategy_resumes_exactly(tmp_path, monkeypatch):
+    """The default record says ``masked`` while masks are attached, and the engine then rebuilds the student
+    through the strategy's ``inherit`` (as before issue 17), so the checkpoint's mask weights load strictly."""
+    with INHERITANCE.scoped():
+        INHERITANCE.register("masked_keep")(MaskedKeep)
+        configs = {out: tiny_config(tmp_path, inheritance={"name": "masked_keep"}, student=None, train=TRAIN,
+                                    output={"dir": str(tmp_path / out)}) for out in ("straight", "stopped")}
+        assert run_experiment(configs["straight"])["status"] == "completed"
+        with monkeypatch.context() as patch:
+            stop_at(patch, None, 3)
+            with pytest.raises(Stop):
+                run_experiment(configs["stopped"])
+        checkpoint = latest_checkpoint(run_dir_for(configs["stopped"]))
+        assert checkpoint.student_record()["masked"] is True
+        row = run_experiment(configs["stopped"])
+        assert row["status"] == "completed", row.get("error")
+        assert_same(outcome(run_dir_for(configs["stopped"])), outcome(run_dir_for(configs["straight"])))
+
+
+def test_a_strategy_record_using_the_engines_keys_is_refused(models):
+    _, student = models
+    assert student_record(student, {"masked": True})["masked"] is True
+    with pytest.raises(CheckpointError, match=re.escape("the inheritance strategy's record uses the engine's key(s) "
+                                                        "['converted', 'structure']; rename them")):
+        student_record(student, {"structure": {}, "converted": False, "own": 1})

@@ -141,10 +141,6 @@ class AutoInheritance(Inheritance):
                 f"{total_steps} (no new warm-up)",
                 f"target sparsity: {ramp}, masks learned until step {self.prune_step}"]
 
-    def record(self, student: nn.Module) -> dict[str, Any]:
-        """``masked``: the masks (and multipliers) are still attached, so the checkpoint holds them."""
-        return {"masked": get_masks(student) is not None}
-
     def restore(self, record: Mapping[str, Any], source: nn.Module | None) -> nn.Module | None:
         """A masked student is rebuilt as :meth:`inherit` made it (a copy of the source with masks); once pruned
         it is a plain student of its recorded structure (None: the engine rebuilds it)."""
