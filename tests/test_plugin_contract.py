@@ -119,8 +119,7 @@ def test_a_declared_context_the_engine_does_not_supply_or_the_constructor_does_n
 
 
 def test_only_a_declared_context_reaches_the_constructor(models):
-    """A loss names the model-derived values it needs in one place (its ``context``); a parameter of the same name
-    that it does not declare is a plain config key, left at its value."""
+    """A loss names the model-derived values it needs in one place (its ``context``)."""
     teacher, student = models
     with LOSSES.scoped():
 
@@ -132,13 +131,67 @@ def test_only_a_declared_context_reaches_the_constructor(models):
                 super().__init__()
                 self.dims = (student_embed_dim, teacher_embed_dim)
 
-        @LOSSES.register("undeclared")
-        class Undeclared(Declared):
-            context = ()
+        cfg = config_from_dict(config("declared"))
+        (declared,) = (term.module for term in build_losses(cfg, student, teacher))
+    assert declared.dims == (embed_dim(student), embed_dim(teacher))
 
-        cfg = config_from_dict({**config("declared"), "losses": [{"name": "declared"}, {"name": "undeclared"}]})
-        declared, undeclared = (term.module for term in build_losses(cfg, student, teacher))
-    assert declared.dims == (embed_dim(student), embed_dim(teacher)) and undeclared.dims == (None, None)
+
+def test_a_constructor_taking_an_engine_value_it_does_not_declare_is_refused_before_anything_runs():
+    """Before declarations the engine passed its values by parameter name: such a plug-in, undeclared, would
+    silently get None (and another run id); it is refused with the line that fixes it."""
+    with LOSSES.scoped(), INHERITANCE.scoped():
+
+        @LOSSES.register("undeclared")
+        class Undeclared(DistillLoss):
+            context = ("teacher_embed_dim",)
+
+            def __init__(self, student_embed_dim: int | None = None, teacher_embed_dim: int | None = None) -> None:
+                super().__init__()
+
+        @INHERITANCE.register("counts_steps")
+        class CountsSteps(Inheritance):
+            def __init__(self, total_steps: int | None = None) -> None:
+                self.total_steps = total_steps
+
+        with pytest.raises(ConfigError, match=re.escape(
+                "losses[0]: losses 'undeclared' takes student_embed_dim, which the engine supplies only to a plug-in "
+                "that declares it: add context = ('teacher_embed_dim', 'student_embed_dim') to its class")):
+            config_from_dict(config("undeclared"))
+        with pytest.raises(ConfigError, match=re.escape(
+                "inheritance: inheritance 'counts_steps' takes total_steps, which the engine supplies only to a "
+                "plug-in that declares it: add context = ('total_steps',) to its class")):
+            config_from_dict({**config("clip"), "inheritance": {"name": "counts_steps"}})
+        CountsSteps.context = ("total_steps",)
+        assert config_from_dict({**config("clip"), "inheritance": {"name": "counts_steps"}})
+
+
+class Prunes(Inheritance):
+    """Takes a target sparsity but, written before issue 17, does not declare it."""
+
+    needs_student_config = False
+
+    def __init__(self, target_sparsity: float = 0.5) -> None:
+        self.target_sparsity = target_sparsity
+
+
+def test_a_strategy_taking_target_sparsity_without_declaring_its_target_parameter_is_refused():
+    """The engine reads a target only through ``target_parameter``: undeclared, a run would silently lose
+    ``sparsity/target``, ``sparsity/missed`` and the plan's target line (a staged run: its per-stage target)."""
+    message = ("inheritance 'prunes' takes target_sparsity, but its class declares no target_parameter, so the "
+               "engine would not read its target: add target_parameter = 'target_sparsity' to its class")
+    single = {**config("clip"), "student": None, "inheritance": {"name": "prunes", "target_sparsity": 0.3}}
+    staged = {**single, "inheritance": {"name": "prunes"}, "stages": {"targets": [0.25, 0.5]}}
+    with INHERITANCE.scoped():
+        INHERITANCE.register("prunes")(Prunes)
+        with pytest.raises(ConfigError, match=re.escape(f"inheritance: {message}")):
+            config_from_dict(single)
+        with pytest.raises(ConfigError, match=re.escape(f"stages[0].inheritance: {message}")):
+            config_from_dict(staged)
+        Prunes.target_parameter = "target_sparsity"
+        try:
+            assert config_from_dict(single) and config_from_dict(staged)
+        finally:
+            del Prunes.target_parameter
 
 
 class MaskedKeep(Inheritance):
