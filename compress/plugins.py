@@ -6,6 +6,7 @@ register the implementations in ``compress.registry``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -111,21 +112,28 @@ class Inheritance:
     def schedule_after_replacement(self, lr_schedule: Schedule, lr: float, step: int, total_steps: int) -> Schedule:
         """The learning-rate schedule once :meth:`on_step` replaced the student at ``step`` (the lr was ``lr``
         there; the trainer builds a new optimizer). Called again with the same values on resume, so it must
-        depend on them alone. The default: the configured ``lr_schedule`` goes on."""
-        return lr_schedule
+        depend on them alone. The default is TinyCLIP's policy after pruning, which the trainer applied to every
+        strategy before strategies named their own: a cosine from ``lr`` at ``step`` to 0 at ``total_steps``, no
+        new warm-up (:class:`CosineFrom`); return ``lr_schedule`` to let the configured schedule go on."""
+        return CosineFrom(lr, step, total_steps)
 
     def record(self, student: nn.Module) -> dict[str, Any]:
         """What the strategy made of ``student`` that its weights and structure do not say (masks attached ...),
         as plain JSON values: the checkpoint stores it beside the student's structure and hands it back to
         :meth:`restore` on resume (ModelOpt's convert record). Its keys must not be the engine's (``model_cfg``,
-        ``structure``, ``preprocess_cfg``, ``converted``). The default: nothing."""
-        return {}
+        ``structure``, ``preprocess_cfg``, ``converted``). The default, the record of every checkpoint before
+        strategies wrote their own: ``masked``, whether masks (:mod:`compress.masks`) are attached to the student,
+        so that a resume rebuilds a masked one through :meth:`inherit` (see :meth:`restore`)."""
+        from compress.masks import get_masks  # lazily: the contract is imported without the models
+
+        return {"masked": get_masks(student) is not None}
 
     def restore(self, record: Mapping[str, Any], source: nn.Module | None) -> nn.Module | None:
         """The module whose state a checkpoint holds, rebuilt from its :meth:`record` (the whole student record
         of the checkpoint, the strategy's keys included) without weights yet (the engine loads them, strictly),
-        or None: the engine rebuilds a plain student of the recorded structure. ``source``: the stage's source
-        model. The default: None."""
+        or None: the engine rebuilds the student itself, through :meth:`inherit` as on a fresh start where the
+        record says ``masked`` (the masks' modules are then the ones the weights were saved from), else as a plain
+        student of the recorded structure. ``source``: the stage's source model. The default: None."""
         return None
 
     def regularizer(self, student: nn.Module, step: int) -> dict[str, Tensor]:
@@ -180,3 +188,17 @@ class Schedule:
 
     def __call__(self, step: int) -> float:
         return self.value(step)
+
+
+class CosineFrom(Schedule):
+    """Cosine decay from ``start_value`` at ``start_step`` to 0 at ``total_steps`` (no warm-up): the lr after a
+    strategy replaced the student (TinyCLIP continues this way after pruning), the default of
+    :meth:`Inheritance.schedule_after_replacement`. Not a config key."""
+
+    def __init__(self, start_value: float, start_step: int, total_steps: int) -> None:
+        self.start_value, self.start_step = start_value, start_step
+        self.span = max(total_steps - start_step, 1)
+
+    def value(self, step: int) -> float:
+        progress = min(max((step - self.start_step) / self.span, 0.0), 1.0)
+        return self.start_value * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -115,12 +115,15 @@ def build_student(cfg: RunConfig, inheritance: Any, source: nn.Module | None) ->
 
 def load_student(run: StageRun, inheritance: Any, checkpoint: Checkpoint | None) -> nn.Module:
     """The stage's student: from the checkpoint when resuming (the strategy rebuilds what it made of the student
-    from its record, :meth:`~compress.plugins.Inheritance.restore`, else a plain student of the recorded
-    structure is built, no strategy code involved), else built and filled by the strategy."""
+    from its record, :meth:`~compress.plugins.Inheritance.restore`; else a masked student, which the record says,
+    is built by the strategy as on a fresh start, and any other is a plain student of the recorded structure, no
+    strategy code involved), else built and filled by the strategy. The checkpoint's weights are loaded strictly."""
     if checkpoint is None:
         return build_student(run.cfg, inheritance, run.source)
     record = checkpoint.student_record()
     student = inheritance.restore(record, run.source)
+    if student is None and record.get("masked"):
+        student = build_student(run.cfg, inheritance, run.source)
     if student is not None:
         student.load_state_dict(checkpoint.student_state(), strict=True)
         return student

@@ -19,6 +19,7 @@ from compress.recipe.context import (
     INHERITANCE_CONTEXT,
     LOSS_CONTEXT,
     check_context,
+    check_target_declared,
     inheritance_context,
     offered,
     schedule_context,
@@ -45,6 +46,7 @@ def validate_one(cfg: RunConfig) -> RunConfig:
     """Check a config without stages (a run's, or one stage's resolved config)."""
     check_train(cfg)
     _declared(INHERITANCE, cfg.inheritance, "inheritance", INHERITANCE_CONTEXT)
+    check_target_declared(cfg.inheritance, "inheritance")
     inheritance = build_plugin(INHERITANCE, cfg.inheritance, "inheritance",
                                offered(INHERITANCE, cfg.inheritance, inheritance_context(cfg)))
     _check_models(cfg, inheritance)

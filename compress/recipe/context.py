@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from compress.config.errors import ConfigError
 from compress.config.schema import RunConfig
-from compress.config.specs import split_loss
+from compress.config.specs import plain_spec, split_loss
 from compress.config.validate import loss_weight_keys
-from compress.registry import Registry
+from compress.registry import INHERITANCE, Registry
 
 if TYPE_CHECKING:
     from torch import nn
@@ -29,6 +29,9 @@ ENGINE_CONTEXT = {
     "schedules": {"base_value": "train.lr for schedules.lr, the loss's weight for schedules.weight/<loss>",
                   "total_steps": "train.steps"},
 }
+#: the constructor parameter that, by its name, says an inheritance strategy prunes to a target (the class must then
+#: declare it: :attr:`compress.plugins.Inheritance.target_parameter`)
+TARGET = "target_sparsity"
 SCHEDULE_CONTEXT = tuple(ENGINE_CONTEXT["schedules"])
 LOSS_CONTEXT = tuple(ENGINE_CONTEXT["losses"])
 INHERITANCE_CONTEXT = tuple(ENGINE_CONTEXT["inheritance"])
@@ -45,15 +48,34 @@ def offered(registry: Registry[Any], spec: Any, context: Mapping[str, Any]) -> d
 
 
 def check_context(registry: Registry[Any], spec: Any, where: str, supplied: tuple[str, ...]) -> None:
-    """A declared context name must be one the engine supplies and one the constructor takes."""
+    """A declared context name must be one the engine supplies and one the constructor takes; a constructor
+    parameter named like a value the engine supplies must be declared (undeclared, it would silently get its
+    default where plug-ins written before declarations got the engine's value)."""
     name = registry.split_spec(spec)[0]
-    for key in declared_context(registry, spec):
+    declared = declared_context(registry, spec)
+    undeclared = [key for key in supplied if key not in declared and registry.accepts(name, key)]
+    if undeclared:
+        raise ConfigError(f"{where}: {registry.kind} {name!r} takes {', '.join(undeclared)}, which the engine supplies "
+                          f"only to a plug-in that declares it: add context = {(*declared, *undeclared)!r} to its "
+                          "class")
+    for key in declared:
         if key not in supplied:
             raise ConfigError(f"{where}: {registry.kind} {name!r} declares context {key!r}, which the engine does not "
                               f"supply (it supplies: {', '.join(supplied)})")
         if not registry.accepts(name, key):
             raise ConfigError(f"{where}: {registry.kind} {name!r} declares context {key!r}, but its constructor takes "
                               "no such parameter")
+
+
+def check_target_declared(spec: Any, where: str) -> None:
+    """An inheritance constructor taking ``target_sparsity`` must declare it as its ``target_parameter``: the engine
+    reads a strategy's target (``sparsity/target``, ``sparsity/missed``, the plan, a stage's share) only so."""
+    name = plain_spec(spec).get("name")
+    if not (isinstance(name, str) and name in INHERITANCE and INHERITANCE.accepts(name, TARGET)):
+        return
+    if getattr(INHERITANCE.get(name), "target_parameter", None) is None:
+        raise ConfigError(f"{where}: inheritance {name!r} takes {TARGET}, but its class declares no target_parameter, "
+                          f"so the engine would not read its target: add target_parameter = {TARGET!r} to its class")
 
 
 def loss_context(student: nn.Module, teacher: nn.Module | None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from compress.config.specs import plain_spec
 from compress.config.stages import ResolvedStage, per_stage_target, stage_data, stage_source
 from compress.recipe.build import build_inheritance
 from compress.recipe.checks import validate_one
+from compress.recipe.context import check_target_declared
 from compress.registry import INHERITANCE
 
 
@@ -115,6 +116,7 @@ def _check_target(where: str, target: float, floor: float, inheritance: Any) -> 
         )
     parameter = target_parameter(inheritance)
     if parameter is None:
+        check_target_declared(inheritance, f"{where}.inheritance")
         raise ConfigError(
             f"{where}.target_sparsity: inheritance {plain_spec(inheritance).get('name')!r} takes no target sparsity; "
             "give the stage a student (manual) or use inheritance auto"

@@ -30,9 +30,8 @@ from compress.masks import (
 from compress.masks.gates import LOG_ALPHA_INIT
 from compress.masks.lagrangian import MODES
 from compress.models.towers import resolve_towers
-from compress.plugins import Inheritance, Schedule
+from compress.plugins import Inheritance
 from compress.registry import INHERITANCE, SCHEDULES, spec_text
-from strategies.schedules.lr import CosineFrom
 
 logger = logging.getLogger(__name__)
 BUDGETS = ("pooled", "per_tower")
@@ -141,14 +140,6 @@ class AutoInheritance(Inheritance):
         return [f"after pruning at step {self.prune_step}: the lr follows a cosine from its value there to 0 at step "
                 f"{total_steps} (no new warm-up)",
                 f"target sparsity: {ramp}, masks learned until step {self.prune_step}"]
-
-    def schedule_after_replacement(self, lr_schedule: Schedule, lr: float, step: int, total_steps: int) -> Schedule:
-        """A cosine from the lr at pruning to 0 at the last step, no new warm-up (TinyCLIP's official code)."""
-        return CosineFrom(lr, step, total_steps)
-
-    def record(self, student: nn.Module) -> dict[str, Any]:
-        """``masked``: the masks (and multipliers) are still attached, so the checkpoint holds them."""
-        return {"masked": get_masks(student) is not None}
 
     def restore(self, record: Mapping[str, Any], source: nn.Module | None) -> nn.Module | None:
         """A masked student is rebuilt as :meth:`inherit` made it (a copy of the source with masks); once pruned

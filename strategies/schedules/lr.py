@@ -13,20 +13,6 @@ def cosine_factor(progress: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
-class CosineFrom(Schedule):
-    """Cosine decay from ``start_value`` at ``start_step`` to 0 at ``total_steps`` (no warm-up): the lr after
-    automatic inheritance made the student smaller (TinyCLIP continues this way after pruning). Not a
-    config key: :meth:`strategies.inheritance.auto.AutoInheritance.schedule_after_replacement` builds it."""
-
-    def __init__(self, start_value: float, start_step: int, total_steps: int) -> None:
-        self.start_value, self.start_step = start_value, start_step
-        self.span = max(total_steps - start_step, 1)
-
-    def value(self, step: int) -> float:
-        progress = min(max((step - self.start_step) / self.span, 0.0), 1.0)
-        return self.start_value * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 @SCHEDULES.register("warmup_cosine")
 class WarmupCosine(Schedule):
     """Linear warm-up to the base value, then cosine decay to ``min_value`` (SGDR; CLIP/TinyCLIP recipe)."""
