@@ -235,3 +235,28 @@ def test_a_strategy_record_using_the_engines_keys_is_refused(models):
     with pytest.raises(CheckpointError, match=re.escape("the inheritance strategy's record uses the engine's key(s) "
                                                         "['converted', 'structure']; rename them")):
         student_record(student, {"structure": {}, "converted": False, "own": 1})
+
+
+def test_an_undeclared_engine_value_the_config_sets_itself_is_accepted_and_reaches_the_constructor():
+    """The engine never overrode a value the config writes: such a plug-in computes the same as before
+    declarations existed, so it is not refused (only one that would silently lose the engine's value is)."""
+    seen = {}
+    with LOSSES.scoped(), INHERITANCE.scoped():
+
+        @LOSSES.register("explicit_dim")
+        class ExplicitDim(DistillLoss):
+            def __init__(self, student_embed_dim: int = 8) -> None:
+                super().__init__()
+                seen["student_embed_dim"] = student_embed_dim
+
+        @INHERITANCE.register("explicit_steps")
+        class ExplicitSteps(Inheritance):
+            def __init__(self, total_steps: int = 10) -> None:
+                seen["total_steps"] = total_steps
+
+        config_from_dict({**config("explicit_dim"), "losses": [{"name": "explicit_dim", "student_embed_dim": 16}]})
+        assert seen["student_embed_dim"] == 16
+        config_from_dict({**config("clip"), "inheritance": {"name": "explicit_steps", "total_steps": 5}})
+        assert seen["total_steps"] == 5
+        with pytest.raises(ConfigError, match="takes total_steps, which the engine supplies only to a plug-in"):
+            config_from_dict({**config("clip"), "inheritance": {"name": "explicit_steps"}})

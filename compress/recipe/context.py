@@ -51,13 +51,14 @@ def check_context(registry: Registry[Any], spec: Any, where: str, supplied: tupl
     """A declared context name must be one the engine supplies and one the constructor takes; a constructor
     parameter named like a value the engine supplies must be declared (undeclared, it would silently get its
     default where plug-ins written before declarations got the engine's value)."""
-    name = registry.split_spec(spec)[0]
+    name, params = registry.split_spec(spec)
     declared = declared_context(registry, spec)
-    undeclared = [key for key in supplied if key not in declared and registry.accepts(name, key)]
+    # a value the config sets itself is the constructor's either way (the engine never overrode a written value)
+    undeclared = [key for key in supplied if key not in declared and key not in params and registry.accepts(name, key)]
     if undeclared:
         raise ConfigError(f"{where}: {registry.kind} {name!r} takes {', '.join(undeclared)}, which the engine supplies "
                           f"only to a plug-in that declares it: add context = {(*declared, *undeclared)!r} to its "
-                          "class")
+                          "class (or as an attribute of its factory function)")
     for key in declared:
         if key not in supplied:
             raise ConfigError(f"{where}: {registry.kind} {name!r} declares context {key!r}, which the engine does not "

@@ -163,7 +163,7 @@ def check_dispatch_section(d: DispatchConfig, backend: str | None = None) -> Non
         if cls.name == chosen or values != _defaults(cls):
             instance.check_settings(settings)
         resolved.update(values)
-    common = {key: d[key] for key in COMMON_KEYS}
+    common = {key: d.get(key, default) for key, default in COMMON_KEYS.items()}
     d.clear()
     d.update({**common, **resolved})  # in the order of setting_keys(), whatever order the config wrote
 
