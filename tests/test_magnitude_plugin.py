@@ -4,23 +4,20 @@ with cumulative targets, resumes exactly after a stop, and shows in ``--dry-run`
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from compress.checkpoint import CheckpointError, latest_checkpoint
 from compress.models import load_model
 from compress.models.params import prunable_count
 from compress.plan import build_plan, format_plan
 from compress.registry import INHERITANCE
 from compress.run import run_dir_for, run_experiment
 from tests.plugins.magnitude_inheritance import MagnitudeInheritance
-from tests.test_resume import TRAIN, Stop, assert_same, outcome, stop_at
+from tests.test_resume import TRAIN, Stop, assert_same, kill_at_checkpoint, outcome, stop_at
 from tests.test_run_e2e import tiny_config
 
 NO_EVAL = {"zero_shot": [], "retrieval": False, "throughput": False, "macs": False}
@@ -119,26 +116,7 @@ def test_sigkill_in_the_second_magnitude_stage_then_the_same_command_resumes_exa
     done = subprocess.run([*command, str(runs["straight"])], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    process = subprocess.Popen([*command, str(runs["killed"])], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline, stage = time.monotonic() + 600, None
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            stage = next((tmp_path / "killed").glob("*/stages/1-*"), None)
-            try:
-                checkpoint = latest_checkpoint(stage) if stage is not None else None
-            except CheckpointError:  # read while the writer replaced it: look again
-                checkpoint = None
-            if checkpoint is not None and checkpoint.step >= 3:
-                process.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.005)
-    finally:
-        if process.poll() is None:  # killed above, or the test is failing: never leave it training
-            process.kill()
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = latest_checkpoint(stage)
+    killed_at = kill_at_checkpoint([*command, str(runs["killed"])], env, tmp_path / "killed", "*/stages/1-*", 3)
     again = subprocess.run([*command, str(runs["killed"])], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]

@@ -107,6 +107,30 @@ def test_a_stopped_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, mon
     assert not list(run_dir.rglob("checkpoints"))  # removed once the run completed
 
 
+def kill_at_checkpoint(command: list[str], env: dict[str, str], root: Path, stage_glob: str, step: int):
+    """Start ``command`` (a run) and SIGKILL it as soon as the stage folder ``root/stage_glob`` holds a checkpoint
+    of at least ``step``; returns that (the latest) checkpoint. Fails if the run ends before it is killed."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, stage = time.monotonic() + 600, None
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            stage = next(root.glob(stage_glob), None)
+            try:
+                checkpoint = latest_checkpoint(stage) if stage is not None else None
+            except CheckpointError:  # read while the writer replaced it: look again
+                checkpoint = None
+            if checkpoint is not None and checkpoint.step >= step:
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        if process.poll() is None:  # killed above, or the test is failing: never leave it training
+            process.kill()
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return latest_checkpoint(stage)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_masked_stage_then_the_same_command_resumes_exactly(tmp_path):
     """A real process, killed with SIGKILL in the masked phase of its second stage (after a checkpoint
@@ -133,27 +157,7 @@ def test_sigkill_mid_masked_stage_then_the_same_command_resumes_exactly(tmp_path
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
 
-    process = subprocess.Popen([*command, str(runs["killed"])], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    stage = None
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            stage = next((tmp_path / "killed").glob("*/stages/1-*"), None)
-            try:
-                checkpoint = latest_checkpoint(stage) if stage is not None else None
-            except CheckpointError:  # read while the writer replaced it: look again
-                checkpoint = None
-            if checkpoint is not None and checkpoint.step >= 3:
-                process.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.005)
-    finally:
-        if process.poll() is None:  # killed above, or the test is failing: never leave it training
-            process.kill()
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = latest_checkpoint(stage)
+    killed_at = kill_at_checkpoint([*command, str(runs["killed"])], env, tmp_path / "killed", "*/stages/1-*", 3)
     assert killed_at.step < 24  # the masks were still attached
     assert json.loads(killed_at.path.joinpath("student.json").read_text())["masked"] is True
 

@@ -66,11 +66,11 @@ def run_id_of(cfg: RunConfig) -> str:
     return run_id(cfg)
 
 
-def run_dir_for(cfg: RunConfig) -> Path:
-    """``output.dir / (output.run_name or NAME-RUNID)``: a config's run directory, named by its run id (the
-    layout inside it is :class:`compress.rundir.RunDir`'s, which knows no plug-in; a built Recipe has it as
-    ``Recipe.run_dir``, the same path)."""
-    return Path(cfg.output.dir) / (cfg.output.run_name or run_dir_name(cfg.name, run_id_of(cfg)))
+def run_dir_for(cfg: RunConfig, run_id: str | None = None) -> Path:
+    """``output.dir / (output.run_name or NAME-RUNID)``: a config's run directory, named by its run id (``run_id``
+    where it is known already, as a Recipe's is; the layout inside it is :class:`compress.rundir.RunDir`'s, which
+    knows no plug-in)."""
+    return Path(cfg.output.dir) / (cfg.output.run_name or run_dir_name(cfg.name, run_id or run_id_of(cfg)))
 
 
 def run_dir_of(cfg: RunConfig) -> RunDir:

@@ -10,9 +10,9 @@ from compress.config.identity import hash_identity
 from compress.config.schema import RunConfig
 from compress.config.stages import ResolvedStage
 from compress.recipe.build import build_inheritance, build_losses, build_schedule
-from compress.recipe.identity import identity_dict
+from compress.recipe.identity import identity_dict, run_dir_for
 from compress.recipe.stages import resolve_stages
-from compress.rundir import RunDir, run_dir_name
+from compress.rundir import RunDir
 
 if TYPE_CHECKING:
     from torch import nn
@@ -42,7 +42,7 @@ class Recipe:
     @property
     def run_dir(self) -> Path:
         """``output.dir / (output.run_name or NAME-RUNID)`` (the layout inside is :class:`compress.rundir.RunDir`'s)."""
-        return Path(self.cfg.output.dir) / (self.cfg.output.run_name or run_dir_name(self.cfg.name, self.run_id))
+        return run_dir_for(self.cfg, self.run_id)
 
     @property
     def layout(self) -> RunDir:
