@@ -15,6 +15,7 @@ view}``. When the two training transforms are identical, one tensor serves both.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -80,33 +81,56 @@ def _train_view(cfg: PreprocessCfg) -> tuple[tuple[int, int], tuple[float, ...],
     return _hw(cfg.size), tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-class DistillTransform:
-    """One random crop, two views: ``{"images": student's, "teacher_images": teacher's}``.
+#: a crop box in the source image's pixels: (top, left, height, width), as ``RandomResizedCrop.get_params`` draws it
+Box = tuple[int, int, int, int]
 
-    The crop box is drawn once (``RandomResizedCrop.get_params``) and resized (bicubic) to
-    each model's size, then normalised with each model's mean/std; for each model alone this
-    is exactly its ``RandomResizedCrop`` training transform. Resizing is done once when the
-    sizes agree."""
 
-    def __init__(self, student: PreprocessCfg, teacher: PreprocessCfg, scale: tuple[float, float] = TRAIN_SCALE):
-        self.student, self.teacher = _train_view(student), _train_view(teacher)
+class CropViews:
+    """One random crop, several views: ``{name: view}``, one per model that reads the image.
+
+    The crop box is drawn once (``RandomResizedCrop.get_params``, torch's CPU generator: :meth:`draw`) in
+    the source image's coordinates, then resized (bicubic) to each view's size and normalised with its
+    mean/std (:meth:`apply`); for each model alone this is exactly its ``RandomResizedCrop`` training
+    transform. A size is resized once however many views share it. :meth:`apply` with a stored box replays
+    a view (the teacher-output cache stores the boxes its teachers saw)."""
+
+    def __init__(self, views: Mapping[str, PreprocessCfg], scale: tuple[float, float] = TRAIN_SCALE):
+        self.views = {name: _train_view(cfg) for name, cfg in views.items()}
         self.scale = tuple(scale)
 
     @staticmethod
     def _resized(crop: Any, size: tuple[int, int]) -> torch.Tensor:
         return TF.to_tensor(TF.resize(crop, list(size), interpolation=T.InterpolationMode.BICUBIC, antialias=True))
 
-    def __call__(self, img: Any) -> dict[str, torch.Tensor]:
-        img = img.convert("RGB") if getattr(img, "mode", "RGB") != "RGB" else img
+    def draw(self, img: Any) -> Box:
+        """A crop box for ``img`` from torch's CPU generator (seed it to make the draw a function of a key)."""
         top, left, height, width = T.RandomResizedCrop.get_params(img, list(self.scale), list(_RATIO))
-        crop = TF.crop(img, top, left, height, width)
-        (s_size, *s_norm), (t_size, *t_norm) = self.student, self.teacher
-        s_raw = self._resized(crop, s_size)
-        t_raw = s_raw if t_size == s_size else self._resized(crop, t_size)
-        return {"images": TF.normalize(s_raw, *s_norm), "teacher_images": TF.normalize(t_raw, *t_norm)}
+        return int(top), int(left), int(height), int(width)
+
+    def apply(self, img: Any, box: Box) -> dict[str, torch.Tensor]:
+        """Every view of the crop ``box`` of ``img``."""
+        img = img.convert("RGB") if getattr(img, "mode", "RGB") != "RGB" else img
+        crop = TF.crop(img, *box)
+        raw: dict[tuple[int, int], torch.Tensor] = {}
+        out = {}
+        for name, (size, *norm) in self.views.items():
+            if size not in raw:
+                raw[size] = self._resized(crop, size)
+            out[name] = TF.normalize(raw[size], *norm)
+        return out
+
+    def __call__(self, img: Any) -> dict[str, torch.Tensor]:
+        return self.apply(img, self.draw(img))
 
     def __repr__(self) -> str:
-        return f"DistillTransform(scale={self.scale}, student={self.student}, teacher={self.teacher})"
+        return f"{type(self).__name__}(scale={self.scale}, views={self.views})"
+
+
+class DistillTransform(CropViews):
+    """One random crop, two views: ``{"images": student's, "teacher_images": teacher's}`` (:class:`CropViews`)."""
+
+    def __init__(self, student: PreprocessCfg, teacher: PreprocessCfg, scale: tuple[float, float] = TRAIN_SCALE):
+        super().__init__({"images": student, "teacher_images": teacher}, scale)
 
 
 def train_transform_for(student: nn.Module, teacher: nn.Module | None = None) -> Any:
