@@ -35,6 +35,7 @@ NON_IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
               "accum_inputs"),
     "data": ("num_workers",),
     "eval": ("throughput", "batch_size"),
+    "teacher_cache": ("dir", "shard_size"),
 }
 
 
@@ -90,8 +91,12 @@ def identity_base(cfg: RunConfig) -> dict[str, Any]:
     """The config as a dict without the sections and keys that do not change the result (plug-in specs as
     written; :func:`compress.recipe.identity.identity_dict` resolves them)."""
     data = {k: v for k, v in cfg.to_dict().items() if k not in NON_IDENTITY_SECTIONS}
+    for key in ("teachers", "teacher_cache"):  # sections added later: absent, they leave older ids as they were
+        if not data[key]:
+            del data[key]
     for section, keys in NON_IDENTITY_KEYS.items():
-        data[section] = {k: v for k, v in data[section].items() if k not in keys}
+        if section in data:
+            data[section] = {k: v for k, v in data[section].items() if k not in keys}
     for stage in data["stages"]:
         stage["train"] = {k: v for k, v in stage["train"].items() if k not in NON_IDENTITY_KEYS["train"]}
     return data

@@ -172,6 +172,36 @@ class StageConfig:
     train: dict[str, Any] = field(default_factory=dict)
 
 
+#: what a teacher-output cache can hold per sample (image outputs per augmentation draw, text outputs once)
+CACHE_OUTPUTS = ("image_features", "text_features", "image_embeds", "text_embeds")
+#: how a run with a ``teacher_cache`` section gets its teacher's outputs
+CACHE_MODES = ("cache", "online")
+#: the number formats a cache stores its outputs in
+CACHE_DTYPES = ("fp16", "bf16", "fp32")
+
+
+@dataclass
+class TeacherCacheConfig:
+    """The teacher's outputs written once and read by every run of a sweep (MobileCLIP's reinforced data).
+
+    Each training sample has ``num_augmentations`` fixed views, crop boxes drawn from ``(seed, sample, view)``;
+    epoch e trains on view ``(e + offset(run seed, sample)) mod num_augmentations`` of each sample.
+    ``mode: cache`` reads the teacher's outputs for that view, and its box, from the cache under ``dir``
+    (a folder named by the cache's identity, written by ``clip-compress cache-teacher`` or by the first run that
+    needs it); ``mode: online`` runs the teacher on the same views (no files: it checks a cache, or measures it).
+    ``dtype``: the stored numbers (fp32 reproduces the online teacher). ``outputs``: what is stored (a loss that
+    needs another teacher output is refused). ``dir`` and ``shard_size`` (samples per file) are not in the run id.
+    """
+
+    mode: str = "cache"
+    dir: str = "teacher_cache"
+    num_augmentations: int = 1
+    seed: int = 0
+    dtype: str = "fp16"
+    outputs: list[str] = field(default_factory=lambda: ["image_features", "text_features"])
+    shard_size: int = 4096
+
+
 #: where a stage takes its first weights from
 STAGE_SOURCES = ("teacher", "previous")
 
@@ -182,6 +212,10 @@ class RunConfig:
     name: str = "run"
     seed: int = 0
     teacher: ModelSpec | None = field(default_factory=ModelSpec)
+    #: a teacher ensemble (two or more models; the first is also ``teacher``, the source students inherit from)
+    teachers: list[ModelSpec] = field(default_factory=list)
+    #: the teachers' outputs from a cache (``None``: the teacher runs online on every batch)
+    teacher_cache: TeacherCacheConfig | None = None
     student: ModelSpec | None = None
     inheritance: PluginSpec = field(default_factory=lambda: {"name": "manual"})
     losses: list[PluginSpec] = field(default_factory=lambda: [{"name": "affinity", "weight": 1.0}])
