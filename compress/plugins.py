@@ -20,7 +20,9 @@ class DistillLoss(nn.Module):
 
     The trainer multiplies every term by the configured weight, sums them, and logs each.
     Features are gathered across ranks with :func:`compress.distributed.gather_with_grad`,
-    never by the loss on its own. ``needs_teacher = False`` lets a run without a teacher
+    never by the loss on its own. A term named ``<term>/<part>`` (:func:`is_breakdown`) is a breakdown of a
+    term for the log (a per-teacher value, say): the trainer logs it and averages it over ranks but does not add
+    it to the objective (return it detached). ``needs_teacher = False`` lets a run without a teacher
     (training from scratch with the CLIP loss alone) skip the teacher's forward pass.
     ``needs`` names optional :class:`ClipOutput` extras the loss reads (``image_embeds``...).
     The loss runs once per optimizer step over the whole step's outputs (gradient accumulation
@@ -30,6 +32,13 @@ class DistillLoss(nn.Module):
 
     needs_teacher: bool = True
     needs: tuple[str, ...] = ()
+    #: whether the loss reads a teacher ensemble (``teachers:`` with two or more models): the teacher output's
+    #: ``members`` (:class:`~compress.outputs.ClipOutput`). A loss that does not is refused with an ensemble (it
+    #: would silently distil from the first teacher alone).
+    reads_ensemble: ClassVar[bool] = False
+    #: constructor parameters left out of the run id while they are at their default: parameters added after run
+    #: ids were published, so that those ids stay (a value other than the default is in the id)
+    identity_optional: ClassVar[tuple[str, ...]] = ()
     #: the values the engine supplies to the constructor (parameters of the same names), declared here once:
     #: ``student_embed_dim``, ``teacher_embed_dim`` (the models' embedding sizes). They are known only once the
     #: models are built, so validation builds the loss without them: such a parameter needs a default (None).
@@ -43,6 +52,15 @@ class DistillLoss(nn.Module):
         self, student: ClipOutput, teacher: ClipOutput | None, batch: Mapping[str, Any] | None = None
     ) -> dict[str, Tensor]:
         raise NotImplementedError
+
+
+#: the separator of a loss term's name that makes it a breakdown, logged and not added to the objective
+BREAKDOWN_SEPARATOR = "/"
+
+
+def is_breakdown(term: str) -> bool:
+    """Whether a loss term named ``term`` is a breakdown for the log (``affinity_i2t/teacher1``), not a summand."""
+    return BREAKDOWN_SEPARATOR in term
 
 
 class Inheritance:

@@ -44,7 +44,7 @@ from compress.rundir import (
     stage_dir,
     unwritable,
 )
-from compress.stage import StageRun, load_teacher, run_stage, seed_everything, stage_run
+from compress.stage import StageRun, load_teachers, run_stage, seed_everything, stage_run
 from compress.stopping import RunInterrupted, StoppedAtStep
 
 log = logging.getLogger(__name__)
@@ -150,8 +150,10 @@ class _Attempt:
             if checkpoint is not None:
                 checkpoint.check_owner(self.recipe.run_id, config_hash(self.cfg))
 
-    def run_stages(self, teacher: nn.Module | None, device: torch.device, precision: Precision) -> None:
-        """Each stage in order: a completed one is kept (its model is the next one's source), the others run."""
+    def run_stages(self, teachers: list[nn.Module], device: torch.device, precision: Precision) -> None:
+        """Each stage in order: a completed one is kept (its model is the next one's source), the others run.
+        ``teachers``: every teacher; the first is each stage's teacher source."""
+        teacher = teachers[0] if teachers else None
         previous: nn.Module | None = None
         for stage in self.stages:
             directory = self.directory(stage)
@@ -164,7 +166,7 @@ class _Attempt:
                 continue
             self.metrics = {}
             self.current = stage_run(self.cfg, stage, directory, teacher, previous)
-            run_stage(self.current, self.recipe, teacher, device, precision, self.metrics)
+            run_stage(self.current, self.recipe, teachers, device, precision, self.metrics)
             if stage is not None and stage is not self.stages[-1]:
                 self.write_rows(STATUS_COMPLETED, run_row=False)
                 _after_success(self.current)
@@ -240,8 +242,8 @@ def _run_in(recipe: Recipe, run_dir: Path, device: torch.device, precision: Prec
     try:
         with stopping.stop_signals():
             seed_everything(recipe.cfg.seed)  # a random-init teacher (tests) is the same in every attempt
-            teacher = load_teacher(recipe.cfg)
-            attempt.run_stages(teacher, device, precision)
+            teachers = load_teachers(recipe.cfg)
+            attempt.run_stages(teachers, device, precision)
         row = attempt.write_rows(STATUS_COMPLETED)
         if attempt.current is not None:
             _after_success(attempt.current)

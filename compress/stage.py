@@ -10,7 +10,7 @@ import dataclasses
 import json
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,10 +75,18 @@ def seed_everything(seed: int) -> None:
 
 
 def load_teacher(cfg: RunConfig) -> nn.Module | None:
+    """The teacher (an ensemble's first member: the inheritance source, the sparsity reference), frozen."""
     if cfg.teacher is None:
         return None
     t = cfg.teacher
     return freeze(load_model(t.model, pretrained=t.pretrained, force_quick_gelu=t.force_quick_gelu))
+
+
+def load_teachers(cfg: RunConfig) -> list[nn.Module]:
+    """Every teacher, frozen, in the config's order: ``teachers`` (an ensemble), else ``[teacher]``, else none.
+    Loaded one after the other, so random teachers (tests) are a function of the seed set before."""
+    specs = cfg.teachers or ([cfg.teacher] if cfg.teacher is not None else [])
+    return [freeze(load_model(t.model, pretrained=t.pretrained, force_quick_gelu=t.force_quick_gelu)) for t in specs]
 
 
 def stage_run(
@@ -305,16 +313,18 @@ def _student(run: StageRun, inheritance: Any, checkpoint: Checkpoint | None, tea
     return student.to(device)
 
 
-def run_stage(run: StageRun, recipe: Recipe, teacher: nn.Module | None, device: torch.device, precision: Precision,
-              metrics: dict[str, Any]) -> None:
+def run_stage(run: StageRun, recipe: Recipe, teachers: Sequence[nn.Module], device: torch.device,
+              precision: Precision, metrics: dict[str, Any]) -> None:
     """Train, export and evaluate one stage (resuming from its checkpoint); fills ``metrics`` as it goes, so a
-    failure keeps what was measured."""
+    failure keeps what was measured. ``teachers``: every teacher (:func:`load_teachers`); the first is the one
+    students inherit from and sparsity is counted against, an ensemble's members all feed the loss."""
     from compress.data.pipeline import train_batches
     from compress.evaluation.run_eval import build_eval_sets, evaluate_prepared
     from compress.models.export import save_model
     from compress.models.nonuniform import write_structure
 
     cfg, main = run.cfg, distributed.is_main_process()
+    teacher = teachers[0] if teachers else None
     checkpoint = stage_checkpoint(run.directory, device, precision)
     metrics.update(_setting_metrics(run, recipe, device, precision))
     seed_everything(run.seed)
@@ -328,10 +338,10 @@ def run_stage(run: StageRun, recipe: Recipe, teacher: nn.Module | None, device: 
     needs = {n for term in losses for n in term.module.needs}
     uses_teacher = any(term.module.needs_teacher for term in losses)
     batches, data_stats = train_batches(dataclasses.replace(cfg, seed=run.seed), student,
-                                        teacher if uses_teacher else None, device)
+                                        list(teachers) if uses_teacher else None, device)
     trainer = Trainer(
         cfg.train, student, losses, Recipe.schedule(cfg, "lr"), batches, precision,
-        teacher=Recipe.teacher_source(cfg, teacher, precision, needs),
+        teacher=Recipe.teacher_source(cfg, list(teachers) or None, precision, needs, student=student),
         inheritance=inheritance, run_dir=run.directory if main else None,
         on_checkpoint=(_checkpoint_writer(run, recipe, precision, data_stats.loader, inheritance)
                        if cfg.output.save_checkpoint else None),

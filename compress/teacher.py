@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from compress.models.attention import HeadAttention
-from compress.models.forward import clip_forward
+from compress.models.forward import clip_forward, tokenizer_for, tokenizer_identity
 from compress.outputs import ClipOutput
 from compress.precision import Precision
 
@@ -96,18 +96,45 @@ class OnlineTeacher:
     its GEMM weights stored in the compute dtype: :func:`compute_copy`), on the batch's
     ``teacher_images`` when the data pipeline prepared the teacher its own view (another size or
     normalisation than the student's), else on ``images``. The outputs come back as ordinary float32
-    tensors (usable by the losses' autograd; bf16 embeddings would make an MSE run in bf16)."""
+    tensors (usable by the losses' autograd; bf16 embeddings would make an MSE run in bf16).
 
-    def __init__(self, teacher: nn.Module, precision: Precision, needs: Iterable[str] = ()) -> None:
-        self.teacher = compute_copy(freeze(teacher), precision)
+    A teacher ensemble (``teacher`` a sequence of two or more models) runs each member k on its own view
+    (``teacher_images/k``, :func:`compress.data.transforms.teacher_view_key`; ``images`` where the pipeline
+    prepared none) and its own tokens: ``batch["texts"]`` where its tokenizer is the student's
+    (:func:`compress.models.forward.tokenizer_identity`; ``student`` names it, the first teacher's by default),
+    else its own tokenizer on ``batch["captions"]``; the output is :meth:`ClipOutput.of_members`."""
+
+    def __init__(self, teacher: nn.Module | Sequence[nn.Module], precision: Precision, needs: Iterable[str] = (),
+                 student: nn.Module | None = None) -> None:
+        from compress.data.transforms import teacher_view_key
+
+        models = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
+        self.members = [compute_copy(freeze(m), precision) for m in models]
+        self.teacher = self.members[0]
         self.precision = precision
         self.needs = tuple(needs)
+        self.views = [teacher_view_key(k) for k in range(len(models))]
+        reference = _tokens_of(student if student is not None else models[0])
+        self.tokenizers = [None if _tokens_of(m) == reference else tokenizer_for(m) for m in models]
+
+    def _texts(self, k: int, batch: Mapping[str, Any]) -> Tensor:
+        tokenizer = self.tokenizers[k]
+        if tokenizer is None:
+            return batch["texts"]
+        return tokenizer(list(batch["captions"])).to(batch["texts"].device)
 
     def __call__(self, batch: Mapping[str, Any]) -> ClipOutput:
+        outputs = []
         with torch.inference_mode(), self.precision.autocast():
-            images = batch.get("teacher_images", batch["images"])
-            out = clip_forward(self.teacher, images, batch["texts"], self.needs)
-        return _normal_float(out)
+            for k, model in enumerate(self.members):
+                images = batch.get(self.views[k], batch["images"])
+                outputs.append(clip_forward(model, images, self._texts(k, batch), self.needs))
+        return ClipOutput.of_members([_normal_float(out) for out in outputs])
+
+
+def _tokens_of(model: nn.Module) -> dict[str, Any]:
+    """What decides the model's token ids (:func:`compress.models.forward.tokenizer_identity` of its config)."""
+    return tokenizer_identity(getattr(model, "clip_cfg", None) or {})
 
 
 def _normal_float(out: ClipOutput) -> ClipOutput:
@@ -117,4 +144,4 @@ def _normal_float(out: ClipOutput) -> ClipOutput:
     def convert(t: Tensor) -> Tensor:
         return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t.clone()
 
-    return ClipOutput(**{k: None if v is None else convert(v) for k, v in vars(out).items()})
+    return ClipOutput(**{k: None if v is None else convert(v) for k, v in vars(out).items() if k != "members"})

@@ -64,7 +64,7 @@ from compress.masks import one_gate_sample
 from compress.models.towers import unused_parameters
 from compress.optim import build_adamw, grad_norm, weight_groups
 from compress.outputs import ClipOutput
-from compress.plugins import DistillLoss, Inheritance, Schedule
+from compress.plugins import DistillLoss, Inheritance, Schedule, is_breakdown
 from compress.precision import Precision, to_device
 from compress.progress import progress
 from compress.rundir import METRICS_FILE
@@ -312,7 +312,8 @@ class Trainer:
         batch: Mapping[str, Any],
         weights: list[float],
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """sum_k w_k * term_k over the loss plug-ins whose weight w is not 0 (the others are not run)."""
+        """sum_k w_k * term_k over the loss plug-ins whose weight w is not 0 (the others are not run); a breakdown
+        term (``name/part``: :func:`compress.plugins.is_breakdown`) is logged, not added."""
         terms: dict[str, Tensor] = {}
         total = student_out.image_features.new_zeros((), dtype=torch.float32)
         for term, weight in zip(self.losses, weights, strict=True):
@@ -321,7 +322,8 @@ class Trainer:
             for key, value in term.module(student_out, teacher_out, batch).items():
                 name = key if key not in terms else f"{term.name}.{key}"
                 terms[name] = value
-                total = total + weight * value.float()
+                if not is_breakdown(key):
+                    total = total + weight * value.float()
         return total, terms
 
     def _backward(self, loss: Tensor) -> None:

@@ -66,11 +66,12 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str | None:
 
 
 def model_fingerprints(cfg: RunConfig) -> dict[str, str]:
-    """Fingerprints of the local files the teacher and the students (of every stage) are read from
-    (``model`` and ``pretrained`` paths); open_clip names and tags have none."""
+    """Fingerprints of the local files the teacher (every member of an ensemble) and the students (of every stage)
+    are read from (``model`` and ``pretrained`` paths); open_clip names and tags have none."""
     out: dict[str, str] = {}
     roles = [("teacher", cfg.teacher), ("student", cfg.student)]
     roles += [(f"stages[{i}].student", stage.student) for i, stage in enumerate(cfg.stages)]
+    roles += [(f"teachers[{k}]", spec) for k, spec in enumerate(cfg.teachers) if k > 0]  # teachers[0] is teacher
     for role, spec in roles:
         if spec is None:
             continue

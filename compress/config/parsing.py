@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import yaml
 
 from compress.config.errors import ConfigError, OverrideError, suggest
-from compress.config.overrides import Override, apply_overrides
+from compress.config.overrides import Override, apply_overrides, parse_override
 from compress.config.schema import RunConfig
 from compress.config.stages import expand_stage_chain
 from compress.config.yamlio import read_yaml
@@ -127,10 +127,32 @@ def _merge(cls: type, base: Mapping[str, Any], data: Mapping[str, Any]) -> dict[
 
 def parse_config(data: Mapping[str, Any], overrides: list[Override]) -> RunConfig:
     """Defaults, ``data`` on top, then the ``--set`` overrides on top of both (so that ``losses.0.weight=2`` works
-    when ``data`` lists no losses) -> the dataclasses (key names and types checked, not validated)."""
+    when ``data`` lists no losses) -> the dataclasses (key names and types checked, not validated). With
+    ``teachers``, ``teacher`` is ``teachers[0]`` (:func:`_first_teacher`)."""
     merged = apply_overrides(_merge(RunConfig, RunConfig().to_dict(), data), overrides)
     merged["stages"] = expand_stage_chain(merged.get("stages") or [])
-    return from_dict(RunConfig, merged)
+    return _first_teacher(from_dict(RunConfig, merged), _writes_teacher(data, overrides))
+
+
+def _writes_teacher(data: Mapping[str, Any], overrides: list[Override]) -> bool:
+    """Whether the config or an override sets ``teacher`` itself (rather than leaving its default)."""
+    keys = [parse_override(o)[0] if isinstance(o, str) else list(o[0]) for o in overrides]
+    return "teacher" in data or any(k and k[0] == "teacher" for k in keys)
+
+
+def _first_teacher(cfg: RunConfig, written: bool) -> RunConfig:
+    """A teacher ensemble (``teachers``: two or more models) makes ``teacher`` its first member, the model students
+    inherit from and sparsity is counted against; a ``teacher`` the config writes beside it must be that one."""
+    if not cfg.teachers:
+        return cfg
+    if len(cfg.teachers) == 1:
+        raise ConfigError("teachers: an ensemble needs at least two models; for one teacher write teacher: instead")
+    if written and cfg.teacher != cfg.teachers[0]:
+        raise ConfigError(
+            "teacher: with teachers, teacher is teachers[0] (the inheritance source); drop teacher or make it "
+            f"teachers[0], got {dataclasses.asdict(cfg.teacher) if cfg.teacher is not None else None}"
+        )
+    return dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teachers[0]))
 
 
 def blame(error: ConfigError, data: Mapping[str, Any], overrides: list[Override],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +126,7 @@ def _sampler_for_ranks(seed: int):
 
 
 def train_batches(
-    cfg: RunConfig, student: nn.Module, teacher: nn.Module | None, device: torch.device
+    cfg: RunConfig, student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None, device: torch.device
 ) -> tuple[Iterator[dict[str, Any]], DataStats]:
     """Micro-batches ``{"images", "texts", "captions", "keys"}`` forever (a new shuffle each epoch), each
     with exactly ``train.batch_size / (world size x train.accum_steps)`` samples (bad ones
@@ -135,8 +135,10 @@ def train_batches(
 
     Images are preprocessed for the student (its size and normalisation); when the teacher
     needs another size or normalisation, ``"teacher_images"`` holds the same random view
-    prepared for the teacher (see :class:`~compress.data.transforms.DistillTransform`). Pass
-    ``teacher=None`` when no loss reads the teacher. ``device`` is where the batches will go
+    prepared for the teacher (see :class:`~compress.data.transforms.DistillTransform`); a teacher ensemble (a list
+    of models) gets ``"teacher_images/k"`` for each member k >= 1 with a view of its own
+    (:func:`~compress.data.transforms.teacher_view_key`). Pass ``teacher=None`` when no loss reads the teacher.
+    ``device`` is where the batches will go
     (pinned memory on CUDA).
 
     The stream is a generator that reads the loader's position at its first ``next()``: to

@@ -10,12 +10,13 @@ Distillation with a teacher and a student that preprocess differently (size, mea
 resizes that same view to each model's size and normalises it with each model's constants,
 so the teacher sees exactly the content the student sees (TinyCLIP feeds both the same
 augmented image). The sample is then ``{"images": student view, "teacher_images": teacher
-view}``. When the two training transforms are identical, one tensor serves both.
+view}``. When the two training transforms are identical, one tensor serves both. A teacher ensemble's member k
+with a view of its own reads ``teacher_images/k`` (:func:`teacher_view_key`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -133,14 +134,25 @@ class DistillTransform(CropViews):
         super().__init__({"images": student, "teacher_images": teacher}, scale)
 
 
-def train_transform_for(student: nn.Module, teacher: nn.Module | None = None) -> Any:
-    """The training transform of a distillation run: the student's own, or a
-    :class:`DistillTransform` when the teacher needs another size or normalisation."""
-    s_cfg = preprocess_of(student)
-    if teacher is None:
-        return train_transform(s_cfg)
-    t_cfg = preprocess_of(teacher)
-    if _train_view(t_cfg) == _train_view(s_cfg):
-        return train_transform(s_cfg)
-    return DistillTransform(s_cfg, t_cfg)
+def teacher_view_key(index: int) -> str:
+    """The batch entry of teacher ``index``'s own view: ``teacher_images`` for the first teacher, ``teacher_images/k``
+    for member k of an ensemble. A teacher whose training view is the student's has none: it reads ``images``."""
+    return "teacher_images" if index == 0 else f"teacher_images/{index}"
 
+
+def train_transform_for(student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None = None) -> Any:
+    """The training transform of a distillation run: the student's own, or, when a teacher (one, or each member of
+    an ensemble) needs another size or normalisation, one crop in several views (:class:`CropViews`): ``images``
+    for the student and :func:`teacher_view_key` for each teacher whose view differs from it."""
+    s_cfg = preprocess_of(student)
+    teachers = [] if teacher is None else [teacher] if isinstance(teacher, nn.Module) else list(teacher)
+    views = {"images": s_cfg}
+    for k, model in enumerate(teachers):
+        t_cfg = preprocess_of(model)
+        if _train_view(t_cfg) != _train_view(s_cfg):
+            views[teacher_view_key(k)] = t_cfg
+    if len(views) == 1:
+        return train_transform(s_cfg)
+    if list(views) == ["images", "teacher_images"]:
+        return DistillTransform(s_cfg, views["teacher_images"])
+    return CropViews(views)

@@ -92,6 +92,8 @@ class Plan:
     state: str
     staged: bool
     warnings: list[str] = field(default_factory=list)
+    #: a teacher ensemble's further members (``teachers[1:]``; ``teacher`` is ``teachers[0]``)
+    members: list[ModelFacts] = field(default_factory=list)
 
 
 def _losses(cfg: RunConfig) -> list[str]:
@@ -277,4 +279,5 @@ def build_plan(cfg: RunConfig, force: bool = False, here: bool = True) -> Plan:
         for plan in plans:
             plan.state = f"not run (the run is {verdict})"
     warnings.extend(missing_paths(cfg))
-    return Plan(cfg.name, recipe.run_id, run_dir, teacher, plans, state, recipe.staged, warnings)
+    members = [model_facts(spec, f"teachers[{k}]", warnings) for k, spec in enumerate(cfg.teachers[1:], start=1)]
+    return Plan(cfg.name, recipe.run_id, run_dir, teacher, plans, state, recipe.staged, warnings, members)

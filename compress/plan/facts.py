@@ -131,7 +131,7 @@ def model_facts(spec: ModelSpec, role: str, warnings: list[str]) -> ModelFacts:
     cfg = copy.deepcopy(cfg)
     if spec.force_quick_gelu:
         cfg["quick_gelu"] = True
-    note = "random weights (an architecture without pretrained weights)" if role == "teacher" else ""
+    note = "random weights (an architecture without pretrained weights)" if role.startswith("teacher") else ""
     if kind == "file" and path.suffix != ".json":
         note = f"architecture from {path.name}'s metadata; random weights stand in for its weights"
     if pretrained:

@@ -78,9 +78,19 @@ def format_plan(plan: Plan) -> str:
     ]
     if plan.teacher is not None:
         t = plan.teacher
-        lines += [f"teacher        {t.label} (frozen, the same for every stage)", f"               {_facts_line(t)}"]
+        role = (f"teachers[0]    {t.label} (frozen, the same for every stage; students inherit from it)"
+                if plan.members else f"teacher        {t.label} (frozen, the same for every stage)")
+        lines += [role, f"               {_facts_line(t)}"]
         if t.note:
             lines.append(f"               {t.note}")
+        for k, m in enumerate(plan.members, start=1):
+            lines += [f"teachers[{k}]    {m.label} (frozen; an ensemble member: its outputs feed the loss)",
+                      f"               {_facts_line(m)}"]
+            if m.note:
+                lines.append(f"               {m.note}")
+        if plan.members:
+            lines.append(f"               an ensemble of {len(plan.members) + 1} teachers, each on its own view and "
+                         "tokens; the memory estimates below count teachers[0] alone")
     else:
         lines.append("teacher        none")
     for s in plan.stages:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from compress.config.schema import RunConfig
 from compress.config.specs import split_loss
 from compress.config.validate import loss_weight_keys
-from compress.recipe.context import inheritance_context, loss_context, offered, schedule_context
+from compress.recipe.context import inheritance_context, loss_context, offered, schedule_context, teacher_count
 from compress.registry import INHERITANCE, LOSSES, SCHEDULES
 
 if TYPE_CHECKING:
@@ -26,10 +26,10 @@ def build_schedule(cfg: RunConfig, key: str) -> Any:
 
 def build_losses(cfg: RunConfig, student: nn.Module, teacher: nn.Module | None) -> list[Any]:
     """The loss terms with their weights, and the weight schedules (``schedules.weight/<loss>``); each loss gets
-    the model-derived context it declares (``student_embed_dim``, ``teacher_embed_dim``)."""
+    the context it declares (``student_embed_dim``, ``teacher_embed_dim``: the first teacher's, ``teacher_count``)."""
     from compress.train import LossTerm
 
-    context = loss_context(student, teacher)
+    context = loss_context(student, teacher, max(teacher_count(cfg), 1))
     schedule_of = {i: key for key, i in loss_weight_keys(cfg.losses).items() if key in cfg.schedules}
     terms = []
     for i, spec in enumerate(cfg.losses):

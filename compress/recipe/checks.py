@@ -20,6 +20,7 @@ from compress.recipe.context import (
     LOSS_CONTEXT,
     check_context,
     check_target_declared,
+    config_loss_context,
     inheritance_context,
     offered,
     schedule_context,
@@ -55,13 +56,31 @@ def validate_one(cfg: RunConfig) -> RunConfig:
     for i, spec in enumerate(cfg.losses):
         params = check_loss_weight(i, spec)
         _declared(LOSSES, params, f"losses[{i}]", LOSS_CONTEXT)
-        build_plugin(LOSSES, params, f"losses[{i}]")
+        _check_reads_ensemble(cfg, params, f"losses[{i}]")
+        build_plugin(LOSSES, params, f"losses[{i}]", offered(LOSSES, params, config_loss_context(cfg)))
     for key in check_schedule_keys(cfg):
         build_plugin(SCHEDULES, cfg.schedules[key], f"schedules.{key}", schedule_context(cfg, key))
     if cfg.teacher is None and any(LOSSES.get(LOSSES.split_spec(s)[0]).needs_teacher for s in _loss_specs(cfg)):
         raise ConfigError("teacher: the configured losses need a teacher, but teacher is null")
     check_sections(cfg)
     return cfg
+
+
+def _check_reads_ensemble(cfg: RunConfig, params: Mapping[str, Any], where: str) -> None:
+    """With a teacher ensemble every loss that reads a teacher must read the ensemble (``reads_ensemble``)."""
+    if len(cfg.teachers) < 2:
+        return
+    name = LOSSES.split_spec(params)[0]
+    try:
+        loss = LOSSES.get(name)
+    except RegistryError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if getattr(loss, "needs_teacher", True) and not getattr(loss, "reads_ensemble", False):
+        raise ConfigError(
+            f"{where}: loss {name!r} does not read a teacher ensemble (reads_ensemble is False), so with "
+            f"{len(cfg.teachers)} teachers it would distil from teachers[0] alone: use a loss that reads ensembles "
+            "(affinity) or one teacher"
+        )
 
 
 def _loss_specs(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -74,6 +93,9 @@ def _check_models(cfg: RunConfig, inheritance: Any) -> None:
     if cfg.teacher is not None:
         _check_teacher(cfg.teacher)
         _check_model_name(cfg.teacher, "teacher")
+    for k, spec in enumerate(cfg.teachers[1:], start=1):  # teachers[0] is teacher, checked above
+        _check_teacher(spec, f"teachers[{k}]")
+        _check_model_name(spec, f"teachers[{k}]")
     if inheritance.needs_student_config:
         if cfg.student is None:
             raise ConfigError(f"student: inheritance {name!r} needs a student architecture (student.model)")
@@ -156,7 +178,7 @@ def _check_model_name(spec: ModelSpec, where: str) -> None:
         raise ConfigError(f"{where}.model: {e}") from None
 
 
-def _check_teacher(spec: ModelSpec) -> None:
+def _check_teacher(spec: ModelSpec, where: str = "teacher") -> None:
     """A teacher without weights distils from noise: refused unless ``random_init: true`` says so."""
     from pathlib import Path
 
@@ -165,17 +187,17 @@ def _check_teacher(spec: ModelSpec) -> None:
     try:
         weighted = has_weights(spec.model, spec.pretrained)
     except ModelLoadError as e:
-        raise ConfigError(f"teacher.model: {e}") from None
+        raise ConfigError(f"{where}.model: {e}") from None
     if weighted and spec.random_init:
         raise ConfigError(
-            f"teacher.random_init: true, but teacher {spec.model!r} loads weights "
+            f"{where}.random_init: true, but teacher {spec.model!r} loads weights "
             f"{'(' + spec.pretrained + ') ' if spec.pretrained else ''}; drop one of the two"
         )
     if not weighted and not spec.random_init:
         typo = "/" in spec.model and not Path(spec.model).exists()
         missing = f" (no such file or folder: {spec.model})" if typo else ""
         raise ConfigError(
-            f"teacher.model: {spec.model!r} has no weights{missing}: it is an architecture without "
+            f"{where}.model: {spec.model!r} has no weights{missing}: it is an architecture without "
             "a @tag, a pretrained checkpoint, a checkpoint file or an exported folder, so the student would "
-            "distil from a random teacher; give weights, or set teacher.random_init: true if that is intended"
+            f"distil from a random teacher; give weights, or set {where}.random_init: true if that is intended"
         )

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 #: model-derived context is added there and here)
 ENGINE_CONTEXT = {
     "losses": {"student_embed_dim": "the student's embedding size",
-               "teacher_embed_dim": "the teacher's embedding size"},
+               "teacher_embed_dim": "the teacher's embedding size",
+               "teacher_count": "the number of teachers (len(teachers) for an ensemble, else 1)"},
     "inheritance": {"total_steps": "train.steps"},
     "schedules": {"base_value": "train.lr for schedules.lr, the loss's weight for schedules.weight/<loss>",
                   "total_steps": "train.steps"},
@@ -79,14 +80,25 @@ def check_target_declared(spec: Any, where: str) -> None:
                           f"so the engine would not read its target: add target_parameter = {TARGET!r} to its class")
 
 
-def loss_context(student: nn.Module, teacher: nn.Module | None) -> dict[str, Any]:
-    """The model-derived values a loss may declare (:data:`LOSS_CONTEXT`): the embedding sizes."""
+def loss_context(student: nn.Module, teacher: nn.Module | None, teacher_count: int = 1) -> dict[str, Any]:
+    """The values a loss may declare (:data:`LOSS_CONTEXT`): the embedding sizes (the first teacher's), the number
+    of teachers."""
     from compress.models.forward import embed_dim
 
-    context = {"student_embed_dim": embed_dim(student)}
+    context: dict[str, Any] = {"student_embed_dim": embed_dim(student), "teacher_count": teacher_count}
     if teacher is not None:
         context["teacher_embed_dim"] = embed_dim(teacher)
     return context
+
+
+def config_loss_context(cfg: RunConfig) -> dict[str, Any]:
+    """The loss context known from the config alone, before any model is built (validation): ``teacher_count``."""
+    return {"teacher_count": teacher_count(cfg)}
+
+
+def teacher_count(cfg: RunConfig) -> int:
+    """How many teachers feed the losses: ``len(teachers)`` for an ensemble, 1 with a teacher, 0 without."""
+    return len(cfg.teachers) if cfg.teachers else int(cfg.teacher is not None)
 
 
 def inheritance_context(cfg: RunConfig) -> dict[str, Any]:

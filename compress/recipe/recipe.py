@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,12 +60,14 @@ class Recipe:
         return build_losses(cfg, student, teacher)
 
     @staticmethod
-    def teacher_source(cfg: RunConfig, teacher: nn.Module | None, precision: Any, needs: set[str]) -> Any:
+    def teacher_source(cfg: RunConfig, teacher: nn.Module | Sequence[nn.Module] | None, precision: Any,
+                       needs: set[str], student: nn.Module | None = None) -> Any:
         """Where a stage's trainer gets the teacher's outputs (:class:`compress.teacher.TeacherSource`): the
-        teacher run online, or None without a teacher. A teacher-output cache is chosen here."""
+        teacher run online (a list of models: an ensemble, each member on its own view and tokens; ``student``
+        decides whose tokens are the batch's), or None without a teacher. A teacher-output cache is chosen here."""
         from compress.teacher import OnlineTeacher
 
-        return OnlineTeacher(teacher, precision, needs) if teacher is not None else None
+        return OnlineTeacher(teacher, precision, needs, student=student) if teacher is not None else None
 
     @staticmethod
     def schedule(cfg: RunConfig, key: str) -> Any:

@@ -1,9 +1,10 @@
-"""Cross-modal affinity mimicking, TinyCLIP's distillation loss."""
+"""Cross-modal affinity mimicking, TinyCLIP's distillation loss, against one teacher or an ensemble (MobileCLIP2)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -17,8 +18,12 @@ from strategies.losses.common import (
     require_teacher,
     scale_of,
     scaled_similarity,
-    soft_cross_entropy,
+    soft_cross_entropy_probs,
 )
+
+#: how an ensemble's affinities combine into one target: the teachers' probabilities averaged after each one's
+#: softmax (MobileCLIP2), or their logits averaged before one softmax (a product of experts)
+ENSEMBLES = ("mean_probs", "mean_logits")
 
 
 @LOSSES.register("affinity")
@@ -31,34 +36,101 @@ class AffinityMimicking(DistillLoss):
 
     ``scale``: a number fixes s for both models (the official scripts use 50); ``"model"``
     uses each model's own ``logit_scale`` (the paper's learnable temperature).
+
+    A teacher ensemble (``teachers:``; the teacher output's ``members``) with weights a_k (``teacher_weights``,
+    normalised to sum 1; equal by default), each teacher k with its own features and scale s_k (its own
+    ``logit_scale`` with ``scale: model``): ``ensemble: mean_probs`` (MobileCLIP2, Faghri et al. 2025) targets
+    A_i2t = sum_k a_k softmax_row(s_k I_k T_k^T); ``mean_logits`` targets softmax_row(sum_k a_k s_k I_k T_k^T).
+    The weighted sum of per-teacher terms, sum_k a_k CE(A_k -> A^student), is ``mean_probs`` exactly (the
+    cross-entropy is linear in its target), so it is not a third choice. With an ensemble each teacher's own term
+    w CE(A_k -> A^student) is logged as ``affinity_i2t/teacher<k>`` (a breakdown: not added; under
+    ``mean_probs`` sum_k a_k of them is the term). With one teacher the loss is TinyCLIP's, bit for bit.
     """
 
-    similarity_matrices = 4  # teacher and student, two directions
+    similarity_matrices = 4  # teacher and student, two directions (an ensemble: two more per further teacher)
+    reads_ensemble = True
+    context: ClassVar[tuple[str, ...]] = ("teacher_count",)
+    identity_optional: ClassVar[tuple[str, ...]] = ("ensemble", "teacher_weights")
 
-    def __init__(self, weight_i2t: float = 0.5, weight_t2i: float = 0.5, scale: float | str = 50.0) -> None:
+    def __init__(self, weight_i2t: float = 0.5, weight_t2i: float = 0.5, scale: float | str = 50.0,
+                 ensemble: str = "mean_probs", teacher_weights: Sequence[float] | None = None,
+                 teacher_count: int | None = None) -> None:
         check_weights(weight_i2t=weight_i2t, weight_t2i=weight_t2i)
         super().__init__()
         self.weight_i2t = float(weight_i2t)
         self.weight_t2i = float(weight_t2i)
         self.scale = check_scale(scale)
+        self.ensemble = _check_ensemble(ensemble, teacher_count)
+        self.teacher_count = teacher_count
+        self.teacher_weights = _check_teacher_weights(teacher_weights, teacher_count)
+
+    def _weights(self, count: int) -> list[float]:
+        if self.teacher_count is not None and count != self.teacher_count:
+            raise ValueError(f"affinity: built for {self.teacher_count} teacher(s), the teacher output has {count}")
+        weights = self.teacher_weights or [1.0] * count
+        if len(weights) != count:
+            raise ValueError(f"affinity: teacher_weights has {len(weights)} weights, the teacher output {count} "
+                             "members")
+        total = math.fsum(weights)
+        return [w / total for w in weights]
 
     def forward(  # type: ignore[override]
         self, student: ClipOutput, teacher: ClipOutput | None, batch: Mapping[str, Any] | None = None
     ) -> dict[str, Tensor]:
-        teacher = require_teacher(teacher, "affinity")
+        members = require_teacher(teacher, "affinity").ensemble
+        weights = self._weights(len(members))
         s_student = scale_of(self.scale, student)
-        s_teacher = scale_of(self.scale, teacher, detach=True)
         all_student_image = gather_with_grad(student.image_features)
         all_student_text = gather_with_grad(student.text_features)
-        all_teacher_image = gather_no_grad(teacher.image_features)
-        all_teacher_text = gather_no_grad(teacher.text_features)
+        student_i2t = scaled_similarity(student.image_features, all_student_text, s_student)
+        student_t2i = scaled_similarity(student.text_features, all_student_image, s_student)
+        teacher_i2t, teacher_t2i = [], []
+        for m in members:
+            s_teacher = scale_of(self.scale, m, detach=True)
+            teacher_i2t.append(scaled_similarity(m.image_features, gather_no_grad(m.text_features), s_teacher))
+            teacher_t2i.append(scaled_similarity(m.text_features, gather_no_grad(m.image_features), s_teacher))
+        terms = {
+            "affinity_i2t": self.weight_i2t * soft_cross_entropy_probs(self._target(teacher_i2t, weights), student_i2t),
+            "affinity_t2i": self.weight_t2i * soft_cross_entropy_probs(self._target(teacher_t2i, weights), student_t2i),
+        }
+        if len(members) > 1:
+            for name, weight, logits, mine in (("affinity_i2t", self.weight_i2t, teacher_i2t, student_i2t),
+                                               ("affinity_t2i", self.weight_t2i, teacher_t2i, student_t2i)):
+                for k, t in enumerate(logits):
+                    terms[f"{name}/teacher{k}"] = (weight * soft_cross_entropy_probs(t.softmax(dim=1), mine)).detach()
+        return terms
 
-        ce_i2t = soft_cross_entropy(
-            scaled_similarity(teacher.image_features, all_teacher_text, s_teacher),
-            scaled_similarity(student.image_features, all_student_text, s_student),
-        )
-        ce_t2i = soft_cross_entropy(
-            scaled_similarity(teacher.text_features, all_teacher_image, s_teacher),
-            scaled_similarity(student.text_features, all_student_image, s_student),
-        )
-        return {"affinity_i2t": self.weight_i2t * ce_i2t, "affinity_t2i": self.weight_t2i * ce_t2i}
+    def _target(self, logits: list[Tensor], weights: list[float]) -> Tensor:
+        """The ensemble's target probabilities (one teacher: its softmax)."""
+        if len(logits) == 1:
+            return logits[0].softmax(dim=1)
+        if self.ensemble == "mean_logits":
+            return sum((w * t for w, t in zip(weights, logits, strict=True)), logits[0].new_zeros(())).softmax(dim=1)
+        return sum((w * t.softmax(dim=1) for w, t in zip(weights, logits, strict=True)), logits[0].new_zeros(()))
+
+
+def _check_ensemble(ensemble: str, teacher_count: int | None) -> str:
+    if ensemble == "sum_terms":
+        raise ValueError("ensemble: 'sum_terms' (sum_k a_k CE(A_k -> A_student)) equals 'mean_probs' exactly (the "
+                         "cross-entropy is linear in its target): use mean_probs")
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble: expected one of {', '.join(ENSEMBLES)}, got {ensemble!r}")
+    if ensemble != ENSEMBLES[0] and teacher_count == 1:
+        raise ValueError(f"ensemble: {ensemble!r} combines several teachers (teachers:), this run has one teacher")
+    return ensemble
+
+
+def _check_teacher_weights(weights: Sequence[float] | None, teacher_count: int | None) -> list[float] | None:
+    """Finite numbers >= 0 with a positive sum, one per teacher (where the number of teachers is known)."""
+    if weights is None:
+        return None
+    if isinstance(weights, str) or not isinstance(weights, Sequence):
+        raise ValueError(f"teacher_weights: expected a list of numbers, one per teacher, got {weights!r}")
+    check_weights(**{f"teacher_weights[{k}]": w for k, w in enumerate(weights)})
+    if not math.fsum(weights) > 0:
+        raise ValueError(f"teacher_weights: the weights must not all be 0, got {list(weights)}")
+    if teacher_count is not None and len(weights) != teacher_count:
+        raise ValueError(f"teacher_weights: {len(weights)} weights for {teacher_count} teacher(s) (teachers:)")
+    if teacher_count == 1:
+        raise ValueError("teacher_weights: weighs the members of a teacher ensemble (teachers:), this run has one")
+    return [float(w) for w in weights]

@@ -55,8 +55,12 @@ def soft_cross_entropy(teacher_logits: Tensor, student_logits: Tensor) -> Tensor
     """CE(p -> q) = -sum_j p_j log q_j averaged over rows, p = softmax(teacher), q = softmax(student).
 
     Its gradient w.r.t. the student logits equals that of KL(p || q) (they differ by H(p))."""
-    p = teacher_logits.detach().softmax(dim=1)
-    return -(p * student_logits.log_softmax(dim=1)).sum(dim=1).mean()
+    return soft_cross_entropy_probs(teacher_logits.detach().softmax(dim=1), student_logits)
+
+
+def soft_cross_entropy_probs(p: Tensor, student_logits: Tensor) -> Tensor:
+    """CE(p -> q) = -sum_j p_j log q_j averaged over rows, for target probabilities ``p`` (rows summing to 1)."""
+    return -(p.detach() * student_logits.log_softmax(dim=1)).sum(dim=1).mean()
 
 
 def require_teacher(teacher: ClipOutput | None, loss: str) -> ClipOutput:
