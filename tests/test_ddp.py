@@ -69,6 +69,10 @@ CASES: dict[str, dict] = {
                               "losses": [{"name": "feature_distill"}, {"name": "clip", "weight": 0.5}],
                               "train": {**BASE["train"], "accum_steps": 2}},
     "grad-checkpointing": {"train": {**BASE["train"], "grad_checkpointing": True}},
+    # a teacher ensemble: a 48 px teacher with another embedding size beside the 32 px one, each with its own logit
+    # scale; every member's features are gathered across the ranks
+    "ensemble": {"teachers": [BASE["teacher"], {"model": "cc-test-teacher-48px", "random_init": True}],
+                 "losses": [{"name": "affinity", "scale": "model", "teacher_weights": [1, 3]}]},
     # masks for 3 steps, then pruned: the smaller student is wrapped again and trained 3 more steps (with a new
     # Adam, whose first steps again amplify rounding the most: eps 1e-3 here, see the module docstring)
     "auto-masks-then-pruned": {"inheritance": AUTO, "student": None,
