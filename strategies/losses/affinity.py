@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from compress.distributed import gather_no_grad, gather_with_grad
@@ -94,10 +95,12 @@ class AffinityMimicking(DistillLoss):
             "affinity_t2i": self.weight_t2i * soft_cross_entropy_probs(self._target(teacher_t2i, weights), student_t2i),
         }
         if len(members) > 1:
-            for name, weight, logits, mine in (("affinity_i2t", self.weight_i2t, teacher_i2t, student_i2t),
-                                               ("affinity_t2i", self.weight_t2i, teacher_t2i, student_t2i)):
-                for k, t in enumerate(logits):
-                    terms[f"{name}/teacher{k}"] = (weight * soft_cross_entropy_probs(t.softmax(dim=1), mine)).detach()
+            with torch.no_grad():  # the breakdown: each teacher's own term, logged (no graph)
+                for name, weight, logits, mine in (("affinity_i2t", self.weight_i2t, teacher_i2t, student_i2t),
+                                                   ("affinity_t2i", self.weight_t2i, teacher_t2i, student_t2i)):
+                    log_q = mine.log_softmax(dim=1)
+                    for k, t in enumerate(logits):
+                        terms[f"{name}/teacher{k}"] = weight * -(t.softmax(dim=1) * log_q).sum(dim=1).mean()
         return terms
 
     def _target(self, logits: list[Tensor], weights: list[float]) -> Tensor:
