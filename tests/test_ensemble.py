@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,18 @@ def test_teacher_is_the_first_of_the_teachers(tmp_path):
     same = config_from_dict(_run_dict(tmp_path, teacher=TEACHERS[0]))  # written out, equal: accepted
     assert run_id_of(same) == run_id_of(cfg)
     assert run_id_of(config_from_dict(_run_dict(tmp_path, teachers=TEACHERS[::-1]))) != run_id_of(cfg)
+
+
+def test_a_further_teachers_local_file_enters_the_run_id_and_an_override_of_teacher_is_refused(tmp_path):
+    path = tmp_path / "large.json"
+    path.write_text(json.dumps(get_model_config(LARGE)))
+    teachers = [TEACHERS[0], {"model": str(path), "random_init": True}]
+    before = run_id_of(config_from_dict(_run_dict(tmp_path, teachers=teachers)))
+    path.write_text(json.dumps({**get_model_config(LARGE), "embed_dim": 16}))
+    os.utime(path, ns=(10**9, 10**9))
+    assert run_id_of(config_from_dict(_run_dict(tmp_path, teachers=teachers))) != before
+    with pytest.raises(ConfigError, match="--set teacher.model=cc-test-teacher-48px: teacher: with teachers"):
+        config_from_dict(_run_dict(tmp_path), [f"teacher.model={LARGE}"])
 
 
 @pytest.mark.parametrize(("changes", "message"), [

@@ -15,6 +15,7 @@ Trainer::
     for step, batch in zip(range(steps), loader.forever()):
         batch["images"]          # FloatTensor[B, 3, H, W], always B = batch_size (bad samples replaced)
         batch["teacher_images"]  # only when the teacher needs another size or normalisation
+        batch["teacher_images/1"]  # an ensemble's member 1 (teacher=[t0, t1, ...]), likewise
         batch["texts"]           # LongTensor[B, context_length]
         batch["captions"]        # list[str]
     loader.counter.as_dict()   # {"data_samples_seen", "data_bad_samples", "data_bad_fraction"}
