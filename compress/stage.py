@@ -343,7 +343,7 @@ def run_stage(run: StageRun, recipe: Recipe, teacher: nn.Module | None, device: 
     for term in losses:
         term.module.to(device)
     needs = {n for term in losses for n in term.module.needs}
-    uses_teacher = any(term.module.needs_teacher for term in losses)
+    uses_teacher = any(term.module.needs_teacher and term.ever_active(cfg.train.steps) for term in losses)
     store = teacher_cache(cfg)
     batches, data_stats = train_batches(dataclasses.replace(cfg, seed=run.seed), student,
                                         teacher if uses_teacher else None, device, store)

@@ -198,3 +198,20 @@ def test_the_run_id_hashes_of_and_no_engine_value():
     """The resolved spec (what the run id hashes) is ``{name, of}``: weight_of, total_steps, base_value are the
     engine's, so writing the complement never depends on them; the lambda schedule it reads is hashed as its own."""
     assert SCHEDULES.resolved(MIX, ("base_value", "total_steps", "weight_of")) == MIX
+
+
+def test_a_run_whose_lambda_is_zero_throughout_never_builds_the_teacher_on_the_device(tmp_path, monkeypatch):
+    """Not even its compute copy or its views: every teacher-reading term has weight 0 at every step."""
+    from compress.run import run_experiment
+    from tests.test_run_e2e import tiny_config
+
+    built = []
+    monkeypatch.setattr("compress.teacher.compute_copy", lambda *a: built.append(a) or a[0])
+    no_eval = {"zero_shot": [], "retrieval": False, "macs": False, "throughput": False}
+    cfg = tiny_config(tmp_path, losses=[{"name": "affinity", "weight": 0.0}, {"name": "clip"}], eval=no_eval)
+    assert run_experiment(cfg)["status"] == "completed"
+    assert not built
+    cfg = tiny_config(tmp_path, losses=[{"name": "affinity", "weight": 0.5}, {"name": "clip"}], eval=no_eval,
+                      output={"dir": str(tmp_path / "other")})
+    assert run_experiment(cfg)["status"] == "completed"
+    assert built
