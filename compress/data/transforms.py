@@ -134,25 +134,36 @@ class DistillTransform(CropViews):
         super().__init__({"images": student, "teacher_images": teacher}, scale)
 
 
+def same_training_view(student: nn.Module, teacher: nn.Module) -> bool:
+    """Whether the two models' training views of a crop are the same tensor (size, mean and std agree)."""
+    return _train_view(preprocess_of(teacher)) == _train_view(preprocess_of(student))
+
+
 def teacher_view_key(index: int) -> str:
     """The batch entry of teacher ``index``'s own view: ``teacher_images`` for the first teacher, ``teacher_images/k``
     for member k of an ensemble. A teacher whose training view is the student's has none: it reads ``images``."""
     return "teacher_images" if index == 0 else f"teacher_images/{index}"
 
 
+def training_views(student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None = None
+                   ) -> dict[str, PreprocessCfg]:
+    """The views a training crop is prepared in: ``images`` for the student and, for each teacher (one, or each
+    member of an ensemble) whose size or normalisation differs from the student's, :func:`teacher_view_key`."""
+    teachers = [] if teacher is None else [teacher] if isinstance(teacher, nn.Module) else list(teacher)
+    views = {"images": preprocess_of(student)}
+    for k, model in enumerate(teachers):
+        if not same_training_view(student, model):
+            views[teacher_view_key(k)] = preprocess_of(model)
+    return views
+
+
 def train_transform_for(student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None = None) -> Any:
     """The training transform of a distillation run: the student's own, or, when a teacher (one, or each member of
-    an ensemble) needs another size or normalisation, one crop in several views (:class:`CropViews`): ``images``
-    for the student and :func:`teacher_view_key` for each teacher whose view differs from it."""
-    s_cfg = preprocess_of(student)
-    teachers = [] if teacher is None else [teacher] if isinstance(teacher, nn.Module) else list(teacher)
-    views = {"images": s_cfg}
-    for k, model in enumerate(teachers):
-        t_cfg = preprocess_of(model)
-        if _train_view(t_cfg) != _train_view(s_cfg):
-            views[teacher_view_key(k)] = t_cfg
+    an ensemble) needs another size or normalisation, one crop in several views (:class:`CropViews`,
+    :func:`training_views`; :class:`DistillTransform` for one teacher)."""
+    views = training_views(student, teacher)
     if len(views) == 1:
-        return train_transform(s_cfg)
+        return train_transform(views["images"])
     if list(views) == ["images", "teacher_images"]:
-        return DistillTransform(s_cfg, views["teacher_images"])
+        return DistillTransform(views["images"], views["teacher_images"])
     return CropViews(views)

@@ -57,7 +57,8 @@ def validate_one(cfg: RunConfig) -> RunConfig:
         params = check_loss_weight(i, spec)
         _declared(LOSSES, params, f"losses[{i}]", LOSS_CONTEXT)
         _check_reads_ensemble(cfg, params, f"losses[{i}]")
-        build_plugin(LOSSES, params, f"losses[{i}]", offered(LOSSES, params, config_loss_context(cfg)))
+        loss = build_plugin(LOSSES, params, f"losses[{i}]", offered(LOSSES, params, config_loss_context(cfg)))
+        _check_cached_outputs(cfg, loss, f"losses[{i}]")
     for key in check_schedule_keys(cfg):
         build_plugin(SCHEDULES, cfg.schedules[key], f"schedules.{key}", schedule_context(cfg, key))
     if cfg.teacher is None and any(LOSSES.get(LOSSES.split_spec(s)[0]).needs_teacher for s in _loss_specs(cfg)):
@@ -80,6 +81,19 @@ def _check_reads_ensemble(cfg: RunConfig, params: Mapping[str, Any], where: str)
             f"{where}: loss {name!r} does not read a teacher ensemble (reads_ensemble is False), so with "
             f"{len(cfg.teachers)} teachers it would distil from teachers[0] alone: use a loss that reads ensembles "
             "(affinity) or one teacher"
+        )
+
+
+def _check_cached_outputs(cfg: RunConfig, loss: Any, where: str) -> None:
+    """A loss that reads a teacher output the teacher cache does not store is refused before anything runs."""
+    cache = cfg.teacher_cache
+    if cache is None or cache.mode != "cache" or not loss.needs_teacher:
+        return
+    missing = sorted(set(loss.needs) - set(cache.outputs))
+    if missing:
+        raise ConfigError(
+            f"{where}: {type(loss).__name__} reads the teacher's {', '.join(missing)}, which the teacher cache does "
+            f"not store: add it to teacher_cache.outputs (a new cache) or use teacher_cache.mode: online"
         )
 
 

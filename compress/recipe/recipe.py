@@ -61,12 +61,17 @@ class Recipe:
 
     @staticmethod
     def teacher_source(cfg: RunConfig, teacher: nn.Module | Sequence[nn.Module] | None, precision: Any,
-                       needs: set[str], student: nn.Module | None = None) -> Any:
-        """Where a stage's trainer gets the teacher's outputs (:class:`compress.teacher.TeacherSource`): the
-        teacher run online (a list of models: an ensemble, each member on its own view and tokens; ``student``
-        decides whose tokens are the batch's), or None without a teacher. A teacher-output cache is chosen here."""
+                       needs: set[str], store: Any = None, student: nn.Module | None = None) -> Any:
+        """Where a stage's trainer gets the teacher's outputs (:class:`compress.teacher.TeacherSource`): read from
+        the teacher-output cache ``store`` (``teacher_cache.mode: cache``; the teacher never goes to the device),
+        the teacher run online (a list of models: an ensemble, each member on its own view and tokens; ``student``
+        decides whose tokens are the batch's), or None without a teacher."""
         from compress.teacher import OnlineTeacher
+        from compress.teacher_cache.source import CachedTeacher
 
+        if store is not None:
+            manifest = store.manifest
+            return CachedTeacher([t["logit_scale"] for t in manifest["teachers"]], manifest["outputs"], needs)
         return OnlineTeacher(teacher, precision, needs, student=student) if teacher is not None else None
 
     @staticmethod
