@@ -274,3 +274,19 @@ def test_a_run_with_two_teachers_of_different_image_sizes_trains_and_writes_its_
         assert line["loss"] == pytest.approx(line["loss/affinity_i2t"] + line["loss/affinity_t2i"], rel=1e-5)
         weighted = (line["loss/affinity_i2t/teacher0"] + 3 * line["loss/affinity_i2t/teacher1"]) / 4
         assert weighted == pytest.approx(line["loss/affinity_i2t"], rel=1e-5)
+
+
+def test_fixed_views_of_the_teacher_cache_online_give_each_member_its_view(tmp_path):
+    """``teacher_cache.mode: online`` (fixed views, the teachers run online): member 1 reads its own 48 px view of the
+    same fixed crop, and the run trains."""
+    from compress.data.pipeline import train_batches
+    from compress.run import run_experiment
+
+    cfg = config_from_dict(_run_dict(tmp_path, teacher_cache={"mode": "online", "num_augmentations": 2}))
+    student = load_model("cc-test-student")
+    batch = next(train_batches(cfg, student, [load_model(SMALL), load_model(LARGE)], torch.device("cpu"))[0])
+    assert batch["images"].shape[-1] == 32 and batch["teacher_images/1"].shape[-1] == 48
+    assert "teacher_images" not in batch and "aug_ids" in batch
+    row = run_experiment(cfg)
+    assert row["status"] == "completed", row.get("error")
+    assert "train/affinity_t2i/teacher1" in row["metrics"]
