@@ -31,7 +31,8 @@ Device memory, per process (bytes):
   embedding sum and the final LayerNorm input). ModifiedResNet and HF text towers have no formula here:
   their activations are reported as unknown.
 - **features**: the step's features kept for the gradient cache, fp32: the student's and the teacher's
-  image and text features of the process's rows (B / world) and their gathers over all ranks (B).
+  (each ensemble member's) image and text features of the process's rows (B / world) and their gathers over all
+  ranks (B). A teacher ensemble's members each add their weights in the compute precision.
 - **similarities**: each loss declares the (B / world) x B similarity matrices it computes per step
   (``DistillLoss.similarity_matrices``: affinity 4, the teacher's and the student's i2t and t2i); each
   leaves one fp32 matrix alive until the backward (the teacher's softmax, the student's log-softmax),
@@ -48,7 +49,7 @@ image at the student's size, the teacher's view when the teacher's size differs,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,11 +218,18 @@ def tower_activation_bytes(tower: TowerShape, batch: int, compute_bytes: int, ch
     return batch * (kept + stem)
 
 
-def bytes_per_sample(student_image: int, teacher_image: int | None, context_length: int) -> int:
+def bytes_per_sample(student_image: int, teacher_image: int | Sequence[int] | None, context_length: int) -> int:
     """A collated sample on the host: the fp32 image at the student's size, the teacher's view when
-    its size differs, the int64 tokens."""
-    teacher = 3 * teacher_image**2 * 4 if teacher_image and teacher_image != student_image else 0
+    its size differs (each ensemble member's, ``teacher_image`` a list of sizes), the int64 tokens."""
+    sizes = [] if not teacher_image else [teacher_image] if isinstance(teacher_image, int) else list(teacher_image)
+    teacher = sum(3 * size**2 * 4 for size in sizes if size and size != student_image)
     return 3 * student_image**2 * 4 + teacher + 8 * context_length
+
+
+def _shapes(teacher: Any | None) -> list[ModelShape]:
+    """The teacher's shape, or an ensemble's (a sequence of models or shapes); none without a teacher."""
+    models = [] if teacher is None else list(teacher) if isinstance(teacher, list | tuple) else [teacher]
+    return [m if isinstance(m, ModelShape) else shape_of_model(m) for m in models]
 
 
 def world_size_of(cfg: Any) -> int:
@@ -271,11 +279,12 @@ def estimate_device_memory(
     (a stage's config for a staged run) and the models.
 
     ``student`` / ``teacher``: a built model (``clip_cfg``, ``clip_structure`` once pruned), a
-    :class:`ModelShape` (the plan's), or ``None`` for no teacher. ``world_size``: the processes (default
+    :class:`ModelShape` (the plan's), or ``None`` for no teacher; a list of them for a teacher ensemble.
+    ``world_size``: the processes (default
     the dispatch's, :func:`world_size_of`). ``precision``: ``fp32`` / ``bf16`` / ``fp16`` (default
     :func:`compute_precision`). Returns a :class:`MemoryEstimate` (``.total``, ``.parts()``, bytes)."""
     student_shape = student if isinstance(student, ModelShape) else shape_of_model(student)
-    teacher_shape = None if teacher is None else teacher if isinstance(teacher, ModelShape) else shape_of_model(teacher)
+    teachers = _shapes(teacher)
     world = world_size or world_size_of(cfg)
     precision = precision or compute_precision(cfg)
     compute = 4 if precision == "fp32" else 2
@@ -283,8 +292,7 @@ def estimate_device_memory(
     rows, columns = cfg.train.batch_size // world, cfg.train.batch_size
     p = student_shape.parameters
     weights = 4 * p + (0 if compute == 4 else 2 * p)
-    if teacher_shape is not None:
-        weights += compute * teacher_shape.parameters
+    weights += sum(compute * t.parameters for t in teachers)
     optimizer = 12 * p + (4 * p if world > 1 else 0)
     activations, unknown = 0, []
     for tower in (student_shape.vision, student_shape.text):
@@ -293,9 +301,8 @@ def estimate_device_memory(
             unknown.append(f"activations of the {tower.kind} tower")
         else:
             activations += part
-    models = 2 if teacher_shape is not None else 1
-    features = 4 * 2 * models * (rows + columns) * max(student_shape.embed_dim,
-                                                      teacher_shape.embed_dim if teacher_shape else 0)
+    models = 1 + len(teachers)
+    features = 4 * 2 * models * (rows + columns) * max([student_shape.embed_dim, *(t.embed_dim for t in teachers)])
     matrices = similarity_matrices(cfg)
     similarities = 4 * rows * columns * (matrices + SIMILARITY_WORKING_COPIES) if matrices else 0
     return MemoryEstimate(weights, optimizer, activations, features, similarities, micro, matrices, rows, columns,
@@ -307,11 +314,10 @@ def estimate_host_memory(cfg: Any, student: Any, teacher: Any | None = None, wor
     """Host memory of the data path per process (module docstring); ``student`` / ``teacher`` as for
     :func:`estimate_device_memory`."""
     student_shape = student if isinstance(student, ModelShape) else shape_of_model(student)
-    teacher_shape = None if teacher is None else teacher if isinstance(teacher, ModelShape) else shape_of_model(teacher)
+    teachers = _shapes(teacher)
     world = world_size or world_size_of(cfg)
     micro = micro_batch_of(cfg, world)
-    sample = bytes_per_sample(student_shape.image_size, teacher_shape.image_size if teacher_shape else None,
-                              student_shape.context_length)
+    sample = bytes_per_sample(student_shape.image_size, [t.image_size for t in teachers], student_shape.context_length)
     reread = cfg.train.accum_steps > 1 and cfg.train.accum_inputs == "reread"
     loaders = 2 if reread else 1
     in_flight = loaders * max(cfg.data.num_workers * PREFETCH_FACTOR, 1)

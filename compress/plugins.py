@@ -45,7 +45,8 @@ class DistillLoss(nn.Module):
     #: A name the engine does not supply, or one the constructor does not take, is refused when the config is read.
     context: ClassVar[tuple[str, ...]] = ()
     #: the (local rows x global batch) similarity matrices the loss computes per step, the teacher's and
-    #: the student's (what :mod:`compress.memory` counts; each keeps one fp32 matrix until the backward)
+    #: the student's (what :mod:`compress.memory` counts; each keeps one fp32 matrix until the backward); with a
+    #: teacher ensemble a loss that reads it is counted with its teacher half (half of these) once per teacher
     similarity_matrices: int = 0
 
     def forward(  # type: ignore[override]

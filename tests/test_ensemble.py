@@ -290,3 +290,22 @@ def test_fixed_views_of_the_teacher_cache_online_give_each_member_its_view(tmp_p
     row = run_experiment(cfg)
     assert row["status"] == "completed", row.get("error")
     assert "train/affinity_t2i/teacher1" in row["metrics"]
+
+
+def test_the_memory_estimate_counts_every_teacher(tmp_path):
+    """Each member's weights (compute precision) and features, its teacher half of the affinity matrices, and on the
+    host its own view where its size differs from the student's."""
+    from compress.memory import estimate_device_memory, estimate_host_memory, shape_of_model
+
+    cfg = config_from_dict(_run_dict(tmp_path))
+    student, small, large = (shape_of_model(load_model(n)) for n in ("cc-test-student", SMALL, LARGE))
+    one = estimate_device_memory(cfg, student, small, world_size=1, precision="bf16")
+    both = estimate_device_memory(cfg, student, [small, large], world_size=1, precision="bf16")
+    assert both.weights - one.weights == 2 * large.parameters
+    assert (one.similarity_matrices, both.similarity_matrices) == (6, 6)  # the config's: two teachers
+    assert both.features == one.features * 3 // 2  # three models' features instead of two
+    host_one = estimate_host_memory(cfg, student, small, world_size=1)
+    host_both = estimate_host_memory(cfg, student, [small, large], world_size=1)
+    assert host_both.bytes_per_sample - host_one.bytes_per_sample == 3 * 48 * 48 * 4
+    single = config_from_dict(_run_dict(tmp_path, teachers=[], teacher=TEACHERS[0], losses=[{"name": "affinity"}]))
+    assert estimate_device_memory(single, student, small, world_size=1).similarity_matrices == 4

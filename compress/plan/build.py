@@ -151,7 +151,7 @@ def _student(stage: ResolvedStage, staged: bool, inheritance: Any, source_text: 
 
 
 def _stage_plan(stage: ResolvedStage, recipe: Recipe, teacher: ModelFacts | None, previous: StagePlan | None,
-                run_dir: Path, force: bool, warnings: list[str]) -> StagePlan:
+                run_dir: Path, force: bool, warnings: list[str], members: list[ModelFacts]) -> StagePlan:
     cfg, staged = stage.cfg, recipe.staged
     directory = stage_dir(run_dir, stage.dir_name if staged else None)
     inheritance = Recipe.inheritance(cfg)
@@ -188,7 +188,7 @@ def _stage_plan(stage: ResolvedStage, recipe: Recipe, teacher: ModelFacts | None
         micro_batch=cfg.train.micro_batch(world_size_of(cfg)),
         grad_checkpointing=cfg.train.grad_checkpointing,
     )
-    _add_memory(plan, cfg, teacher, previous, warnings)
+    _add_memory(plan, cfg, teacher, previous, warnings, members)
     return plan
 
 
@@ -230,7 +230,7 @@ def check_inheritance(inheritance: Any, student: ModelFacts, source: ModelFacts 
 
 
 def _add_memory(plan: StagePlan, cfg: RunConfig, teacher: ModelFacts | None, previous: StagePlan | None,
-                warnings: list[str]) -> None:
+                warnings: list[str], members: list[ModelFacts]) -> None:
     """The stage's memory estimate (:mod:`compress.memory`). A student that learns its structure is a
     masked copy of its source: the teacher's shape, or the previous stage's; a previous stage that
     learned its own has no shape before training, and the teacher's stands in (an upper bound)."""
@@ -244,7 +244,13 @@ def _add_memory(plan: StagePlan, cfg: RunConfig, teacher: ModelFacts | None, pre
                 plan.memory_note = "student at the teacher's shape: an upper bound, its source is smaller"
     if student is None:
         return
-    teacher_shape = teacher.shape if teacher is not None else None
+    teacher_shape: Any = teacher.shape if teacher is not None else None
+    if members and teacher_shape is not None:  # an ensemble: every member's weights, features and view
+        shapes = [teacher_shape, *(m.shape for m in members)]
+        if all(shape is not None for shape in shapes):
+            teacher_shape = shapes
+        else:
+            plan.memory_note = "the ensemble's members are not counted: one's size is unknown"
     plan.memory = estimate_device_memory(cfg, student, teacher_shape)
     plan.host = estimate_host_memory(cfg, student, teacher_shape)
     if plan.memory.total > REFERENCE_GPU_BYTES:
@@ -273,11 +279,12 @@ def build_plan(cfg: RunConfig, force: bool = False, here: bool = True) -> Plan:
     check_inheritances(cfg, teacher, recipe)
     state, verdict = run_state(recipe, run_dir, force, warnings)
     plans: list[StagePlan] = []
+    members = [model_facts(spec, f"teachers[{k}]", warnings) for k, spec in enumerate(cfg.teachers[1:], start=1)]
     for stage in recipe.stages:
-        plans.append(_stage_plan(stage, recipe, teacher, plans[-1] if plans else None, run_dir, force, warnings))
+        plans.append(_stage_plan(stage, recipe, teacher, plans[-1] if plans else None, run_dir, force, warnings,
+                                 members))
     if verdict is not None:
         for plan in plans:
             plan.state = f"not run (the run is {verdict})"
     warnings.extend(missing_paths(cfg))
-    members = [model_facts(spec, f"teachers[{k}]", warnings) for k, spec in enumerate(cfg.teachers[1:], start=1)]
     return Plan(cfg.name, recipe.run_id, run_dir, teacher, plans, state, recipe.staged, warnings, members)

@@ -90,7 +90,7 @@ def format_plan(plan: Plan) -> str:
                 lines.append(f"               {m.note}")
         if plan.members:
             lines.append(f"               an ensemble of {len(plan.members) + 1} teachers, each on its own view and "
-                         "tokens; the memory estimates below count teachers[0] alone")
+                         "tokens (the memory estimates below count every one)")
     else:
         lines.append("teacher        none")
     for s in plan.stages:

@@ -41,5 +41,13 @@ def build_losses(cfg: RunConfig, student: nn.Module, teacher: nn.Module | None) 
 
 
 def loss_similarity_matrices(cfg: RunConfig) -> list[int]:
-    """The similarity matrices each configured loss computes per step (its class's ``similarity_matrices``)."""
-    return [int(getattr(LOSSES.get(LOSSES.split_spec(spec)[0]), "similarity_matrices", 0)) for spec in cfg.losses]
+    """The similarity matrices each configured loss computes per step (its class's ``similarity_matrices``, half of
+    them the teacher's: a loss that reads a teacher ensemble computes that half once per teacher)."""
+    counts = []
+    for spec in cfg.losses:
+        loss = LOSSES.get(LOSSES.split_spec(spec)[0])
+        count = int(getattr(loss, "similarity_matrices", 0))
+        if getattr(loss, "reads_ensemble", False) and teacher_count(cfg) > 1:
+            count += (teacher_count(cfg) - 1) * (count // 2)
+        counts.append(count)
+    return counts
