@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from compress.models.attention import HeadAttention
-from compress.models.forward import clip_forward, tokenizer_for, tokenizer_identity
+from compress.models.forward import clip_forward, model_tokenizer_identity, tokenizer_for
 from compress.outputs import ClipOutput
 from compress.precision import Precision
 
@@ -102,10 +102,12 @@ class OnlineTeacher:
     (``teacher_images/k``, :func:`compress.data.transforms.teacher_view_key`; ``images`` where the pipeline
     prepared none) and its own tokens: ``batch["texts"]`` where its tokenizer is the student's
     (:func:`compress.models.forward.tokenizer_identity`; ``student`` names it, the first teacher's by default),
-    else its own tokenizer on ``batch["captions"]``; the output is :meth:`ClipOutput.of_members`."""
+    else its own tokenizer's ids of the captions (``teacher/texts/k``, made in the loader's workers, or made here from
+    ``batch["captions"]``); the output is :meth:`ClipOutput.of_members`."""
 
     def __init__(self, teacher: nn.Module | Sequence[nn.Module], precision: Precision, needs: Iterable[str] = (),
                  student: nn.Module | None = None) -> None:
+        from compress.data.collate import teacher_texts_key
         from compress.data.transforms import teacher_view_key
 
         models = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
@@ -114,13 +116,18 @@ class OnlineTeacher:
         self.precision = precision
         self.needs = tuple(needs)
         self.views = [teacher_view_key(k) for k in range(len(models))]
-        reference = _tokens_of(student if student is not None else models[0])
-        self.tokenizers = [None if _tokens_of(m) == reference else tokenizer_for(m) for m in models]
+        reference = model_tokenizer_identity(student if student is not None else models[0])
+        self.tokenizers = [None if model_tokenizer_identity(m) == reference else tokenizer_for(m) for m in models]
+        self.token_keys = [teacher_texts_key(k) for k in range(len(models))]
 
     def _texts(self, k: int, batch: Mapping[str, Any]) -> Tensor:
+        """Member k's token ids: the student's, the ones the loader's workers made with its tokenizer
+        (``teacher/texts/k``: :func:`compress.data.pipeline.teacher_tokenizers`), else made here from the captions."""
         tokenizer = self.tokenizers[k]
         if tokenizer is None:
             return batch["texts"]
+        if self.token_keys[k] in batch:
+            return batch[self.token_keys[k]]
         return tokenizer(list(batch["captions"])).to(batch["texts"].device)
 
     def __call__(self, batch: Mapping[str, Any]) -> ClipOutput:
@@ -130,11 +137,6 @@ class OnlineTeacher:
                 images = batch.get(self.views[k], batch["images"])
                 outputs.append(clip_forward(model, images, self._texts(k, batch), self.needs))
         return ClipOutput.of_members([_normal_float(out) for out in outputs])
-
-
-def _tokens_of(model: nn.Module) -> dict[str, Any]:
-    """What decides the model's token ids (:func:`compress.models.forward.tokenizer_identity` of its config)."""
-    return tokenizer_identity(getattr(model, "clip_cfg", None) or {})
 
 
 def _normal_float(out: ClipOutput) -> ClipOutput:

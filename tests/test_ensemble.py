@@ -309,3 +309,25 @@ def test_the_memory_estimate_counts_every_teacher(tmp_path):
     assert host_both.bytes_per_sample - host_one.bytes_per_sample == 3 * 48 * 48 * 4
     single = config_from_dict(_run_dict(tmp_path, teachers=[], teacher=TEACHERS[0], losses=[{"name": "affinity"}]))
     assert estimate_device_memory(single, student, small, world_size=1).similarity_matrices == 4
+
+
+def test_a_member_with_its_own_tokenizer_gets_its_ids_from_the_loaders_workers(tmp_path, monkeypatch):
+    """Member 1 (context 24, the student's 16) finds its token ids in the batch (``teacher/texts/1``, made by the
+    collate), the online teacher does not tokenize in the training process, and the run trains."""
+    from compress.data.pipeline import train_batches
+    from compress.run import run_experiment
+    from compress.step_inputs import step_batch
+
+    other = str(_large_with_other_tokens(tmp_path))
+    cfg = config_from_dict(_run_dict(tmp_path, teachers=[TEACHERS[0], {"model": other, "random_init": True}]))
+    student = load_model("cc-test-student")
+    batch = next(train_batches(cfg, student, [load_model(SMALL), load_model(other)], torch.device("cpu"))[0])
+    assert batch["texts"].shape == (8, 16) and batch["teacher/texts/1"].shape == (8, 24)
+    assert "teacher/texts/0" not in batch and "teacher/texts/1" not in step_batch([batch], torch.device("cpu"))
+    calls = []
+    original = OnlineTeacher._texts
+    monkeypatch.setattr(OnlineTeacher, "_texts", lambda self, k, b: calls.append((k, self.token_keys[k] in b))
+                        or original(self, k, b))
+    row = run_experiment(cfg)
+    assert row["status"] == "completed", row.get("error")
+    assert sorted(set(calls)) == [(0, False), (1, True)]  # member 0 reads the student's ids

@@ -23,11 +23,19 @@ Batch = dict[str, Any]
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
 
-def make_collate(tokenizer: Tokenizer | None) -> Callable[[Sequence[Any]], Batch]:
+def make_collate(tokenizer: Tokenizer | None,
+                 extra_tokenizers: Mapping[str, Tokenizer] | None = None) -> Callable[[Sequence[Any]], Batch]:
     """Image-text collate: ``{"images": FloatTensor[B,3,H,W], "texts": LongTensor[B,ctx],
     "captions": list[str], "num_bad": int, "num_samples": int}`` (``texts`` is None without
-    a tokenizer; ``"teacher_images"`` too when the transform gives the teacher its own view)."""
-    return _TextCollate(tokenizer)
+    a tokenizer; ``"teacher_images"`` too when the transform gives the teacher its own view). ``extra_tokenizers``:
+    ``{key: tokenizer}``, each one's ids of the captions under its key (a teacher ensemble's member with its own
+    tokenizer: :func:`teacher_texts_key`), made in the loader's workers."""
+    return _TextCollate(tokenizer, dict(extra_tokenizers or {}))
+
+
+def teacher_texts_key(index: int) -> str:
+    """The batch entry of teacher ``index``'s own token ids (a member whose tokenizer is not the student's)."""
+    return f"teacher/texts/{index}"
 
 
 def make_label_collate() -> Callable[[Sequence[Any]], Batch]:
@@ -38,8 +46,9 @@ def make_label_collate() -> Callable[[Sequence[Any]], Batch]:
 class _TextCollate:
     """A picklable closure over the tokenizer (works with spawned workers too)."""
 
-    def __init__(self, tokenizer: Tokenizer | None) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, extra: Mapping[str, Tokenizer] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.extra = dict(extra or {})
 
     def __call__(self, items: Sequence[Any]) -> Batch:
         good, batch = tally(items)
@@ -47,7 +56,8 @@ class _TextCollate:
             return {**batch, "images": None, "texts": None, "captions": []}
         captions = [str(t) for _, t in good]
         texts = self.tokenizer(captions) if self.tokenizer is not None else None
-        return {**batch, **stack_images([img for img, _ in good]), "texts": texts, "captions": captions}
+        extra = {key: tokenizer(captions) for key, tokenizer in self.extra.items()}
+        return {**batch, **stack_images([img for img, _ in good]), "texts": texts, "captions": captions, **extra}
 
 
 def stack_images(images: Sequence[Any]) -> Batch:

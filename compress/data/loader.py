@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -335,10 +335,12 @@ def build_train_loader(
     sampler: SamplerArg = None,
     pin_memory: bool | None = None,
     dataset: Dataset | None = None,
+    extra_tokenizers: Mapping[str, Tokenizer] | None = None,
 ) -> CountedLoader:
     """The training loader over ``cfg.train``: shuffled per epoch, ``drop_last=True``, every
     batch exactly ``batch_size`` samples (bad ones replaced by the next good ones). ``dataset``: the
     data set ``cfg.train`` describes, already built (:meth:`CountedLoader.source_dataset`).
+    ``extra_tokenizers``: more token ids of the captions, by batch key (:func:`~compress.data.collate.make_collate`).
 
     ``sampler``: ``None`` (our :class:`EpochShuffleSampler`), a ``Sampler``, or a factory
     ``dataset -> Sampler`` (the training pipeline passes this rank's share of the
@@ -354,7 +356,7 @@ def build_train_loader(
     common: dict[str, Any] = dict(
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=KeyedCollate(make_collate(tokenizer)),
+        collate_fn=KeyedCollate(make_collate(tokenizer, extra_tokenizers)),
         drop_last=True,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         generator=torch.Generator().manual_seed(seed),

@@ -12,12 +12,13 @@ from torch import nn
 
 from compress import distributed
 from compress.config import RunConfig
+from compress.data.collate import teacher_texts_key
 from compress.data.loader import CountedLoader, build_train_loader
 from compress.data.robust import DataError
 from compress.data.sampling import EpochShuffleSampler
 from compress.data.transforms import CropViews, preprocess_of, train_transform_for, training_views
 from compress.data.views import FixedViews
-from compress.models.forward import tokenizer_for
+from compress.models.forward import model_tokenizer_identity, tokenizer_for
 
 
 class ReplayStream:
@@ -145,6 +146,15 @@ def training_transform(cfg: RunConfig, student: nn.Module, teacher: nn.Module | 
     return FixedViews(CropViews(views), cache.num_augmentations, cache.seed, store, outputs)
 
 
+def teacher_tokenizers(student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None) -> dict[str, Any]:
+    """``{teacher_texts_key(k): tokenizer}`` for each teacher whose tokenizer is not the student's
+    (:func:`compress.models.forward.tokenizer_identity`): its ids of the captions are made in the loader's workers."""
+    teachers = [] if teacher is None else [teacher] if isinstance(teacher, nn.Module) else list(teacher)
+    mine = model_tokenizer_identity(student)
+    return {teacher_texts_key(k): tokenizer_for(model) for k, model in enumerate(teachers)
+            if model_tokenizer_identity(model) != mine}
+
+
 def train_batches(
     cfg: RunConfig, student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None, device: torch.device,
     store: Any = None,
@@ -158,7 +168,8 @@ def train_batches(
     needs another size or normalisation, ``"teacher_images"`` holds the same random view
     prepared for the teacher (see :class:`~compress.data.transforms.DistillTransform`); a teacher ensemble (a list
     of models) gets ``"teacher_images/k"`` for each member k >= 1 with a view of its own
-    (:func:`~compress.data.transforms.teacher_view_key`). Pass ``teacher=None`` when no loss reads the teacher.
+    (:func:`~compress.data.transforms.teacher_view_key`), and a member whose tokenizer is not the student's its
+    own token ids (:func:`teacher_tokenizers`). Pass ``teacher=None`` when no loss reads the teacher.
     ``device`` is where the batches will go
     (pinned memory on CUDA).
 
@@ -170,11 +181,13 @@ def train_batches(
     in ``mode: cache``) and the batches also carry ``"sample_ids"``, ``"aug_ids"`` and the cached outputs."""
     train_tf = training_transform(cfg, student, teacher, store)
     micro = cfg.train.micro_batch(distributed.world_size())
+    extra = teacher_tokenizers(student, teacher) if store is None else {}
 
     def build(twin_of: CountedLoader | None = None) -> CountedLoader:
         return build_train_loader(
             cfg.data, train_tf, tokenizer_for(student), micro, seed=cfg.seed, sampler=_sampler_for_ranks(cfg.seed),
             pin_memory=device.type == "cuda", dataset=twin_of.source_dataset() if twin_of is not None else None,
+            extra_tokenizers=extra,
         )
 
     loader = build()

@@ -103,6 +103,11 @@ def tokenizer_identity(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def model_tokenizer_identity(model: nn.Module) -> dict[str, Any]:
+    """:func:`tokenizer_identity` of a built model (its ``clip_cfg``): two models with equal ones read the same ids."""
+    return tokenizer_identity(getattr(model, "clip_cfg", None) or {})
+
+
 def describe_tokenizer(identity: Mapping[str, Any]) -> str:
     """``CLIP BPE (vocab 49408, context 77)`` and the tokenizer's options, if any."""
     kwargs = "".join(f", {k}={v}" for k, v in sorted(identity["tokenizer_kwargs"].items()))
