@@ -1,0 +1,375 @@
+"""Generating a teacher-output cache (MobileCLIP's reinforced data: the teachers' outputs for ``A`` fixed
+augmentations of each training sample, written once, read by every run of a sweep), and checking it.
+
+:func:`generate` writes the shards of one part (``s % parts == part``) first, each under a non-blocking lock
+(one another process holds is skipped); with ``wait`` it then takes every missing shard nobody holds, and
+finally waits for the lock of each shard still missing (a dead generator's shard is taken over; the kernel
+releases its lock). A finished shard is never redone, a killed one's temporary folder is discarded. So the runs
+of a sweep started together, or the tasks of a SLURM array, generate a cache once between them.
+:func:`verify` recomputes random (sample, view) pairs online and reports the largest difference per output.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from compress.config import RunConfig
+from compress.data.datasets import build_dataset
+from compress.fileio import atomic_write_text
+from compress.models.forward import embed_dim
+from compress.progress import LineProgress
+from compress.teacher_cache.identity import (
+    FORMAT_VERSION,
+    CacheConfigError,
+    cache_id_of,
+    cache_identity,
+    cache_root,
+    num_shards,
+)
+from compress.teacher_cache.locking import ShardLock
+from compress.teacher_cache.samples import ViewSamples, collate_views, teacher_views
+from compress.teacher_cache.store import (
+    MANIFEST,
+    STORED_DTYPES,
+    CacheStore,
+    ShardWriter,
+    discard_partial,
+    lock_name,
+    output_file,
+    shard_name,
+    to_stored,
+)
+from compress.teacher_cache.teachers import Teachers
+
+#: samples per teacher forward (each with ``num_augmentations`` views)
+GENERATE_BATCH = 256
+#: seconds between progress lines at most
+PROGRESS_INTERVAL_S = 10.0
+
+
+def check_cacheable(cfg: RunConfig) -> None:
+    """Refuse a config without a ``teacher_cache`` section, or with webdataset training data (one line)."""
+    if cfg.teacher_cache is None:
+        raise CacheConfigError("the config has no teacher_cache section: add one (teacher_cache: {dir: DIR, "
+                               "num_augmentations: A, dtype: fp16}) to cache its teachers' outputs")
+    if cfg.data.train.kind == "webdataset":
+        raise CacheConfigError("teacher_cache: data.train.kind webdataset is not supported (a cache needs stable "
+                               "sample ids: a map-style data set, synthetic, csv or folder)")
+
+
+def train_samples(cfg: RunConfig) -> Dataset:
+    """The training set as (PIL image, caption) items; sample id = index."""
+    train = cfg.data.train
+    return build_dataset(train, transform=None, split=train.split)
+
+
+@dataclass
+class GenerateReport:
+    """What one :func:`generate` call did: the shards it ``computed``, those it ``skipped`` (held by another
+    process, not waited for), those still ``missing``, and the cache's totals once complete."""
+
+    root: Path
+    num_samples: int
+    num_shards: int
+    computed: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+    bad_samples: int | None = None
+    bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+
+def generate(cfg: RunConfig, part: int = 0, parts: int = 1, wait: bool = True, progress: bool = True,
+             batch_size: int = GENERATE_BATCH) -> GenerateReport:
+    """Write the missing shards of ``cfg``'s cache (see the module docstring); returns what was done."""
+    check_cacheable(cfg)
+    if not 0 <= part < parts:
+        raise CacheConfigError(f"cache part {part} is not in [0, {parts})")
+    started = time.monotonic()
+    root = cache_root(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    dataset = train_samples(cfg)
+    tc = cfg.teacher_cache
+    assert tc is not None
+    total = num_shards(len(dataset), tc.shard_size)  # type: ignore[arg-type]
+    report = GenerateReport(root, len(dataset), total)  # type: ignore[arg-type]
+    store = CacheStore(root)
+    if (root / MANIFEST).is_file() and not store.missing_shards():
+        return _finish(report, store, started)
+    writer = _ShardGenerator(cfg, root, dataset, batch_size)
+    writer.write_manifest()
+    done = sum(writer.shard_len(s) for s in range(total) if writer.done(s))
+    bar = _Progress(len(dataset), done, progress)  # type: ignore[arg-type]
+    own = [s for s in range(total) if s % parts == part]
+    passes = [(own, False)] + ([(range(total), False), (range(total), True)] if wait else [])
+    for shards, blocking in passes:
+        for shard in shards:
+            if writer.done(shard):
+                continue
+            state = writer.try_shard(shard, blocking)
+            if state == "computed":
+                report.computed.append(shard)
+                bar.update(writer.shard_len(shard))
+    report.skipped = sorted({s for s in own if not writer.done(s)})
+    bar.close()
+    return _finish(report, store, started)
+
+
+def _finish(report: GenerateReport, store: CacheStore, started: float) -> GenerateReport:
+    report.missing = store.missing_shards()
+    if not report.missing:
+        summary = write_summary(store)
+        report.bad_samples, report.bytes = summary["bad_samples"], summary["bytes"]
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def write_summary(store: CacheStore) -> dict[str, Any]:
+    """The complete cache's totals (samples, bad samples, bytes, generation seconds) in its manifest."""
+    store.reload()
+    manifest = store.manifest
+    if manifest.get("summary"):
+        return manifest["summary"]
+    metas = [store.shard_meta(s) for s in range(int(manifest["num_shards"]))]
+    size = sum(p.stat().st_size for s in range(int(manifest["num_shards"]))
+               for p in (store.root / shard_name(s)).iterdir())
+    summary = {"samples": int(manifest["num_samples"]), "bad_samples": sum(int(m["bad"]) for m in metas),
+               "bytes": size, "seconds": round(sum(float(m["seconds"]) for m in metas), 3)}
+    atomic_write_text(store.root / MANIFEST, json.dumps({**manifest, "summary": summary}, indent=1) + "\n")
+    store.reload()
+    return summary
+
+
+class _Progress:
+    """Samples done, rate and ETA on stderr, a line every :data:`PROGRESS_INTERVAL_S` seconds at most."""
+
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        self.bar = LineProgress(total, "cache-teacher", lines=1, interval_s=PROGRESS_INTERVAL_S) if enabled else None
+        self.started, self.before = time.monotonic(), done
+        if self.bar is not None:
+            self.bar.n = self.bar.last_n = done  # what was there before this process: not part of its rate
+
+    def update(self, n: int) -> None:
+        if self.bar is None:
+            return
+        rate = (self.bar.n + n - self.before) / max(time.monotonic() - self.started, 1e-9)
+        left = (self.bar.total - self.bar.n - n) / rate if rate > 0 else float("inf")
+        self.bar.set_postfix(samples_per_s=f"{rate:.1f}", eta=_duration(left))
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    h, rest = divmod(int(seconds), 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class _ShardGenerator:
+    """Writes shards of one cache: its teachers loaded on first need, one DataLoader per shard."""
+
+    def __init__(self, cfg: RunConfig, root: Path, dataset: Dataset, batch_size: int) -> None:
+        assert cfg.teacher_cache is not None
+        self.cfg, self.tc, self.root, self.dataset = cfg, cfg.teacher_cache, root, dataset
+        self.batch_size = int(batch_size)
+        self.num_samples = len(dataset)  # type: ignore[arg-type]
+        self._teachers: Teachers | None = None
+
+    @property
+    def teachers(self) -> Teachers:
+        if self._teachers is None:
+            self._teachers = Teachers.load(self.cfg, self.tc.outputs)
+        return self._teachers
+
+    def shard_len(self, shard: int) -> int:
+        start = shard * self.tc.shard_size
+        return max(min(start + self.tc.shard_size, self.num_samples) - start, 0)
+
+    def done(self, shard: int) -> bool:
+        return (self.root / shard_name(shard)).is_dir()
+
+    def write_manifest(self) -> None:
+        """The manifest, written once (by whichever generator comes first; the same content from any)."""
+        path = self.root / MANIFEST
+        if path.is_file():
+            found = json.loads(path.read_text()).get("cache_id")
+            if found != self.root.name:
+                raise CacheConfigError(f"teacher cache {self.root}: its manifest is of cache {found}, not "
+                                       f"{self.root.name}: remove the folder")
+            return
+        t = self.teachers
+        manifest = {"format": FORMAT_VERSION, "cache_id": cache_id_of(self.cfg), "identity": cache_identity(self.cfg),
+                    "num_samples": self.num_samples, "shard_size": self.tc.shard_size,
+                    "num_shards": num_shards(self.num_samples, self.tc.shard_size),
+                    "num_augmentations": self.tc.num_augmentations, "dtype": self.tc.dtype,
+                    "outputs": list(self.tc.outputs), "precision": t.precision.name,
+                    "teachers": t.manifest_entries(self.cfg), "summary": None}
+        atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+
+    def try_shard(self, shard: int, blocking: bool) -> str:
+        """``computed``, ``done`` (another process finished it) or ``held`` (locked elsewhere, not waited for)."""
+        lock = ShardLock(self.root / lock_name(shard), blocking)
+        with lock as held:
+            if not held:
+                return "held"
+            if self.done(shard):
+                return "done"
+            discard_partial(self.root, shard)
+            self.write_shard(shard)
+            lock.remove()
+        return "computed"
+
+    def batches(self, shard: int) -> Iterator[dict[str, Any]]:
+        start = shard * self.tc.shard_size
+        samples = ViewSamples(self.dataset, teacher_views(self.teachers.preprocess), self.tc.num_augmentations,
+                              self.tc.seed)
+        subset = Subset(samples, range(start, start + self.shard_len(shard)))
+        workers = self.cfg.data.num_workers
+        yield from DataLoader(subset, batch_size=self.batch_size, shuffle=False, num_workers=workers,
+                              collate_fn=collate_views, pin_memory=self.teachers.device.type == "cuda",
+                              persistent_workers=False)
+
+    def write_shard(self, shard: int) -> None:
+        """Compute and write one shard (its temporary folder renamed into place)."""
+        started = time.monotonic()
+        n, views, dtype = self.shard_len(shard), self.tc.num_augmentations, self.tc.dtype
+        teachers = self.teachers
+        stored = STORED_DTYPES[dtype]
+        ok = np.zeros(n, dtype=bool)
+        boxes = np.zeros((n, views, 4), dtype=np.int32)
+        arrays: dict[str, np.ndarray] = {}
+        for k, model in enumerate(teachers.models):
+            dim = embed_dim(model)
+            for name in self.tc.outputs:
+                shape = (n, views, dim) if name.startswith("image_") else (n, dim)
+                arrays[output_file(name, k)] = np.zeros(shape, dtype=stored)
+        first = shard * self.tc.shard_size
+        for batch in self.batches(shard):
+            local = (batch["index"] - first).numpy()
+            ok[local] = batch["ok"].numpy()
+            good = local[batch["ok"].numpy()]
+            if good.size == 0:
+                continue
+            boxes[good] = batch["boxes"].numpy()
+            for k in range(len(teachers.models)):
+                out = teachers.forward(k, batch["views"][str(k)], batch["captions"])
+                for name in self.tc.outputs:
+                    values = getattr(out, name)
+                    if name.startswith("image_"):
+                        values = values.reshape(good.size, views, -1)
+                    arrays[output_file(name, k)][good] = to_stored(values, dtype)
+        writer = ShardWriter(self.root, shard)
+        try:
+            writer.write("ok.npy", ok)
+            writer.write("boxes.npy", boxes)
+            for filename, array in arrays.items():
+                writer.write(filename, array)
+            writer.write_meta({"shard": shard, "samples": n, "bad": int(n - ok.sum()),
+                               "seconds": round(time.monotonic() - started, 3)})
+        except BaseException:
+            writer.abort()
+            raise
+        writer.commit()
+
+
+# -- verify ------------------------------------------------------------------------------------------
+#: the largest absolute difference ``verify`` accepts per stored dtype (fp32: float reassociation of other batch
+#: compositions; fp16 / bf16: their rounding of values up to ~1 in size)
+TOLERANCES = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 2e-2}
+
+
+@dataclass
+class VerifyReport:
+    """``max_abs[output][k]``: the largest |cached - online| of teacher k's output over the checked pairs;
+    ``box_mismatches``: stored boxes that differ from a fresh draw (should be 0)."""
+
+    root: Path
+    dtype: str
+    pairs: list[tuple[int, int]]
+    max_abs: dict[str, list[float]]
+    box_mismatches: int
+
+    @property
+    def tolerance(self) -> float:
+        return TOLERANCES[self.dtype]
+
+    @property
+    def passed(self) -> bool:
+        worst = max((v for values in self.max_abs.values() for v in values), default=0.0)
+        return self.box_mismatches == 0 and worst <= self.tolerance
+
+
+def _random_pairs(store: CacheStore, n: int, seed: int) -> list[tuple[int, int]]:
+    """``n`` random (good sample, view) pairs of the shards written (without reading every shard's ``ok``)."""
+    present = sorted(set(range(int(store.manifest["num_shards"]))) - set(store.missing_shards()))
+    if not present:
+        raise CacheConfigError(f"teacher cache {store.root}: no shard written yet: nothing to verify")
+    rng = np.random.default_rng(seed)
+    size, total, views = store.shard_size, store.num_samples, int(store.manifest["num_augmentations"])
+    candidates = [i for s in present for i in range(s * size, min((s + 1) * size, total))]
+    ids = rng.permutation(np.asarray(candidates, dtype=np.int64))[: max(4 * n, n + 64)]
+    good = ids[store.ok(ids).numpy()][:n]
+    return [(int(i), int(rng.integers(views))) for i in good]
+
+
+def verify(cfg: RunConfig, n: int, seed: int = 0, batch_size: int = GENERATE_BATCH) -> VerifyReport:
+    """Recompute ``n`` random (sample, view) pairs of the cache online (the teachers on the view built from the
+    stored box) and report the largest absolute difference per output and teacher (:class:`VerifyReport`)."""
+    from compress.teacher_cache.samples import draw_boxes
+
+    check_cacheable(cfg)
+    assert cfg.teacher_cache is not None
+    tc = cfg.teacher_cache
+    store = CacheStore(cache_root(cfg))
+    pairs = _random_pairs(store, n, seed)
+    dataset = train_samples(cfg)
+    teachers = Teachers.load(cfg, tc.outputs)
+    crop = teacher_views(teachers.preprocess)
+    max_abs = {name: [0.0] * len(teachers.models) for name in tc.outputs}
+    mismatches = 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        ids, augs = torch.tensor([i for i, _ in chunk]), torch.tensor([a for _, a in chunk])
+        boxes = store.boxes(ids, augs)
+        views, captions = [], []
+        for (i, a), box in zip(chunk, boxes.tolist(), strict=True):
+            img, caption = dataset[i]
+            mismatches += draw_boxes(crop, img, tc.seed, i, a + 1)[a] != tuple(box)
+            views.append(crop.apply(img, tuple(box)))
+            captions.append(str(caption))
+        for k in range(len(teachers.models)):
+            out = teachers.forward(k, torch.stack([v[str(k)] for v in views]), captions)
+            for name in tc.outputs:
+                cached = store.outputs(name, k, ids, augs)
+                diff = (getattr(out, name).cpu() - cached).abs().max().item() if len(chunk) else 0.0
+                max_abs[name][k] = max(max_abs[name][k], float(diff))
+    return VerifyReport(store.root, tc.dtype, pairs, max_abs, mismatches)
+
+
+def print_report(report: GenerateReport, stream: Any = None) -> None:
+    """The CLI's summary of a generation."""
+    stream = sys.stdout if stream is None else stream
+    state = "complete" if report.complete else f"{len(report.missing)} of {report.num_shards} shards missing"
+    print(f"teacher cache {report.root} ({state})", file=stream)
+    size = f"{report.bytes / 2**30:.2f} GiB" if report.bytes >= 2**30 else f"{report.bytes / 2**20:.2f} MiB"
+    bad = "?" if report.bad_samples is None else report.bad_samples
+    print(f"  size {size}, samples {report.num_samples}, bad samples {bad}, shards computed here "
+          f"{len(report.computed)}, time {report.seconds:.1f} s", file=stream)
