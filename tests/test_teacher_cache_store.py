@@ -104,7 +104,7 @@ def test_the_reader_pickles_without_its_maps_and_keeps_a_bounded_number_open(tmp
 
 def test_reading_what_is_not_there_is_one_clear_error(tmp_path):
     with pytest.raises(CacheStoreError, match="no teacher cache .* cache-teacher"):
-        CacheStore(tmp_path / "nothing").manifest
+        CacheStore(tmp_path / "nothing").missing_shards()
     write_cache(tmp_path / "c", "fp32")
     store = CacheStore(tmp_path / "c")
     with pytest.raises(CacheStoreError, match="does not hold 'image_embeds'"):
@@ -207,7 +207,8 @@ def test_the_size_estimate_at_real_size():
     """ViT-B/32 (D=512), fp16, 5 views, features only: 1 + 5*16 + 5*512*2 + 512*2 bytes per sample."""
     per = bytes_per_sample([512], [512], 5, "fp16", ["image_features", "text_features"])
     assert per == 1 + 80 + 5120 + 1024
-    assert estimated_bytes(400_000_000, [512], [512], 5, "fp16", ["image_features", "text_features"]) == 400_000_000 * per
+    outputs = ["image_features", "text_features"]
+    assert estimated_bytes(400_000_000, [512], [512], 5, "fp16", outputs) == 400_000_000 * per
     two = bytes_per_sample([512, 768], [512, 768], 2, "fp32", ["image_features", "text_features", "image_embeds"])
     assert two == 1 + 32 + 2 * 2 * (512 + 768) * 4 + (512 + 768) * 4
 
