@@ -54,6 +54,8 @@ def _dispatch(cfg: object, parts: int) -> int:
     from experiments.cache_job import CacheJob
 
     backend = get_backend(cfg.dispatch.backend)  # type: ignore[attr-defined]
+    backend.refuse([[cfg]])  # type: ignore[list-item]  # no cluster here, say: one line before anything is submitted
+    backend.check_device(cfg)  # type: ignore[arg-type]
     folder = Path(cfg.teacher_cache.dir) / "submitit"  # type: ignore[attr-defined]
     calls = [CacheJob(cfg.to_dict(), part, parts) for part in range(parts)]  # type: ignore[attr-defined]
     out = backend.submit_tasks(f"cache-{cfg.name}", calls, cfg, folder)  # type: ignore[arg-type, attr-defined]
