@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from compress.config import RunConfig
+
 #: why a config without a ``teacher_cache`` section cannot be cached
 NO_SECTION = ("has no teacher_cache section: add one (teacher_cache: {dir: DIR, num_augmentations: A, dtype: fp16}) "
               "to cache its teachers' outputs")
@@ -47,20 +49,21 @@ def cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dispatch(cfg: object, parts: int) -> int:
+def _dispatch(cfg: RunConfig, parts: int) -> int:
     """``parts`` jobs of the config's dispatch backend, job ``i`` generating part ``i`` (then helping the others)."""
     from compress.teacher_cache.generate import generate, print_report
     from experiments.backends import get_backend
     from experiments.cache_job import CacheJob
 
-    backend = get_backend(cfg.dispatch.backend)  # type: ignore[attr-defined]
-    backend.refuse([[cfg]])  # type: ignore[list-item]  # no cluster here, say: one line before anything is submitted
-    backend.check_device(cfg)  # type: ignore[arg-type]
-    folder = Path(cfg.teacher_cache.dir) / "submitit"  # type: ignore[attr-defined]
-    calls = [CacheJob(cfg.to_dict(), part, parts) for part in range(parts)]  # type: ignore[attr-defined]
-    out = backend.submit_tasks(f"cache-{cfg.name}", calls, cfg, folder)  # type: ignore[arg-type, attr-defined]
+    assert cfg.teacher_cache is not None
+    backend = get_backend(cfg.dispatch.backend)
+    backend.refuse([[cfg]])  # no cluster here, say: one line before anything is submitted
+    backend.check_device(cfg)
+    folder = Path(cfg.teacher_cache.dir) / "submitit"
+    calls = [CacheJob(cfg.to_dict(), part, parts) for part in range(parts)]
+    out = backend.submit_tasks(f"cache-{cfg.name}", calls, cfg, folder)
     if backend.waits:
-        print_report(generate(cfg, wait=False, progress=False))  # type: ignore[arg-type]
+        print_report(generate(cfg, wait=False, progress=False))
         return 0
     print(f"[submitted] {parts} cache part job(s) with the {backend.name} backend: {', '.join(map(str, out))} "
           f"(logs in {folder})", file=sys.stdout)

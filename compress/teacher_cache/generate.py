@@ -6,7 +6,8 @@ augmentations of each training sample, written once, read by every run of a swee
 finally waits for the lock of each shard still missing (a dead generator's shard is taken over; the kernel
 releases its lock). A finished shard is never redone, a killed one's temporary folder is discarded. So the runs
 of a sweep started together, or the tasks of a SLURM array, generate a cache once between them.
-:func:`verify` recomputes random (sample, view) pairs online and reports the largest difference per output.
+:func:`verify` (:mod:`compress.teacher_cache.verify`, re-exported here) recomputes random (sample, view) pairs
+online and reports the largest difference per output.
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from compress.config import RunConfig
-from compress.data.datasets import build_dataset
 from compress.fileio import atomic_write_text
 from compress.models.forward import embed_dim
 from compress.progress import LineProgress
@@ -37,7 +36,7 @@ from compress.teacher_cache.identity import (
     num_shards,
 )
 from compress.teacher_cache.locking import ShardLock
-from compress.teacher_cache.samples import ViewSamples, collate_views, teacher_views
+from compress.teacher_cache.samples import ViewSamples, check_cacheable, collate_views, teacher_views, train_samples
 from compress.teacher_cache.store import (
     MANIFEST,
     STORED_DTYPES,
@@ -50,27 +49,14 @@ from compress.teacher_cache.store import (
     to_stored,
 )
 from compress.teacher_cache.teachers import Teachers
+from compress.teacher_cache.verify import TOLERANCES, VerifyReport, verify
+
+__all__ = ["TOLERANCES", "CacheConfigError", "GenerateReport", "VerifyReport", "generate", "print_report", "verify"]
 
 #: samples per teacher forward (each with ``num_augmentations`` views)
 GENERATE_BATCH = 256
 #: seconds between progress lines at most
 PROGRESS_INTERVAL_S = 10.0
-
-
-def check_cacheable(cfg: RunConfig) -> None:
-    """Refuse a config without a ``teacher_cache`` section, or with webdataset training data (one line)."""
-    if cfg.teacher_cache is None:
-        raise CacheConfigError("the config has no teacher_cache section: add one (teacher_cache: {dir: DIR, "
-                               "num_augmentations: A, dtype: fp16}) to cache its teachers' outputs")
-    if cfg.data.train.kind == "webdataset":
-        raise CacheConfigError("teacher_cache: data.train.kind webdataset is not supported (a cache needs stable "
-                               "sample ids: a map-style data set, synthetic, csv or folder)")
-
-
-def train_samples(cfg: RunConfig) -> Dataset:
-    """The training set as (PIL image, caption) items; sample id = index."""
-    train = cfg.data.train
-    return build_dataset(train, transform=None, split=train.split)
 
 
 @dataclass
@@ -288,80 +274,6 @@ class _ShardGenerator:
             writer.abort()
             raise
         writer.commit()
-
-
-# -- verify ------------------------------------------------------------------------------------------
-#: the largest absolute difference ``verify`` accepts per stored dtype (fp32: float reassociation of other batch
-#: compositions; fp16 / bf16: their rounding of values up to ~1 in size)
-TOLERANCES = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 2e-2}
-
-
-@dataclass
-class VerifyReport:
-    """``max_abs[output][k]``: the largest |cached - online| of teacher k's output over the checked pairs;
-    ``box_mismatches``: stored boxes that differ from a fresh draw (should be 0)."""
-
-    root: Path
-    dtype: str
-    pairs: list[tuple[int, int]]
-    max_abs: dict[str, list[float]]
-    box_mismatches: int
-
-    @property
-    def tolerance(self) -> float:
-        return TOLERANCES[self.dtype]
-
-    @property
-    def passed(self) -> bool:
-        worst = max((v for values in self.max_abs.values() for v in values), default=0.0)
-        return self.box_mismatches == 0 and worst <= self.tolerance
-
-
-def _random_pairs(store: CacheStore, n: int, seed: int) -> list[tuple[int, int]]:
-    """``n`` random (good sample, view) pairs of the shards written (without reading every shard's ``ok``)."""
-    present = sorted(set(range(int(store.manifest["num_shards"]))) - set(store.missing_shards()))
-    if not present:
-        raise CacheConfigError(f"teacher cache {store.root}: no shard written yet: nothing to verify")
-    rng = np.random.default_rng(seed)
-    size, total, views = store.shard_size, store.num_samples, int(store.manifest["num_augmentations"])
-    candidates = [i for s in present for i in range(s * size, min((s + 1) * size, total))]
-    ids = rng.permutation(np.asarray(candidates, dtype=np.int64))[: max(4 * n, n + 64)]
-    good = ids[store.ok(ids).numpy()][:n]
-    return [(int(i), int(rng.integers(views))) for i in good]
-
-
-def verify(cfg: RunConfig, n: int, seed: int = 0, batch_size: int = GENERATE_BATCH) -> VerifyReport:
-    """Recompute ``n`` random (sample, view) pairs of the cache online (the teachers on the view built from the
-    stored box) and report the largest absolute difference per output and teacher (:class:`VerifyReport`)."""
-    from compress.teacher_cache.samples import draw_boxes
-
-    check_cacheable(cfg)
-    assert cfg.teacher_cache is not None
-    tc = cfg.teacher_cache
-    store = CacheStore(cache_root(cfg))
-    pairs = _random_pairs(store, n, seed)
-    dataset = train_samples(cfg)
-    teachers = Teachers.load(cfg, tc.outputs)
-    crop = teacher_views(teachers.preprocess)
-    max_abs = {name: [0.0] * len(teachers.models) for name in tc.outputs}
-    mismatches = 0
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        ids, augs = torch.tensor([i for i, _ in chunk]), torch.tensor([a for _, a in chunk])
-        boxes = store.boxes(ids, augs)
-        views, captions = [], []
-        for (i, a), box in zip(chunk, boxes.tolist(), strict=True):
-            img, caption = dataset[i]
-            mismatches += draw_boxes(crop, img, tc.seed, i, a + 1)[a] != tuple(box)
-            views.append(crop.apply(img, tuple(box)))
-            captions.append(str(caption))
-        for k in range(len(teachers.models)):
-            out = teachers.forward(k, torch.stack([v[str(k)] for v in views]), captions)
-            for name in tc.outputs:
-                cached = store.outputs(name, k, ids, augs)
-                diff = (getattr(out, name).cpu() - cached).abs().max().item() if len(chunk) else 0.0
-                max_abs[name][k] = max(max_abs[name][k], float(diff))
-    return VerifyReport(store.root, tc.dtype, pairs, max_abs, mismatches)
 
 
 def print_report(report: GenerateReport, stream: Any = None) -> None:

@@ -15,9 +15,12 @@ import torch
 from open_clip.transform import PreprocessCfg
 from torch.utils.data import Dataset
 
+from compress.config import RunConfig
+from compress.data.datasets import build_dataset
 from compress.data.robust import torch_seeded, warn_bad
 from compress.data.transforms import Box, CropViews
 from compress.data.views import view_seed
+from compress.teacher_cache.identity import CacheConfigError
 
 
 def draw_boxes(crop: CropViews, img: Any, seed: int, index: int, num_views: int) -> list[Box]:
@@ -71,3 +74,19 @@ def collate_views(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out["boxes"] = torch.stack([x["boxes"] for x in good])
         out["views"] = {name: torch.cat([x["views"][name] for x in good]) for name in good[0]["views"]}
     return out
+
+
+def check_cacheable(cfg: RunConfig) -> None:
+    """Refuse a config without a ``teacher_cache`` section, or with webdataset training data (one line)."""
+    if cfg.teacher_cache is None:
+        raise CacheConfigError("the config has no teacher_cache section: add one (teacher_cache: {dir: DIR, "
+                               "num_augmentations: A, dtype: fp16}) to cache its teachers' outputs")
+    if cfg.data.train.kind == "webdataset":
+        raise CacheConfigError("teacher_cache: data.train.kind webdataset is not supported (a cache needs stable "
+                               "sample ids: a map-style data set, synthetic, csv or folder)")
+
+
+def train_samples(cfg: RunConfig) -> Dataset:
+    """The training set as (PIL image, caption) items; sample id = index."""
+    train = cfg.data.train
+    return build_dataset(train, transform=None, split=train.split)
