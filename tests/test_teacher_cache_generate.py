@@ -337,3 +337,31 @@ def test_dataloader_workers_write_the_same_cache(tmp_path):
     data["data"]["num_workers"] = 2
     parallel = generate(config_from_dict(data), progress=False, batch_size=3)
     assert parallel.root.name == serial.root.name and files_of(parallel.root) == files_of(serial.root)
+
+
+def test_half_precision_teachers_store_their_autocast_outputs_and_a_mixed_precision_cache_is_refused(
+        tmp_path, monkeypatch):
+    """The teachers under bf16 autocast (CPU autocast: the casting logic of CUDA) store exactly what the online
+    teacher returns under it, rounded to bf16; a generator whose precision resolves otherwise is refused."""
+    from compress.precision import Precision
+    from compress.teacher_cache import teachers as teachers_module
+
+    bf16 = Precision("bf16", torch.device("cpu"))
+    monkeypatch.setattr(teachers_module, "resolve_precision", lambda name, device: bf16)
+    cfg = cache_cfg(tmp_path, dtype="bf16", outputs=["image_features", "text_features"])
+    report = generate(cfg, part=0, parts=3, wait=False, progress=False)
+    store = CacheStore(report.root)
+    assert store.manifest["precision"] == "bf16"
+    seed_everything(cfg.seed)
+    teacher = load_teacher(cfg)
+    dataset = build_dataset(cfg.data.train, transform=None)
+    crop = CropViews({"t": preprocess_of(teacher)})
+    img, caption = dataset[1]
+    views = torch.stack([crop.apply(img, tuple(store.boxes([1], [v])[0].tolist()))["t"] for v in range(A)])
+    out = OnlineTeacher(teacher, bf16)({"images": views, "texts": tokenizer_for(teacher)([caption])})
+    stored = store.outputs("image_features", 0, [1, 1], [0, 1])
+    torch.testing.assert_close(stored, out.image_features.to(torch.bfloat16).float(), atol=8e-3, rtol=0)
+    assert verify(cfg, 4).passed
+    monkeypatch.undo()  # fp32 here now: the rest of this cache would be computed otherwise
+    with pytest.raises(CacheConfigError, match="generated with the teachers in bf16.*set train.precision: bf16"):
+        generate(cfg, progress=False)

@@ -48,7 +48,7 @@ from compress.teacher_cache.store import (
     shard_name,
     to_stored,
 )
-from compress.teacher_cache.teachers import Teachers
+from compress.teacher_cache.teachers import Teachers, cache_device
 from compress.teacher_cache.verify import TOLERANCES, VerifyReport, verify
 
 __all__ = ["TOLERANCES", "CacheConfigError", "GenerateReport", "VerifyReport", "generate", "print_report", "verify"]
@@ -196,10 +196,16 @@ class _ShardGenerator:
         """The manifest, written once (by whichever generator comes first; the same content from any)."""
         path = self.root / MANIFEST
         if path.is_file():
-            found = json.loads(path.read_text()).get("cache_id")
-            if found != self.root.name:
-                raise CacheConfigError(f"teacher cache {self.root}: its manifest is of cache {found}, not "
-                                       f"{self.root.name}: remove the folder")
+            manifest = json.loads(path.read_text())
+            if manifest.get("cache_id") != self.root.name:
+                raise CacheConfigError(f"teacher cache {self.root}: its manifest is of cache {manifest.get('cache_id')}"
+                                       f", not {self.root.name}: remove the folder")
+            here = cache_device(self.cfg)[1].name
+            if manifest["precision"] != here:  # train.precision auto resolves per machine
+                raise CacheConfigError(
+                    f"teacher cache {self.root} was generated with the teachers in {manifest['precision']}, but "
+                    f"train.precision {self.cfg.train.precision!r} is {here} here: set train.precision: "
+                    f"{manifest['precision']} (or generate it where it resolves so)")
             return
         t = self.teachers
         manifest = {"format": FORMAT_VERSION, "cache_id": cache_id_of(self.cfg), "identity": cache_identity(self.cfg),
