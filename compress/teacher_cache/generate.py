@@ -87,15 +87,15 @@ def generate(cfg: RunConfig, part: int = 0, parts: int = 1, wait: bool = True, p
         raise CacheConfigError(f"cache part {part} is not in [0, {parts})")
     started = time.monotonic()
     root = cache_root(cfg)
+    store = CacheStore(root)
+    if (root / MANIFEST).is_file() and not store.missing_shards():  # complete: the data set is not even read
+        return _finish(GenerateReport(root, store.num_samples, int(store.manifest["num_shards"])), store, started)
     root.mkdir(parents=True, exist_ok=True)
     dataset = train_samples(cfg)
     tc = cfg.teacher_cache
     assert tc is not None
     total = num_shards(len(dataset), tc.shard_size)  # type: ignore[arg-type]
     report = GenerateReport(root, len(dataset), total)  # type: ignore[arg-type]
-    store = CacheStore(root)
-    if (root / MANIFEST).is_file() and not store.missing_shards():
-        return _finish(report, store, started)
     writer = _ShardGenerator(cfg, root, dataset, batch_size)
     writer.write_manifest()
     done = sum(writer.shard_len(s) for s in range(total) if writer.done(s))
