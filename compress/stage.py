@@ -305,6 +305,23 @@ def _student(run: StageRun, inheritance: Any, checkpoint: Checkpoint | None, tea
     return student.to(device)
 
 
+def teacher_cache(cfg: RunConfig) -> Any:
+    """The opened teacher-output cache of a ``teacher_cache.mode: cache`` run, else None. Shards not written yet
+    are generated first: this process's share under torch.distributed, then any other that no live process is
+    writing (a cache another run is writing is waited for, not written twice)."""
+    if cfg.teacher_cache is None or cfg.teacher_cache.mode != "cache":
+        return None
+    from compress.teacher_cache.generate import generate
+    from compress.teacher_cache.identity import cache_root
+    from compress.teacher_cache.store import CacheStore
+
+    store = CacheStore(cache_root(cfg))
+    if not store.complete():
+        generate(cfg, part=distributed.rank(), parts=distributed.world_size(), wait=True, progress=cfg.train.progress)
+        store = CacheStore(cache_root(cfg))
+    return store
+
+
 def run_stage(run: StageRun, recipe: Recipe, teacher: nn.Module | None, device: torch.device, precision: Precision,
               metrics: dict[str, Any]) -> None:
     """Train, export and evaluate one stage (resuming from its checkpoint); fills ``metrics`` as it goes, so a
@@ -326,12 +343,13 @@ def run_stage(run: StageRun, recipe: Recipe, teacher: nn.Module | None, device: 
     for term in losses:
         term.module.to(device)
     needs = {n for term in losses for n in term.module.needs}
-    uses_teacher = any(term.module.needs_teacher for term in losses)
+    uses_teacher = any(term.module.needs_teacher and term.ever_active(cfg.train.steps) for term in losses)
+    store = teacher_cache(cfg)
     batches, data_stats = train_batches(dataclasses.replace(cfg, seed=run.seed), student,
-                                        teacher if uses_teacher else None, device)
+                                        teacher if uses_teacher else None, device, store)
     trainer = Trainer(
         cfg.train, student, losses, Recipe.schedule(cfg, "lr"), batches, precision,
-        teacher=Recipe.teacher_source(cfg, teacher, precision, needs),
+        teacher=Recipe.teacher_source(cfg, teacher, precision, needs, store) if uses_teacher else None,
         inheritance=inheritance, run_dir=run.directory if main else None,
         on_checkpoint=(_checkpoint_writer(run, recipe, precision, data_stats.loader, inheritance)
                        if cfg.output.save_checkpoint else None),

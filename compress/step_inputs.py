@@ -36,6 +36,14 @@ def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
 #: entries of a micro-batch the loss plug-ins do not get: the images (one micro-batch at a time goes to the
 #: device) and the data path's bookkeeping (the samples' keys, the images' fingerprints)
 NOT_FOR_LOSSES = ("images", "teacher_images", "keys", "fingerprints")
+#: prefixes of per-model inputs: an ensemble member's view (``teacher_images/k``), a cached teacher output
+#: (``teacher/<output>/<k>``): read by the teacher source from the micro-batch, not kept for the losses
+TEACHER_INPUT_PREFIXES = ("teacher_images/", "teacher/")
+
+
+def teacher_input(key: str) -> bool:
+    """Whether a micro-batch entry is the images or a teacher's input (kept for one micro-batch only)."""
+    return key in ("images", "teacher_images") or key.startswith(TEACHER_INPUT_PREFIXES)
 
 
 def step_batch(micro: Sequence[Mapping[str, Any]], device: torch.device) -> dict[str, Any]:
@@ -44,7 +52,7 @@ def step_batch(micro: Sequence[Mapping[str, Any]], device: torch.device) -> dict
     are left out)."""
     out: dict[str, Any] = {}
     for key, value in micro[0].items():
-        if key in NOT_FOR_LOSSES:
+        if key in NOT_FOR_LOSSES or teacher_input(key):
             continue
         if isinstance(value, Tensor):
             out[key] = to_device(torch.cat([m[key] for m in micro]) if len(micro) > 1 else value, device)
@@ -92,7 +100,7 @@ class StepInputs:
         for _ in range(self.count):
             m = self.draw()
             self.sizes.append(len(m["images"]))
-            self.meta.append({k: v for k, v in m.items() if k not in ("images", "teacher_images")})
+            self.meta.append({k: v for k, v in m.items() if not teacher_input(k)})
             if self.count > 1 and self.replay is None:
                 self._kept.append(m)
             yield m

@@ -95,6 +95,13 @@ class LossTerm:
     def weight_at(self, step: int) -> float:
         return float(self.schedule(step)) if self.schedule is not None else self.weight
 
+    def ever_active(self, steps: int) -> bool:
+        """Whether the term has a weight other than 0 at some step of a run of ``steps`` steps (a term that never
+        has, MobileCLIP's lambda = 0 throughout, needs nothing: not even a teacher on the device)."""
+        if self.schedule is None:
+            return self.weight != 0.0
+        return any(self.weight_at(step) != 0.0 for step in range(steps + 1))
+
 
 def loss_labels(losses: list[LossTerm]) -> list[str]:
     """Each term's name, or its index where two terms share a name (as in ``weight/<label>``)."""
@@ -172,7 +179,7 @@ class Trainer:
         #: after a checkpoint
         self.should_stop = should_stop
         self.needs = tuple(sorted({n for term in losses for n in term.module.needs}))
-        self.uses_teacher = any(term.module.needs_teacher for term in losses)
+        self.uses_teacher = any(term.module.needs_teacher and term.ever_active(cfg.steps) for term in losses)
         if self.uses_teacher and teacher is None:
             raise TrainingError("a configured loss needs a teacher, but there is none")
         self.labels = loss_labels(losses)

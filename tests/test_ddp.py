@@ -69,6 +69,9 @@ CASES: dict[str, dict] = {
                               "losses": [{"name": "feature_distill"}, {"name": "clip", "weight": 0.5}],
                               "train": {**BASE["train"], "accum_steps": 2}},
     "grad-checkpointing": {"train": {**BASE["train"], "grad_checkpointing": True}},
+    # the teacher's outputs from an fp32 cache (written by the two processes, a part each), with fixed views
+    "teacher-cache": {"teacher": RN_TEACHER, "inheritance": {"name": "none"},
+                      "teacher_cache": {"dtype": "fp32", "num_augmentations": 2, "shard_size": 24}},
     # masks for 3 steps, then pruned: the smaller student is wrapped again and trained 3 more steps (with a new
     # Adam, whose first steps again amplify rounding the most: eps 1e-3 here, see the module docstring)
     "auto-masks-then-pruned": {"inheritance": AUTO, "student": None,
@@ -76,8 +79,11 @@ CASES: dict[str, dict] = {
 }
 
 
-def case_config(name: str, out: Path):
-    return config_from_dict({**BASE, **CASES[name], "output": {**BASE["output"], "dir": str(out)}})
+def case_config(name: str, out: Path, **extra):
+    case = {**CASES[name], **extra}
+    if "teacher_cache" in case:  # each run's own cache folder, beside its run directory
+        case["teacher_cache"] = {**case["teacher_cache"], "dir": str(out / "teacher_cache")}
+    return config_from_dict({**BASE, **case, "output": {**BASE["output"], "dir": str(out)}})
 
 
 def free_ports(n: int) -> list[int]:
@@ -243,6 +249,37 @@ def test_two_processes_train_as_one_process_with_the_doubled_batch(runs, name):
     assert one_row["dist/world_size"] == 1
     assert row["data/samples_seen"] == one_row["data/samples_seen"] > 0  # summed over both processes
     assert row["train/steps"] == len(a)
+
+
+@pytest.mark.slow
+def test_two_processes_from_a_cache_train_as_one_process_with_the_teacher_online(runs, tmp_path):
+    """The chain closed: two processes reading the fp32 cache they wrote a part each of = one process running the
+    teacher online on the same fixed views."""
+    online = case_config("teacher-cache", tmp_path, teacher_cache={**CASES["teacher-cache"]["teacher_cache"],
+                                                                   "mode": "online"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_experiment(online)["status"] == "completed"
+    finally:
+        torch.set_num_threads(threads)
+    two = runs["teacher-cache"]["two"]
+    assert (two.parent / "teacher_cache").is_dir()
+    final = max(students(two))
+
+    def exported(run_dir: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(next(run_dir.glob("model/*.safetensors"))))
+
+    mine, theirs = exported(two), exported(run_dir_for(online))
+    for key, x in theirs.items():
+        diff = (x - mine[key]).abs()
+        keys = key_bias_slices(key, x)
+        if keys is not None:
+            assert float(diff[keys].max()) <= 1e-6 * final, key
+            diff = diff[~keys]
+        assert float(diff.max()) <= TOL, key
+    assert [r["loss"] for r in series(two)] == pytest.approx([r["loss"] for r in series(run_dir_for(online))],
+                                                             abs=TOL, rel=TOL)
 
 
 def test_the_masks_case_really_trains_masks_then_prunes(runs):

@@ -11,7 +11,15 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from compress.config.errors import ConfigError, suggest
-from compress.config.schema import DATASET_KINDS, SCHEMA_VERSION, SYNTHETIC_TASKS, RunConfig
+from compress.config.schema import (
+    CACHE_DTYPES,
+    CACHE_MODES,
+    CACHE_OUTPUTS,
+    DATASET_KINDS,
+    SCHEMA_VERSION,
+    SYNTHETIC_TASKS,
+    RunConfig,
+)
 from compress.config.specs import split_loss
 
 
@@ -35,9 +43,43 @@ def check_loss_weight(index: int, spec: Any) -> dict[str, Any]:
 
 
 def check_sections(cfg: RunConfig) -> None:
-    """The data and evaluation sections (the last checks of a config; dispatch is checked as it is parsed)."""
+    """The data, teacher-cache and evaluation sections (the last checks of a config; dispatch is checked as it
+    is parsed)."""
     _check_data(cfg)
+    _check_teacher_cache(cfg)
     _check_eval(cfg)
+
+
+def _check_teacher_cache(cfg: RunConfig) -> None:
+    """``teacher_cache``: its values, a teacher to cache, and a training set whose samples have a stable index."""
+    cache = cfg.teacher_cache
+    if cache is None:
+        return
+    for key, allowed in (("mode", CACHE_MODES), ("dtype", CACHE_DTYPES)):
+        value = getattr(cache, key)
+        if value not in allowed:
+            raise ConfigError(f"teacher_cache.{key}: {value!r} is not one of {', '.join(allowed)}."
+                              f"{suggest(str(value), list(allowed))}")
+    for key in ("num_augmentations", "shard_size"):
+        if getattr(cache, key) < 1:
+            raise ConfigError(f"teacher_cache.{key}: must be at least 1, got {getattr(cache, key)}")
+    unknown = [o for o in cache.outputs if o not in CACHE_OUTPUTS]
+    if unknown:
+        raise ConfigError(f"teacher_cache.outputs: {unknown[0]!r} is not one of {', '.join(CACHE_OUTPUTS)}."
+                          f"{suggest(unknown[0], list(CACHE_OUTPUTS))}")
+    needed = [o for o in ("image_features", "text_features") if o not in cache.outputs]
+    if needed:
+        raise ConfigError(f"teacher_cache.outputs: must hold {' and '.join(needed)} (every distillation loss reads "
+                          "them)")
+    if len(set(cache.outputs)) != len(cache.outputs):
+        raise ConfigError(f"teacher_cache.outputs: an output is listed twice: {cache.outputs}")
+    if cfg.teacher is None:
+        raise ConfigError("teacher_cache: there is no teacher to cache (teacher is null)")
+    if cfg.data.train.kind == "webdataset":
+        raise ConfigError(
+            "teacher_cache: the training set is webdataset shards, whose samples have no stable index for a cache "
+            "yet; use a map-style set (synthetic, csv, folder) or drop teacher_cache"
+        )
 
 
 #: ``train.accum_inputs``: read a step's micro-batches again with a second loader, or keep them on the host

@@ -28,6 +28,7 @@ from compress.data.datasets import build_dataset, dataset_name
 from compress.data.robust import BadSampleCounter, DataError
 from compress.data.sampling import EpochKeys, EpochShuffleSampler, SeededSamples
 from compress.data.shards import ShardDataset
+from compress.data.views import FixedViews, FixedViewSamples
 from compress.stopping import ignore_in_worker
 
 log = logging.getLogger(__name__)
@@ -344,8 +345,9 @@ def build_train_loader(
     permutation, ``EpochShuffleSampler(n, seed, rank, world)``). Webdataset shards are split
     across ranks by the data set itself (a sampler is ignored there).
     """
-    if dataset is None:
-        dataset = build_dataset(cfg.train, transform, split=cfg.train.split, shuffle=True)  # training always shuffles
+    fixed = transform if isinstance(transform, FixedViews) else None
+    if dataset is None:  # training always shuffles; fixed views are made from the data set's own images
+        dataset = build_dataset(cfg.train, None if fixed else transform, split=cfg.train.split, shuffle=True)
     ds = dataset
     name = dataset_name(cfg.train)
     workers = cfg.num_workers
@@ -358,6 +360,11 @@ def build_train_loader(
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=ignore_in_worker,  # the main process alone acts on SIGTERM/SIGUSR2 (compress.stopping)
     )
+    if isinstance(ds, IterableDataset) and fixed is not None:
+        raise DataError(
+            f"data set {name!r}: fixed augmentation views (teacher_cache) need a map-style training set (synthetic, "
+            "csv, folder) whose samples have a stable index; webdataset shards have none yet"
+        )
     if isinstance(ds, IterableDataset):
         if sampler is not None:  # shards are already split across ranks by the data set
             log.info("data set %s is iterable: the sampler is not used (shards split per rank)", name)
@@ -371,7 +378,8 @@ def build_train_loader(
         if len(ds) < batch_size:
             raise DataError(f"data set {name!r} has {len(ds)} samples, fewer than the batch size {batch_size}")
         chosen = EpochKeys(_resolve_sampler(sampler, ds, seed))
-        loader = DataLoader(SeededSamples(ds, seed), sampler=chosen, persistent_workers=workers > 0, **common)
+        samples = FixedViewSamples(ds, fixed, seed) if fixed is not None else SeededSamples(ds, seed)
+        loader = DataLoader(samples, sampler=chosen, persistent_workers=workers > 0, **common)
         steps = len(loader)
     counter = BadSampleCounter(name, cfg.train.max_bad_fraction, cfg.train.bad_window)
     return CountedLoader(loader, counter, chosen, steps, batch_size=batch_size)

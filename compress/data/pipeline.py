@@ -15,7 +15,8 @@ from compress.config import RunConfig
 from compress.data.loader import CountedLoader, build_train_loader
 from compress.data.robust import DataError
 from compress.data.sampling import EpochShuffleSampler
-from compress.data.transforms import train_transform_for
+from compress.data.transforms import CropViews, preprocess_of, same_training_view, train_transform_for
+from compress.data.views import FixedViews
 from compress.models.forward import tokenizer_for
 
 
@@ -125,8 +126,26 @@ def _sampler_for_ranks(seed: int):
     return lambda ds: EpochShuffleSampler(len(ds), seed, rank, world)
 
 
+def training_transform(cfg: RunConfig, student: nn.Module, teacher: nn.Module | None, store: Any = None) -> Any:
+    """The training transform: each sample's random crop for the student (and the teacher's view of it, where the
+    teacher needs another size or normalisation), or, with a ``teacher_cache`` section, its fixed views
+    (:class:`~compress.data.views.FixedViews`): boxes drawn from the cache's seed (``mode: online``) or read from the
+    cache ``store`` with the teacher's outputs for them (``mode: cache``: no teacher view is made)."""
+    cache = cfg.teacher_cache
+    if cache is None:
+        return train_transform_for(student, teacher)
+    views = {"images": preprocess_of(student)}
+    outputs: tuple[tuple[str, int], ...] = ()
+    if store is not None:
+        manifest = store.manifest
+        outputs = tuple((name, k) for k in range(len(manifest["teachers"])) for name in manifest["outputs"])
+    elif teacher is not None and not same_training_view(student, teacher):
+        views["teacher_images"] = preprocess_of(teacher)
+    return FixedViews(CropViews(views), cache.num_augmentations, cache.seed, store, outputs)
+
+
 def train_batches(
-    cfg: RunConfig, student: nn.Module, teacher: nn.Module | None, device: torch.device
+    cfg: RunConfig, student: nn.Module, teacher: nn.Module | None, device: torch.device, store: Any = None
 ) -> tuple[Iterator[dict[str, Any]], DataStats]:
     """Micro-batches ``{"images", "texts", "captions", "keys"}`` forever (a new shuffle each epoch), each
     with exactly ``train.batch_size / (world size x train.accum_steps)`` samples (bad ones
@@ -142,8 +161,10 @@ def train_batches(
     The stream is a generator that reads the loader's position at its first ``next()``: to
     resume, call ``stats.loader.load_state_dict(state)`` (a saved ``stats.loader.state_dict()``)
     before drawing the first batch. With ``train.accum_steps`` > 1 and ``train.accum_inputs: reread``,
-    ``stats.replay`` reads each step's micro-batches a second time (:class:`ReplayStream`)."""
-    train_tf = train_transform_for(student, teacher)
+    ``stats.replay`` reads each step's micro-batches a second time (:class:`ReplayStream`). With a
+    ``teacher_cache`` section the samples are fixed views (:func:`training_transform`; ``store``: the opened cache
+    in ``mode: cache``) and the batches also carry ``"sample_ids"``, ``"aug_ids"`` and the cached outputs."""
+    train_tf = training_transform(cfg, student, teacher, store)
     micro = cfg.train.micro_batch(distributed.world_size())
 
     def build(twin_of: CountedLoader | None = None) -> CountedLoader:

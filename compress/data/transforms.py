@@ -133,6 +133,11 @@ class DistillTransform(CropViews):
         super().__init__({"images": student, "teacher_images": teacher}, scale)
 
 
+def same_training_view(student: nn.Module, teacher: nn.Module) -> bool:
+    """Whether the two models' training views of a crop are the same tensor (size, mean and std agree)."""
+    return _train_view(preprocess_of(teacher)) == _train_view(preprocess_of(student))
+
+
 def train_transform_for(student: nn.Module, teacher: nn.Module | None = None) -> Any:
     """The training transform of a distillation run: the student's own, or a
     :class:`DistillTransform` when the teacher needs another size or normalisation."""

@@ -55,13 +55,27 @@ def validate_one(cfg: RunConfig) -> RunConfig:
     for i, spec in enumerate(cfg.losses):
         params = check_loss_weight(i, spec)
         _declared(LOSSES, params, f"losses[{i}]", LOSS_CONTEXT)
-        build_plugin(LOSSES, params, f"losses[{i}]")
+        loss = build_plugin(LOSSES, params, f"losses[{i}]")
+        _check_cached_outputs(cfg, loss, f"losses[{i}]")
     for key in check_schedule_keys(cfg):
         build_plugin(SCHEDULES, cfg.schedules[key], f"schedules.{key}", schedule_context(cfg, key))
     if cfg.teacher is None and any(LOSSES.get(LOSSES.split_spec(s)[0]).needs_teacher for s in _loss_specs(cfg)):
         raise ConfigError("teacher: the configured losses need a teacher, but teacher is null")
     check_sections(cfg)
     return cfg
+
+
+def _check_cached_outputs(cfg: RunConfig, loss: Any, where: str) -> None:
+    """A loss that reads a teacher output the teacher cache does not store is refused before anything runs."""
+    cache = cfg.teacher_cache
+    if cache is None or cache.mode != "cache" or not loss.needs_teacher:
+        return
+    missing = sorted(set(loss.needs) - set(cache.outputs))
+    if missing:
+        raise ConfigError(
+            f"{where}: {type(loss).__name__} reads the teacher's {', '.join(missing)}, which the teacher cache does "
+            f"not store: add it to teacher_cache.outputs (a new cache) or use teacher_cache.mode: online"
+        )
 
 
 def _loss_specs(cfg: RunConfig) -> list[dict[str, Any]]:

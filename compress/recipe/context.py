@@ -6,14 +6,14 @@ A loss or an inheritance strategy declares the names it needs in its class's ``c
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from compress.config.errors import ConfigError
 from compress.config.schema import RunConfig
 from compress.config.specs import plain_spec, split_loss
 from compress.config.validate import loss_weight_keys
-from compress.registry import INHERITANCE, Registry
+from compress.registry import INHERITANCE, SCHEDULES, Registry
 
 if TYPE_CHECKING:
     from torch import nn
@@ -27,7 +27,9 @@ ENGINE_CONTEXT = {
                "teacher_embed_dim": "the teacher's embedding size"},
     "inheritance": {"total_steps": "train.steps"},
     "schedules": {"base_value": "train.lr for schedules.lr, the loss's weight for schedules.weight/<loss>",
-                  "total_steps": "train.steps"},
+                  "total_steps": "train.steps",
+                  "weight_of": "for schedules.weight/<loss>: another term's weight per step by its key "
+                               "(weight_of('weight/affinity')(t): its schedule, else its written weight)"},
 }
 #: the constructor parameter that, by its name, says an inheritance strategy prunes to a target (the class must then
 #: declare it: :attr:`compress.plugins.Inheritance.target_parameter`)
@@ -94,12 +96,33 @@ def inheritance_context(cfg: RunConfig) -> dict[str, Any]:
     return {"total_steps": cfg.train.steps}
 
 
-def schedule_context(cfg: RunConfig, key: str) -> dict[str, Any]:
+def schedule_context(cfg: RunConfig, key: str, chain: tuple[int, ...] = ()) -> dict[str, Any]:
     """What the engine offers the constructor of ``schedules.<key>``: ``total_steps`` (``train.steps``)
-    and ``base_value``: ``train.lr`` for ``lr``, the loss's configured ``weight`` for ``weight/<loss>``."""
+    and ``base_value``: ``train.lr`` for ``lr``, the loss's configured ``weight`` for ``weight/<loss>``; to a weight
+    schedule also ``weight_of``: another loss term's weight per step (the ``complement`` schedule's lambda, MobileCLIP's
+    mix). ``chain``: the terms whose weight schedules are being built, each waiting on the next (a cycle is refused)."""
     context: dict[str, Any] = {"total_steps": cfg.train.steps}
     if key == "lr":
         context["base_value"] = cfg.train.lr
     elif key in (weight_keys := loss_weight_keys(cfg.losses)):
         context["base_value"] = float(split_loss(cfg.losses[weight_keys[key]])[1])
+        context["weight_of"] = lambda other: weight_of(cfg, other, (*chain, weight_keys[key]))
     return context
+
+
+def weight_of(cfg: RunConfig, key: str, chain: tuple[int, ...]) -> Callable[[int], float]:
+    """The weight at each step of the loss term that the ``schedules`` key ``key`` names: its schedule, built with
+    its own context, or its written weight when it has none. Raises ``ValueError`` for a key that names no term,
+    and for a term whose weight would depend on itself (``chain``: the terms already waiting on this one)."""
+    weight_keys = loss_weight_keys(cfg.losses)
+    if key not in weight_keys:
+        names = [k for k in weight_keys if not k.split("/", 1)[1].isdigit()]
+        raise ValueError(f"of: {key!r} names no loss term's weight (valid: {', '.join(names + ['weight/<index>'])})")
+    index = weight_keys[key]
+    if index in chain:
+        raise ValueError(f"of: {key!r} is losses[{index}]'s weight, which waits on this schedule itself (a cycle)")
+    scheduled = [k for k in cfg.schedules if weight_keys.get(k) == index]
+    if not scheduled:
+        weight = float(split_loss(cfg.losses[index])[1])
+        return lambda step: weight
+    return SCHEDULES.build(cfg.schedules[scheduled[0]], context=schedule_context(cfg, scheduled[0], chain))

@@ -59,11 +59,17 @@ class Recipe:
         return build_losses(cfg, student, teacher)
 
     @staticmethod
-    def teacher_source(cfg: RunConfig, teacher: nn.Module | None, precision: Any, needs: set[str]) -> Any:
-        """Where a stage's trainer gets the teacher's outputs (:class:`compress.teacher.TeacherSource`): the
-        teacher run online, or None without a teacher. A teacher-output cache is chosen here."""
+    def teacher_source(cfg: RunConfig, teacher: nn.Module | None, precision: Any, needs: set[str],
+                       store: Any = None) -> Any:
+        """Where a stage's trainer gets the teacher's outputs (:class:`compress.teacher.TeacherSource`): read from
+        the teacher-output cache ``store`` (``teacher_cache.mode: cache``; the teacher never goes to the device),
+        the teacher run online, or None without a teacher."""
         from compress.teacher import OnlineTeacher
+        from compress.teacher_cache.source import CachedTeacher
 
+        if store is not None:
+            manifest = store.manifest
+            return CachedTeacher([t["logit_scale"] for t in manifest["teachers"]], manifest["outputs"], needs)
         return OnlineTeacher(teacher, precision, needs) if teacher is not None else None
 
     @staticmethod

@@ -1,0 +1,89 @@
+"""A run trained from an fp32 teacher-output cache trains as the same run with the teacher online on the same views
+(``teacher_cache.mode: online``): after a resume too, the teacher never reaches the device, and a sweep whose runs
+share a cache generates it once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compress.recipe import config_from_dict
+from compress.run import run_dir_for, run_experiment
+from tests.test_resume import Stop, stop_at
+
+#: 16 samples, batch 8, 6 steps: 3 epochs, so every sample is trained on both of its views
+BASE = {
+    "name": "cached",
+    "teacher": {"model": "cc-test-rn-teacher", "random_init": True},  # 64 px: its view is not the student's
+    "student": {"model": "cc-test-student"},
+    "inheritance": {"name": "none"},
+    "losses": [{"name": "affinity"}],
+    "schedules": {"lr": {"name": "warmup_cosine", "warmup_steps": 1}},
+    "data": {"train": {"kind": "synthetic", "num_samples": 16}},
+    "train": {"steps": 6, "batch_size": 8, "lr": 1e-3, "eps": 1e-4, "log_every": 1, "progress": False,
+              "checkpoint_every": 2},
+    "eval": {"zero_shot": [], "retrieval": False, "macs": False, "throughput": False},
+}
+TOL = 1e-6
+
+
+def config(tmp_path: Path, mode: str, out: str, **extra):
+    cache = {"mode": mode, "dtype": "fp32", "num_augmentations": 2, "shard_size": 5, "dir": str(tmp_path / "cache")}
+    return config_from_dict({**BASE, "teacher_cache": cache, "output": {"dir": str(tmp_path / out)}, **extra})
+
+
+def weights(cfg) -> dict[str, torch.Tensor]:
+    row = json.loads((run_dir_for(cfg) / "result.json").read_text())
+    assert row["status"] == "completed", row.get("error")
+    return load_file(str(next(Path(row["metrics"]["export/path"]).glob("*.safetensors"))))
+
+
+def losses(cfg) -> list[float]:
+    lines = (run_dir_for(cfg) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert float((value - b[key]).abs().max()) <= TOL, key
+
+
+def test_a_run_from_an_fp32_cache_trains_as_the_online_teacher_on_the_same_views(tmp_path, monkeypatch):
+    online = config(tmp_path, "online", "online")
+    assert run_experiment(online)["status"] == "completed"
+    cached = config(tmp_path, "cache", "cached")
+    with monkeypatch.context() as patch:  # the teacher never runs in the cached run's training
+        patch.setattr("compress.teacher.OnlineTeacher.__call__",
+                      lambda *a: (_ for _ in ()).throw(AssertionError("the teacher ran")))
+        assert run_experiment(cached)["status"] == "completed"
+    assert_close(weights(cached), weights(online))
+    assert losses(cached) == pytest.approx(losses(online), abs=TOL)
+
+
+@pytest.mark.slow
+def test_a_cached_run_stopped_and_resumed_trains_as_the_online_run(tmp_path, monkeypatch):
+    online = config(tmp_path, "online", "online")
+    assert run_experiment(online)["status"] == "completed"
+    cached = config(tmp_path, "cache", "cached")
+    with monkeypatch.context() as patch:
+        stop_at(patch, None, 3)
+        with pytest.raises(Stop):
+            run_experiment(cached)
+    assert run_experiment(cached)["status"] == "completed"
+    assert_close(weights(cached), weights(online))
+    assert losses(cached) == pytest.approx(losses(online), abs=TOL)
+
+
+def test_the_cached_teacher_is_never_moved_to_the_device(tmp_path, monkeypatch):
+    assert run_experiment(config(tmp_path, "cache", "first"))["status"] == "completed"  # generates the cache
+    calls = []
+    monkeypatch.setattr("compress.teacher.compute_copy", lambda *a: calls.append(a) or a[0])
+    assert run_experiment(config(tmp_path, "cache", "cached"))["status"] == "completed"
+    assert not calls
+    assert run_experiment(config(tmp_path, "online", "online"))["status"] == "completed"
+    assert calls  # the online run does build its compute copy

@@ -1,0 +1,101 @@
+"""Training on fixed augmentation views and on the teacher-output cache: the views replay their boxes, batches
+carry sample ids and view indices, a loss the cache cannot serve is refused, and a run from an fp32 cache trains
+as the same run with the teacher online on the same views (also after a resume)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.config import ConfigError
+from compress.data import build_dataset
+from compress.data.pipeline import train_batches
+from compress.data.robust import torch_seeded
+from compress.data.transforms import CropViews, preprocess_of
+from compress.data.views import FixedViews, FixedViewSamples, view_of, view_seed
+from compress.models import load_model
+from tests.test_run_e2e import tiny_config
+
+NO_EVAL = {"zero_shot": [], "retrieval": False, "macs": False, "throughput": False}
+RN_TEACHER = {"model": "cc-test-rn-teacher", "random_init": True}  # 64 px against the student's 32 px
+
+
+def test_view_of_uses_every_view_once_in_as_many_epochs():
+    for index in range(50):
+        assert sorted(view_of(3, e, index, 4) for e in range(8)) == [0, 0, 1, 1, 2, 2, 3, 3]
+    firsts = {view_of(3, 0, index, 4) for index in range(50)}
+    assert firsts == {0, 1, 2, 3}  # the order differs between samples
+    assert [view_of(3, 0, i, 4) for i in range(20)] != [view_of(4, 0, i, 4) for i in range(20)]  # and run seeds
+
+
+def test_a_fixed_view_is_the_crop_drawn_from_its_key(tmp_path):
+    raw = build_dataset(tiny_config(tmp_path).data.train, None)
+    student = preprocess_of(load_model("cc-test-student"))
+    crop = CropViews({"images": student})
+    samples = FixedViewSamples(raw, FixedViews(crop, num_views=3, cache_seed=11), seed=5)
+    for epoch, index in [(0, 0), (1, 0), (2, 7), (5, 9)]:
+        item = samples[(epoch, index)]
+        views, caption = item.item
+        view = view_of(5, epoch, index, 3)
+        image, expected_caption = raw[index]
+        with torch_seeded(view_seed(11, index, view)):
+            box = crop.draw(image)
+        assert caption == expected_caption and item.key == (epoch, index)
+        assert int(views["sample_ids"]) == index and int(views["aug_ids"]) == view
+        assert torch.equal(views["images"], crop.apply(image, box)["images"])
+    # the same sample in two epochs with the same view is the same tensor; another view is another crop
+    a, b = samples[(0, 3)].item[0], samples[(3, 3)].item[0]
+    assert torch.equal(a["images"], b["images"]) and int(a["aug_ids"]) == int(b["aug_ids"])
+
+
+def test_online_mode_batches_carry_ids_and_the_teachers_own_view(tmp_path):
+    cfg = tiny_config(tmp_path, teacher=RN_TEACHER, inheritance={"name": "none"}, eval=NO_EVAL,
+                      teacher_cache={"mode": "online", "num_augmentations": 2, "dir": str(tmp_path / "c")})
+    student, teacher = load_model("cc-test-student"), load_model("cc-test-rn-teacher")
+    batches, _ = train_batches(cfg, student, teacher, torch.device("cpu"))
+    batch = next(batches)
+    assert batch["images"].shape[-1] == 32 and batch["teacher_images"].shape[-1] == 64
+    assert batch["sample_ids"].dtype == torch.int64 and batch["sample_ids"].shape == (8,)
+    assert [k[1] for k in batch["keys"]] == batch["sample_ids"].tolist()
+    assert batch["aug_ids"].tolist() == [view_of(cfg.seed, 0, i, 2) for i in batch["sample_ids"].tolist()]
+
+
+def test_a_loss_reading_what_the_cache_does_not_store_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"losses\[0\].*image_embeds.*teacher_cache.outputs"):
+        tiny_config(tmp_path, teacher=RN_TEACHER, inheritance={"name": "none"},
+                    losses=[{"name": "feature_distill", "normalized": False}], teacher_cache={"dir": str(tmp_path)})
+    # stored, it is accepted; online, anything is
+    embeds = {"teacher": RN_TEACHER, "inheritance": {"name": "none"},
+              "losses": [{"name": "feature_distill", "normalized": False}]}
+    everything = ["image_features", "text_features", "image_embeds", "text_embeds"]
+    tiny_config(tmp_path, **embeds, teacher_cache={"dir": str(tmp_path), "outputs": everything})
+    tiny_config(tmp_path, **embeds, teacher_cache={"dir": str(tmp_path), "mode": "online"})
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"mode": "offline"}, r"teacher_cache.mode: 'offline' is not one of cache, online"),
+    ({"dtype": "fp8"}, r"teacher_cache.dtype"),
+    ({"num_augmentations": 0}, r"teacher_cache.num_augmentations: must be at least 1"),
+    ({"outputs": ["image_features"]}, r"teacher_cache.outputs: must hold text_features"),
+    ({"outputs": ["image_features", "text_features", "tokens"]}, r"'tokens' is not one of"),
+])
+def test_bad_teacher_cache_sections_are_refused(tmp_path, section, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, teacher_cache=section)
+
+
+def test_webdataset_training_data_is_refused_with_a_cache(tmp_path):
+    with pytest.raises(ConfigError, match="teacher_cache: the training set is webdataset"):
+        tiny_config(tmp_path, teacher_cache={}, data={"train": {"kind": "webdataset", "path": "x-{000..001}.tar",
+                                                                "num_samples": 8}})
+
+
+def test_the_cache_section_enters_the_run_id_but_its_folder_does_not(tmp_path):
+    from compress.recipe import run_id_of
+
+    plain = run_id_of(tiny_config(tmp_path))
+    cached = run_id_of(tiny_config(tmp_path, teacher_cache={"dir": "a", "shard_size": 10}))
+    assert cached != plain
+    assert run_id_of(tiny_config(tmp_path, teacher_cache={"dir": "b", "shard_size": 99})) == cached
+    assert run_id_of(tiny_config(tmp_path, teacher_cache={"dir": "a", "num_augmentations": 2})) != cached
+    assert run_id_of(tiny_config(tmp_path, teacher_cache={"mode": "online"})) != cached
