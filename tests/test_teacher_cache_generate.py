@@ -238,10 +238,18 @@ def test_two_teachers_with_their_own_views_are_stored_side_by_side(tmp_path):
 
 
 def test_webdataset_and_a_config_without_the_section_are_refused(tmp_path):
+    import dataclasses
+
+    from compress.config import ConfigError
+
     data = config_dict(tmp_path)
     data["data"]["train"] = {"kind": "webdataset", "path": str(tmp_path / "shards-{0..1}.tar")}
+    with pytest.raises(ConfigError, match="webdataset"):  # refused when the config is read
+        config_from_dict(data)
+    cfg = cache_cfg(tmp_path)
+    cfg.data.train = dataclasses.replace(cfg.data.train, kind="webdataset")  # and by the generator itself
     with pytest.raises(CacheConfigError, match="webdataset is not supported"):
-        generate(config_from_dict(data))
+        generate(cfg)
     data = config_dict(tmp_path)
     del data["teacher_cache"]
     with pytest.raises(CacheConfigError, match="no teacher_cache section"):
