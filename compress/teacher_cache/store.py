@@ -262,6 +262,9 @@ class CacheStore:
             array = self._array(0, filename)
             return np.empty((0, *array.shape[1 if augs is None else 2:]), dtype=array.dtype)
         shards, local = np.divmod(ids, self.shard_size)
+        if ids.size == 1 or shards.min() == shards.max():  # one shard (a sample read by a loader worker)
+            array = self._array(int(shards[0]), filename)
+            return array[local] if augs is None else array[local, augs]
         order = np.argsort(shards, kind="stable")
         groups = np.split(order, np.flatnonzero(np.diff(shards[order])) + 1)
         out: np.ndarray | None = None
