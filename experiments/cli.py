@@ -1,4 +1,4 @@
-"""The ``clip-compress`` command line: run, sweep, status, collect, table, plot, eval, list, demo."""
+"""The ``clip-compress`` command line: run, sweep, status, collect, table, plot, eval, list, demo, cache-teacher."""
 
 from __future__ import annotations
 
@@ -325,9 +325,19 @@ def _loaded(*names: str) -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def _cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from experiments.cache_cli import CacheCliError, cache_teacher
+
+    try:
+        return cache_teacher(args)
+    except CacheCliError as error:
+        raise CliError(str(error)) from None
+
+
 #: the function of each command of :func:`experiments.cli_parser.build_parser`
 COMMANDS = {"run": _cmd_run, "sweep": _cmd_sweep, "eval": _cmd_eval, "list": _cmd_list, "demo": _cmd_demo,
-            "status": _cmd_status, "collect": _cmd_collect, "table": _cmd_table, "plot": _cmd_plot}
+            "status": _cmd_status, "collect": _cmd_collect, "table": _cmd_table, "plot": _cmd_plot,
+            "cache-teacher": _cmd_cache_teacher}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -339,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _loaded("compress.config:ConfigError", "compress.registry:RegistryError", "compress.models:ModelLoadError",
                    "experiments.backends.base:DispatchError", "compress.rundir:RunDirError",
                    "compress.checkpoint:CheckpointError", "compress.distributed:DistributedError",
-                   "compress.fileio:OutputPathError") + (CliError, FileNotFoundError) as e:
+                   "compress.fileio:OutputPathError", "compress.teacher_cache.identity:CacheConfigError",
+                   "compress.teacher_cache.store:CacheStoreError") + (CliError, FileNotFoundError) as e:
         if args.verbose:
             raise
         print(f"clip-compress: error: {e}", file=sys.stderr)

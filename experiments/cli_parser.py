@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="log debug messages and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run, _add_sweep, _add_eval, _add_list, _add_demo, _add_status, _add_collect,
-                _add_results_commands):
+                _add_results_commands, _add_cache_teacher):
         add(sub, verbose)
     return parser
 
@@ -206,3 +206,30 @@ def _add_plot(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    "steps: one line per group (default inheritance)")
     p.add_argument("--stages", action="store_true", help="curves: the per-stage curves of staged runs")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="the .png or .pdf file to write")
+
+
+def _add_cache_teacher(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    """The ``cache-teacher`` command's arguments."""
+    p = sub.add_parser(
+        "cache-teacher", parents=[verbose], help="generate or verify a config's teacher-output cache",
+        description="Write the teachers' outputs for teacher_cache.num_augmentations views of every training sample "
+        "into teacher_cache.dir/<cache id> (resumable; shards locked, so parallel generators share the work), then "
+        "print the cache folder, its size, samples, bad samples and the time. The config needs a teacher_cache "
+        "section; training data must be map-style (synthetic, csv, folder).",
+    )
+    p.add_argument("config", help="YAML experiment config with a teacher_cache section")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--part", type=int, default=0, metavar="I", help="generate the shards s with s %% N == I first")
+    p.add_argument("--parts", type=int, default=1, metavar="N",
+                   help="the number of parts (with --dispatch: the number of jobs)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="generate only this part's shards that no other process holds, and return")
+    p.add_argument("--batch-size", type=int, default=256, metavar="B",
+                   help="samples per teacher forward (each with num_augmentations views; default 256)")
+    p.add_argument("--verify", type=int, default=None, metavar="N",
+                   help="recompute N random (sample, view) pairs online and print the largest absolute difference per "
+                   "output and teacher; exit 1 past the tolerance of the stored dtype (fp32 1e-5, fp16 2e-3, bf16 "
+                   "2e-2) or if a stored crop box differs from a fresh draw")
+    p.add_argument("--dispatch", action="store_true",
+                   help="submit --parts jobs through the config's dispatch backend (slurm: a job array; local: "
+                   "processes; inline: here, one after the other), job I generating part I")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from compress.recipe import config_from_dict
 from compress.run import run_dir_for, run_experiment
+from compress.teacher_cache.generate import generate
 from tests.test_resume import Stop, stop_at
 
 #: 16 samples, batch 8, 6 steps: 3 epochs, so every sample is trained on both of its views
@@ -29,6 +30,9 @@ BASE = {
     "eval": {"zero_shot": [], "retrieval": False, "macs": False, "throughput": False},
 }
 TOL = 1e-6
+#: LOSS_TOL: the cache's teacher outputs come from other batches than the online teacher's (a shard's samples with all
+#: their views; the last shard of 16 samples in 5s holds one), which changes the float reassociation of small batches
+#: (~1e-7 per feature): the losses, sums over the batch of terms ~4 in size, agree to a relative 1e-6, not an absolute
 
 
 def config(tmp_path: Path, mode: str, out: str, **extra):
@@ -57,12 +61,13 @@ def test_a_run_from_an_fp32_cache_trains_as_the_online_teacher_on_the_same_views
     online = config(tmp_path, "online", "online")
     assert run_experiment(online)["status"] == "completed"
     cached = config(tmp_path, "cache", "cached")
+    generate(cached, progress=False)  # first: the generator runs the teacher (through OnlineTeacher)
     with monkeypatch.context() as patch:  # the teacher never runs in the cached run's training
         patch.setattr("compress.teacher.OnlineTeacher.__call__",
                       lambda *a: (_ for _ in ()).throw(AssertionError("the teacher ran")))
         assert run_experiment(cached)["status"] == "completed"
     assert_close(weights(cached), weights(online))
-    assert losses(cached) == pytest.approx(losses(online), abs=TOL)
+    assert losses(cached) == pytest.approx(losses(online), rel=TOL, abs=TOL)  # see LOSS_TOL
 
 
 @pytest.mark.slow
@@ -76,7 +81,7 @@ def test_a_cached_run_stopped_and_resumed_trains_as_the_online_run(tmp_path, mon
             run_experiment(cached)
     assert run_experiment(cached)["status"] == "completed"
     assert_close(weights(cached), weights(online))
-    assert losses(cached) == pytest.approx(losses(online), abs=TOL)
+    assert losses(cached) == pytest.approx(losses(online), rel=TOL, abs=TOL)  # see LOSS_TOL
 
 
 def test_the_cached_teacher_is_never_moved_to_the_device(tmp_path, monkeypatch):

@@ -173,6 +173,13 @@ class Backend(ABC):
                                                      "status": STATUS_FAILED, "error": str(error)}
         return result if isinstance(result, dict) else read_result(run_dir_for(cfg)) or {}
 
+    def submit_tasks(self, name: str, calls: Sequence[Callable[[], Any]], cfg: RunConfig, folder: Path) -> list[Any]:
+        """Run picklable callables that are not runs (say the parts of a teacher cache), each as one process
+        with at most one GPU, with ``cfg``'s dispatch settings (submitit's logs under ``folder``, jobs named
+        ``name``); returns one entry per call: its result where the backend waits, else its job id. By default
+        each call runs in this process, one after the other."""
+        return [call() for call in calls]
+
     @staticmethod
     def restart_count() -> int:
         """Inside a job: how often the scheduler restarted it (requeued after a preemption or a node failure);
@@ -202,3 +209,25 @@ def submit_groups(backend: Backend, groups: Sequence[Sequence[RunConfig]], notif
             notify(submission.cfg, submission.job_id)
         out += done
     return out
+
+
+class CallQueue:
+    """Several picklable calls one after the other in one job (a backend running at most ``max_parallel`` jobs);
+    on preemption or timeout the calls not finished are requeued (each call's own ``checkpoint`` where it has
+    one). Returns their results in order."""
+
+    def __init__(self, calls: Sequence[Callable[[], Any]]) -> None:
+        self.calls = list(calls)
+        self.current = 0
+
+    def __call__(self) -> list[Any]:
+        results = []
+        for index, call in enumerate(self.calls):
+            self.current = index
+            results.append(call())
+        return results
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(CallQueue(self.calls[self.current:]))

@@ -101,6 +101,34 @@ class LocalBackend(Backend):
         return out
 
 
+    def submit_tasks(self, name: str, calls: Sequence[Any], cfg: RunConfig, folder: Path) -> list[str]:
+        """At most ``max_parallel`` LocalExecutor jobs of one task, each running its share of ``calls`` (round
+        robin) with one GPU of its own when ``dispatch.gpus_per_node`` asks for GPUs; returns each call's job id."""
+        import submitit
+
+        from experiments.backends.base import CallQueue
+
+        s = self.settings(cfg.dispatch)
+        slots = min(s.max_parallel, len(calls))
+        gpus = 1 if cfg.dispatch.gpus_per_node and cuda_devices() else 0
+        if gpus and slots > cuda_devices():
+            raise DispatchError(f"{slots} parallel local jobs of one GPU each but this machine has {cuda_devices()} "
+                                "GPUs: lower dispatch.max_parallel (jobs never share GPUs)")
+        ids: list[str] = [""] * len(calls)
+        for slot in range(slots):
+            mine = list(range(slot, len(calls), slots))
+            executor = submitit.LocalExecutor(folder=str(folder), max_num_timeout=s.max_num_timeout)
+            params: dict[str, Any] = {"timeout_min": s.timeout_min * len(mine), "gpus_per_node": gpus,
+                                      "tasks_per_node": 1, "signal_delay_s": s.signal_delay_s}
+            if gpus:
+                params["visible_gpus"] = [slot]
+            executor.update_parameters(**params)
+            job = executor.submit(calls[mine[0]] if len(mine) == 1 else CallQueue([calls[i] for i in mine]))
+            for i in mine:
+                ids[i] = str(job.job_id)
+        return ids
+
+
 def cuda_devices() -> int:
     """The GPUs this machine has (0 without CUDA)."""
     import torch

@@ -155,6 +155,22 @@ class SlurmBackend(Backend):
             out += [Submission(cfg, self.name, str(job.job_id), job=job) for cfg, job in zip(chunk, jobs, strict=True)]
         return out
 
+    def submit_tasks(self, name: str, calls: Sequence[Any], cfg: RunConfig, folder: Path) -> list[str]:
+        """Job arrays (of at most ``max_array_size``) of one task each, one GPU each when the config asks for
+        GPUs, with the config's partition, account, time and memory; returns each call's job id."""
+        executor = self.executor(cfg, folder)
+        params: dict[str, Any] = {"job_name": name, "nodes": 1, "ntasks_per_node": 1}
+        if cfg.dispatch.gpus_per_node:
+            params["gpus_per_node"] = 1
+        executor.update_parameters(**params)
+        size = self.settings(cfg.dispatch).max_array_size
+        ids: list[str] = []
+        for start in range(0, len(calls), size):
+            with executor.batch():
+                jobs = [executor.submit(call) for call in calls[start:start + size]]
+            ids += [str(job.job_id) for job in jobs]
+        return ids
+
     def executor(self, cfg: RunConfig, folder: Path) -> Any:
         """submitit's SLURM executor with the run's settings: ``tasks_per_node`` tasks per node (one per GPU),
         and ``--gpus-per-node`` only when the run asks for GPUs (``gpus_per_node`` > 0)."""
