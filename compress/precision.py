@@ -92,3 +92,20 @@ def to_device(x: Any, device: torch.device | str) -> Any:
     if isinstance(x, Mapping):
         return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in x.items()}
     return x
+
+
+def run_device(cfg: Any) -> tuple[torch.device, Precision]:
+    """The device this process trains on (``train.device``; ``cuda`` is ``cuda:LOCAL_RANK`` in a run of several
+    processes) and the precision there (``train.precision``), refused with a :class:`ConfigError` naming the key
+    when this machine does not have them. The run asks before anything is written; its dry run asks too."""
+    from compress import distributed
+    from compress.config.errors import ConfigError
+
+    try:
+        device = available_device(distributed.local_device(resolve_device(cfg.train.device)))
+    except DeviceError as error:
+        raise ConfigError(f"train.device: {error}") from None
+    try:
+        return device, resolve_precision(cfg.train.precision, device)
+    except ValueError as error:
+        raise ConfigError(f"train.precision: {error}") from None

@@ -23,7 +23,7 @@ from compress.config import ConfigError, RunConfig, dump_config
 from compress.config.stages import ResolvedStage
 from compress.fileio import NO_SPACE, atomic_write_text, write_failure
 from compress.models import load_model
-from compress.precision import DeviceError, Precision, available_device, resolve_device, resolve_precision
+from compress.precision import Precision, run_device
 from compress.recipe import Recipe
 from compress.recipe import run_dir_for as run_dir_for  # where callers of run_experiment look for it
 from compress.results import (
@@ -44,8 +44,9 @@ from compress.rundir import (
     stage_dir,
     unwritable,
 )
-from compress.stage import StageRun, load_teachers, run_stage, seed_everything, stage_run
+from compress.stage import StageRun, run_stage, seed_everything, stage_run
 from compress.stopping import RunInterrupted, StoppedAtStep
+from compress.teacher import load_teachers
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +102,6 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
 
         distributed.main_first(prepare)
         return _run_in(recipe, run_dir, device, precision)
-
-
-def run_device(cfg: RunConfig) -> tuple[torch.device, Precision]:
-    """The device this process trains on (``train.device``; ``cuda`` is ``cuda:LOCAL_RANK`` in a run of several
-    processes) and the precision there (``train.precision``), refused with a :class:`ConfigError` naming the key
-    when this machine does not have them. The run asks before anything is written; its dry run asks too."""
-    try:
-        device = available_device(distributed.local_device(resolve_device(cfg.train.device)))
-    except DeviceError as error:
-        raise ConfigError(f"train.device: {error}") from None
-    try:
-        return device, resolve_precision(cfg.train.precision, device)
-    except ValueError as error:
-        raise ConfigError(f"train.precision: {error}") from None
 
 
 def start_fresh(run_dir: Path) -> None:

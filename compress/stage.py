@@ -39,7 +39,6 @@ from compress.models.towers import TOWERS
 from compress.precision import Precision
 from compress.recipe import Recipe, pruned_towers, run_dir_for, with_source_fraction
 from compress.rundir import METRICS_FILE, MODEL_DIR
-from compress.teacher import freeze
 from compress.train import Trainer, TrainSummary
 
 #: stage k draws its data order and random states from ``seed + k * STAGE_SEED_STRIDE``
@@ -72,21 +71,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:  # pragma: no cover
         pass
-
-
-def load_teacher(cfg: RunConfig) -> nn.Module | None:
-    """The teacher (an ensemble's first member: the inheritance source, the sparsity reference), frozen."""
-    if cfg.teacher is None:
-        return None
-    t = cfg.teacher
-    return freeze(load_model(t.model, pretrained=t.pretrained, force_quick_gelu=t.force_quick_gelu))
-
-
-def load_teachers(cfg: RunConfig) -> list[nn.Module]:
-    """Every teacher, frozen, in the config's order: ``teachers`` (an ensemble), else ``[teacher]``, else none.
-    Loaded one after the other, so random teachers (tests) are a function of the seed set before."""
-    specs = cfg.teachers or ([cfg.teacher] if cfg.teacher is not None else [])
-    return [freeze(load_model(t.model, pretrained=t.pretrained, force_quick_gelu=t.force_quick_gelu)) for t in specs]
 
 
 def stage_run(
@@ -333,8 +317,8 @@ def teacher_cache(cfg: RunConfig) -> Any:
 def run_stage(run: StageRun, recipe: Recipe, teachers: Sequence[nn.Module], device: torch.device,
               precision: Precision, metrics: dict[str, Any]) -> None:
     """Train, export and evaluate one stage (resuming from its checkpoint); fills ``metrics`` as it goes, so a
-    failure keeps what was measured. ``teachers``: every teacher (:func:`load_teachers`); the first is the one
-    students inherit from and sparsity is counted against, an ensemble's members all feed the loss."""
+    failure keeps what was measured. ``teachers``: every teacher (:func:`compress.teacher.load_teachers`); the first
+    is the one students inherit from and sparsity is counted against, an ensemble's members all feed the loss."""
     from compress.data.pipeline import train_batches
     from compress.evaluation.run_eval import build_eval_sets, evaluate_prepared
     from compress.models.export import save_model

@@ -147,3 +147,14 @@ def _normal_float(out: ClipOutput) -> ClipOutput:
         return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t.clone()
 
     return ClipOutput(**{k: None if v is None else convert(v) for k, v in vars(out).items() if k != "members"})
+
+
+def load_teachers(cfg: Any) -> list[nn.Module]:
+    """Every teacher of ``cfg`` (:meth:`~compress.config.RunConfig.teacher_specs`), frozen, on the CPU, in order,
+    after ``torch.manual_seed(cfg.seed)``: random teachers (tests) are a function of the seed, the same for the run
+    and for the generator of its teacher-output cache."""
+    from compress.models import load_model
+
+    torch.manual_seed(cfg.seed)
+    return [freeze(load_model(t.model, pretrained=t.pretrained, force_quick_gelu=t.force_quick_gelu))
+            for t in cfg.teacher_specs()]

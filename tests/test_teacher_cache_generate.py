@@ -27,8 +27,7 @@ from compress.data.views import view_seed
 from compress.models.forward import tokenizer_for
 from compress.precision import resolve_precision
 from compress.recipe import config_from_dict
-from compress.stage import load_teacher, seed_everything
-from compress.teacher import OnlineTeacher
+from compress.teacher import OnlineTeacher, load_teachers
 from compress.teacher_cache.generate import CacheConfigError, generate, verify
 from compress.teacher_cache.identity import cache_root, estimated_bytes
 from compress.teacher_cache.locking import ShardLock
@@ -68,8 +67,7 @@ def test_stored_boxes_and_outputs_are_the_online_teachers_on_the_replayed_views(
     report = generate(cfg, progress=False)
     assert report.complete and report.computed == [0, 1, 2] and report.bad_samples == 0
     store = CacheStore(report.root)
-    seed_everything(cfg.seed)
-    teacher = load_teacher(cfg)
+    teacher = load_teachers(cfg)[0]
     crop = CropViews({"t": preprocess_of(teacher)})
     online = OnlineTeacher(teacher, resolve_precision("fp32", "cpu"), ["image_embeds", "text_embeds"])
     dataset = build_dataset(cfg.data.train, transform=None)
@@ -352,16 +350,15 @@ def test_half_precision_teachers_store_their_autocast_outputs_and_a_mixed_precis
     """The teachers under bf16 autocast (CPU autocast: the casting logic of CUDA) store exactly what the online
     teacher returns under it, rounded to bf16; a generator whose precision resolves otherwise is refused."""
     from compress.precision import Precision
-    from compress.teacher_cache import teachers as teachers_module
+    from compress import precision as precision_module
 
     bf16 = Precision("bf16", torch.device("cpu"))
-    monkeypatch.setattr(teachers_module, "resolve_precision", lambda name, device: bf16)
+    monkeypatch.setattr(precision_module, "resolve_precision", lambda name, device: bf16)
     cfg = cache_cfg(tmp_path, dtype="bf16", outputs=["image_features", "text_features"])
     report = generate(cfg, part=0, parts=3, wait=False, progress=False)
     store = CacheStore(report.root)
     assert store.manifest["precision"] == "bf16"
-    seed_everything(cfg.seed)
-    teacher = load_teacher(cfg)
+    teacher = load_teachers(cfg)[0]
     dataset = build_dataset(cfg.data.train, transform=None)
     crop = CropViews({"t": preprocess_of(teacher)})
     img, caption = dataset[1]

@@ -232,6 +232,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         self.dispatch = DispatchConfig.of(self.dispatch)  # a free mapping: the backends' keys are theirs
 
+    def teacher_specs(self) -> list[ModelSpec]:
+        """Every teacher in order: ``teachers`` (an ensemble), else ``[teacher]``, else none."""
+        return list(self.teachers) or ([self.teacher] if self.teacher is not None else [])
+
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 

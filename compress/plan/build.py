@@ -266,7 +266,7 @@ def build_plan(cfg: RunConfig, force: bool = False, here: bool = True) -> Plan:
     with the run's own checks (one line): a run directory that cannot be made, a student its
     inheritance cannot fill from its source and, when the run would run ``here`` (on this machine,
     not on a cluster's node), a ``train.device`` or ``train.precision`` this machine does not have."""
-    from compress.run import run_device
+    from compress.precision import run_device
     from compress.rundir import check_writable
 
     warnings: list[str] = []

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from compress.config import RunConfig
 from compress.fileio import atomic_write_text
 from compress.models.forward import embed_dim
+from compress.precision import run_device
 from compress.progress import LineProgress
 from compress.teacher_cache.identity import (
     FORMAT_VERSION,
@@ -48,7 +49,7 @@ from compress.teacher_cache.store import (
     shard_name,
     to_stored,
 )
-from compress.teacher_cache.teachers import Teachers, cache_device
+from compress.teacher_cache.teachers import Teachers
 from compress.teacher_cache.verify import TOLERANCES, VerifyReport, verify
 
 __all__ = ["TOLERANCES", "CacheConfigError", "GenerateReport", "VerifyReport", "generate", "print_report", "verify"]
@@ -200,7 +201,7 @@ class _ShardGenerator:
             if manifest.get("cache_id") != self.root.name:
                 raise CacheConfigError(f"teacher cache {self.root}: its manifest is of cache {manifest.get('cache_id')}"
                                        f", not {self.root.name}: remove the folder")
-            here = cache_device(self.cfg)[1].name
+            here = run_device(self.cfg)[1].name
             if manifest["precision"] != here:  # train.precision auto resolves per machine
                 raise CacheConfigError(
                     f"teacher cache {self.root} was generated with the teachers in {manifest['precision']}, but "

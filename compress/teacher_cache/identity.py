@@ -37,7 +37,7 @@ class CacheConfigError(ValueError):
 
 def teachers_of(cfg: RunConfig) -> list[ModelSpec]:
     """The teachers the cache holds outputs of, in order: ``cfg.teachers`` or ``[cfg.teacher]``."""
-    teachers = list(cfg.teachers) or ([cfg.teacher] if cfg.teacher is not None else [])
+    teachers = cfg.teacher_specs()
     if not teachers:
         raise CacheConfigError("teacher_cache: the config has no teacher (set teacher or teachers)")
     return teachers

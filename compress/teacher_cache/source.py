@@ -51,9 +51,4 @@ class CachedTeacher:
 
     def __call__(self, batch: Mapping[str, Any]) -> ClipOutput:
         self.calls += 1
-        members = [self.member(batch, k) for k in range(len(self.scales))]
-        if len(members) == 1:
-            return members[0]
-        first = members[0]
-        return ClipOutput(first.image_features, first.text_features, first.logit_scale, first.image_embeds,
-                          first.text_embeds, members=members)  # type: ignore[call-arg]
+        return ClipOutput.of_members([self.member(batch, k) for k in range(len(self.scales))])

@@ -6,51 +6,21 @@ features are exactly the online teacher's outputs for those images (L2-normalise
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from open_clip.transform import PreprocessCfg
 from torch import Tensor, nn
 
-from compress import distributed
-from compress.config import ConfigError, RunConfig
+from compress.config import RunConfig
 from compress.data.transforms import preprocess_of
-from compress.models import load_model
 from compress.models.forward import EXTRAS, embed_dim, tokenizer_for
 from compress.outputs import ClipOutput
-from compress.precision import DeviceError, Precision, available_device, resolve_device, resolve_precision
-from compress.teacher import OnlineTeacher, freeze
+from compress.precision import Precision, run_device
+from compress.teacher import OnlineTeacher, load_teachers
 from compress.teacher_cache.identity import teachers_of
-
-
-def cache_device(cfg: RunConfig) -> tuple[torch.device, Precision]:
-    """The run's device and precision (as ``compress.run.run_device`` resolves them), one line naming the key."""
-    try:
-        device = available_device(distributed.local_device(resolve_device(cfg.train.device)))
-    except DeviceError as error:
-        raise ConfigError(f"train.device: {error}") from None
-    try:
-        return device, resolve_precision(cfg.train.precision, device)
-    except ValueError as error:
-        raise ConfigError(f"train.precision: {error}") from None
-
-
-def _seed_everything(seed: int) -> None:
-    """``compress.stage.seed_everything`` (not imported: the run may generate its cache, no import circle)."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def load_teachers(cfg: RunConfig) -> list[nn.Module]:
-    """The config's teachers, frozen, on the CPU, in order, after ``seed_everything(cfg.seed)``."""
-    _seed_everything(cfg.seed)
-    return [freeze(load_model(t.model, pretrained=t.pretrained, force_quick_gelu=t.force_quick_gelu))
-            for t in teachers_of(cfg)]
 
 
 @dataclass
@@ -66,7 +36,7 @@ class Teachers:
 
     @classmethod
     def load(cls, cfg: RunConfig, outputs: Sequence[str]) -> Teachers:
-        device, precision = cache_device(cfg)
+        device, precision = run_device(cfg)
         models = load_teachers(cfg)
         needs = [o for o in outputs if o in EXTRAS]
         return cls(models, [OnlineTeacher(m, precision, needs) for m in models], [tokenizer_for(m) for m in models],

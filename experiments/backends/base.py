@@ -145,7 +145,7 @@ class Backend(ABC):
     def check_device(self, cfg: RunConfig) -> None:
         """Refuse a ``train.device``/``train.precision`` the run would not have where it runs (one line)."""
         if self.runs_here:
-            from compress.run import run_device
+            from compress.precision import run_device
 
             run_device(cfg)
 
