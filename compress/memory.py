@@ -9,7 +9,8 @@ forward and backward per micro-batch.
 
 Device memory, per process (bytes):
 
-- **weights**: the student in fp32 (4 B/param), the frozen teacher in the compute precision (2 B/param in
+- **weights**: the student in fp32 (4 B/param), the frozen teacher in the compute precision (none when its outputs
+  come from a teacher-output cache; 2 B/param in
   bf16/fp16, 4 in fp32), and under autocast the student's 16-bit weight copies that autocast caches for
   the forward and keeps for the backward (2 B/param).
 - **optimizer**: AdamW's two fp32 moments and the fp32 gradients of every trained parameter (12 B/param),
@@ -232,6 +233,12 @@ def _shapes(teacher: Any | None) -> list[ModelShape]:
     return [m if isinstance(m, ModelShape) else shape_of_model(m) for m in models]
 
 
+def teacher_cached(cfg: Any) -> bool:
+    """Whether the run reads its teachers' outputs from a teacher-output cache (``teacher_cache.mode: cache``)."""
+    cache = getattr(cfg, "teacher_cache", None)
+    return cache is not None and cache.mode == "cache"
+
+
 def world_size_of(cfg: Any) -> int:
     """The data-parallel processes a run's dispatch starts: ``nodes x tasks_per_node`` (one task per GPU by
     default; ``tasks_per_node`` CPU processes with ``gpus_per_node: 0``, one when it is unset)."""
@@ -292,7 +299,8 @@ def estimate_device_memory(
     rows, columns = cfg.train.batch_size // world, cfg.train.batch_size
     p = student_shape.parameters
     weights = 4 * p + (0 if compute == 4 else 2 * p)
-    weights += sum(compute * t.parameters for t in teachers)
+    if not teacher_cached(cfg):  # read from a teacher-output cache, the teachers never reach the device
+        weights += sum(compute * t.parameters for t in teachers)
     optimizer = 12 * p + (4 * p if world > 1 else 0)
     activations, unknown = 0, []
     for tower in (student_shape.vision, student_shape.text):
@@ -317,7 +325,8 @@ def estimate_host_memory(cfg: Any, student: Any, teacher: Any | None = None, wor
     teachers = _shapes(teacher)
     world = world_size or world_size_of(cfg)
     micro = micro_batch_of(cfg, world)
-    sample = bytes_per_sample(student_shape.image_size, [t.image_size for t in teachers], student_shape.context_length)
+    views = [] if teacher_cached(cfg) else [t.image_size for t in teachers]  # cached: no teacher view is made
+    sample = bytes_per_sample(student_shape.image_size, views, student_shape.context_length)
     reread = cfg.train.accum_steps > 1 and cfg.train.accum_inputs == "reread"
     loaders = 2 if reread else 1
     in_flight = loaders * max(cfg.data.num_workers * PREFETCH_FACTOR, 1)

@@ -226,6 +226,12 @@ def _setting_metrics(run: StageRun, recipe: Recipe, device: torch.device, precis
     metrics.update({"train/device": str(device), "train/precision": precision.name})
     world = distributed.world_size()
     metrics.update({"dist/world_size": world, "dist/batch_per_process": run.cfg.train.batch_size // world})
+    cache = run.cfg.teacher_cache
+    if cache is not None:  # where the teacher's outputs came from: a table can group the runs of one cache
+        from compress.teacher_cache.identity import cache_id_of
+
+        metrics.update({"teacher/source": cache.mode, "teacher/cache_id": cache_id_of(run.cfg),
+                        "teacher/views": cache.num_augmentations})
     return metrics
 
 

@@ -92,3 +92,35 @@ def test_the_cached_teacher_is_never_moved_to_the_device(tmp_path, monkeypatch):
     assert not calls
     assert run_experiment(config(tmp_path, "online", "online"))["status"] == "completed"
     assert calls  # the online run does build its compute copy
+
+
+def test_a_sweep_of_three_runs_sharing_a_cache_generates_it_once(tmp_path, monkeypatch, capsys):
+    """Three learning rates over one cache (the cache's identity has no lr): every shard is written once, by the
+    first run; the other two read it (and the three rows name the same cache)."""
+    import yaml
+
+    from compress.teacher_cache import generate as generate_module
+    from experiments.cli import main
+
+    written: list[int] = []
+    original = generate_module._ShardGenerator.write_shard
+
+    def counting(self, shard):
+        written.append(shard)
+        return original(self, shard)
+
+    monkeypatch.setattr(generate_module._ShardGenerator, "write_shard", counting)
+    base = {**BASE, "teacher_cache": {"dtype": "fp16", "num_augmentations": 2, "shard_size": 5,
+                                      "dir": str(tmp_path / "cache")}, "train": {**BASE["train"], "steps": 2}}
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = {"name": "lrs", "base": "base.yaml", "output_dir": str(tmp_path / "runs"),
+             "axes": {"train.lr": [1e-3, 3e-4, 1e-4]}}
+    (folder / "lrs.yaml").write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", str(folder / "lrs.yaml"), "--backend", "inline"]) == 0
+    assert sorted(written) == [0, 1, 2, 3]  # 16 samples in shards of 5, each once
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/result.json")]
+    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
+    assert len({r["metrics"]["teacher/cache_id"] for r in rows}) == 1
+    assert len(list((tmp_path / "cache").iterdir())) == 1

@@ -349,8 +349,8 @@ def test_half_precision_teachers_store_their_autocast_outputs_and_a_mixed_precis
         tmp_path, monkeypatch):
     """The teachers under bf16 autocast (CPU autocast: the casting logic of CUDA) store exactly what the online
     teacher returns under it, rounded to bf16; a generator whose precision resolves otherwise is refused."""
-    from compress.precision import Precision
     from compress import precision as precision_module
+    from compress.precision import Precision
 
     bf16 = Precision("bf16", torch.device("cpu"))
     monkeypatch.setattr(precision_module, "resolve_precision", lambda name, device: bf16)

@@ -99,3 +99,38 @@ def test_the_cache_section_enters_the_run_id_but_its_folder_does_not(tmp_path):
     assert run_id_of(tiny_config(tmp_path, teacher_cache={"dir": "b", "shard_size": 99})) == cached
     assert run_id_of(tiny_config(tmp_path, teacher_cache={"dir": "a", "num_augmentations": 2})) != cached
     assert run_id_of(tiny_config(tmp_path, teacher_cache={"mode": "online"})) != cached
+
+
+def test_the_dry_run_prints_the_caches_size_state_and_what_it_saves(tmp_path):
+    from compress.plan import build_plan, format_plan
+    from compress.teacher_cache.generate import generate
+    from compress.teacher_cache.identity import cache_root
+
+    section = {"dir": str(tmp_path / "c"), "num_augmentations": 3, "dtype": "fp16", "shard_size": 10}
+    cfg = tiny_config(tmp_path, eval=NO_EVAL, teacher_cache=section)
+    text = format_plan(build_plan(cfg))
+    # cc-test-teacher: embed dim 32; a sample: ok 1 B + 3 boxes 48 B + 3 x 32 fp16 image + 32 fp16 text = 305 B
+    assert f"teacher cache  {cache_root(cfg)}" in text and "not written yet" in text
+    assert "305 B a sample x 64 samples = ~19 KiB on disk in 7 shard folders" in text
+    assert "saved: the teachers never reach the device" in text
+    generate(cfg, progress=False)
+    assert "complete: 64 samples in 7 shards" in format_plan(build_plan(cfg))
+    online = tiny_config(tmp_path, eval=NO_EVAL, teacher_cache={**section, "mode": "online"})
+    assert "none read: mode online, the teacher runs on 3 fixed views a sample (seed 0)" in format_plan(
+        build_plan(online))
+
+
+def test_the_memory_estimates_leave_a_cached_teacher_out():
+    from compress.config import RunConfig
+    from compress.config.schema import TeacherCacheConfig
+    from compress.memory import estimate_device_memory, estimate_host_memory
+
+    student, teacher = load_model("cc-test-student"), load_model("cc-test-rn-teacher")
+    online, cached = RunConfig(), RunConfig(teacher_cache=TeacherCacheConfig())
+    online.train.device = cached.train.device = "cpu"
+    params = sum(p.numel() for p in teacher.parameters())
+    assert (estimate_device_memory(online, student, teacher).weights
+            - estimate_device_memory(cached, student, teacher).weights) == 4 * params
+    view = 3 * 64 * 64 * 4  # the 64 px teacher's own view of each sample, fp32
+    assert (estimate_host_memory(online, student, teacher).bytes_per_sample
+            - estimate_host_memory(cached, student, teacher).bytes_per_sample) == view

@@ -35,6 +35,7 @@ from compress.memory import (
     gib,
     world_size_of,
 )
+from compress.plan.cache import cache_lines
 from compress.plan.facts import ModelFacts, model_facts
 from compress.plan.state import missing_paths, run_state, stage_state
 from compress.recipe import Recipe, schedule_context
@@ -94,6 +95,8 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     #: a teacher ensemble's further members (``teachers[1:]``; ``teacher`` is ``teachers[0]``)
     members: list[ModelFacts] = field(default_factory=list)
+    #: the teacher-output cache: where, how far written, its size, what it saves (:mod:`compress.plan.cache`)
+    cache: list[str] = field(default_factory=list)
 
 
 def _losses(cfg: RunConfig) -> list[str]:
@@ -287,4 +290,5 @@ def build_plan(cfg: RunConfig, force: bool = False, here: bool = True) -> Plan:
         for plan in plans:
             plan.state = f"not run (the run is {verdict})"
     warnings.extend(missing_paths(cfg))
-    return Plan(cfg.name, recipe.run_id, run_dir, teacher, plans, state, recipe.staged, warnings, members)
+    cache = cache_lines(cfg, [teacher, *members]) if teacher is not None else []
+    return Plan(cfg.name, recipe.run_id, run_dir, teacher, plans, state, recipe.staged, warnings, members, cache)

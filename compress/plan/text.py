@@ -93,6 +93,7 @@ def format_plan(plan: Plan) -> str:
                          "tokens (the memory estimates below count every one)")
     else:
         lines.append("teacher        none")
+    lines.extend(plan.cache)
     for s in plan.stages:
         lines.append("")
         lines.append(f"stage {s.index}: {s.name}" if plan.staged else "training")
