@@ -199,7 +199,7 @@ class TeacherCacheConfig:
     seed: int = 0
     dtype: str = "fp16"
     outputs: list[str] = field(default_factory=lambda: ["image_features", "text_features"])
-    shard_size: int = 4096
+    shard_size: int = 16384
 
 
 #: where a stage takes its first weights from
