@@ -175,7 +175,7 @@ def test_writing_the_cache_in_a_run_leaves_its_random_state_and_a_resume_checks_
     from types import SimpleNamespace
 
     from compress.checkpoint import CheckpointError
-    from compress.stage import check_cache_of_checkpoint, open_teacher_cache
+    from compress.teacher_cache.for_run import check_cache_of_checkpoint, open_teacher_cache
     from compress.teacher_cache.identity import cache_id_of
 
     cfg = tiny_config(tmp_path, eval=NO_EVAL, teacher_cache={"dir": str(tmp_path / "c"), "shard_size": 100})
