@@ -57,7 +57,7 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         assert float((value - b[key]).abs().max()) <= TOL, key
 
 
-@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize("accum", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_run_from_an_fp32_cache_trains_as_the_online_teacher_on_the_same_views(tmp_path, monkeypatch, accum):
     """With accumulation the live pass reads each micro-batch again from a second loader that makes the student's
     view alone (no teacher view, no cached output): it finds the same images (no resync)."""
