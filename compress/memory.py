@@ -236,7 +236,7 @@ def _shapes(teacher: Any | None) -> list[ModelShape]:
 def teacher_cached(cfg: Any) -> bool:
     """Whether the run reads its teachers' outputs from a teacher-output cache (``teacher_cache.mode: cache``)."""
     cache = getattr(cfg, "teacher_cache", None)
-    return cache is not None and cache.mode == "cache"
+    return cache is not None and cache.reads_cache
 
 
 def world_size_of(cfg: Any) -> int:

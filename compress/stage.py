@@ -242,6 +242,10 @@ def _checkpoint_writer(run: StageRun, recipe: Recipe, precision: Precision, load
     meta = {"run_id": recipe.run_id, "config_sha": config_hash(recipe.cfg),
             "stage": run.stage.index if run.stage is not None else 0, "precision": precision.name,
             "world_size": distributed.world_size()}
+    if run.cfg.teacher_cache is not None:
+        from compress.teacher_cache.identity import cache_id_of
+
+        meta["teacher_cache_id"] = cache_id_of(run.cfg)
 
     def write(trainer: Trainer) -> None:
         ranks = distributed.gather_objects({"data": loader.state_dict(), "rng": rng_state()})
@@ -303,23 +307,6 @@ def _student(run: StageRun, inheritance: Any, checkpoint: Checkpoint | None, tea
     return student.to(device)
 
 
-def teacher_cache(cfg: RunConfig) -> Any:
-    """The opened teacher-output cache of a ``teacher_cache.mode: cache`` run, else None. Shards not written yet
-    are generated first: this process's share under torch.distributed, then any other that no live process is
-    writing (a cache another run is writing is waited for, not written twice)."""
-    if cfg.teacher_cache is None or cfg.teacher_cache.mode != "cache":
-        return None
-    from compress.teacher_cache.generate import generate
-    from compress.teacher_cache.identity import cache_root
-    from compress.teacher_cache.store import CacheStore
-
-    store = CacheStore(cache_root(cfg))
-    if not store.complete():
-        generate(cfg, part=distributed.rank(), parts=distributed.world_size(), wait=True, progress=cfg.train.progress)
-        store = CacheStore(cache_root(cfg))
-    return store
-
-
 def run_stage(run: StageRun, recipe: Recipe, teachers: Sequence[nn.Module], device: torch.device,
               precision: Precision, metrics: dict[str, Any]) -> None:
     """Train, export and evaluate one stage (resuming from its checkpoint); fills ``metrics`` as it goes, so a
@@ -344,7 +331,10 @@ def run_stage(run: StageRun, recipe: Recipe, teachers: Sequence[nn.Module], devi
         term.module.to(device)
     needs = {n for term in losses for n in term.module.needs}
     uses_teacher = any(term.module.needs_teacher and term.ever_active(cfg.train.steps) for term in losses)
-    store = teacher_cache(cfg)
+    from compress.teacher_cache.for_run import check_cache_of_checkpoint, open_teacher_cache
+
+    check_cache_of_checkpoint(checkpoint, cfg)
+    store = open_teacher_cache(cfg) if uses_teacher else None  # without: the same views, drawn from their seed
     batches, data_stats = train_batches(dataclasses.replace(cfg, seed=run.seed), student,
                                         list(teachers) if uses_teacher else None, device, store)
     trainer = Trainer(

@@ -64,7 +64,7 @@ from compress.masks import one_gate_sample
 from compress.models.towers import unused_parameters
 from compress.optim import build_adamw, grad_norm, weight_groups
 from compress.outputs import ClipOutput
-from compress.plugins import DistillLoss, Inheritance, Schedule, is_breakdown
+from compress.plugins import BREAKDOWN_SEPARATOR, DistillLoss, Inheritance, Schedule, is_breakdown
 from compress.precision import Precision, to_device
 from compress.progress import progress
 from compress.rundir import METRICS_FILE
@@ -331,6 +331,12 @@ class Trainer:
                 terms[name] = value
                 if not is_breakdown(key):
                     total = total + weight * value.float()
+                elif value.requires_grad:  # a summand named like a breakdown would silently not be learnt from
+                    raise TrainingError(
+                        f"loss {term.name!r} returned the term {key!r} with a gradient: a name with "
+                        f"{BREAKDOWN_SEPARATOR!r} marks a breakdown, logged and not added; compute it without "
+                        "graph (torch.no_grad) or rename it"
+                    )
         return total, terms
 
     def _backward(self, loss: Tensor) -> None:

@@ -331,3 +331,38 @@ def test_a_member_with_its_own_tokenizer_gets_its_ids_from_the_loaders_workers(t
     row = run_experiment(cfg)
     assert row["status"] == "completed", row.get("error")
     assert sorted(set(calls)) == [(0, False), (1, True)]  # member 0 reads the student's ids
+
+
+def test_a_term_named_as_a_breakdown_but_carrying_a_gradient_is_refused():
+    """``name/part`` marks a term logged and not added; one with a gradient would silently not be learnt from."""
+    from compress.train import LossTerm, Trainer, TrainingError
+
+    class Misnamed(torch.nn.Module):
+        needs: tuple = ()
+        needs_teacher = False
+
+        def forward(self, student, teacher, batch):
+            return {"mine/part": student.image_features.sum()}
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.losses = [LossTerm("mine", 1.0, Misnamed())]
+    student = ClipOutput(torch.randn(2, 4, requires_grad=True), torch.randn(2, 4), torch.tensor(1.0))
+    with pytest.raises(TrainingError, match="'mine/part' with a gradient"):
+        trainer._loss(student, None, {}, [1.0])
+
+
+def test_fixed_teacher_scales_replace_each_teachers_own_and_leave_the_students():
+    """MobileCLIP2's distillation scales (70 and 60 here) for the teachers, the student's own learnable scale: the
+    formula with those teacher scales; a wrong count or a scale <= 0 is refused."""
+    student = _features(6, 16, 50.0, 0)
+    teachers = [_features(6, 24, 100.0, 1), _features(6, 40, 30.0, 2)]
+    loss = LOSSES.build({"name": "affinity", "scale": "model", "teacher_scales": [70, 60]},
+                        context={"teacher_count": 2})
+    out = loss(_output(student), ClipOutput.of_members([_output(t) for t in teachers]))
+    fixed = [(t[0], t[1], torch.tensor(s, dtype=torch.float64)) for t, s in zip(teachers, (70.0, 60.0), strict=True)]
+    expected = _expected(student, fixed, [1, 1], "mean_probs")
+    for key in ("affinity_i2t", "affinity_t2i"):
+        assert float(out[key]) == pytest.approx(float(expected[key]), rel=1e-12), key
+    for bad, message in (([70], "1 scales for 2 teacher"), ([70, 0], "finite number > 0")):
+        with pytest.raises(ValueError, match=message):
+            LOSSES.build({"name": "affinity", "teacher_scales": bad}, context={"teacher_count": 2})

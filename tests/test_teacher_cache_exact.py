@@ -57,17 +57,26 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         assert float((value - b[key]).abs().max()) <= TOL, key
 
 
-def test_a_run_from_an_fp32_cache_trains_as_the_online_teacher_on_the_same_views(tmp_path, monkeypatch):
-    online = config(tmp_path, "online", "online")
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_run_from_an_fp32_cache_trains_as_the_online_teacher_on_the_same_views(tmp_path, monkeypatch, accum):
+    """With accumulation the live pass reads each micro-batch again from a second loader that makes the student's
+    view alone (no teacher view, no cached output): it finds the same images (no resync)."""
+    train = {**BASE["train"], "accum_steps": accum}
+    online = config(tmp_path, "online", "online", train=train)
     assert run_experiment(online)["status"] == "completed"
-    cached = config(tmp_path, "cache", "cached")
+    cached = config(tmp_path, "cache", "cached", train=train)
     generate(cached, progress=False)  # first: the generator runs the teacher (through OnlineTeacher)
     with monkeypatch.context() as patch:  # the teacher never runs in the cached run's training
         patch.setattr("compress.teacher.OnlineTeacher.__call__",
                       lambda *a: (_ for _ in ()).throw(AssertionError("the teacher ran")))
         assert run_experiment(cached)["status"] == "completed"
     assert_close(weights(cached), weights(online))
-    assert losses(cached) == pytest.approx(losses(online), rel=TOL, abs=TOL)  # see LOSS_TOL
+    # the weights within 1e-6 (above); the logged losses within 1e-5 relative: the cached features come from other
+    # batch compositions (float reassociation, ~1e-7), which the loss's sums over 8 x 8 similarities carry
+    assert losses(cached) == pytest.approx(losses(online), rel=10 * TOL)
+    if accum > 1:
+        row = json.loads((run_dir_for(cached) / "result.json").read_text())["metrics"]
+        assert row["data/replay_resyncs"] == 0 and row["data/replay_by_key_steps"] == 0
 
 
 @pytest.mark.slow
@@ -79,9 +88,13 @@ def test_a_cached_run_stopped_and_resumed_trains_as_the_online_run(tmp_path, mon
         stop_at(patch, None, 3)
         with pytest.raises(Stop):
             run_experiment(cached)
+    from compress.checkpoint import latest_checkpoint
+    from compress.teacher_cache.identity import cache_id_of
+
+    assert latest_checkpoint(run_dir_for(cached)).meta["teacher_cache_id"] == cache_id_of(cached)
     assert run_experiment(cached)["status"] == "completed"
     assert_close(weights(cached), weights(online))
-    assert losses(cached) == pytest.approx(losses(online), rel=TOL, abs=TOL)  # see LOSS_TOL
+    assert losses(cached) == pytest.approx(losses(online), rel=TOL, abs=TOL)
 
 
 def test_the_cached_teacher_is_never_moved_to_the_device(tmp_path, monkeypatch):

@@ -134,3 +134,56 @@ def test_the_memory_estimates_leave_a_cached_teacher_out():
     view = 3 * 64 * 64 * 4  # the 64 px teacher's own view of each sample, fp32
     assert (estimate_host_memory(online, student, teacher).bytes_per_sample
             - estimate_host_memory(cached, student, teacher).bytes_per_sample) == view
+
+
+def test_in_mode_online_the_storage_keys_do_not_enter_the_run_id(tmp_path):
+    from compress.recipe import run_id_of
+
+    online = run_id_of(tiny_config(tmp_path, teacher_cache={"mode": "online"}))
+    assert run_id_of(tiny_config(tmp_path, teacher_cache={"mode": "online", "dtype": "fp32"})) == online
+    assert run_id_of(tiny_config(tmp_path, teacher_cache={"mode": "online", "outputs": [
+        "image_features", "text_features", "image_embeds"]})) == online
+    assert run_id_of(tiny_config(tmp_path, teacher_cache={"mode": "online", "seed": 1})) != online
+
+
+def test_a_sample_the_cache_marks_bad_is_skipped_in_training(tmp_path):
+    """Sample 3 decodes in training, but its teacher outputs are not in the cache (marked not ok): it is a bad
+    sample, counted and replaced, never trained on zero features."""
+    import numpy as np
+
+    from compress.teacher_cache.generate import generate
+    from compress.teacher_cache.store import CacheStore
+
+    section = {"dir": str(tmp_path / "c"), "num_augmentations": 2, "dtype": "fp32", "shard_size": 100}
+    cfg = tiny_config(tmp_path, eval=NO_EVAL, teacher_cache=section)
+    root = generate(cfg, progress=False).root
+    ok_file = next(root.glob("shard-000000/ok.npy"))
+    ok = np.load(ok_file)
+    ok[3] = False
+    np.save(ok_file, ok)
+    store = CacheStore(root)
+    assert not bool(store.ok([3])[0])
+    batches, stats = train_batches(cfg, load_model("cc-test-student"), None, torch.device("cpu"), store)
+    seen = [i for _ in range(16) for i in next(batches)["sample_ids"].tolist()]  # about two epochs of 64 samples
+    assert 3 not in seen and set(seen) == set(range(64)) - {3}
+    assert stats.as_metrics()["data/bad_samples"] >= 1
+
+
+def test_writing_the_cache_in_a_run_leaves_its_random_state_and_a_resume_checks_the_cache(tmp_path):
+    """A run that wrote its cache continues from the random state of one that found it written; a checkpoint
+    trained on another cache (the data or teachers changed under the same config) is not resumed."""
+    from types import SimpleNamespace
+
+    from compress.checkpoint import CheckpointError
+    from compress.teacher_cache.for_run import check_cache_of_checkpoint, open_teacher_cache
+    from compress.teacher_cache.identity import cache_id_of
+
+    cfg = tiny_config(tmp_path, eval=NO_EVAL, teacher_cache={"dir": str(tmp_path / "c"), "shard_size": 100})
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    store = open_teacher_cache(cfg)
+    assert store.complete() and torch.equal(torch.get_rng_state(), before)
+    check_cache_of_checkpoint(SimpleNamespace(meta={"teacher_cache_id": cache_id_of(cfg)}, path="ck"), cfg)
+    check_cache_of_checkpoint(SimpleNamespace(meta={}, path="ck"), cfg)  # written before caches existed
+    with pytest.raises(CheckpointError, match="trained on teacher cache 0123.*start fresh with --force"):
+        check_cache_of_checkpoint(SimpleNamespace(meta={"teacher_cache_id": "0123"}, path="ck"), cfg)

@@ -95,6 +95,8 @@ def identity_base(cfg: RunConfig) -> dict[str, Any]:
     for key in ("teachers", "teacher_cache"):  # sections added later: absent, they leave older ids as they were
         if not data[key]:
             del data[key]
+    if "teacher_cache" in data and data["teacher_cache"]["mode"] == "online":  # nothing stored: no format
+        data["teacher_cache"] = {k: v for k, v in data["teacher_cache"].items() if k not in ("dtype", "outputs")}
     for section, keys in NON_IDENTITY_KEYS.items():
         if section in data:
             data[section] = {k: v for k, v in data[section].items() if k not in keys}

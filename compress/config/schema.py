@@ -201,6 +201,11 @@ class TeacherCacheConfig:
     outputs: list[str] = field(default_factory=lambda: ["image_features", "text_features"])
     shard_size: int = 16384
 
+    @property
+    def reads_cache(self) -> bool:
+        """Whether the run reads the teachers' outputs from the cache (``mode: cache``), not online."""
+        return self.mode == "cache"
+
 
 #: where a stage takes its first weights from
 STAGE_SOURCES = ("teacher", "previous")

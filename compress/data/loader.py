@@ -362,11 +362,6 @@ def build_train_loader(
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=ignore_in_worker,  # the main process alone acts on SIGTERM/SIGUSR2 (compress.stopping)
     )
-    if isinstance(ds, IterableDataset) and fixed is not None:
-        raise DataError(
-            f"data set {name!r}: fixed augmentation views (teacher_cache) need a map-style training set (synthetic, "
-            "csv, folder) whose samples have a stable index; webdataset shards have none yet"
-        )
     if isinstance(ds, IterableDataset):
         if sampler is not None:  # shards are already split across ranks by the data set
             log.info("data set %s is iterable: the sampler is not used (shards split per rank)", name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -146,6 +147,12 @@ def training_transform(cfg: RunConfig, student: nn.Module, teacher: nn.Module | 
     return FixedViews(CropViews(views), cache.num_augmentations, cache.seed, store, outputs)
 
 
+def student_inputs(views: FixedViews) -> FixedViews:
+    """Fixed views made for the student alone: the same boxes (from the same seed or cache), no teacher view and no
+    cached teacher output."""
+    return dataclasses.replace(views, crop=views.crop.only("images"), outputs=())
+
+
 def teacher_tokenizers(student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None) -> dict[str, Any]:
     """``{teacher_texts_key(k): tokenizer}`` for each teacher whose tokenizer is not the student's
     (:func:`compress.models.forward.tokenizer_identity`): its ids of the captions are made in the loader's workers."""
@@ -184,10 +191,13 @@ def train_batches(
     extra = teacher_tokenizers(student, teacher) if store is None else {}
 
     def build(twin_of: CountedLoader | None = None) -> CountedLoader:
+        # the second reading feeds the student's live pass alone: with fixed views it makes no teacher view, reads
+        # no cached output and tokenizes no teacher's captions
+        twin = twin_of is not None and isinstance(train_tf, FixedViews)
         return build_train_loader(
-            cfg.data, train_tf, tokenizer_for(student), micro, seed=cfg.seed, sampler=_sampler_for_ranks(cfg.seed),
-            pin_memory=device.type == "cuda", dataset=twin_of.source_dataset() if twin_of is not None else None,
-            extra_tokenizers=extra,
+            cfg.data, student_inputs(train_tf) if twin else train_tf, tokenizer_for(student), micro, seed=cfg.seed,
+            sampler=_sampler_for_ranks(cfg.seed), pin_memory=device.type == "cuda",
+            dataset=twin_of.source_dataset() if twin_of is not None else None, extra_tokenizers={} if twin else extra,
         )
 
     loader = build()

@@ -123,6 +123,12 @@ class CropViews:
     def __call__(self, img: Any) -> dict[str, torch.Tensor]:
         return self.apply(img, self.draw(img))
 
+    def only(self, *names: str) -> CropViews:
+        """The same crop in the views ``names`` alone (each made exactly as here)."""
+        out = CropViews({}, self.scale)
+        out.views = {name: self.views[name] for name in names}
+        return out
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(scale={self.scale}, views={self.views})"
 

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from compress.data.robust import torch_seeded
 from compress.data.sampling import SeededSamples
 from compress.data.shards import Keyed
-from compress.data.transforms import CropViews
+from compress.data.transforms import Box, CropViews
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,12 @@ def view_seed(cache_seed: int, index: int, view: int) -> int:
 def view_of(run_seed: int, epoch: int, index: int, num_views: int) -> int:
     """The view sample ``index`` is trained on in ``epoch``: ``(epoch + offset(run_seed, index)) % num_views``."""
     return (int(epoch) + _mix(_mix(int(run_seed) ^ 0x5EED) ^ int(index))) % int(num_views)
+
+
+def fixed_view_box(crop: CropViews, image: Any, cache_seed: int, index: int, view: int) -> Box:
+    """The crop box of view ``view`` of sample ``index``: drawn under :func:`view_seed` (what a cache stores)."""
+    with torch_seeded(view_seed(cache_seed, index, view)):
+        return crop.draw(image)
 
 
 @dataclass
@@ -92,8 +98,7 @@ class FixedViewSamples(SeededSamples):
             if store is not None:
                 box = tuple(int(x) for x in store.boxes([index], [view])[0].tolist())
             else:
-                with torch_seeded(view_seed(fixed.cache_seed, index, view)):
-                    box = fixed.crop.draw(image)
+                box = fixed_view_box(fixed.crop, image, fixed.cache_seed, index, view)
             out = fixed.crop.apply(image, box)  # type: ignore[arg-type]
         except Exception as error:  # noqa: BLE001 - a sample that fails to decode is a bad sample
             log.warning("sample %d: its view could not be made (%s: %s); skipped", index, type(error).__name__, error)

@@ -38,7 +38,7 @@ def cache_lines(cfg: RunConfig, teachers: list[ModelFacts]) -> list[str]:
         return []
     plural = "s" if cache.num_augmentations != 1 else ""
     views = f"{cache.num_augmentations} fixed view{plural} a sample (seed {cache.seed})"
-    if cache.mode == "online":
+    if not cache.reads_cache:
         return [f"teacher cache  none read: mode online, the teacher runs on {views}"]
     root = cache_root(cfg)
     planned = cfg.data.train.num_samples

@@ -87,7 +87,7 @@ def _check_reads_ensemble(cfg: RunConfig, params: Mapping[str, Any], where: str)
 def _check_cached_outputs(cfg: RunConfig, loss: Any, where: str) -> None:
     """A loss that reads a teacher output the teacher cache does not store is refused before anything runs."""
     cache = cfg.teacher_cache
-    if cache is None or cache.mode != "cache" or not loss.needs_teacher:
+    if cache is None or not cache.reads_cache or not loss.needs_teacher:
         return
     missing = sorted(set(loss.needs) - set(cache.outputs))
     if missing:

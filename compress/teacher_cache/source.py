@@ -38,6 +38,12 @@ class CachedTeacher:
         self.scales = [float(s) for s in scales]
         self.extras = tuple(n for n in ("image_embeds", "text_embeds") if n in set(needs))
         self.calls = 0
+        self._scales_on: dict[torch.device, list[torch.Tensor]] = {}  # made once per device: no copy per call
+
+    def scales_on(self, device: torch.device) -> list[torch.Tensor]:
+        if device not in self._scales_on:
+            self._scales_on[device] = [torch.tensor(s, dtype=torch.float32, device=device) for s in self.scales]
+        return self._scales_on[device]
 
     def member(self, batch: Mapping[str, Any], k: int) -> ClipOutput:
         device = batch["images"].device
@@ -46,7 +52,7 @@ class CachedTeacher:
             return batch[cached_key(name, k)].to(device=device, dtype=torch.float32)
 
         extras = {name: read(name) for name in self.extras}
-        scale = torch.tensor(self.scales[k], dtype=torch.float32, device=device)
+        scale = self.scales_on(device)[k]
         return ClipOutput(read("image_features"), read("text_features"), scale, **extras)
 
     def __call__(self, batch: Mapping[str, Any]) -> ClipOutput:

@@ -46,16 +46,18 @@ class AffinityMimicking(DistillLoss):
     cross-entropy is linear in its target), so it is not a third choice. With an ensemble each teacher's own term
     w CE(A_k -> A^student) is logged as ``affinity_i2t/teacher<k>`` (a breakdown: not added; under
     ``mean_probs`` sum_k a_k of them is the term). With one teacher the loss is TinyCLIP's, bit for bit.
+    ``teacher_scales``: a fixed s_k per teacher (MobileCLIP's distillation logit scales, e.g. 70 and 60), whatever
+    ``scale`` says; the student's s still follows ``scale`` (a number, or its own learnable one with ``model``).
     """
 
     similarity_matrices = 4  # teacher and student, two directions (an ensemble: two more per further teacher)
     reads_ensemble = True
     context: ClassVar[tuple[str, ...]] = ("teacher_count",)
-    identity_optional: ClassVar[tuple[str, ...]] = ("ensemble", "teacher_weights")
+    identity_optional: ClassVar[tuple[str, ...]] = ("ensemble", "teacher_weights", "teacher_scales")
 
     def __init__(self, weight_i2t: float = 0.5, weight_t2i: float = 0.5, scale: float | str = 50.0,
                  ensemble: str = "mean_probs", teacher_weights: Sequence[float] | None = None,
-                 teacher_count: int | None = None) -> None:
+                 teacher_scales: Sequence[float] | None = None, teacher_count: int | None = None) -> None:
         check_weights(weight_i2t=weight_i2t, weight_t2i=weight_t2i)
         super().__init__()
         self.weight_i2t = float(weight_i2t)
@@ -64,6 +66,7 @@ class AffinityMimicking(DistillLoss):
         self.ensemble = _check_ensemble(ensemble, teacher_count)
         self.teacher_count = teacher_count
         self.teacher_weights = _check_teacher_weights(teacher_weights, teacher_count)
+        self.teacher_scales = _check_teacher_scales(teacher_scales, teacher_count)
 
     def _weights(self, count: int) -> list[float]:
         if self.teacher_count is not None and count != self.teacher_count:
@@ -86,8 +89,11 @@ class AffinityMimicking(DistillLoss):
         student_i2t = scaled_similarity(student.image_features, all_student_text, s_student)
         student_t2i = scaled_similarity(student.text_features, all_student_image, s_student)
         teacher_i2t, teacher_t2i = [], []
-        for m in members:
-            s_teacher = scale_of(self.scale, m, detach=True)
+        if self.teacher_scales is not None and len(self.teacher_scales) != len(members):
+            raise ValueError(f"affinity: teacher_scales has {len(self.teacher_scales)} scales, the teacher output "
+                             f"{len(members)} members")
+        for k, m in enumerate(members):
+            s_teacher = self.teacher_scales[k] if self.teacher_scales else scale_of(self.scale, m, detach=True)
             teacher_i2t.append(scaled_similarity(m.image_features, gather_no_grad(m.text_features), s_teacher))
             teacher_t2i.append(scaled_similarity(m.text_features, gather_no_grad(m.image_features), s_teacher))
         terms = {
@@ -121,6 +127,19 @@ def _check_ensemble(ensemble: str, teacher_count: int | None) -> str:
     if ensemble != ENSEMBLES[0] and teacher_count == 1:
         raise ValueError(f"ensemble: {ensemble!r} combines several teachers (teachers:), this run has one teacher")
     return ensemble
+
+
+def _check_teacher_scales(scales: Sequence[float] | None, teacher_count: int | None) -> list[float] | None:
+    """Fixed logit scales, one per teacher, > 0 (where the number of teachers is known)."""
+    if scales is None:
+        return None
+    if isinstance(scales, str) or not isinstance(scales, Sequence):
+        raise ValueError(f"teacher_scales: expected a list of numbers, one per teacher, got {scales!r}")
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in scales):
+        raise ValueError(f"teacher_scales: every scale must be a finite number > 0, got {list(scales)}")
+    if teacher_count is not None and len(scales) != teacher_count:
+        raise ValueError(f"teacher_scales: {len(scales)} scales for {teacher_count} teacher(s)")
+    return [float(x) for x in scales]
 
 
 def _check_teacher_weights(weights: Sequence[float] | None, teacher_count: int | None) -> list[float] | None:
