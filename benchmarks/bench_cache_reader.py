@@ -8,9 +8,12 @@ boxes, ok) is written in ``--shards`` shards of ``--shard-size`` samples; then, 
    every shard's memory maps open (a warm LRU), and with none open (each sample maps its shard's 4 files);
 2. read in one call per file for the whole step (a reader in the main process).
 
-The ratio of (1) without and with open maps is the price of a shard that is not mapped (``OPEN_SHARDS``, and
-``shard_size`` large enough that every shard stays mapped: 400M samples in 65536s are 6.1k shards). The page
-cache is warm here: at 400M samples (2.5 TB) each row is also a random read from storage.
+The ratio of (1) without and with open maps is the price of a shard that is not mapped. How many stay mapped is
+``open_shards_limit()`` per process (each map holds a file descriptor: ``(soft RLIMIT_NOFILE - 256) / 4``, 192
+shards at the common soft limit of 1024, at most ``OPEN_SHARDS``): at 400M samples in shards of 16384 (24k
+shards) a training loader's worker reads mostly unmapped shards, the "unmapped" line, unless ``ulimit -n`` is
+raised (65536: 8192 shards). The page cache is warm here: at 400M samples (2.5 TB) each row is also a random read
+from storage.
 
     python benchmarks/bench_cache_reader.py [--shards 128] [--shard-size 256] [--batch 1024] [--rounds 5]
 """
@@ -94,7 +97,7 @@ def main() -> None:
     per = bytes_per_sample([D], [D], A, "fp16", OUTPUTS)
     print(f"{args.batch} samples per step, rows of D={D}, A={A}, fp16 ({per} bytes per sample; 400M samples: "
           f"{400e6 * per / 1e12:.2f} TB)")
-    print(f"  one by one, maps open:      {ms['open']:7.1f} ms")
+    print(f"  one by one, maps open:      {ms['open']:7.1f} ms  (open_shards {warm.open_shards} of {args.shards})")
     print(f"  one by one, shard unmapped: {ms['unmapped']:7.1f} ms  ({ms['unmapped'] / ms['open']:.1f}x)")
     print(f"  one call per file:          {ms['one call']:7.1f} ms")
 

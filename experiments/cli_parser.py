@@ -224,8 +224,9 @@ def _add_cache_teacher(sub: Any, verbose: argparse.ArgumentParser) -> None:
                    help="the number of parts (with --dispatch: the number of jobs)")
     p.add_argument("--no-wait", action="store_true",
                    help="generate only this part's shards that no other process holds, and return")
-    p.add_argument("--batch-size", type=int, default=256, metavar="B",
-                   help="samples per teacher forward (each with num_augmentations views; default 256)")
+    p.add_argument("--batch-size", type=int, default=1024, metavar="B",
+                   help="images per teacher forward: B // num_augmentations samples of their views (at least 1; "
+                   "default 1024); with --verify, (sample, view) pairs per forward")
     p.add_argument("--verify", type=int, default=None, metavar="N",
                    help="recompute N random (sample, view) pairs online and print the largest absolute difference per "
                    "output and teacher; exit 1 past the tolerance of the stored dtype (fp32 1e-5, fp16 2e-3, bf16 "

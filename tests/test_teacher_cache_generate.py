@@ -4,6 +4,7 @@ are marked, verify measures the stored dtype's error, and the command line (here
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -25,13 +26,17 @@ from compress.data.robust import torch_seeded
 from compress.data.transforms import CropViews, preprocess_of
 from compress.data.views import view_seed
 from compress.models.forward import tokenizer_for
+from compress.plan.cache import _written
 from compress.precision import resolve_precision
 from compress.recipe import config_from_dict
 from compress.teacher import OnlineTeacher, load_teachers
+from compress.teacher_cache import generate as generate_module
+from compress.teacher_cache import locking
 from compress.teacher_cache.generate import CacheConfigError, generate, verify
 from compress.teacher_cache.identity import cache_root, estimated_bytes
-from compress.teacher_cache.locking import ShardLock
-from compress.teacher_cache.store import MANIFEST, CacheStore, ShardWriter, lock_name, shard_name
+from compress.teacher_cache.locking import STALE_S, ShardLock
+from compress.teacher_cache.store import COMPLETE, MANIFEST, CacheStore, ShardWriter, lock_name, shard_name
+from compress.teacher_cache.teachers import Teachers
 from experiments.cli import main
 from tests.test_dispatch_backends import fake_slurm, sbatch_flags  # noqa: F401 - the fixture
 
@@ -370,3 +375,99 @@ def test_half_precision_teachers_store_their_autocast_outputs_and_a_mixed_precis
     monkeypatch.undo()  # fp32 here now: the rest of this cache would be computed otherwise
     with pytest.raises(CacheConfigError, match="generated with the teachers in bf16.*set train.precision: bf16"):
         generate(cfg, progress=False)
+
+
+# -- the manifest's cut, images per batch, no flock, two generators at once ------------------------------
+def test_a_cache_begun_in_shards_of_4_is_finished_in_them_whatever_the_configs_shard_size(tmp_path, capsys):
+    cfg4 = cache_cfg(tmp_path)
+    assert generate(cfg4, part=0, parts=2, wait=False, progress=False).computed == [0, 2]
+    cfg3 = cache_cfg(tmp_path, shard_size=3)
+    assert cache_root(cfg3) == cache_root(cfg4)  # shard_size is no part of the cache id
+    assert _written(cache_root(cfg3))[0].startswith("2 of 3 shards written")  # the plan counts the manifest's
+    report = generate(cfg3, progress=False)
+    assert _written(report.root)[0].startswith("complete: 10 samples in 3 shards")
+    assert "cut in shards of 4 samples" in capsys.readouterr().err
+    assert report.complete and report.computed == [1] and report.num_shards == 3
+    assert (report.root / COMPLETE).is_file()
+    assert files_of(report.root) == files_of(generate(cache_cfg(tmp_path / "fresh"), progress=False).root)
+    assert CacheStore(report.root).ok(range(N)).all()
+
+
+def test_the_batch_size_counts_images_not_samples(tmp_path, monkeypatch, capsys):
+    seen: list[tuple[int, int]] = []
+    forward = Teachers.forward
+
+    def spy(self, k, images, captions):
+        seen.append((images.shape[0], len(captions)))
+        return forward(self, k, images, captions)
+
+    monkeypatch.setattr(Teachers, "forward", spy)
+    generate(cache_cfg(tmp_path), progress=False, batch_size=5)  # A = 2: 2 samples (4 images) a forward
+    assert seen[0] == (4, 2) and max(images for images, _ in seen) <= 5
+    seen.clear()
+    generate(cache_cfg(tmp_path / "one"), progress=False, batch_size=1)  # at least one sample
+    assert seen[0] == (A, 1)
+
+
+def test_without_flock_a_live_writers_shard_is_skipped_or_waited_for_and_a_stale_one_taken_over(
+        tmp_path, monkeypatch, capsys):
+    def no_flock(fd, flags):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(locking.fcntl, "flock", no_flock)
+    monkeypatch.setattr(generate_module, "POLL_S", 0.05)
+    cfg = cache_cfg(tmp_path)
+    root = cache_root(cfg)
+    root.mkdir(parents=True)
+    other = ShardWriter(root, 1)  # another generator's live writer of shard 1 (its folder is new)
+    report = generate(cfg, wait=False, progress=False)
+    assert report.computed == [0, 2] and report.missing == [1] and other.tmp.is_dir()  # not discarded
+    finished: list = []
+    waiter = threading.Thread(target=lambda: finished.append(generate(cfg, wait=True, progress=False)))
+    waiter.start()
+    time.sleep(1.0)
+    assert waiter.is_alive() and not (root / shard_name(1)).exists() and other.tmp.is_dir()  # polling
+    other.abort()  # the other writer went away without committing: the waiter takes the shard over
+    waiter.join(timeout=120)
+    assert finished and finished[0].computed == [1] and finished[0].complete
+    assert "waiting for shard 1" in capsys.readouterr().err
+    stale_cfg = cache_cfg(tmp_path / "stale")
+    stale_root = cache_root(stale_cfg)
+    stale_root.mkdir(parents=True)
+    dead = ShardWriter(stale_root, 1)  # a killed writer's folder, untouched for two hours
+    os.utime(dead.tmp, (time.time() - 2 * STALE_S,) * 2)
+    assert generate(stale_cfg, wait=False, progress=False).computed == [0, 1, 2] and not dead.tmp.exists()
+    assert files_of(stale_root) == files_of(root)
+
+
+RACER = """
+import json, sys, time
+from pathlib import Path
+from compress.recipe import config_from_dict
+from compress.teacher_cache.generate import generate
+ready, other = Path(sys.argv[2]), Path(sys.argv[3])
+ready.touch()
+deadline = time.time() + 60
+while not other.exists() and time.time() < deadline:  # both imported: start together
+    time.sleep(0.01)
+report = generate(config_from_dict(json.loads(sys.argv[1])), wait=True, progress=False)
+print(json.dumps({"computed": report.computed, "complete": report.complete}))
+"""
+
+
+@pytest.mark.slow
+def test_two_generators_started_together_write_each_shard_once(tmp_path):
+    data = config_dict(tmp_path, shard_size=2)
+    data["data"]["train"]["num_samples"] = 12  # 6 shards
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    flags = [tmp_path / "ready-0", tmp_path / "ready-1"]
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, json.dumps(data), str(flags[i]), str(flags[1 - i])],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert all(r["complete"] for r in reports)
+    first, second = (set(r["computed"]) for r in reports)
+    assert not first & second and first | second == set(range(6))
+    assert CacheStore(cache_root(config_from_dict(data))).complete()

@@ -7,9 +7,12 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import os
 import pickle
 import subprocess
 import sys
+import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ import torch
 
 from compress.config.schema import ModelSpec, TeacherCacheConfig
 from compress.teacher_cache import locking
+from compress.teacher_cache import store as store_module
 from compress.teacher_cache.identity import (
     CROP_RATIO,
     CROP_SCALE,
@@ -27,16 +31,21 @@ from compress.teacher_cache.identity import (
     cache_root,
     estimated_bytes,
 )
-from compress.teacher_cache.locking import ShardLock
+from compress.teacher_cache.locking import STALE_S, ShardLock
 from compress.teacher_cache.store import (
+    COMPLETE,
     MANIFEST,
+    MIN_OPEN_SHARDS,
+    OPEN_SHARDS,
     CacheStore,
     CacheStoreError,
     ShardWriter,
     discard_partial,
+    open_shards_limit,
     output_file,
     to_stored,
 )
+from compress.teacher_cache.verify import _random_pairs
 from tests.test_run_e2e import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,3 +246,99 @@ def test_a_lock_is_exclusive_and_a_file_system_without_flock_warns_once(tmp_path
 
 def test_the_schema_defaults_are_what_the_identity_reads():
     assert set(TeacherCacheConfig().outputs) == {"image_features", "text_features"}
+
+
+# -- file descriptors, the completion marker, verify's draws, temporary folders ------------------------------
+FD_READER = """
+import resource, sys
+import numpy as np
+from pathlib import Path
+from compress.teacher_cache.store import CacheStore
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (200, hard))
+store = CacheStore(Path(sys.argv[1]))
+for rounds in range(2):
+    for s in range(store.num_shards):
+        assert store.ok([s * store.shard_size]).shape == (1,)
+        store.boxes([s * store.shard_size], [0])
+        store.outputs("image_features", 0, [s * store.shard_size], [0])
+        store.outputs("text_features", 1, [s * store.shard_size])
+print(store.open_shards, len(store._maps))
+"""
+
+
+def test_a_reader_stays_within_a_low_file_descriptor_limit(tmp_path):
+    """Each map holds an fd (Python < 3.13): 80 shards x 4 files read under a soft limit of 200 need the LRU sized
+    from RLIMIT_NOFILE (the old fixed 8192 shards raised OSError: too many open files)."""
+    write_cache(tmp_path / "c", "fp16", num_samples=80 * SIZE)
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", FD_READER, str(tmp_path / "c")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    open_shards, maps = map(int, done.stdout.split())
+    assert open_shards == MIN_OPEN_SHARDS and maps <= 4 * open_shards
+
+
+def test_the_open_shards_follow_the_soft_file_limit(monkeypatch):
+    monkeypatch.setattr(store_module.resource, "getrlimit", lambda _: (1024, 4096))
+    assert open_shards_limit() == (1024 - 256) // 4 == 192
+    monkeypatch.setattr(store_module.resource, "getrlimit", lambda _: (1 << 20, 1 << 20))
+    assert open_shards_limit() == OPEN_SHARDS
+    monkeypatch.setattr(store_module.resource, "getrlimit", lambda _: (64, 64))
+    assert open_shards_limit() == MIN_OPEN_SHARDS
+    assert CacheStore("x").open_shards == MIN_OPEN_SHARDS and CacheStore("x", open_shards=3).open_shards == 3
+
+
+def test_a_complete_cache_is_known_from_its_marker_without_listing_its_shards(tmp_path, monkeypatch):
+    write_cache(tmp_path / "c", "fp32", num_samples=10)
+    store = CacheStore(tmp_path / "c")
+    assert store.complete() and not store.marked_complete()  # listed once: no marker yet
+    summary = store.mark_complete()
+    assert summary["samples"] == 10 and summary["bytes"] > 0 and store.manifest["summary"] == summary
+    assert json.loads((tmp_path / "c" / COMPLETE).read_text()) == summary
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a shard folder was looked at")
+
+    monkeypatch.setattr(store_module.os, "listdir", refuse)
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    monkeypatch.setattr(Path, "is_dir", refuse)
+    monkeypatch.setattr(Path, "glob", refuse)
+    fresh = CacheStore(tmp_path / "c")
+    assert fresh.complete() and fresh.missing_shards() == [] and fresh.written_shards() == [0, 1, 2]
+    assert fresh.mark_complete() == summary
+
+
+def test_a_cache_without_its_marker_is_listed_once_not_stat_per_shard(tmp_path, monkeypatch):
+    write_cache(tmp_path / "c", "fp32", num_samples=10)
+    monkeypatch.setattr(Path, "is_dir", lambda self: pytest.fail(f"stat of {self}"))
+    assert CacheStore(tmp_path / "c").missing_shards() == []
+
+
+def test_verify_draws_pairs_per_shard_in_memory_independent_of_the_number_of_samples(tmp_path, monkeypatch):
+    """Three written shards of a million samples each (the manifest says so): the old draw listed every id
+    (3M Python ints, >100 MB); drawing a shard then a row is a few KB."""
+    write_cache(tmp_path / "c", "fp32", num_samples=10)
+    store = CacheStore(tmp_path / "c")
+    big = 10**6
+    store._manifest = {**store.manifest, "shard_size": big, "num_samples": 1000 * big, "num_shards": 1000}
+    monkeypatch.setattr(store, "ok", lambda ids: torch.ones(len(ids), dtype=torch.bool))
+    tracemalloc.start()
+    pairs = _random_pairs(store, 200, seed=0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2 * 2**20, peak
+    ids = [i for i, _ in pairs]
+    assert len(pairs) == 200 and len(set(ids)) == 200 and all(0 <= a < A for _, a in pairs)
+    assert {i // big for i in ids} == {0, 1, 2}  # only the written shards, each drawn
+    assert _random_pairs(store, 200, seed=0) == pairs  # the seed decides
+
+
+def test_without_flock_only_temporary_folders_older_than_the_stale_age_are_discarded(tmp_path):
+    live, dead = ShardWriter(tmp_path, 3), ShardWriter(tmp_path, 3)
+    assert live.tmp != dead.tmp  # one folder per writer (host, pid, random)
+    os.utime(dead.tmp, (time.time() - 2 * STALE_S,) * 2)
+    assert discard_partial(tmp_path, 3, older_than_s=STALE_S) == 1
+    assert live.tmp.is_dir() and not dead.tmp.exists()
+    live.write("ok.npy", np.ones(2, dtype=bool))
+    assert live.commit()

@@ -4,24 +4,28 @@ the planned data, and what it saves (the teachers' weights off the device, their
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from compress.config import RunConfig
 from compress.memory import bytes_per_sample as batch_bytes_per_sample
 from compress.memory import compute_precision, gib
 from compress.plan.facts import ModelFacts
-from compress.teacher_cache.identity import bytes_per_sample, cache_root, num_shards
+from compress.teacher_cache.identity import bytes_per_sample, cache_root, estimated_bytes, num_shards
+from compress.teacher_cache.store import COMPLETE, MANIFEST, shard_name
 
 
-def _written(root: Path, shards: int | None) -> tuple[str, int | None]:
-    """How far the cache at ``root`` is written (read from its manifest and shard folders), and its sample count."""
-    manifest = root / "manifest.json"
+def _written(root: Path) -> tuple[str, int | None]:
+    """How far the cache at ``root`` is written (its completion marker, else its manifest's shards counted in one
+    listing), and its sample count."""
+    manifest = root / MANIFEST
     if not manifest.is_file():
         return ("not written yet: the run writes it before training (or `clip-compress cache-teacher CONFIG`, "
                 "`--dispatch` for a SLURM array of parts)"), None
     data = json.loads(manifest.read_text())
-    total = int(data["num_shards"]) if shards is None else shards
-    done = sum(1 for p in root.glob("shard-*") if p.is_dir() and not p.name.endswith((".tmp", ".lock")))
+    total = int(data["num_shards"])  # the manifest's cut: a config's other shard_size does not re-cut it
+    names = set() if (root / COMPLETE).is_file() else set(os.listdir(root))
+    done = total if not names else sum(1 for s in range(total) if shard_name(s) in names)
     if done >= total:
         return f"complete: {data['num_samples']} samples in {total} shards (read, not written)", data["num_samples"]
     return f"{done} of {total} shards written: the run writes the rest before training", int(data["num_samples"])
@@ -38,7 +42,7 @@ def cache_lines(cfg: RunConfig, teachers: list[ModelFacts]) -> list[str]:
         return [f"teacher cache  none read: mode online, the teacher runs on {views}"]
     root = cache_root(cfg)
     planned = cfg.data.train.num_samples
-    state, written = _written(root, num_shards(planned, cache.shard_size) if planned else None)
+    state, written = _written(root)
     samples = planned or written
     lines = [f"teacher cache  {root}", f"               {state}"]
     shapes = [t.shape for t in teachers]
@@ -47,7 +51,8 @@ def cache_lines(cfg: RunConfig, teachers: list[ModelFacts]) -> list[str]:
         return lines
     dims = [s.embed_dim for s in shapes]  # type: ignore[union-attr]
     per = bytes_per_sample(dims, dims, cache.num_augmentations, cache.dtype, cache.outputs)
-    size = (f" x {samples} samples = ~{gib(per * samples)} on disk in "
+    total = estimated_bytes(samples or 0, dims, dims, cache.num_augmentations, cache.dtype, cache.outputs)
+    size = (f" x {samples} samples = ~{gib(total)} on disk in "
             f"{num_shards(samples, cache.shard_size)} shard folders" if samples
             else " (set data.train.num_samples for the total)")
     lines.append(f"               {views}, {', '.join(cache.outputs)} in {cache.dtype}: {per} B a sample{size}")

@@ -5,7 +5,9 @@ augmentations of each training sample, written once, read by every run of a swee
 (one another process holds is skipped); with ``wait`` it then takes every missing shard nobody holds, and
 finally waits for the lock of each shard still missing (a dead generator's shard is taken over; the kernel
 releases its lock). A finished shard is never redone, a killed one's temporary folder is discarded. So the runs
-of a sweep started together, or the tasks of a SLURM array, generate a cache once between them.
+of a sweep started together, or the tasks of a SLURM array, generate a cache once between them (without flock:
+:mod:`compress.teacher_cache.locking` says what holds). Once a manifest exists, its ``shard_size`` cuts the
+shards (a config's other ``shard_size`` is noted on stderr and ignored: it is not part of the cache id).
 :func:`verify` (:mod:`compress.teacher_cache.verify`, re-exported here) recomputes random (sample, view) pairs
 online and reports the largest difference per output.
 """
@@ -13,6 +15,7 @@ online and reports the largest difference per output.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -35,8 +38,9 @@ from compress.teacher_cache.identity import (
     cache_identity,
     cache_root,
     num_shards,
+    shard_range,
 )
-from compress.teacher_cache.locking import ShardLock
+from compress.teacher_cache.locking import STALE_S, ShardLock
 from compress.teacher_cache.samples import ViewSamples, check_cacheable, collate_views, teacher_views, train_samples
 from compress.teacher_cache.store import (
     MANIFEST,
@@ -46,6 +50,7 @@ from compress.teacher_cache.store import (
     discard_partial,
     lock_name,
     output_file,
+    partial_folders,
     shard_name,
     to_stored,
 )
@@ -54,10 +59,15 @@ from compress.teacher_cache.verify import TOLERANCES, VerifyReport, verify
 
 __all__ = ["TOLERANCES", "CacheConfigError", "GenerateReport", "VerifyReport", "generate", "print_report", "verify"]
 
-#: samples per teacher forward (each with ``num_augmentations`` views)
-GENERATE_BATCH = 256
+#: images per teacher forward: ``max(1, GENERATE_BATCH // num_augmentations)`` samples of ``A`` views each
+#: (1024 fp32 224-px views are 0.6 GB on the host, per batch in flight)
+GENERATE_BATCH = 1024
 #: seconds between progress lines at most
 PROGRESS_INTERVAL_S = 10.0
+#: without flock: seconds between looks at a shard another generator is writing, and between notes on stderr
+POLL_S, WAIT_NOTE_S = 5.0, 60.0
+#: seconds between touches of a shard's temporary folder while it is computed (its mtime says it is alive)
+HEARTBEAT_S = 60.0
 
 
 @dataclass
@@ -82,25 +92,24 @@ class GenerateReport:
 
 def generate(cfg: RunConfig, part: int = 0, parts: int = 1, wait: bool = True, progress: bool = True,
              batch_size: int = GENERATE_BATCH) -> GenerateReport:
-    """Write the missing shards of ``cfg``'s cache (see the module docstring); returns what was done."""
+    """Write the missing shards of ``cfg``'s cache (see the module docstring); returns what was done.
+    ``batch_size`` counts images: each teacher forward takes ``max(1, batch_size // num_augmentations)`` samples."""
     check_cacheable(cfg)
     if not 0 <= part < parts:
         raise CacheConfigError(f"cache part {part} is not in [0, {parts})")
     started = time.monotonic()
     root = cache_root(cfg)
     store = CacheStore(root)
-    if (root / MANIFEST).is_file() and not store.missing_shards():  # complete: the data set is not even read
-        return _finish(GenerateReport(root, store.num_samples, int(store.manifest["num_shards"])), store, started)
+    if store.complete():  # the completion marker: the data set is not even read, no shard folder listed
+        return _finish(GenerateReport(root, store.num_samples, store.num_shards), store, started)
     root.mkdir(parents=True, exist_ok=True)
     dataset = train_samples(cfg)
-    tc = cfg.teacher_cache
-    assert tc is not None
-    total = num_shards(len(dataset), tc.shard_size)  # type: ignore[arg-type]
-    report = GenerateReport(root, len(dataset), total)  # type: ignore[arg-type]
     writer = _ShardGenerator(cfg, root, dataset, batch_size)
     writer.write_manifest()
-    done = sum(writer.shard_len(s) for s in range(total) if writer.done(s))
-    bar = _Progress(len(dataset), done, progress)  # type: ignore[arg-type]
+    total = writer.num_shards
+    report = GenerateReport(root, writer.num_samples, total)
+    done = sum(writer.shard_len(s) for s in store.written_shards())
+    bar = _Progress(writer.num_samples, done, progress)
     own = [s for s in range(total) if s % parts == part]
     passes = [(own, False)] + ([(range(total), False), (range(total), True)] if wait else [])
     for shards, blocking in passes:
@@ -119,26 +128,25 @@ def generate(cfg: RunConfig, part: int = 0, parts: int = 1, wait: bool = True, p
 def _finish(report: GenerateReport, store: CacheStore, started: float) -> GenerateReport:
     report.missing = store.missing_shards()
     if not report.missing:
-        summary = write_summary(store)
+        summary = store.mark_complete()  # the summary and the completion marker (read, if there)
         report.bad_samples, report.bytes = summary["bad_samples"], summary["bytes"]
     report.seconds = time.monotonic() - started
     return report
 
 
-def write_summary(store: CacheStore) -> dict[str, Any]:
-    """The complete cache's totals (samples, bad samples, bytes, generation seconds) in its manifest."""
-    store.reload()
-    manifest = store.manifest
-    if manifest.get("summary"):
-        return manifest["summary"]
-    metas = [store.shard_meta(s) for s in range(int(manifest["num_shards"]))]
-    size = sum(p.stat().st_size for s in range(int(manifest["num_shards"]))
-               for p in (store.root / shard_name(s)).iterdir())
-    summary = {"samples": int(manifest["num_samples"]), "bad_samples": sum(int(m["bad"]) for m in metas),
-               "bytes": size, "seconds": round(sum(float(m["seconds"]) for m in metas), 3)}
-    atomic_write_text(store.root / MANIFEST, json.dumps({**manifest, "summary": summary}, indent=1) + "\n")
-    store.reload()
-    return summary
+def _create_once(path: Path, text: str) -> None:
+    """``path`` with ``text`` unless it exists (atomic: a hard link of a complete file; ``False`` races lose)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    atomic_write_text(tmp, text)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError:  # no hard links here: a rename (the last of racing writers wins, read back by all)
+        if not path.exists():
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class _Progress:
@@ -178,6 +186,8 @@ class _ShardGenerator:
         self.cfg, self.tc, self.root, self.dataset = cfg, cfg.teacher_cache, root, dataset
         self.batch_size = int(batch_size)
         self.num_samples = len(dataset)  # type: ignore[arg-type]
+        self.shard_size = int(self.tc.shard_size)  # the manifest's, once read (write_manifest)
+        self.num_shards = num_shards(self.num_samples, self.shard_size)
         self._teachers: Teachers | None = None
 
     @property
@@ -186,36 +196,54 @@ class _ShardGenerator:
             self._teachers = Teachers.load(self.cfg, self.tc.outputs)
         return self._teachers
 
+    def rows(self, shard: int) -> range:
+        return shard_range(shard, self.shard_size, self.num_samples)
+
     def shard_len(self, shard: int) -> int:
-        start = shard * self.tc.shard_size
-        return max(min(start + self.tc.shard_size, self.num_samples) - start, 0)
+        return len(self.rows(shard))
+
+    @property
+    def samples_per_batch(self) -> int:
+        """``batch_size`` counts images: ``max(1, batch_size // num_augmentations)`` samples of A views."""
+        return max(1, self.batch_size // self.tc.num_augmentations)
 
     def done(self, shard: int) -> bool:
         return (self.root / shard_name(shard)).is_dir()
 
     def write_manifest(self) -> None:
-        """The manifest, written once (by whichever generator comes first; the same content from any)."""
+        """The manifest, written once (by whichever generator comes first), then read back: its ``shard_size`` and
+        ``num_shards`` cut the shards (a config's other ``shard_size`` is noted on stderr)."""
         path = self.root / MANIFEST
-        if path.is_file():
-            manifest = json.loads(path.read_text())
-            if manifest.get("cache_id") != self.root.name:
-                raise CacheConfigError(f"teacher cache {self.root}: its manifest is of cache {manifest.get('cache_id')}"
-                                       f", not {self.root.name}: remove the folder")
-            here = run_device(self.cfg)[1].name
-            if manifest["precision"] != here:  # train.precision auto resolves per machine
-                raise CacheConfigError(
-                    f"teacher cache {self.root} was generated with the teachers in {manifest['precision']}, but "
-                    f"train.precision {self.cfg.train.precision!r} is {here} here: set train.precision: "
-                    f"{manifest['precision']} (or generate it where it resolves so)")
-            return
-        t = self.teachers
-        manifest = {"format": FORMAT_VERSION, "cache_id": cache_id_of(self.cfg), "identity": cache_identity(self.cfg),
-                    "num_samples": self.num_samples, "shard_size": self.tc.shard_size,
-                    "num_shards": num_shards(self.num_samples, self.tc.shard_size),
-                    "num_augmentations": self.tc.num_augmentations, "dtype": self.tc.dtype,
-                    "outputs": list(self.tc.outputs), "precision": t.precision.name,
-                    "teachers": t.manifest_entries(self.cfg), "summary": None}
-        atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+        if not path.is_file():
+            t = self.teachers
+            manifest = {"format": FORMAT_VERSION, "cache_id": cache_id_of(self.cfg),
+                        "identity": cache_identity(self.cfg), "num_samples": self.num_samples,
+                        "shard_size": self.shard_size, "num_shards": self.num_shards,
+                        "num_augmentations": self.tc.num_augmentations, "dtype": self.tc.dtype,
+                        "outputs": list(self.tc.outputs), "precision": t.precision.name,
+                        "teachers": t.manifest_entries(self.cfg), "summary": None}
+            _create_once(path, json.dumps(manifest, indent=1) + "\n")
+        self._adopt(json.loads(path.read_text()))
+
+    def _adopt(self, manifest: dict[str, Any]) -> None:
+        """Check an existing manifest against this config and take its cut of the shards."""
+        if manifest.get("cache_id") != self.root.name:
+            raise CacheConfigError(f"teacher cache {self.root}: its manifest is of cache {manifest.get('cache_id')}"
+                                   f", not {self.root.name}: remove the folder")
+        here = run_device(self.cfg)[1].name
+        if manifest["precision"] != here:  # train.precision auto resolves per machine
+            raise CacheConfigError(
+                f"teacher cache {self.root} was generated with the teachers in {manifest['precision']}, but "
+                f"train.precision {self.cfg.train.precision!r} is {here} here: set train.precision: "
+                f"{manifest['precision']} (or generate it where it resolves so)")
+        if int(manifest["num_samples"]) != self.num_samples:
+            raise CacheConfigError(f"teacher cache {self.root}: its manifest holds {manifest['num_samples']} samples, "
+                                   f"the training data {self.num_samples}: remove the folder")
+        size = int(manifest["shard_size"])
+        if size != self.tc.shard_size:
+            print(f"clip-compress: note: teacher cache {self.root} is cut in shards of {size} samples (its manifest); "
+                  f"teacher_cache.shard_size {self.tc.shard_size} is ignored for it", file=sys.stderr)
+        self.shard_size, self.num_shards = size, int(manifest["num_shards"])
 
     def try_shard(self, shard: int, blocking: bool) -> str:
         """``computed``, ``done`` (another process finished it) or ``held`` (locked elsewhere, not waited for)."""
@@ -225,27 +253,68 @@ class _ShardGenerator:
                 return "held"
             if self.done(shard):
                 return "done"
-            discard_partial(self.root, shard)
+            if lock.supported:
+                discard_partial(self.root, shard)  # we hold the lock: any temporary folder is a killed writer's
+            else:
+                if not self._wait_unlocked(shard, blocking):
+                    return "held"
+                if self.done(shard):
+                    return "done"
+                discard_partial(self.root, shard, older_than_s=STALE_S)  # a live writer's folder is younger
             self.write_shard(shard)
             lock.remove()
         return "computed"
 
+    def _wait_unlocked(self, shard: int, blocking: bool) -> bool:
+        """Without flock: whether to compute ``shard`` now. A temporary folder younger than ``STALE_S`` is a
+        live writer's: ``False`` (skip) when not ``blocking``, else poll until it is committed or goes stale."""
+        last_note = 0.0
+        while not self.done(shard):
+            live = [(path, age) for path, age in partial_folders(self.root, shard) if age < STALE_S]
+            if not live:
+                return True
+            if not blocking:
+                return False
+            if time.monotonic() - last_note >= WAIT_NOTE_S:
+                last_note = time.monotonic()
+                print(f"clip-compress: waiting for shard {shard} of {self.root}: {live[0][0].name} was written "
+                      f"{live[0][1]:.0f} s ago (no file locks here; taken over {STALE_S:.0f} s after its last "
+                      "change)", file=sys.stderr)
+            time.sleep(POLL_S)
+        return True
+
     def batches(self, shard: int) -> Iterator[dict[str, Any]]:
-        start = shard * self.tc.shard_size
+        """The shard's samples in batches of :attr:`samples_per_batch` (each sample's A views)."""
         samples = ViewSamples(self.dataset, teacher_views(self.teachers.preprocess), self.tc.num_augmentations,
                               self.tc.seed)
-        subset = Subset(samples, range(start, start + self.shard_len(shard)))
         workers = self.cfg.data.num_workers
-        yield from DataLoader(subset, batch_size=self.batch_size, shuffle=False, num_workers=workers,
-                              collate_fn=collate_views, pin_memory=self.teachers.device.type == "cuda",
-                              persistent_workers=False)
+        yield from DataLoader(Subset(samples, self.rows(shard)), batch_size=self.samples_per_batch, shuffle=False,
+                              num_workers=workers, collate_fn=collate_views,
+                              pin_memory=self.teachers.device.type == "cuda", persistent_workers=False)
 
     def write_shard(self, shard: int) -> None:
-        """Compute and write one shard (its temporary folder renamed into place)."""
+        """Compute and write one shard: its temporary folder is made first (without flock, the claim other
+        generators see; touched every :data:`HEARTBEAT_S`) and renamed into place at the end."""
         started = time.monotonic()
+        n = self.shard_len(shard)
+        writer = ShardWriter(self.root, shard)
+        try:
+            ok, boxes, arrays = self._compute(shard, writer)
+            writer.write("ok.npy", ok)
+            writer.write("boxes.npy", boxes)
+            for filename, array in arrays.items():
+                writer.write(filename, array)
+            writer.write_meta({"shard": shard, "samples": n, "bad": int(n - ok.sum()),
+                               "seconds": round(time.monotonic() - started, 3)})
+        except BaseException:
+            writer.abort()
+            raise
+        writer.commit()
+
+    def _compute(self, shard: int, writer: ShardWriter) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """``ok``, ``boxes`` and every output file's rows of one shard (a bad sample's rows stay zero)."""
         n, views, dtype = self.shard_len(shard), self.tc.num_augmentations, self.tc.dtype
         teachers = self.teachers
-        stored = STORED_DTYPES[dtype]
         ok = np.zeros(n, dtype=bool)
         boxes = np.zeros((n, views, 4), dtype=np.int32)
         arrays: dict[str, np.ndarray] = {}
@@ -253,9 +322,12 @@ class _ShardGenerator:
             dim = embed_dim(model)
             for name in self.tc.outputs:
                 shape = (n, views, dim) if name.startswith("image_") else (n, dim)
-                arrays[output_file(name, k)] = np.zeros(shape, dtype=stored)
-        first = shard * self.tc.shard_size
+                arrays[output_file(name, k)] = np.zeros(shape, dtype=STORED_DTYPES[dtype])
+        first, beat = self.rows(shard).start, time.monotonic()
         for batch in self.batches(shard):
+            if time.monotonic() - beat >= HEARTBEAT_S:
+                beat = time.monotonic()
+                os.utime(writer.tmp)  # alive (what a generator without flock looks at)
             local = (batch["index"] - first).numpy()
             ok[local] = batch["ok"].numpy()
             good = local[batch["ok"].numpy()]
@@ -269,18 +341,7 @@ class _ShardGenerator:
                     if name.startswith("image_"):
                         values = values.reshape(good.size, views, -1)
                     arrays[output_file(name, k)][good] = to_stored(values, dtype)
-        writer = ShardWriter(self.root, shard)
-        try:
-            writer.write("ok.npy", ok)
-            writer.write("boxes.npy", boxes)
-            for filename, array in arrays.items():
-                writer.write(filename, array)
-            writer.write_meta({"shard": shard, "samples": n, "bad": int(n - ok.sum()),
-                               "seconds": round(time.monotonic() - started, 3)})
-        except BaseException:
-            writer.abort()
-            raise
-        writer.commit()
+        return ok, boxes, arrays
 
 
 def print_report(report: GenerateReport, stream: Any = None) -> None:

@@ -88,6 +88,12 @@ def num_shards(num_samples: int, shard_size: int) -> int:
     return -(-int(num_samples) // int(shard_size))
 
 
+def shard_range(shard: int, shard_size: int, num_samples: int) -> range:
+    """The sample ids of shard ``shard``: ``[s*size, min((s+1)*size, N))`` (empty past the last shard)."""
+    start = int(shard) * int(shard_size)
+    return range(min(start, int(num_samples)), min(start + int(shard_size), int(num_samples)))
+
+
 def bytes_per_sample(image_dims: list[int], text_dims: list[int], num_augmentations: int, dtype: str,
                      outputs: list[str]) -> int:
     """Bytes one sample takes: ``ok`` (1) + boxes (A x 4 int32) + per teacher k, per stored image output

@@ -5,6 +5,8 @@ Layout under the cache's root (``teacher_cache.dir / cache_id``)::
     manifest.json              format, cache_id, identity, num_samples, shard_size, num_shards, num_augmentations,
                                dtype, outputs, precision, teachers [{model, image_dim, text_dim, logit_scale}],
                                summary (null until every shard is there: samples, bad_samples, bytes, seconds)
+    complete.json              the summary again, written (atomically) last, once every shard is there: a reader
+                               checks it alone instead of listing ~24k shard folders (400M samples / 16384)
     shard-000012/              samples [12 x shard_size, min(13 x shard_size, N)), n of them
         ok.npy                 bool[n]        False: a bad sample (zero rows; skipped in training)
         boxes.npy              int32[n, A, 4] each view's crop box (top, left, height, width)
@@ -14,7 +16,9 @@ Layout under the cache's root (``teacher_cache.dir / cache_id``)::
         meta.json              samples, bad, seconds
     shard-000012.lock          the generators' lock (flock) while the shard is written
 
-A shard is written to a temporary folder and renamed (atomic): a folder named ``shard-XXXXXX`` is complete.
+A shard is written to a temporary folder ``.shard-XXXXXX.tmp-HOST-PID-RANDOM`` (one per writer) and renamed
+(atomic): a folder named ``shard-XXXXXX`` is complete. ``shard_size`` and ``num_shards`` are the manifest's: a
+config's other ``shard_size`` (not part of the cache id) never re-cuts an existing cache.
 Numbers are float16, float32, or bfloat16 stored as its uint16 bit pattern (numpy has no bfloat16); the reader
 returns float32.
 """
@@ -25,7 +29,10 @@ import json
 import math
 import mmap
 import os
+import resource
 import shutil
+import socket
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -37,15 +44,35 @@ import torch
 from torch import Tensor
 
 from compress.fileio import atomic_write_text, fsync_path
+from compress.teacher_cache.identity import shard_range
 
 MANIFEST = "manifest.json"
 SHARD_META = "meta.json"
-#: how many shards' memory maps a reader keeps open (an LRU; ~4 maps each: 32k maps stay under Linux's default
-#: vm.max_map_count of 65530). A shard mapped again costs ~0.1 ms (4 files), a mapped one only its page reads:
-#: with ``shard_size`` 65536, 400M samples are 6.1k shards and all stay mapped
+#: the completion marker (the summary), written last when every shard is there
+COMPLETE = "complete.json"
+#: the most shards' memory maps a reader keeps open (an LRU; ~4 maps each: 32k maps stay under Linux's default
+#: vm.max_map_count of 65530). Each map also holds an open file descriptor (Python < 3.13 dups the fd into every
+#: ``mmap``), so the LRU is sized from RLIMIT_NOFILE too: :func:`open_shards_limit`. A shard mapped again costs
+#: ~0.1 ms (4 files), a mapped one only its page reads
 OPEN_SHARDS = 8192
+#: file descriptors a reading process leaves to everything else (sockets, NCCL, a DataLoader's pipes, logs)
+FD_RESERVE = 256
+#: the fewest shards kept mapped, whatever the limit
+MIN_OPEN_SHARDS = 4
+#: maps per shard (ok, boxes, and ~2 outputs read per step)
+MAPS_PER_SHARD = 4
 #: the numpy dtype each cache dtype is stored as
 STORED_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
+
+
+def open_shards_limit() -> int:
+    """Shards a reader may keep mapped in this process: ``(soft RLIMIT_NOFILE - FD_RESERVE) / 4`` (each map holds
+    an fd), at least :data:`MIN_OPEN_SHARDS`, at most :data:`OPEN_SHARDS`. With the common soft limit of 1024 that
+    is 192 shards per process (each DataLoader worker is one; every shard still readable, re-mapped on need)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return OPEN_SHARDS
+    return max(MIN_OPEN_SHARDS, min(OPEN_SHARDS, (int(soft) - FD_RESERVE) // MAPS_PER_SHARD))
 
 
 class CacheStoreError(RuntimeError):
@@ -91,7 +118,8 @@ class ShardWriter:
     def __init__(self, root: Path, shard: int) -> None:
         self.root, self.shard = Path(root), shard
         self.final = self.root / shard_name(shard)
-        self.tmp = self.root / f".{shard_name(shard)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = self.root / (f".{shard_name(shard)}.tmp-{socket.gethostname()}-{os.getpid()}-"
+                                f"{uuid.uuid4().hex[:8]}")
         self.tmp.mkdir(parents=True)
 
     def write(self, filename: str, array: np.ndarray) -> None:
@@ -121,9 +149,21 @@ class ShardWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def discard_partial(root: Path, shard: int) -> int:
-    """Remove the temporary folders killed writers left for ``shard`` (call it holding the shard's lock)."""
-    stale = list(Path(root).glob(f".{shard_name(shard)}.tmp-*"))
+def partial_folders(root: Path, shard: int) -> list[tuple[Path, float]]:
+    """The temporary folders of ``shard`` (live or killed writers') and their age in seconds (by mtime)."""
+    now, out = time.time(), []
+    for path in Path(root).glob(f".{shard_name(shard)}.tmp-*"):
+        try:
+            out.append((path, now - path.stat().st_mtime))
+        except FileNotFoundError:  # committed or removed meanwhile
+            continue
+    return out
+
+
+def discard_partial(root: Path, shard: int, older_than_s: float = 0.0) -> int:
+    """Remove the temporary folders of ``shard`` older than ``older_than_s`` (0: all, what killed writers left;
+    call it holding the shard's lock, or with a large age where no lock is held: a live writer's folder is young)."""
+    stale = [path for path, age in partial_folders(root, shard) if age >= older_than_s]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return len(stale)
@@ -149,12 +189,12 @@ class CacheStore:
     """Reads a cache folder: ``ok``, ``boxes`` and ``outputs`` for sample ids (and view indices).
 
     Picklable and lazy: the manifest and the shards' memory maps are opened on first use in each process (a
-    DataLoader worker opens its own), and at most :data:`OPEN_SHARDS` shards' maps are kept (least recently
-    used dropped)."""
+    DataLoader worker opens its own), and at most ``open_shards`` shards' maps are kept (least recently used
+    dropped; default :func:`open_shards_limit` of the process, from its file-descriptor limit)."""
 
-    def __init__(self, root: str | Path, open_shards: int = OPEN_SHARDS) -> None:
+    def __init__(self, root: str | Path, open_shards: int | None = None) -> None:
         self.root = Path(root)
-        self.open_shards = int(open_shards)
+        self._open_shards = None if open_shards is None else int(open_shards)
         self._reset()
 
     def _reset(self) -> None:
@@ -162,12 +202,13 @@ class CacheStore:
         self._maps: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
         self._layouts: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
         self._pid = os.getpid()
+        self.open_shards = open_shards_limit() if self._open_shards is None else self._open_shards
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root, "open_shards": self.open_shards}
+        return {"root": self.root, "open_shards": self._open_shards}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.root, self.open_shards = state["root"], state["open_shards"]
+        self.root, self._open_shards = state["root"], state["open_shards"]
         self._reset()
 
     def __repr__(self) -> str:
@@ -196,14 +237,59 @@ class CacheStore:
     def shard_size(self) -> int:
         return int(self.manifest["shard_size"])
 
+    @property
+    def num_shards(self) -> int:
+        return int(self.manifest["num_shards"])
+
+    def shard_rows(self, shard: int) -> range:
+        """The sample ids of ``shard`` (the manifest's cut)."""
+        return shard_range(shard, self.shard_size, self.num_samples)
+
+    def marked_complete(self) -> bool:
+        """The completion marker is there (one stat; no shard folder listed)."""
+        return (self.root / COMPLETE).is_file()
+
+    def written_shards(self) -> list[int]:
+        """The shards written (the completion marker, else one listing of the folder)."""
+        count = self.num_shards  # the manifest (its clear error first)
+        if self.marked_complete():
+            return list(range(count))
+        names = set(os.listdir(self.root))
+        return [s for s in range(count) if shard_name(s) in names]
+
     def missing_shards(self) -> list[int]:
-        """The shards not written yet (every shard without a manifest)."""
-        count = int(self.manifest["num_shards"])
-        return [s for s in range(count) if not (self.root / shard_name(s)).is_dir()]
+        """The shards not written yet (the completion marker, else one listing of the folder)."""
+        count = self.num_shards  # the manifest (its clear error first)
+        if self.marked_complete():
+            return []
+        names = set(os.listdir(self.root))
+        return [s for s in range(count) if shard_name(s) not in names]
 
     def complete(self) -> bool:
-        """A manifest and every shard are there."""
+        """A manifest and every shard are there: the completion marker, else the folder listed."""
+        if self.marked_complete():
+            return True
         return (self.root / MANIFEST).is_file() and not self.missing_shards()
+
+    def mark_complete(self) -> dict[str, Any]:
+        """The complete cache's totals (samples, bad samples, bytes, generation seconds), read from every shard
+        once, into its manifest's summary and then the completion marker; the marker's summary if it is there."""
+        if self.marked_complete():
+            return json.loads((self.root / COMPLETE).read_text())
+        if self.missing_shards():
+            raise CacheStoreError(f"teacher cache {self.root}: shards {self.missing_shards()[:5]} missing")
+        self.reload()
+        manifest = self.manifest
+        summary = manifest.get("summary")
+        if not summary:
+            metas = [self.shard_meta(s) for s in range(self.num_shards)]
+            size = sum(p.stat().st_size for s in range(self.num_shards) for p in (self.root / shard_name(s)).iterdir())
+            summary = {"samples": self.num_samples, "bad_samples": sum(int(m["bad"]) for m in metas),
+                       "bytes": size, "seconds": round(sum(float(m["seconds"]) for m in metas), 3)}
+            atomic_write_text(self.root / MANIFEST, json.dumps({**manifest, "summary": summary}, indent=1) + "\n")
+        atomic_write_text(self.root / COMPLETE, json.dumps(summary, sort_keys=True) + "\n")
+        self.reload()
+        return summary
 
     def shard_meta(self, shard: int) -> dict[str, Any]:
         return json.loads((self.root / shard_name(shard) / SHARD_META).read_text())
@@ -227,12 +313,12 @@ class CacheStore:
             raise CacheStoreError(f"teacher cache {self.root}: {filename} is not stored "
                                   "(teacher_cache.outputs)") from None
         self._maps[key] = array
-        if len(self._maps) > self.open_shards * 4:  # ~4 files per shard
+        if len(self._maps) > self.open_shards * MAPS_PER_SHARD:  # each map holds a file descriptor
             self._maps.popitem(last=False)
         return array
 
     def _shard_rows(self, shard: int) -> int:
-        return min(self.shard_size, self.num_samples - shard * self.shard_size)
+        return len(self.shard_rows(shard))
 
     def _map(self, path: str, filename: str, rows: int) -> np.ndarray:
         """``path`` memory-mapped read-only. Every shard's file of one name has the same header (dtype, row shape,

@@ -42,14 +42,19 @@ class VerifyReport:
 
 
 def _random_pairs(store: CacheStore, n: int, seed: int) -> list[tuple[int, int]]:
-    """``n`` random (good sample, view) pairs of the shards written (without reading every shard's ``ok``)."""
-    present = sorted(set(range(int(store.manifest["num_shards"]))) - set(store.missing_shards()))
-    if not present:
+    """``n`` random (good sample, view) pairs of the shards written: ``max(4n, n + 64)`` draws of a random written
+    shard, then a random row of it (duplicates dropped, bad samples left out), O(n) in memory and time whatever the
+    number of samples; only the drawn samples' ``ok`` is read."""
+    present = np.asarray(store.written_shards(), dtype=np.int64)
+    if present.size == 0:
         raise CacheConfigError(f"teacher cache {store.root}: no shard written yet: nothing to verify")
     rng = np.random.default_rng(seed)
     size, total, views = store.shard_size, store.num_samples, int(store.manifest["num_augmentations"])
-    candidates = [i for s in present for i in range(s * size, min((s + 1) * size, total))]
-    ids = rng.permutation(np.asarray(candidates, dtype=np.int64))[: max(4 * n, n + 64)]
+    shards = rng.choice(present, size=max(4 * n, n + 64))
+    starts = shards * size
+    ids = rng.integers(starts, np.minimum(starts + size, total))
+    _, first = np.unique(ids, return_index=True)
+    ids = ids[np.sort(first)]  # distinct, in the order drawn
     good = ids[store.ok(ids).numpy()][:n]
     return [(int(i), int(rng.integers(views))) for i in good]
 
