@@ -203,6 +203,22 @@ def test_a_csv_data_file_is_fingerprinted(tmp_path):
     assert cache_id_of(cfg) != before
 
 
+def test_a_data_folder_is_fingerprinted_one_level_deep_without_walking_its_images(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    root = tmp_path / "images"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "a.png").write_bytes(b"x")
+    cfg = _cfg(tmp_path, **{"data.train.kind": "folder", "data.train.path": str(root)})
+    before = cache_id_of(cfg)
+    monkeypatch.setattr(Path, "rglob", lambda *a, **k: (_ for _ in ()).throw(AssertionError("walked the images")))
+    assert cache_id_of(cfg) == before
+    (root / "cat" / "b.png").write_bytes(b"y")  # an image added to a class folder changes the folder's time
+    os.utime(root / "cat", ns=(1, 10**18))
+    assert cache_id_of(cfg) != before
+
+
 def test_the_identity_module_loads_no_torch_and_its_crop_is_the_training_transforms():
     from compress.data import transforms
 

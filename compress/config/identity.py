@@ -65,6 +65,23 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def data_fingerprint(path: str | os.PathLike[str]) -> str | None:
+    """A data set's fingerprint, cheap at any size: a file's size and modification time (a CSV), or a folder's
+    entries one level deep (names, sizes, modification times: an image added to or removed from a class folder
+    changes that folder's time) without walking the images. An image rewritten in place under the same name is not
+    seen, by either. ``None`` if nothing is there."""
+    root = Path(path)
+    if not root.exists():
+        return None
+    if root.is_file():
+        return file_fingerprint(root)
+    digest = hashlib.sha256()
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        stat = entry.stat()
+        digest.update(f"{entry.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
 def model_fingerprints(cfg: RunConfig) -> dict[str, str]:
     """Fingerprints of the local files the teacher (every member of an ensemble) and the students (of every stage)
     are read from (``model`` and ``pretrained`` paths); open_clip names and tags have none."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compress.config.identity import canonical, file_fingerprint, hash_identity, model_fingerprints
+from compress.config.identity import canonical, data_fingerprint, hash_identity, model_fingerprints
 from compress.config.schema import ModelSpec, RunConfig
 
 #: the on-disk format; a change of layout or meaning bumps it (and so every cache id)
@@ -58,7 +58,7 @@ def cache_identity(cfg: RunConfig) -> dict[str, Any]:
         raise CacheConfigError("the config has no teacher_cache section: add one (teacher_cache: {dir: ...})")
     train = cfg.data.train
     data = {k: v for k, v in cfg.to_dict()["data"]["train"].items() if k not in _DATA_KEYS_OUT}
-    data["fingerprint"] = file_fingerprint(train.path) if train.path else None
+    data["fingerprint"] = data_fingerprint(train.path) if train.path else None
     return canonical({
         "format": FORMAT_VERSION,
         "teachers": [_teacher_identity(t, cfg.seed) for t in teachers_of(cfg)],

@@ -17,19 +17,15 @@ from torch.utils.data import Dataset
 
 from compress.config import RunConfig
 from compress.data.datasets import build_dataset
-from compress.data.robust import torch_seeded, warn_bad
+from compress.data.robust import warn_bad
 from compress.data.transforms import Box, CropViews
-from compress.data.views import view_seed
+from compress.data.views import fixed_view_box
 from compress.teacher_cache.identity import CacheConfigError
 
 
 def draw_boxes(crop: CropViews, img: Any, seed: int, index: int, num_views: int) -> list[Box]:
-    """The ``num_views`` crop boxes of sample ``index`` (each drawn under its own :func:`view_seed`)."""
-    boxes = []
-    for view in range(num_views):
-        with torch_seeded(view_seed(seed, index, view)):
-            boxes.append(crop.draw(img))
-    return boxes
+    """The ``num_views`` crop boxes of sample ``index`` (:func:`compress.data.views.fixed_view_box`)."""
+    return [fixed_view_box(crop, img, seed, index, view) for view in range(num_views)]
 
 
 def teacher_views(preprocess: Sequence[PreprocessCfg]) -> CropViews:
