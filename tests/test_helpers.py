@@ -56,7 +56,9 @@ def test_model_input_sizes_from_one_place() -> None:
 
 
 def test_clip_output_has_only_extras_a_forward_fills_and_refuses_others() -> None:
-    extras = {f.name for f in dataclasses.fields(ClipOutput)} - {"image_features", "text_features", "logit_scale"}
+    # ``members`` is an ensemble's list of outputs (ClipOutput.of_members), not an extra a forward fills
+    extras = {f.name for f in dataclasses.fields(ClipOutput)} - {"image_features", "text_features", "logit_scale",
+                                                                  "members"}
     assert extras == set(EXTRAS)
     model = load_model("cc-test-teacher")
     images, texts = torch.zeros(2, 3, 32, 32), torch.zeros(2, 16, dtype=torch.long)
