@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from compress.models.attention import HeadAttention
-from compress.models.forward import clip_forward, model_tokenizer_identity, tokenizer_for
+from compress.models.forward import clip_forward, model_list, model_tokenizer_identity, tokenizer_for
 from compress.outputs import ClipOutput
 from compress.precision import Precision
 
@@ -110,7 +110,7 @@ class OnlineTeacher:
         from compress.data.collate import teacher_texts_key
         from compress.data.transforms import teacher_view_key
 
-        models = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
+        models = model_list(teacher)
         self.members = [compute_copy(freeze(m), precision) for m in models]
         self.teacher = self.members[0]
         self.precision = precision

@@ -19,7 +19,7 @@ from compress.data.robust import DataError
 from compress.data.sampling import EpochShuffleSampler
 from compress.data.transforms import CropViews, preprocess_of, train_transform_for, training_views
 from compress.data.views import FixedViews
-from compress.models.forward import model_tokenizer_identity, tokenizer_for
+from compress.models.forward import model_list, model_tokenizer_identity, tokenizer_for
 
 
 class ReplayStream:
@@ -156,7 +156,7 @@ def student_inputs(views: FixedViews) -> FixedViews:
 def teacher_tokenizers(student: nn.Module, teacher: nn.Module | Sequence[nn.Module] | None) -> dict[str, Any]:
     """``{teacher_texts_key(k): tokenizer}`` for each teacher whose tokenizer is not the student's
     (:func:`compress.models.forward.tokenizer_identity`): its ids of the captions are made in the loader's workers."""
-    teachers = [] if teacher is None else [teacher] if isinstance(teacher, nn.Module) else list(teacher)
+    teachers = model_list(teacher)
     mine = model_tokenizer_identity(student)
     return {teacher_texts_key(k): tokenizer_for(model) for k, model in enumerate(teachers)
             if model_tokenizer_identity(model) != mine}

@@ -27,6 +27,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from compress.models.export import preprocess_config
+from compress.models.forward import model_list
 
 CLIP_MEAN: tuple[float, ...] = tuple(OPENAI_DATASET_MEAN)
 CLIP_STD: tuple[float, ...] = tuple(OPENAI_DATASET_STD)
@@ -155,7 +156,7 @@ def training_views(student: nn.Module, teacher: nn.Module | Sequence[nn.Module] 
                    ) -> dict[str, PreprocessCfg]:
     """The views a training crop is prepared in: ``images`` for the student and, for each teacher (one, or each
     member of an ensemble) whose size or normalisation differs from the student's, :func:`teacher_view_key`."""
-    teachers = [] if teacher is None else [teacher] if isinstance(teacher, nn.Module) else list(teacher)
+    teachers = model_list(teacher)
     views = {"images": preprocess_of(student)}
     for k, model in enumerate(teachers):
         if not same_training_view(student, model):

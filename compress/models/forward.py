@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch.nn.functional as F
@@ -123,3 +123,10 @@ def tokenizer_mismatch(teacher_cfg: Mapping[str, Any], student_cfg: Mapping[str,
     return (f"teacher and student tokenize differently: teacher {describe_tokenizer(teacher)}, student "
             f"{describe_tokenizer(student)}; the captions are tokenized once, with the student's tokenizer, "
             "for both models: distil from a teacher with the student's tokenizer")
+
+
+def model_list(models: nn.Module | Sequence[nn.Module] | None) -> list[nn.Module]:
+    """One model, a sequence of them (a teacher ensemble) or none, as a list."""
+    if models is None:
+        return []
+    return [models] if isinstance(models, nn.Module) else list(models)
