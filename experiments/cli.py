@@ -1,4 +1,5 @@
-"""The ``clip-compress`` command line: run, sweep, status, collect, table, plot, eval, list, demo, cache-teacher."""
+"""The ``clip-compress`` command line: run, sweep, status, collect, table, plot, eval, list, demo, cache-teacher,
+export."""
 
 from __future__ import annotations
 
@@ -334,10 +335,19 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from experiments.export_cli import ExportCliError, export
+
+    try:
+        return export(args)
+    except ExportCliError as error:
+        raise CliError(str(error)) from None
+
+
 #: the function of each command of :func:`experiments.cli_parser.build_parser`
 COMMANDS = {"run": _cmd_run, "sweep": _cmd_sweep, "eval": _cmd_eval, "list": _cmd_list, "demo": _cmd_demo,
             "status": _cmd_status, "collect": _cmd_collect, "table": _cmd_table, "plot": _cmd_plot,
-            "cache-teacher": _cmd_cache_teacher}
+            "cache-teacher": _cmd_cache_teacher, "export": _cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

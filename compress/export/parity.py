@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from compress.export.onnx_export import OnnxExportError, OnnxFile, require_onnx
@@ -21,18 +22,26 @@ class ParityError(OnnxExportError):
     """An exported tower whose outputs differ from PyTorch's by more than the tolerance."""
 
 
-def parity_batch(model: nn.Module, n: int = 8, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """``(images [n, 3, H, W], token ids [n, L])``: ``n`` rendered validation images of the shapes data set
-    through the model's eval transform, and their captions through the model's tokenizer."""
+def rendered_samples(n: int = 8, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
+    """``n`` rendered validation images of the embedded shapes data set (PIL) and their captions."""
     from compress.data.synthetic import ShapesDataset
-    from compress.data.transforms import eval_transform_for
-    from compress.models.forward import tokenizer_for
 
     if n < 1:
         raise ValueError(f"a parity batch needs at least one image, got {n}")
-    data = ShapesDataset(seed=seed, split="val", num_samples=n, transform=eval_transform_for(model))
-    images, captions = zip(*(data[i] for i in range(n)), strict=True)
-    return torch.stack(list(images)), tokenizer_for(model)(list(captions))
+    data = ShapesDataset(seed=seed, split="val", num_samples=n)
+    images, captions = zip(*(data.pil(i) for i in range(n)), strict=True)
+    return list(images), list(captions)
+
+
+def parity_batch(model: nn.Module, n: int = 8, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``(images [n, 3, H, W], token ids [n, L])``: :func:`rendered_samples` through the model's eval transform
+    and its tokenizer."""
+    from compress.data.transforms import eval_transform_for
+    from compress.models.forward import tokenizer_for
+
+    images, captions = rendered_samples(n, seed)
+    transform = eval_transform_for(model)
+    return torch.stack([transform(image) for image in images]), tokenizer_for(model)(captions)
 
 
 def run_onnx(path: str, inputs: Tensor) -> np.ndarray:
