@@ -99,6 +99,12 @@ def test_card_lines_from_a_run_row() -> None:
     assert "- **Sparsity:** 49.0% of the teacher's prunable parameters removed (target 50.0%)" in lines
 
 
+def test_card_counts_macs_in_billions_past_one() -> None:
+    from compress.export.model_card import _count
+
+    assert (_count(4_408_810_000), _count(2_140_032)) == ("4.41G", "2.14M")
+
+
 def test_evaluation_tables_golden() -> None:
     assert evaluation_tables(ROW["metrics"]) == [
         "### Zero-shot classification (%)", "",

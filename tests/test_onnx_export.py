@@ -44,7 +44,7 @@ def test_parity_batch_is_rendered_images_and_their_captions(pruned: nn.Module) -
 
 def test_pruned_student_dynamic_batch_matches_pytorch(pruned: nn.Module, tmp_path: Path) -> None:
     """The non-uniform student (a layer without heads, one without MLP, a pruned residual width), both towers,
-    one dynamic-batch file each, run at batch 8, 1 and 3."""
+    one dynamic-batch file each, run at batch 8, 1 and 3; the text tower pools at the end-of-text token."""
     structure = pruned.clip_structure
     assert 0 in structure["vision"]["heads"] and 0 in structure["vision"]["mlp_width"]
     assert len(set(structure["text"]["heads"])) > 1 and structure["vision"]["width"] < 64
@@ -58,20 +58,19 @@ def test_pruned_student_dynamic_batch_matches_pytorch(pruned: nn.Module, tmp_pat
     with torch.no_grad():
         expected = pruned.encode_text(tokens[2:5], normalize=True).numpy()
     assert abs(run_onnx(str(files[1].path), tokens[2:5]) - expected).max() <= PARITY_ATOL
+    _check_text_pools_where_the_ids_say(pruned, files[1].path)
 
 
-def test_text_tower_pools_where_the_ids_say(pruned: nn.Module, tmp_path: Path) -> None:
+def _check_text_pools_where_the_ids_say(model: nn.Module, path: Path) -> None:
     """The end-of-text position is read from the ids at run time (ArgMax in the graph), not fixed at trace
     time: moving it changes the ONNX output exactly as it changes PyTorch's."""
-    (file,) = export_onnx(pruned, tmp_path, towers=("text",))
-    ops = {n.op_type for n in onnx.load(str(file.path)).graph.node}
-    assert "ArgMax" in ops
+    assert "ArgMax" in {n.op_type for n in onnx.load(str(path)).graph.node}
     ids = torch.randint(1, 49406, (2, 16), generator=torch.Generator().manual_seed(0))
     ids[:, 10], ids[:, 11:] = 49407, 0  # end-of-text at position 10
     ids[1, 3], ids[1, 4:] = 49407, 0  # row 1: the same text cut short, end-of-text at position 3
-    out = run_onnx(str(file.path), ids)
+    out = run_onnx(str(path), ids)
     with torch.no_grad():
-        expected = pruned.encode_text(ids, normalize=True).numpy()
+        expected = model.encode_text(ids, normalize=True).numpy()
     assert abs(out - expected).max() <= PARITY_ATOL and abs(out[0] - out[1]).max() > 1e-3
 
 
@@ -126,3 +125,29 @@ def test_bad_options_are_refused(pruned: nn.Module, tmp_path: Path, monkeypatch:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     with pytest.raises(OnnxExportError, match=r"onnxscript: pip install \"clip-compress\[onnx\]\""):
         require_onnx()
+
+
+@pytest.mark.slow
+def test_resnet_image_tower_matches_pytorch(tmp_path: Path) -> None:
+    """ModifiedResNet (attention pooling through ``F.multi_head_attention_forward``) exports too."""
+    from compress.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model("cc-test-rn-student")
+    files = export_onnx(model, tmp_path, towers=("image",))
+    images, tokens = parity_batch(model, 4)
+    assert check_parity(model, files, images, tokens)["image"] <= PARITY_ATOL
+
+
+@pytest.mark.slow
+def test_weights_past_the_protobuf_limit_go_to_external_data(pruned: nn.Module, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import compress.export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as if the tower passed 1.9 GB
+    file = export_tower(pruned, "image", tmp_path / "image_encoder.onnx")
+    data = tmp_path / "image_encoder.onnx.data"
+    assert data.is_file() and file.path.stat().st_size < data.stat().st_size
+    assert file.bytes == file.path.stat().st_size + data.stat().st_size
+    images, tokens = parity_batch(pruned, 2)
+    assert check_parity(pruned, [file], images, tokens)["image"] <= PARITY_ATOL

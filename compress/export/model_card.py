@@ -38,6 +38,11 @@ def _millions(n: int | float) -> str:
     return f"{n / 1e6:.2f}M"
 
 
+def _count(n: int | float) -> str:
+    """``4.41G`` / ``2.14M``."""
+    return f"{n / 1e9:.2f}G" if n >= 1e9 else _millions(n)
+
+
 def _spec(d: Mapping[str, Any] | None, skip: tuple[str, ...] = ("name",)) -> str:
     """``name(key=value, ...)`` of a plug-in spec."""
     if not d:
@@ -153,7 +158,7 @@ def render_card(facts: CardFacts) -> str:
     lines += [
         f"- **Parameters:** image tower {_millions(p['vision'])}, text tower {_millions(p['text'])} (without its "
         f"token embedding, {_millions(p['token_embedding'])}), total {_millions(p['total'])}",
-        f"- **MACs:** {facts.macs['image'] / 1e6:.2f}M per image, {facts.macs['text'] / 1e6:.2f}M per text",
+        f"- **MACs:** {_count(facts.macs['image'])} per image, {_count(facts.macs['text'])} per text",
         f"- **Image preprocessing:** {json.dumps(facts.preprocess)}",
         f"- **Tokenizer:** {facts.tokenizer}",
     ]
