@@ -1,0 +1,191 @@
+"""Every exported student loads in clip_benchmark (1.6.2) and its numbers equal this project's evaluation.
+
+A tiny clip_benchmark-format set on disk (a classification set and a retrieval set with distinct captions,
+written by ``compress.data.benchmark_sets``), an exported uniform student (open_clip's layout) and an
+automatically pruned (non-uniform) one, evaluated by clip_benchmark's own evaluate functions in process, by
+its CLI (``clip-compress-benchmark``, in process) and by this project's evaluation: equal top-1 / top-5 and
+recalls."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+pytest.importorskip("clip_benchmark", reason="clip_benchmark is in the eval extra (pip install 'clip-compress[eval]')")
+
+from compress.data.benchmark_sets import WdsEvalSet, write_wds_classification, write_wds_retrieval  # noqa: E402
+from compress.data.tasks import RetrievalSet, ZeroShotTask  # noqa: E402
+from compress.data.transforms import eval_transform_for  # noqa: E402
+from compress.evaluation import evaluate_model  # noqa: E402
+from compress.integrations import clip_benchmark as cb  # noqa: E402
+from compress.models import load_model  # noqa: E402
+from compress.models.export import save_model  # noqa: E402
+from compress.models.forward import tokenizer_for  # noqa: E402
+from compress.models.nonuniform import is_nonuniform_folder  # noqa: E402
+from compress.registry import INHERITANCE  # noqa: E402
+
+CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "purple ring", "orange cross"]
+TEMPLATES = ["a photo of a {c}.", "a drawing of the {c}."]
+N_CLS, N_RET, BATCH = 30, 12, 8
+RECALL_K = (1, 5)
+
+
+def _images(n: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("benchmark")
+    labels = [i % len(CLASSES) for i in range(N_CLS)]
+    write_wds_classification(root, "tiny_cls", _images(N_CLS, 0), labels, CLASSES, TEMPLATES, shard_size=7)
+    captions = [[f"a picture number {i} of a {CLASSES[i % 6]}"] + ([f"image {i}, seen twice"] if i % 3 == 0 else [])
+                for i in range(N_RET)]
+    flat = [c for cs in captions for c in cs]
+    assert len(set(flat)) == len(flat)  # distinct captions: no tie decides a recall
+    write_wds_retrieval(root, "tiny_ret", _images(N_RET, 1), captions, shard_size=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A uniform student (open_clip's layout) and an automatically pruned one (``auto`` inheritance's export:
+    per-layer heads and MLP widths, residual channels pruned: this project's non-uniform format)."""
+    out = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    teacher = load_model("cc-test-teacher")
+    uniform = save_model(copy.deepcopy(teacher), out / "uniform")
+    strategy = INHERITANCE.build({"name": "auto", "prune_step": 1000})
+    student = strategy.inherit(None, teacher)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for tower in student.structure_masks.towers.values():
+            for gates in tower.gate_modules():
+                gates.log_alpha.uniform_(math.log(0.05), math.log(20.0), generator=generator)
+    pruned = save_model(strategy.export(student), out / "pruned")
+    assert not is_nonuniform_folder(uniform) and is_nonuniform_folder(pruned)
+    structure = json.loads((pruned / "clip_compress_config.json").read_text())["structure"]
+    assert len(set(structure["vision"]["heads"])) > 1 and structure["vision"]["width"] < 64
+    return {"uniform": uniform, "pruned": pruned}
+
+
+def _project_metrics(folder: Path, root: Path) -> dict[str, float]:
+    """This project's evaluation (its own loader, reader, transform and metrics), in fractions like
+    clip_benchmark's: ``acc1``, ``acc5``, ``image_retrieval_recall@k`` (text -> image, ``t2i``) and
+    ``text_retrieval_recall@k`` (image -> text, ``i2t``)."""
+    model = load_model(str(folder))
+    transform, tokenizer = eval_transform_for(model), tokenizer_for(model)
+    cls_set = WdsEvalSet(root / "wds_tiny_cls", transform)
+    ret_set = WdsEvalSet(root / "wds_tiny_ret", transform)
+
+    def collate(batch: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([x for x, _ in batch]), tokenizer([c for _, cs in batch for c in cs])
+
+    text_to_image = [i for i, cs in enumerate(ret_set.captions) for _ in cs]
+    templates = [t.replace("{c}", "{}") for t in cls_set.info.templates]  # the project's str.format templates
+    task = ZeroShotTask("tiny_cls", DataLoader(cls_set, BATCH), cls_set.info.classnames, templates)
+    metrics = evaluate_model(
+        model, tokenizer,
+        zero_shot_tasks=[task],
+        retrieval_sets=[RetrievalSet("tiny_ret", DataLoader(ret_set, BATCH, collate_fn=collate), text_to_image,
+                                     ks=RECALL_K)],
+        measure_params=False, measure_macs=False, measure_throughput=False,
+    )
+    out = {"acc1": metrics["zs/tiny_cls/top1"] / 100, "acc5": metrics["zs/tiny_cls/top5"] / 100}
+    for k in RECALL_K:
+        out[f"image_retrieval_recall@{k}"] = metrics[f"ret/tiny_ret/t2i_r{k}"] / 100
+        out[f"text_retrieval_recall@{k}"] = metrics[f"ret/tiny_ret/i2t_r{k}"] / 100
+    return out
+
+
+def _clip_benchmark_metrics(model: nn.Module, transform: Any, tokenizer: Any, root: Path) -> dict[str, float]:
+    """clip_benchmark's own data set builder and evaluate functions, as its CLI calls them (webdataset batches,
+    amp off: the comparison is in fp32)."""
+    from clip_benchmark.datasets.builder import build_dataset
+    from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
+
+    def loader(name: str, task: str) -> tuple[Any, DataLoader]:
+        ds = build_dataset(f"wds/{name}", root=str(root / f"wds_{name}"), transform=transform, task=task)
+        return ds, DataLoader(ds.batched(BATCH), batch_size=None, shuffle=False, num_workers=0)
+
+    ds, dl = loader("tiny_cls", "zeroshot_classification")
+    metrics = zeroshot_classification.evaluate(model, dl, tokenizer, ds.classes, ds.templates, device="cpu", amp=False)
+    _, dl = loader("tiny_ret", "zeroshot_retrieval")
+    metrics.update(zeroshot_retrieval.evaluate(model, dl, tokenizer, device="cpu", amp=False,
+                                               recall_k_list=list(RECALL_K)))
+    return metrics
+
+
+def _assert_equal(ours: dict[str, float], theirs: dict[str, float], sizes: dict[str, int]) -> None:
+    """Equal numbers: the same count of correct samples (fractions of ``sizes[metric]`` samples)."""
+    for key, value in ours.items():
+        n = sizes["cls" if key.startswith("acc") else "t2i" if key.startswith("image") else "i2t"]
+        assert round(value * n) == round(theirs[key] * n), (key, value, theirs[key])
+        assert value == pytest.approx(theirs[key], abs=1e-6), key
+
+
+SIZES = {"cls": N_CLS, "t2i": N_RET + 4, "i2t": N_RET}  # 16 captions: images 0, 3, 6, 9 have two
+
+
+@pytest.mark.parametrize("kind", ["uniform", "pruned"])
+def test_clip_benchmark_evaluate_functions_equal_the_projects_evaluation(data_root, exports, kind) -> None:
+    cb.register()
+    model, transform, tokenizer = cb.load_clip_compress(str(exports[kind]), "", None, "cpu")
+    theirs = _clip_benchmark_metrics(model, transform, tokenizer, data_root)
+    ours = _project_metrics(exports[kind], data_root)
+    _assert_equal(ours, theirs, SIZES)
+    assert 0 < theirs["acc5"] and theirs["acc1"] < theirs["acc5"]  # not a degenerate answer
+    if kind == "uniform":  # open_clip's own loader (clip_benchmark's default type) gives the same numbers
+        from clip_benchmark.models import load_clip
+
+        loaded = load_clip("open_clip", f"local-dir:{exports[kind]}", "", None, "cpu")
+        _assert_equal(ours, _clip_benchmark_metrics(*loaded, data_root), SIZES)
+
+
+def _cli(argv: list[str], out: Path) -> dict[str, Any]:
+    assert cb.main([*argv, "--output", str(out), "--no_amp", "--num_workers", "0", "--batch_size", str(BATCH),
+                    "--quiet"]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("kind", ["uniform", "pruned"])
+def test_clip_benchmark_cli_equals_the_projects_evaluation(data_root, exports, kind, tmp_path) -> None:
+    """``clip-compress-benchmark eval`` (clip_benchmark's CLI, ``--model_type clip_compress`` and an empty
+    ``--pretrained`` by default) writes clip_benchmark's result JSON with the project's numbers."""
+    model = str(exports[kind])
+    cls = _cli(["eval", "--dataset", "wds/tiny_cls", "--dataset_root", str(data_root / "wds_tiny_cls"),
+                "--model", model], tmp_path / "cls.json")
+    ret = _cli(["eval", "--dataset", "wds/tiny_ret", "--dataset_root", str(data_root / "wds_{dataset_cleaned}"),
+                "--task", "zeroshot_retrieval", "--recall_k", *map(str, RECALL_K), "--model", model],
+               tmp_path / "ret.json")
+    assert {k: cls[k] for k in ("dataset", "model", "pretrained", "task", "language")} == {
+        "dataset": "wds/tiny_cls", "model": model, "pretrained": "", "task": "zeroshot_classification",
+        "language": "en"}
+    assert ret["task"] == "zeroshot_retrieval" and cls["metrics"]["mean_per_class_recall"] >= 0
+    _assert_equal(_project_metrics(exports[kind], data_root), {**cls["metrics"], **ret["metrics"]}, SIZES)
+
+
+def test_a_project_model_name_with_a_checkpoint_file(data_root, exports, tmp_path) -> None:
+    """``--model cc-test-teacher --pretrained FILE``: a name only this project registers (open_clip in a
+    clip_benchmark process does not know it), weights from a plain state-dict file (no config inside): the
+    numbers of the same weights exported."""
+    from compress.models.build import save_safetensors
+
+    weights = tmp_path / "teacher.safetensors"
+    save_safetensors(load_model(str(exports["uniform"])).state_dict(), weights)
+    named = _cli(["eval", "--dataset", "wds/tiny_cls", "--dataset_root", str(data_root / "wds_{dataset}"),
+                  "--model", "cc-test-teacher", "--pretrained", str(weights)], tmp_path / "named.json")
+    assert named["model"] == "cc-test-teacher" and named["pretrained"] == str(weights)
+    ours = _project_metrics(exports["uniform"], data_root)
+    _assert_equal({k: ours[k] for k in ("acc1", "acc5")}, named["metrics"], SIZES)
