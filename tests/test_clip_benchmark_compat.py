@@ -29,9 +29,10 @@ from compress.data.transforms import eval_transform_for  # noqa: E402
 from compress.evaluation import evaluate_model  # noqa: E402
 from compress.integrations import clip_benchmark as cb  # noqa: E402
 from compress.models import load_model  # noqa: E402
-from compress.models.export import save_model  # noqa: E402
+from compress.models.export import save_model, save_open_clip  # noqa: E402
 from compress.models.forward import tokenizer_for  # noqa: E402
 from compress.models.nonuniform import is_nonuniform_folder  # noqa: E402
+from compress.models.pad import pad_to_uniform  # noqa: E402
 from compress.registry import INHERITANCE  # noqa: E402
 
 CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "purple ring", "orange cross"]
@@ -77,7 +78,12 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert not is_nonuniform_folder(uniform) and is_nonuniform_folder(pruned)
     structure = json.loads((pruned / "clip_compress_config.json").read_text())["structure"]
     assert len(set(structure["vision"]["heads"])) > 1 and structure["vision"]["width"] < 64
-    return {"uniform": uniform, "pruned": pruned}
+    with torch.no_grad():  # residual channels kept: pad_to_uniform gives the open_clip form of the student
+        for tower in student.structure_masks.towers.values():
+            tower.channels.log_alpha.fill_(math.log(20.0))
+    kept = strategy.export(student)
+    return {"uniform": uniform, "pruned": pruned, "kept_width": save_model(kept, out / "kept_width"),
+            "padded": save_open_clip(pad_to_uniform(kept), out / "padded")}
 
 
 def _project_metrics(folder: Path, root: Path) -> dict[str, float]:
@@ -153,12 +159,26 @@ def test_clip_benchmark_evaluate_functions_equal_the_projects_evaluation(data_ro
         _assert_equal(ours, _clip_benchmark_metrics(*loaded, data_root), SIZES)
 
 
+def test_a_padded_non_uniform_student_loads_in_open_clips_own_type(data_root, exports) -> None:
+    """The other way in: ``pad_to_uniform`` (zero heads and neurons) writes a non-uniform student whose
+    residual width was kept in open_clip's layout; clip_benchmark's default ``open_clip`` type evaluates it
+    with the numbers this project gives the non-uniform export."""
+    from clip_benchmark.models import load_clip
+
+    cb.register()
+    assert is_nonuniform_folder(exports["kept_width"])
+    loaded = load_clip("open_clip", f"local-dir:{exports['padded']}", "", None, "cpu")
+    _assert_equal(_project_metrics(exports["kept_width"], data_root), _clip_benchmark_metrics(*loaded, data_root),
+                  SIZES)
+
+
 def _cli(argv: list[str], out: Path) -> dict[str, Any]:
     assert cb.main([*argv, "--output", str(out), "--no_amp", "--num_workers", "0", "--batch_size", str(BATCH),
                     "--quiet"]) == 0
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["uniform", "pruned"])
 def test_clip_benchmark_cli_equals_the_projects_evaluation(data_root, exports, kind, tmp_path) -> None:
     """``clip-compress-benchmark eval`` (clip_benchmark's CLI, ``--model_type clip_compress`` and an empty
@@ -176,6 +196,7 @@ def test_clip_benchmark_cli_equals_the_projects_evaluation(data_root, exports, k
     _assert_equal(_project_metrics(exports[kind], data_root), {**cls["metrics"], **ret["metrics"]}, SIZES)
 
 
+@pytest.mark.slow
 def test_a_project_model_name_with_a_checkpoint_file(data_root, exports, tmp_path) -> None:
     """``--model cc-test-teacher --pretrained FILE``: a name only this project registers (open_clip in a
     clip_benchmark process does not know it), weights from a plain state-dict file (no config inside): the
