@@ -20,6 +20,7 @@ from compress.evaluation import (
     evaluate_model,
     recall_at_k,
     retrieval_recall,
+    text_identities,
     throughput,
     zero_shot_accuracy,
     zero_shot_classifier,
@@ -114,6 +115,57 @@ def test_recall_images_without_captions_left_out_of_i2t() -> None:
     assert got == pytest.approx({"i2t_r1": 100.0, "i2t_r2": 100.0, "t2i_r1": 50.0, "t2i_r2": 100.0})
     with pytest.raises(ValueError, match="index"):
         recall_at_k(img, txt, [0, 3])
+
+
+class TokenAngleModel(AngleModel):
+    """Texts are token ids [N, L] (long); a text's angle is ``WORD_ANGLES[first token]``, so
+    identical token rows give identical (exactly tied) features."""
+
+    WORD_ANGLES = torch.tensor([0.0, 0.04, 0.21, 0.6])
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        return self._embed(self.WORD_ANGLES[tokens[:, 0]])
+
+
+# 4 images at 0, 0.1, 0.2, 0.3; captions as token ids: images 0 and 1 both "red circle" (id 1 at
+# 0.04), image 2 "blue square" (0.21), image 3 "green star" (0.6). Image->text: images 0 and 1 both
+# see the two identical texts tied first; either is a caption of theirs, so both hit (3 of 4 images
+# hit at R@1; image 3's own caption ranks 4th). Row identity would credit only the one of the pair
+# topk happens to put first: 2 of 4. Text->image: both "red circle" texts find image 0 first, which
+# has that caption: all 4 texts hit (row identity: text 1 misses).
+DUP_TOKENS = torch.tensor([[1, 9], [1, 9], [2, 9], [3, 9]])
+DUP_IMAGES = torch.tensor([0.0, 0.1, 0.2, 0.3]).view(4, 1)
+DUP_EXPECTED = {"i2t_r1": 75.0, "i2t_r5": 100.0, "t2i_r1": 100.0, "t2i_r5": 100.0}
+
+
+def test_retrieval_identical_captions_count_as_correct() -> None:
+    got = retrieval_recall(TokenAngleModel(), [(DUP_IMAGES[:3], DUP_TOKENS[:3]), (DUP_IMAGES[3:], DUP_TOKENS[3:])],
+                           ks=(1, 5))
+    assert got == pytest.approx(DUP_EXPECTED)
+    # the answer does not depend on which of the tied texts comes first
+    order = [1, 0, 2, 3]
+    swapped = retrieval_recall(TokenAngleModel(), [(DUP_IMAGES, DUP_TOKENS[order])], ks=(1, 5),
+                               text_to_image=[1, 0, 2, 3])
+    assert swapped == pytest.approx(DUP_EXPECTED)
+    # row identity (no text ids): one of the two "red circle" images misses, in either direction
+    img = F.normalize(AngleModel._embed(DUP_IMAGES), dim=-1)
+    txt = F.normalize(TokenAngleModel().encode_text(DUP_TOKENS), dim=-1)
+    strict = recall_at_k(img, txt, [0, 1, 2, 3], ks=(1,))
+    assert strict == pytest.approx({"i2t_r1": 50.0, "t2i_r1": 75.0})
+    ids = text_identities(DUP_TOKENS)
+    assert ids.tolist()[0] == ids.tolist()[1] and len(set(ids.tolist())) == 3
+    assert recall_at_k(img, txt, [0, 1, 2, 3], ks=(1,), text_ids=ids) == pytest.approx({"i2t_r1": 75.0, "t2i_r1": 100.0})
+
+
+def test_retrieval_batches_with_any_number_of_captions_per_image() -> None:
+    """A dict batch's ``text_image`` (clip_benchmark retrieval sets: a list of captions per image)."""
+    batches = [
+        {"images": DUP_IMAGES[:2], "texts": DUP_TOKENS[[0, 3, 1]], "text_image": torch.tensor([0, 0, 1])},
+        {"images": DUP_IMAGES[2:], "texts": DUP_TOKENS[[2]], "text_image": torch.tensor([0])},
+    ]
+    # image 3 has no caption (left out of image->text); image 0 has "red circle" and "green star"
+    got = retrieval_recall(TokenAngleModel(), batches, ks=(1,))
+    assert got == pytest.approx({"i2t_r1": 100.0, "t2i_r1": 75.0})
 
 
 def test_recall_chunking_matches_full_matrix() -> None:
@@ -432,7 +484,9 @@ def test_evaluate_model_tiny_teacher(tiny: nn.Module) -> None:
     assert metrics["zs/color_shape/top1"] == pytest.approx(100.0 * hit.float().mean().item())
     assert metrics["zs/color_shape/top1_heldout"] == pytest.approx(100.0 * hit[heldout].float().mean().item())
     assert metrics["zs/color_shape/top1_seen"] == pytest.approx(100.0 * hit[~heldout].float().mean().item())
-    direct = recall_at_k(image_features[:8], text_features, list(range(8)))
+    # the 8 captions are 4 repeated: identical texts count for every image they caption
+    direct = recall_at_k(image_features[:8], text_features, list(range(8)), text_ids=text_identities(tokens))
+    assert direct != recall_at_k(image_features[:8], text_features, list(range(8)))
     assert {k: metrics[f"ret/val/{k}"] for k in direct} == pytest.approx(direct)
     assert metrics["ret/val/i2t_r10"] == 100.0  # 8 images, 8 texts
     assert metrics["macs/image"] == _vit_tower_macs(tiny.clip_cfg)
