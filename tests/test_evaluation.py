@@ -154,7 +154,8 @@ def test_retrieval_identical_captions_count_as_correct() -> None:
     assert strict == pytest.approx({"i2t_r1": 50.0, "t2i_r1": 75.0})
     ids = text_identities(DUP_TOKENS)
     assert ids.tolist()[0] == ids.tolist()[1] and len(set(ids.tolist())) == 3
-    assert recall_at_k(img, txt, [0, 1, 2, 3], ks=(1,), text_ids=ids) == pytest.approx({"i2t_r1": 75.0, "t2i_r1": 100.0})
+    with_ids = recall_at_k(img, txt, [0, 1, 2, 3], ks=(1,), text_ids=ids)
+    assert with_ids == pytest.approx({"i2t_r1": 75.0, "t2i_r1": 100.0})
 
 
 def test_retrieval_batches_with_any_number_of_captions_per_image() -> None:
@@ -216,6 +217,8 @@ def test_zero_shot_accuracy_known_predictions() -> None:
         "top1": 40.0, "top5": 80.0,
         "top1_heldout": 75.0, "top5_heldout": 75.0,
         "top1_seen": 100 / 6, "top5_seen": 500 / 6,
+        # per-class top-1 recall: class 0 1/2, 1 2/2, 2 1/2, 3 0/2, 4 0/1, 5 0/1 -> mean 2/6
+        "mean_per_class_recall": 100 / 3,
     }  # fmt: skip
     assert got == pytest.approx(expected)
 
@@ -225,9 +228,20 @@ def test_zero_shot_accuracy_dict_batches_and_few_classes() -> None:
     images = torch.stack([_scores_ranking(y, r, 3) for y, r in samples])
     loader = [{"images": images, "labels": torch.tensor([y for y, _ in samples])}]
     got = zero_shot_accuracy(ScoreModel(), torch.eye(3), loader, label_subsets={"none": set()})
-    assert set(got) == {"top1", "top1_none"}  # no top-5 with 3 classes
+    assert set(got) == {"top1", "top1_none", "mean_per_class_recall"}  # no top-5 with 3 classes
     assert got["top1"] == pytest.approx(50.0)
+    assert got["mean_per_class_recall"] == pytest.approx(100 * (1 + 0 + 0.5) / 3)  # classes 0, 1, 2
     assert math.isnan(got["top1_none"])
+
+
+def test_mean_per_class_recall_is_sklearns_balanced_accuracy() -> None:
+    metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn comes with the eval extra")
+    torch.manual_seed(0)
+    logits, labels = torch.randn(300, 7), torch.randint(0, 6, (300,))  # class 6 never a true label
+    loader = [(logits[i : i + 64], labels[i : i + 64]) for i in range(0, 300, 64)]
+    got = zero_shot_accuracy(ScoreModel(), torch.eye(7), loader)
+    expected = metrics.balanced_accuracy_score(labels.numpy(), logits.argmax(dim=1).numpy())
+    assert got["mean_per_class_recall"] == pytest.approx(100 * expected)
 
 
 @pytest.fixture(scope="module")
@@ -465,7 +479,7 @@ def test_evaluate_model_tiny_teacher(tiny: nn.Module) -> None:
     expected = {
         "zs/color_shape/top1", "zs/color_shape/top5",
         "zs/color_shape/top1_heldout", "zs/color_shape/top5_heldout",
-        "zs/color_shape/top1_seen", "zs/color_shape/top5_seen",
+        "zs/color_shape/top1_seen", "zs/color_shape/top5_seen", "zs/color_shape/mean_per_class_recall",
         "params/vision", "params/text", "params/token_embedding", "params/total",
         "macs/image", "macs/text",
         "throughput/images_per_s", "throughput/texts_per_s", "throughput/pairs_per_s",
