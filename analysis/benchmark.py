@@ -8,6 +8,10 @@ the task list, NaN when a listed task has no value (a hole shows instead of an a
 tasks; ``tasks_missing`` counts them). ``load_clip_benchmark(paths)``: clip_benchmark's JSON files
 as one tidy row per file (``dataset``, ``model``, ``pretrained``, ``task``, ``language`` and the
 metrics as columns), as clip_benchmark's own ``build`` command tabulates them.
+
+A run directory's task-list results (``RUN_DIR/eval/<list>/``) also join the run's row in
+:func:`analysis.load.load_results` (:func:`run_eval_columns`): ``eval/<list>/<task key>`` (main
+metric, fraction) and ``eval/<list>/mean``, so ``clip-compress table --value eval/<list>/mean`` works.
 """
 
 from __future__ import annotations
@@ -21,10 +25,8 @@ from typing import Any
 import pandas as pd
 
 from analysis.columns import AnalysisError
-from compress.result_files import EVAL_RESULTS_FILE
+from compress.result_files import EVAL_RESULTS_FILE, RUN_EVAL_DIR, SUMMARY_FILE
 from compress.tasklist import TaskListError, load_task_list
-
-SUMMARY_FILE = "summary.json"
 
 
 def _files(paths: Iterable[str | Path], name: str, suffix: str) -> list[Path]:
@@ -113,3 +115,23 @@ def load_clip_benchmark(paths: str | Path | Iterable[str | Path]) -> pd.DataFram
     if not rows:
         raise AnalysisError("no clip_benchmark result JSON (dataset, task, metrics) found")
     return pd.DataFrame.from_records(rows)
+
+
+def run_eval_columns(run_dir: str | Path) -> dict[str, float]:
+    """``{"eval/<list>/<key>": main metric, "eval/<list>/mean": mean}`` of every task list a run
+    directory was evaluated on (``RUN_DIR/eval/<list>/eval_results.jsonl``); the mean is over the
+    tasks of that evaluation (NaN if any has no main metric)."""
+    out: dict[str, float] = {}
+    folder = Path(run_dir) / RUN_EVAL_DIR
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.glob(f"*/{EVAL_RESULTS_FILE}")):
+        try:
+            rows = _read_lines(path)
+        except AnalysisError:
+            continue
+        values = {row["key"]: _value(row["metrics"], "main_metric") for row in rows}
+        name = path.parent.name
+        out.update({f"eval/{name}/{key}": value for key, value in values.items()})
+        out[f"eval/{name}/mean"] = (sum(values.values()) / len(values)) if values else math.nan
+    return out

@@ -35,6 +35,10 @@ from compress.tasklist import CLASSIFICATION, RECALL_KS, RETRIEVAL, TaskSpec
 CLIP_BENCHMARK_DIR = "clip_benchmark"
 EVAL_RESULTS_FILE = "eval_results.jsonl"
 LANGUAGE = "en"
+#: the folder of a run directory that task-list results go to (``RUN_DIR/eval/<task list name>/``)
+RUN_EVAL_DIR = "eval"
+#: the summary written beside the two result files
+SUMMARY_FILE = "summary.json"
 
 
 def lines_sha256(lines: Iterable[str]) -> str:
@@ -147,7 +151,8 @@ def mean_main_metric(results: Sequence[TaskResult]) -> float:
 
 
 __all__ = [
-    "CLASSIFICATION", "CLIP_BENCHMARK_DIR", "EVAL_RESULTS_FILE", "LANGUAGE", "RETRIEVAL", "TaskResult",
+    "CLASSIFICATION", "CLIP_BENCHMARK_DIR", "EVAL_RESULTS_FILE", "LANGUAGE", "RETRIEVAL", "RUN_EVAL_DIR",
+    "SUMMARY_FILE", "TaskResult",
     "clip_benchmark_filename", "clip_benchmark_record", "datacomp_record", "field_metrics", "lines_sha256",
     "mean_main_metric", "template_hash", "write_result_files",
 ]

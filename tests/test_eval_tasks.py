@@ -195,6 +195,11 @@ def test_eval_run_dir_on_a_task_list_equals_its_own_evaluation(tmp_path, capsys)
     assert summary["tasks"] == ["shapes_color_shape", "shapes_retrieval"]
     assert summary["mean_main_metric"] == pytest.approx((cls["acc1"] + ret["main_metric"]) / 2)
     assert summary["metrics"]["zs/shapes_color_shape/top1"] == pytest.approx(recorded["zs/cs/top1"], abs=1e-5)
+    from analysis.load import load_results
+
+    row = load_results(run_dir).iloc[0]
+    assert row["eval/tasks/shapes_retrieval"] == ret["main_metric"]
+    assert row["eval/tasks/mean"] == pytest.approx(summary["mean_main_metric"])
     files = sorted(p.name for p in (out_dir / "clip_benchmark").iterdir())
     assert files == [f"shapes_color_shape__{run_dir.name}_en_zeroshot_classification.json",
                      f"shapes_retrieval__{run_dir.name}_en_zeroshot_retrieval.json"]

@@ -34,12 +34,16 @@ from compress.fileio import atomic_write_text, check_output
 from compress.models import load_model
 from compress.models.forward import tokenizer_for
 from compress.precision import resolve_device, resolve_precision
-from compress.result_files import TaskResult, datacomp_record, field_metrics, mean_main_metric, write_result_files
+from compress.result_files import (
+    RUN_EVAL_DIR,
+    SUMMARY_FILE,
+    TaskResult,
+    datacomp_record,
+    field_metrics,
+    mean_main_metric,
+    write_result_files,
+)
 from compress.tasklist import TaskListError, load_task_list
-
-SUMMARY_FILE = "summary.json"
-#: the folder of a run directory that task-list results go to (one sub-folder per task list)
-RUN_EVAL_DIR = "eval"
 
 
 def evaluate_sets(
