@@ -207,3 +207,47 @@ def test_eval_run_dir_on_a_task_list_equals_its_own_evaluation(tmp_path, capsys)
     assert "--data: not with --tasks" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--data-root", str(tmp_path)]) == 2
     assert "--data-root: only with --tasks" in capsys.readouterr().err
+
+
+def test_image_folder_and_csv_tasks_equal_plain_eval(tmp_path):
+    """The project's own sets in a task list (``format: folder`` / ``csv``) give the numbers of ``clip-compress
+    eval --data`` on them, also from the same images written as clip_benchmark folders."""
+    import torch
+    from PIL import Image
+
+    from compress.data.benchmark_sets import write_wds_classification, write_wds_retrieval
+    from compress.data.folder import FOLDER_TEMPLATES
+    from compress.evaluation.standalone import evaluate_only
+    from compress.models import load_model
+    from compress.models.export import save_open_clip
+
+    data = tmp_path / "data"
+    colours = {"blue_thing": (0, 0, 255), "green_thing": (0, 255, 0), "red_thing": (255, 0, 0)}
+    rows, images, labels = ["filepath,title"], [], []
+    for label, (name, rgb) in enumerate(colours.items()):
+        (data / "val" / name).mkdir(parents=True)
+        for i in range(3):
+            path = data / "val" / name / f"{i}.png"
+            Image.new("RGB", (40, 40), tuple(min(255, c + 40 * i) for c in rgb)).save(path)
+            rows.append(f"{path},a {name.replace('_', ' ')} number {i % 2}")  # captions repeat across images
+            images.append(path)
+            labels.append(label)
+    (data / "pairs.csv").write_text("\n".join(rows) + "\n")
+    torch.manual_seed(0)
+    model_dir = save_open_clip(load_model("cc-test-teacher"), tmp_path / "model")
+    plain_folder = evaluate_only(str(model_dir), data=str(data / "val"), throughput=False, progress=False)
+    plain_csv = evaluate_only(str(model_dir), data=str(data / "pairs.csv"), throughput=False, progress=False)
+    names = [n.replace("_", " ") for n in colours]
+    write_wds_classification(data, "colours", images, labels, names, list(FOLDER_TEMPLATES))
+    write_wds_retrieval(data, "pairs", images, [[r.split(",")[1]] for r in rows[1:]])
+    tasks = _task_list(tmp_path, "folder_set: {format: folder, path: val}\npair_set: {format: csv, path: pairs.csv}\n"
+                                 "colours: {}\npairs: {tags: [retrieval]}\n")
+    summary = evaluate_tasks(str(model_dir), str(tasks), str(data), str(tmp_path / "out"), progress=False)
+    got = summary["metrics"]
+    for key in ("top1", "mean_per_class_recall"):
+        assert got[f"zs/folder_set/{key}"] == pytest.approx(plain_folder[f"zs/val/{key}"], abs=1e-6)
+        assert got[f"zs/colours/{key}"] == pytest.approx(plain_folder[f"zs/val/{key}"], abs=1e-6)
+    for key in ("i2t_r1", "t2i_r1", "i2t_r5"):
+        assert got[f"ret/pair_set/{key}"] == pytest.approx(plain_csv[f"ret/val/{key}"], abs=1e-6)
+        assert got[f"ret/pairs/{key}"] == pytest.approx(plain_csv[f"ret/val/{key}"], abs=1e-6)
+    assert summary["tasks"] == ["folder_set", "pair_set", "colours", "pairs"]
