@@ -3,8 +3,8 @@
 A tiny clip_benchmark-format set on disk (a classification set and a retrieval set with distinct captions,
 written by ``compress.data.benchmark_sets``), an exported uniform student (open_clip's layout) and an
 automatically pruned (non-uniform) one, evaluated by clip_benchmark's own evaluate functions in process, by
-its CLI (``clip-compress-benchmark``, in process) and by this project's evaluation: equal top-1 / top-5 and
-recalls."""
+its CLI (``clip-compress-benchmark``, in process) and by ``clip-compress eval --tasks`` (in process): equal
+top-1, top-5, mean per-class recall and recalls."""
 
 from __future__ import annotations
 
@@ -23,14 +23,10 @@ from torch.utils.data import DataLoader
 
 pytest.importorskip("clip_benchmark", reason="clip_benchmark is in the eval extra (pip install 'clip-compress[eval]')")
 
-from compress.data.benchmark_sets import WdsEvalSet, write_wds_classification, write_wds_retrieval  # noqa: E402
-from compress.data.tasks import RetrievalSet, ZeroShotTask  # noqa: E402
-from compress.data.transforms import eval_transform_for  # noqa: E402
-from compress.evaluation import evaluate_model  # noqa: E402
+from compress.data.benchmark_sets import write_wds_classification, write_wds_retrieval  # noqa: E402
 from compress.integrations import clip_benchmark as cb  # noqa: E402
 from compress.models import load_model  # noqa: E402
 from compress.models.export import save_model, save_open_clip  # noqa: E402
-from compress.models.forward import tokenizer_for  # noqa: E402
 from compress.models.nonuniform import is_nonuniform_folder  # noqa: E402
 from compress.models.pad import pad_to_uniform  # noqa: E402
 from compress.registry import INHERITANCE  # noqa: E402
@@ -86,34 +82,31 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "padded": save_open_clip(pad_to_uniform(kept), out / "padded")}
 
 
+TASK_LIST = "tiny_cls: {name: Tiny classes}\ntiny_ret: {name: Tiny retrieval, task: zeroshot_retrieval}\n"
+_PROJECT: dict[tuple[str, str], dict[str, float]] = {}
+
+
 def _project_metrics(folder: Path, root: Path) -> dict[str, float]:
-    """This project's evaluation (its own loader, reader, transform and metrics), in fractions like
-    clip_benchmark's: ``acc1``, ``acc5``, ``mean_per_class_recall``, ``image_retrieval_recall@k`` (text ->
-    image, ``t2i``) and ``text_retrieval_recall@k`` (image -> text, ``i2t``)."""
-    model = load_model(str(folder))
-    transform, tokenizer = eval_transform_for(model), tokenizer_for(model)
-    cls_set = WdsEvalSet(root / "wds_tiny_cls", transform)
-    ret_set = WdsEvalSet(root / "wds_tiny_ret", transform)
+    """This project's evaluation, ``clip-compress eval FOLDER --tasks LIST --data-root ROOT`` (its own loader,
+    reader of clip_benchmark's format, transform and metrics), read from the DataComp ``eval_results.jsonl``
+    it writes: fractions in clip_benchmark's names (``image_retrieval_recall@k`` is text -> image, the
+    project's ``t2i``; ``text_retrieval_recall@k`` image -> text, ``i2t``). Computed once per model."""
+    from experiments.cli import main
 
-    def collate(batch: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.stack([x for x, _ in batch]), tokenizer([c for _, cs in batch for c in cs])
-
-    text_to_image = [i for i, cs in enumerate(ret_set.captions) for _ in cs]
-    templates = [t.replace("{c}", "{}") for t in cls_set.info.templates]  # the project's str.format templates
-    task = ZeroShotTask("tiny_cls", DataLoader(cls_set, BATCH), cls_set.info.classnames, templates)
-    metrics = evaluate_model(
-        model, tokenizer,
-        zero_shot_tasks=[task],
-        retrieval_sets=[RetrievalSet("tiny_ret", DataLoader(ret_set, BATCH, collate_fn=collate), text_to_image,
-                                     ks=RECALL_K)],
-        measure_params=False, measure_macs=False, measure_throughput=False,
-    )
-    out = {"acc1": metrics["zs/tiny_cls/top1"] / 100, "acc5": metrics["zs/tiny_cls/top5"] / 100,
-           "mean_per_class_recall": metrics["zs/tiny_cls/mean_per_class_recall"] / 100}
-    for k in RECALL_K:
-        out[f"image_retrieval_recall@{k}"] = metrics[f"ret/tiny_ret/t2i_r{k}"] / 100
-        out[f"text_retrieval_recall@{k}"] = metrics[f"ret/tiny_ret/i2t_r{k}"] / 100
-    return out
+    key = (str(folder), str(root))
+    if key not in _PROJECT:
+        tasks, out = root / "tasks.yml", folder.parent / f"eval_{folder.name}"
+        tasks.write_text(TASK_LIST)
+        argv = ["eval", str(folder), "--tasks", str(tasks), "--data-root", str(root), "--output-dir", str(out),
+                "--device", "cpu", "--batch-size", str(BATCH), "--no-throughput"]
+        assert main(argv) == 0
+        rows = {r["key"]: r["metrics"] for r in map(json.loads, (out / "eval_results.jsonl").read_text().splitlines())}
+        metrics = {k: rows["tiny_cls"][k] for k in ("acc1", "acc5", "mean_per_class_recall")}
+        for k in RECALL_K:
+            for direction in ("image", "text"):
+                metrics[f"{direction}_retrieval_recall@{k}"] = rows["tiny_ret"][f"{direction}_retrieval_recall@{k}"]
+        _PROJECT[key] = metrics
+    return dict(_PROJECT[key])
 
 
 def _clip_benchmark_metrics(model: nn.Module, transform: Any, tokenizer: Any, root: Path) -> dict[str, float]:
@@ -161,6 +154,7 @@ def test_clip_benchmark_evaluate_functions_equal_the_projects_evaluation(data_ro
         _assert_equal(ours, _clip_benchmark_metrics(*loaded, data_root), SIZES)
 
 
+@pytest.mark.slow
 def test_a_padded_non_uniform_student_loads_in_open_clips_own_type(data_root, exports) -> None:
     """The other way in: ``pad_to_uniform`` (zero heads and neurons) writes a non-uniform student whose
     residual width was kept in open_clip's layout; clip_benchmark's default ``open_clip`` type evaluates it
