@@ -100,3 +100,16 @@ def test_a_run_directory_loads_its_final_model(tmp_path: Path) -> None:
                                                   strict=True))
     with pytest.raises(ModelLoadError, match="pass --pretrained ''"):
         cb.load_clip_compress(str(run_dir), "laion400m_e32")
+
+
+def test_console_script_and_extra_are_declared() -> None:
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    module, _, name = project["scripts"]["clip-compress-benchmark"].partition(":")
+    assert getattr(importlib.import_module(module), name) is cb.main
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("clip-benchmark") for d in extras["eval"])
+    dev = extras["dev"]  # CI installs .[dev]: the eval extra by name or its packages
+    assert any(d.startswith("clip-compress[") and "eval" in d for d in dev) or set(extras["eval"]) <= set(dev)
