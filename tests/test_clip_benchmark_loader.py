@@ -3,6 +3,7 @@ the NumPy 2.4 workaround of clip_benchmark's zero-shot accuracy (its numbers unc
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,14 @@ def test_console_script_and_extra_are_declared() -> None:
     assert any(d.startswith("clip-benchmark") for d in extras["eval"])
     dev = extras["dev"]  # CI installs .[dev]: the eval extra by name or its packages
     assert any(d.startswith("clip-compress[") and "eval" in d for d in dev) or set(extras["eval"]) <= set(dev)
+
+
+def test_without_clip_benchmark_the_error_names_the_extra(monkeypatch, capsys) -> None:
+    for name in ("clip_benchmark", "clip_benchmark.cli", "clip_benchmark.models",
+                 "clip_benchmark.metrics.zeroshot_classification"):
+        monkeypatch.setitem(sys.modules, name, None)  # import of it raises ImportError
+    with pytest.raises(ImportError, match=r'pip install "clip-compress\[eval\]"'):
+        cb.register()
+    assert cb.main(["eval", "--model", "m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'pip install "clip-compress[eval]"' in err[0]
