@@ -174,9 +174,37 @@ def headline_numbers(row: dict) -> str:
     return "  ".join(parts)
 
 
+def _cmd_eval_tasks(args: argparse.Namespace) -> int:
+    """``eval --tasks LIST``: a task list's tasks, the field's result files."""
+    from compress.evaluation.standalone import EvalError
+    from compress.evaluation.task_eval import evaluate_tasks
+
+    given = [opt for opt, value in (("--data", args.data), ("--kind", args.kind), ("--image-key", args.image_key),
+                                    ("--caption-key", args.caption_key), ("--separator", args.separator)) if value]
+    if given:
+        raise CliError(f"{', '.join(given)}: not with --tasks (the task list names each task's data)")
+    try:
+        summary = evaluate_tasks(args.model, args.tasks, data_root=args.data_root, output_dir=args.output_dir,
+                                 device=args.device, batch_size=args.batch_size, throughput=not args.no_throughput,
+                                 output=args.output)
+    except EvalError as error:
+        raise CliError(str(error)) from None
+    width = max(len(k) for k in summary["main_metrics"])
+    for key, value in summary["main_metrics"].items():
+        print(f"{key:<{width}}  {'-' if value is None else f'{value:.4f}'}")
+    print(f"{'mean':<{width}}  {summary['mean_main_metric']:.4f}  (main metrics, fractions; result files in "
+          f"{summary['output_dir']})")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from compress.evaluation.standalone import EvalError, evaluate_only
 
+    if args.tasks:
+        return _cmd_eval_tasks(args)
+    for opt, value in (("--data-root", args.data_root), ("--output-dir", args.output_dir)):
+        if value:
+            raise CliError(f"{opt}: only with --tasks LIST")
     try:
         metrics = evaluate_only(
             args.model,

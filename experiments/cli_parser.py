@@ -108,6 +108,13 @@ def _add_eval(sub: Any, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's, else 128")
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
     p.add_argument("--output", default=None, help="write the metrics as JSON to this file")
+    p.add_argument("--tasks", default=None, metavar="LIST",
+                   help="a task list (DataComp's tasklist.yml format): evaluate on its tasks and write "
+                   "clip_benchmark's per-task JSON, DataComp's eval_results.jsonl and summary.json")
+    p.add_argument("--data-root", default=None, metavar="ROOT",
+                   help="with --tasks: the folder holding the data sets (clip_benchmark's wds_NAME folders)")
+    p.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="with --tasks: where the result files go (default for a run directory: RUN_DIR/eval/LIST)")
 
 
 def _add_list(sub: Any, verbose: argparse.ArgumentParser) -> None:

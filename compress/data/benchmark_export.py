@@ -16,6 +16,7 @@ transform resizes them exactly as it resizes the in-memory images.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,3 +81,21 @@ def export_synthetic(
             root, name, (p[0] for p in pairs), (p[1] for p in pairs), shard_size=shard_size
         )
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m compress.data.benchmark_export ROOT [--seed N] [--num-samples N] [--size PX]``."""
+    parser = argparse.ArgumentParser(description="Write the synthetic evaluation sets in clip_benchmark's format.")
+    parser.add_argument("root", help="the data root (one wds_<name> folder per set is written in it)")
+    parser.add_argument("--seed", type=int, default=0, help="the data seed (the demo validates on seed 1)")
+    parser.add_argument("--num-samples", type=int, default=None, help=f"images per set ({DEFAULT_EVAL_SAMPLES})")
+    parser.add_argument("--size", type=int, default=None, help="rendered image size in pixels (64)")
+    args = parser.parse_args(argv)
+    options = {"size": args.size} if args.size else {}
+    for name, path in export_synthetic(args.root, seed=args.seed, num_samples=args.num_samples,
+                                       options=options).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
