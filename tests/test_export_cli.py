@@ -117,3 +117,12 @@ def test_a_student_open_clip_cannot_hold_is_refused_before_the_onnx_export(tmp_p
     assert not (tmp_path / "onnx").exists()
     assert main(["export", str(run), "--onnx", str(tmp_path / "onnx"), "--batch", "2"]) == 0  # ONNX alone works
     assert "batch 2" in capsys.readouterr().out
+
+
+def test_the_onnx_extra_is_declared_and_dev_carries_it() -> None:
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert {d.split(">")[0] for d in extras["onnx"]} == {"onnx", "onnxruntime", "onnxscript"}
+    assert "clip-compress[onnx]" in extras["dev"] or set(extras["onnx"]) <= set(extras["dev"])
