@@ -151,10 +151,19 @@ def test_missing_sets_are_listed_before_the_model_is_loaded(tmp_path, monkeypatc
                  "shapes_retrieval: not found", "mine: no image folder"):
         assert part in message
     assert "\n" not in message
+    wrong_classes = _task_list(tmp_path, "shapes_shape: {num_classes: 7}\n")
+    with pytest.raises(EvalError, match="says num_classes 7, .* has 5 class names"):
+        evaluate_tasks("cc-test-teacher", str(wrong_classes), data_root=str(tmp_path / "data"),
+                       output_dir=str(tmp_path / "o"))
     shape_as_retrieval = _task_list(tmp_path, "shapes_shape: {task: zeroshot_retrieval}\n")
     with pytest.raises(EvalError, match="holds a classification set, the task list says zeroshot_retrieval"):
         evaluate_tasks("cc-test-teacher", str(shape_as_retrieval), data_root=str(tmp_path / "data"),
                        output_dir=str(tmp_path / "o"))
+    monkeypatch.undo()
+    wrong_size = _task_list(tmp_path, "shapes_shape: {size: 5, num_classes: 5}\n")
+    with pytest.raises(EvalError, match="says size 5, .* holds 4 samples"):
+        evaluate_tasks("cc-test-teacher", str(wrong_size), data_root=str(tmp_path / "data"),
+                       output_dir=str(tmp_path / "o"), progress=False)
     with pytest.raises(EvalError, match="needs --output-dir"):
         evaluate_tasks("cc-test-teacher", str(_task_list(tmp_path, "shapes_shape: {}\n")),
                        data_root=str(tmp_path / "data"))
