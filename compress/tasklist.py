@@ -148,8 +148,9 @@ def load_task_list(path: str | Path) -> list[TaskSpec]:
             tasks.append(parse_task(str(key), entry))
         except TaskListError as error:
             raise TaskListError(f"{path}: {error}") from None
-    names = [t.name for t in tasks]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise TaskListError(f"{path}: task names must differ (DataComp keys its results by name): {dup}")
+    for what, values, why in (("names", [t.name for t in tasks], "DataComp keys its results by name"),
+                              ("keys with / written -", [t.key.replace("/", "-") for t in tasks], "metric names")):
+        dup = sorted({v for v in values if values.count(v) > 1})
+        if dup:
+            raise TaskListError(f"{path}: task {what} must differ ({why}): {dup}")
     return tasks

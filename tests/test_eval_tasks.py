@@ -47,6 +47,18 @@ def test_task_list_mistakes_are_refused(key, entry, message):
         parse_task(key, entry)
 
 
+def test_task_list_names_and_keys_differ(tmp_path):
+    path = tmp_path / "t.yml"
+    path.write_text("a: {name: X}\nb: {name: X}\n")
+    with pytest.raises(TaskListError, match=r"task names must differ .*\['X'\]"):
+        load_task_list(path)
+    path.write_text("vtab/a: {}\nvtab-a: {}\n")
+    with pytest.raises(TaskListError, match="keys with / written - must differ"):
+        load_task_list(path)
+    with pytest.raises(TaskListError, match="no such task list"):
+        load_task_list(tmp_path / "none.yml")
+
+
 def test_task_defaults():
     assert parse_task("cifar10", None).kind == "zeroshot_classification"
     assert parse_task("pairs", {"format": "csv", "path": "p.csv"}).kind == "zeroshot_retrieval"
