@@ -228,6 +228,12 @@ def test_eval_run_dir_on_a_task_list_equals_its_own_evaluation(tmp_path, capsys)
     assert "--data: not with --tasks" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--data-root", str(tmp_path)]) == 2
     assert "--data-root: only with --tasks" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--workers", "2"]) == 2
+    assert "--workers: only with --tasks" in capsys.readouterr().err
+    # two worker processes read the same samples in the same order
+    assert main([*argv, "--workers", "2", "--output-dir", str(tmp_path / "workers")]) == 0
+    again = (tmp_path / "workers" / "eval_results.jsonl").read_text()
+    assert again == (out_dir / "eval_results.jsonl").read_text()
 
 
 def test_image_folder_and_csv_tasks_equal_plain_eval(tmp_path):
