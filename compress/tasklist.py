@@ -7,8 +7,9 @@ A task list is a YAML mapping ``key -> entry``; DataComp's own file is read as i
     imagenet1k:                       # the key: the clip_benchmark data set name (wds/imagenet1k)
       name: ImageNet 1k               # the display name (DataComp's eval_results.jsonl "dataset")
       main_metric: acc1               # default acc1 (classification), mean_recall@1 (retrieval)
-      num_classes: 1000               # DataComp's bookkeeping (size, time, random_score, tags) is kept
-      tags: [val_task]
+      num_classes: 1000               # checked against classnames.txt before the model loads
+      size: 50000                     # checked against the set's samples before evaluating
+      tags: [val_task]                # DataComp's time and random_score are kept, not used
     retrieval/flickr30k:              # a key under retrieval/ (or the tag "retrieval") is retrieval
       name: Flickr
       main_metric: mean_recall@1
@@ -147,8 +148,9 @@ def load_task_list(path: str | Path) -> list[TaskSpec]:
             tasks.append(parse_task(str(key), entry))
         except TaskListError as error:
             raise TaskListError(f"{path}: {error}") from None
-    names = [t.name for t in tasks]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise TaskListError(f"{path}: task names must differ (DataComp keys its results by name): {dup}")
+    for what, values, why in (("names", [t.name for t in tasks], "DataComp keys its results by name"),
+                              ("keys with / written -", [t.key.replace("/", "-") for t in tasks], "metric names")):
+        dup = sorted({v for v in values if values.count(v) > 1})
+        if dup:
+            raise TaskListError(f"{path}: task {what} must differ ({why}): {dup}")
     return tasks

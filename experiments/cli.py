@@ -186,7 +186,7 @@ def _cmd_eval_tasks(args: argparse.Namespace) -> int:
     try:
         summary = evaluate_tasks(args.model, args.tasks, data_root=args.data_root, output_dir=args.output_dir,
                                  device=args.device, batch_size=args.batch_size, throughput=not args.no_throughput,
-                                 output=args.output)
+                                 output=args.output, num_workers=args.workers)
     except EvalError as error:
         raise CliError(str(error)) from None
     width = max(len(k) for k in summary["main_metrics"])
@@ -202,7 +202,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.tasks:
         return _cmd_eval_tasks(args)
-    for opt, value in (("--data-root", args.data_root), ("--output-dir", args.output_dir)):
+    for opt, value in (("--data-root", args.data_root), ("--output-dir", args.output_dir), ("--workers", args.workers)):
         if value:
             raise CliError(f"{opt}: only with --tasks LIST")
     try:

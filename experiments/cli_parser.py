@@ -115,6 +115,8 @@ def _add_eval(sub: Any, verbose: argparse.ArgumentParser) -> None:
                    help="with --tasks: the folder holding the data sets (clip_benchmark's wds_NAME folders)")
     p.add_argument("--output-dir", default=None, metavar="DIR",
                    help="with --tasks: where the result files go (default for a run directory: RUN_DIR/eval/LIST)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="with --tasks: DataLoader worker processes decoding images (default 0: the main process)")
 
 
 def _add_list(sub: Any, verbose: argparse.ArgumentParser) -> None:

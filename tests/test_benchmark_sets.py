@@ -105,3 +105,36 @@ def test_export_synthetic_matches_the_in_memory_sets(tmp_path):
     ref_ret = ShapesDataset(3, "val", 12, None, ShapesOptions(caption_style="full"))
     assert ret.captions == [[ref_ret.pil(i)[1]] for i in range(12)]
     assert np.array_equal(_pixels(ret[4][0]), _pixels(ref_ret.pil(4)[0]))
+
+
+def test_config_zero_shot_task_of_kind_wds_equals_the_synthetic_task(tmp_path):
+    """``eval.zero_shot: [{kind: wds, path: ...}]`` in a run config: the folder's class names and templates,
+    and the accuracy of the in-memory synthetic task it was written from."""
+    import torch
+
+    from compress.config import DataConfig, DatasetConfig, ZeroShotTaskConfig
+    from compress.data.tasks import build_zero_shot_task
+    from compress.data.transforms import eval_transform_for
+    from compress.evaluation import zero_shot_accuracy, zero_shot_classifier
+    from compress.models import load_model
+    from compress.models.forward import tokenizer_for
+    from compress.recipe import config_from_dict
+
+    folder = export_synthetic(tmp_path, seed=0, num_samples=40, tasks=("color",), retrieval=False)["shapes_color"]
+    torch.manual_seed(0)
+    model = load_model("cc-test-teacher").eval()
+    tf, tok = eval_transform_for(model), tokenizer_for(model)
+    got = {}
+    for cfg in (ZeroShotTaskConfig(name="c", kind="synthetic", task="color"),
+                ZeroShotTaskConfig(name="c", kind="wds", path=str(folder))):
+        data = DataConfig(val=DatasetConfig(kind="synthetic", split="val", num_samples=40))
+        task = build_zero_shot_task(cfg, tf, data, batch_size=16)
+        classifier = zero_shot_classifier(model, tok, task.classnames, task.templates)
+        got[cfg.kind] = (task.classnames, list(task.templates), zero_shot_accuracy(model, classifier, task.loader))
+    assert got["wds"] == got["synthetic"]
+    config_from_dict({"student": {"model": "cc-test-student"}, "teacher": None, "inheritance": {"name": "none"},
+                      "losses": [{"name": "clip"}], "eval": {"zero_shot": [{"name": "c", "kind": "wds",
+                                                                            "path": str(folder)}]}})
+    with pytest.raises(Exception, match="needs the path of a clip_benchmark webdataset folder"):
+        config_from_dict({"student": {"model": "cc-test-student"}, "teacher": None, "inheritance": {"name": "none"},
+                          "losses": [{"name": "clip"}], "eval": {"zero_shot": [{"name": "c", "kind": "wds"}]}})

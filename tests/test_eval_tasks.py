@@ -47,6 +47,18 @@ def test_task_list_mistakes_are_refused(key, entry, message):
         parse_task(key, entry)
 
 
+def test_task_list_names_and_keys_differ(tmp_path):
+    path = tmp_path / "t.yml"
+    path.write_text("a: {name: X}\nb: {name: X}\n")
+    with pytest.raises(TaskListError, match=r"task names must differ .*\['X'\]"):
+        load_task_list(path)
+    path.write_text("vtab/a: {}\nvtab-a: {}\n")
+    with pytest.raises(TaskListError, match="keys with / written - must differ"):
+        load_task_list(path)
+    with pytest.raises(TaskListError, match="no such task list"):
+        load_task_list(tmp_path / "none.yml")
+
+
 def test_task_defaults():
     assert parse_task("cifar10", None).kind == "zeroshot_classification"
     assert parse_task("pairs", {"format": "csv", "path": "p.csv"}).kind == "zeroshot_retrieval"
@@ -151,10 +163,19 @@ def test_missing_sets_are_listed_before_the_model_is_loaded(tmp_path, monkeypatc
                  "shapes_retrieval: not found", "mine: no image folder"):
         assert part in message
     assert "\n" not in message
+    wrong_classes = _task_list(tmp_path, "shapes_shape: {num_classes: 7}\n")
+    with pytest.raises(EvalError, match="says num_classes 7, .* has 5 class names"):
+        evaluate_tasks("cc-test-teacher", str(wrong_classes), data_root=str(tmp_path / "data"),
+                       output_dir=str(tmp_path / "o"))
     shape_as_retrieval = _task_list(tmp_path, "shapes_shape: {task: zeroshot_retrieval}\n")
     with pytest.raises(EvalError, match="holds a classification set, the task list says zeroshot_retrieval"):
         evaluate_tasks("cc-test-teacher", str(shape_as_retrieval), data_root=str(tmp_path / "data"),
                        output_dir=str(tmp_path / "o"))
+    monkeypatch.undo()
+    wrong_size = _task_list(tmp_path, "shapes_shape: {size: 5, num_classes: 5}\n")
+    with pytest.raises(EvalError, match="says size 5, .* holds 4 samples"):
+        evaluate_tasks("cc-test-teacher", str(wrong_size), data_root=str(tmp_path / "data"),
+                       output_dir=str(tmp_path / "o"), progress=False)
     with pytest.raises(EvalError, match="needs --output-dir"):
         evaluate_tasks("cc-test-teacher", str(_task_list(tmp_path, "shapes_shape: {}\n")),
                        data_root=str(tmp_path / "data"))
@@ -207,6 +228,12 @@ def test_eval_run_dir_on_a_task_list_equals_its_own_evaluation(tmp_path, capsys)
     assert "--data: not with --tasks" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--data-root", str(tmp_path)]) == 2
     assert "--data-root: only with --tasks" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--workers", "2"]) == 2
+    assert "--workers: only with --tasks" in capsys.readouterr().err
+    # two worker processes read the same samples in the same order
+    assert main([*argv, "--workers", "2", "--output-dir", str(tmp_path / "workers")]) == 0
+    again = (tmp_path / "workers" / "eval_results.jsonl").read_text()
+    assert again == (out_dir / "eval_results.jsonl").read_text()
 
 
 def test_image_folder_and_csv_tasks_equal_plain_eval(tmp_path):

@@ -130,7 +130,7 @@ def check_train(cfg: RunConfig) -> None:
 
 
 #: zero-shot task kinds the evaluation builds
-ZERO_SHOT_KINDS = ("synthetic", "folder", "imagenet")
+ZERO_SHOT_KINDS = ("synthetic", "folder", "imagenet", "wds")
 
 
 def _check_eval(cfg: RunConfig) -> None:
@@ -143,8 +143,10 @@ def _check_eval(cfg: RunConfig) -> None:
                 f"{suggest(task.kind, list(ZERO_SHOT_KINDS))}"
             )
         if task.kind != "synthetic" and not task.path:
-            raise ConfigError(f"eval.zero_shot[{i}].path: a {task.kind} task needs the path of an image folder")
-        known = SYNTHETIC_TASKS if task.kind == "synthetic" else ("imagenet",)  # a folder: its own class names
+            what = "a clip_benchmark webdataset folder" if task.kind == "wds" else "an image folder"
+            raise ConfigError(f"eval.zero_shot[{i}].path: a {task.kind} task needs the path of {what}")
+        # a folder: its own class names; a wds folder: its classnames.txt and templates
+        known = SYNTHETIC_TASKS if task.kind == "synthetic" else () if task.kind == "wds" else ("imagenet",)
         if task.task is not None and task.task not in known:
             raise ConfigError(
                 f"eval.zero_shot[{i}].task: {task.task!r} is not a {task.kind} task (known: {', '.join(known)})."

@@ -29,6 +29,11 @@ Evaluator::
     ret = build_retrieval_set(cfg.data, eval_tf, tokenizer=tokenizer, batch_size=batch_size)  # or None
     for batch in ret.loader:  batch["images"], batch["texts"]
 
+Benchmark sets: clip_benchmark's webdataset folders (``wds_<name>``: classnames, ``{c}`` templates,
+``test/*.tar``) are read by :class:`~compress.data.benchmark_sets.WdsEvalSet` and written by
+``write_wds_classification`` / ``write_wds_retrieval``; ``benchmark_export.export_synthetic`` writes the
+embedded evaluation sets in that format.
+
 Bad samples: data sets return ``None`` for a missing/corrupt image; collate drops it and
 reports ``num_bad``/``num_samples`` in the batch; the loader counts them in the main
 process (:class:`BadSampleCounter`), refills training batches from the next samples, and

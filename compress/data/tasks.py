@@ -95,6 +95,22 @@ def _templates(given: list[str] | None, default: list[str]) -> list[str]:
     return out
 
 
+def _wds_classification(task: ZeroShotTaskConfig, transform: Any) -> tuple[Dataset, list[str], list[str]]:
+    """A clip_benchmark webdataset folder (``path``) with its class names and templates (``{}`` form)."""
+    from compress.data.benchmark_sets import WdsEvalSet
+
+    if not task.path:
+        raise DataError(f"zero-shot task {task.name!r}: 'path' to a clip_benchmark webdataset folder is required")
+    ds = WdsEvalSet(task.path, transform)
+    if ds.kind != "classification":
+        raise DataError(f"zero-shot task {task.name!r}: {task.path} is a {ds.kind} set, not classification")
+    classnames, templates = ds.info.classnames or [], ds.info.templates or []
+    if not (task.classnames or classnames) or not (task.templates or templates):
+        raise DataError(f"zero-shot task {task.name!r}: {task.path} lacks classnames.txt or "
+                        "zeroshot_classification_templates.txt (give classnames / templates in the config)")
+    return ds, list(classnames or task.classnames or []), [t.replace("{c}", "{}") for t in templates]
+
+
 def build_zero_shot_task(
     task: ZeroShotTaskConfig, transform: Any, data: DataConfig | None = None, batch_size: int = 128,
     num_workers: int = 0, max_bad_fraction: float = 0.01,
@@ -108,6 +124,8 @@ def build_zero_shot_task(
     - ``kind: folder`` with ``path`` (ImageNet layout); ``task: imagenet`` (or ``kind:
       imagenet``) uses open_clip's 1000 class names and 80 OpenAI templates, otherwise
       the folder names and a small template set.
+    - ``kind: wds`` with ``path``: a clip_benchmark webdataset folder (``wds_imagenet1k``) with its
+      own ``classnames.txt`` and ``zeroshot_classification_templates.txt``.
     ``classnames`` / ``templates`` in the config override the defaults.
     """
     if task.kind == "synthetic":
@@ -131,8 +149,11 @@ def build_zero_shot_task(
                 )
         else:
             classnames, templates = folder_classnames(folder.class_dirs), list(FOLDER_TEMPLATES)
+    elif task.kind == "wds":
+        ds, classnames, templates = _wds_classification(task, transform)
+        heldout, info = [], {"path": task.path}
     else:
-        raise DataError(f"zero-shot task {task.name!r}: kind {task.kind!r} is not synthetic, folder or imagenet")
+        raise DataError(f"zero-shot task {task.name!r}: kind {task.kind!r} is not synthetic, folder, imagenet or wds")
     if task.classnames:
         if len(task.classnames) != len(classnames):
             raise DataError(

@@ -102,6 +102,8 @@ def evaluate_tasks(
     summary. ``output``: also the project's flat metrics as JSON there (as plain ``eval --output``)."""
     if batch_size is not None and batch_size < 1:
         raise EvalError(f"--batch-size must be at least 1, got {batch_size}")
+    if num_workers < 0:
+        raise EvalError(f"--workers must be at least 0, got {num_workers}")
     try:
         specs = load_task_list(tasks)
         sources: list[TaskSource] = resolve_sources(specs, data_root)

@@ -64,6 +64,9 @@ def _problem(task: TaskSpec, data_root: Path | None) -> tuple[Path | None, str |
             return None, f"{path} has no classnames.txt (and the task list gives no classnames)"
         if task.kind == CLASSIFICATION and not (task.templates or info.templates):
             return None, f"{path} has no zeroshot_classification_templates.txt (and the task list gives no templates)"
+        classes = len(task.classnames or info.classnames or [])
+        if task.kind == CLASSIFICATION and task.extra.get("num_classes") not in (None, classes):
+            return None, f"the task list says num_classes {task.extra['num_classes']}, {path} has {classes} class names"
         return path, None
     path = _given_path(task, data_root)
     if task.format == "folder" and not path.is_dir():
@@ -130,7 +133,17 @@ def _wds_set(source: TaskSource, transform: Any, tokenizer: Any, batch_size: int
 
 def build_task_set(source: TaskSource, transform: Any, tokenizer: Any, batch_size: int = 128,
                    num_workers: int = 0) -> BuiltSet:
-    """The evaluation set of one resolved task (its loader reads the data in order)."""
+    """The evaluation set of one resolved task (its loader reads the data in order); a set whose number
+    of samples is not the task list's ``size`` (DataComp's field) is refused (an incomplete download)."""
+    built = _build(source, transform, tokenizer, batch_size, num_workers)
+    size = source.task.extra.get("size")
+    if size is not None and built.num_samples != size:
+        raise DataError(f"task {source.task.key}: the task list says size {size}, {source.path} holds "
+                        f"{built.num_samples} samples (an incomplete download?)")
+    return built
+
+
+def _build(source: TaskSource, transform: Any, tokenizer: Any, batch_size: int, num_workers: int) -> BuiltSet:
     task, name = source.task, source.set_name
     if task.format == "wds":
         return _wds_set(source, transform, tokenizer, batch_size, num_workers)
