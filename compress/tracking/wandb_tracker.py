@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from compress.fileio import atomic_write_text
 from compress.rundir import WANDB_DIR
 from compress.tracking.base import EXTRA, numeric
 
@@ -51,7 +50,11 @@ class WandbTracker:
             return
         self.run.log(numeric(record), step=step)
         self.sent = step
-        atomic_write_text(self.last_step_file, str(step))
+        # renamed into place, not fsynced (rank 0 must not wait on the disk at every log step): a kill may lose
+        # the last few, which W&B then gets again (its history keeps the first of a step, the same values)
+        tmp = self.last_step_file.with_suffix(".tmp")
+        tmp.write_text(str(step))
+        tmp.replace(self.last_step_file)
 
     def summary(self, metrics: Mapping[str, Any]) -> None:
         self.run.summary.update({k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool)})
