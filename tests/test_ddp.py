@@ -394,6 +394,7 @@ def test_a_checkpoint_of_two_processes_is_not_resumed_by_one(runs, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_runs_the_cli_as_two_processes_and_rank_0_reports(tmp_path):
+    import importlib.util
     import os
     import subprocess
     import sys
@@ -403,6 +404,8 @@ def test_torchrun_runs_the_cli_as_two_processes_and_rank_0_reports(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "experiments.cli", "run", str(root / "experiments/configs/tiny-test.yaml"),
            "--set", f"output.dir={tmp_path}", "--set", "train.progress=false", "--set", "eval.throughput=false"]
+    tracked = importlib.util.find_spec("tensorboard") is not None  # the track extra
+    cmd += ["--set", "train.report_to=[jsonl,tensorboard]"] if tracked else []
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("[completed]") == 1, done.stdout  # one report, from rank 0
@@ -411,6 +414,11 @@ def test_torchrun_runs_the_cli_as_two_processes_and_rank_0_reports(tmp_path):
     assert row["status"] == "completed" and row["metrics"]["dist/world_size"] == 2
     assert row["metrics"]["dist/batch_per_process"] == row["config"]["train"]["batch_size"] // 2
     assert len(series(result.parent)) == row["config"]["train"]["steps"]  # logged once, by rank 0
+    if tracked:  # one writer, rank 0's: one event file, the same series
+        from tests.test_tracking import jsonl_series, tensorboard_series
+
+        assert len(list((result.parent / "tensorboard").glob("events.out.tfevents.*"))) == 1
+        assert tensorboard_series(result.parent / "tensorboard") == jsonl_series(series(result.parent))
 
 
 def test_the_trainer_draws_each_steps_gates_from_the_step_generator(tmp_path, monkeypatch):

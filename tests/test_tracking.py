@@ -92,6 +92,18 @@ def test_a_fresh_start_leaves_no_earlier_events(tmp_path):
     assert tensorboard_series(run_dir / "tensorboard", purge=False) == jsonl_series(jsonl(run_dir))
 
 
+@pytest.mark.slow
+def test_each_stage_of_a_staged_run_has_its_own_tensorboard_run(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard", reason="the track extra is not installed")
+    cfg = config(tmp_path, "two-stages", train={**config(tmp_path, "two-stages").train.__dict__,
+                                                  "report_to": ["tensorboard"]})
+    assert run_experiment(cfg)["status"] == "completed"
+    stages = sorted((run_dir_for(cfg) / "stages").iterdir())
+    assert len(stages) == 2 and not (run_dir_for(cfg) / "tensorboard").exists()
+    for stage in stages:  # steps restart at each stage: one TensorBoard run per stage folder
+        assert tensorboard_series(stage / "tensorboard") == jsonl_series(jsonl(stage))
+
+
 # -- Weights & Biases -----------------------------------------------------------------------------------------------
 def wandb_history(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
     """The run ids and the history rows of a W&B transaction log (``run-ID.wandb``: leveldb-log blocks of
