@@ -521,6 +521,7 @@ class Trainer:
         with self.timer.device("optimizer"):
             stepped, nonfinite, norm = self._optimizer_step(loss)
             self.optimizer.zero_grad(set_to_none=True)
+        self.timer.end_step()
         return StepResult(stepped, nonfinite, loss, terms, weights, norm)
 
     def _settle(self, keep: int = 0) -> int:
@@ -575,7 +576,6 @@ class Trainer:
             # drawn as the step goes, one micro-batch at a time (each checked to be the micro-batch size)
             micro = StepInputs(self._draw_micro_batch, cfg.accum_steps, self.timer.replay(self.replay))
             result = self.train_step(micro, step)
-            self.timer.end_step()
             batch_size = sum(micro.sizes) * distributed.world_size()  # samples of all ranks
             total, terms = result.loss, result.terms
             is_last = step + 1 == cfg.steps

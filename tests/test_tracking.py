@@ -154,3 +154,35 @@ def test_wandb_offline_writes_its_run_folder_and_resumes_the_same_run(tmp_path, 
         expected = {k: v for k, v in records[step].items() if k != "step" and not k.startswith("time/")
                     and k != "samples_per_s"}
         assert {k: row[k] for k in expected} == expected  # the first attempt's step 3: the same values (exact resume)
+
+
+def test_trackers_are_all_closed_and_told_whether_the_stage_failed():
+    from compress.tracking import Trackers
+
+    class Fake:
+        def __init__(self, fails: bool) -> None:
+            self.fails, self.closed, self.logged = fails, None, []
+
+        def log(self, record):
+            self.logged.append(record["step"])
+
+        def summary(self, metrics):
+            pass
+
+        def close(self, ok):
+            self.closed = ok
+            if self.fails:
+                raise OSError("disk full")
+
+    broken, fine = Fake(fails=True), Fake(fails=False)
+    with pytest.raises(RuntimeError, match="training failed"):  # the stage's error, not the tracker's
+        with Trackers([broken, fine]) as trackers:
+            trackers.log({"step": 1, "loss": 2.0})
+            raise RuntimeError("training failed")
+    assert broken.logged == fine.logged == [1]
+    assert broken.closed is False and fine.closed is False  # both closed, both told the stage did not complete
+    broken, fine = Fake(fails=True), Fake(fails=False)
+    with pytest.raises(OSError, match="disk full"):  # a completed stage: the close's error is the error
+        with Trackers([broken, fine]):
+            pass
+    assert broken.closed is True and fine.closed is True

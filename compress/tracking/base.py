@@ -1,14 +1,16 @@
 """What every tracker shares: the protocol, the set of one stage's trackers, the package check, the numbers of a
 record (see :mod:`compress.tracking`)."""
 
-
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from compress.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 #: the package each tracker needs (``jsonl`` needs none)
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
@@ -58,12 +60,25 @@ class Trackers:
             tracker.summary(metrics)
 
     def close(self, ok: bool) -> None:
+        """Close every tracker (one failing to close does not keep the others open; its error is raised after)."""
         trackers, self.trackers = self.trackers, []
+        errors = []
         for tracker in trackers:
-            tracker.close(ok)
+            try:
+                tracker.close(ok)
+            except Exception as error:  # noqa: BLE001  (raised below, once the others are closed)
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> Trackers:
         return self
 
     def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
-        self.close(ok=kind is None)
+        if kind is None:
+            self.close(ok=True)
+            return
+        try:  # the stage's own error (or stop) is what the run reports, not a tracker's failure to close
+            self.close(ok=False)
+        except Exception as error:  # noqa: BLE001
+            logger.warning("a tracker could not be closed after the stage stopped: %s", error)
