@@ -8,6 +8,8 @@ files written by ``clip-compress collect``, into one tidy frame with these colum
   ``row`` (``run`` or ``stage``), ``path`` (the folder of the row; the file for a JSON line without one);
 - the config flattened with dotted names (``train.lr``, ``inheritance.name``, ``losses.0.name``);
 - the metrics under their own names (``zs/<task>/top1``, ``params/vision``, ...);
+- a run's task-list results (``clip-compress eval RUN_DIR --tasks LIST``): ``eval/<list>/<task key>`` (the main
+  metric, a fraction) and ``eval/<list>/mean`` (:func:`analysis.benchmark.run_eval_columns`);
 - short aliases (:data:`ALIASES`), the budget (``steps``, ``samples_seen``, ``train_time_s``) and
   ``params`` (vision + text tower without the token embedding, TinyCLIP's count).
 
@@ -29,6 +31,7 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.benchmark import run_eval_columns
 from analysis.columns import ALIASES, IDENTITY_COLUMNS, AnalysisError, config_columns, resolve_key, value_text
 from compress.results import RESULT_FILE, STATUS_COMPLETED, ResultsError, collect_rows
 from compress.rundir import METRICS_FILE, MODEL_DIR, RunDir
@@ -214,6 +217,8 @@ def results_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         record: dict[str, Any] = {}
         record.update(flatten(row.get("config") or {}))
         record.update(row.get("metrics") or {})
+        if row.get("row", "run") == "run" and row.get("path"):
+            record.update(run_eval_columns(row["path"]))
         status = row.get("status")
         record.update({
             "run_id": row.get("run_id"),

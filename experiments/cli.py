@@ -1,4 +1,5 @@
-"""The ``clip-compress`` command line: run, sweep, status, collect, table, plot, eval, list, demo, cache-teacher."""
+"""The ``clip-compress`` command line: run, sweep, status, collect, table, plot, eval, list, demo, cache-teacher,
+export."""
 
 from __future__ import annotations
 
@@ -173,9 +174,37 @@ def headline_numbers(row: dict) -> str:
     return "  ".join(parts)
 
 
+def _cmd_eval_tasks(args: argparse.Namespace) -> int:
+    """``eval --tasks LIST``: a task list's tasks, the field's result files."""
+    from compress.evaluation.standalone import EvalError
+    from compress.evaluation.task_eval import evaluate_tasks
+
+    given = [opt for opt, value in (("--data", args.data), ("--kind", args.kind), ("--image-key", args.image_key),
+                                    ("--caption-key", args.caption_key), ("--separator", args.separator)) if value]
+    if given:
+        raise CliError(f"{', '.join(given)}: not with --tasks (the task list names each task's data)")
+    try:
+        summary = evaluate_tasks(args.model, args.tasks, data_root=args.data_root, output_dir=args.output_dir,
+                                 device=args.device, batch_size=args.batch_size, throughput=not args.no_throughput,
+                                 output=args.output)
+    except EvalError as error:
+        raise CliError(str(error)) from None
+    width = max(len(k) for k in summary["main_metrics"])
+    for key, value in summary["main_metrics"].items():
+        print(f"{key:<{width}}  {'-' if value is None else f'{value:.4f}'}")
+    print(f"{'mean':<{width}}  {summary['mean_main_metric']:.4f}  (main metrics, fractions; result files in "
+          f"{summary['output_dir']})")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from compress.evaluation.standalone import EvalError, evaluate_only
 
+    if args.tasks:
+        return _cmd_eval_tasks(args)
+    for opt, value in (("--data-root", args.data_root), ("--output-dir", args.output_dir)):
+        if value:
+            raise CliError(f"{opt}: only with --tasks LIST")
     try:
         metrics = evaluate_only(
             args.model,
@@ -334,10 +363,19 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from experiments.export_cli import ExportCliError, export
+
+    try:
+        return export(args)
+    except ExportCliError as error:
+        raise CliError(str(error)) from None
+
+
 #: the function of each command of :func:`experiments.cli_parser.build_parser`
 COMMANDS = {"run": _cmd_run, "sweep": _cmd_sweep, "eval": _cmd_eval, "list": _cmd_list, "demo": _cmd_demo,
             "status": _cmd_status, "collect": _cmd_collect, "table": _cmd_table, "plot": _cmd_plot,
-            "cache-teacher": _cmd_cache_teacher}
+            "cache-teacher": _cmd_cache_teacher, "export": _cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="log debug messages and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run, _add_sweep, _add_eval, _add_list, _add_demo, _add_status, _add_collect,
-                _add_results_commands, _add_cache_teacher):
+                _add_results_commands, _add_cache_teacher, _add_export):
         add(sub, verbose)
     return parser
 
@@ -108,6 +108,13 @@ def _add_eval(sub: Any, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's, else 128")
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
     p.add_argument("--output", default=None, help="write the metrics as JSON to this file")
+    p.add_argument("--tasks", default=None, metavar="LIST",
+                   help="a task list (DataComp's tasklist.yml format): evaluate on its tasks and write "
+                   "clip_benchmark's per-task JSON, DataComp's eval_results.jsonl and summary.json")
+    p.add_argument("--data-root", default=None, metavar="ROOT",
+                   help="with --tasks: the folder holding the data sets (clip_benchmark's wds_NAME folders)")
+    p.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="with --tasks: where the result files go (default for a run directory: RUN_DIR/eval/LIST)")
 
 
 def _add_list(sub: Any, verbose: argparse.ArgumentParser) -> None:
@@ -234,3 +241,31 @@ def _add_cache_teacher(sub: Any, verbose: argparse.ArgumentParser) -> None:
     p.add_argument("--dispatch", action="store_true",
                    help="submit --parts jobs through the config's dispatch backend (slurm: a job array; local: "
                    "processes; inline: here, one after the other), job I generating part I")
+
+
+def _add_export(sub: Any, verbose: argparse.ArgumentParser) -> None:
+    """The ``export`` command's arguments."""
+    p = sub.add_parser(
+        "export", parents=[verbose], help="ONNX files per tower and/or a Hub-ready open_clip folder with a model card",
+        description="Export a finished run's student (or a model): --onnx DIR writes image_encoder.onnx and "
+        "text_encoder.onnx (L2-normalised embeddings; dynamic batch unless --batch N) and checks them against "
+        "PyTorch with ONNX Runtime on rendered images (max difference 1e-4); --hub DIR writes open_clip's layout "
+        "(open_clip_config.json, open_clip_model.safetensors, README.md model card from the run), a non-uniform "
+        "student padded with zero heads and neurons to the uniform model computing the same function, and loads "
+        "it back with open_clip.",
+    )
+    p.add_argument("model", metavar="MODEL|RUN_DIR",
+                   help="a run directory (its exported student; the card reads its config and result.json), an "
+                   "exported model folder, a checkpoint or name@tag")
+    p.add_argument("--onnx", metavar="DIR", default=None, help="write one ONNX file per tower into DIR")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=int, default=None, metavar="N", help="ONNX: a fixed batch size N")
+    batch.add_argument("--dynamic-batch", action="store_true",
+                       help="ONNX: a dynamic batch dimension (the default; exclusive with --batch)")
+    p.add_argument("--towers", default=None, metavar="image,text", help="ONNX: the towers to export (default both)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX: the opset (default 18, the exporter's own)")
+    p.add_argument("--hub", metavar="DIR", default=None, help="write a Hub-ready open_clip folder into DIR")
+    p.add_argument("--parity-images", type=int, default=None, metavar="N",
+                   help="rendered images (and captions) the ONNX files and the Hub folder are checked on (default "
+                   "8; with --batch N, N; 0: no check)")
+    p.add_argument("--force", action="store_true", help="write into non-empty output folders")

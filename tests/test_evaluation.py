@@ -20,6 +20,7 @@ from compress.evaluation import (
     evaluate_model,
     recall_at_k,
     retrieval_recall,
+    text_identities,
     throughput,
     zero_shot_accuracy,
     zero_shot_classifier,
@@ -116,6 +117,58 @@ def test_recall_images_without_captions_left_out_of_i2t() -> None:
         recall_at_k(img, txt, [0, 3])
 
 
+class TokenAngleModel(AngleModel):
+    """Texts are token ids [N, L] (long); a text's angle is ``WORD_ANGLES[first token]``, so
+    identical token rows give identical (exactly tied) features."""
+
+    WORD_ANGLES = torch.tensor([0.0, 0.04, 0.21, 0.6])
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        return self._embed(self.WORD_ANGLES[tokens[:, 0]])
+
+
+# 4 images at 0, 0.1, 0.2, 0.3; captions as token ids: images 0 and 1 both "red circle" (id 1 at
+# 0.04), image 2 "blue square" (0.21), image 3 "green star" (0.6). Image->text: images 0 and 1 both
+# see the two identical texts tied first; either is a caption of theirs, so both hit (3 of 4 images
+# hit at R@1; image 3's own caption ranks 4th). Row identity would credit only the one of the pair
+# topk happens to put first: 2 of 4. Text->image: both "red circle" texts find image 0 first, which
+# has that caption: all 4 texts hit (row identity: text 1 misses).
+DUP_TOKENS = torch.tensor([[1, 9], [1, 9], [2, 9], [3, 9]])
+DUP_IMAGES = torch.tensor([0.0, 0.1, 0.2, 0.3]).view(4, 1)
+DUP_EXPECTED = {"i2t_r1": 75.0, "i2t_r5": 100.0, "t2i_r1": 100.0, "t2i_r5": 100.0}
+
+
+def test_retrieval_identical_captions_count_as_correct() -> None:
+    got = retrieval_recall(TokenAngleModel(), [(DUP_IMAGES[:3], DUP_TOKENS[:3]), (DUP_IMAGES[3:], DUP_TOKENS[3:])],
+                           ks=(1, 5))
+    assert got == pytest.approx(DUP_EXPECTED)
+    # the answer does not depend on which of the tied texts comes first
+    order = [1, 0, 2, 3]
+    swapped = retrieval_recall(TokenAngleModel(), [(DUP_IMAGES, DUP_TOKENS[order])], ks=(1, 5),
+                               text_to_image=[1, 0, 2, 3])
+    assert swapped == pytest.approx(DUP_EXPECTED)
+    # row identity (no text ids): one of the two "red circle" images misses, in either direction
+    img = F.normalize(AngleModel._embed(DUP_IMAGES), dim=-1)
+    txt = F.normalize(TokenAngleModel().encode_text(DUP_TOKENS), dim=-1)
+    strict = recall_at_k(img, txt, [0, 1, 2, 3], ks=(1,))
+    assert strict == pytest.approx({"i2t_r1": 50.0, "t2i_r1": 75.0})
+    ids = text_identities(DUP_TOKENS)
+    assert ids.tolist()[0] == ids.tolist()[1] and len(set(ids.tolist())) == 3
+    with_ids = recall_at_k(img, txt, [0, 1, 2, 3], ks=(1,), text_ids=ids)
+    assert with_ids == pytest.approx({"i2t_r1": 75.0, "t2i_r1": 100.0})
+
+
+def test_retrieval_batches_with_any_number_of_captions_per_image() -> None:
+    """A dict batch's ``text_image`` (clip_benchmark retrieval sets: a list of captions per image)."""
+    batches = [
+        {"images": DUP_IMAGES[:2], "texts": DUP_TOKENS[[0, 3, 1]], "text_image": torch.tensor([0, 0, 1])},
+        {"images": DUP_IMAGES[2:], "texts": DUP_TOKENS[[2]], "text_image": torch.tensor([0])},
+    ]
+    # image 3 has no caption (left out of image->text); image 0 has "red circle" and "green star"
+    got = retrieval_recall(TokenAngleModel(), batches, ks=(1,))
+    assert got == pytest.approx({"i2t_r1": 100.0, "t2i_r1": 75.0})
+
+
 def test_recall_chunking_matches_full_matrix() -> None:
     torch.manual_seed(0)
     img = F.normalize(torch.randn(37, 8), dim=-1)
@@ -164,6 +217,8 @@ def test_zero_shot_accuracy_known_predictions() -> None:
         "top1": 40.0, "top5": 80.0,
         "top1_heldout": 75.0, "top5_heldout": 75.0,
         "top1_seen": 100 / 6, "top5_seen": 500 / 6,
+        # per-class top-1 recall: class 0 1/2, 1 2/2, 2 1/2, 3 0/2, 4 0/1, 5 0/1 -> mean 2/6
+        "mean_per_class_recall": 100 / 3,
     }  # fmt: skip
     assert got == pytest.approx(expected)
 
@@ -173,9 +228,20 @@ def test_zero_shot_accuracy_dict_batches_and_few_classes() -> None:
     images = torch.stack([_scores_ranking(y, r, 3) for y, r in samples])
     loader = [{"images": images, "labels": torch.tensor([y for y, _ in samples])}]
     got = zero_shot_accuracy(ScoreModel(), torch.eye(3), loader, label_subsets={"none": set()})
-    assert set(got) == {"top1", "top1_none"}  # no top-5 with 3 classes
+    assert set(got) == {"top1", "top1_none", "mean_per_class_recall"}  # no top-5 with 3 classes
     assert got["top1"] == pytest.approx(50.0)
+    assert got["mean_per_class_recall"] == pytest.approx(100 * (1 + 0 + 0.5) / 3)  # classes 0, 1, 2
     assert math.isnan(got["top1_none"])
+
+
+def test_mean_per_class_recall_is_sklearns_balanced_accuracy() -> None:
+    metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn comes with the eval extra")
+    torch.manual_seed(0)
+    logits, labels = torch.randn(300, 7), torch.randint(0, 6, (300,))  # class 6 never a true label
+    loader = [(logits[i : i + 64], labels[i : i + 64]) for i in range(0, 300, 64)]
+    got = zero_shot_accuracy(ScoreModel(), torch.eye(7), loader)
+    expected = metrics.balanced_accuracy_score(labels.numpy(), logits.argmax(dim=1).numpy())
+    assert got["mean_per_class_recall"] == pytest.approx(100 * expected)
 
 
 @pytest.fixture(scope="module")
@@ -413,7 +479,7 @@ def test_evaluate_model_tiny_teacher(tiny: nn.Module) -> None:
     expected = {
         "zs/color_shape/top1", "zs/color_shape/top5",
         "zs/color_shape/top1_heldout", "zs/color_shape/top5_heldout",
-        "zs/color_shape/top1_seen", "zs/color_shape/top5_seen",
+        "zs/color_shape/top1_seen", "zs/color_shape/top5_seen", "zs/color_shape/mean_per_class_recall",
         "params/vision", "params/text", "params/token_embedding", "params/total",
         "macs/image", "macs/text",
         "throughput/images_per_s", "throughput/texts_per_s", "throughput/pairs_per_s",
@@ -432,7 +498,9 @@ def test_evaluate_model_tiny_teacher(tiny: nn.Module) -> None:
     assert metrics["zs/color_shape/top1"] == pytest.approx(100.0 * hit.float().mean().item())
     assert metrics["zs/color_shape/top1_heldout"] == pytest.approx(100.0 * hit[heldout].float().mean().item())
     assert metrics["zs/color_shape/top1_seen"] == pytest.approx(100.0 * hit[~heldout].float().mean().item())
-    direct = recall_at_k(image_features[:8], text_features, list(range(8)))
+    # the 8 captions are 4 repeated: identical texts count for every image they caption
+    direct = recall_at_k(image_features[:8], text_features, list(range(8)), text_ids=text_identities(tokens))
+    assert direct != recall_at_k(image_features[:8], text_features, list(range(8)))
     assert {k: metrics[f"ret/val/{k}"] for k in direct} == pytest.approx(direct)
     assert metrics["ret/val/i2t_r10"] == 100.0  # 8 images, 8 texts
     assert metrics["macs/image"] == _vit_tower_macs(tiny.clip_cfg)

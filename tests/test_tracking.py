@@ -186,3 +186,12 @@ def test_trackers_are_all_closed_and_told_whether_the_stage_failed():
         with Trackers([broken, fine]):
             pass
     assert broken.closed is True and fine.closed is True
+
+
+def test_the_track_extra_is_declared_and_dev_carries_it() -> None:
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert {d.split(">")[0] for d in extras["track"]} == {"tensorboard", "wandb"}
+    assert "clip-compress[track]" in extras["dev"]

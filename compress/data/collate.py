@@ -43,6 +43,30 @@ def make_label_collate() -> Callable[[Sequence[Any]], Batch]:
     return _label_collate
 
 
+def make_captions_collate(tokenizer: Tokenizer) -> Callable[[Sequence[Any]], Batch]:
+    """Collate of ``(image, [captions...])`` items (retrieval sets with any number of captions per
+    image, as clip_benchmark's): ``{"images", "texts": LongTensor[T, ctx] (every caption, image by
+    image), "captions", "text_image": LongTensor[T] (each caption's image in the batch), "num_bad",
+    "num_samples"}``."""
+    return _CaptionsCollate(tokenizer)
+
+
+class _CaptionsCollate:
+    """A picklable closure over the tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: Sequence[Any]) -> Batch:
+        good, batch = tally(items)
+        if not good:
+            return {**batch, "images": None, "texts": None, "captions": [], "text_image": None}
+        captions = [str(c) for _, caps in good for c in caps]
+        owner = torch.tensor([i for i, (_, caps) in enumerate(good) for _ in caps], dtype=torch.long)
+        return {**batch, **stack_images([img for img, _ in good]), "texts": self.tokenizer(captions),
+                "captions": captions, "text_image": owner}
+
+
 class _TextCollate:
     """A picklable closure over the tokenizer (works with spawned workers too)."""
 

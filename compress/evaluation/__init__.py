@@ -15,7 +15,13 @@ Usage (the trainer at the end of a run, and ``clip-compress eval``)::
 from compress.data.tasks import RetrievalSet, ZeroShotTask
 from compress.evaluation.efficiency import count_macs, pairs_per_second, throughput
 from compress.evaluation.evaluate import evaluate_model
-from compress.evaluation.retrieval import encode_retrieval_set, recall_at_k, retrieval_recall
+from compress.evaluation.retrieval import (
+    RetrievalFeatures,
+    encode_retrieval_set,
+    recall_at_k,
+    retrieval_recall,
+    text_identities,
+)
 from compress.evaluation.zero_shot import (
     IMAGENET_CLASSNAMES,
     LOGIT_SCALE,
@@ -28,6 +34,7 @@ __all__ = [
     "IMAGENET_CLASSNAMES",
     "LOGIT_SCALE",
     "OPENAI_IMAGENET_TEMPLATES",
+    "RetrievalFeatures",
     "RetrievalSet",
     "ZeroShotTask",
     "count_macs",
@@ -36,6 +43,7 @@ __all__ = [
     "pairs_per_second",
     "recall_at_k",
     "retrieval_recall",
+    "text_identities",
     "throughput",
     "zero_shot_accuracy",
     "zero_shot_classifier",

@@ -3,7 +3,10 @@
 Class ``c``'s weight is the mean of the L2-normalised text embeddings of its prompts (one
 per template), renormalised: w_c = normalize(mean_t normalize(f_text(t(c)))). An image is
 classified by logits = 100 * normalize(f_image(x)) @ W (scale 100 as open_clip; the scale
-does not change the ranking). Accuracies are percentages.
+does not change the ranking). Accuracies are percentages. ``mean_per_class_recall`` is the
+balanced accuracy (the mean over the classes present in the labels of each class's top-1 recall,
+sklearn's ``balanced_accuracy_score``), the main metric DataComp reports for Caltech-101, FGVC
+Aircraft, Flowers-102 and Pets.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ __all__ = [
     "IMAGENET_CLASSNAMES",
     "OPENAI_IMAGENET_TEMPLATES",
     "LOGIT_SCALE",
+    "mean_per_class_recall",
     "zero_shot_accuracy",
     "zero_shot_classifier",
 ]
@@ -72,11 +76,23 @@ def zero_shot_classifier(
     return weights.float()
 
 
-def _count_hits(logits: Tensor, labels: Tensor, ks: Sequence[int]) -> Tensor:
-    """Bool [N, len(ks)]: whether the true label is among the ``k`` highest logits."""
+def _count_hits(logits: Tensor, labels: Tensor, ks: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Bool [N, len(ks)]: whether the true label is among the ``k`` highest logits; and bool [N]:
+    whether it is the highest (top-1, also when 1 is not among ``ks``)."""
     top = logits.topk(max(ks), dim=-1).indices
     correct = top == labels.view(-1, 1)
-    return torch.stack([correct[:, :k].any(dim=-1) for k in ks], dim=1)
+    return torch.stack([correct[:, :k].any(dim=-1) for k in ks], dim=1), correct[:, 0]
+
+
+def mean_per_class_recall(top1_hit: Tensor, labels: Tensor) -> float:
+    """Balanced accuracy in percent: the mean over the classes present in ``labels`` of the share
+    of that class's samples classified correctly (``top1_hit``); NaN without samples."""
+    if labels.numel() == 0:
+        return float("nan")
+    classes, index = torch.unique(labels, return_inverse=True)
+    hits = torch.zeros(len(classes), dtype=torch.float64).index_add_(0, index, top1_hit.double())
+    counts = torch.bincount(index, minlength=len(classes)).double()
+    return (hits / counts).mean().item() * 100.0
 
 
 @torch.inference_mode()
@@ -91,7 +107,8 @@ def zero_shot_accuracy(
     precision: str = "fp32",
     desc: str = "zero-shot",
 ) -> dict[str, float]:
-    """Top-k accuracy in percent: ``{"top1", "top5", "top1_<subset>", "top5_<subset>", ...}``.
+    """Top-k accuracy in percent: ``{"top1", "top5", "top1_<subset>", "top5_<subset>", ...}``, and
+    ``mean_per_class_recall`` (balanced top-1 accuracy over all samples, percent).
 
     ``loader`` yields ``(images, labels)`` (or dicts with ``images`` / ``labels``);
     ``classifier`` is [E, C]; top-k is reported only for ``k <= C``. ``label_subsets``
@@ -105,7 +122,7 @@ def zero_shot_accuracy(
         raise ValueError(f"no k in topk={tuple(topk)} is <= the number of classes ({num_classes})")
     classifier = classifier.to(device=device, dtype=torch.float32)
     policy = resolve_precision(precision, device)
-    hits, all_labels = [], []
+    hits, firsts, all_labels = [], [], []
     with eval_mode(model):
         for batch in progress_iter(loader, desc, progress):
             images, labels = unpack(batch, ("labels",))
@@ -113,12 +130,15 @@ def zero_shot_accuracy(
             with policy.autocast():
                 features = model.encode_image(images)
             logits = LOGIT_SCALE * F.normalize(features.float(), dim=-1) @ classifier
-            hits.append(_count_hits(logits, labels, ks).cpu())
+            hit, first = _count_hits(logits, labels, ks)
+            hits.append(hit.cpu())
+            firsts.append(first.cpu())
             all_labels.append(labels.cpu())
     if not hits:
         raise ValueError("the zero-shot loader yielded no batches")
     hit, label = torch.cat(hits), torch.cat(all_labels)
     out = _accuracies(hit, ks, "")
+    out["mean_per_class_recall"] = mean_per_class_recall(torch.cat(firsts), label)
     for name, subset in (label_subsets or {}).items():
         members = torch.as_tensor(sorted(int(c) for c in subset), dtype=label.dtype)
         out.update(_accuracies(hit[torch.isin(label, members)], ks, f"_{name}"))

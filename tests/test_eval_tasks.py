@@ -1,0 +1,253 @@
+"""``clip-compress eval --tasks LIST``: DataComp task lists, data sets looked up before the model is
+loaded, clip_benchmark's per-task JSON and DataComp's eval_results.jsonl (golden), and numbers equal
+to a run's own evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from compress.evaluation.standalone import EvalError
+from compress.evaluation.task_eval import evaluate_tasks
+from compress.result_files import TaskResult, field_metrics, template_hash, write_result_files
+from compress.tasklist import TaskListError, load_task_list, parse_task
+from experiments.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKLISTS = ROOT / "experiments" / "tasklists"
+
+
+def test_shipped_task_lists_parse():
+    datacomp = load_task_list(TASKLISTS / "datacomp_zeroshot.yml")
+    assert len(datacomp) == 32
+    by_key = {t.key: t for t in datacomp}
+    assert by_key["imagenet1k"].name == "ImageNet 1k" and by_key["imagenet1k"].main_metric == "acc1"
+    assert by_key["vtab/pets"].main_metric == "mean_per_class_recall"
+    flickr = by_key["retrieval/flickr30k"]
+    assert (flickr.kind, flickr.main_metric, flickr.dataset) == ("zeroshot_retrieval", "mean_recall@1", "flickr30k")
+    assert by_key["cars"].extra == {"size": 8041, "num_classes": 196, "random_score": 0.00516}
+    synthetic = load_task_list(TASKLISTS / "synthetic.yml")
+    assert [t.key for t in synthetic] == ["shapes_color_shape", "shapes_shape", "shapes_color", "shapes_retrieval"]
+
+
+@pytest.mark.parametrize(("key", "entry", "message"), [
+    ("wilds/fmow", {"main_metric": "acc_worst_region"}, "not zero-shot classification or retrieval"),
+    ("cars", {"main_metric": "mean_recall@1"}, "not a zeroshot_classification metric"),
+    ("cars", {"format": "lmdb"}, "format 'lmdb'"),
+    ("cars", {"format": "folder"}, "needs a path"),
+    ("pairs", {"format": "csv", "path": "x.csv", "task": "zeroshot_classification"}, "not a zeroshot_classification"),
+    ("cars", {"templates": ["no placeholder"]}, "placeholder"),
+    ("cars", {"image_key": "f"}, "only for format csv"),
+])
+def test_task_list_mistakes_are_refused(key, entry, message):
+    with pytest.raises(TaskListError, match=message):
+        parse_task(key, entry)
+
+
+def test_task_defaults():
+    assert parse_task("cifar10", None).kind == "zeroshot_classification"
+    assert parse_task("pairs", {"format": "csv", "path": "p.csv"}).kind == "zeroshot_retrieval"
+    assert parse_task("x", {"tags": ["retrieval"]}).main_metric == "mean_recall@1"
+
+
+# --- golden result files --------------------------------------------------------------------------
+
+
+def _golden_results() -> list[TaskResult]:
+    cls = parse_task("vtab/pets", {"name": "Oxford-IIIT Pet", "main_metric": "mean_per_class_recall"})
+    few = parse_task("renderedsst2", {"name": "Rendered SST2"})
+    ret = parse_task("retrieval/flickr30k", {"name": "Flickr", "dataset": "flickr30k"})
+    return [
+        TaskResult(cls, field_metrics(cls.kind, {"top1": 62.5, "top5": 87.5, "mean_per_class_recall": 50.0}), {},
+                   template_hash(["a photo of a {}, a type of pet."]), "c" * 64),
+        TaskResult(few, field_metrics(few.kind, {"top1": 75.0, "mean_per_class_recall": 75.0}), {}, "a" * 64,
+                   "b" * 64),
+        TaskResult(ret, field_metrics(ret.kind, {"i2t_r1": 50.0, "t2i_r1": 25.0, "i2t_r5": 100.0, "t2i_r5": 75.0,
+                                                 "i2t_r10": 100.0, "t2i_r10": 100.0}), {}),
+    ]
+
+
+GOLDEN_JSONL = (
+    '{"key": "vtab/pets", "dataset": "Oxford-IIIT Pet", "metrics": {"acc1": 0.625, "acc5": 0.875, '
+    '"mean_per_class_recall": 0.5, "main_metric": 0.5}, "templates_sha256": '
+    '"%s", "classnames_sha256": "%s"}\n'
+    '{"key": "renderedsst2", "dataset": "Rendered SST2", "metrics": {"acc1": 0.75, "acc5": null, '
+    '"mean_per_class_recall": 0.75, "main_metric": 0.75}, "templates_sha256": "%s", "classnames_sha256": "%s"}\n'
+    '{"key": "retrieval/flickr30k", "dataset": "Flickr", "metrics": {"image_retrieval_recall@1": 0.25, '
+    '"text_retrieval_recall@1": 0.5, "image_retrieval_recall@5": 0.75, "text_retrieval_recall@5": 1.0, '
+    '"image_retrieval_recall@10": 1.0, "text_retrieval_recall@10": 1.0, "mean_recall@1": 0.375, '
+    '"main_metric": 0.375}}\n'
+)
+GOLDEN_PETS = (
+    '{"dataset": "wds/vtab/pets", "model": "tiny", "pretrained": "", "task": "zeroshot_classification", '
+    '"metrics": {"acc1": 0.625, "acc5": 0.875, "mean_per_class_recall": 0.5}, "language": "en", '
+    '"templates_sha256": "%s", "classnames_sha256": "%s"}'
+)
+GOLDEN_SST2_METRICS = '"metrics": {"acc1": 0.75, "acc5": NaN, "mean_per_class_recall": 0.75}'
+GOLDEN_FLICKR = (
+    '{"dataset": "wds/flickr30k", "model": "tiny", "pretrained": "", "task": "zeroshot_retrieval", '
+    '"metrics": {"image_retrieval_recall@1": 0.25, "text_retrieval_recall@1": 0.5, "image_retrieval_recall@5": '
+    '0.75, "text_retrieval_recall@5": 1.0, "image_retrieval_recall@10": 1.0, "text_retrieval_recall@10": 1.0}, '
+    '"language": "en"}'
+)
+
+
+def test_golden_result_files(tmp_path):
+    """Byte for byte what clip_benchmark 1.6.2 (``json.dump`` of its dict: NaN for a missing top-5) and DataComp
+    (one ``json.dumps`` line per task: None for it, ``main_metric`` added) write, plus the hashes."""
+    results = _golden_results()
+    pets_hash = template_hash(["a photo of a {c}, a type of pet."])
+    assert pets_hash == template_hash(["a photo of a {}, a type of pet."])  # the {} form hashes as the {c} form
+    written = write_result_files(tmp_path, results, "tiny")
+    assert (tmp_path / "eval_results.jsonl").read_text() == GOLDEN_JSONL % (pets_hash, "c" * 64, "a" * 64, "b" * 64)
+    names = sorted(p.name for p in written["clip_benchmark"])
+    assert names == ["flickr30k__tiny_en_zeroshot_retrieval.json", "renderedsst2__tiny_en_zeroshot_classification.json",
+                     "vtab_pets__tiny_en_zeroshot_classification.json"]
+    folder = tmp_path / "clip_benchmark"
+    assert (folder / names[2]).read_text() == GOLDEN_PETS % (pets_hash, "c" * 64)
+    assert GOLDEN_SST2_METRICS in (folder / names[1]).read_text()
+    assert (folder / names[0]).read_text() == GOLDEN_FLICKR
+    assert math.isnan(json.loads((folder / names[1]).read_text())["metrics"]["acc5"])
+
+
+def test_template_hash_is_sha256sum_of_the_templates_file(tmp_path):
+    import hashlib
+
+    from test_benchmark_sets import _images
+
+    from compress.data.benchmark_sets import write_wds_classification
+
+    templates = ["a photo of a {}.", "itap of a {c}."]
+    folder = write_wds_classification(tmp_path, "t", _images(1), [0], ["x"], templates)
+    digest = hashlib.sha256((folder / "zeroshot_classification_templates.txt").read_bytes()).hexdigest()
+    assert template_hash(templates) == digest
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+
+def _task_list(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tasks.yml"
+    path.write_text(text)
+    return path
+
+
+def test_missing_sets_are_listed_before_the_model_is_loaded(tmp_path, monkeypatch):
+    import compress.evaluation.task_eval as task_eval
+    from compress.data.benchmark_export import export_synthetic
+
+    export_synthetic(tmp_path / "data", num_samples=4, tasks=("shape",), retrieval=False)
+    monkeypatch.setattr(task_eval, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    tasks = _task_list(tmp_path, "shapes_shape: {}\nimagenet1k: {name: ImageNet}\nvtab/cifar100: {}\n"
+                                 "shapes_retrieval: {tags: [retrieval]}\nmine: {format: folder, path: nowhere}\n")
+    with pytest.raises(EvalError) as error:
+        evaluate_tasks("cc-test-teacher", str(tasks), data_root=str(tmp_path / "data"), output_dir=str(tmp_path / "o"))
+    message = str(error.value)
+    assert message.startswith("4 of 5 data sets missing or unusable: imagenet1k: not found under")
+    for part in ("wds_imagenet1k, wds_imagenet1k_test", "vtab/cifar100: not found", "wds_vtab-cifar100",
+                 "shapes_retrieval: not found", "mine: no image folder"):
+        assert part in message
+    assert "\n" not in message
+    shape_as_retrieval = _task_list(tmp_path, "shapes_shape: {task: zeroshot_retrieval}\n")
+    with pytest.raises(EvalError, match="holds a classification set, the task list says zeroshot_retrieval"):
+        evaluate_tasks("cc-test-teacher", str(shape_as_retrieval), data_root=str(tmp_path / "data"),
+                       output_dir=str(tmp_path / "o"))
+    with pytest.raises(EvalError, match="needs --output-dir"):
+        evaluate_tasks("cc-test-teacher", str(_task_list(tmp_path, "shapes_shape: {}\n")),
+                       data_root=str(tmp_path / "data"))
+
+
+def test_eval_run_dir_on_a_task_list_equals_its_own_evaluation(tmp_path, capsys):
+    """The run's synthetic validation sets written in clip_benchmark's format and evaluated through the
+    task list give the numbers of the run's result.json (zero-shot top-1, top-5, retrieval recalls)."""
+    from test_run_e2e import tiny_config
+
+    from compress.data.benchmark_export import export_synthetic
+    from compress.run import run_dir_for, run_experiment
+
+    cfg = tiny_config(tmp_path)
+    row = run_experiment(cfg)
+    assert row["status"] == "completed", row.get("error")
+    run_dir = run_dir_for(cfg)
+    export_synthetic(tmp_path / "data", seed=0, num_samples=32, tasks=("color_shape",))
+    tasks = _task_list(tmp_path, "shapes_color_shape: {name: Shapes}\nshapes_retrieval: {tags: [retrieval]}\n")
+    argv = ["eval", str(run_dir), "--tasks", str(tasks), "--data-root", str(tmp_path / "data"), "--batch-size", "64",
+            "--no-throughput"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "shapes_color_shape" in out and "mean" in out
+    out_dir = run_dir / "eval" / "tasks"
+    recorded = json.loads((run_dir / "result.json").read_text())["metrics"]
+    lines = [json.loads(x) for x in (out_dir / "eval_results.jsonl").read_text().splitlines()]
+    assert [x["key"] for x in lines] == ["shapes_color_shape", "shapes_retrieval"]
+    cls, ret = (x["metrics"] for x in lines)
+    assert cls["acc1"] == pytest.approx(recorded["zs/cs/top1"] / 100, abs=1e-7)
+    assert cls["acc5"] == pytest.approx(recorded["zs/cs/top5"] / 100, abs=1e-7)
+    assert cls["mean_per_class_recall"] == pytest.approx(recorded["zs/cs/mean_per_class_recall"] / 100, abs=1e-7)
+    for k in (1, 5, 10):
+        assert ret[f"text_retrieval_recall@{k}"] == pytest.approx(recorded[f"ret/val/i2t_r{k}"] / 100, abs=1e-7)
+        assert ret[f"image_retrieval_recall@{k}"] == pytest.approx(recorded[f"ret/val/t2i_r{k}"] / 100, abs=1e-7)
+    assert ret["main_metric"] == pytest.approx((ret["text_retrieval_recall@1"] + ret["image_retrieval_recall@1"]) / 2)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["tasks"] == ["shapes_color_shape", "shapes_retrieval"]
+    assert summary["mean_main_metric"] == pytest.approx((cls["acc1"] + ret["main_metric"]) / 2)
+    assert summary["metrics"]["zs/shapes_color_shape/top1"] == pytest.approx(recorded["zs/cs/top1"], abs=1e-5)
+    from analysis.load import load_results
+
+    row = load_results(run_dir).iloc[0]
+    assert row["eval/tasks/shapes_retrieval"] == ret["main_metric"]
+    assert row["eval/tasks/mean"] == pytest.approx(summary["mean_main_metric"])
+    files = sorted(p.name for p in (out_dir / "clip_benchmark").iterdir())
+    assert files == [f"shapes_color_shape__{run_dir.name}_en_zeroshot_classification.json",
+                     f"shapes_retrieval__{run_dir.name}_en_zeroshot_retrieval.json"]
+    assert main(["eval", str(run_dir), "--tasks", str(tasks), "--data", "synthetic"]) == 2
+    assert "--data: not with --tasks" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--data-root", str(tmp_path)]) == 2
+    assert "--data-root: only with --tasks" in capsys.readouterr().err
+
+
+def test_image_folder_and_csv_tasks_equal_plain_eval(tmp_path):
+    """The project's own sets in a task list (``format: folder`` / ``csv``) give the numbers of ``clip-compress
+    eval --data`` on them, also from the same images written as clip_benchmark folders."""
+    import torch
+    from PIL import Image
+
+    from compress.data.benchmark_sets import write_wds_classification, write_wds_retrieval
+    from compress.data.folder import FOLDER_TEMPLATES
+    from compress.evaluation.standalone import evaluate_only
+    from compress.models import load_model
+    from compress.models.export import save_open_clip
+
+    data = tmp_path / "data"
+    colours = {"blue_thing": (0, 0, 255), "green_thing": (0, 255, 0), "red_thing": (255, 0, 0)}
+    rows, images, labels = ["filepath,title"], [], []
+    for label, (name, rgb) in enumerate(colours.items()):
+        (data / "val" / name).mkdir(parents=True)
+        for i in range(3):
+            path = data / "val" / name / f"{i}.png"
+            Image.new("RGB", (40, 40), tuple(min(255, c + 40 * i) for c in rgb)).save(path)
+            rows.append(f"{path},a {name.replace('_', ' ')} number {i % 2}")  # captions repeat across images
+            images.append(path)
+            labels.append(label)
+    (data / "pairs.csv").write_text("\n".join(rows) + "\n")
+    torch.manual_seed(0)
+    model_dir = save_open_clip(load_model("cc-test-teacher"), tmp_path / "model")
+    plain_folder = evaluate_only(str(model_dir), data=str(data / "val"), throughput=False, progress=False)
+    plain_csv = evaluate_only(str(model_dir), data=str(data / "pairs.csv"), throughput=False, progress=False)
+    names = [n.replace("_", " ") for n in colours]
+    write_wds_classification(data, "colours", images, labels, names, list(FOLDER_TEMPLATES))
+    write_wds_retrieval(data, "pairs", images, [[r.split(",")[1]] for r in rows[1:]])
+    tasks = _task_list(tmp_path, "folder_set: {format: folder, path: val}\npair_set: {format: csv, path: pairs.csv}\n"
+                                 "colours: {}\npairs: {tags: [retrieval]}\n")
+    summary = evaluate_tasks(str(model_dir), str(tasks), str(data), str(tmp_path / "out"), progress=False)
+    got = summary["metrics"]
+    for key in ("top1", "mean_per_class_recall"):
+        assert got[f"zs/folder_set/{key}"] == pytest.approx(plain_folder[f"zs/val/{key}"], abs=1e-6)
+        assert got[f"zs/colours/{key}"] == pytest.approx(plain_folder[f"zs/val/{key}"], abs=1e-6)
+    for key in ("i2t_r1", "t2i_r1", "i2t_r5"):
+        assert got[f"ret/pair_set/{key}"] == pytest.approx(plain_csv[f"ret/val/{key}"], abs=1e-6)
+        assert got[f"ret/pairs/{key}"] == pytest.approx(plain_csv[f"ret/val/{key}"], abs=1e-6)
+    assert summary["tasks"] == ["folder_set", "pair_set", "colours", "pairs"]
