@@ -47,6 +47,7 @@ from compress.rundir import (
 from compress.stage import StageRun, run_stage, seed_everything, stage_run
 from compress.stopping import RunInterrupted, StoppedAtStep
 from compress.teacher import load_teachers
+from compress.tracking import require_trackers
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     data-parallel: rank 0 holds the directory and writes checkpoints, metrics, the model and the
     rows, and evaluates alone; ``train.batch_size`` is the global batch."""
     recipe = Recipe.of(cfg)
+    require_trackers(sorted({name for stage in recipe.stages for name in stage.cfg.train.report_to}))
     run_dir = recipe.run_dir
     device, precision = run_device(cfg)
     with distributed.process_group(device), contextlib.ExitStack() as held:

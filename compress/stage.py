@@ -39,6 +39,7 @@ from compress.models.towers import TOWERS
 from compress.precision import Precision
 from compress.recipe import Recipe, pruned_towers, run_dir_for, with_source_fraction
 from compress.rundir import METRICS_FILE, MODEL_DIR
+from compress.tracking import Trackers, open_trackers
 from compress.train import Trainer, TrainSummary
 
 #: stage k draws its data order and random states from ``seed + k * STAGE_SEED_STRIDE``
@@ -275,6 +276,19 @@ def _resume(trainer: Trainer, checkpoint: Checkpoint, loader: Any, run: StageRun
           f"{run.cfg.train.steps})", file=sys.stderr)
 
 
+def stage_trackers(run: StageRun, recipe: Recipe, checkpoint: Checkpoint | None) -> Trackers:
+    """The stage's trackers (``train.report_to``), on rank 0: the run id as their run id (a stage's: the run id and
+    the stage's folder name, grouped by the run id), resumed at the checkpoint's step."""
+    if not distributed.is_main_process():
+        return Trackers([])
+    stage = run.stage
+    suffix = f"-{stage.dir_name}" if stage is not None else ""
+    return open_trackers(run.cfg.train.report_to, run.directory, run_id=recipe.run_id + suffix,
+                         name=run.cfg.name + suffix, config={"run_id": recipe.run_id, **run.cfg.to_dict()},
+                         resumed_at=checkpoint.step if checkpoint is not None else None,
+                         group=recipe.run_id if stage is not None else None)
+
+
 def _summary_metrics(summary: TrainSummary) -> dict[str, Any]:
     return {
         **{f"train/{k}": v for k, v in summary.final_terms.items()},
@@ -350,20 +364,25 @@ def run_stage(run: StageRun, recipe: Recipe, teachers: Sequence[nn.Module], devi
         _resume(trainer, checkpoint, data_stats.loader, run)
     elif main:
         (run.directory / METRICS_FILE).unlink(missing_ok=True)  # a fresh start: one series per run
-    try:
-        with stopping.deferred():  # a stop signal ends training after the step in progress, with a checkpoint
-            summary = trainer.fit()
-    finally:
-        metrics.update(data_stats.as_metrics())  # this process's counts if training failed
-    metrics.update(data_stats.as_metrics(all_ranks=True))
-    metrics.update(_summary_metrics(summary))
-    exported = inheritance.export(trainer.student).eval()
-    metrics.update(sparsity_metrics(inheritance, teacher, exported, run))
-    _warn_missed(cfg.name, metrics)
+    trackers = stage_trackers(run, recipe, checkpoint)
+    trainer.on_log = trackers.log  # the record that goes to metrics.jsonl
+    with trackers:  # closed at the end, and on a failure or a stop
+        try:
+            with stopping.deferred():  # a stop signal ends training after the step in progress, with a checkpoint
+                summary = trainer.fit()
+        finally:
+            metrics.update(data_stats.as_metrics())  # this process's counts if training failed
+        metrics.update(data_stats.as_metrics(all_ranks=True))
+        metrics.update(_summary_metrics(summary))
+        exported = inheritance.export(trainer.student).eval()
+        metrics.update(sparsity_metrics(inheritance, teacher, exported, run))
+        _warn_missed(cfg.name, metrics)
 
-    def finish() -> None:  # rank 0, while the others wait (an error there reaches every rank)
-        metrics["export/path"] = str(save_model(exported, run.directory / MODEL_DIR))
-        write_structure(exported, run.directory, **report_reference(run, recipe.cfg, inheritance, metrics))
-        metrics.update(evaluate_prepared(exported, eval_sets, cfg.eval, device, precision.name, cfg.train.progress))
+        def finish() -> None:  # rank 0, while the others wait (an error there reaches every rank)
+            metrics["export/path"] = str(save_model(exported, run.directory / MODEL_DIR))
+            write_structure(exported, run.directory, **report_reference(run, recipe.cfg, inheritance, metrics))
+            metrics.update(evaluate_prepared(exported, eval_sets, cfg.eval, device, precision.name,
+                                             cfg.train.progress))
 
-    distributed.main_first(finish)  # after it, the model is on disk: the next stage loads it on every rank
+        distributed.main_first(finish)  # after it, the model is on disk: the next stage loads it on every rank
+        trackers.summary(metrics)

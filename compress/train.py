@@ -71,6 +71,7 @@ from compress.rundir import METRICS_FILE
 from compress.step_inputs import Replay, StepInputs, split_batch, step_batch
 from compress.step_random import frozen_batch_norm_statistics, gate_generator, random_state, replayed_random_state
 from compress.step_result import DeviceFlag, StepResult
+from compress.step_timer import StepTimer
 from compress.stopping import StoppedAtStep
 from compress.teacher import TeacherSource
 from compress.training_error import TrainingError
@@ -192,6 +193,8 @@ class Trainer:
         self.last_terms: dict[str, float] = {}
         #: (step, result, samples) of steps whose outcome is not counted yet (see :meth:`_settle`)
         self._pending: list[tuple[int, StepResult, int]] = []
+        #: where the steps' time goes, in the logged record (:mod:`compress.step_timer`; no per-step device sync)
+        self.timer = StepTimer(self.device)
         self._apply_grad_checkpointing()
         self._apply_compile()
         self.optimizer = self._build_optimizer()
@@ -385,8 +388,9 @@ class Trainer:
             for m in inputs.first():
                 on_device = to_device(m, self.device)
                 if uses_teacher:
-                    teacher_parts.append(self.teacher(on_device))
-                with self.precision.autocast():
+                    with self.timer.device("teacher"):
+                        teacher_parts.append(self.teacher(on_device))
+                with self.timer.device("student"), self.precision.autocast():
                     live = self.model(on_device["images"], on_device["texts"])
                 parts.append(live)
         else:
@@ -394,22 +398,24 @@ class Trainer:
                 for m in inputs.first():
                     on_device = to_device(m, self.device)
                     if uses_teacher:
-                        teacher_parts.append(self.teacher(on_device))
+                        with self.timer.device("teacher"):
+                            teacher_parts.append(self.teacher(on_device))
                     states.append(random_state(self.device))
-                    with self.precision.autocast():
+                    with self.timer.device("student"), self.precision.autocast():
                         parts.append(self.live(on_device["images"], on_device["texts"]))
                 del m, on_device  # only the outputs stay; the live pass reads the micro-batches again
         leaves = {
             name: (torch.cat([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]).detach().requires_grad_()
             for i, name in enumerate(FEATURES) if parts[0][i] is not None
         }
-        with self.precision.autocast():
-            student_out = ClipOutput(logit_scale=self.student.logit_scale.exp(), **leaves)
-            teacher_out = ClipOutput.cat(teacher_parts) if teacher_parts else None
-            loss, terms = self._loss(student_out, teacher_out, step_batch(inputs.meta, self.device), weights)
-        regular = self.inheritance.regularizer(self.student, step)
-        objective = loss + sum(regular.values(), loss.new_zeros(()))
-        self._backward(objective)
+        with self.timer.device("loss"):
+            with self.precision.autocast():
+                student_out = ClipOutput(logit_scale=self.student.logit_scale.exp(), **leaves)
+                teacher_out = ClipOutput.cat(teacher_parts) if teacher_parts else None
+                loss, terms = self._loss(student_out, teacher_out, step_batch(inputs.meta, self.device), weights)
+            regular = self.inheritance.regularizer(self.student, step)
+            objective = loss + sum(regular.values(), loss.new_zeros(()))
+            self._backward(objective)
         grads = {name: leaf.grad.split(inputs.sizes) for name, leaf in leaves.items() if leaf.grad is not None}
         if self.model is not self.live and not all({f"{t}_features", f"{t}_embeds"} & grads.keys() for t in TOWERS):
             raise TrainingError(
@@ -419,7 +425,7 @@ class Trainer:
         if grads:
             for j, m in enumerate(inputs.again() if live is None else [None]):
                 last = j == inputs.count - 1
-                with contextlib.nullcontext() if last else self._no_sync():
+                with contextlib.nullcontext() if last else self._no_sync(), self.timer.device("student"):
                     if live is None:  # the features pass's random draws (dropout) again: the same outputs
                         on_device = to_device(m, self.device)
                         with replayed_random_state(states[j], self.device), self.precision.autocast():
@@ -512,8 +518,10 @@ class Trainer:
         micro-batches, or one collated batch)."""
         weights = [t.weight_at(step) for t in self.losses]
         loss, terms = mean_over_ranks(*self._forward_backward(batch, step, weights))
-        stepped, nonfinite, norm = self._optimizer_step(loss)
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.timer.device("optimizer"):
+            stepped, nonfinite, norm = self._optimizer_step(loss)
+            self.optimizer.zero_grad(set_to_none=True)
+        self.timer.end_step()
         return StepResult(stepped, nonfinite, loss, terms, weights, norm)
 
     def _settle(self, keep: int = 0) -> int:
@@ -541,7 +549,8 @@ class Trainer:
         """The next batch of the stream, one micro-batch of this rank (``batch_size / (world size x
         accum_steps)`` samples), left where the loader put it."""
         size = self.cfg.micro_batch(distributed.world_size())
-        m = next(self.batches)
+        with self.timer.host("data_wait"):
+            m = next(self.batches)
         if len(m["images"]) != size:
             raise TrainingError(
                 f"the data stream gave a batch of {len(m['images'])} samples; a step takes "
@@ -565,7 +574,7 @@ class Trainer:
         for step in range(self.step, cfg.steps):
             lr = self._set_lr(step)
             # drawn as the step goes, one micro-batch at a time (each checked to be the micro-batch size)
-            micro = StepInputs(self._draw_micro_batch, cfg.accum_steps, self.replay)
+            micro = StepInputs(self._draw_micro_batch, cfg.accum_steps, self.timer.replay(self.replay))
             result = self.train_step(micro, step)
             batch_size = sum(micro.sizes) * distributed.world_size()  # samples of all ranks
             total, terms = result.loss, result.terms
@@ -613,7 +622,8 @@ class Trainer:
         )
 
     def _record(self, step: int, lr: float, result: StepResult, rate: float) -> dict[str, Any]:
-        """One line of ``metrics.jsonl``: step, lr, objective, terms, scheduled weights, strategy values."""
+        """One line of ``metrics.jsonl``: step, lr, objective, terms, scheduled weights, strategy values, and where
+        the steps since the last line spent their time (``time/...``, :class:`~compress.step_timer.StepTimer`)."""
         record = {"step": step, "lr": lr, "loss": float(result.loss), "samples_per_s": rate}
         if result.grad_norm is not None:
             record["grad_norm"] = float(result.grad_norm)
@@ -623,6 +633,7 @@ class Trainer:
                 record[f"weight/{label}"] = weight
         record.update({f"inherit/{k}": v for k, v in self.inheritance.log_values(self.student).items()})
         record["nonfinite_steps"] = self.nonfinite
+        record.update(self.timer.read(rate, distributed.world_size()))
         return record
 
     def _replace_student(self, student: nn.Module, step: int, lr: float) -> None:

@@ -157,6 +157,7 @@ def builtin_dict(**extra):
         ("train", "device", "cpu"),
         ("train", "grad_checkpointing", True),
         ("train", "accum_inputs", "keep"),
+        ("train", "report_to", ["jsonl", "tensorboard", "wandb"]),
         ("data", "num_workers", 4),
         ("eval", "throughput", False),
         ("eval", "batch_size", 7),

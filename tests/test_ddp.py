@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from compress.distributed import DistEnv, DistributedError, environment
 from compress.recipe import config_from_dict
 from compress.run import run_dir_for, run_experiment
+from compress.step_timer import is_timing_key
 from compress.train import Trainer
 
 WORLD = 2
@@ -374,9 +375,8 @@ def test_two_processes_stopped_and_started_again_resume_exactly(runs):
     for step in a:
         for key in a[step]:
             assert torch.equal(a[step][key], b[step][key]), (step, key)
-    drop = ("samples_per_s",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in series(whole)] == [
-        {k: v for k, v in r.items() if k not in drop} for r in series(resumed)]
+    assert [{k: v for k, v in r.items() if not is_timing_key(k)} for r in series(whole)] == [
+        {k: v for k, v in r.items() if not is_timing_key(k)} for r in series(resumed)]
     state = torch.load(next(resumed.glob("checkpoints/step-00000002/state.pt")), weights_only=True)
     assert len(state["ranks"]) == WORLD  # one data position and one set of random states per rank
 
@@ -394,6 +394,7 @@ def test_a_checkpoint_of_two_processes_is_not_resumed_by_one(runs, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_runs_the_cli_as_two_processes_and_rank_0_reports(tmp_path):
+    import importlib.util
     import os
     import subprocess
     import sys
@@ -403,6 +404,8 @@ def test_torchrun_runs_the_cli_as_two_processes_and_rank_0_reports(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "experiments.cli", "run", str(root / "experiments/configs/tiny-test.yaml"),
            "--set", f"output.dir={tmp_path}", "--set", "train.progress=false", "--set", "eval.throughput=false"]
+    tracked = importlib.util.find_spec("tensorboard") is not None  # the track extra
+    cmd += ["--set", "train.report_to=[jsonl,tensorboard]"] if tracked else []
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("[completed]") == 1, done.stdout  # one report, from rank 0
@@ -411,6 +414,11 @@ def test_torchrun_runs_the_cli_as_two_processes_and_rank_0_reports(tmp_path):
     assert row["status"] == "completed" and row["metrics"]["dist/world_size"] == 2
     assert row["metrics"]["dist/batch_per_process"] == row["config"]["train"]["batch_size"] // 2
     assert len(series(result.parent)) == row["config"]["train"]["steps"]  # logged once, by rank 0
+    if tracked:  # one writer, rank 0's: one event file, the same series
+        from tests.test_tracking import jsonl_series, tensorboard_series
+
+        assert len(list((result.parent / "tensorboard").glob("events.out.tfevents.*"))) == 1
+        assert tensorboard_series(result.parent / "tensorboard") == jsonl_series(series(result.parent))
 
 
 def test_the_trainer_draws_each_steps_gates_from_the_step_generator(tmp_path, monkeypatch):

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from compress.step_timer import is_timing_key
+
 #: the miniature demo (``test_cli.test_miniature_demo_runs_every_student``'s sizes), then the real command
 MINIATURE = """
 import sys
@@ -27,7 +29,6 @@ sys.exit(cli.main(["demo", "--quick", *sys.argv[1:]]))
 TIMING_KEYS = {"started_at", "duration_s"}
 TIMING_METRICS = {"train/samples_per_s", "train/duration_s", "throughput/images_per_s", "throughput/texts_per_s",
                   "throughput/pairs_per_s"}
-TIMING_CURVE_KEYS = {"samples_per_s"}
 TIMING_TABLE_COLUMNS = {"pairs/s", "train s"}
 
 
@@ -55,7 +56,7 @@ def _outcome(root: Path) -> dict[str, Any]:
         run = result.parent
         row = {k: v for k, v in json.loads(result.read_text()).items() if k not in TIMING_KEYS}
         row["metrics"] = {k: v for k, v in row["metrics"].items() if k not in TIMING_METRICS}
-        curve = [{k: v for k, v in json.loads(line).items() if k not in TIMING_CURVE_KEYS}
+        curve = [{k: v for k, v in json.loads(line).items() if not is_timing_key(k)}
                  for line in (run / "metrics.jsonl").read_text().splitlines()]
         weights = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run / "model").iterdir())}
         out[str(run.relative_to(root))] = {"row": row, "curve": curve, "weights": weights}

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from compress.checkpoint import CheckpointError, latest_checkpoint
 from compress.recipe import run_id_of
 from compress.run import run_dir_for, run_experiment
+from compress.step_timer import is_timing_key
 from compress.train import Trainer
 from tests.test_run_e2e import tiny_config
 
@@ -71,7 +72,7 @@ def outcome(run_dir: Path) -> dict:
     series = {}
     for path in sorted(run_dir.rglob("metrics.jsonl")):
         lines = [json.loads(line) for line in path.read_text().splitlines()]
-        series[str(path.relative_to(run_dir))] = [{k: v for k, v in r.items() if k != "samples_per_s"} for r in lines]
+        series[str(path.relative_to(run_dir))] = [{k: v for k, v in r.items() if not is_timing_key(k)} for r in lines]
     metrics = {k: v for k, v in row["metrics"].items() if not any(t in k for t in TIMING) and k != "export/path"}
     return {"weights": weights, "series": series, "metrics": metrics}
 

@@ -26,13 +26,14 @@ NON_IDENTITY_SECTIONS = ("output", "dispatch")
 #: sample on its own); ``train.grad_checkpointing`` recomputes the same forward (RNG state
 #: restored); ``train.compile`` runs the same forward through compiled kernels (reassociation only);
 #: ``train.accum_inputs`` reads the same micro-batches a second time or keeps them (the same step);
+#: ``train.report_to`` sends the logged records to trackers (TensorBoard, W&B) besides ``metrics.jsonl``;
 #: ``eval.throughput`` is a timing, not a result. ``data.num_workers`` does not change
 #: map-style training data (each sample's augmentation is seeded by (seed, epoch, index), see
 #: ``compress.data.sampling.SeededSamples``); for webdataset shards it changes the sample order
 #: (shards are split across workers), a different draw of the same experiment.
 NON_IDENTITY_KEYS: dict[str, tuple[str, ...]] = {
     "train": ("progress", "log_every", "checkpoint_every", "device", "grad_checkpointing", "compile",
-              "accum_inputs"),
+              "accum_inputs", "report_to"),
     "data": ("num_workers",),
     "eval": ("throughput", "batch_size"),
     "teacher_cache": ("dir", "shard_size"),

@@ -75,6 +75,10 @@ class DataConfig:
     num_workers: int = 0
 
 
+#: ``train.report_to``: the trackers a run can feed (``jsonl`` is ``metrics.jsonl``, always written)
+REPORT_TO = ("jsonl", "tensorboard", "wandb")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -100,6 +104,11 @@ class TrainConfig:
     #: in the run id: both give the same step)
     accum_inputs: str = "reread"
     progress: bool = True
+    #: where the logged records go besides ``metrics.jsonl`` (``jsonl``: always written, may be listed):
+    #: ``tensorboard`` (event files in ``RUN_DIR/tensorboard``), ``wandb`` (Weights & Biases, offline unless
+    #: ``WANDB_MODE`` says otherwise, in ``RUN_DIR/wandb``); see :mod:`compress.tracking`. An execution setting
+    #: (not in the run id)
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
 
     def micro_batch(self, world_size: int) -> int:
         """Samples per process in one micro-batch: ``batch_size // (world_size x accum_steps)`` (the data

@@ -16,6 +16,7 @@ from compress.config.schema import (
     CACHE_MODES,
     CACHE_OUTPUTS,
     DATASET_KINDS,
+    REPORT_TO,
     SCHEMA_VERSION,
     SYNTHETIC_TASKS,
     RunConfig,
@@ -110,6 +111,7 @@ def check_train(cfg: RunConfig) -> None:
             f"train.accum_inputs: {t.accum_inputs!r} is not one of {', '.join(ACCUM_INPUTS)} (how the gradient "
             f"cache's live pass gets a step's micro-batches again).{suggest(t.accum_inputs, list(ACCUM_INPUTS))}"
         )
+    _check_report_to(t.report_to)
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(
             f"train.precision: {t.precision!r} is not one of auto, fp32, bf16, fp16."
@@ -152,6 +154,17 @@ def _check_eval(cfg: RunConfig) -> None:
                 f"eval.zero_shot[{i}].task: {task.task!r} is not a {task.kind} task (known: {', '.join(known)})."
                 f"{suggest(task.task, list(known))}"
             )
+
+
+def _check_report_to(names: list[str]) -> None:
+    """``train.report_to``: known trackers, each once (whether their packages are installed is asked where the run
+    starts, :func:`compress.tracking.require_trackers`)."""
+    for i, name in enumerate(names):
+        if name not in REPORT_TO:
+            raise ConfigError(f"train.report_to[{i}]: {name!r} is not one of {', '.join(REPORT_TO)}."
+                              f"{suggest(name, list(REPORT_TO))}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"train.report_to: a tracker is listed twice: {names}")
 
 
 def _check_device(name: str) -> None:
