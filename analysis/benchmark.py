@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.columns import AnalysisError
+from analysis.columns import AnalysisError, read_json_lines
 from compress.result_files import EVAL_RESULTS_FILE, RUN_EVAL_DIR, SUMMARY_FILE
 from compress.tasklist import TaskListError, load_task_list
 
@@ -44,14 +44,8 @@ def _files(paths: Iterable[str | Path], name: str, suffix: str) -> list[Path]:
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise AnalysisError(f"{path}:{number}: not JSON ({error})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("metrics"), dict) or "key" not in row:
+    for number, row in read_json_lines(path, "a DataComp result line"):
+        if not isinstance(row.get("metrics"), dict) or "key" not in row:
             raise AnalysisError(f"{path}:{number}: not a DataComp result line (key, dataset, metrics)")
         rows.append(row)
     return rows

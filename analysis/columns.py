@@ -5,7 +5,9 @@ import). The error every analysis refusal raises lives here too."""
 from __future__ import annotations
 
 import difflib
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -56,3 +58,20 @@ def resolve_key(frame: pd.DataFrame, key: str) -> str:
     close = difflib.get_close_matches(key, [str(c) for c in frame.columns], n=5, cutoff=0.5)
     hint = f"; close matches: {', '.join(close)}" if close else f"; aliases: {', '.join(ALIASES)}"
     raise AnalysisError(f"unknown key or metric {key!r}{hint}")
+
+
+def read_json_lines(path: Path, what: str = "an object") -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` of each non-blank line of a JSON-lines file; a line that is not a JSON object is
+    an :class:`AnalysisError` naming the file, the line and ``what`` the line should be."""
+    out = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise AnalysisError(f"{path}:{number}: not JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise AnalysisError(f"{path}:{number}: a JSON {type(row).__name__}, not {what}")
+        out.append((number, row))
+    return out

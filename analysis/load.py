@@ -32,7 +32,15 @@ from typing import Any
 import pandas as pd
 
 from analysis.benchmark import run_eval_columns
-from analysis.columns import ALIASES, IDENTITY_COLUMNS, AnalysisError, config_columns, resolve_key, value_text
+from analysis.columns import (
+    ALIASES,
+    IDENTITY_COLUMNS,
+    AnalysisError,
+    config_columns,
+    read_json_lines,
+    resolve_key,
+    value_text,
+)
 from compress.results import RESULT_FILE, STATUS_COMPLETED, ResultsError, collect_rows
 from compress.rundir import METRICS_FILE, MODEL_DIR, RunDir
 
@@ -66,18 +74,7 @@ def read_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise AnalysisError(f"{path}:{number}: not JSON ({error})") from None
-        if not isinstance(row, dict):
-            raise AnalysisError(f"{path}:{number}: a JSON {type(row).__name__}, not a result row")
-        rows.append({"row": "run", "path": f"{path}:{number}", **row})
-    return rows
+    return [{"row": "run", "path": f"{path}:{number}", **row} for number, row in read_json_lines(path, "a result row")]
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

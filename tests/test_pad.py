@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import open_clip
@@ -11,13 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from compress.masks import attach_masks, prune_masked
+from compress.masks import attach_masks
 from compress.models import load_model
 from compress.models.export import save_open_clip
 from compress.models.nonuniform import save_nonuniform
 from compress.models.pad import PaddingError, pad_to_uniform, uniform_config
+from tests.export_models import pruned_student
 
-LOW = math.log(0.01)
 #: open_clip's nn.MultiheadAttention against this project's attention: float rounding (the conversion's own)
 TOL = 1e-5
 
@@ -37,26 +36,9 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _pruned(teacher: nn.Module, keep_channels: bool, layer_gates: bool = False) -> nn.Module:
-    """An automatically pruned student: random mask logits, vision layer 1 without heads; ``keep_channels``
-    keeps the residual width (else some channels go too); ``layer_gates``: vision layer 2 loses its MLP
-    and text layer 0 its attention."""
-    model = copy.deepcopy(teacher)
-    masks = attach_masks(model, layer_gates=layer_gates)
-    generator = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for tower in masks.towers.values():
-            for gates in tower.gate_modules():
-                gates.log_alpha.uniform_(LOW, -LOW, generator=generator)
-            if keep_channels:
-                tower.channels.log_alpha.fill_(-LOW)
-            if layer_gates:
-                tower.attn_layers.log_alpha.fill_(-LOW)
-                tower.mlp_layers.log_alpha.fill_(-LOW)
-        masks.towers["vision"].heads.log_alpha[4:8] = LOW
-        if layer_gates:
-            masks.towers["vision"].mlp_layers.log_alpha[2] = LOW
-            masks.towers["text"].attn_layers.log_alpha[0] = LOW
-    return prune_masked(model.eval())
+    """The automatically pruned test student (``tests.export_models.pruned_student``; ``teacher`` is the same
+    ``cc-test-teacher``)."""
+    return pruned_student(layer_gates=layer_gates, keep_channels=keep_channels)
 
 
 def _features(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
