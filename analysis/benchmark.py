@@ -3,21 +3,27 @@
 
 ``load_eval_results(paths, task_list)``: one row per results file (``clip-compress eval --tasks``
 writes one per model and task list; DataComp's ``evaluate.py`` writes the same file), a column per
-task key holding its main metric (or another metric by name), and ``mean``: DataComp's average over
-the task list, NaN when a listed task has no value (a hole shows instead of an average over fewer
-tasks; ``tasks_missing`` counts them). ``load_clip_benchmark(paths)``: clip_benchmark's JSON files
+task key holding its main metric (or another metric by name), and ``mean_scored``: the mean over the
+``tasks_scored`` tasks that have a value, of the ``tasks_listed`` of the task list (``tasks_missing``
+= listed - scored; skipped tasks of DataComp's list count as missing). It is DataComp's average only
+when ``tasks_missing`` is 0 for DataComp's own list; it is never called that here.
+``load_clip_benchmark(paths)``: clip_benchmark's JSON files
 as one tidy row per file (``dataset``, ``model``, ``pretrained``, ``task``, ``language`` and the
 metrics as columns), as clip_benchmark's own ``build`` command tabulates them.
 
 A run directory's task-list results (``RUN_DIR/eval/<list>/``) also join the run's row in
 :func:`analysis.load.load_results` (:func:`run_eval_columns`): ``eval/<list>/<task key>`` (main
-metric, fraction) and ``eval/<list>/mean``, so ``clip-compress table --value eval/<list>/mean`` works.
+metric, fraction), ``eval/<list>/mean_scored``, ``eval/<list>/tasks_scored`` and
+``eval/<list>/tasks_in_list``, so ``clip-compress table --value eval/<list>/mean_scored`` works; results of
+another model than the run's current one (``model_sha256`` of ``summary.json``) are skipped, the reason in
+``eval/<list>/skipped``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -25,8 +31,9 @@ from typing import Any
 import pandas as pd
 
 from analysis.columns import AnalysisError, read_json_lines
-from compress.result_files import EVAL_RESULTS_FILE, RUN_EVAL_DIR, SUMMARY_FILE
-from compress.tasklist import TaskListError, load_task_list
+from compress.result_files import EVAL_RESULTS_FILE, SUMMARY_FILE
+from compress.rundir import RUN_EVAL_DIR, RunModelError, final_model, model_sha256
+from compress.tasklist import TaskListError, read_task_list
 
 
 def _files(paths: Iterable[str | Path], name: str, suffix: str) -> list[Path]:
@@ -61,15 +68,16 @@ def load_eval_results(
 ) -> pd.DataFrame:
     """A row per ``eval_results.jsonl`` (files, or folders searched for them): ``path``, ``model``
     (from the ``summary.json`` beside it, else the folder's name), one column per task key with
-    ``metric`` (fractions), ``mean`` over the tasks of ``task_list`` (all tasks found when none is
-    given) and ``tasks_missing``. A task a file holds twice keeps its last line (DataComp appends)."""
+    ``metric`` (fractions; every key of ``task_list``, skipped ones included, else all tasks found),
+    ``tasks_listed``, ``tasks_scored`` (with a value), ``tasks_missing`` and ``mean_scored`` (the mean
+    over the scored tasks only). A task a file holds twice keeps its last line (DataComp appends)."""
     files = _files([paths] if isinstance(paths, str | Path) else paths, EVAL_RESULTS_FILE, ".jsonl")
     if not files:
         raise AnalysisError(f"no {EVAL_RESULTS_FILE} found")
     keys: list[str] | None = None
     if task_list is not None:
         try:
-            keys = [t.key for t in load_task_list(task_list)]
+            keys = read_task_list(task_list).keys
         except TaskListError as error:
             raise AnalysisError(str(error)) from None
     records = []
@@ -86,8 +94,10 @@ def load_eval_results(
             frame[key] = float("nan")
     frame = frame[["path", "model", *columns, *(c for c in found if c not in columns)]]
     listed = frame[columns].astype(float)
+    frame["tasks_listed"] = len(columns)
+    frame["tasks_scored"] = listed.notna().sum(axis=1)
     frame["tasks_missing"] = listed.isna().sum(axis=1)
-    frame["mean"] = listed.mean(axis=1, skipna=False) if columns else math.nan
+    frame["mean_scored"] = listed.mean(axis=1, skipna=True) if columns else math.nan
     return frame
 
 
@@ -111,21 +121,50 @@ def load_clip_benchmark(paths: str | Path | Iterable[str | Path]) -> pd.DataFram
     return pd.DataFrame.from_records(rows)
 
 
-def run_eval_columns(run_dir: str | Path) -> dict[str, float]:
-    """``{"eval/<list>/<key>": main metric, "eval/<list>/mean": mean}`` of every task list a run
-    directory was evaluated on (``RUN_DIR/eval/<list>/eval_results.jsonl``); the mean is over the
-    tasks of that evaluation (NaN if any has no main metric)."""
-    out: dict[str, float] = {}
+def _current_model_hash(run_dir: Path) -> tuple[str | None, str | None]:
+    """(SHA-256 of the run's final model, None) or (None, why there is none)."""
+    try:
+        return model_sha256(final_model(run_dir)), None
+    except RunModelError as error:
+        return None, str(error)
+
+
+def run_eval_columns(run_dir: str | Path) -> dict[str, Any]:
+    """``{"eval/<list>/<key>": main metric, "eval/<list>/mean_scored", "eval/<list>/tasks_scored",
+    "eval/<list>/tasks_in_list"}`` of every task list a run directory was evaluated on
+    (``RUN_DIR/eval/<list>/eval_results.jsonl``); the mean is over the tasks scored (those with a main
+    metric). Results whose ``summary.json`` records another model (``model_sha256``) than the run's current
+    final model, or none, are skipped: ``eval/<list>/skipped`` says why (and a warning)."""
+    out: dict[str, Any] = {}
     folder = Path(run_dir) / RUN_EVAL_DIR
     if not folder.is_dir():
         return out
+    current: tuple[str | None, str | None] | None = None
     for path in sorted(folder.glob(f"*/{EVAL_RESULTS_FILE}")):
+        name = path.parent.name
         try:
             rows = _read_lines(path)
-        except AnalysisError:
+            summary = json.loads((path.parent / SUMMARY_FILE).read_text())
+        except (AnalysisError, OSError, ValueError) as error:
+            out[f"eval/{name}/skipped"] = f"unreadable: {error}"
+            continue
+        current = current or _current_model_hash(Path(run_dir))
+        recorded = summary.get("model_sha256") if isinstance(summary, dict) else None
+        why = None
+        if current[0] is None:
+            why = f"the run's model cannot be found ({current[1]})"
+        elif recorded is None:
+            why = "summary.json records no model_sha256 (evaluated before models were hashed)"
+        elif recorded != current[0]:
+            why = f"evaluated another model (sha256 {recorded[:12]}, the run's is {current[0][:12]})"
+        if why is not None:
+            out[f"eval/{name}/skipped"] = why
+            warnings.warn(f"{path.parent}: skipped: {why}", stacklevel=2)
             continue
         values = {row["key"]: _value(row["metrics"], "main_metric") for row in rows}
-        name = path.parent.name
         out.update({f"eval/{name}/{key}": value for key, value in values.items()})
-        out[f"eval/{name}/mean"] = (sum(values.values()) / len(values)) if values else math.nan
+        scored = [v for v in values.values() if not math.isnan(v)]
+        out[f"eval/{name}/mean_scored"] = sum(scored) / len(scored) if scored else math.nan
+        out[f"eval/{name}/tasks_scored"] = len(scored)
+        out[f"eval/{name}/tasks_in_list"] = summary.get("tasks_in_list", len(values))
     return out

@@ -5,13 +5,17 @@
   holding ``{"dataset", "model", "pretrained", "task", "metrics", "language"}``; metrics in its names
   and as fractions: ``acc1``, ``acc5`` (NaN under 5 classes, written ``NaN`` as its ``json.dump``
   does), ``mean_per_class_recall``; ``image_retrieval_recall@k`` (text->image) and
-  ``text_retrieval_recall@k`` (image->text). Two fields of this project's are added, as clip_benchmark
-  adds ``classnames`` / ``templates`` on request: ``templates_sha256`` and ``classnames_sha256``.
+  ``text_retrieval_recall@k`` (image->text), by clip_benchmark's own rule (only a text's own image counts,
+  :func:`compress.evaluation.retrieval.recall_at_k`'s ``row_rule``), so a file named as clip_benchmark's
+  holds its numbers; the project's rule (identical captions count) stays in ``summary.json``. Two fields
+  of this project's are added, as clip_benchmark adds ``classnames`` /
+  ``templates`` on request: ``templates_sha256`` and ``classnames_sha256``.
 - DataComp's ``eval_results.jsonl`` (Gadre et al. 2023, ``evaluate.py``): one line per task,
   ``{"key", "dataset" (the task's display name), "metrics"}``, metrics as fractions plus
   ``main_metric`` (the value of the task's main metric, ``None`` if absent) and, for retrieval,
-  ``mean_recall@1``; ``acc5`` is ``null`` under 5 classes (DataComp's ``None``). This project adds
-  ``templates_sha256`` / ``classnames_sha256`` to each line.
+  ``mean_recall@1``; ``acc5`` is ``null`` under 5 classes (DataComp's ``wds_eval.py`` sets it to
+  ``None``); retrieval metrics by clip_benchmark's rule, as DataComp computes them with its
+  ``zeroshot_retrieval.evaluate``. This project adds ``templates_sha256`` / ``classnames_sha256`` to each line.
 
 A template hash is the SHA-256 of the templates as ``zeroshot_classification_templates.txt`` holds
 them (one per line, ``{c}`` placeholders, each line ending in a newline): ``sha256sum`` of that file
@@ -35,8 +39,6 @@ from compress.tasklist import CLASSIFICATION, RECALL_KS, RETRIEVAL, TaskSpec
 CLIP_BENCHMARK_DIR = "clip_benchmark"
 EVAL_RESULTS_FILE = "eval_results.jsonl"
 LANGUAGE = "en"
-#: the folder of a run directory that task-list results go to (``RUN_DIR/eval/<task list name>/``)
-RUN_EVAL_DIR = "eval"
 #: the summary written beside the two result files
 SUMMARY_FILE = "summary.json"
 
@@ -71,8 +73,9 @@ def _fraction(value: float | None) -> float:
 
 def field_metrics(kind: str, project: Mapping[str, float]) -> dict[str, float]:
     """clip_benchmark's metrics (fractions) from the project's (percent) of one task: ``top1``,
-    ``top5``, ``mean_per_class_recall`` for classification; ``i2t_r{k}`` / ``t2i_r{k}`` for retrieval
-    (``text_retrieval`` is image->text, ``image_retrieval`` text->image); plus ``mean_recall@1``."""
+    ``top5``, ``mean_per_class_recall`` for classification; for retrieval clip_benchmark's row-rule
+    ``row/i2t_r{k}`` / ``row/t2i_r{k}`` where given, else ``i2t_r{k}`` / ``t2i_r{k}`` (``text_retrieval``
+    is image->text, ``image_retrieval`` text->image); plus ``mean_recall@1``."""
     if kind == CLASSIFICATION:
         return {
             "acc1": _fraction(project.get("top1")),
@@ -80,9 +83,10 @@ def field_metrics(kind: str, project: Mapping[str, float]) -> dict[str, float]:
             "mean_per_class_recall": _fraction(project.get("mean_per_class_recall")),
         }
     out = {}
+    row = "row/" if any(k.startswith("row/") for k in project) else ""
     for k in RECALL_KS:
-        out[f"image_retrieval_recall@{k}"] = _fraction(project.get(f"t2i_r{k}"))
-        out[f"text_retrieval_recall@{k}"] = _fraction(project.get(f"i2t_r{k}"))
+        out[f"image_retrieval_recall@{k}"] = _fraction(project.get(f"{row}t2i_r{k}"))
+        out[f"text_retrieval_recall@{k}"] = _fraction(project.get(f"{row}i2t_r{k}"))
     out["mean_recall@1"] = 0.5 * (out["image_retrieval_recall@1"] + out["text_retrieval_recall@1"])
     return out
 
@@ -142,17 +146,20 @@ def write_result_files(out_dir: str | Path, results: Sequence[TaskResult], model
     return {"clip_benchmark": files, "eval_results": out / EVAL_RESULTS_FILE}
 
 
-def mean_main_metric(results: Sequence[TaskResult]) -> float:
-    """The mean of the tasks' main metrics (DataComp's average; NaN if any is missing)."""
-    values = [datacomp_record(r)["metrics"]["main_metric"] for r in results]
-    if not values or any(v is None for v in values):
-        return float("nan")
-    return sum(values) / len(values)
+def scored_mean(results: Sequence[TaskResult], tasks_in_list: int) -> dict[str, Any]:
+    """The mean of the main metrics over the tasks scored (those with a value), said as what it is:
+    ``{"mean_main_metric_scored", "tasks_scored", "tasks_in_list", "mean_over"}``. It is DataComp's
+    average only when every task DataComp averages is scored; it is never named so here."""
+    values = [v for v in (datacomp_record(r)["metrics"]["main_metric"] for r in results) if v is not None]
+    mean = sum(values) / len(values) if values else float("nan")
+    return {"mean_main_metric_scored": mean, "tasks_scored": len(values), "tasks_in_list": tasks_in_list,
+            "mean_over": f"the main metric's mean over the {len(values)} tasks scored of the {tasks_in_list} "
+                         "in the task list"}
 
 
 __all__ = [
-    "CLASSIFICATION", "CLIP_BENCHMARK_DIR", "EVAL_RESULTS_FILE", "LANGUAGE", "RETRIEVAL", "RUN_EVAL_DIR",
+    "CLASSIFICATION", "CLIP_BENCHMARK_DIR", "EVAL_RESULTS_FILE", "LANGUAGE", "RETRIEVAL",
     "SUMMARY_FILE", "TaskResult",
     "clip_benchmark_filename", "clip_benchmark_record", "datacomp_record", "field_metrics", "lines_sha256",
-    "mean_main_metric", "template_hash", "write_result_files",
+    "scored_mean", "template_hash", "write_result_files",
 ]

@@ -18,6 +18,8 @@ names. This module imports no torch (sweeps, ``status``, ``collect`` and ``analy
         tensorboard/  wandb/              (train.report_to: the trackers' files)
         checkpoints/latest  checkpoints/step-NNNNNNNN/meta.json ...
         model/  structure.json  structure.md  structure.png  submitit/
+        eval/<task list name>/      (``clip-compress eval RUN_DIR --tasks LIST``: the field's result files and
+                                     summary.json, with the SHA-256 of the model evaluated: :func:`model_sha256`)
         stages/<k>-<name>/          (a staged run: one folder per stage, each with the layout of a run
                                      without stages: metrics, checkpoints, model, result, structure)
 """
@@ -68,9 +70,15 @@ SUBMITIT_DIR = "submitit"
 #: runs (``wandb/offline-run-*``, synced later with ``wandb sync``)
 TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"
-#: what an attempt leaves in a run directory (removed by ``--force``)
+#: the folder of a run directory that task-list results go to (``RUN_DIR/eval/<task list name>/``)
+RUN_EVAL_DIR = "eval"
+#: what an attempt leaves in a run directory (removed by ``--force``; task-list results of its model too)
 RUN_OUTPUTS = (CHECKPOINT_DIR, STAGES_DIR, METRICS_FILE, RESULT_FILE, MODEL_DIR, STRUCTURE_FILE, *REPORT_FILES,
-               TENSORBOARD_DIR, WANDB_DIR)
+               TENSORBOARD_DIR, WANDB_DIR, RUN_EVAL_DIR)
+#: the suffixes of model weight files (what :func:`model_sha256` hashes in a model folder)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+#: the status a finished run's ``result.json`` holds (:data:`compress.results.STATUS_COMPLETED`)
+COMPLETED = "completed"
 #: the files that make a folder a run directory
 RUN_MARKERS = (RUN_ID_FILE, RESULT_FILE, CONFIG_FILE)
 #: how long a starting run waits for a lock held only for a moment (``clip-compress status`` probing
@@ -167,6 +175,10 @@ class RunDir:
         return self.path / SUBMITIT_DIR
 
     @property
+    def eval_dir(self) -> Path:
+        return self.path / RUN_EVAL_DIR
+
+    @property
     def stages_root(self) -> Path:
         return self.path / STAGES_DIR
 
@@ -211,6 +223,57 @@ class RunDir:
             return None
         step = meta.get("step") if isinstance(meta, dict) and meta.get("format") == CHECKPOINT_FORMAT else None
         return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+class RunModelError(ValueError):
+    """A run directory whose final model cannot be used (unfinished, or no exported model); one line."""
+
+
+def final_model(run_dir: str | os.PathLike[str]) -> Path:
+    """The final exported model of a finished run: ``model/``, or a staged run's last stage's
+    (``stages/<k>-<name>/model``). The one place that finds it (``eval``, ``eval --tasks``, ``export``, the
+    clip_benchmark loader): a run whose ``result.json`` is missing or not ``completed`` is refused (an unfinished
+    run's folder may hold an earlier stage's model), and so is a completed run without its model."""
+    layout = RunDir(run_dir)
+    try:
+        row = json.loads(layout.result.read_text()) if layout.result.is_file() else None
+    except ValueError as error:
+        raise RunModelError(f"{layout.path}: result.json is not valid JSON ({error})") from None
+    status = row.get("status") if isinstance(row, dict) else None
+    if status != COMPLETED:
+        what = "no result.json" if row is None else f"status: {status}"
+        raise RunModelError(f"{layout.path}: the run did not complete ({what}); it has no final model")
+    final = (layout.stages() or [layout])[-1]
+    if not final.model.is_dir():
+        raise RunModelError(f"{layout.path}: the run has no exported model ({final.model.relative_to(layout.path)}/)")
+    return final.model
+
+
+def model_sha256(path: str | os.PathLike[str]) -> str | None:
+    """SHA-256 of a model's weights: of the file itself, or, for a model folder, of each weight file
+    (:data:`WEIGHT_SUFFIXES`) as lines ``<relative path> NUL <file SHA-256>`` (newline-ended) in sorted
+    order; ``None`` for a model that is not a file or folder (an open_clip name) or a folder without weight
+    files."""
+    import hashlib
+
+    path = Path(path)
+
+    def digest(file: Path) -> str:
+        h = hashlib.sha256()
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    if path.is_file():
+        return digest(path)
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        return None
+    lines = "".join(f"{p.relative_to(path).as_posix()}\0{digest(p)}\n" for p in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def is_run_dir(path: Path) -> bool:

@@ -21,8 +21,14 @@ kind when the key does not tell), ``dataset`` (the clip_benchmark set name, defa
 ``folder``: an image folder in the ImageNet layout, classification; ``csv``: a CSV / TSV of
 image-text pairs, retrieval), ``path`` (the folder or file; relative paths are taken from the
 data root), ``classnames`` and ``templates`` (``{c}`` placeholders; override the set's own),
-``image_key`` / ``caption_key`` / ``separator`` for a CSV. DataComp's tasks that are neither
-zero-shot classification nor retrieval (``wilds/``, ``fairness/``, ``misc/``) are refused by name.
+``image_key`` / ``caption_key`` / ``separator`` for a CSV.
+
+DataComp's own ``tasklist.yml`` (40 entries) is read as is (:func:`read_task_list`): its tasks this
+evaluator cannot score are SKIPPED, not refused: ``fairness/`` and ``misc/`` tasks (group metrics,
+WinoGAViL's Jaccard score) and ``wilds/`` tasks whose main metric is a WILDS group metric (iWildCam's
+``F1-macro_all``, FMoW's ``acc_worst_region``). A ``wilds/`` task whose main metric is plain
+classification (Camelyon17: DataComp's default ``acc1``, computed by the same ``evaluate_webdataset``
+as the other sets) is scored as zero-shot classification. Skipped tasks count as missing in every mean.
 """
 
 from __future__ import annotations
@@ -46,8 +52,10 @@ METRICS = {
     + ("mean_recall@1",),
 }
 DEFAULT_MAIN = {CLASSIFICATION: "acc1", RETRIEVAL: "mean_recall@1"}
-#: DataComp's key prefixes of tasks that clip_benchmark's zero-shot tasks do not cover
-UNSUPPORTED_PREFIXES = ("wilds/", "fairness/", "misc/")
+#: DataComp's key prefixes of tasks that are skipped (fairness/, misc/) or scored only when their main metric is
+#: a plain classification metric (wilds/: Camelyon17's acc1, not iWildCam's F1-macro_all or FMoW's worst region)
+SKIPPED_PREFIXES = ("fairness/", "misc/")
+WILDS_PREFIX = "wilds/"
 #: the fields read here; DataComp's others (size, time, num_classes, random_score, tags) are kept in ``extra``
 _FIELDS = {"name", "main_metric", "task", "dataset", "format", "path", "classnames", "templates",
            "image_key", "caption_key", "separator", "tags"}
@@ -55,6 +63,10 @@ _FIELDS = {"name", "main_metric", "task", "dataset", "format", "path", "classnam
 
 class TaskListError(ValueError):
     """A task list that cannot be used (printed as one line)."""
+
+
+class SkippedTask(TaskListError):
+    """A task of DataComp's list that this evaluator cannot score (skipped, counted as missing)."""
 
 
 @dataclass
@@ -101,9 +113,11 @@ def parse_task(key: str, entry: Any) -> TaskSpec:
         entry = {}
     if not isinstance(entry, dict):
         raise TaskListError(f"task {key!r}: an entry must be a mapping, got {type(entry).__name__}")
-    if key.startswith(UNSUPPORTED_PREFIXES):
-        raise TaskListError(f"task {key!r}: DataComp's {key.split('/')[0]}/ tasks are not zero-shot classification "
-                            "or retrieval; this evaluator does not run them (remove it from the list)")
+    if key.startswith(SKIPPED_PREFIXES):
+        raise SkippedTask(f"DataComp's {key.split('/')[0]}/ tasks are not plain zero-shot classification or retrieval")
+    main_given = entry.get("main_metric")
+    if key.startswith(WILDS_PREFIX) and main_given is not None and main_given not in METRICS[CLASSIFICATION]:
+        raise SkippedTask(f"main metric {main_given} is a WILDS group metric")
     fmt = str(entry.get("format", "wds"))
     if fmt not in FORMATS:
         raise TaskListError(f"task {key!r}: format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -131,8 +145,35 @@ def parse_task(key: str, entry: Any) -> TaskSpec:
     )
 
 
+@dataclass
+class TaskList:
+    """A task list as read: the tasks to evaluate (file order), the skipped ones (key -> why) and every key."""
+
+    tasks: list[TaskSpec]
+    skipped: dict[str, str]
+    keys: list[str]
+
+    @property
+    def total(self) -> int:
+        """The number of tasks the list holds (scored or skipped)."""
+        return len(self.keys)
+
+    def skipped_line(self) -> str | None:
+        """The one warning line naming the skipped tasks, or ``None``."""
+        if not self.skipped:
+            return None
+        return (f"{len(self.skipped)} of {self.total} tasks skipped (not scored by this evaluator, counted as "
+                f"missing): " + "; ".join(f"{k} ({why})" for k, why in self.skipped.items()))
+
+
 def load_task_list(path: str | Path) -> list[TaskSpec]:
-    """The tasks of a task list file, in file order (every problem refused before anything runs)."""
+    """The tasks to evaluate of a task list file, in file order (:func:`read_task_list`; skipped tasks left out)."""
+    return read_task_list(path).tasks
+
+
+def read_task_list(path: str | Path) -> TaskList:
+    """A task list file (every problem refused before anything runs; DataComp's tasks this evaluator cannot
+    score are skipped, the module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise TaskListError(f"--tasks: no such task list: {path}")
@@ -142,15 +183,19 @@ def load_task_list(path: str | Path) -> list[TaskSpec]:
         raise TaskListError(f"{path}: not YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(data, dict) or not data:
         raise TaskListError(f"{path}: a task list is a mapping of task keys to entries (DataComp's tasklist.yml)")
-    tasks = []
+    tasks, skipped = [], {}
     for key, entry in data.items():
         try:
             tasks.append(parse_task(str(key), entry))
+        except SkippedTask as why:
+            skipped[str(key)] = str(why)
         except TaskListError as error:
             raise TaskListError(f"{path}: {error}") from None
+    if not tasks:
+        raise TaskListError(f"{path}: no task this evaluator can score (skipped: {', '.join(skipped)})")
     for what, values, why in (("names", [t.name for t in tasks], "DataComp keys its results by name"),
                               ("keys with / written -", [t.key.replace("/", "-") for t in tasks], "metric names")):
         dup = sorted({v for v in values if values.count(v) > 1})
         if dup:
             raise TaskListError(f"{path}: task {what} must differ ({why}): {dup}")
-    return tasks
+    return TaskList(tasks, skipped, [str(k) for k in data])

@@ -183,17 +183,22 @@ def _cmd_eval_tasks(args: argparse.Namespace) -> int:
                                     ("--caption-key", args.caption_key), ("--separator", args.separator)) if value]
     if given:
         raise CliError(f"{', '.join(given)}: not with --tasks (the task list names each task's data)")
+    if args.throughput and args.no_throughput:
+        raise CliError("--throughput, --no-throughput: give one")
     try:
         summary = evaluate_tasks(args.model, args.tasks, data_root=args.data_root, output_dir=args.output_dir,
-                                 device=args.device, batch_size=args.batch_size, throughput=not args.no_throughput,
+                                 device=args.device, batch_size=args.batch_size, throughput=args.throughput,
                                  output=args.output, num_workers=args.workers)
     except EvalError as error:
         raise CliError(str(error)) from None
-    width = max(len(k) for k in summary["main_metrics"])
+    width = max(len(k) for k in [*summary["main_metrics"], *summary["tasks_skipped"], "mean_scored"])
     for key, value in summary["main_metrics"].items():
         print(f"{key:<{width}}  {'-' if value is None else f'{value:.4f}'}")
-    print(f"{'mean':<{width}}  {summary['mean_main_metric']:.4f}  (main metrics, fractions; result files in "
-          f"{summary['output_dir']})")
+    for key in summary["tasks_skipped"]:
+        print(f"{key:<{width}}  skipped")
+    print(f"{'mean_scored':<{width}}  {summary['mean_main_metric_scored']:.4f}  (main metrics, fractions: the mean "
+          f"over the {summary['tasks_scored']} tasks scored of the {summary['tasks_in_list']} in the list; result "
+          f"files in {summary['output_dir']})")
     return 0
 
 
@@ -202,8 +207,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.tasks:
         return _cmd_eval_tasks(args)
-    for opt, value in (("--data-root", args.data_root), ("--output-dir", args.output_dir), ("--workers", args.workers)):
-        if value:
+    for opt, value in (("--data-root", args.data_root), ("--output-dir", args.output_dir), ("--workers", args.workers),
+                       ("--throughput", args.throughput or None)):
+        if value is not None:
             raise CliError(f"{opt}: only with --tasks LIST")
     try:
         metrics = evaluate_only(

@@ -106,7 +106,9 @@ def _add_eval(sub: Any, verbose: argparse.ArgumentParser) -> None:
                    "for .tsv)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's, else 128")
-    p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
+    p.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement (plain eval)")
+    p.add_argument("--throughput", action="store_true",
+                   help="with --tasks: also measure throughput (off by default there; plain eval measures it)")
     p.add_argument("--output", default=None, help="write the metrics as JSON to this file")
     p.add_argument("--tasks", default=None, metavar="LIST",
                    help="a task list (DataComp's tasklist.yml format): evaluate on its tasks and write "
@@ -115,8 +117,9 @@ def _add_eval(sub: Any, verbose: argparse.ArgumentParser) -> None:
                    help="with --tasks: the folder holding the data sets (clip_benchmark's wds_NAME folders)")
     p.add_argument("--output-dir", default=None, metavar="DIR",
                    help="with --tasks: where the result files go (default for a run directory: RUN_DIR/eval/LIST)")
-    p.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="with --tasks: DataLoader worker processes decoding images (default 0: the main process)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="with --tasks: DataLoader worker processes decoding images (default min(4, CPU count); "
+                   "0: the main process)")
 
 
 def _add_list(sub: Any, verbose: argparse.ArgumentParser) -> None:

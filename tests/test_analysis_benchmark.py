@@ -42,13 +42,31 @@ def two_models(tmp_path):
 def test_a_column_per_task_and_the_mean_over_the_task_list(two_models):
     root, tasks = two_models
     frame = load_eval_results(root, tasks).set_index("model")
-    assert list(frame.columns) == ["path", "cars", "vtab/pets", "retrieval/flickr30k", "tasks_missing", "mean"]
+    assert list(frame.columns) == ["path", "cars", "vtab/pets", "retrieval/flickr30k", "tasks_listed", "tasks_scored",
+                                   "tasks_missing", "mean_scored"]
     a, b = frame.loc["student-a"], frame.loc["student-b"]
     assert a["cars"] == 0.5 and a["vtab/pets"] == 0.7 and a["retrieval/flickr30k"] == pytest.approx(0.25)
-    assert a["mean"] == pytest.approx((0.5 + 0.7 + 0.25) / 3) and a["tasks_missing"] == 0
-    assert b["cars"] == 0.6 and math.isnan(b["vtab/pets"]) and b["tasks_missing"] == 2 and math.isnan(b["mean"])
+    assert a["mean_scored"] == pytest.approx((0.5 + 0.7 + 0.25) / 3) and a["tasks_missing"] == 0
+    # the mean says over what: over the 1 task scored of the 3 listed (not an average of the list)
+    assert b["cars"] == 0.6 and math.isnan(b["vtab/pets"]) and b["tasks_missing"] == 2
+    assert (b["tasks_scored"], b["tasks_listed"], b["mean_scored"]) == (1, 3, 0.6)
     acc1 = load_eval_results(root / "a" / "eval_results.jsonl", metric="acc1").iloc[0]
     assert acc1["vtab/pets"] == 0.8 and math.isnan(acc1["retrieval/flickr30k"])
+
+
+def test_datacomps_own_lines_and_task_list(tmp_path):
+    """A line as DataComp's evaluate.py writes it (``json.dumps({"key", "dataset", "metrics"})``, ``acc5`` None
+    under 5 classes, no summary.json) read against DataComp's own tasklist.yml: its 40 keys are columns, the
+    skipped ones count as missing, the mean is over the tasks scored."""
+    from pathlib import Path
+
+    line = {"key": "vtab/pcam", "dataset": "PatchCamelyon",
+            "metrics": {"acc1": 0.5, "acc5": None, "mean_per_class_recall": 0.5, "main_metric": 0.5}}
+    (tmp_path / "eval_results.jsonl").write_text(json.dumps(line) + "\n")
+    listed = Path(__file__).resolve().parent / "data" / "datacomp_tasklist.yml"
+    row = load_eval_results(tmp_path, listed).iloc[0]
+    assert (row["tasks_listed"], row["tasks_scored"], row["tasks_missing"], row["mean_scored"]) == (40, 1, 39, 0.5)
+    assert math.isnan(row["fairness/geode"]) and row["model"] == tmp_path.name
 
 
 def test_clip_benchmark_files_as_rows(two_models):

@@ -13,28 +13,58 @@ import pytest
 from compress.evaluation.standalone import EvalError
 from compress.evaluation.task_eval import evaluate_tasks
 from compress.result_files import TaskResult, field_metrics, template_hash, write_result_files
-from compress.tasklist import TaskListError, load_task_list, parse_task
+from compress.tasklist import SkippedTask, TaskListError, load_task_list, parse_task, read_task_list
 from experiments.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKLISTS = ROOT / "experiments" / "tasklists"
+#: DataComp's own tasklist.yml, verbatim (its source and commit in the file's first line)
+DATACOMP_TASKLIST = Path(__file__).resolve().parent / "data" / "datacomp_tasklist.yml"
+#: what this evaluator cannot score in DataComp's list: group metrics, WinoGAViL's Jaccard score
+DATACOMP_SKIPPED = ["misc/winogavil", "wilds/iwildcam", "wilds/fmow", "fairness/dollar_street", "fairness/geode",
+                    "fairness/fairface", "fairness/utkface"]
 
 
 def test_shipped_task_lists_parse():
     datacomp = load_task_list(TASKLISTS / "datacomp_zeroshot.yml")
-    assert len(datacomp) == 32
+    assert len(datacomp) == 33
     by_key = {t.key: t for t in datacomp}
     assert by_key["imagenet1k"].name == "ImageNet 1k" and by_key["imagenet1k"].main_metric == "acc1"
     assert by_key["vtab/pets"].main_metric == "mean_per_class_recall"
-    flickr = by_key["retrieval/flickr30k"]
+    flickr = by_key["retrieval/flickr_1k_test_image_text_retrieval"]
     assert (flickr.kind, flickr.main_metric, flickr.dataset) == ("zeroshot_retrieval", "mean_recall@1", "flickr30k")
+    assert flickr.extra["size"] == 1000  # DataComp's size: the 1000-image test split (checked against the set)
     assert by_key["cars"].extra == {"size": 8041, "num_classes": 196, "random_score": 0.00516}
     synthetic = load_task_list(TASKLISTS / "synthetic.yml")
     assert [t.key for t in synthetic] == ["shapes_color_shape", "shapes_shape", "shapes_color", "shapes_retrieval"]
 
 
+def test_datacomps_own_task_list_is_read_as_is():
+    """DataComp's tasklist.yml: the tasks this evaluator cannot score are skipped (one line names them), Camelyon17
+    (main metric acc1 by DataComp's default) is scored as classification, and every task of the shipped list is
+    DataComp's entry (key, name, size, main metric, classes, tags)."""
+    import yaml
+
+    listed = read_task_list(DATACOMP_TASKLIST)
+    assert listed.total == 40 and len(listed.tasks) == 33
+    assert sorted(listed.skipped) == sorted(DATACOMP_SKIPPED)
+    line = listed.skipped_line()
+    assert line.startswith("7 of 40 tasks skipped") and "\n" not in line
+    assert "wilds/fmow (main metric acc_worst_region is a WILDS group metric)" in line
+    camelyon = {t.key: t for t in listed.tasks}["wilds/camelyon17"]
+    assert (camelyon.kind, camelyon.main_metric) == ("zeroshot_classification", "acc1")
+    theirs = yaml.safe_load(DATACOMP_TASKLIST.read_text())
+    ours = yaml.safe_load((TASKLISTS / "datacomp_zeroshot.yml").read_text())
+    assert set(ours) == {t.key for t in listed.tasks}
+    for key, entry in ours.items():
+        for field in ("name", "size", "main_metric", "num_classes", "random_score", "tags"):
+            assert entry.get(field) == theirs[key].get(field) or (field == "tags" and not theirs[key].get(field)), \
+                (key, field)
+
+
 @pytest.mark.parametrize(("key", "entry", "message"), [
-    ("wilds/fmow", {"main_metric": "acc_worst_region"}, "not zero-shot classification or retrieval"),
+    ("wilds/fmow", {"main_metric": "acc_worst_region"}, "WILDS group metric"),
+    ("fairness/geode", {"main_metric": "acc_wg"}, "not plain zero-shot classification or retrieval"),
     ("cars", {"main_metric": "mean_recall@1"}, "not a zeroshot_classification metric"),
     ("cars", {"format": "lmdb"}, "format 'lmdb'"),
     ("cars", {"format": "folder"}, "needs a path"),
@@ -43,8 +73,9 @@ def test_shipped_task_lists_parse():
     ("cars", {"image_key": "f"}, "only for format csv"),
 ])
 def test_task_list_mistakes_are_refused(key, entry, message):
-    with pytest.raises(TaskListError, match=message):
+    with pytest.raises(TaskListError, match=message) as error:
         parse_task(key, entry)
+    assert isinstance(error.value, SkippedTask) == key.startswith(("wilds/", "fairness/"))
 
 
 def test_task_list_names_and_keys_differ(tmp_path):
@@ -71,7 +102,7 @@ def test_task_defaults():
 def _golden_results() -> list[TaskResult]:
     cls = parse_task("vtab/pets", {"name": "Oxford-IIIT Pet", "main_metric": "mean_per_class_recall"})
     few = parse_task("renderedsst2", {"name": "Rendered SST2"})
-    ret = parse_task("retrieval/flickr30k", {"name": "Flickr", "dataset": "flickr30k"})
+    ret = parse_task("retrieval/flickr_1k_test_image_text_retrieval", {"name": "Flickr", "dataset": "flickr30k"})
     return [
         TaskResult(cls, field_metrics(cls.kind, {"top1": 62.5, "top5": 87.5, "mean_per_class_recall": 50.0}), {},
                    template_hash(["a photo of a {}, a type of pet."]), "c" * 64),
@@ -82,13 +113,20 @@ def _golden_results() -> list[TaskResult]:
     ]
 
 
+#: DataComp's line format (mlfoundations/datacomp evaluate.py at 4a8df19): ``results[task_name] = {"key": task_key,
+#: "dataset": task_name, "metrics": metrics}`` written as ``f.write(json.dumps(results[task_name]) + "\\n")``, where
+#: ``metrics`` is eval_utils/wds_eval.py's ``{"acc1": acc1, "acc5": acc5, "mean_per_class_recall": ...}`` 
+#: (``acc5 = None`` under 5 classes) or retr_eval.py's clip_benchmark ``zsr.evaluate(..., recall_k_list=[1, 5, 10])`` dict plus
+#: ``metrics["mean_recall@1"]``, then ``metrics["main_metric"] = metrics.get(tasks[task_key].get("main_metric",
+#: "acc1"))``. This project adds the two hashes after ``metrics``.
 GOLDEN_JSONL = (
     '{"key": "vtab/pets", "dataset": "Oxford-IIIT Pet", "metrics": {"acc1": 0.625, "acc5": 0.875, '
     '"mean_per_class_recall": 0.5, "main_metric": 0.5}, "templates_sha256": '
     '"%s", "classnames_sha256": "%s"}\n'
     '{"key": "renderedsst2", "dataset": "Rendered SST2", "metrics": {"acc1": 0.75, "acc5": null, '
     '"mean_per_class_recall": 0.75, "main_metric": 0.75}, "templates_sha256": "%s", "classnames_sha256": "%s"}\n'
-    '{"key": "retrieval/flickr30k", "dataset": "Flickr", "metrics": {"image_retrieval_recall@1": 0.25, '
+    '{"key": "retrieval/flickr_1k_test_image_text_retrieval", "dataset": "Flickr", "metrics": {'
+    '"image_retrieval_recall@1": 0.25, '
     '"text_retrieval_recall@1": 0.5, "image_retrieval_recall@5": 0.75, "text_retrieval_recall@5": 1.0, '
     '"image_retrieval_recall@10": 1.0, "text_retrieval_recall@10": 1.0, "mean_recall@1": 0.375, '
     '"main_metric": 0.375}}\n'
@@ -181,6 +219,42 @@ def test_missing_sets_are_listed_before_the_model_is_loaded(tmp_path, monkeypatc
                        data_root=str(tmp_path / "data"))
 
 
+def test_tasks_that_cannot_be_scored_are_skipped_and_the_mean_says_over_what(tmp_path, caplog):
+    """A list with DataComp's fairness/ and WILDS group-metric tasks is evaluated: one warning line names the skipped
+    tasks, summary.json records them and says its mean is over the tasks scored (not DataComp's average)."""
+    from compress.data.benchmark_export import export_synthetic
+
+    export_synthetic(tmp_path / "data", num_samples=4, tasks=("shape",), retrieval=False)
+    tasks = _task_list(tmp_path, "shapes_shape: {name: Shapes}\nfairness/fairface: {name: FairFace}\n"
+                                 "wilds/fmow: {name: FMoW, main_metric: acc_worst_region}\n")
+    with caplog.at_level("WARNING"):
+        summary = evaluate_tasks("cc-test-teacher", str(tasks), data_root=str(tmp_path / "data"),
+                                 output_dir=str(tmp_path / "o"), progress=False, num_workers=0)
+    warned = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(warned) == 1 and "2 of 3 tasks skipped" in warned[0] and "fairness/fairface" in warned[0]
+    assert summary["tasks"] == ["shapes_shape"] and list(summary["tasks_skipped"]) == ["fairness/fairface",
+                                                                                      "wilds/fmow"]
+    assert (summary["tasks_scored"], summary["tasks_in_list"]) == (1, 3) and "mean_main_metric" not in summary
+    assert summary["mean_main_metric_scored"] == summary["main_metrics"]["shapes_shape"]
+    assert summary["mean_over"] == "the main metric's mean over the 1 tasks scored of the 3 in the task list"
+    assert not any(k.startswith("throughput/") for k in summary["metrics"])  # throughput off unless asked
+    from analysis.benchmark import load_eval_results
+
+    frame = load_eval_results(tmp_path / "o", task_list=tasks).iloc[0]
+    assert (frame["tasks_listed"], frame["tasks_scored"], frame["tasks_missing"]) == (3, 1, 2)
+    assert frame["mean_scored"] == pytest.approx(summary["mean_main_metric_scored"])
+    assert math.isnan(frame["wilds/fmow"])
+
+
+def test_eval_tasks_workers_default(monkeypatch):
+    from compress.evaluation import task_eval
+
+    monkeypatch.setattr(task_eval.os, "cpu_count", lambda: 2)
+    assert task_eval.default_workers() == 2
+    monkeypatch.setattr(task_eval.os, "cpu_count", lambda: 64)
+    assert task_eval.default_workers() == 4
+
+
 def test_eval_run_dir_on_a_task_list_equals_its_own_evaluation(tmp_path, capsys):
     """The run's synthetic validation sets written in clip_benchmark's format and evaluated through the
     task list give the numbers of the run's result.json (zero-shot top-1, top-5, retrieval recalls)."""
@@ -208,19 +282,29 @@ def test_eval_run_dir_on_a_task_list_equals_its_own_evaluation(tmp_path, capsys)
     assert cls["acc1"] == pytest.approx(recorded["zs/cs/top1"] / 100, abs=1e-7)
     assert cls["acc5"] == pytest.approx(recorded["zs/cs/top5"] / 100, abs=1e-7)
     assert cls["mean_per_class_recall"] == pytest.approx(recorded["zs/cs/mean_per_class_recall"] / 100, abs=1e-7)
-    for k in (1, 5, 10):
-        assert ret[f"text_retrieval_recall@{k}"] == pytest.approx(recorded[f"ret/val/i2t_r{k}"] / 100, abs=1e-7)
-        assert ret[f"image_retrieval_recall@{k}"] == pytest.approx(recorded[f"ret/val/t2i_r{k}"] / 100, abs=1e-7)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    for k in (1, 5, 10):  # the project's keys: its rule (identical captions count), as result.json
+        for d in ("i2t", "t2i"):
+            assert summary["metrics"][f"ret/shapes_retrieval/{d}_r{k}"] == pytest.approx(recorded[f"ret/val/{d}_r{k}"])
+        # the field's files: clip_benchmark's rule (only a text's own image), never more than the project's
+        assert ret[f"text_retrieval_recall@{k}"] <= recorded[f"ret/val/i2t_r{k}"] / 100 + 1e-7
+        assert ret[f"image_retrieval_recall@{k}"] <= recorded[f"ret/val/t2i_r{k}"] / 100 + 1e-7
+    assert not any("/row/" in key for key in summary["metrics"])
     assert ret["main_metric"] == pytest.approx((ret["text_retrieval_recall@1"] + ret["image_retrieval_recall@1"]) / 2)
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["tasks"] == ["shapes_color_shape", "shapes_retrieval"]
-    assert summary["mean_main_metric"] == pytest.approx((cls["acc1"] + ret["main_metric"]) / 2)
+    assert summary["mean_main_metric_scored"] == pytest.approx((cls["acc1"] + ret["main_metric"]) / 2)
+    assert (summary["tasks_scored"], summary["tasks_in_list"], summary["tasks_skipped"]) == (2, 2, {})
+    from compress.rundir import model_sha256
+
+    assert summary["model_sha256"] == model_sha256(run_dir / "model") and len(summary["model_sha256"]) == 64
     assert summary["metrics"]["zs/shapes_color_shape/top1"] == pytest.approx(recorded["zs/cs/top1"], abs=1e-5)
     from analysis.load import load_results
 
     row = load_results(run_dir).iloc[0]
     assert row["eval/tasks/shapes_retrieval"] == ret["main_metric"]
-    assert row["eval/tasks/mean"] == pytest.approx(summary["mean_main_metric"])
+    assert row["eval/tasks/mean_scored"] == pytest.approx(summary["mean_main_metric_scored"])
+    assert (row["eval/tasks/tasks_scored"], row["eval/tasks/tasks_in_list"]) == (2, 2)
     files = sorted(p.name for p in (out_dir / "clip_benchmark").iterdir())
     assert files == [f"shapes_color_shape__{run_dir.name}_en_zeroshot_classification.json",
                      f"shapes_retrieval__{run_dir.name}_en_zeroshot_retrieval.json"]
@@ -234,6 +318,13 @@ def test_eval_run_dir_on_a_task_list_equals_its_own_evaluation(tmp_path, capsys)
     assert main([*argv, "--workers", "2", "--output-dir", str(tmp_path / "workers")]) == 0
     again = (tmp_path / "workers" / "eval_results.jsonl").read_text()
     assert again == (out_dir / "eval_results.jsonl").read_text()
+    # another model in the run directory (its weights changed): the old results no longer join the run's row
+    weights = sorted(p for p in (run_dir / "model").iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+    with weights[0].open("ab") as f:
+        f.write(b"\0")
+    with pytest.warns(UserWarning, match="evaluated another model"):
+        row = load_results(run_dir).iloc[0]
+    assert "evaluated another model" in row["eval/tasks/skipped"] and "eval/tasks/mean_scored" not in row
 
 
 def test_image_folder_and_csv_tasks_equal_plain_eval(tmp_path):

@@ -65,6 +65,8 @@ class RetrievalSet:
     text_to_image: Sequence[int] | None = None
     ks: tuple[int, ...] = (1, 5, 10)
     chunk_size: int = field(default=1024, repr=False)
+    #: also clip_benchmark's row-rule recalls (``row/i2t_r{k}``; :func:`compress.evaluation.retrieval.recall_at_k`)
+    row_rule: bool = False
 
     @property
     def dataset(self) -> Dataset | None:

@@ -60,7 +60,7 @@ def evaluate_model(
     for rset in retrieval_sets:
         recall = retrieval_recall(
             model, rset.loader, device, rset.ks, rset.text_to_image, precision, rset.chunk_size, progress,
-            desc=f"retrieval {rset.name}",
+            desc=f"retrieval {rset.name}", row_rule=rset.row_rule,
         )
         metrics.update({f"ret/{rset.name}/{k}": v for k, v in recall.items()})
     if measure_params:

@@ -12,7 +12,9 @@ correct texts, as COCO's five captions). With a row-identity rule, a caption rep
 images makes R@1 depend on how ``topk`` orders exactly tied scores (the synthetic validation set
 repeats 171 of its 400 captions); with the set rule it does not. Without the token ids
 (:func:`recall_at_k` given no ``text_ids``) every text is distinct, which is clip_benchmark's rule
-and equal to it on sets without repeated captions.
+and equal to it on sets without repeated captions. ``row_rule=True`` also returns clip_benchmark's numbers
+(``row/i2t_r{k}``, ``row/t2i_r{k}``: only a text's own image counts, whatever its token ids) from the same
+top-k lists, for the files named as clip_benchmark's (:mod:`compress.result_files`).
 
 The similarity matrix is computed in row chunks, so memory stays at
 ``chunk_size x max(N_images, N_texts)`` (COCO 5k x 25k needs no full matrix).
@@ -135,17 +137,22 @@ def recall_at_k(
     ks: Sequence[int] = (1, 5, 10),
     chunk_size: int = 1024,
     text_ids: Tensor | Sequence[int] | None = None,
+    row_rule: bool = False,
 ) -> dict[str, float]:
     """``{"i2t_r{k}", "t2i_r{k}"}`` in percent from normalised features; text ``j`` describes
     image ``text_to_image[j]``. Images without any caption are left out of image->text.
 
     ``text_ids`` (one per text, equal for identical texts: :func:`text_identities`): a text is
     correct for an image when its id is that of one of the image's captions, in both directions (the
-    module docstring). Without it every text is distinct (row identity)."""
+    module docstring). Without it every text is distinct (row identity). ``row_rule``: also
+    ``row/i2t_r{k}`` / ``row/t2i_r{k}``, clip_benchmark's rule (only the text's own image counts), from
+    the same top-k lists. No images or no texts: ``ValueError``."""
     device = image_features.device
     img, txt = image_features.float(), text_features.to(device).float()
     t2i = torch.as_tensor(text_to_image, dtype=torch.long, device=device)
     ni, nt = img.shape[0], txt.shape[0]
+    if ni == 0 or nt == 0:
+        raise ValueError(f"retrieval needs images and texts, got {ni} images and {nt} texts")
     if t2i.shape != (nt,):
         raise ValueError(f"text_to_image has {t2i.numel()} entries for {nt} texts")
     if nt and (int(t2i.min()) < 0 or int(t2i.max()) >= ni):
@@ -156,21 +163,27 @@ def recall_at_k(
     n_ids = int(ids.max()) + 1 if nt else 1
     correct = _correct_keys(t2i, ids, n_ids)
     ks = sorted({int(k) for k in ks})
-    i2t_hits, t2i_hits = [], []
+    hits: dict[str, list[Tensor]] = {"i2t": [], "t2i": [], "row/i2t": [], "row/t2i": []}
     for start in range(0, ni, chunk_size):
         rows = torch.arange(start, min(start + chunk_size, ni), device=device)
         top = (img[rows] @ txt.T).topk(min(ks[-1], nt), dim=1).indices
-        i2t_hits.append(_rates(_is_correct(rows.view(-1, 1) * n_ids + ids[top], correct), ks))
+        hits["i2t"].append(_rates(_is_correct(rows.view(-1, 1) * n_ids + ids[top], correct), ks))
+        if row_rule:
+            hits["row/i2t"].append(_rates(t2i[top] == rows.view(-1, 1), ks))
     for start in range(0, nt, chunk_size):
         rows = torch.arange(start, min(start + chunk_size, nt), device=device)
         top = (txt[rows] @ img.T).topk(min(ks[-1], ni), dim=1).indices
-        t2i_hits.append(_rates(_is_correct(top * n_ids + ids[rows].view(-1, 1), correct), ks))
+        hits["t2i"].append(_rates(_is_correct(top * n_ids + ids[rows].view(-1, 1), correct), ks))
+        if row_rule:
+            hits["row/t2i"].append(_rates(top == t2i[rows].view(-1, 1), ks))
     has_caption = torch.zeros(ni, dtype=torch.bool, device=device)
     has_caption[t2i] = True
-    i2t = torch.cat(i2t_hits)[has_caption].float().mean(dim=0) * 100.0
-    t2i_rate = torch.cat(t2i_hits).float().mean(dim=0) * 100.0
-    out = {f"i2t_r{k}": i2t[i].item() for i, k in enumerate(ks)}
-    out.update({f"t2i_r{k}": t2i_rate[i].item() for i, k in enumerate(ks)})
+    out = {}
+    for name, parts in hits.items():
+        if parts:
+            rate = torch.cat(parts)
+            rate = (rate[has_caption] if name.endswith("i2t") else rate).float().mean(dim=0) * 100.0
+            out.update({f"{name}_r{k}": rate[i].item() for i, k in enumerate(ks)})
     return out
 
 
@@ -184,8 +197,10 @@ def retrieval_recall(
     chunk_size: int = 1024,
     progress: bool = False,
     desc: str = "retrieval",
+    row_rule: bool = False,
 ) -> dict[str, float]:
-    """Image->text and text->image recall@k (percent) of ``model`` on ``loader``.
+    """Image->text and text->image recall@k (percent) of ``model`` on ``loader`` (``row_rule``: also
+    clip_benchmark's numbers, :func:`recall_at_k`).
 
     ``text_to_image`` (global, over all texts in loader order) gives the image of each
     text; without it, tokens [B, L] pair text i with image i of the batch and tokens
@@ -198,4 +213,4 @@ def retrieval_recall(
             "batches hold different numbers of images and texts; pass text_to_image "
             "(the index of the image each text describes)"
         )
-    return recall_at_k(img, txt, mapping, ks, chunk_size, text_ids=ids)
+    return recall_at_k(img, txt, mapping, ks, chunk_size, text_ids=ids, row_rule=row_rule)

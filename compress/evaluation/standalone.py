@@ -16,7 +16,7 @@ from compress.fileio import atomic_write_text, check_output
 from compress.models import load_model
 from compress.precision import resolve_device, resolve_precision
 from compress.recipe import load_config, resolve_stages
-from compress.rundir import RunDir
+from compress.rundir import RunDir, RunModelError, final_model
 
 #: file suffixes of model files ``load_model`` reads (an argument ending so is a path, not a name)
 MODEL_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".json")
@@ -78,21 +78,22 @@ def eval_config_for_data(
     return EvalConfig(zero_shot=zero_shot, retrieval=False), None
 
 
-def _run_setup(run_dir: Path) -> tuple[Path, EvalConfig, DataConfig | None, str]:
-    """The exported model, evaluation config, data config and precision of a finished run. A staged
-    run's model is its last stage's (``stages/<k>-<name>/model``), evaluated with that stage's config."""
-    layout = RunDir(run_dir)
-    cfg = load_config(layout.config)
+def run_model(run_dir: Path) -> Path:
+    """A finished run's final model (:func:`compress.rundir.final_model`), refusals as :class:`EvalError`."""
+    try:
+        return final_model(run_dir)
+    except RunModelError as error:
+        raise EvalError(str(error)) from None
+
+
+def run_setup(run_dir: Path) -> tuple[Path, EvalConfig, DataConfig | None, str]:
+    """The exported model (:func:`run_model`), evaluation config, data config and precision of a finished
+    run. A staged run's model is its last stage's, evaluated with that stage's config."""
+    model = run_model(run_dir)
+    cfg = load_config(RunDir(run_dir).config)
     stages = resolve_stages(cfg)
     if stages:
         cfg = stages[-1].cfg
-    model = layout.stage(stages[-1].dir_name if stages else None).model
-    if not model.exists():
-        status = ""
-        if layout.result.is_file():
-            status = f" (status: {json.loads(layout.result.read_text()).get('status')})"
-        raise EvalError(f"{run_dir}: the run has no exported model ({model.relative_to(run_dir)}/); it did not "
-                        f"finish{status}")
     return model, cfg.eval, cfg.data, cfg.train.precision
 
 
@@ -129,7 +130,7 @@ def evaluate_only(
         raise EvalError(f"--device {device}: {error}") from None
     path = Path(model).expanduser()
     if is_run_dir(path):
-        model_path, eval_cfg, data_cfg, precision = _run_setup(path)
+        model_path, eval_cfg, data_cfg, precision = run_setup(path)
         if data is not None:
             eval_cfg, data_cfg = eval_config_for_data(data, kind, csv)
     else:

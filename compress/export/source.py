@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress.rundir import RunDir
+from compress.rundir import RunDir, RunModelError, final_model
 
 
 class ExportSourceError(ValueError):
@@ -40,15 +40,13 @@ def resolve_source(arg: str) -> ExportSource:
     path = Path(arg.removeprefix("local-dir:"))
     layout = RunDir(path)
     if path.is_dir() and layout.config.is_file():
-        row = _read_row(layout.result)
-        if row is None or row.get("status") != "completed":
-            status = "no result.json" if row is None else f"status: {row.get('status')}"
-            raise ExportSourceError(f"{path}: the run did not complete ({status}); nothing to export")
-        final = (layout.stages() or [layout])[-1]  # a staged run: its last stage's student
-        model_dir = final.model
-        if not model_dir.is_dir():
-            raise ExportSourceError(f"{path}: the run has no exported model ({model_dir.relative_to(path)}/)")
-        if final is not layout and not row.get("metrics"):
+        try:
+            model_dir = final_model(path)  # a staged run: its last stage's student
+        except RunModelError as error:
+            raise ExportSourceError(f"{error}; nothing to export") from None
+        row = _read_row(layout.result) or {}
+        final = RunDir(model_dir.parent)
+        if final != layout and not row.get("metrics"):
             row = {**row, "metrics": (_read_row(final.result) or {}).get("metrics", {})}
         return ExportSource(str(model_dir), f"{row.get('name', path.name)}-{row.get('run_id', '')}".rstrip("-"),
                             path, row)

@@ -57,12 +57,14 @@ def _clip_benchmark() -> Any:
 def _model_path(model_name: str, pretrained: str | None) -> tuple[str, str | None]:
     """What ``load_model`` is given: a run directory becomes its final exported model; a folder or a run
     refuses ``pretrained`` (clip_benchmark's CLI default is an open_clip tag)."""
-    path = Path(model_name.removeprefix("local-dir:")).expanduser()
-    # not at the top: the run-directory layer pulls the config and recipe packages
-    from compress.evaluation.standalone import _run_setup, is_run_dir
+    from compress.rundir import RunDir, RunModelError, final_model
 
-    if is_run_dir(path):
-        model_name = str(_run_setup(path)[0])
+    path = Path(model_name.removeprefix("local-dir:")).expanduser()
+    if path.is_dir() and RunDir(path).config.is_file():
+        try:
+            model_name = str(final_model(path))
+        except RunModelError as error:
+            raise ModelLoadError(str(error)) from None
     elif not path.is_dir():
         return model_name, pretrained
     if pretrained:
