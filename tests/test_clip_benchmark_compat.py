@@ -206,3 +206,52 @@ def test_a_project_model_name_with_a_checkpoint_file(data_root, exports, tmp_pat
     assert named["model"] == "cc-test-teacher" and named["pretrained"] == str(weights)
     ours = _project_metrics(exports["uniform"], data_root)
     _assert_equal({k: ours[k] for k in ("acc1", "acc5", "mean_per_class_recall")}, named["metrics"], SIZES)
+
+
+def test_repeated_captions_field_files_hold_clip_benchmarks_numbers(exports, tmp_path) -> None:
+    """A retrieval set whose captions repeat across images: the clip_benchmark JSON and the DataComp line hold
+    clip_benchmark's own numbers (its ``zeroshot_retrieval.evaluate``: only a text's own image counts), while
+    summary.json's project keys follow the project's rule (identical captions count), from the same features."""
+    from clip_benchmark.datasets.builder import build_dataset
+    from clip_benchmark.metrics import zeroshot_retrieval
+
+    from compress.data.transforms import eval_transform_for
+    from compress.evaluation.retrieval import encode_retrieval_set, recall_at_k
+    from compress.evaluation.task_sets import build_task_set, resolve_sources
+    from compress.models.forward import tokenizer_for
+    from compress.tasklist import load_task_list
+    from experiments.cli import main
+
+    root, ks = tmp_path / "data", (1, 5, 10)
+    # 4 captions, each describing 3 of the 12 images; odd images also have a caption of their own
+    captions = [[f"a {CLASSES[i % 4]}"] + ([f"picture {i}"] if i % 2 else []) for i in range(N_RET)]
+    write_wds_retrieval(root, "tiny_dup", _images(N_RET, 2), captions, shard_size=5)
+    tasks = tmp_path / "tasks.yml"
+    tasks.write_text("tiny_dup: {task: zeroshot_retrieval}\n")
+    folder, out = exports["uniform"], tmp_path / "out"
+    assert main(["eval", str(folder), "--tasks", str(tasks), "--data-root", str(root), "--output-dir", str(out),
+                 "--device", "cpu", "--batch-size", str(BATCH), "--workers", "0"]) == 0
+    (file,) = (out / "clip_benchmark").iterdir()
+    field = json.loads(file.read_text())["metrics"]
+    line = json.loads((out / "eval_results.jsonl").read_text())["metrics"]
+    project = json.loads((out / "summary.json").read_text())["metrics"]
+
+    cb.register()
+    model, transform, tokenizer = cb.load_clip_compress(str(folder), "", None, "cpu")
+    ds = build_dataset("wds/tiny_dup", root=str(root / "wds_tiny_dup"), transform=transform, task="zeroshot_retrieval")
+    theirs = zeroshot_retrieval.evaluate(model, DataLoader(ds.batched(BATCH), batch_size=None, num_workers=0),
+                                         tokenizer, device="cpu", amp=False, recall_k_list=list(ks))
+    n_texts = sum(map(len, captions))
+    _assert_equal(field, theirs, {"t2i": n_texts, "i2t": N_RET})  # the same counts of correct answers
+    _assert_equal({k: line[k] for k in theirs}, theirs, {"t2i": n_texts, "i2t": N_RET})
+
+    (source,) = resolve_sources(load_task_list(tasks), root)
+    built = build_task_set(source, eval_transform_for(model), tokenizer_for(model), BATCH)
+    img, txt, t2i, ids = encode_retrieval_set(model, built.retrieval.loader)
+    both = recall_at_k(img, txt, t2i, ks, text_ids=ids, row_rule=True)
+    for k in ks:
+        for d in ("i2t", "t2i"):
+            assert project[f"ret/tiny_dup/{d}_r{k}"] == pytest.approx(both[f"{d}_r{k}"]), (d, k)
+        assert field[f"text_retrieval_recall@{k}"] == pytest.approx(both[f"row/i2t_r{k}"] / 100)
+        assert field[f"image_retrieval_recall@{k}"] == pytest.approx(both[f"row/t2i_r{k}"] / 100)
+    assert project["ret/tiny_dup/t2i_r1"] > 100 * field["image_retrieval_recall@1"]  # the repeats count here only

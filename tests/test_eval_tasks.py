@@ -113,12 +113,14 @@ def _golden_results() -> list[TaskResult]:
     ]
 
 
-#: DataComp's line format (mlfoundations/datacomp evaluate.py at 4a8df19): ``results[task_name] = {"key": task_key,
-#: "dataset": task_name, "metrics": metrics}`` written as ``f.write(json.dumps(results[task_name]) + "\\n")``, where
-#: ``metrics`` is eval_utils/wds_eval.py's ``{"acc1": acc1, "acc5": acc5, "mean_per_class_recall": ...}`` 
-#: (``acc5 = None`` under 5 classes) or retr_eval.py's clip_benchmark ``zsr.evaluate(..., recall_k_list=[1, 5, 10])`` dict plus
-#: ``metrics["mean_recall@1"]``, then ``metrics["main_metric"] = metrics.get(tasks[task_key].get("main_metric",
-#: "acc1"))``. This project adds the two hashes after ``metrics``.
+#: DataComp's line format (mlfoundations/datacomp evaluate.py at 4a8df19):
+#:     results[task_name] = {"key": task_key, "dataset": task_name, "metrics": metrics}
+#:     f.write(json.dumps(results[task_name]) + "\\n")
+#: where ``metrics`` is eval_utils/wds_eval.py's {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": ...}
+#: (``acc5 = None`` under 5 classes) or retr_eval.py's clip_benchmark ``zsr.evaluate(..., recall_k_list=[1, 5, 10])``
+#: plus ``metrics["mean_recall@1"]``, then
+#:     metrics["main_metric"] = metrics.get(tasks[task_key].get("main_metric", "acc1"))
+#: This project adds the two hashes after ``metrics``.
 GOLDEN_JSONL = (
     '{"key": "vtab/pets", "dataset": "Oxford-IIIT Pet", "metrics": {"acc1": 0.625, "acc5": 0.875, '
     '"mean_per_class_recall": 0.5, "main_metric": 0.5}, "templates_sha256": '

@@ -156,6 +156,17 @@ def test_retrieval_identical_captions_count_as_correct() -> None:
     assert ids.tolist()[0] == ids.tolist()[1] and len(set(ids.tolist())) == 3
     with_ids = recall_at_k(img, txt, [0, 1, 2, 3], ks=(1,), text_ids=ids)
     assert with_ids == pytest.approx({"i2t_r1": 75.0, "t2i_r1": 100.0})
+    # both rules from one pass: the set rule's keys and clip_benchmark's row rule under row/
+    both = recall_at_k(img, txt, [0, 1, 2, 3], ks=(1,), text_ids=ids, row_rule=True)
+    assert both == pytest.approx({"i2t_r1": 75.0, "t2i_r1": 100.0, "row/i2t_r1": 50.0, "row/t2i_r1": 75.0})
+
+
+def test_recall_refuses_no_images_or_no_texts() -> None:
+    img, txt = F.normalize(torch.randn(3, 4), dim=-1), F.normalize(torch.randn(2, 4), dim=-1)
+    with pytest.raises(ValueError, match="got 3 images and 0 texts"):
+        recall_at_k(img, txt[:0], [])
+    with pytest.raises(ValueError, match="got 0 images and 2 texts"):
+        recall_at_k(img[:0], txt, [0, 0])
 
 
 def test_retrieval_batches_with_any_number_of_captions_per_image() -> None:

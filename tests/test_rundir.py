@@ -124,3 +124,38 @@ def test_run_dir_name_is_found_by_its_run_id(tmp_path):
     assert find_run_dir(tmp_path / "out", "0123abcd") == tmp_path / "out" / "abl-lr=0.1-0123abcd"
     (tmp_path / "out" / run_dir_name("abl", "0123abcd")).mkdir()
     assert find_run_dir(tmp_path / "out", "0123abcd") is None  # two candidates: none is chosen
+
+
+def test_task_list_results_are_a_run_output_and_the_final_model_is_found_in_one_place(tmp_path: Path) -> None:
+    """``RUN_DIR/eval/`` (task-list results of the run's model) is removed by ``--force`` with the model;
+    :func:`final_model` refuses an unfinished run and a completed run without its model, and finds a staged
+    run's last stage's; :func:`model_sha256` changes with the weights."""
+    import pytest
+
+    from compress.rundir import RUN_EVAL_DIR, RunModelError, final_model, model_sha256
+
+    assert RUN_EVAL_DIR == "eval" and RUN_EVAL_DIR in RUN_OUTPUTS
+    run = RunDir(tmp_path / "run")
+    assert run.eval_dir in run.outputs()
+    run.path.mkdir()
+    with pytest.raises(RunModelError, match="did not complete \\(no result.json\\)"):
+        final_model(run.path)
+    run.result.write_text(json.dumps({"status": "failed"}))
+    with pytest.raises(RunModelError, match="did not complete \\(status: failed\\)"):
+        final_model(run.path)
+    run.result.write_text(json.dumps({"status": "completed"}))
+    with pytest.raises(RunModelError, match="has no exported model \\(model/\\)"):
+        final_model(run.path)
+    last = run.stage("1-second").model
+    last.mkdir(parents=True)
+    run.stage("0-first").model.mkdir(parents=True)
+    assert final_model(run.path) == last
+    assert model_sha256(last) is None  # no weight files
+    (last / "open_clip_config.json").write_text("{}")
+    (last / "open_clip_model.safetensors").write_bytes(b"abc")
+    first = model_sha256(last)
+    (last / "open_clip_config.json").write_text('{"x": 1}')  # not a weight file
+    assert model_sha256(last) == first and len(first) == 64
+    (last / "open_clip_model.safetensors").write_bytes(b"abd")
+    assert model_sha256(last) != first
+    assert model_sha256(last / "open_clip_model.safetensors") is not None and model_sha256("ViT-B-32") is None
