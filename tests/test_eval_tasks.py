@@ -248,13 +248,29 @@ def test_tasks_that_cannot_be_scored_are_skipped_and_the_mean_says_over_what(tmp
     assert math.isnan(frame["wilds/fmow"])
 
 
-def test_eval_tasks_workers_default(monkeypatch):
+def test_eval_tasks_workers_and_throughput_defaults(monkeypatch, capsys):
+    """``eval --tasks``: workers default to min(4, CPU count), throughput only with ``--throughput``."""
     from compress.evaluation import task_eval
 
     monkeypatch.setattr(task_eval.os, "cpu_count", lambda: 2)
     assert task_eval.default_workers() == 2
     monkeypatch.setattr(task_eval.os, "cpu_count", lambda: 64)
     assert task_eval.default_workers() == 4
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(kwargs)
+        return {"main_metrics": {"t": 0.5}, "tasks_skipped": {}, "mean_main_metric_scored": 0.5, "tasks_scored": 1,
+                "tasks_in_list": 1, "output_dir": "o"}
+
+    monkeypatch.setattr(task_eval, "evaluate_tasks", fake)
+    assert main(["eval", "m", "--tasks", "t.yml"]) == 0
+    assert main(["eval", "m", "--tasks", "t.yml", "--throughput", "--workers", "2"]) == 0
+    assert [(c["throughput"], c["num_workers"]) for c in calls] == [(False, None), (True, 2)]
+    assert "the mean over the 1 tasks scored of the 1 in the list" in capsys.readouterr().out
+    assert main(["eval", "m", "--tasks", "t.yml", "--throughput", "--no-throughput"]) == 2
+    assert main(["eval", "m", "--throughput"]) == 2
+    assert "--throughput: only with --tasks" in capsys.readouterr().err
 
 
 def test_eval_run_dir_on_a_task_list_equals_its_own_evaluation(tmp_path, capsys):
