@@ -5,8 +5,8 @@
 writes one per model and task list; DataComp's ``evaluate.py`` writes the same file), a column per
 task key holding its main metric (or another metric by name), and ``mean_scored``: the mean over the
 ``tasks_scored`` tasks that have a value, of the ``tasks_listed`` of the task list (``tasks_missing``
-= listed - scored; skipped tasks of DataComp's list count as missing). It is DataComp's average only
-when ``tasks_missing`` is 0 for DataComp's own list; it is never called that here.
+= listed - scored; skipped tasks of DataComp's list count as missing). It is never DataComp's average
+(DataComp averages the 38 of its 40 tasks that give a main metric; this evaluator scores 33 of them).
 ``load_clip_benchmark(paths)``: clip_benchmark's JSON files
 as one tidy row per file (``dataset``, ``model``, ``pretrained``, ``task``, ``language`` and the
 metrics as columns), as clip_benchmark's own ``build`` command tabulates them.

@@ -9,7 +9,8 @@ files written by ``clip-compress collect``, into one tidy frame with these colum
 - the config flattened with dotted names (``train.lr``, ``inheritance.name``, ``losses.0.name``);
 - the metrics under their own names (``zs/<task>/top1``, ``params/vision``, ...);
 - a run's task-list results (``clip-compress eval RUN_DIR --tasks LIST``): ``eval/<list>/<task key>`` (the main
-  metric, a fraction) and ``eval/<list>/mean`` (:func:`analysis.benchmark.run_eval_columns`);
+  metric, a fraction), ``eval/<list>/mean_scored`` (over ``eval/<list>/tasks_scored`` of ``tasks_in_list``;
+  results of another model than the run's are skipped: :func:`analysis.benchmark.run_eval_columns`);
 - short aliases (:data:`ALIASES`), the budget (``steps``, ``samples_seen``, ``train_time_s``) and
   ``params`` (vision + text tower without the token embedding, TinyCLIP's count).
 

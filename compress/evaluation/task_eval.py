@@ -48,7 +48,7 @@ from compress.result_files import (
     scored_mean,
     write_result_files,
 )
-from compress.rundir import RUN_EVAL_DIR, model_sha256
+from compress.rundir import RunDir, model_sha256
 from compress.tasklist import TaskListError, read_task_list
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def _setup(model: str, tasks_file: Path, output_dir: str | None) -> tuple[str | 
     path = Path(model).expanduser()
     if is_run_dir(path):
         model_path, _, _, precision = run_setup(path)
-        out = Path(output_dir) if output_dir else path / RUN_EVAL_DIR / tasks_file.stem
+        out = Path(output_dir) if output_dir else RunDir(path).eval_dir / tasks_file.stem
         return model_path, precision, out, path.name
     if looks_like_path(model) and not path.exists():
         raise EvalError(f"no such file or folder: {model}")
