@@ -387,3 +387,42 @@ def test_image_folder_and_csv_tasks_equal_plain_eval(tmp_path):
         assert got[f"ret/pair_set/{key}"] == pytest.approx(plain_csv[f"ret/val/{key}"], abs=1e-6)
         assert got[f"ret/pairs/{key}"] == pytest.approx(plain_csv[f"ret/val/{key}"], abs=1e-6)
     assert summary["tasks"] == ["folder_set", "pair_set", "colours", "pairs"]
+
+
+def test_one_way_to_a_runs_final_model(tmp_path):
+    """eval, eval --tasks, export and the clip_benchmark loader find a run's model with one function
+    (compress.rundir.final_model) and refuse the same runs with the same line: a run that did not complete (even
+    with a model folder: an unfinished staged run's may be an earlier stage's) and a completed run without one."""
+    from compress.evaluation.standalone import evaluate_only
+    from compress.export.source import ExportSourceError, resolve_source
+    from compress.rundir import RunModelError, final_model
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: x\n")
+    (run / "result.json").write_text(json.dumps({"status": "failed"}))
+    from compress.data.benchmark_export import export_synthetic
+
+    export_synthetic(tmp_path / "data", num_samples=4, tasks=("shape",), retrieval=False)
+    tasks = _task_list(tmp_path, "shapes_shape: {}\n")
+    calls = [lambda: evaluate_only(str(run), progress=False),
+             lambda: evaluate_tasks(str(run), str(tasks), data_root=str(tmp_path / "data")),
+             lambda: resolve_source(str(run))]
+    try:
+        from compress.integrations.clip_benchmark import load_clip_compress
+
+        calls.append(lambda: load_clip_compress(str(run), ""))
+    except ImportError:
+        pass
+    for broken, message in (({"status": "failed"}, "the run did not complete (status: failed)"),
+                            ({"status": "completed"}, "the run has no exported model (model/)")):
+        (run / "result.json").write_text(json.dumps(broken))
+        if broken["status"] == "completed":
+            (run / "model").rmdir()
+        with pytest.raises(RunModelError) as error:
+            final_model(run)
+        assert message in str(error.value)
+        for call in calls:
+            with pytest.raises((EvalError, ExportSourceError, ValueError)) as error:
+                call()
+            assert message in str(error.value) and "\n" not in str(error.value)
