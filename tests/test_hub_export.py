@@ -115,3 +115,18 @@ def test_evaluation_tables_golden() -> None:
         "| task | i2t_r1 | t2i_r1 |", "|---|---:|---:|",
         "| coco | 40.00 | 30.25 |", "",
     ]
+
+
+def test_the_hub_folder_leaves_the_callers_model_as_it_was(tmp_path: Path) -> None:
+    """A student in training mode keeps its modes; one in bfloat16 keeps its dtype (the folder holds float32)."""
+    from safetensors.torch import load_file
+
+    training = uniform_student().train()
+    training.transformer.eval()
+    modes = [m.training for m in training.modules()]
+    write_hub_folder(training, tmp_path / "a", ExportSource("x", "training"))
+    assert [m.training for m in training.modules()] == modes
+    half = uniform_student().to(torch.bfloat16)
+    write_hub_folder(half, tmp_path / "b", ExportSource("x", "half"))
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert {t.dtype for t in load_file(str(tmp_path / "b" / OPEN_CLIP_WEIGHTS_FILE)).values()} == {torch.float32}
