@@ -23,6 +23,7 @@ from torch import nn
 from compress.export.model_card import CardFacts, render_card
 from compress.export.onnx_export import OnnxFile
 from compress.export.parity import PARITY_ATOL, ParityError, rendered_samples
+from compress.export.run_facts import stage_rows, task_list_evals
 from compress.export.source import ExportSource
 from compress.export.towers import inference_form
 from compress.fileio import atomic_write_text
@@ -60,7 +61,8 @@ def hub_model(model: nn.Module) -> tuple[nn.Module, bool]:
 def card_facts(model: nn.Module, source: ExportSource, stored: nn.Module | None = None,
                onnx: Sequence[OnnxFile] = ()) -> CardFacts:
     """The facts of :func:`render_card`: the MACs of the run's ``result.json`` (else counted now), the padded
-    weights' parameter counts and the per-layer structure when ``stored`` is a padded form of ``model``."""
+    weights' parameter counts and the per-layer structure when ``stored`` is a padded form of ``model``, the
+    stages' rows and the task-list evaluations of the run directory (:mod:`compress.export.run_facts`)."""
     metrics = (source.row or {}).get("metrics") or {}
     if "macs/image" in metrics and "macs/text" in metrics:
         macs = {"image": int(metrics["macs/image"]), "text": int(metrics["macs/text"])}
@@ -79,6 +81,7 @@ def card_facts(model: nn.Module, source: ExportSource, stored: nn.Module | None 
         title=source.name, source=source, params=parameter_report(model), macs=macs,
         preprocess=preprocess_config(model), tokenizer=describe_tokenizer(model_tokenizer_identity(model)),
         stored_params=parameter_report(stored) if padded else None, structure=structure, onnx=list(onnx),
+        stages=stage_rows(source.run_dir), task_evals=task_list_evals(source.run_dir),
     )
 
 
