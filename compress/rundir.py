@@ -15,11 +15,13 @@ names. This module imports no torch (sweeps, ``status``, ``collect`` and ``analy
 
     output.dir/NAME-RUNID/          (a sweep's run: NAME-<axis values>-RUNID; output.run_name: that name)
         .lock  run_id  config.yaml  metrics.jsonl  result.json
-        tensorboard/  wandb/              (train.report_to: the trackers' files)
+        tensorboard/  wandb/              (train.report_to: the trackers' files; wandb/ holds every stage's
+                                     W&B runs and is never removed, --force included)
         checkpoints/latest  checkpoints/step-NNNNNNNN/meta.json ...
         model/  structure.json  structure.md  structure.png  submitit/
         stages/<k>-<name>/          (a staged run: one folder per stage, each with the layout of a run
-                                     without stages: metrics, checkpoints, model, result, structure)
+                                     without stages: metrics, checkpoints, model, result, structure,
+                                     tensorboard)
 """
 
 from __future__ import annotations
@@ -64,13 +66,14 @@ NONUNIFORM_CONFIG_FILE = "clip_compress_config.json"
 REPORT_FILES = ("structure.md", "structure.png")
 #: the logs submitit keeps of a run handed to a backend that does not run it in this process
 SUBMITIT_DIR = "submitit"
-#: the trackers' files (``train.report_to``, :mod:`compress.tracking`): TensorBoard's event files, and the W&B
-#: runs (``wandb/offline-run-*``, synced later with ``wandb sync``)
+#: the trackers' files (``train.report_to``, :mod:`compress.tracking`): TensorBoard's event files (in the run's or
+#: the stage's folder), and the W&B runs of the run and all its stages (``RUN_DIR/wandb/offline-run-*``, synced
+#: later with ``wandb sync``; never removed here: they may not be synced yet)
 TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"
-#: what an attempt leaves in a run directory (removed by ``--force``)
+#: what an attempt leaves in a run directory (removed by ``--force``; not :data:`WANDB_DIR`)
 RUN_OUTPUTS = (CHECKPOINT_DIR, STAGES_DIR, METRICS_FILE, RESULT_FILE, MODEL_DIR, STRUCTURE_FILE, *REPORT_FILES,
-               TENSORBOARD_DIR, WANDB_DIR)
+               TENSORBOARD_DIR)
 #: the files that make a folder a run directory
 RUN_MARKERS = (RUN_ID_FILE, RESULT_FILE, CONFIG_FILE)
 #: how long a starting run waits for a lock held only for a moment (``clip-compress status`` probing
