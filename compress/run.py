@@ -107,7 +107,8 @@ def run_experiment(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
 
 
 def start_fresh(run_dir: Path) -> None:
-    """Remove checkpoints, stage folders, metrics, result, model and reports of an earlier attempt."""
+    """Remove checkpoints, stage folders, metrics, result, model, reports and TensorBoard events of an earlier
+    attempt (:data:`RUN_OUTPUTS`); the W&B runs stay (they may not be synced yet)."""
     for name in RUN_OUTPUTS:
         path = run_dir / name
         if path.is_dir():

@@ -15,13 +15,15 @@ names. This module imports no torch (sweeps, ``status``, ``collect`` and ``analy
 
     output.dir/NAME-RUNID/          (a sweep's run: NAME-<axis values>-RUNID; output.run_name: that name)
         .lock  run_id  config.yaml  metrics.jsonl  result.json
-        tensorboard/  wandb/              (train.report_to: the trackers' files)
+        tensorboard/  wandb/              (train.report_to: the trackers' files; wandb/ holds every stage's
+                                     W&B runs and is never removed, --force included)
         checkpoints/latest  checkpoints/step-NNNNNNNN/meta.json ...
         model/  structure.json  structure.md  structure.png  submitit/
         eval/<task list name>/      (``clip-compress eval RUN_DIR --tasks LIST``: the field's result files and
                                      summary.json, with the SHA-256 of the model evaluated: :func:`model_sha256`)
         stages/<k>-<name>/          (a staged run: one folder per stage, each with the layout of a run
-                                     without stages: metrics, checkpoints, model, result, structure)
+                                     without stages: metrics, checkpoints, model, result, structure,
+                                     tensorboard)
 """
 
 from __future__ import annotations
@@ -66,15 +68,17 @@ NONUNIFORM_CONFIG_FILE = "clip_compress_config.json"
 REPORT_FILES = ("structure.md", "structure.png")
 #: the logs submitit keeps of a run handed to a backend that does not run it in this process
 SUBMITIT_DIR = "submitit"
-#: the trackers' files (``train.report_to``, :mod:`compress.tracking`): TensorBoard's event files, and the W&B
-#: runs (``wandb/offline-run-*``, synced later with ``wandb sync``)
+#: the trackers' files (``train.report_to``, :mod:`compress.tracking`): TensorBoard's event files (in the run's or
+#: the stage's folder), and the W&B runs of the run and all its stages (``RUN_DIR/wandb/offline-run-*``, synced
+#: later with ``wandb sync``; never removed here: they may not be synced yet)
 TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"
 #: the folder of a run directory that task-list results go to (``RUN_DIR/eval/<task list name>/``)
 RUN_EVAL_DIR = "eval"
-#: what an attempt leaves in a run directory (removed by ``--force``; task-list results of its model too)
+#: what an attempt leaves in a run directory (removed by ``--force``; not :data:`WANDB_DIR`; task-list results of
+#: its model, :data:`RUN_EVAL_DIR`, too)
 RUN_OUTPUTS = (CHECKPOINT_DIR, STAGES_DIR, METRICS_FILE, RESULT_FILE, MODEL_DIR, STRUCTURE_FILE, *REPORT_FILES,
-               TENSORBOARD_DIR, WANDB_DIR, RUN_EVAL_DIR)
+               TENSORBOARD_DIR, RUN_EVAL_DIR)
 #: the suffixes of model weight files (what :func:`model_sha256` hashes in a model folder)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 #: the status a finished run's ``result.json`` holds (:data:`compress.results.STATUS_COMPLETED`)

@@ -278,15 +278,15 @@ def _resume(trainer: Trainer, checkpoint: Checkpoint, loader: Any, run: StageRun
 
 def stage_trackers(run: StageRun, recipe: Recipe, checkpoint: Checkpoint | None) -> Trackers:
     """The stage's trackers (``train.report_to``), on rank 0: the run id as their run id (a stage's: the run id and
-    the stage's folder name, grouped by the run id), resumed at the checkpoint's step."""
+    the stage's folder name), grouped by the run id, resumed at the checkpoint's step."""
     if not distributed.is_main_process():
         return Trackers([])
     stage = run.stage
     suffix = f"-{stage.dir_name}" if stage is not None else ""
-    return open_trackers(run.cfg.train.report_to, run.directory, run_id=recipe.run_id + suffix,
-                         name=run.cfg.name + suffix, config={"run_id": recipe.run_id, **run.cfg.to_dict()},
-                         resumed_at=checkpoint.step if checkpoint is not None else None,
-                         group=recipe.run_id if stage is not None else None)
+    return open_trackers(run.cfg.train.report_to, run.directory, run_dir=recipe.run_dir,
+                         run_id=recipe.run_id + suffix, name=run.cfg.name + suffix,
+                         config={"run_id": recipe.run_id, **run.cfg.to_dict()},
+                         resumed_at=checkpoint.step if checkpoint is not None else None, group=recipe.run_id)
 
 
 def _summary_metrics(summary: TrainSummary) -> dict[str, Any]:

@@ -151,3 +151,25 @@ def test_weights_past_the_protobuf_limit_go_to_external_data(pruned: nn.Module, 
     assert file.bytes == file.path.stat().st_size + data.stat().st_size
     images, tokens = parity_batch(pruned, 2)
     assert check_parity(pruned, [file], images, tokens)["image"] <= PARITY_ATOL
+
+
+def _state(model: nn.Module) -> tuple[list[bool], dict[str, torch.dtype], dict[str, torch.Tensor]]:
+    return ([m.training for m in model.modules()], {k: v.dtype for k, v in model.state_dict().items()},
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def test_export_and_parity_leave_the_callers_model_as_it_was(tmp_path: Path) -> None:
+    """A model in training mode (one submodule in eval mode) and one in bfloat16: exported in float32 and eval
+    mode, the caller's model keeps its modes, dtypes and weights."""
+    training = uniform_student().train()
+    training.visual.transformer.resblocks[0].eval()
+    before = _state(training)
+    files = [export_tower(training, "image", tmp_path / "image.onnx")]
+    check_parity(training, files, *parity_batch(training, 2))
+    after = _state(training)
+    assert after[:2] == before[:2] and all(torch.equal(after[2][k], v) for k, v in before[2].items())
+    half = uniform_student().to(torch.bfloat16)
+    before = _state(half)
+    file = export_tower(half, "text", tmp_path / "text.onnx")
+    assert onnx.load(str(file.path)).graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert _state(half)[:2] == before[:2] and not half.training

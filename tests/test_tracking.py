@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import struct
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -148,12 +150,13 @@ def test_wandb_offline_writes_its_run_folder_and_resumes_the_same_run(tmp_path, 
         ids, history = wandb_history(log)
         assert ids == [run_id]
         rows += history
-    assert [step for step, _ in rows] == list(range(1, 8))  # each step once: step 3 of the resumed attempt not sent
+    # the resumed attempt sends every step after its checkpoint (2): step 3 again (W&B keeps the first it stored)
+    assert [step for step, _ in rows] == [1, 2, 3, 3, 4, 5, 6, 7]
     records = {r["step"]: r for r in jsonl(run_dir)}
     for step, row in rows:
         expected = {k: v for k, v in records[step].items() if k != "step" and not k.startswith("time/")
                     and k != "samples_per_s"}
-        assert {k: row[k] for k in expected} == expected  # the first attempt's step 3: the same values (exact resume)
+        assert {k: row[k] for k in expected} == expected  # both attempts' step 3: the same values (exact resume)
 
 
 def test_trackers_are_all_closed_and_told_whether_the_stage_failed():
@@ -195,3 +198,68 @@ def test_the_track_extra_is_declared_and_dev_carries_it() -> None:
         "optional-dependencies"]
     assert {d.split(">")[0] for d in extras["track"]} == {"tensorboard", "wandb"}
     assert "clip-compress[track]" in extras["dev"]
+
+
+# -- W&B ids and steps, with a stand-in for the wandb package ------------------------------------------------------
+class FakeWandb(types.ModuleType):
+    """Records every ``wandb.init``'s keyword arguments and the steps each run is sent."""
+
+    def __init__(self) -> None:
+        super().__init__("wandb")
+        self.inits: list[dict] = []
+        self.steps: list[list[int]] = []
+
+    def Settings(self, **kwargs):  # noqa: N802 (wandb's name)
+        return kwargs
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        steps: list[int] = []
+        self.steps.append(steps)
+        return types.SimpleNamespace(log=lambda data, step: steps.append(step), summary={},
+                                     finish=lambda exit_code: None)
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch) -> FakeWandb:
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr("compress.tracking.base.importlib.util.find_spec",
+                        lambda name, *a: object() if name == "wandb" else importlib.util.find_spec(name, *a))
+    return fake
+
+
+def test_each_start_from_step_0_is_a_wandb_run_of_its_own_and_a_resume_reopens_it(tmp_path, monkeypatch, fake_wandb):
+    run_dir = stopped_then_resumed(tmp_path, monkeypatch, ["wandb"])
+    run_id = run_dir.name.rsplit("-", 1)[1]
+    unsynced = run_dir / "wandb" / "offline-run-20260101_000000-x" / "run-x.wandb"
+    unsynced.parent.mkdir(parents=True)
+    unsynced.write_bytes(b":W&B")  # a run not synced yet: no start from step 0 may delete it
+    cfg = config(tmp_path, "manual", train={**config(tmp_path, "manual").train.__dict__, "report_to": ["wandb"]})
+    assert run_experiment(cfg, force=True)["status"] == "completed"
+    with monkeypatch.context() as patch:  # stopped before its first checkpoint: the next attempt starts at 0
+        stop_at(patch, None, 1)
+        with pytest.raises(Stop):
+            run_experiment(cfg, force=True)
+    assert run_experiment(cfg)["status"] == "completed"
+    assert [i["id"] for i in fake_wandb.inits] == [run_id, run_id, f"{run_id}-r2", f"{run_id}-r3", f"{run_id}-r4"]
+    assert {i["group"] for i in fake_wandb.inits} == {run_id} and {i["resume"] for i in fake_wandb.inits} == {"allow"}
+    # the resumed attempt sends every step after its checkpoint (2), step 3 again: W&B keeps the one it holds
+    assert fake_wandb.steps == [[1, 2, 3], [3, 4, 5, 6, 7], list(range(1, 8)), [1], list(range(1, 8))]
+    assert unsynced.read_bytes() == b":W&B"
+    assert json.loads((run_dir / "wandb" / "clip_compress_ids.json").read_text()) == {
+        run_id: {"id": f"{run_id}-r4", "attempt": 4}}
+
+
+def test_a_stage_writes_its_wandb_run_into_the_run_folder_under_its_own_id(tmp_path, fake_wandb):
+    from compress.tracking import open_trackers
+
+    stage = tmp_path / "run" / "stages" / "1-second"
+    (stage / "tensorboard").mkdir(parents=True)
+    for resumed_at in (None, 4, None):
+        open_trackers(["wandb"], stage, run_dir=tmp_path / "run", run_id="abc-1-second", name="n-1-second",
+                      config={}, resumed_at=resumed_at, group="abc")
+    assert [(i["id"], i["name"], i["dir"]) for i in fake_wandb.inits] == [
+        ("abc-1-second", "n-1-second", str(tmp_path / "run")), ("abc-1-second", "n-1-second", str(tmp_path / "run")),
+        ("abc-1-second-r2", "n-1-second-r2", str(tmp_path / "run"))]
+    assert not (stage / "tensorboard").exists() and not (stage / "wandb").exists()

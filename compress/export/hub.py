@@ -12,6 +12,7 @@ embeddings against the student's on rendered images."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ from torch import nn
 from compress.export.model_card import CardFacts, render_card
 from compress.export.onnx_export import OnnxFile
 from compress.export.parity import PARITY_ATOL, ParityError, rendered_samples
+from compress.export.run_facts import stage_rows, task_list_evals
 from compress.export.source import ExportSource
+from compress.export.towers import inference_form
 from compress.fileio import atomic_write_text
 from compress.models.build import ModelLoadError, preprocess_config
 from compress.models.export import check_uniform, save_open_clip
@@ -58,7 +61,8 @@ def hub_model(model: nn.Module) -> tuple[nn.Module, bool]:
 def card_facts(model: nn.Module, source: ExportSource, stored: nn.Module | None = None,
                onnx: Sequence[OnnxFile] = ()) -> CardFacts:
     """The facts of :func:`render_card`: the MACs of the run's ``result.json`` (else counted now), the padded
-    weights' parameter counts and the per-layer structure when ``stored`` is a padded form of ``model``."""
+    weights' parameter counts and the per-layer structure when ``stored`` is a padded form of ``model``, the
+    stages' rows and the task-list evaluations of the run directory (:mod:`compress.export.run_facts`)."""
     metrics = (source.row or {}).get("metrics") or {}
     if "macs/image" in metrics and "macs/text" in metrics:
         macs = {"image": int(metrics["macs/image"]), "text": int(metrics["macs/text"])}
@@ -77,6 +81,7 @@ def card_facts(model: nn.Module, source: ExportSource, stored: nn.Module | None 
         title=source.name, source=source, params=parameter_report(model), macs=macs,
         preprocess=preprocess_config(model), tokenizer=describe_tokenizer(model_tokenizer_identity(model)),
         stored_params=parameter_report(stored) if padded else None, structure=structure, onnx=list(onnx),
+        stages=stage_rows(source.run_dir), task_evals=task_list_evals(source.run_dir),
     )
 
 
@@ -123,14 +128,18 @@ def check_loads_in_open_clip(model: nn.Module, folder: Path, n: int = 4, atol: f
 def write_hub_folder(model: nn.Module, folder: str | Path, source: ExportSource, onnx: Sequence[OnnxFile] = (),
                      stored: nn.Module | None = None, check: bool = True) -> HubFolder:
     """Write ``model`` (``stored``: its :func:`hub_model` form, if already made) as a Hub-ready folder with
-    its model card, then (``check``) load it back with open_clip (:func:`check_loads_in_open_clip`)."""
+    its model card, then (``check``) load it back with open_clip (:func:`check_loads_in_open_clip`). The weights
+    are written in float32 from the models in eval mode (:func:`compress.export.towers.inference_form`); ``model``
+    and ``stored`` are left as they were."""
     folder = Path(folder)
     if stored is None:
         stored, _ = hub_model(model)
     padded = stored is not model
-    model.float().eval()
-    save_open_clip(stored, folder)
-    _save_tokenizer(model, folder)
-    atomic_write_text(folder / README_FILE, render_card(card_facts(model, source, stored, onnx)))
-    difference = check_loads_in_open_clip(model, folder) if check else float("nan")
+    with contextlib.ExitStack() as forms:  # float32, eval mode; the caller's models are left as they were
+        ready = forms.enter_context(inference_form(model))
+        kept = forms.enter_context(inference_form(stored)) if padded else ready
+        save_open_clip(kept, folder)
+        _save_tokenizer(ready, folder)
+        atomic_write_text(folder / README_FILE, render_card(card_facts(ready, source, kept, onnx)))
+        difference = check_loads_in_open_clip(ready, folder) if check else float("nan")
     return HubFolder(folder, padded, parameter_report(stored), difference)

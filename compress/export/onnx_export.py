@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.export.towers import INPUT_NAMES, OUTPUT_NAMES, TOWERS, example_input, tower_module
+from compress.export.towers import INPUT_NAMES, OUTPUT_NAMES, TOWERS, example_input, inference_form, tower_module
 from compress.models.build import preprocess_config
 from compress.models.forward import context_length_of, image_size_of, model_tokenizer_identity
 
@@ -93,20 +93,11 @@ def _tower_bytes(module: nn.Module) -> int:
     )
 
 
-def export_tower(
-    model: nn.Module, tower: str, path: str | Path, batch_size: int | None = None,
-    opset: int = DEFAULT_OPSET, normalize: bool = True,
-) -> OnnxFile:
-    """Write ``model``'s ``tower`` (``image`` or ``text``) to ``path`` as ONNX; ``batch_size=None`` makes the
-    batch dimension dynamic (named ``batch``), an int fixes it. The model is put in float32 and eval mode."""
-    require_onnx()
-    import onnx
-
-    if batch_size is not None and batch_size < 1:
-        raise OnnxExportError(f"batch size must be at least 1, got {batch_size}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    module = tower_module(model.float().eval(), tower, normalize)
+def _export_program(model: nn.Module, tower: str, batch_size: int | None, opset: int,
+                    normalize: bool) -> tuple[Any, bool, float]:
+    """``(torch.onnx's program of the tower, weights stored as external data?, start time)``; ``model`` in float32
+    and eval mode."""
+    module = tower_module(model, tower, normalize)
     example = example_input(model, tower, batch_size or 2)
     input_name, output_name = INPUT_NAMES[tower], OUTPUT_NAMES[tower]
     shapes = {input_name: {0: torch.export.Dim(BATCH_DIM, min=1)}} if batch_size is None else None
@@ -121,6 +112,25 @@ def export_tower(
             )
         except Exception as e:  # torch.export / torchlib raise many types
             raise OnnxExportError(f"{tower} tower: ONNX export failed: {type(e).__name__}: {e}") from e
+    return program, external, start
+
+
+def export_tower(
+    model: nn.Module, tower: str, path: str | Path, batch_size: int | None = None,
+    opset: int = DEFAULT_OPSET, normalize: bool = True,
+) -> OnnxFile:
+    """Write ``model``'s ``tower`` (``image`` or ``text``) to ``path`` as ONNX; ``batch_size=None`` makes the
+    batch dimension dynamic (named ``batch``), an int fixes it. What is exported is the model in float32 and eval
+    mode (:func:`compress.export.towers.inference_form`); ``model`` itself is left as it was."""
+    require_onnx()
+    import onnx
+
+    if batch_size is not None and batch_size < 1:
+        raise OnnxExportError(f"batch size must be at least 1, got {batch_size}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with inference_form(model) as ready:
+        program, external, start = _export_program(ready, tower, batch_size, opset, normalize)
     proto = program.model_proto
     for key, value in tower_metadata(model, tower, batch_size, normalize).items():
         entry = proto.metadata_props.add()
@@ -134,7 +144,7 @@ def export_tower(
     seconds = time.perf_counter() - start
     onnx.checker.check_model(str(path))
     size = sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.is_file())
-    return OnnxFile(tower, path, batch_size, seconds, size, input_name, output_name)
+    return OnnxFile(tower, path, batch_size, seconds, size, INPUT_NAMES[tower], OUTPUT_NAMES[tower])
 
 
 def export_onnx(

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from compress.export.onnx_export import OnnxExportError, OnnxFile, require_onnx
-from compress.export.towers import tower_module
+from compress.export.towers import inference_form, tower_module
 
 #: the largest absolute difference of an embedding element accepted between ONNX Runtime and PyTorch
 PARITY_ATOL = 1e-4
@@ -60,8 +60,8 @@ def max_difference(model: nn.Module, file: OnnxFile, inputs: Tensor, normalize: 
     """max |ONNX Runtime - PyTorch| over the embeddings of ``inputs`` (whose batch must be the file's, if fixed)."""
     if file.batch_size is not None and inputs.shape[0] != file.batch_size:
         raise OnnxExportError(f"{file.path}: fixed batch {file.batch_size}, given {inputs.shape[0]} inputs")
-    with torch.no_grad():
-        expected = tower_module(model.float().eval(), file.tower, normalize)(inputs).numpy()
+    with torch.no_grad(), inference_form(model) as ready:  # the caller's model keeps its dtype and mode
+        expected = tower_module(ready, file.tower, normalize)(inputs).numpy()
     got = run_onnx(str(file.path), inputs)
     if got.shape != expected.shape:
         raise ParityError(f"{file.path}: output shape {got.shape}, PyTorch {expected.shape}")

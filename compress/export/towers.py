@@ -10,6 +10,11 @@ embeddings are L2-normalised, so ``logit_scale * image_embeds @ text_embeds.T`` 
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import itertools
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -44,8 +49,26 @@ class TextEncoder(nn.Module):
         return self.model.encode_text(input_ids, normalize=self.normalize)
 
 
+@contextlib.contextmanager
+def inference_form(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in float32 and eval mode, the caller's model left as it was: a float32 copy where a parameter or
+    buffer has another floating dtype (the model's own weights are not cast), else the model itself in eval
+    mode, each submodule's training flag restored on exit."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
+        yield copy.deepcopy(model).float().eval()
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield model.eval()
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def tower_module(model: nn.Module, tower: str, normalize: bool = True) -> nn.Module:
-    """The :class:`ImageEncoder` or :class:`TextEncoder` of ``model`` (in eval mode)."""
+    """The :class:`ImageEncoder` or :class:`TextEncoder` of ``model`` (in eval mode: call it on the
+    :func:`inference_form` of a model whose mode must stay)."""
     if tower not in TOWERS:
         raise ValueError(f"unknown tower {tower!r}; known: {', '.join(TOWERS)}")
     module = ImageEncoder(model, normalize) if tower == "image" else TextEncoder(model, normalize)
