@@ -15,6 +15,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 
@@ -96,11 +97,10 @@ class HeadAttention(nn.Module):
     def _attend(self, x: Tensor, mask: Tensor | None, causal: bool = False) -> Tensor:
         """``out_proj(concat_h softmax(q_h k_h^T / sqrt(d_h) + mask) v_h)``; x is [N, L, D]; ``causal``:
         the mask is the causal one, given to SDPA as ``is_causal`` (no mask tensor)."""
-        b, n, _ = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = rearrange(qkv, "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.num_heads, d=self.head_dim)
         heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        return self.out_proj(heads.transpose(1, 2).reshape(b, n, self.inner_dim))
+        return self.out_proj(rearrange(heads, "b h n d -> b n (h d)"))
 
     def _merge_masks(
         self, x: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool

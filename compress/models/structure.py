@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from einops import rearrange
 from open_clip.transformer import LayerScale
 from torch import Tensor, nn
 
@@ -208,12 +209,15 @@ def _block_slices(
         if key in state:
             state[key] = fn(state[key]).contiguous()
 
-    d = len(ch)
-    n_out, n_in = state[f"{prefix}attn.out_proj.weight"].shape
+    n_in = state[f"{prefix}attn.out_proj.weight"].shape[1]
     h = n_in // head_dim if head_dim else 0
-    take(f"{prefix}attn.in_proj_weight", lambda w: w.view(3, h, head_dim, n_out)[:, heads][..., ch].reshape(-1, d))
-    take(f"{prefix}attn.in_proj_bias", lambda b: b.view(3, h, head_dim)[:, heads].reshape(-1))
-    take(f"{prefix}attn.out_proj.weight", lambda w: w[ch].view(d, h, head_dim)[:, heads].reshape(d, -1))
+    def kept_heads(t: Tensor, split: str, joined: str, **axes: int) -> Tensor:  # ``heads`` of an (h d) axis
+        return rearrange(rearrange(t, split, h=h, d=head_dim, **axes)[heads], joined)
+
+    take(f"{prefix}attn.in_proj_weight",
+         lambda w: kept_heads(w[:, ch], "(qkv h d) c -> h qkv d c", "h qkv d c -> (qkv h d) c", qkv=3))
+    take(f"{prefix}attn.in_proj_bias", lambda b: kept_heads(b, "(qkv h d) -> h qkv d", "h qkv d -> (qkv h d)", qkv=3))
+    take(f"{prefix}attn.out_proj.weight", lambda w: kept_heads(w[ch], "c (h d) -> h c d", "h c d -> c (h d)"))
     take(f"{prefix}mlp.c_fc.weight", lambda w: w[neurons][:, ch])
     take(f"{prefix}mlp.c_fc.bias", lambda b: b[neurons])
     take(f"{prefix}mlp.ln.weight", lambda t: t[neurons])
