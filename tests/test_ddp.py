@@ -66,6 +66,8 @@ CASES: dict[str, dict] = {
     "clip": {"losses": [{"name": "clip"}]},
     "feature_distill-projector": {"teacher": RN_TEACHER, "inheritance": {"name": "none"},
                                   "losses": [{"name": "feature_distill"}]},
+    # CLIP-KD's interactive contrastive learning, with a projector (teacher embed dim 64, the student's 32)
+    "icl-projector": {"teacher": RN_TEACHER, "inheritance": {"name": "none"}, "losses": [{"name": "icl"}]},
     "accum2-projector-clip": {"teacher": RN_TEACHER, "inheritance": {"name": "none"},
                               "losses": [{"name": "feature_distill"}, {"name": "clip", "weight": 0.5}],
                               "train": {**BASE["train"], "accum_steps": 2}},

@@ -32,6 +32,7 @@ CASES: dict[str, dict] = {
     "unimodal_exclude_self": {"name": "unimodal_affinity", "scale": 5.0, "exclude_self": True},
     "clip": {"name": "clip"},
     "feature_distill": {"name": "feature_distill", "metric": "mse"},
+    "icl_model": {"name": "icl", "scale": "model", "weight_i2t": 0.3, "weight_t2i": 0.7},
 }
 
 

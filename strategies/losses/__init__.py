@@ -1,6 +1,7 @@
 """Loss plug-ins; importing this package registers them in ``compress.registry.LOSSES``.
 
-affinity (TinyCLIP cross-modal affinity mimicking), unimodal_affinity, feature_distill, clip.
+affinity (TinyCLIP cross-modal affinity mimicking; also CLIP-KD's CRD), unimodal_affinity, feature_distill, clip,
+icl (CLIP-KD's interactive contrastive learning).
 """
 
-from strategies.losses import affinity, clip, feature_distill, unimodal_affinity  # noqa: F401
+from strategies.losses import affinity, clip, feature_distill, icl, unimodal_affinity  # noqa: F401

@@ -38,6 +38,13 @@ class AffinityMimicking(DistillLoss):
     ``scale``: a number fixes s for both models (the official scripts use 50); ``"model"``
     uses each model's own ``logit_scale`` (the paper's learnable temperature).
 
+    CLIP-KD's contrastive relational distillation (CRD; Yang et al., CVPR 2024),
+    L_CRD = 1/2 (KL(A_i2t^teacher || A_i2t^student) + KL(A_t2i^teacher || A_t2i^student)) over the in-batch
+    image-text similarity distributions at each model's own logit scale, is this loss with ``scale: model``
+    and the default weights: CE(p -> q) = KL(p || q) + H(p), and the teacher's entropy H(p) does not depend on
+    the student, so the gradients are equal and the values differ by 1/2 (H(A_i2t^teacher) + H(A_t2i^teacher))
+    (tests/test_losses_clipkd.py). It is therefore not a separate loss.
+
     A teacher ensemble (``teachers:``; the teacher output's ``members``) with weights a_k (``teacher_weights``,
     normalised to sum 1; equal by default), each teacher k with its own features and scale s_k (its own
     ``logit_scale`` with ``scale: model``): ``ensemble: mean_probs`` (MobileCLIP2, Faghri et al. 2025) targets
