@@ -20,14 +20,10 @@ def uniform_student() -> nn.Module:
     return load_model("cc-test-student")
 
 
-def pruned_student(layer_gates: bool = True, keep_channels: bool = False) -> nn.Module:
-    """``cc-test-teacher`` pruned as the ``auto`` inheritance prunes at its prune step (learnable masks folded
-    into a physically smaller model, :func:`compress.masks.prune_masked`), the masks drawn at random: heads
-    and MLP neurons per layer differ, vision layer 1 keeps no head, and with ``layer_gates`` vision layer 2
-    keeps no MLP and text layer 0 no attention block; ``keep_channels`` keeps the residual width (else some
-    channels go too, and no uniform open_clip model computes the same function)."""
-    torch.manual_seed(0)
-    model = copy.deepcopy(load_model("cc-test-teacher"))
+def random_masks(model: nn.Module, layer_gates: bool, keep_channels: bool = False) -> nn.Module:
+    """Attach learnable masks to ``model`` (in place) with random logits in [ln 0.01, ln 100]: vision layer 1
+    loses every head; with ``layer_gates`` vision layer 2 its whole MLP and text layer 0 its attention block;
+    ``keep_channels`` keeps every residual channel. Returns ``model`` in eval mode."""
     masks = attach_masks(model, layer_gates=layer_gates)
     generator = torch.Generator().manual_seed(4)
     with torch.no_grad():
@@ -44,4 +40,13 @@ def pruned_student(layer_gates: bool = True, keep_channels: bool = False) -> nn.
         if layer_gates:
             vision.mlp_layers.log_alpha[2] = LOW
             text.attn_layers.log_alpha[0] = LOW
-    return prune_masked(model.eval())
+    return model.eval()
+
+
+def pruned_student(layer_gates: bool = True, keep_channels: bool = False) -> nn.Module:
+    """``cc-test-teacher`` pruned as the ``auto`` inheritance prunes at its prune step (learnable masks folded
+    into a physically smaller model, :func:`compress.masks.prune_masked`), the masks drawn by
+    :func:`random_masks`; ``keep_channels`` keeps the residual width (else some channels go too, and no
+    uniform open_clip model computes the same function)."""
+    torch.manual_seed(0)
+    return prune_masked(random_masks(copy.deepcopy(load_model("cc-test-teacher")), layer_gates, keep_channels))

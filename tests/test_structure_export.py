@@ -18,6 +18,7 @@ from compress.models.export import save_model
 from compress.models.factory import OPEN_CLIP_CONFIG_FILE
 from compress.models.nonuniform import NONUNIFORM_CONFIG_FILE, save_nonuniform
 from compress.models.structure import TowerKeep, describe_structure, prune_model
+from tests.export_models import random_masks
 
 TOL = 1e-5
 LOW = math.log(0.01)
@@ -48,23 +49,9 @@ def _assert_close(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], tol:
 
 
 def _random_masks(model: nn.Module, layer_gates: bool) -> nn.Module:
-    """Masks with random logits in [ln 0.01, ln 100]; vision layer 1 loses every head; with layer
-    gates, vision layer 2 its whole MLP and text layer 0 its attention block."""
-    masks = attach_masks(model, layer_gates=layer_gates)
-    generator = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for tower in masks.towers.values():
-            for gates in tower.gate_modules():
-                gates.log_alpha.uniform_(LOW, -LOW, generator=generator)
-            if layer_gates:
-                tower.attn_layers.log_alpha.fill_(-LOW)
-                tower.mlp_layers.log_alpha.fill_(-LOW)
-        vision, text = masks.towers["vision"], masks.towers["text"]
-        vision.heads.log_alpha[4:8] = LOW
-        if layer_gates:
-            vision.mlp_layers.log_alpha[2] = LOW
-            text.attn_layers.log_alpha[0] = LOW
-    return model.eval()
+    """Masks with random logits (``tests.export_models.random_masks``): vision layer 1 loses every head; with
+    layer gates, vision layer 2 its whole MLP and text layer 0 its attention block."""
+    return random_masks(model, layer_gates)
 
 
 @pytest.mark.parametrize("layer_gates", [False, True])
