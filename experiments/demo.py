@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +38,19 @@ class DemoPlan:
     val_samples: int
     train_samples: int = 25600
     prune_fraction: float = 0.6  # auto inheritance learns masks for this fraction of the steps
+    teacher_name: str = "demo-teacher"  # the teacher's run name (its folder in the cache)
+    teacher_seed: int = 0  # the teacher's training image set
+    teacher_holdout: bool = True  # False: the teacher sees the held-out colour-shape pairs too
 
 
 FULL = DemoPlan(teacher_steps=1200, student_steps=240, batch_size=128, teacher_lr=2e-3, student_lr=1e-3,
                 val_samples=1000)
 QUICK = DemoPlan(teacher_steps=250, student_steps=50, batch_size=64, teacher_lr=2e-3, student_lr=1e-3,
                  val_samples=400)
+#: the web-like benchmark's teacher (``python -m experiments.ablations --benchmark web``): the demo teacher's
+#: architecture and training, on an image set of its own (seed 100) with exact captions and all 40 colour-shape
+#: pairs (it has seen more than the students' data, which holds noisy captions and no held-out pair)
+WEB_TEACHER = replace(FULL, teacher_name="web-teacher", teacher_seed=100, teacher_holdout=False)
 
 ZERO_SHOT_TASKS = [{"name": "color_shape", "kind": "synthetic", "task": "color_shape"}]
 
@@ -69,9 +76,15 @@ def _common(plan: DemoPlan, steps: int, lr: float, out_dir: Path) -> dict[str, A
 
 
 def teacher_config(plan: DemoPlan, cache_dir: Path) -> RunConfig:
+    """The teacher's run (the CLIP loss from scratch); the demo's config is the same as before the plan's teacher
+    fields existed (same run id: its cached teacher is found)."""
     data = _common(plan, plan.teacher_steps, plan.teacher_lr, cache_dir)
+    train = data["data"]["train"]
+    train["seed"] = plan.teacher_seed
+    if not plan.teacher_holdout:
+        train["options"]["holdout"] = False
     data.update(
-        name="demo-teacher",
+        name=plan.teacher_name,
         teacher=None,
         student={"model": TEACHER_MODEL},
         inheritance={"name": "none"},
@@ -156,10 +169,10 @@ def run_demo(quick: bool = False, results_dir: str | Path = "results/demo", cach
 
 def train_teacher(plan: DemoPlan, cache: Path, force: bool, tag: str) -> dict[str, Any]:
     """Train the demo teacher (or reuse the cached one) and return its result row."""
-    print(f"[{tag}] teacher: {TEACHER_MODEL}, {plan.teacher_steps} steps (cached in {cache})")
+    print(f"[{tag}] teacher {plan.teacher_name}: {TEACHER_MODEL}, {plan.teacher_steps} steps (cached in {cache})")
     (row,) = dispatch([teacher_config(plan, cache)], backend="inline", force=force)
     if row.get("status") not in ("completed", "skipped"):
-        raise RuntimeError(f"the demo teacher failed: {row.get('error')}")
+        raise RuntimeError(f"the {plan.teacher_name} failed: {row.get('error')}")
     return row
 
 

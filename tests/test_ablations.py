@@ -8,8 +8,11 @@ import pytest
 
 from compress.config import ConfigError
 from compress.recipe import run_id_of
-from experiments.ablations import ABLATIONS, CONFIG_DIR, render, scale_overrides
+from experiments.ablations import ABLATIONS, BENCHMARKS, CONFIG_DIR, render, scale_overrides
 from experiments.sweep import load_sweep
+
+#: every (benchmark, ablation) pair
+PAIRS = [(bench, name) for bench in BENCHMARKS for name in BENCHMARKS[bench].ablations]
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +24,14 @@ def teacher(tmp_path_factory) -> str:
     return str(save_model(load_model("cc-demo-teacher"), tmp_path_factory.mktemp("teacher") / "model"))
 
 
-def runs_of(name: str, teacher: str, *extra: str):
-    return load_sweep(CONFIG_DIR / f"{name}.yaml", [f"teacher.model={teacher}", *extra]).runs()
+def runs_of(name: str, teacher: str, *extra: str, bench: str = "shapes"):
+    return load_sweep(BENCHMARKS[bench].config_dir / f"{name}.yaml", [f"teacher.model={teacher}", *extra]).runs()
 
 
-@pytest.mark.parametrize("name", list(ABLATIONS))
-def test_each_ablation_has_three_seeds_one_teacher_and_one_budget(name, teacher, monkeypatch, tmp_path):
+@pytest.mark.parametrize(("bench", "name"), PAIRS)
+def test_each_ablation_has_three_seeds_one_teacher_and_one_budget(bench, name, teacher, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    runs = runs_of(name, teacher)
+    runs = runs_of(name, teacher, bench=bench)
     seeds = sorted({r.cfg.seed for r in runs})
     assert seeds == [0, 1, 2] and len(runs) % 3 == 0
     assert {r.cfg.teacher.model for r in runs} == {teacher}
@@ -84,13 +87,14 @@ def test_the_speedup_page_reports_the_factor_computed_from_the_rows(teacher, mon
         (run.run_dir / "result.json").write_text(json.dumps(row))
     page = render("speedup", [r.run_dir for r in runs], tmp_path / "docs").read_text()
     assert page.startswith("# The training speed-up of inheritance")
-    assert "`python -m experiments.ablations speedup`" in page
+    assert "`python -m experiments.ablations speedup --benchmark shapes`" in page
     assert "reaches it after 45 steps: a **5.3x** speed-up" in page
     assert "| none | 10 ± 1 | 20 ± 1 | 30 ± 1 | 40 ± 1 |" in page  # seeds at -1/0/+1 of the means above
     assert (tmp_path / "docs" / "speedup-steps.png").is_file()
     # pages written where --docs said: the command on the page says it too (it goes to the runs' folder without)
     page = render("speedup", [r.run_dir for r in runs], tmp_path / "docs", docs_option="docs/ablations").read_text()
-    assert "Regenerate from scratch: `python -m experiments.ablations speedup --docs docs/ablations`" in page
+    assert ("Regenerate from scratch: `python -m experiments.ablations speedup --benchmark shapes --docs "
+            "docs/ablations`") in page
 
 
 def write_rows(runs, top1) -> None:
@@ -107,13 +111,13 @@ def write_rows(runs, top1) -> None:
         (run.run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
-@pytest.mark.parametrize("name", [n for n in ABLATIONS if n != "speedup"])
-def test_every_ablation_page_renders_its_table_and_figures(name, teacher, monkeypatch, tmp_path):
+@pytest.mark.parametrize(("bench", "name"), [pair for pair in PAIRS if pair[1] != "speedup"])
+def test_every_ablation_page_renders_its_table_and_figures(bench, name, teacher, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    runs = runs_of(name, teacher)
+    runs = runs_of(name, teacher, bench=bench)
     write_rows(runs[:-1], lambda run: 50.0 + run.cfg.seed)  # the last run has no result yet
-    page = render(name, [r.run_dir for r in runs], tmp_path / "docs").read_text()
-    assert f"`python -m experiments.ablations {name}`" in page
+    page = render(name, [r.run_dir for r in runs], tmp_path / "docs", benchmark=bench).read_text()
+    assert f"`python -m experiments.ablations {name} --benchmark {bench}`" in page
     assert f"**1 of {len(runs)} runs have no result yet**" in page
     assert "51.0 ± 1.0" in page and "(n=2)" in page  # seeds 0/1/2 give 50/51/52; the cell missing one has 2
     for kind in ABLATIONS[name].figures:
@@ -181,9 +185,13 @@ def test_render_only_without_the_cached_teacher_trains_nothing(no_training, monk
     from experiments.ablations import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["loss", "--render-only", "--cache-dir", str(tmp_path / "cache")]) == 2
+    for bench in ("shapes", "both"):
+        assert main(["loss", "--render-only", "--cache-dir", str(tmp_path / "cache"), "--benchmark", bench]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no trained demo teacher in" in err[0] and "--render-only" in err[0]
+    assert main(["loss", "--render-only", "--cache-dir", str(tmp_path / "cache"), "--benchmark", "web"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no trained demo teacher in" in err[0] and "--render-only" in err[0]
+    assert len(err) == 1 and "no trained web teacher in" in err[0] and "the web runs are found by it" in err[0]
 
 
 def test_render_only_renders_the_runs_on_disk_next_to_them(no_training, teacher, monkeypatch, tmp_path, capsys):
@@ -193,16 +201,19 @@ def test_render_only_renders_the_runs_on_disk_next_to_them(no_training, teacher,
 
     monkeypatch.chdir(tmp_path)
     cache_teacher(tmp_path / "cache", teacher)
-    assert main(["loss", "--render-only", "--cache-dir", str(tmp_path / "cache")]) == 2
+    cache = ["--render-only", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["loss", *cache, "--benchmark", "shapes"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("python -m experiments.ablations: error: ablation loss: none of its 21")
-    assert str(tmp_path / "runs" / "ablations") in err[0]
-    assert main(["loss", "speedup", "--render-only", "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert len(err) == 1 and err[0].startswith(
+        "python -m experiments.ablations: error: ablation loss (shapes): none of its 21")
+    assert str(tmp_path / "runs" / "ablations") in err[0] and "`python -m experiments.ablations loss --benchmark " \
+        "shapes` runs them" in err[0]
+    assert main(["loss", "speedup", *cache, "--benchmark", "shapes"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "ablations loss, speedup: none of their runs" in err[0]
+    assert len(err) == 1 and "ablations loss, speedup (shapes): none of their runs" in err[0]
 
     write_rows(runs_of("logit_scale", teacher), lambda run: 50.0 + run.cfg.seed)
-    assert main(["logit_scale", "--render-only", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert main(["logit_scale", "--render-only", "--cache-dir", str(tmp_path / "cache")]) == 0  # shapes only
     assert (tmp_path / "runs" / "ablations" / "pages" / "logit_scale.md").is_file()
     assert not (tmp_path / "docs").exists()
     assert main(["logit_scale", "--render-only", "--cache-dir", str(tmp_path / "cache"), "--docs", "docs/x"]) == 0
@@ -250,7 +261,7 @@ def test_ctrl_c_in_the_teacher_is_one_line_and_the_next_command_finishes_it(monk
 
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "train_step", ctrl_c_at_step_2)
-        assert main(["loss", "--cache-dir", str(cache)]) == 130
+        assert main(["loss", "--cache-dir", str(cache), "--benchmark", "shapes"]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if "interrupted" in line] == [
@@ -261,7 +272,7 @@ def test_ctrl_c_in_the_teacher_is_one_line_and_the_next_command_finishes_it(monk
     swept = []
     monkeypatch.setattr(experiments.sweep_cli, "run_sweep", lambda path, **kw: swept.append(kw["overrides"]) or 0)
     monkeypatch.setattr(experiments.ablations, "wait_for", lambda run_dirs: None)
-    assert main(["loss", "--cache-dir", str(cache)]) == 2  # the sweep ran nothing here: no rows to render
+    assert main(["loss", "--cache-dir", str(cache), "--benchmark", "shapes"]) == 2  # the sweep ran nothing: no rows
     row = json.loads(row_path.read_text())
     assert row["status"] == "completed" and row["metrics"]["train/steps"] == 3
     assert cached_teacher(cache) == row["metrics"]["export/path"]

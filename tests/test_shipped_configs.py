@@ -9,9 +9,9 @@ from compress.recipe import load_config, run_id_of
 from experiments.cli import main
 
 CONFIG_ROOT = Path(__file__).parent.parent / "experiments" / "configs"
-#: run configs; ablations/ holds sweep files and their base, which needs the trained demo teacher
+#: run configs; ablations/ (and ablations/web/) holds sweep files and their base, which needs a trained teacher
 #: (tested as sweeps in tests/test_ablations.py)
-CONFIGS = sorted(p for p in CONFIG_ROOT.rglob("*.yaml") if p.parent.name != "ablations")
+CONFIGS = sorted(p for p in CONFIG_ROOT.rglob("*.yaml") if "ablations" not in p.relative_to(CONFIG_ROOT).parts)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_ROOT)))

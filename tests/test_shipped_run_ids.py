@@ -23,20 +23,20 @@ SWEEP_OVERRIDES = ["teacher.model=cc-demo-teacher", "teacher.random_init=true"]
 
 def shipped_sweeps() -> list[Path]:
     sweeps = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
-    return sweeps + sorted(p for p in (CONFIG_ROOT / "ablations").glob("*.yaml") if p.name != "base.yaml")
+    return sweeps + sorted(p for p in (CONFIG_ROOT / "ablations").rglob("*.yaml") if p.name != "base.yaml")
 
 
 def current_ids() -> dict[str, str]:
     """``{what: run id}`` for every shipped run config, every run of every shipped sweep and every demo run."""
     from compress.recipe import load_config
-    from experiments.demo import FULL, QUICK, student_configs, teacher_config
+    from experiments.demo import FULL, QUICK, WEB_TEACHER, student_configs, teacher_config
     from experiments.sweep import load_sweep
 
     ids: dict[str, str] = {}
-    for path in sorted(p for p in CONFIG_ROOT.rglob("*.yaml") if p.parent.name != "ablations"):
+    for path in sorted(p for p in CONFIG_ROOT.rglob("*.yaml") if "ablations" not in p.relative_to(CONFIG_ROOT).parts):
         ids[f"config {path.relative_to(ROOT)}"] = run_id_of(load_config(path))
     for path in shipped_sweeps():
-        overrides = SWEEP_OVERRIDES if path.parent.name == "ablations" else []
+        overrides = SWEEP_OVERRIDES if "ablations" in path.relative_to(ROOT).parts else []
         for run in load_sweep(path, overrides).runs():
             ids[f"sweep {path.relative_to(ROOT)} run {run.index}"] = run_id_of(run.cfg)
     with tempfile.TemporaryDirectory() as tmp:  # the demo's students distil from a folder: a fixed stand-in
@@ -53,6 +53,7 @@ def current_ids() -> dict[str, str]:
                     ids[f"demo {label} {name}"] = run_id_of(cfg)
         finally:
             os.chdir(cwd)
+    ids["demo web teacher"] = run_id_of(teacher_config(WEB_TEACHER, Path("/cache")))  # the web benchmark's
     return ids
 
 

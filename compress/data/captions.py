@@ -9,22 +9,23 @@ the least ambiguous one.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from compress.data.shapes import COLOR_NAMES, SHAPES, Obj, Scene, position_name
 
 _SINGLE = (
-    "{a_size} {color} {shape} in the {pos}",
-    "a photo of {a_color} {shape}",
-    "a photo of the {color} {shape}",
-    "{a_color} {shape}",
-    "the {color} {shape}",
-    "{a_size} {color} {shape}",
-    "an image of {a_color} {shape} on a grey background",
-    "the {color} {shape} in the {pos} of the image",
-    "a drawing of {a_size} {color} {shape}",
-    "there is {a_color} {shape} in the {pos}",
-    "{a_color} {shape} shape",
-    "a picture of the {size} {color} {shape}",
+    "{a_size_obj} in the {pos}",
+    "a photo of {a_obj}",
+    "a photo of the {obj}",
+    "{a_obj}",
+    "the {obj}",
+    "{a_size_obj}",
+    "an image of {a_obj} on a grey background",
+    "the {obj} in the {pos} of the image",
+    "a drawing of {a_size_obj}",
+    "there is {a_obj} in the {pos}",
+    "{a_obj} shape",
+    "a picture of the {size_obj}",
 )
 
 _PAIR = (
@@ -34,7 +35,7 @@ _PAIR = (
     "{s1} {rel} {s2}",
     "a photo of {a1} and {a2}",
     "two shapes: {a1} and {a2}",
-    "the {c1} {n1} is {rel} the {c2} {n2}",
+    "the {p1} is {rel} the {p2}",
 )
 
 SHAPE_TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.", "a drawing of a {}.", "the {}.")
@@ -47,42 +48,48 @@ def article(phrase: str) -> str:
     return ("an " if phrase[:1].lower() in "aeiou" else "a ") + phrase
 
 
-def _single(obj: Obj, pos: str, rng: random.Random, style: str) -> str:
-    fields = {
-        "color": obj.color_name,
-        "shape": obj.shape_name,
-        "size": obj.size_word,
-        "pos": pos,
-        "a_color": article(obj.color_name),
-        "a_size": article(obj.size_word),
-    }
+#: what a caption calls each object: (colour word or None, shape word or None); None drops that word
+Names = Sequence[tuple[str | None, str | None]]
+
+
+def object_phrase(color: str | None, shape: str | None) -> str:
+    """'red circle'; 'red shape' when the shape is not named, 'circle' when the colour is not."""
+    return " ".join(w for w in (color, shape or "shape") if w)
+
+
+def _single(obj: Obj, name: tuple[str | None, str | None], pos: str, rng: random.Random, style: str) -> str:
+    phrase = object_phrase(*name)
+    sized = f"{obj.size_word} {phrase}"
+    fields = {"obj": phrase, "a_obj": article(phrase), "size_obj": sized, "a_size_obj": article(sized), "pos": pos}
     template = _SINGLE[0] if style == "full" else rng.choice(_SINGLE)
-    return template.format(**fields)
+    # colour only: "a red shape", not "a red shape shape" (no exact caption holds "shape shape")
+    return template.format(**fields).replace("shape shape", "shape")
 
 
-def _pair(scene: Scene, rng: random.Random, style: str) -> str:
+def _pair(scene: Scene, names: Names, rng: random.Random, style: str) -> str:
     o1, o2 = scene.objects
-    rel = scene.relation
+    p1, p2 = object_phrase(*names[0]), object_phrase(*names[1])
     fields = {
-        "a1": article(f"{o1.color_name} {o1.shape_name}"),
-        "a2": article(f"{o2.color_name} {o2.shape_name}"),
-        "s1": article(f"{o1.size_word} {o1.color_name} {o1.shape_name}"),
-        "s2": article(f"{o2.size_word} {o2.color_name} {o2.shape_name}"),
-        "c1": o1.color_name,
-        "n1": o1.shape_name,
-        "c2": o2.color_name,
-        "n2": o2.shape_name,
-        "rel": rel,
+        "a1": article(p1),
+        "a2": article(p2),
+        "s1": article(f"{o1.size_word} {p1}"),
+        "s2": article(f"{o2.size_word} {p2}"),
+        "p1": p1,
+        "p2": p2,
+        "rel": scene.relation,
     }
     template = "{s1} {rel} {s2}" if style == "full" else rng.choice(_PAIR)
     return template.format(**fields)
 
 
-def caption(scene: Scene, size: int, rng: random.Random, style: str = "random") -> str:
-    """A caption for a scene; ``style``: ``random`` (varied templates) or ``full``."""
+def caption(scene: Scene, size: int, rng: random.Random, style: str = "random", names: Names | None = None) -> str:
+    """A caption for a scene; ``style``: ``random`` (varied templates) or ``full``. ``names`` (one per object,
+    default each object's true colour and shape) is what the caption calls the objects (the caption noise of
+    :mod:`compress.data.web_captions`); the template is drawn from ``rng`` the same way whatever they are."""
+    names = names or [(o.color_name, o.shape_name) for o in scene.objects]
     if len(scene.objects) == 1:
-        return _single(scene.objects[0], position_name(scene.objects[0], size), rng, style)
-    return _pair(scene, rng, style)
+        return _single(scene.objects[0], names[0], position_name(scene.objects[0], size), rng, style)
+    return _pair(scene, names, rng, style)
 
 
 def task_classnames(task: str) -> list[str]:

@@ -8,7 +8,9 @@ Sample ``i`` of ``(seed, split)`` is always the same image and caption (see
 - ``two_shape_prob: 0.2`` probability of a two-shape image (train and retrieval views);
 - ``holdout: true`` keep the held-out colour-shape pairs out of the training split;
 - ``caption_style: random`` (varied templates) or ``full`` (size, colour, shape, position);
-- ``cache: false`` keep rendered images in memory (per DataLoader worker).
+- ``cache: false`` keep rendered images in memory (per DataLoader worker);
+- ``caption_noise: null`` web-like caption noise: ``web`` or a mapping of probabilities
+  (:mod:`compress.data.web_captions`); null keeps every caption exact (and every sample as before).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from compress.data.shapes import (
     sample_rng,
     single_scene,
 )
+from compress.data.web_captions import CaptionNoise
 
 DEFAULT_NUM_SAMPLES = {"train": 20_000}
 DEFAULT_EVAL_SAMPLES = 1_000
@@ -47,6 +50,11 @@ class ShapesOptions:
     holdout: bool = True
     caption_style: str = "random"
     cache: bool = False
+    caption_noise: CaptionNoise | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.caption_noise, CaptionNoise | None):  # 'web' or a mapping, as written in a config
+            object.__setattr__(self, "caption_noise", CaptionNoise.parse(self.caption_noise))
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> ShapesOptions:
@@ -82,6 +90,7 @@ class ShapesDataset(Dataset):
         self.options = options or ShapesOptions()
         self.num_samples = num_samples or DEFAULT_NUM_SAMPLES.get(split, DEFAULT_EVAL_SAMPLES)
         self.combos = _all_combos(self.options.holdout and split == "train")
+        self.allowed = frozenset(self.combos)  # the pairs a wrong caption attribute may name
         self._cache: dict[int, tuple[Image.Image, str]] = {}
 
     def __len__(self) -> int:
@@ -100,7 +109,12 @@ class ShapesDataset(Dataset):
         else:
             c, s = rng.choice(self.combos)
             scene = single_scene(rng, c, s, o.size, o.noise)
-        return scene, caption(scene, o.size, rng, o.caption_style)
+        noise = o.caption_noise
+        if noise is None:
+            return scene, caption(scene, o.size, rng, o.caption_style)
+        noise_rng = sample_rng(self.seed, f"{self.split}/caption_noise", index)  # not the scene's stream
+        text = caption(scene, o.size, rng, o.caption_style, noise.names(scene, noise_rng, self.allowed))
+        return scene, noise.extra(text, noise_rng)
 
     def pil(self, index: int) -> tuple[Image.Image, str]:
         """Rendered image and caption of sample ``index``."""
