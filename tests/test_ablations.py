@@ -277,3 +277,144 @@ def test_ctrl_c_in_the_teacher_is_one_line_and_the_next_command_finishes_it(monk
     assert row["status"] == "completed" and row["metrics"]["train/steps"] == 3
     assert cached_teacher(cache) == row["metrics"]["export/path"]
     assert swept == [[f"teacher.model={row['metrics']['export/path']}"]]
+
+
+# --------------------------------------------------------------------------------------
+# the web-like benchmark (experiments/configs/ablations/web/)
+# --------------------------------------------------------------------------------------
+def test_the_demo_teacher_is_unchanged_and_the_web_teacher_is_its_own(tmp_path):
+    """The demo teacher's run id is the one its cache holds (before the web plan existed); the web teacher is
+    the same training on another image set (seed 100), every colour-shape pair in it, exact captions."""
+    from experiments.demo import FULL, QUICK, WEB_TEACHER, teacher_config
+
+    assert run_id_of(teacher_config(FULL, tmp_path)) == "2b0f57f6aa25"
+    assert run_id_of(teacher_config(QUICK, tmp_path)) == "b2670537c87f"
+    demo, web = teacher_config(FULL, tmp_path), teacher_config(WEB_TEACHER, tmp_path)
+    assert (web.name, web.data.train.seed, web.data.train.options) == ("web-teacher", 100, {"cache": True,
+                                                                                           "holdout": False})
+    assert "caption_noise" not in web.data.train.options
+    assert web.to_dict() | {"name": demo.name, "data": demo.to_dict()["data"]} == demo.to_dict()  # nothing else
+
+
+def test_the_web_base_is_the_shapes_base_on_web_data():
+    """The two benchmarks differ only in the students' data (noisy captions) and in the teacher passed in."""
+    shapes, web = load_sweep_text("base"), load_sweep_text("web/base")
+    assert web["data"]["train"]["options"] == {"cache": True, "caption_noise": "web"}
+    web["data"]["train"]["options"] = shapes["data"]["train"]["options"]
+    assert web | {"name": shapes["name"]} == shapes
+
+
+@pytest.mark.parametrize("name", BENCHMARKS["web"].ablations)
+def test_every_web_run_distils_on_noisy_captions_of_another_image_set(name, teacher, monkeypatch, tmp_path):
+    """Each run of each web sweep expands and validates (its data options too, as the data set reads them):
+    noisy captions without the held-out pairs on seed 0 (the web teacher's is 100), exact validation captions."""
+    from compress.data.synthetic import ShapesOptions
+    from compress.data.web_captions import WEB_LEVELS, CaptionNoise
+    from experiments.demo import WEB_TEACHER
+
+    monkeypatch.chdir(tmp_path)
+    runs = runs_of(name, teacher, bench="web")
+    assert runs and {r.run_dir.parent for r in runs} == {tmp_path / "runs" / "ablations" / "web"}
+    for run in runs:
+        train, val = run.cfg.data.train, run.cfg.data.val
+        options = ShapesOptions.from_dict(train.options)
+        assert options.caption_noise == CaptionNoise(**WEB_LEVELS) and options.holdout
+        assert train.seed == 0 != WEB_TEACHER.teacher_seed
+        assert ShapesOptions.from_dict(val.options).caption_noise is None and val.seed == 1
+
+
+def test_the_clipkd_table_adds_each_loss_to_the_clip_loss_and_shares_the_clip_row_with_loss(teacher, monkeypatch,
+                                                                                           tmp_path):
+    monkeypatch.chdir(tmp_path)
+    clipkd, loss = runs_of("clipkd", teacher, bench="web"), runs_of("loss", teacher, bench="web")
+    rows = {tuple(spec["name"] for spec in run.cfg.losses) for run in clipkd}
+    assert rows == {("clip",), ("clip", "feature_distill"), ("clip", "icl"), ("clip", "affinity"),
+                    ("clip", "feature_distill", "icl")}
+    crd = [r for r in clipkd if [s["name"] for s in r.cfg.losses] == ["clip", "affinity"]][0]
+    assert crd.cfg.losses[1]["scale"] == "model"  # CRD: each model's own logit scale
+    shared = {r.run_dir for r in clipkd} & {r.run_dir for r in loss}
+    assert len(shared) == 3 and all([s["name"] for s in r.cfg.losses] == ["clip"] for r in clipkd
+                                    if r.run_dir in shared)
+    header = (BENCHMARKS["web"].config_dir / "clipkd.yaml").read_text()
+    assert "gradient distillation (GD)" in header and "MFD" in header  # what is not built is named
+
+
+def test_the_benchmark_option_selects_the_sweeps():
+    from experiments.ablations import AblationsError, selected
+
+    def names(plan):
+        return [(bench.name, list(todo)) for bench, todo in plan]
+
+    assert names(selected([], "both")) == [("shapes", list(BENCHMARKS["shapes"].ablations)),
+                                           ("web", list(BENCHMARKS["web"].ablations))]
+    assert names(selected(["loss", "clipkd"], "both")) == [("shapes", ["loss"]), ("web", ["loss", "clipkd"])]
+    assert names(selected(["speedup"], "shapes")) == [("shapes", ["speedup"])]
+    with pytest.raises(AblationsError, match=r"clipkd is a web ablation \(--benchmark web\)"):
+        selected(["clipkd"], "shapes")
+    with pytest.raises(AblationsError, match="known: shapes: loss"):
+        selected(["nope"], "both")
+
+
+def test_an_unknown_ablation_or_benchmark_is_refused_before_anything(no_training, capsys):
+    from experiments.ablations import main
+
+    for argv in (["speedup", "--benchmark", "web"], ["--benchmark", "laion"]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "speedup is a shapes ablation (--benchmark shapes)" in err and "invalid choice: 'laion'" in err
+
+
+def cache_web_teacher(cache, teacher: str) -> None:
+    """The completed row of the web teacher in ``cache`` (its model: ``teacher``)."""
+    from compress.run import run_dir_for
+    from experiments.demo import WEB_TEACHER, teacher_config
+
+    cfg = teacher_config(WEB_TEACHER, cache)
+    run_dir_for(cfg).mkdir(parents=True)
+    row = {"run_id": run_id_of(cfg), "name": cfg.name, "status": "completed", "metrics": {"export/path": teacher}}
+    (run_dir_for(cfg) / "result.json").write_text(json.dumps(row))
+
+
+@pytest.mark.slow
+def test_web_pages_render_next_to_the_web_runs_or_into_docs_web(no_training, teacher, monkeypatch, tmp_path, capsys):
+    """--render-only --benchmark both: the shapes page where it always was, the web page in <docs>/web (or
+    runs/ablations/web/pages), each naming its own command; both teachers are found in the cache."""
+    from experiments.ablations import main
+
+    monkeypatch.chdir(tmp_path)
+    cache_teacher(tmp_path / "cache", teacher)
+    cache_web_teacher(tmp_path / "cache", teacher)
+    write_rows(runs_of("loss", teacher), lambda run: 50.0 + run.cfg.seed)
+    write_rows(runs_of("loss", teacher, bench="web"), lambda run: 40.0 + run.cfg.seed)
+    args = ["loss", "--render-only", "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    assert (tmp_path / "runs" / "ablations" / "pages" / "loss.md").is_file()
+    web = (tmp_path / "runs" / "ablations" / "web" / "pages" / "loss.md").read_text()
+    assert web.startswith("# The distillation loss (web-like benchmark)")
+    assert "`python -m experiments.ablations loss --benchmark web`" in web and "| affinity | 41 ± 1 |" in web
+    assert "On the web-like benchmark" in web and "Regenerate:" not in web
+    assert main([*args, "--docs", "docs/ablations"]) == 0
+    shapes = (tmp_path / "docs" / "ablations" / "loss.md").read_text()
+    web = (tmp_path / "docs" / "ablations" / "web" / "loss.md").read_text()
+    assert "`python -m experiments.ablations loss --benchmark shapes --docs docs/ablations`" in shapes
+    assert "`python -m experiments.ablations loss --benchmark web --docs docs/ablations`" in web
+    assert main(["clipkd", *args[1:]]) == 0  # its CLIP-loss row is the loss sweep's: those runs are found
+    clipkd = (tmp_path / "runs" / "ablations" / "web" / "pages" / "clipkd.md").read_text()
+    assert "**12 of 15 runs have no result yet**" in clipkd and "| clip | 41 ± 1 |" in clipkd
+    capsys.readouterr()
+    assert main(["progressive", *args[1:]]) == 2  # sweeps without rows: one line naming them, nothing trained
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ablations progressive (shapes, web): none of their runs" in err[0]
+    assert "`python -m experiments.ablations progressive --benchmark both` runs them" in err[0]
+    assert main(["progressive", *args[1:], "--benchmark", "web"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ablation progressive (web): none of its 9 runs" in err[0]
+    assert "`python -m experiments.ablations progressive --benchmark web` runs them" in err[0]
+
+
+def test_web_scale_reads_the_web_base(teacher, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (run, *_) = runs_of("loss", teacher, *scale_overrides(2, BENCHMARKS["web"].config_dir), bench="web")
+    assert (run.cfg.train.batch_size, run.cfg.data.train.num_samples) == (256, 51200)
