@@ -117,9 +117,7 @@ def test_two_shape_captions_get_the_noise_per_object():
                 assert getattr(obj, f"{named}_name") in words, text
     ds, seen = dataset(400, two_shape_prob=1.0, caption_noise={"color_only": 0.5}), set()
     for i in range(400):
-        scene, text = ds.scene(i)
-        names = noise_names(ds, i)
-        seen.add(tuple(shape is None for _, shape in names))
+        seen.add(tuple(shape is None for _, shape in noise_names(ds, i)))
     assert seen == {(False, False), (False, True), (True, False), (True, True)}
 
 
@@ -187,3 +185,17 @@ def test_bad_caption_noise_is_refused_naming_it(noise, message):
 def test_extra_words_do_not_count_toward_the_exclusive_sum():
     noise = ShapesOptions.from_dict({"caption_noise": {"color_only": 0.6, "shape_only": 0.4, "extra_words": 1.0}})
     assert noise.caption_noise.exclusive == pytest.approx(1.0)
+
+
+def test_a_bad_caption_noise_is_refused_with_the_config_before_any_model_is_built():
+    from pathlib import Path
+
+    from compress.config import ConfigError
+    from compress.recipe import config_from_dict, load_config
+
+    base = load_config(Path(__file__).parent.parent / "experiments" / "configs" / "tiny-test.yaml").to_dict()
+    base["data"]["train"]["options"] = {"caption_noise": {"colour_only": 0.1}}
+    with pytest.raises(ConfigError, match=r"data.train.options: synthetic data: caption_noise: unknown kind"):
+        config_from_dict(base)
+    base["data"]["train"]["options"] = {"caption_noise": "web"}
+    assert config_from_dict(base).data.train.options == {"caption_noise": "web"}

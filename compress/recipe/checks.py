@@ -64,7 +64,22 @@ def validate_one(cfg: RunConfig) -> RunConfig:
     if cfg.teacher is None and any(LOSSES.get(LOSSES.split_spec(s)[0]).needs_teacher for s in _loss_specs(cfg)):
         raise ConfigError("teacher: the configured losses need a teacher, but teacher is null")
     check_sections(cfg)
+    _check_synthetic_options(cfg)
     return cfg
+
+
+def _check_synthetic_options(cfg: RunConfig) -> None:
+    """The options of a ``synthetic`` data set (``caption_noise`` among them), as the data set reads them: a
+    mistake there is refused with the config, not when the data is opened after the models are built."""
+    from compress.data.robust import DataError
+    from compress.data.synthetic import ShapesOptions
+
+    for where, ds in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+        if ds is not None and ds.kind == "synthetic":
+            try:
+                ShapesOptions.from_dict(ds.options)
+            except (DataError, TypeError, ValueError) as error:
+                raise ConfigError(f"{where}.options: {error}") from None
 
 
 def _check_reads_ensemble(cfg: RunConfig, params: Mapping[str, Any], where: str) -> None:
