@@ -199,3 +199,18 @@ def test_a_bad_caption_noise_is_refused_with_the_config_before_any_model_is_buil
         config_from_dict(base)
     base["data"]["train"]["options"] = {"caption_noise": "web"}
     assert config_from_dict(base).data.train.options == {"caption_noise": "web"}
+
+
+def test_retrieval_derived_from_noisy_training_data_has_exact_captions():
+    """Without ``data.val`` the retrieval set is the synthetic validation split of the training data's options,
+    but never its caption noise (retrieval is measured on exact captions)."""
+    from compress.config import DataConfig, DatasetConfig
+    from compress.data.tasks import build_retrieval_set
+
+    def retrieval_data(options):
+        return build_retrieval_set(DataConfig(train=DatasetConfig(num_samples=64, options=options), val=None),
+                                   None).dataset
+
+    noisy, exact = retrieval_data({"caption_noise": {"color_only": 1.0}, "size": 32}), retrieval_data({"size": 32})
+    assert noisy.options.caption_noise is None and noisy.options.size == 32
+    assert [noisy.scene(i)[1] for i in range(20)] == [exact.scene(i)[1] for i in range(20)]

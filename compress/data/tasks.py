@@ -181,14 +181,16 @@ def build_retrieval_set(
     Synthetic: the validation split with ``full`` captions (size, colour, shape, place;
     1000 images unless ``num_samples``). CSV / webdataset: the file's pairs in order.
     Returns ``None`` for a ``DataConfig`` without ``val`` unless its training data is
-    synthetic (then the synthetic validation split is used).
+    synthetic (then the synthetic validation split is used, with exact captions whatever the
+    training data's ``caption_noise``).
     """
     if isinstance(data, DataConfig):
         cfg = data.val
         if cfg is None:
             if data.train.kind != "synthetic":
                 return None
-            cfg = replace(data.train, num_samples=None)
+            options = {k: v for k, v in data.train.options.items() if k != "caption_noise"}  # exact captions
+            cfg = replace(data.train, num_samples=None, options=options)
     else:
         cfg = data
     if cfg.kind == "synthetic":
