@@ -112,14 +112,19 @@ def taylor_scores(model: nn.Module, towers: tuple[str, ...], batches: list[Mappi
                   device: torch.device) -> Scores:
     """First-order Taylor scores: gradients of the CLIP loss accumulated over ``batches`` (``model`` in eval mode,
     its grads cleared before and after)."""
+    frozen = {p: p.requires_grad for p in model.parameters()}
     model.eval().zero_grad(set_to_none=True)
-    with torch.enable_grad():
-        for batch in batches:
-            clip_loss(model, batch, device).backward()
-        scores = _tp_scores(model, towers, tp.importance.GroupTaylorImportance(group_reduction="sum",
-                                                                               normalizer=None))
-    model.zero_grad(set_to_none=True)
-    return scores
+    model.requires_grad_(True)  # the source is usually the frozen teacher
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                clip_loss(model, batch, device).backward()
+            return _tp_scores(model, towers, tp.importance.GroupTaylorImportance(group_reduction="sum",
+                                                                                 normalizer=None))
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
 
 
 @torch.no_grad()
