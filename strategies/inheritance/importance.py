@@ -143,7 +143,7 @@ class ImportanceInheritance(Inheritance):
         digest = hashlib.sha256()
         for name, tensor in sorted(source.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return {"source": digest.hexdigest(), "criterion": self.criterion, "batches": self.n_calibration,
                 "towers": list(self.towers)}
 
