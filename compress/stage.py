@@ -328,9 +328,10 @@ def calibration_batches(run: StageRun, count: int, device: torch.device) -> list
         set_rng_state(saved)
 
 
-def prepare_inheritance(run: StageRun, inheritance: Any, device: torch.device) -> None:
+def prepare_inheritance(run: StageRun, inheritance: Any) -> None:
     """A fresh start's calibration seam (:meth:`compress.plugins.Inheritance.prepare`): rank 0 first (it scores the
-    source and writes the scores into the stage's folder), then the others (which read them)."""
+    source and writes the scores into the stage's folder), then the others (which read them). The random states
+    are put back as they were after it: the run trains as one whose strategy prepares nothing."""
     from compress.plugins import Calibration
 
     if run.source is None or type(inheritance).prepare is Inheritance.prepare:
@@ -344,9 +345,14 @@ def prepare_inheritance(run: StageRun, inheritance: Any, device: torch.device) -
         return cache["batches"]
 
     scores = RunDir(run.directory).importance_scores
-    distributed.main_first(lambda: inheritance.prepare(Calibration(batches, scores, source_device, True), run.source))
-    if not distributed.is_main_process():
-        inheritance.prepare(Calibration(batches, scores, source_device, False), run.source)
+    saved = rng_state()
+    try:
+        distributed.main_first(lambda: inheritance.prepare(Calibration(batches, scores, source_device, True),
+                                                           run.source))
+        if not distributed.is_main_process():
+            inheritance.prepare(Calibration(batches, scores, source_device, False), run.source)
+    finally:
+        set_rng_state(saved)
 
 
 def _student(run: StageRun, inheritance: Any, checkpoint: Checkpoint | None, teacher: nn.Module | None,
@@ -377,7 +383,7 @@ def run_stage(run: StageRun, recipe: Recipe, teachers: Sequence[nn.Module], devi
     seed_everything(run.seed)
     inheritance = Recipe.inheritance(cfg)
     if checkpoint is None:
-        prepare_inheritance(run, inheritance, device)
+        prepare_inheritance(run, inheritance)
     student = _student(run, inheritance, checkpoint, teacher, device)
     # evaluation sets are built before training, so a wrong path fails now, not after hours
     eval_sets = build_eval_sets(cfg.eval, cfg.data, student, tokenizer_for(student)) if main else None

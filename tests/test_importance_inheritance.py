@@ -211,7 +211,7 @@ def test_the_scores_cache_and_scores_from_skip_the_calibration_pass(teacher, tmp
 
 def test_calibration_batches_are_the_runs_first_batches_and_leave_its_random_state(tmp_path):
     from compress.data.pipeline import train_batches
-    from compress.stage import StageRun, calibration_batches
+    from compress.stage import StageRun, calibration_batches, prepare_inheritance
 
     cfg = tiny_config(tmp_path, inheritance={"name": "importance", "criterion": "taylor"}, student=None)
     source = load_model("cc-test-teacher")
@@ -223,6 +223,13 @@ def test_calibration_batches_are_the_runs_first_batches_and_leave_its_random_sta
     for got in drawn:
         want = next(stream)
         assert torch.equal(got["images"], want["images"]) and torch.equal(got["texts"], want["texts"])
+    # the whole seam (batches drawn, the source scored, the scores written) leaves the random states as they were
+    strategy = ImportanceInheritance(0.3, criterion="taylor", calibration_batches=2)
+    before = rng_state()
+    prepare_inheritance(StageRun(cfg, tmp_path / "stage", None, source, cfg.seed), strategy)
+    after = rng_state()
+    assert torch.equal(before["torch"], after["torch"]) and before["python"] == after["python"]
+    assert (tmp_path / "stage" / "importance" / "scores.safetensors").is_file() and strategy.scores is not None
 
 
 def staged(tmp_path, out="runs", targets=(0.2, 0.4, 0.6)):
@@ -282,3 +289,32 @@ def test_refusals_against_the_source(teacher):
         ImportanceInheritance(0.1, criterion="magnitude", drop_layers=2).inherit(None, teacher)
     with pytest.raises(ValueError, match="calls prepare"):
         ImportanceInheritance(0.5, criterion="taylor").inherit(None, teacher)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_before_its_first_checkpoint_restarts_from_the_kept_scores(tmp_path, monkeypatch):
+    """Stopped at step 1 (no checkpoint yet): the restart reads the stage's scores (no calibration pass) and ends as
+    a run never stopped."""
+    import strategies.inheritance.importance as module
+
+    def run(out):
+        return tiny_config(tmp_path, inheritance={"name": "importance", "criterion": "activation",
+                                                  "calibration_batches": 2},
+                           student=None, train=TRAIN, eval=NO_EVAL, output={"dir": str(tmp_path / out)})
+
+    straight = run("straight")
+    assert run_experiment(straight)["status"] == "completed"
+    cfg = run("runs")
+    with monkeypatch.context() as patch:
+        stop_at(patch, None, 1)
+        with pytest.raises(Stop):
+            run_experiment(cfg)
+    assert not (run_dir_for(cfg) / "checkpoints").exists() or not any((run_dir_for(cfg) / "checkpoints").iterdir())
+    assert (run_dir_for(cfg) / "importance" / "scores.safetensors").is_file()
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(module, "compute_scores", no_scoring)
+    assert run_experiment(cfg)["status"] == "completed"
+    assert_same(outcome(run_dir_for(cfg)), outcome(run_dir_for(straight)))
