@@ -318,3 +318,24 @@ def test_a_run_stopped_before_its_first_checkpoint_restarts_from_the_kept_scores
     monkeypatch.setattr(module, "compute_scores", no_scoring)
     assert run_experiment(cfg)["status"] == "completed"
     assert_same(outcome(run_dir_for(cfg)), outcome(run_dir_for(straight)))
+
+
+@pytest.mark.slow
+def test_a_uniform_run_with_dropped_layers_resumes_exactly(tmp_path, monkeypatch):
+    """The student's fewer layers are in its checkpoint's config: a resume rebuilds it from the record alone."""
+    def run(out):
+        return tiny_config(tmp_path, inheritance={"name": "importance", "criterion": "magnitude", "widths": "uniform",
+                                                  "drop_layers": {"vision": 1}, "target_sparsity": 0.5},
+                           student=None, train=TRAIN, eval=NO_EVAL, output={"dir": str(tmp_path / out)})
+
+    straight = run("straight")
+    assert run_experiment(straight)["status"] == "completed"
+    cfg = run("runs")
+    with monkeypatch.context() as patch:
+        stop_at(patch, None, 5)
+        with pytest.raises(Stop):
+            run_experiment(cfg)
+    assert run_experiment(cfg)["status"] == "completed"
+    assert_same(outcome(run_dir_for(cfg)), outcome(run_dir_for(straight)))
+    exported = load_model(json.loads((run_dir_for(cfg) / "result.json").read_text())["metrics"]["export/path"])
+    assert len(get_tower(exported, "vision").blocks) == 3 and len(get_tower(exported, "text").blocks) == 4
