@@ -339,3 +339,14 @@ def test_a_uniform_run_with_dropped_layers_resumes_exactly(tmp_path, monkeypatch
     assert_same(outcome(run_dir_for(cfg)), outcome(run_dir_for(straight)))
     exported = load_model(json.loads((run_dir_for(cfg) / "result.json").read_text())["metrics"]["export/path"])
     assert len(get_tower(exported, "vision").blocks) == 3 and len(get_tower(exported, "text").blocks) == 4
+
+
+def test_the_dry_run_refuses_more_layers_dropped_than_the_source_has_or_the_budget_allows(tmp_path):
+    from compress.config import ConfigError
+    from compress.plan.build import check_inheritances
+
+    for drop, match in ((4, "at least one stays"), (2, "more than the target")):
+        cfg = tiny_config(tmp_path, inheritance={"name": "importance", "criterion": "magnitude",
+                                                 "target_sparsity": 0.1, "drop_layers": drop}, student=None)
+        with pytest.raises(ConfigError, match=match):
+            check_inheritances(cfg)

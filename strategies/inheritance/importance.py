@@ -131,11 +131,24 @@ class ImportanceInheritance(Inheritance):
                 f"importance {where}"]
 
     def check(self, student: nn.Module | None, source: nn.Module) -> None:
-        """The layers to drop exist in the source (every tower keeps at least one layer)."""
+        """The layers to drop exist in the source (every tower keeps at least one layer), and even its smallest
+        ones fit in the budget (the dry run calls it on a shape-only source)."""
         for name, k in self.drop_layers.items():
             depth = len(get_tower(source, name).blocks)
             if k >= depth:
                 raise ValueError(f"drop_layers: {k} of the {name} tower's {depth} layers (at least one stays)")
+        costs = _costs(source, describe_structure(source), self.towers)
+        keys = {name: "all" if self.budget == "pooled" else name for name in self.towers}
+        needed: dict[str, float] = {}
+        dropped: dict[str, float] = {}
+        for name in self.towers:
+            needed[keys[name]] = needed.get(keys[name], 0.0) + self.target_sparsity * costs[name]["total"]
+            smallest = sorted(costs[name]["layers"])[: self.drop_layers[name]]
+            dropped[keys[name]] = dropped.get(keys[name], 0.0) + sum(smallest)
+        for key, value in dropped.items():
+            if value > needed[key] + 1e-9:
+                raise ValueError(f"drop_layers removes at least {value:,.0f} parameters, more than the target's "
+                                 f"{needed[key]:,.0f} ({key}): drop fewer layers or raise target_sparsity")
 
     # -- scores ----------------------------------------------------------------------------
     def score_key(self, source: nn.Module) -> dict[str, Any]:
