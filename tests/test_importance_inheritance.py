@@ -350,3 +350,12 @@ def test_the_dry_run_refuses_more_layers_dropped_than_the_source_has_or_the_budg
                                                  "target_sparsity": 0.1, "drop_layers": drop}, student=None)
         with pytest.raises(ConfigError, match=match):
             check_inheritances(cfg)
+
+
+def test_towers_vision_prunes_the_vision_tower_alone_to_its_target(teacher):
+    student = ImportanceInheritance(0.5, criterion="magnitude", towers="vision").inherit(None, teacher)
+    assert achieved(student, teacher, ("vision",)) == pytest.approx(0.5, abs=0.02)
+    assert achieved(student, teacher, ("text",)) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(get_tower(student, "text").blocks[0].state_dict().values(),
+                                                 get_tower(teacher, "text").blocks[0].state_dict().values(),
+                                                 strict=True))
