@@ -106,6 +106,8 @@ class Inheritance:
     needs_student_config: bool = True
     #: False when the strategy does not read the source model (training from scratch).
     needs_source: bool = True
+    #: what decides a derived student's split of its size between towers, in the plan's text ("decided by ...")
+    structure_decided_by: ClassVar[str] = "training"
     #: the towers a target is a fraction of (their prunable parameters: the tower without the token
     #: embedding); the row's ``sparsity/achieved`` counts the same towers
     towers: tuple[str, ...] = ("vision", "text")

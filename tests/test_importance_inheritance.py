@@ -260,6 +260,7 @@ def test_the_dry_run_shows_criterion_target_widths_and_calibration(tmp_path):
     assert "student      the teacher pruned once by taylor importance (per-layer widths" in text
     assert "target       40.0% of the teacher's prunable parameters removed (cumulative)" in text
     assert "importance: criterion taylor, pooled budget over vision+text" in text
+    assert "the split between towers and the MACs are decided by the importance scores, before step 0" in text
     assert "importance calibration: 2 training micro-batches, one forward + backward of the source each" in text
 
 

@@ -71,6 +71,8 @@ class StagePlan:
     state: str
     #: the towers the target is a fraction of (those the strategy prunes)
     towers: tuple[str, ...] = ("vision", "text")
+    #: what decides how a derived student splits its size (:attr:`compress.plugins.Inheritance.structure_decided_by`)
+    structure_decided_by: str = "training"
     #: memory of one step per process (None: a model's size is unknown), and what the estimate assumed
     memory: MemoryEstimate | None = None
     host: HostEstimate | None = None
@@ -177,6 +179,7 @@ def _stage_plan(stage: ResolvedStage, recipe: Recipe, teacher: ModelFacts | None
         stage_target=stage_target,
         expected_prunable=expected_prunable,
         expected_total=expected_total,
+        structure_decided_by=inheritance.structure_decided_by,
         steps=cfg.train.steps,
         batch_size=cfg.train.batch_size,
         accum_steps=cfg.train.accum_steps,

@@ -60,6 +60,7 @@ class ImportanceInheritance(Inheritance):
 
     needs_student_config = False
     target_parameter = "target_sparsity"
+    structure_decided_by = "the importance scores, before step 0"
 
     def __init__(
         self,
