@@ -360,3 +360,19 @@ def test_towers_vision_prunes_the_vision_tower_alone_to_its_target(teacher):
     assert all(torch.equal(a, b) for a, b in zip(get_tower(student, "text").blocks[0].state_dict().values(),
                                                  get_tower(teacher, "text").blocks[0].state_dict().values(),
                                                  strict=True))
+
+
+def test_the_engine_draws_calibration_batches_of_them_and_none_with_scores_from(tmp_path, monkeypatch, teacher):
+    import compress.stage as stage
+
+    drawn = []
+    monkeypatch.setattr(stage, "calibration_batches", lambda run, count, device: drawn.append(count) or
+                        [batch(seed=k) for k in range(count)])
+    cfg = tiny_config(tmp_path)
+    run = stage.StageRun(cfg, tmp_path / "a", None, teacher, cfg.seed)
+    stage.prepare_inheritance(run, ImportanceInheritance(0.3, criterion="activation", calibration_batches=3))
+    assert drawn == [3]
+    scores = tmp_path / "a" / "importance" / "scores.safetensors"
+    reuse = ImportanceInheritance(0.5, criterion="activation", calibration_batches=3, scores_from=str(scores))
+    stage.prepare_inheritance(stage.StageRun(cfg, tmp_path / "b", None, teacher, cfg.seed), reuse)
+    assert drawn == [3] and reuse.scores is not None
