@@ -175,6 +175,7 @@ def test_the_export_equals_the_source_sliced_independently(teacher):
         torch.testing.assert_close(student.encode_text(b["texts"]), reference.encode_text(b["texts"]))
 
 
+@pytest.mark.slow
 def test_the_scores_cache_and_scores_from_skip_the_calibration_pass(teacher, tmp_path, monkeypatch):
     path = tmp_path / "stage" / "importance" / "scores.safetensors"
     first = ImportanceInheritance(0.3, criterion="taylor", calibration_batches=1)
@@ -209,6 +210,7 @@ def test_the_scores_cache_and_scores_from_skip_the_calibration_pass(teacher, tmp
             Calibration(no_batches, path, torch.device("cpu")), teacher)
 
 
+@pytest.mark.slow
 def test_calibration_batches_are_the_runs_first_batches_and_leave_its_random_state(tmp_path):
     from compress.data.pipeline import train_batches
     from compress.stage import StageRun, calibration_batches, prepare_inheritance
