@@ -7,7 +7,9 @@ register the implementations in ``compress.registry``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -64,6 +66,24 @@ def is_breakdown(term: str) -> bool:
     return BREAKDOWN_SEPARATOR in term
 
 
+@dataclass
+class Calibration:
+    """What the engine hands :meth:`Inheritance.prepare` before ``inherit`` on a fresh start of a stage.
+
+    ``batches()``: the first :meth:`Inheritance.calibration_batches` micro-batches of the stage's own training data
+    (``{"images", "texts", ...}``, prepared for the source model), drawn by a loader of their own when first called
+    (never if not called): the run's data position and random states are as if they had not been drawn.
+    ``scores_path``: the file the stage's run directory keeps the strategy's scores in (:class:`~compress.rundir.RunDir`
+    ``importance_scores``). ``device``: where the source lives. ``main``: whether this process writes files (the
+    engine calls ``prepare`` on rank 0 first, then on the others, which then find the file rank 0 wrote).
+    """
+
+    batches: Callable[[], list[dict[str, Any]]]
+    scores_path: Path
+    device: Any
+    main: bool = True
+
+
 class Inheritance:
     """An inheritance plug-in: how a student gets its first weights from a source model.
 
@@ -86,6 +106,8 @@ class Inheritance:
     needs_student_config: bool = True
     #: False when the strategy does not read the source model (training from scratch).
     needs_source: bool = True
+    #: what decides a derived student's split of its size between towers, in the plan's text ("decided by ...")
+    structure_decided_by: ClassVar[str] = "training"
     #: the towers a target is a fraction of (their prunable parameters: the tower without the token
     #: embedding); the row's ``sparsity/achieved`` counts the same towers
     towers: tuple[str, ...] = ("vision", "text")
@@ -102,6 +124,15 @@ class Inheritance:
 
     def inherit(self, student: nn.Module | None, source: nn.Module) -> nn.Module:
         raise NotImplementedError
+
+    def calibration_batches(self) -> int:
+        """How many training micro-batches :meth:`prepare` may draw (the plan counts their cost); 0 by default."""
+        return 0
+
+    def prepare(self, calibration: Calibration, source: nn.Module) -> None:
+        """Called before :meth:`inherit` on a fresh start of a stage (never on a resume, nor by the dry run), with
+        the stage's source model: score it (on ``calibration.batches()``), or read the scores kept at
+        ``calibration.scores_path``. The default does nothing."""
 
     def check(self, student: nn.Module | None, source: nn.Module) -> None:
         """Raise the error (a ``ValueError``) that :meth:`inherit` would raise for these architectures, changing

@@ -66,6 +66,10 @@ STRUCTURE_FILE = "structure.json"
 #: the config of a non-uniform export (:mod:`compress.models.nonuniform`), beside its weights and structure
 NONUNIFORM_CONFIG_FILE = "clip_compress_config.json"
 REPORT_FILES = ("structure.md", "structure.png")
+#: an inheritance's scores of its source (``importance/scores.safetensors``, its key in the file's metadata), kept
+#: so that a restart or a re-prune (``scores_from``) skips the calibration pass
+IMPORTANCE_DIR = "importance"
+IMPORTANCE_SCORES_FILE = "scores.safetensors"
 #: the logs submitit keeps of a run handed to a backend that does not run it in this process
 SUBMITIT_DIR = "submitit"
 #: the trackers' files (``train.report_to``, :mod:`compress.tracking`): TensorBoard's event files (in the run's or
@@ -78,7 +82,7 @@ RUN_EVAL_DIR = "eval"
 #: what an attempt leaves in a run directory (removed by ``--force``; not :data:`WANDB_DIR`; task-list results of
 #: its model, :data:`RUN_EVAL_DIR`, too)
 RUN_OUTPUTS = (CHECKPOINT_DIR, STAGES_DIR, METRICS_FILE, RESULT_FILE, MODEL_DIR, STRUCTURE_FILE, *REPORT_FILES,
-               TENSORBOARD_DIR, RUN_EVAL_DIR)
+               TENSORBOARD_DIR, RUN_EVAL_DIR, IMPORTANCE_DIR)
 #: the suffixes of model weight files (what :func:`model_sha256` hashes in a model folder)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 #: the status a finished run's ``result.json`` holds (:data:`compress.results.STATUS_COMPLETED`)
@@ -169,6 +173,10 @@ class RunDir:
     @property
     def structure(self) -> Path:
         return self.path / STRUCTURE_FILE
+
+    @property
+    def importance_scores(self) -> Path:
+        return self.path / IMPORTANCE_DIR / IMPORTANCE_SCORES_FILE
 
     @property
     def reports(self) -> tuple[Path, ...]:

@@ -36,9 +36,10 @@ from compress.models import load_model
 from compress.models.forward import context_length_of, tokenizer_for
 from compress.models.params import parameter_report, prunable_count
 from compress.models.towers import TOWERS
+from compress.plugins import Inheritance
 from compress.precision import Precision
 from compress.recipe import Recipe, pruned_towers, run_dir_for, with_source_fraction
-from compress.rundir import METRICS_FILE, MODEL_DIR
+from compress.rundir import METRICS_FILE, MODEL_DIR, RunDir
 from compress.tracking import Trackers, open_trackers
 from compress.train import Trainer, TrainSummary
 
@@ -310,6 +311,50 @@ def _warn_missed(name: str, metrics: dict[str, Any]) -> None:
         )
 
 
+def calibration_batches(run: StageRun, count: int, device: torch.device) -> list[dict[str, Any]]:
+    """The stage's first ``count`` training micro-batches, prepared for its source model, from a loader of their
+    own (the run's: same data, seed and order): the run's loader is not built yet and the random states are put
+    back as they were, so the run trains on the same batches as one that drew none. Cost: ``count`` micro-batches
+    read and decoded once more (at the ViT-B/32 recipe, 8 x 256 images, seconds)."""
+    from compress.data.pipeline import train_batches
+
+    if count <= 0 or run.source is None:
+        return []
+    saved = rng_state()
+    try:
+        stream, _stats = train_batches(dataclasses.replace(run.cfg, seed=run.seed), run.source, None, device)
+        return [next(stream) for _ in range(count)]
+    finally:
+        set_rng_state(saved)
+
+
+def prepare_inheritance(run: StageRun, inheritance: Any) -> None:
+    """A fresh start's calibration seam (:meth:`compress.plugins.Inheritance.prepare`): rank 0 first (it scores the
+    source and writes the scores into the stage's folder), then the others (which read them). The random states
+    are put back as they were after it: the run trains as one whose strategy prepares nothing."""
+    from compress.plugins import Calibration
+
+    if run.source is None or type(inheritance).prepare is Inheritance.prepare:
+        return
+    source_device = next(run.source.parameters()).device
+    cache: dict[str, list[dict[str, Any]]] = {}
+
+    def batches() -> list[dict[str, Any]]:
+        if "batches" not in cache:
+            cache["batches"] = calibration_batches(run, inheritance.calibration_batches(), source_device)
+        return cache["batches"]
+
+    scores = RunDir(run.directory).importance_scores
+    saved = rng_state()
+    try:
+        distributed.main_first(lambda: inheritance.prepare(Calibration(batches, scores, source_device, True),
+                                                           run.source))
+        if not distributed.is_main_process():
+            inheritance.prepare(Calibration(batches, scores, source_device, False), run.source)
+    finally:
+        set_rng_state(saved)
+
+
 def _student(run: StageRun, inheritance: Any, checkpoint: Checkpoint | None, teacher: nn.Module | None,
              device: torch.device) -> nn.Module:
     student = load_student(run, inheritance, checkpoint)
@@ -337,6 +382,8 @@ def run_stage(run: StageRun, recipe: Recipe, teachers: Sequence[nn.Module], devi
     metrics.update(_setting_metrics(run, recipe, device, precision))
     seed_everything(run.seed)
     inheritance = Recipe.inheritance(cfg)
+    if checkpoint is None:
+        prepare_inheritance(run, inheritance)
     student = _student(run, inheritance, checkpoint, teacher, device)
     # evaluation sets are built before training, so a wrong path fails now, not after hours
     eval_sets = build_eval_sets(cfg.eval, cfg.data, student, tokenizer_for(student)) if main else None

@@ -23,7 +23,8 @@ def test_shipped_config_validates(path):
 def test_there_are_shipped_configs():
     assert len(CONFIGS) >= 3
     names = {str(p.relative_to(CONFIG_ROOT)) for p in CONFIGS}
-    assert {"tinyclip/vit-b32-manual.yaml", "tinyclip/vit-b32-auto.yaml", "tinyclip/vit-b16-manual.yaml",
+    assert {"tinyclip/vit-b32-manual.yaml", "tinyclip/vit-b32-auto.yaml", "tinyclip/vit-b32-importance.yaml",
+            "tinyclip/vit-b16-manual.yaml",
             "tinyclip/rn50-manual.yaml"} <= names
 
 

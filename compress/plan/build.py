@@ -71,6 +71,8 @@ class StagePlan:
     state: str
     #: the towers the target is a fraction of (those the strategy prunes)
     towers: tuple[str, ...] = ("vision", "text")
+    #: what decides how a derived student splits its size (:attr:`compress.plugins.Inheritance.structure_decided_by`)
+    structure_decided_by: str = "training"
     #: memory of one step per process (None: a model's size is unknown), and what the estimate assumed
     memory: MemoryEstimate | None = None
     host: HostEstimate | None = None
@@ -177,6 +179,7 @@ def _stage_plan(stage: ResolvedStage, recipe: Recipe, teacher: ModelFacts | None
         stage_target=stage_target,
         expected_prunable=expected_prunable,
         expected_total=expected_total,
+        structure_decided_by=inheritance.structure_decided_by,
         steps=cfg.train.steps,
         batch_size=cfg.train.batch_size,
         accum_steps=cfg.train.accum_steps,
@@ -211,18 +214,24 @@ def check_inheritances(cfg: RunConfig, teacher: ModelFacts | None = None, recipe
             where = f"stages[{stage.index}].student" if recipe.staged else "student"
             student = model_facts(stage.cfg.student, where, warnings)
             check_inheritance(inheritance, student, teacher if stage.source == "teacher" else previous, where)
+        elif not inheritance.needs_student_config and stage.source == "teacher":  # derived from the teacher alone
+            check_inheritance(inheritance, None, teacher,
+                              f"stages[{stage.index}].inheritance" if recipe.staged else "inheritance")
         previous = student
 
 
-def check_inheritance(inheritance: Any, student: ModelFacts, source: ModelFacts | None, where: str) -> None:
+def check_inheritance(inheritance: Any, student: ModelFacts | None, source: ModelFacts | None, where: str) -> None:
     """The run's own check of the student against its source (:meth:`compress.plugins.Inheritance.check`: manual
     inheritance refuses a student larger than its source), on shape-only models; a :class:`ConfigError` naming
     the student's key. A source of unknown shape (a missing file, a stage that learns its structure) is not
-    checked."""
-    if student.build is None or source is None or source.build is None:
+    checked; a strategy that derives its student (no student config) is checked against its source alone
+    (``check(None, source)``: importance inheritance refuses more layers dropped than the source has)."""
+    if source is None or source.build is None or (student is None) == inheritance.needs_student_config:
+        return
+    if student is not None and student.build is None:
         return
     try:
-        shapes = student.build(), source.build()
+        shapes = student.build() if student is not None else None, source.build()
     except Exception as error:  # an op without a meta kernel in this torch: the run checks it as it starts
         log.debug("plan: building %s or its source on the meta device failed (%s): not checked", where, error)
         return

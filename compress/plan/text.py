@@ -115,7 +115,8 @@ def format_plan(plan: Plan) -> str:
                          f"(cumulative){per_stage}")
             if s.expected_prunable is not None:
                 lines.append(f"  expected     vision + text {_m(s.expected_prunable)} at the target (total "
-                             f"{_m(s.expected_total)}); the split between towers and the MACs are decided by training")
+                             f"{_m(s.expected_total)}); the split between towers and the MACs are decided by "
+                             f"{s.structure_decided_by}")
         micro = s.batch_size // s.accum_steps
         accum = f" ({s.accum_steps} micro-batches of {micro})" if s.accum_steps > 1 else ""
         epochs = f" = {s.epochs:.2f} epochs of data.train" if s.epochs is not None else ""

@@ -1,3 +1,3 @@
 """Built-in inheritance strategies."""
 
-from strategies.inheritance import auto, manual, none  # noqa: F401
+from strategies.inheritance import auto, importance, manual, none  # noqa: F401

@@ -1,0 +1,144 @@
+"""Which layers, heads and MLP neurons an importance-ranked inheritance keeps, given their scores and a budget.
+
+1. ``drop_layers``: each tower's k lowest-scored layers go first (their parameters count toward the budget; more
+   than the budget is refused).
+2. ``per_layer``: the kept layers' heads and neurons, each scored over its kind's mean in the tower, are removed from
+   the lowest up while the removal stays within the budget (a unit too large for what is left is skipped); every
+   layer keeps one head and ``round_to`` neurons; then each layer's neuron count goes to the nearest multiple of
+   ``round_to`` (ties up), its best-scored neurons kept.
+   ``uniform``: every kept layer of a tower keeps all its heads and the same ``m`` neurons (its best-scored ones);
+   ``m`` falls by ``round_to`` at a time, in the tower whose next ``round_to`` neurons per layer have the lowest mean
+   normalised score, while the removal comes nearer the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from compress.models.structure import TowerKeep
+
+
+def _budget_keys(towers: tuple[str, ...], budget: str) -> dict[str, str]:
+    return {name: ("all" if budget == "pooled" else name) for name in towers}
+
+
+def _normalised(scores: Mapping[str, Tensor], name: str, kind: str, layers: list[int]) -> dict[int, Tensor]:
+    """Scores of a kind in the kept layers of a tower, over their mean (1 when all are 0)."""
+    values = {i: scores[f"{name}/{kind}/{i}"].double() for i in layers}
+    flat = torch.cat([v for v in values.values()]) if values else torch.zeros(0)
+    mean = float(flat.mean()) if flat.numel() else 0.0
+    return {i: (v / mean if mean > 0 else torch.ones_like(v)) for i, v in values.items()}
+
+
+def _round(n: int, step: int, full: int) -> int:
+    """``n`` to the nearest multiple of ``step`` (ties up), at least ``step`` (or ``full`` when smaller), at most
+    ``full``."""
+    if step <= 1:
+        return n
+    rounded = int((n + step / 2) // step) * step
+    return min(max(rounded, min(step, full)), full)
+
+
+def select_units(
+    scores: Mapping[str, Tensor], structure: Mapping[str, Any], costs: Mapping[str, Mapping[str, Any]],
+    towers: tuple[str, ...], target: float, budget: str, widths: str, drop: Mapping[str, int], round_to: int,
+) -> dict[str, TowerKeep]:
+    """The kept layers (as ``TowerKeep.layers``), heads and neurons of each tower in ``towers``."""
+    keys = _budget_keys(towers, budget)
+    needed: dict[str, float] = {}
+    for name in towers:
+        needed[keys[name]] = needed.get(keys[name], 0.0) + target * costs[name]["total"]
+    removed = dict.fromkeys(needed, 0.0)
+    kept_layers: dict[str, list[int]] = {}
+    for name in towers:
+        depth = len(structure[name]["heads"])
+        order = sorted(range(depth), key=lambda i: (float(scores[f"{name}/layers"][i]), i))
+        gone = set(order[: drop.get(name, 0)])
+        kept_layers[name] = [i for i in range(depth) if i not in gone]
+        removed[keys[name]] += sum(costs[name]["layers"][i] for i in gone)
+    for key, value in removed.items():
+        if value > needed[key] + 1e-9:
+            raise ValueError(f"drop_layers removes {value:,.0f} parameters, more than the target's {needed[key]:,.0f} "
+                             f"({key}): drop fewer layers or raise target_sparsity")
+    if widths == "uniform":
+        neurons = _uniform(scores, structure, costs, towers, keys, needed, removed, kept_layers, round_to)
+        heads = {name: {i: torch.arange(structure[name]["heads"][i]) for i in kept_layers[name]} for name in towers}
+    else:
+        heads, neurons = _per_layer(scores, structure, costs, towers, keys, needed, removed, kept_layers, round_to)
+    out = {}
+    for name in towers:
+        layers = kept_layers[name]
+        out[name] = TowerKeep(channels=torch.arange(structure[name]["width"]),
+                              heads=[heads[name][i] for i in layers], neurons=[neurons[name][i] for i in layers],
+                              layers=layers if len(layers) != len(structure[name]["heads"]) else None)
+    return out
+
+
+def _top(score: Tensor, count: int) -> Tensor:
+    """The indices of the ``count`` best scores, in ascending index order (ties: the lower index)."""
+    order = sorted(range(len(score)), key=lambda j: (-float(score[j]), j))
+    return torch.tensor(sorted(order[:count]), dtype=torch.long)
+
+
+def _per_layer(scores, structure, costs, towers, keys, needed, removed, kept_layers, round_to):
+    units = []
+    for name in towers:
+        for kind, cost in (("heads", costs[name]["head"]), ("neurons", costs[name]["neuron"])):
+            for i, score in _normalised(scores, name, kind, kept_layers[name]).items():
+                units += [(float(s), name, kind, i, j, cost) for j, s in enumerate(score)]
+    left = {(name, kind, i): len(scores[f"{name}/{kind}/{i}"]) for name in towers for i in kept_layers[name]
+            for kind in ("heads", "neurons")}
+    floor = {"heads": 1, "neurons": round_to}
+    dropped: set[tuple[str, str, int, int]] = set()
+    for _s, name, kind, i, j, cost in sorted(units, key=lambda u: (u[0], u[1], u[2], u[3], u[4])):
+        key = keys[name]
+        if removed[key] + cost > needed[key] or left[name, kind, i] <= floor[kind]:
+            continue
+        dropped.add((name, kind, i, j))
+        removed[key] += cost
+        left[name, kind, i] -= 1
+    heads, neurons = {}, {}
+    for name in towers:
+        heads[name], neurons[name] = {}, {}
+        for i in kept_layers[name]:
+            h = scores[f"{name}/heads/{i}"]
+            heads[name][i] = torch.tensor([j for j in range(len(h)) if (name, "heads", i, j) not in dropped],
+                                          dtype=torch.long)
+            full = len(scores[f"{name}/neurons/{i}"])
+            count = _round(left[name, "neurons", i], round_to, full)
+            neurons[name][i] = _top(scores[f"{name}/neurons/{i}"], count)
+    return heads, neurons
+
+
+def _uniform(scores, structure, costs, towers, keys, needed, removed, kept_layers, round_to):
+    step = max(round_to, 1)
+    width = {name: min((len(scores[f"{name}/neurons/{i}"]) for i in kept_layers[name]), default=0) for name in towers}
+    if any(len({len(scores[f"{name}/neurons/{i}"]) for i in kept_layers[name]}) > 1 for name in towers):
+        raise ValueError("widths: uniform needs a source whose layers have one MLP width per tower (this source was "
+                         "pruned per layer); use widths: per_layer")
+    # a layer's neurons sorted best first, with their normalised scores
+    ranked = {name: {i: torch.sort(v, descending=True).values
+                     for i, v in _normalised(scores, name, "neurons", kept_layers[name]).items()} for name in towers}
+    m = {name: width[name] - width[name] % step if width[name] % step else width[name] for name in towers}
+    for name in towers:  # the full width is kept unless rounded; rounding down counts toward the budget
+        removed[keys[name]] += (width[name] - m[name]) * costs[name]["neuron"] * len(kept_layers[name])
+    while True:
+        options = []
+        for name in towers:
+            key, cost = keys[name], step * costs[name]["neuron"] * len(kept_layers[name])
+            if m[name] - step < step or abs(needed[key] - removed[key] - cost) >= abs(needed[key] - removed[key]):
+                continue  # no step left, or one that moves its budget away from its target
+            mean = sum(float(r[m[name] - step: m[name]].sum()) for r in ranked[name].values()) / (
+                step * len(kept_layers[name]))
+            options.append((mean, name, cost))
+        if not options:
+            break
+        _mean, name, cost = min(options)
+        m[name] -= step
+        removed[keys[name]] += cost
+    return {name: {i: _top(scores[f"{name}/neurons/{i}"], m[name]) for i in kept_layers[name]} for name in towers}
+
