@@ -1,4 +1,4 @@
-"""Importance scores of heads, MLP neurons and layers of a CLIP model's transformer towers.
+"""Importance scores of heads, MLP neurons, residual channels and layers of a CLIP model's transformer towers.
 
 - ``magnitude``: torch-pruning's ``GroupMagnitudeImportance`` (p=2, L2 of the unit's weights; Li et al., "Pruning
   Filters for Efficient ConvNets", ICLR 2017), on a group per layer.
@@ -8,19 +8,29 @@
 - ``activation``: Minitron's activation importance (Muralidharan et al., "Compact Language Models via Pruning and
   Knowledge Distillation", 2024): a neuron's mean |activation| (the input of ``c_proj``), a head's mean L2 norm of
   its output (the input of ``out_proj``), over the calibration tokens; a layer's Block Importance
-  1 - mean cos(x_in, x_out) (ShortGPT, Men et al. 2024).
+  1 - mean cos(x_in, x_out) (ShortGPT, Men et al. 2024); a residual channel's Minitron embedding-channel importance,
+  the sum over the tower's residual-width LayerNorms (``ln_pre``, every ``ln_1`` / ``ln_2``, ``ln_post`` /
+  ``ln_final``) of the mean |LN(x)_c| over the calibration tokens.
 
 torch-pruning cannot trace a head: the ``(qkv h d)`` split of ``HeadAttention`` is a reshape its graph does not turn
 into a head group, and ``in_proj_weight`` is a bare parameter. So each layer gets hand-built groups (torch-pruning's
 ``Group`` of ``Dependency`` items, no tracing): a neuron's group is ``c_fc``'s output row and ``c_proj``'s input
 column; a head's is ``in_proj`` (viewed as an ``nn.Linear`` sharing its parameter) output rows mapped to their
 inner channel ``c mod (H d)`` plus ``out_proj``'s input columns, and the inner channels' scores are summed over the
-head's ``d`` channels. A layer's magnitude / Taylor score is the sum of its heads' and neurons' scores.
+head's ``d`` channels. A layer's magnitude / Taylor score is the sum of its heads' and neurons' scores. A residual
+channel's group is every tensor that reads or writes the residual stream at that channel: the tower's embeddings
+(patch conv rows, class / positional / token embedding columns), its final norm and projection rows, and in every
+block ``ln_1`` / ``ln_2``, the ``in_proj`` and ``c_fc`` input columns, the ``out_proj`` and ``c_proj`` output rows
+(and LayerScale); a bare tensor is given to torch-pruning as an ``nn.Linear`` view with the channel axis first
+(``out_channels``) or, for a 2-D tensor with it second, as is (``in_channels``). Biases are left out of every group
+(torch-pruning's default, ``bias=False``), as for heads and neurons.
 
 Cost at ViT-B/32 (126 M prunable parameters): magnitude reads each weight once (3 s on 2 busy CPU cores, no data);
 taylor one forward and backward of the source per calibration micro-batch (at the recipe's 256-sample micro-batch,
 without gradient checkpointing: ~20 GB of fp32 activations for both towers, plus 0.6 GB of gradients, freed after),
-activation one forward per micro-batch (no activations kept); the scores file is 0.25 MB.
+activation one forward per micro-batch (no activations kept); the channel scores add one read of every weight
+(magnitude / taylor) or one |x| sum per LayerNorm output (activation) and 5 KB to the scores file (768 + 512
+floats); the scores file is 0.25 MB.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from torch_pruning.dependency import Dependency, Group, Node
 from compress.models.towers import get_tower
 
 CRITERIA = ("magnitude", "taylor", "activation")
-Scores = dict[str, Tensor]  # "<tower>/heads/<layer>", "<tower>/neurons/<layer>", "<tower>/layers"
+Scores = dict[str, Tensor]  # "<tower>/heads/<layer>", "<tower>/neurons/<layer>", "<tower>/layers", "<tower>/channels"
 
 
 def _group(items: Iterable[tuple[nn.Module, Callable, list[int], list[int]]]) -> Group:
@@ -55,6 +65,41 @@ def _linear_view(weight: nn.Parameter) -> nn.Linear:
     view = nn.Linear(1, 1, bias=False, device="meta")
     view.weight = weight
     return view
+
+
+def _channel_view(param: nn.Parameter, axis: int, width: int) -> tuple[nn.Linear, Callable]:
+    """``param`` as an ``nn.Linear`` with its residual-channel axis as output rows (a view, its gradient viewed the
+    same way), or, for a 2-D tensor whose channel axis is the second, as is with that axis as the input columns."""
+    if param.dim() == 2 and axis == 1:
+        return _linear_view(param), tp.prune_linear_in_channels
+    view = nn.Linear(1, 1, bias=False, device="meta")
+    view.weight = nn.Parameter(param.detach().movedim(axis, 0).reshape(width, -1), requires_grad=False)
+    if param.grad is not None:
+        view.weight.grad = param.grad.movedim(axis, 0).reshape(width, -1)
+    return view, tp.prune_linear_out_channels
+
+
+def _channel_group(model: nn.Module, name: str) -> Group:
+    """The residual channels of a tower as one hand-built torch-pruning group (see the module)."""
+    tower = get_tower(model, name)
+    width = tower.width
+    idx = list(range(width))
+    items: list[tuple[nn.Module, Callable, list[int], list[int]]] = []
+    for p in tower.channel_params:
+        module, fn = _channel_view(model.get_parameter(p.key), p.axis, width)
+        items.append((module, fn, idx, idx))
+    for block in tower.blocks:
+        items += [(block.ln_1, tp.prune_layernorm_out_channels, idx, idx),
+                  (block.ln_2, tp.prune_layernorm_out_channels, idx, idx),
+                  (_linear_view(block.attn.in_proj_weight), tp.prune_linear_in_channels, idx, idx),
+                  (block.attn.out_proj, tp.prune_linear_out_channels, idx, idx),
+                  (block.mlp.c_fc, tp.prune_linear_in_channels, idx, idx),
+                  (block.mlp.c_proj, tp.prune_linear_out_channels, idx, idx)]
+        for ls in ("ls_1", "ls_2"):
+            gamma = getattr(getattr(block, ls), "gamma", None)
+            if isinstance(gamma, nn.Parameter):
+                items.append((*_channel_view(gamma, 0, width), idx, idx))
+    return _group(items)
 
 
 def _layer_groups(block: nn.Module) -> tuple[Group | None, Group | None, int, int]:
@@ -88,11 +133,13 @@ def _tp_scores(model: nn.Module, towers: tuple[str, ...], criterion: tp.importan
             out[f"{name}/heads/{i}"], out[f"{name}/neurons/{i}"] = h.float().cpu(), n.float().cpu()
             layers.append(float(h.sum() + n.sum()))
         out[f"{name}/layers"] = torch.tensor(layers)
+        out[f"{name}/channels"] = criterion(_channel_group(model, name)).float().cpu()
     return out
 
 
 def magnitude_scores(model: nn.Module, towers: tuple[str, ...]) -> Scores:
-    """Sum of squared weights of each head / neuron (torch-pruning's group magnitude, p=2, summed over the group)."""
+    """Sum of squared weights of each head / neuron / residual channel (torch-pruning's group magnitude, p=2,
+    summed over the group)."""
     with torch.no_grad():
         return _tp_scores(model, towers, tp.importance.GroupMagnitudeImportance(p=2, group_reduction="sum",
                                                                                 normalizer=None))
@@ -130,8 +177,8 @@ def taylor_scores(model: nn.Module, towers: tuple[str, ...], batches: list[Mappi
 @torch.no_grad()
 def activation_scores(model: nn.Module, towers: tuple[str, ...], batches: list[Mapping[str, Any]],
                       device: torch.device) -> Scores:
-    """Minitron's activation scores of heads and neurons and ShortGPT's Block Importance of layers, over the tokens
-    of ``batches`` (one forward of each tower per batch; hooks, removed after)."""
+    """Minitron's activation scores of heads, neurons and residual channels and ShortGPT's Block Importance of
+    layers, over the tokens of ``batches`` (one forward of each tower per batch; hooks, removed after)."""
     model.eval()
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
@@ -161,6 +208,13 @@ def activation_scores(model: nn.Module, towers: tuple[str, ...], batches: list[M
             handles += [block.attn.out_proj.register_forward_pre_hook(on_heads),
                         block.mlp.c_proj.register_forward_pre_hook(on_neurons),
                         block.register_forward_hook(on_block)]
+        for j, (parent, attr) in enumerate(get_tower(model, name).norm_slots()):
+
+            def on_norm(_m, _args, output, key=f"{name}/norm/{j}"):
+                y = output.reshape(-1, output.shape[-1])
+                add(key, y.float().abs().sum(0), len(y))
+
+            handles.append(getattr(parent, attr).register_forward_hook(on_norm))
     try:
         for batch in batches:
             if "vision" in towers:
@@ -179,6 +233,8 @@ def activation_scores(model: nn.Module, towers: tuple[str, ...], batches: list[M
                 out[key] = (sums[key] / counts[key]).float() if key in sums else torch.zeros(0)
         out[f"{name}/layers"] = torch.tensor([float(sums[f"{name}/layer/{i}"] / counts[f"{name}/layer/{i}"])
                                               for i in range(depth)])
+        norms = [k for k in sums if k.startswith(f"{name}/norm/")]
+        out[f"{name}/channels"] = sum(sums[k] / counts[k] for k in norms).float()
     return out
 
 
