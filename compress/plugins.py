@@ -114,6 +114,9 @@ class Inheritance:
     #: the values the engine supplies to the constructor (parameters of the same names): ``total_steps``
     #: (``train.steps``). A name the engine does not supply is refused when the config is read.
     context: ClassVar[tuple[str, ...]] = ()
+    #: constructor parameters left out of the run id while they are at their default (as a loss's): parameters
+    #: added after run ids were published, so that those ids stay (a value other than the default is in the id)
+    identity_optional: ClassVar[tuple[str, ...]] = ()
     #: the constructor parameter that sets the fraction of its source's prunable parameters the strategy
     #: removes (None: it does not prune to a target). A staged run sets it to each stage's own share of the
     #: stage's cumulative ``target_sparsity`` (:mod:`compress.recipe.stages`).

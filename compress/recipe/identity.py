@@ -23,24 +23,26 @@ def _resolved_losses(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for spec in specs:
         params, weight = split_loss(spec)
         resolved = LOSSES.resolved(params, declared_context(LOSSES, params))
-        losses.append({**_without_optional_defaults(resolved), WEIGHT_KEY: weight})
+        losses.append({**_without_optional_defaults(LOSSES, resolved), WEIGHT_KEY: weight})
     return losses
 
 
-def _without_optional_defaults(resolved: dict[str, Any]) -> dict[str, Any]:
-    """A loss's resolved spec without the parameters its class lists in ``identity_optional`` where they are at their
-    default (written out or not): parameters added after run ids were published leave those ids as they were."""
+def _without_optional_defaults(registry: Any, resolved: dict[str, Any]) -> dict[str, Any]:
+    """A loss's or an inheritance's resolved spec without the parameters its class lists in ``identity_optional``
+    where they are at their default (written out or not): parameters added after run ids were published leave those
+    ids as they were."""
     name = resolved["name"]
-    optional = getattr(LOSSES.get(name), "identity_optional", ())
+    optional = getattr(registry.get(name), "identity_optional", ())
     if not optional:
         return resolved
-    defaults = {p.name: p.default for p in LOSSES.signature(name).parameters.values()}
+    defaults = {p.name: p.default for p in registry.signature(name).parameters.values()}
     return {k: v for k, v in resolved.items()
             if not (k in optional and k in defaults and canonical(v) == canonical(defaults[k]))}
 
 
 def _resolved_inheritance(spec: Any) -> dict[str, Any]:
-    return INHERITANCE.resolved(spec, declared_context(INHERITANCE, spec))
+    resolved = INHERITANCE.resolved(spec, declared_context(INHERITANCE, spec))
+    return _without_optional_defaults(INHERITANCE, resolved) if isinstance(resolved, dict) else resolved
 
 
 def _resolved_schedules(specs: dict[str, Any]) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from strategies.inheritance.importance_select import select_units
 
 logger = logging.getLogger(__name__)
 WIDTHS = ("uniform", "per_layer")
+CHANNELS = ("keep", "prune")
 #: the default number of calibration micro-batches of the criteria that read data
 DEFAULT_CALIBRATION = 8
 
@@ -56,9 +57,11 @@ DEFAULT_CALIBRATION = 8
 class ImportanceInheritance(Inheritance):
     """Importance-ranked one-shot pruning of the source (see the module): ``criterion`` magnitude | taylor |
     activation, ``widths`` uniform | per_layer, ``drop_layers`` 0 | k | {vision: k, text: k}, ``round_to``,
-    ``calibration_batches`` (8 for taylor / activation; magnitude reads no data), ``scores_from`` a scores file."""
+    ``calibration_batches`` (8 for taylor / activation; magnitude reads no data), ``scores_from`` a scores file,
+    ``channels`` keep | prune (residual channels)."""
 
     needs_student_config = False
+    identity_optional = ("channels",)
     target_parameter = "target_sparsity"
     structure_decided_by = "the importance scores, before step 0"
 
@@ -73,6 +76,7 @@ class ImportanceInheritance(Inheritance):
         round_to: int = 8,
         calibration_batches: int | None = None,
         scores_from: str | None = None,
+        channels: str = "keep",
     ) -> None:
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
@@ -86,6 +90,13 @@ class ImportanceInheritance(Inheritance):
             raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
         if widths not in WIDTHS:
             raise ValueError(f"widths must be one of {', '.join(WIDTHS)}, got {widths!r}")
+        if channels not in CHANNELS:
+            raise ValueError(f"channels must be one of {', '.join(CHANNELS)}, got {channels!r}")
+        if channels == "prune" and widths == "uniform":
+            raise ValueError("channels: prune with widths: uniform is not built: open_clip ties a tower's width to "
+                             "heads x head dim (one attention inner size = the width), so a uniform export with fewer "
+                             "channels must also drop heads in step with them; use widths: per_layer (a compact "
+                             "export that compress.models.load_model reads) or channels: keep")
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"round_to must be an integer >= 1 (1 = no rounding), got {round_to!r}")
         self.towers = resolve_towers(towers if isinstance(towers, str) else tuple(towers))
@@ -104,6 +115,7 @@ class ImportanceInheritance(Inheritance):
             raise ValueError(f"scores_from: no scores file at {scores_from}")
         self.target_sparsity = float(target_sparsity)
         self.criterion, self.budget, self.widths, self.round_to = criterion, budget, widths, round_to
+        self.channels = channels
         self.n_calibration = int(calibration_batches)
         self.scores_from = scores_from
         self.scores: Scores | None = None
@@ -115,8 +127,9 @@ class ImportanceInheritance(Inheritance):
 
     def describe_student(self, source: str) -> str:
         drop = ", ".join(f"{k} {v}" for k, v in self.drop_layers.items() if v) or "none"
+        what = "neurons and residual channels" if self.channels == "prune" else "neurons"
         return (f"{source} pruned once by {self.criterion} importance ({self.widths.replace('_', '-')} widths, "
-                f"layers dropped: {drop}, neurons rounded to {self.round_to})")
+                f"layers dropped: {drop}, {what} rounded to {self.round_to})")
 
     def schedule_lines(self, total_steps: int) -> list[str]:
         if self.scores_from is not None:
@@ -129,12 +142,21 @@ class ImportanceInheritance(Inheritance):
             where = "calibration: none (weights only)"
         rule = ("every kept layer of a tower keeps all heads and the same MLP width (a plain open_clip model)"
                 if self.widths == "uniform" else "heads and MLP neurons ranked globally, per-layer widths")
+        if self.channels == "prune":
+            rule += f"; residual channels ranked with them, in chunks of {self.round_to}"
         return [f"importance: criterion {self.criterion}, {self.budget} budget over {'+'.join(self.towers)}; {rule}",
                 f"importance {where}"]
 
     def check(self, student: nn.Module | None, source: nn.Module) -> None:
         """The layers to drop exist in the source (every tower keeps at least one layer), and even its smallest
         ones fit in the budget (the dry run calls it on a shape-only source)."""
+        if self.channels == "prune":
+            for name in self.towers:
+                width = get_tower(source, name).width
+                if width % self.round_to or width < 2 * self.round_to:
+                    raise ValueError(f"channels: prune keeps a multiple of round_to ({self.round_to}) residual "
+                                     f"channels, and the {name} tower's width {width} is no multiple of it (or "
+                                     "leaves nothing to prune): set round_to to a divisor of the width")
         for name, k in self.drop_layers.items():
             depth = len(get_tower(source, name).blocks)
             if k >= depth:
@@ -166,11 +188,12 @@ class ImportanceInheritance(Inheritance):
         """The scores of ``source``: from ``scores_from``, else from the stage's cache when its key matches, else
         computed (on the calibration batches) and written there by the main process."""
         key = self.score_key(source)
+        needs = [f"{name}/channels" for name in self.towers] if self.channels == "prune" else []
         if self.scores_from is not None:
-            self.scores = _read(Path(self.scores_from), key, strict=True)
+            self.scores = _read(Path(self.scores_from), key, strict=True, needs=needs)
             return
         path = Path(calibration.scores_path)
-        self.scores = _read(path, key, strict=False) if path.is_file() else None
+        self.scores = _read(path, key, strict=False, needs=needs) if path.is_file() else None
         if self.scores is not None:
             logger.info("importance: scores read from %s (no calibration pass)", path)
             return
@@ -194,7 +217,8 @@ class ImportanceInheritance(Inheritance):
         self.check(None, model)
         structure = describe_structure(model)
         keep = select_units(self.scores, structure, _costs(model, structure, self.towers), self.towers,
-                            self.target_sparsity, self.budget, self.widths, self.drop_layers, self.round_to)
+                            self.target_sparsity, self.budget, self.widths, self.drop_layers, self.round_to,
+                            channels=self.channels == "prune")
         self.layer_map = {name: list(k.layers) for name, k in keep.items() if k.layers is not None}
         return prune_kept(model, keep)
 
@@ -233,23 +257,40 @@ def _drop_layers(value: int | Mapping[str, int], towers: tuple[str, ...]) -> dic
 
 
 def _costs(model: nn.Module, structure: Mapping[str, Any], towers: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """Parameters of a head, a neuron and each block, and the prunable total, per tower."""
+    """Parameters of a head, a neuron and each block, and the prunable total, per tower; and what they are made of
+    (per kept residual channel, and what does not scale with it), for a selection that prunes channels: a channel
+    costs ``channel_tower`` (its counted tower-level tensors) + per kept layer ``channel_block`` (norms, output
+    biases, LayerScale) + ``head_channel`` per kept head + ``neuron_channel`` per kept neuron."""
     out = {}
     for name in towers:
         t = structure[name]
         width, d = t["width"], t["head_dim"]
-        blocks = get_tower(model, name).blocks
+        tower = get_tower(model, name)
+        blocks = tower.blocks
         bias = blocks[0].attn.in_proj_bias is not None if blocks else False
+        per_block = 0
+        if blocks:
+            b = blocks[0]
+            parts = [*b.ln_1.parameters(), *b.ln_2.parameters(), b.attn.out_proj.bias, b.mlp.c_proj.bias,
+                     *(getattr(getattr(b, ls), "gamma", None) for ls in ("ls_1", "ls_2"))]
+            per_block = sum(p.numel() for p in parts if isinstance(p, torch.Tensor)) // max(width, 1)
+        params = dict(model.named_parameters())
+        per_tower = sum(params[p.key].numel() // params[p.key].shape[p.axis] for p in tower.channel_params
+                        if p.counted and params[p.key].shape[p.axis])
         out[name] = {"head": 4 * d * width + (3 * d if bias else 0),
                      "neuron": 2 * width + (1 if blocks and blocks[0].mlp.c_fc.bias is not None else 0),
+                     "head_channel": 4 * d, "head_bias": 3 * d if bias else 0,
+                     "neuron_channel": 2, "neuron_bias": 1 if blocks and blocks[0].mlp.c_fc.bias is not None else 0,
+                     "channel_tower": per_tower, "channel_block": per_block,
                      "layers": [sum(p.numel() for p in b.parameters()) for b in blocks],
                      "total": prunable_count(model, (name,))}
     return out
 
 
-def _read(path: Path, key: Mapping[str, Any], strict: bool) -> Scores | None:
-    """The scores at ``path`` if its key matches ``key`` (the calibration batch count aside for ``scores_from``);
-    ``strict``: a mismatch is an error, else None (the scores are computed again)."""
+def _read(path: Path, key: Mapping[str, Any], strict: bool, needs: list[str] | tuple[str, ...] = ()) -> Scores | None:
+    """The scores at ``path`` if its key matches ``key`` (the calibration batch count aside for ``scores_from``) and
+    it holds the entries ``needs`` (channel scores: a file written before they existed has none); ``strict``: a
+    mismatch is an error, else None (the scores are computed again)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -261,5 +302,12 @@ def _read(path: Path, key: Mapping[str, Any], strict: bool) -> Scores | None:
             raise ValueError(f"scores_from {path}: its {', '.join(wrong)} differ from this stage's "
                              f"({ {f: stored.get(f) for f in wrong} } vs { {f: key.get(f) for f in wrong} })")
         return None
-    return {k: v for k, v in load_file(str(path)).items()}
+    scores = {k: v for k, v in load_file(str(path)).items()}
+    missing = [k for k in needs if k not in scores]
+    if missing:
+        if strict:
+            raise ValueError(f"scores_from {path}: no {', '.join(missing)} scores (written before channel scores "
+                             "existed): score the source again (leave scores_from unset)")
+        return None
+    return scores
 

@@ -9,6 +9,12 @@
    ``uniform``: every kept layer of a tower keeps all its heads and the same ``m`` neurons (its best-scored ones);
    ``m`` falls by ``round_to`` at a time, in the tower whose next ``round_to`` neurons per layer have the lowest mean
    normalised score, while the removal comes nearer the budget.
+3. ``channels: prune`` (``per_layer`` only): the tower's residual channels join the ranking of step 2 in chunks of
+   ``round_to`` (its lowest-scored channels first, a chunk scored by its mean normalised score), so the kept width is a
+   multiple of ``round_to`` (at least ``round_to``). Costs are counted at the state when a unit goes: a channel costs
+   its tower-level tensors plus, in each kept layer, its norms, biases and ``4 d`` per kept head and 2 per kept
+   neuron; a head ``4 d`` per kept channel (+ ``3 d`` of bias), a neuron 2 per kept channel (+1), so the removed
+   count is exact before the neurons' rounding.
 """
 
 from __future__ import annotations
@@ -46,8 +52,10 @@ def _round(n: int, step: int, full: int) -> int:
 def select_units(
     scores: Mapping[str, Tensor], structure: Mapping[str, Any], costs: Mapping[str, Mapping[str, Any]],
     towers: tuple[str, ...], target: float, budget: str, widths: str, drop: Mapping[str, int], round_to: int,
+    channels: bool = False,
 ) -> dict[str, TowerKeep]:
-    """The kept layers (as ``TowerKeep.layers``), heads and neurons of each tower in ``towers``."""
+    """The kept layers (as ``TowerKeep.layers``), heads, neurons and (``channels``) residual channels of each tower in
+    ``towers``."""
     keys = _budget_keys(towers, budget)
     needed: dict[str, float] = {}
     for name in towers:
@@ -64,15 +72,20 @@ def select_units(
         if value > needed[key] + 1e-9:
             raise ValueError(f"drop_layers removes {value:,.0f} parameters, more than the target's {needed[key]:,.0f} "
                              f"({key}): drop fewer layers or raise target_sparsity")
+    kept_channels = {name: torch.arange(structure[name]["width"]) for name in towers}
+    if channels and widths == "uniform":
+        raise ValueError("channels: prune with widths: uniform is not built (open_clip ties a tower's width to heads x "
+                         "head dim); use widths: per_layer")
     if widths == "uniform":
         neurons = _uniform(scores, structure, costs, towers, keys, needed, removed, kept_layers, round_to)
         heads = {name: {i: torch.arange(structure[name]["heads"][i]) for i in kept_layers[name]} for name in towers}
     else:
-        heads, neurons = _per_layer(scores, structure, costs, towers, keys, needed, removed, kept_layers, round_to)
+        heads, neurons, kept_channels = _per_layer(scores, structure, costs, towers, keys, needed, removed,
+                                                   kept_layers, round_to, channels)
     out = {}
     for name in towers:
         layers = kept_layers[name]
-        out[name] = TowerKeep(channels=torch.arange(structure[name]["width"]),
+        out[name] = TowerKeep(channels=kept_channels[name],
                               heads=[heads[name][i] for i in layers], neurons=[neurons[name][i] for i in layers],
                               layers=layers if len(layers) != len(structure[name]["heads"]) else None)
     return out
@@ -84,26 +97,55 @@ def _top(score: Tensor, count: int) -> Tensor:
     return torch.tensor(sorted(order[:count]), dtype=torch.long)
 
 
-def _per_layer(scores, structure, costs, towers, keys, needed, removed, kept_layers, round_to):
+def _per_layer(scores, structure, costs, towers, keys, needed, removed, kept_layers, round_to, channels=False):
     units = []
     for name in towers:
-        for kind, cost in (("heads", costs[name]["head"]), ("neurons", costs[name]["neuron"])):
+        for kind in ("heads", "neurons"):
             for i, score in _normalised(scores, name, kind, kept_layers[name]).items():
-                units += [(float(s), name, kind, i, j, cost) for j, s in enumerate(score)]
+                units += [(float(s), name, kind, i, j) for j, s in enumerate(score)]
+    step = max(round_to, 1)
+    chunks: dict[str, list[Tensor]] = {}
+    if channels:
+        for name in towers:
+            score = _channel_scores(scores, name)
+            order = sorted(range(len(score)), key=lambda j: (float(score[j]), j))  # worst first
+            chunks[name] = [torch.tensor(order[c: c + step]) for c in range(0, len(order), step)]
+            units += [(float(score[chunk].mean()), name, "channels", 0, c) for c, chunk in enumerate(chunks[name])]
     left = {(name, kind, i): len(scores[f"{name}/{kind}/{i}"]) for name in towers for i in kept_layers[name]
             for kind in ("heads", "neurons")}
+    width = {name: structure[name]["width"] for name in towers}
     floor = {"heads": 1, "neurons": round_to}
+
+    def cost(name: str, kind: str) -> float:
+        c = costs[name]
+        if kind == "heads":
+            return c["head_channel"] * width[name] + c["head_bias"]
+        if kind == "neurons":
+            return c["neuron_channel"] * width[name] + c["neuron_bias"]
+        return step * (c["channel_tower"] + sum(c["channel_block"] + c["head_channel"] * left[name, "heads", i]
+                                                + c["neuron_channel"] * left[name, "neurons", i]
+                                                for i in kept_layers[name]))
+
     dropped: set[tuple[str, str, int, int]] = set()
-    for _s, name, kind, i, j, cost in sorted(units, key=lambda u: (u[0], u[1], u[2], u[3], u[4])):
+    for _s, name, kind, i, j in sorted(units):
         key = keys[name]
-        if removed[key] + cost > needed[key] or left[name, kind, i] <= floor[kind]:
+        size = width[name] - step if kind == "channels" else left[name, kind, i] - 1
+        c = cost(name, kind)
+        if removed[key] + c > needed[key] or size < (step if kind == "channels" else floor[kind]):
             continue
         dropped.add((name, kind, i, j))
-        removed[key] += cost
-        left[name, kind, i] -= 1
-    heads, neurons = {}, {}
+        removed[key] += c
+        if kind == "channels":
+            width[name] -= step
+        else:
+            left[name, kind, i] -= 1
+    heads, neurons, kept_channels = {}, {}, {}
     for name in towers:
         heads[name], neurons[name] = {}, {}
+        gone = [chunks[name][j] for (t, kind, _i, j) in dropped if t == name and kind == "channels"]
+        removed_channels = set(torch.cat(gone).tolist()) if gone else set()
+        kept_channels[name] = torch.tensor([c for c in range(structure[name]["width"]) if c not in removed_channels],
+                                           dtype=torch.long)
         for i in kept_layers[name]:
             h = scores[f"{name}/heads/{i}"]
             heads[name][i] = torch.tensor([j for j in range(len(h)) if (name, "heads", i, j) not in dropped],
@@ -111,7 +153,14 @@ def _per_layer(scores, structure, costs, towers, keys, needed, removed, kept_lay
             full = len(scores[f"{name}/neurons/{i}"])
             count = _round(left[name, "neurons", i], round_to, full)
             neurons[name][i] = _top(scores[f"{name}/neurons/{i}"], count)
-    return heads, neurons
+    return heads, neurons, kept_channels
+
+
+def _channel_scores(scores: Mapping[str, Tensor], name: str) -> Tensor:
+    """A tower's residual-channel scores over their mean (1 when all are 0)."""
+    value = scores[f"{name}/channels"].double()
+    mean = float(value.mean()) if value.numel() else 0.0
+    return value / mean if mean > 0 else torch.ones_like(value)
 
 
 def _uniform(scores, structure, costs, towers, keys, needed, removed, kept_layers, round_to):
