@@ -5,6 +5,7 @@ budget, the default leaving the width (and the run ids), and the refusals."""
 import copy
 import json
 
+import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -195,6 +196,30 @@ def test_the_budget_is_reached_within_rounding_with_channels_pruned(teacher, bud
     assert any(student.clip_structure[name]["width"] < 64 for name in TOWERS)
 
 
+@pytest.mark.parametrize("target", [0.5, 0.7])
+def test_uniform_widths_with_channels_drop_a_head_per_layer_per_head_dim_and_load_in_plain_open_clip(teacher, target):
+    """open_clip ties width to heads x head dim: the export keeps the best-scored width = heads x 16 channels, each
+    layer its best-scored heads, one MLP width, and open_clip builds it from its config alone."""
+    student = ImportanceInheritance(target, criterion="magnitude", widths="uniform", channels="prune").inherit(
+        None, teacher).eval()
+    scores = magnitude_scores(teacher, TOWERS)
+    assert achieved(student, teacher) == pytest.approx(target, abs=0.04)  # the width moves 16 of 64 at a time
+    for name in TOWERS:
+        t = student.clip_structure[name]
+        assert len(set(t["heads"])) == 1 and t["heads"][0] * 16 == t["width"] and len(set(t["mlp_width"])) == 1
+        assert t["mlp_width"][0] % 8 == 0
+        kept = torch.sort(torch.argsort(scores[f"{name}/channels"], descending=True, stable=True)[:t["width"]]).values
+        ln = get_tower(student, name).blocks[0].ln_1.weight
+        torch.testing.assert_close(ln, get_tower(teacher, name).blocks[0].ln_1.weight[kept])
+    assert student.clip_structure["vision"]["width"] < 64 and student.clip_cfg["vision_cfg"]["width"] < 64
+    plain = open_clip.CLIP(**student.clip_cfg).eval()
+    plain.load_state_dict(student.state_dict(), strict=True)
+    b = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(plain.encode_image(b["images"]), student.encode_image(b["images"]))
+        torch.testing.assert_close(plain.encode_text(b["texts"]), student.encode_text(b["texts"]))
+
+
 def test_channels_keep_is_the_default_leaves_the_width_and_the_run_id(teacher, tmp_path):
     default = ImportanceInheritance(0.5, criterion="magnitude").inherit(None, teacher)
     written = ImportanceInheritance(0.5, criterion="magnitude", channels="keep").inherit(None, teacher)
@@ -217,8 +242,9 @@ def test_the_dry_run_names_the_channels(tmp_path):
 def test_refusals(teacher, tmp_path):
     with pytest.raises(ValueError, match="channels must be one of"):
         ImportanceInheritance(channels="half")
-    with pytest.raises(ValueError, match="open_clip ties a tower's width to heads x head dim"):
-        ImportanceInheritance(channels="prune", widths="uniform")
+    with pytest.raises(ValueError, match="moves the vision width by its head dim"):
+        ImportanceInheritance(0.5, criterion="magnitude", channels="prune", widths="uniform", round_to=32).inherit(
+            None, teacher)
     with pytest.raises(ValueError, match="no multiple of it"):
         ImportanceInheritance(0.5, criterion="magnitude", channels="prune", round_to=48).inherit(None, teacher)
     strategy = ImportanceInheritance(0.5, criterion="magnitude")

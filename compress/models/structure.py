@@ -117,18 +117,31 @@ def describe_against(
 
 
 def open_clip_config(cfg: Mapping[str, Any], structure: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The open_clip model config of a structure that open_clip can build (every layer alike,
-    all heads and the full width kept; only a common MLP width may differ), else None."""
+    """The open_clip model config of a structure that open_clip can build (every layer alike: one MLP width, and
+    either all heads and the full width kept, or a narrower width ``heads x head_dim`` with that many heads in
+    every layer, as open_clip ties them), else None."""
     new = copy.deepcopy(dict(cfg))
     for name, t in structure.items():
         full = t["full"]
-        if t["width"] != full["width"] or t["heads"] != full["heads"] or len(set(t["mlp_width"])) > 1:
+        key = "vision_cfg" if name == "vision" else "text_cfg"
+        if len(set(t["mlp_width"])) > 1:
             return None
-        if t["mlp_width"] and t["mlp_width"] != full["mlp_width"]:
+        if t["width"] != full["width"]:
+            heads = set(t["heads"])
+            if len(heads) != 1 or next(iter(heads)) * t["head_dim"] != t["width"]:
+                return None
+            if name == "vision" and t["head_dim"] != new[key].get("head_width", 64):
+                return None
+            new[key]["width"] = t["width"]
+            if name == "text":
+                new[key]["heads"] = t["heads"][0]
+        elif t["heads"] != full["heads"]:
+            return None
+        if t["mlp_width"] and (t["mlp_width"] != full["mlp_width"] or t["width"] != full["width"]):
             ratio = t["mlp_width"][0] / t["width"]
             if int(t["width"] * ratio) != t["mlp_width"][0]:
                 return None
-            new["vision_cfg" if name == "vision" else "text_cfg"]["mlp_ratio"] = ratio
+            new[key]["mlp_ratio"] = ratio
     return new
 
 

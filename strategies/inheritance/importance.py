@@ -92,11 +92,6 @@ class ImportanceInheritance(Inheritance):
             raise ValueError(f"widths must be one of {', '.join(WIDTHS)}, got {widths!r}")
         if channels not in CHANNELS:
             raise ValueError(f"channels must be one of {', '.join(CHANNELS)}, got {channels!r}")
-        if channels == "prune" and widths == "uniform":
-            raise ValueError("channels: prune with widths: uniform is not built: open_clip ties a tower's width to "
-                             "heads x head dim (one attention inner size = the width), so a uniform export with fewer "
-                             "channels must also drop heads in step with them; use widths: per_layer (a compact "
-                             "export that compress.models.load_model reads) or channels: keep")
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"round_to must be an integer >= 1 (1 = no rounding), got {round_to!r}")
         self.towers = resolve_towers(towers if isinstance(towers, str) else tuple(towers))
@@ -143,7 +138,8 @@ class ImportanceInheritance(Inheritance):
         rule = ("every kept layer of a tower keeps all heads and the same MLP width (a plain open_clip model)"
                 if self.widths == "uniform" else "heads and MLP neurons ranked globally, per-layer widths")
         if self.channels == "prune":
-            rule += f"; residual channels ranked with them, in chunks of {self.round_to}"
+            rule += (f"; residual channels ranked with them, in chunks of {self.round_to}" if self.widths == "per_layer"
+                     else "; the width moves by a head dim with one head per layer (heads x head dim, as open_clip)")
         return [f"importance: criterion {self.criterion}, {self.budget} budget over {'+'.join(self.towers)}; {rule}",
                 f"importance {where}"]
 
@@ -157,6 +153,11 @@ class ImportanceInheritance(Inheritance):
                     raise ValueError(f"channels: prune keeps a multiple of round_to ({self.round_to}) residual "
                                      f"channels, and the {name} tower's width {width} is no multiple of it (or "
                                      "leaves nothing to prune): set round_to to a divisor of the width")
+                head_dim = describe_structure(source, (name,))[name]["head_dim"]
+                if self.widths == "uniform" and head_dim % self.round_to:
+                    raise ValueError(f"widths: uniform with channels: prune moves the {name} width by its head dim "
+                                     f"({head_dim}, as open_clip ties width to heads x head dim), no multiple of "
+                                     f"round_to ({self.round_to}): set round_to to a divisor of the head dim")
         for name, k in self.drop_layers.items():
             depth = len(get_tower(source, name).blocks)
             if k >= depth:

@@ -9,12 +9,17 @@
    ``uniform``: every kept layer of a tower keeps all its heads and the same ``m`` neurons (its best-scored ones);
    ``m`` falls by ``round_to`` at a time, in the tower whose next ``round_to`` neurons per layer have the lowest mean
    normalised score, while the removal comes nearer the budget.
-3. ``channels: prune`` (``per_layer`` only): the tower's residual channels join the ranking of step 2 in chunks of
+3. ``channels: prune``, ``per_layer``: the tower's residual channels join the ranking of step 2 in chunks of
    ``round_to`` (its lowest-scored channels first, a chunk scored by its mean normalised score), so the kept width is a
    multiple of ``round_to`` (at least ``round_to``). Costs are counted at the state when a unit goes: a channel costs
    its tower-level tensors plus, in each kept layer, its norms, biases and ``4 d`` per kept head and 2 per kept
    neuron; a head ``4 d`` per kept channel (+ ``3 d`` of bias), a neuron 2 per kept channel (+1), so the removed
    count is exact before the neurons' rounding.
+   ``uniform``: open_clip ties a tower's width to heads x head dim (one attention inner size, the width), so the
+   width moves by a head dim at a time together with one head in every kept layer (its lowest-scored one): a third
+   option beside the ``round_to`` neurons step, scored by the mean normalised score of the d channels and the heads
+   it removes. The kept width is a multiple of the head dim, and the export is a plain open_clip model (``width``,
+   the text tower's ``heads`` and ``mlp_ratio`` rewritten).
 """
 
 from __future__ import annotations
@@ -73,12 +78,9 @@ def select_units(
             raise ValueError(f"drop_layers removes {value:,.0f} parameters, more than the target's {needed[key]:,.0f} "
                              f"({key}): drop fewer layers or raise target_sparsity")
     kept_channels = {name: torch.arange(structure[name]["width"]) for name in towers}
-    if channels and widths == "uniform":
-        raise ValueError("channels: prune with widths: uniform is not built (open_clip ties a tower's width to heads x "
-                         "head dim); use widths: per_layer")
     if widths == "uniform":
-        neurons = _uniform(scores, structure, costs, towers, keys, needed, removed, kept_layers, round_to)
-        heads = {name: {i: torch.arange(structure[name]["heads"][i]) for i in kept_layers[name]} for name in towers}
+        heads, neurons, kept_channels = _uniform(scores, structure, costs, towers, keys, needed, removed, kept_layers,
+                                                 round_to, channels)
     else:
         heads, neurons, kept_channels = _per_layer(scores, structure, costs, towers, keys, needed, removed,
                                                    kept_layers, round_to, channels)
@@ -163,31 +165,73 @@ def _channel_scores(scores: Mapping[str, Tensor], name: str) -> Tensor:
     return value / mean if mean > 0 else torch.ones_like(value)
 
 
-def _uniform(scores, structure, costs, towers, keys, needed, removed, kept_layers, round_to):
+def _uniform(scores, structure, costs, towers, keys, needed, removed, kept_layers, round_to, channels=False):
     step = max(round_to, 1)
     width = {name: min((len(scores[f"{name}/neurons/{i}"]) for i in kept_layers[name]), default=0) for name in towers}
     if any(len({len(scores[f"{name}/neurons/{i}"]) for i in kept_layers[name]}) > 1 for name in towers):
         raise ValueError("widths: uniform needs a source whose layers have one MLP width per tower (this source was "
                          "pruned per layer); use widths: per_layer")
-    # a layer's neurons sorted best first, with their normalised scores
+    d = {name: structure[name]["head_dim"] for name in towers}
+    n_heads = {name: structure[name]["heads"][kept_layers[name][0]] if kept_layers[name] else 0 for name in towers}
+    res = {name: structure[name]["width"] for name in towers}
+    if channels:
+        for name in towers:
+            if any(structure[name]["heads"][i] != n_heads[name] for i in kept_layers[name]) or \
+                    n_heads[name] * d[name] != res[name]:
+                raise ValueError(f"widths: uniform with channels: prune needs a source whose {name} width is heads x "
+                                 f"head dim in every layer (open_clip's shape; this source has width {res[name]}, "
+                                 f"heads {structure[name]['heads']}, head dim {d[name]}): use widths: per_layer")
+    # a layer's neurons (heads) and the tower's channels sorted best first, with their normalised scores
     ranked = {name: {i: torch.sort(v, descending=True).values
                      for i, v in _normalised(scores, name, "neurons", kept_layers[name]).items()} for name in towers}
+    ranked_heads = {name: {i: torch.sort(v, descending=True).values
+                           for i, v in _normalised(scores, name, "heads", kept_layers[name]).items()}
+                    for name in towers}
+    ranked_channels = {name: torch.sort(_channel_scores(scores, name), descending=True).values
+                       for name in towers} if channels else {}
     m = {name: width[name] - width[name] % step if width[name] % step else width[name] for name in towers}
+    h = dict(n_heads)
+
+    def neuron_cost(name: str) -> float:
+        return costs[name]["neuron_channel"] * res[name] + costs[name]["neuron_bias"]
+
+    def width_cost(name: str) -> float:
+        """d channels and one head per layer (the channels counted at the heads kept, then the head at the width
+        left)."""
+        c, layers = costs[name], len(kept_layers[name])
+        per_channel = c["channel_tower"] + layers * (c["channel_block"] + c["head_channel"] * h[name]
+                                                     + c["neuron_channel"] * m[name])
+        return d[name] * per_channel + layers * (c["head_channel"] * (res[name] - d[name]) + c["head_bias"])
+
     for name in towers:  # the full width is kept unless rounded; rounding down counts toward the budget
-        removed[keys[name]] += (width[name] - m[name]) * costs[name]["neuron"] * len(kept_layers[name])
+        removed[keys[name]] += (width[name] - m[name]) * neuron_cost(name) * len(kept_layers[name])
     while True:
         options = []
         for name in towers:
-            key, cost = keys[name], step * costs[name]["neuron"] * len(kept_layers[name])
-            if m[name] - step < step or abs(needed[key] - removed[key] - cost) >= abs(needed[key] - removed[key]):
-                continue  # no step left, or one that moves its budget away from its target
-            mean = sum(float(r[m[name] - step: m[name]].sum()) for r in ranked[name].values()) / (
-                step * len(kept_layers[name]))
-            options.append((mean, name, cost))
+            key, layers = keys[name], len(kept_layers[name])
+            gap = abs(needed[key] - removed[key])
+            cost = step * neuron_cost(name) * layers
+            if m[name] - step >= step and abs(needed[key] - removed[key] - cost) < gap:
+                mean = sum(float(r[m[name] - step: m[name]].sum()) for r in ranked[name].values()) / (step * layers)
+                options.append((mean, name, cost, "neurons"))
+            if channels and h[name] > 1:  # one head per layer and its head dim of channels, as open_clip ties them
+                cost = width_cost(name)
+                if abs(needed[key] - removed[key] - cost) < gap:
+                    units = float(ranked_channels[name][res[name] - d[name]: res[name]].sum()) + sum(
+                        float(r[h[name] - 1]) for r in ranked_heads[name].values())
+                    options.append((units / (d[name] + layers), name, cost, "width"))
         if not options:
             break
-        _mean, name, cost = min(options)
-        m[name] -= step
+        _mean, name, cost, kind = min(options)
+        if kind == "width":
+            h[name] -= 1
+            res[name] -= d[name]
+        else:
+            m[name] -= step
         removed[keys[name]] += cost
-    return {name: {i: _top(scores[f"{name}/neurons/{i}"], m[name]) for i in kept_layers[name]} for name in towers}
-
+    heads = {name: {i: _top(scores[f"{name}/heads/{i}"], h[name]) if channels
+                    else torch.arange(structure[name]["heads"][i]) for i in kept_layers[name]} for name in towers}
+    neurons = {name: {i: _top(scores[f"{name}/neurons/{i}"], m[name]) for i in kept_layers[name]} for name in towers}
+    kept = {name: _top(scores[f"{name}/channels"], res[name]) if channels else torch.arange(res[name])
+            for name in towers}
+    return heads, neurons, kept
