@@ -1,4 +1,5 @@
-"""Importance-ranked inheritance: score heads, MLP neurons and layers of the source, sort, keep the best.
+"""Importance-ranked inheritance: score heads, MLP neurons, residual channels and layers of the source, sort, keep
+the best.
 
 Torch-Pruning's magnitude and Taylor criteria (Fang et al., "DepGraph", CVPR 2023) and Minitron's activation
 importance (Muralidharan et al. 2024; sort-then-slice), see :mod:`strategies.inheritance.importance_scores`.
@@ -10,10 +11,13 @@ so heads and neurons, and the two towers, are compared on one scale.
 
 ``widths``: ``per_layer`` (a global ranking; every layer keeps at least one head, and ``round_to`` neurons: each
 layer's neuron count is rounded to the nearest multiple of ``round_to``, its best-scored neurons kept) or
-``uniform`` (every kept layer of a tower keeps all its heads and the same number of MLP neurons, a multiple of
-``round_to``, each layer its best-scored ones: open_clip ties a tower's width to heads x head dim, so heads and
-residual channels stay whole and the export is a plain open_clip model with a smaller ``mlp_ratio`` and
-``layers``). Residual channels are never pruned here.
+``uniform`` (every kept layer of a tower keeps the same heads count and number of MLP neurons, a multiple of
+``round_to``, each layer its best-scored ones; the export is a plain open_clip model with a smaller ``mlp_ratio``
+and ``layers``). ``channels``: ``keep`` (the default) leaves the residual width (and with ``uniform`` every head:
+open_clip ties a tower's width to heads x head dim); ``prune`` also prunes each tower's residual channels by their
+scores, in the same budget: ``per_layer`` ranks them with heads and neurons in chunks of ``round_to``; ``uniform``
+moves the width by a head dim together with one head in every layer, so the export stays a plain open_clip model
+with a smaller ``width`` (see :mod:`strategies.inheritance.importance_select`).
 
 Scores are kept in the stage's folder (:attr:`compress.rundir.RunDir.importance_scores`, keyed by a SHA-256 of the
 source's weights, the criterion and the number of calibration batches): a restart before the first checkpoint reads
