@@ -18,8 +18,9 @@
    ``uniform``: open_clip ties a tower's width to heads x head dim (one attention inner size, the width), so the
    width moves by a head dim at a time together with one head in every kept layer (its lowest-scored one): a third
    option beside the ``round_to`` neurons step, scored by the mean normalised score of the d channels and the heads
-   it removes. The kept width is a multiple of the head dim, and the export is a plain open_clip model (``width``,
-   the text tower's ``heads`` and ``mlp_ratio`` rewritten).
+   it removes; where a width step overshot, ``round_to`` neurons per layer come back (the best-scored first) while
+   that nears the target. The kept width is a multiple of the head dim, and the export is a plain open_clip model
+   (``width``, the text tower's ``heads`` and ``mlp_ratio`` rewritten).
 """
 
 from __future__ import annotations
@@ -229,6 +230,20 @@ def _uniform(scores, structure, costs, towers, keys, needed, removed, kept_layer
         else:
             m[name] -= step
         removed[keys[name]] += cost
+    while channels:  # a width step may overshoot: neurons come back (best first) while that nears the target
+        back = []
+        for name in towers:
+            key, layers = keys[name], len(kept_layers[name])
+            cost = step * neuron_cost(name) * layers
+            gap = abs(needed[key] - removed[key])
+            if m[name] + step <= width[name] and abs(needed[key] - removed[key] + cost) < gap:
+                mean = sum(float(r[m[name]: m[name] + step].sum()) for r in ranked[name].values()) / (step * layers)
+                back.append((-mean, name, cost))
+        if not back:
+            break
+        _mean, name, cost = min(back)
+        m[name] += step
+        removed[keys[name]] -= cost
     heads = {name: {i: _top(scores[f"{name}/heads/{i}"], h[name]) if channels
                     else torch.arange(structure[name]["heads"][i]) for i in kept_layers[name]} for name in towers}
     neurons = {name: {i: _top(scores[f"{name}/neurons/{i}"], m[name]) for i in kept_layers[name]} for name in towers}
