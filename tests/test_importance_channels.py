@@ -19,7 +19,12 @@ from compress.plan import build_plan, format_plan
 from compress.recipe import run_id_of
 from compress.run import run_dir_for, run_experiment
 from strategies.inheritance.importance import ImportanceInheritance, prune_kept
-from strategies.inheritance.importance_scores import activation_scores, magnitude_scores, taylor_scores
+from strategies.inheritance.importance_scores import (
+    activation_scores,
+    magnitude_scores,
+    real_text_tokens,
+    taylor_scores,
+)
 from tests.test_importance_inheritance import NO_EVAL, achieved, batch
 from tests.test_resume import TRAIN, Stop, assert_same, outcome, stop_at
 from tests.test_run_e2e import tiny_config
@@ -88,7 +93,9 @@ def test_activation_channel_scores_are_minitrons_mean_abs_layernorm_output_summe
     for h in hooks:
         h.remove()
     assert len(outputs) == 9
-    expected = sum(y.abs().reshape(-1, y.shape[-1]).mean(0) for y in outputs)
+    real = real_text_tokens(b["texts"])  # up to each text's end-of-text token, as the heads' and neurons' scores
+    assert not real.all()
+    expected = sum((y if y.shape[:2] == real.shape else y.transpose(0, 1))[real].abs().mean(0) for y in outputs)
     torch.testing.assert_close(scores["text/channels"], expected, rtol=1e-4, atol=1e-6)
 
 

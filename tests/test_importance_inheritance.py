@@ -58,12 +58,19 @@ def test_magnitude_scores_are_the_sum_of_squares_of_each_units_weights(teacher):
                                                                   + scores[f"{name}/neurons/0"].sum()), rel=1e-5)
 
 
-def test_taylor_scores_are_the_sum_of_abs_weight_times_gradient_of_the_clip_loss(teacher):
-    model = copy.deepcopy(teacher).requires_grad_(False)
-    scores = taylor_scores(model, TOWERS, [batch()], torch.device("cpu"))
-    assert all(not p.requires_grad and p.grad is None for p in model.parameters())  # as it was
+def padded_batch(n=4, seed=2, length=16):
+    """Texts as the tokenizer writes them: tokens, the end-of-text token (the largest id) at a varying position,
+    then padding (0)."""
+    b = batch(n, seed)
+    texts = torch.randint(1, 399, (n, length), generator=torch.Generator().manual_seed(seed))
+    for i, end in enumerate(range(3, 3 + 2 * n, 2)):
+        texts[i, end], texts[i, end + 1:] = 399, 0
+    return {"images": b["images"], "texts": texts}
+
+
+def taylor_reference(teacher, b):
+    """Σ |w · ∂L/∂w| of vision layer 1's heads and neurons for one batch, L the CLIP loss computed here."""
     ref = copy.deepcopy(teacher).requires_grad_(True)
-    b = batch()
     image = F.normalize(ref.encode_image(b["images"]), dim=-1)
     text = F.normalize(ref.encode_text(b["texts"]), dim=-1)
     logits = ref.logit_scale.exp() * image @ text.T
@@ -77,12 +84,25 @@ def test_taylor_scores_are_the_sum_of_abs_weight_times_gradient_of_the_clip_loss
                          + wg_out[:, h * d:(h + 1) * d].sum() for h in range(block.attn.num_heads)])
     neurons = ((block.mlp.c_fc.weight * block.mlp.c_fc.weight.grad).abs().sum(1)
                + (block.mlp.c_proj.weight * block.mlp.c_proj.weight.grad).abs().sum(0))
-    torch.testing.assert_close(scores["vision/heads/1"], heads.detach(), rtol=1e-4, atol=1e-8)
-    torch.testing.assert_close(scores["vision/neurons/1"], neurons.detach(), rtol=1e-4, atol=1e-8)
+    return heads.detach(), neurons.detach()
 
 
-def test_activation_scores_are_minitrons_mean_activations_and_block_importance(teacher):
-    b = batch()
+def test_taylor_scores_are_the_per_batch_sum_of_abs_weight_times_gradient_of_the_clip_loss(teacher):
+    """Molchanov's per-batch |w·g|, summed over the batches: not |w·Σg| (which the accumulated gradient gives)."""
+    model = copy.deepcopy(teacher).requires_grad_(False).train()
+    batches = [batch(), padded_batch()]
+    scores = taylor_scores(model, TOWERS, batches, torch.device("cpu"))
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters()) and model.training  # as it was
+    refs = [taylor_reference(teacher, b) for b in batches]
+    heads, neurons = refs[0][0] + refs[1][0], refs[0][1] + refs[1][1]
+    torch.testing.assert_close(scores["vision/heads/1"], heads, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(scores["vision/neurons/1"], neurons, rtol=1e-4, atol=1e-8)
+
+
+def test_activation_scores_are_mean_activations_and_block_importance_over_the_real_tokens(teacher):
+    """Text: only the positions up to each text's end-of-text token count (the padding after it never reaches the
+    pooled feature)."""
+    b = padded_batch()
     scores = activation_scores(teacher, TOWERS, [b], torch.device("cpu"))
     block = get_tower(teacher, "text").blocks[2]
     seen = {}
@@ -93,13 +113,20 @@ def test_activation_scores_are_minitrons_mean_activations_and_block_importance(t
         teacher.encode_text(b["texts"])
     for h in hooks:
         h.remove()
-    act = block.mlp.gelu(seen["fc"]).reshape(-1, seen["fc"].shape[-1])
+    ends = b["texts"].argmax(dim=-1).tolist()
+    real = torch.zeros(b["texts"].shape, dtype=torch.bool)
+    for i, end in enumerate(ends):
+        real[i, : end + 1] = True
+    assert not real.all()  # padding present: the test can tell the two averages apart
+    act = block.mlp.gelu(seen["fc"])[real]
     torch.testing.assert_close(scores["text/neurons/2"], act.abs().mean(0), rtol=1e-4, atol=1e-6)
-    heads = seen["heads"].reshape(-1, block.attn.num_heads, block.attn.head_dim).norm(dim=-1).mean(0)
+    heads = seen["heads"][real].reshape(-1, block.attn.num_heads, block.attn.head_dim).norm(dim=-1).mean(0)
     torch.testing.assert_close(scores["text/heads/2"], heads, rtol=1e-4, atol=1e-6)
     x, y = seen["io"]
-    assert float(scores["text/layers"][2]) == pytest.approx(float(1 - F.cosine_similarity(x, y, dim=-1).mean()),
-                                                            rel=1e-4)
+    assert float(scores["text/layers"][2]) == pytest.approx(
+        float(1 - F.cosine_similarity(x[real], y[real], dim=-1).mean()), rel=1e-4)
+    padded_mean = block.mlp.gelu(seen["fc"]).reshape(-1, seen["fc"].shape[-1]).abs().mean(0)
+    assert not torch.allclose(scores["text/neurons/2"], padded_mean, rtol=1e-3)
 
 
 def achieved(model, source, towers=TOWERS):

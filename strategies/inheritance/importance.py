@@ -6,8 +6,11 @@ importance (Muralidharan et al. 2024; sort-then-slice), see :mod:`strategies.inh
 One shot, before training: the student is the source with the lowest-scored layers removed (``drop_layers``, by
 layer score) and then the lowest-scored heads and MLP neurons, until ``target_sparsity`` of the source's
 prunable parameters is removed (``budget``: ``pooled`` over ``towers`` or ``per_tower``, as ``auto``). Within a
-tower, units of a kind are ranked by their score over the kind's mean score (Torch-Pruning's ``mean`` normalizer),
-so heads and neurons, and the two towers, are compared on one scale.
+tower, units of a kind are ranked by their score over the kind's mean score (Torch-Pruning's ``mean`` normalizer):
+a unit's rank is relative to the others of its kind in its tower, so a pooled budget is split between the towers
+(and between heads and neurons) by these relative ranks, not by absolute scores (a tower whose weights were all 3x
+larger would be cut the same), and a unit's rank does not weigh its cost (a head holds as many parameters as ~128
+MLP neurons at ViT-B/32). A ranking by absolute score per parameter is the alternative not built here.
 
 ``widths``: ``per_layer`` (a global ranking; every layer keeps at least one head, and ``round_to`` neurons: each
 layer's neuron count is rounded to the nearest multiple of ``round_to``, its best-scored neurons kept) or

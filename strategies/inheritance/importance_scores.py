@@ -1,16 +1,18 @@
 """Importance scores of heads, MLP neurons, residual channels and layers of a CLIP model's transformer towers.
 
-- ``magnitude``: torch-pruning's ``GroupMagnitudeImportance`` (p=2, L2 of the unit's weights; Li et al., "Pruning
-  Filters for Efficient ConvNets", ICLR 2017), on a group per layer.
+- ``magnitude``: torch-pruning's ``GroupMagnitudeImportance`` (p=2: the sum of the squares of the unit's weights,
+  the squared L2; Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017), on a group per layer.
 - ``taylor``: torch-pruning's ``GroupTaylorImportance``, sum of |w * dL/dw| over the unit's weights (Molchanov et al.,
-  "Importance Estimation for Neural Network Pruning", CVPR 2019), L the source's own CLIP contrastive loss summed
-  over the calibration batches (gradients accumulated).
-- ``activation``: Minitron's activation importance (Muralidharan et al., "Compact Language Models via Pruning and
-  Knowledge Distillation", 2024): a neuron's mean |activation| (the input of ``c_proj``), a head's mean L2 norm of
-  its output (the input of ``out_proj``), over the calibration tokens; a layer's Block Importance
-  1 - mean cos(x_in, x_out) (ShortGPT, Men et al. 2024); a residual channel's Minitron embedding-channel importance,
-  the sum over the tower's residual-width LayerNorms (``ln_pre``, every ``ln_1`` / ``ln_2``, ``ln_post`` /
-  ``ln_final``) of the mean |LN(x)_c| over the calibration tokens.
+  "Importance Estimation for Neural Network Pruning", CVPR 2019), L the source's own CLIP contrastive loss on one
+  calibration batch, the scores of the batches summed (per batch, as Molchanov averages over mini-batches).
+- ``activation``: Minitron-style activation importance (after Muralidharan et al., "Compact Language Models via
+  Pruning and Knowledge Distillation", 2024): a neuron's mean |activation| after the MLP's non-linearity (the input
+  of ``c_proj``; Minitron scores the pre-activation and aggregates per sequence first), a head's mean L2 norm of
+  its output (the input of ``out_proj``), over the calibration tokens (text: only those up to the end-of-text
+  token, which the pooled feature can see); a layer's Block Importance 1 - mean cos(x_in, x_out) over the same
+  tokens (ShortGPT, Men et al. 2024); a residual channel's Minitron embedding-channel importance, the sum over the
+  tower's residual-width LayerNorms (``ln_pre``, every ``ln_1`` / ``ln_2``, ``ln_post`` / ``ln_final``) of the mean
+  |LN(x)_c| over the same tokens.
 
 torch-pruning cannot trace a head: the ``(qkv h d)`` split of ``HeadAttention`` is a reshape its graph does not turn
 into a head group, and ``in_proj_weight`` is a bare parameter. So each layer gets hand-built groups (torch-pruning's
@@ -157,19 +159,27 @@ def clip_loss(model: nn.Module, batch: Mapping[str, Any], device: torch.device) 
 
 def taylor_scores(model: nn.Module, towers: tuple[str, ...], batches: list[Mapping[str, Any]],
                   device: torch.device) -> Scores:
-    """First-order Taylor scores: gradients of the CLIP loss accumulated over ``batches`` (``model`` in eval mode,
-    its grads cleared before and after)."""
+    """First-order Taylor scores, Molchanov et al. (CVPR 2019): |w * dL/dw| summed over a unit's weights, computed per
+    calibration batch (L: the source's CLIP loss on that batch) and summed over the batches. Per batch, not on the
+    summed gradient: at a converged source the batches' gradients largely cancel, their magnitudes do not. The source's
+    training mode, ``requires_grad`` flags and gradients are as before."""
     frozen = {p: p.requires_grad for p in model.parameters()}
+    training = model.training
     model.eval().zero_grad(set_to_none=True)
     model.requires_grad_(True)  # the source is usually the frozen teacher
+    total: Scores = {}
     try:
-        with torch.enable_grad():
-            for batch in batches:
+        criterion = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
+        for batch in batches:
+            with torch.enable_grad():
                 clip_loss(model, batch, device).backward()
-            return _tp_scores(model, towers, tp.importance.GroupTaylorImportance(group_reduction="sum",
-                                                                                 normalizer=None))
+            for key, value in _tp_scores(model, towers, criterion).items():
+                total[key] = total[key] + value if key in total else value
+            model.zero_grad(set_to_none=True)
+        return total
     finally:
         model.zero_grad(set_to_none=True)
+        model.train(training)
         for p, flag in frozen.items():
             p.requires_grad_(flag)
 
@@ -179,10 +189,21 @@ def activation_scores(model: nn.Module, towers: tuple[str, ...], batches: list[M
                       device: torch.device) -> Scores:
     """Minitron's activation scores of heads, neurons and residual channels and ShortGPT's Block Importance of
     layers, over the tokens of ``batches`` (one forward of each tower per batch; hooks, removed after)."""
+    training = model.training
     model.eval()
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     handles = []
+    real: dict[str, Tensor | None] = {"tokens": None}  # (B, L) True at the tokens the pooled feature can see
+
+    def tokens(x: Tensor) -> Tensor:
+        """``x`` (B, L, ...) or (L, B, ...) as rows of its real tokens (text: up to the end-of-text token)."""
+        mask = real["tokens"]
+        if mask is None:
+            return x.reshape(-1, *x.shape[2:])
+        if x.shape[:2] != mask.shape:
+            x = x.transpose(0, 1)
+        return x[mask]
 
     def add(key: str, value: Tensor, n: int) -> None:
         sums[key] = sums.get(key, 0) + value.double().cpu()
@@ -193,15 +214,15 @@ def activation_scores(model: nn.Module, towers: tuple[str, ...], batches: list[M
             heads, head_dim = int(block.attn.num_heads), int(block.attn.head_dim)
 
             def on_heads(_m, args, key=f"{name}/heads/{i}", h=heads, d=head_dim):
-                x = args[0].reshape(-1, h, d)
+                x = tokens(args[0]).reshape(-1, h, d)
                 add(key, x.float().norm(dim=-1).sum(0), len(x))
 
             def on_neurons(_m, args, key=f"{name}/neurons/{i}"):
-                x = args[0].reshape(-1, args[0].shape[-1])
+                x = tokens(args[0])
                 add(key, x.float().abs().sum(0), len(x))
 
             def on_block(_m, args, output, key=f"{name}/layer/{i}"):
-                x, y = args[0], output[0] if isinstance(output, tuple) else output
+                x, y = tokens(args[0]), tokens(output[0] if isinstance(output, tuple) else output)
                 cos = F.cosine_similarity(x.float(), y.float(), dim=-1).reshape(-1)
                 add(key, (1 - cos).sum().reshape(1), len(cos))
 
@@ -211,17 +232,22 @@ def activation_scores(model: nn.Module, towers: tuple[str, ...], batches: list[M
         for j, (parent, attr) in enumerate(get_tower(model, name).norm_slots()):
 
             def on_norm(_m, _args, output, key=f"{name}/norm/{j}"):
-                y = output.reshape(-1, output.shape[-1])
+                y = output if output.dim() == 2 else tokens(output)  # (B, W): a pooled feature's norm
                 add(key, y.float().abs().sum(0), len(y))
 
             handles.append(getattr(parent, attr).register_forward_hook(on_norm))
     try:
         for batch in batches:
             if "vision" in towers:
+                real["tokens"] = None
                 model.encode_image(batch["images"].to(device))
             if "text" in towers:
-                model.encode_text(batch["texts"].to(device))
+                texts = batch["texts"].to(device)
+                real["tokens"] = real_text_tokens(texts)
+                model.encode_text(texts)
     finally:
+        real["tokens"] = None
+        model.train(training)
         for handle in handles:
             handle.remove()
     out: Scores = {}
@@ -236,6 +262,13 @@ def activation_scores(model: nn.Module, towers: tuple[str, ...], batches: list[M
         norms = [k for k in sums if k.startswith(f"{name}/norm/")]
         out[f"{name}/channels"] = sum(sums[k] / counts[k] for k in norms).float()
     return out
+
+
+def real_text_tokens(texts: Tensor) -> Tensor:
+    """(B, L) True at each text's positions up to its end-of-text token (open_clip's tokenizer gives it the largest
+    id, and the text feature is pooled there; the causal mask hides the padding after it from every earlier token)."""
+    end = texts.argmax(dim=-1, keepdim=True)
+    return torch.arange(texts.shape[-1], device=texts.device).unsqueeze(0) <= end
 
 
 def compute_scores(criterion: str, model: nn.Module, towers: tuple[str, ...], batches: list[Mapping[str, Any]],
