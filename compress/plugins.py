@@ -75,7 +75,9 @@ class Calibration:
     (never if not called): the run's data position and random states are as if they had not been drawn.
     ``scores_path``: the file the stage's run directory keeps the strategy's scores in (:class:`~compress.rundir.RunDir`
     ``importance_scores``). ``device``: where the source lives. ``main``: whether this process writes files (the
-    engine calls ``prepare`` on rank 0 first, then on the others, which then find the file rank 0 wrote).
+    engine calls ``prepare`` on rank 0 first, then on the others). A process with ``main=False`` never computes:
+    it reads the file rank 0 wrote at ``scores_path``, strictly (missing, or of another key, is an error naming
+    the path), so the run directory must be shared by all ranks.
     """
 
     batches: Callable[[], list[dict[str, Any]]]
@@ -126,7 +128,8 @@ class Inheritance:
         raise NotImplementedError
 
     def calibration_batches(self) -> int:
-        """How many training micro-batches :meth:`prepare` may draw (the plan counts their cost); 0 by default."""
+        """How many training micro-batches :meth:`prepare` may draw (the strategy's :meth:`schedule_lines` say
+        what they cost); 0 by default."""
         return 0
 
     def prepare(self, calibration: Calibration, source: nn.Module) -> None:

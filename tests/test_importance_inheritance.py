@@ -378,3 +378,21 @@ def test_the_engine_draws_calibration_batches_of_them_and_none_with_scores_from(
     reuse = ImportanceInheritance(0.5, criterion="activation", calibration_batches=3, scores_from=str(scores))
     stage.prepare_inheritance(stage.StageRun(cfg, tmp_path / "b", None, teacher, cfg.seed), reuse)
     assert drawn == [3] and reuse.scores is not None
+
+
+def test_a_rank_other_than_0_never_scores_it_reads_rank_0s_file_strictly(teacher, tmp_path):
+    def no_batches():
+        raise AssertionError("calibration batches were drawn")
+
+    path = tmp_path / "importance" / "scores.safetensors"
+    with pytest.raises(ValueError, match=f"no scores file at {path}.*shared by all ranks"):
+        ImportanceInheritance(0.3, criterion="activation", calibration_batches=1).prepare(
+            Calibration(no_batches, path, torch.device("cpu"), main=False), teacher)
+    ImportanceInheritance(0.3, criterion="activation", calibration_batches=1).prepare(
+        Calibration(lambda: [batch()], path, torch.device("cpu")), teacher)
+    other = ImportanceInheritance(0.3, criterion="activation", calibration_batches=1)
+    other.prepare(Calibration(no_batches, path, torch.device("cpu"), main=False), teacher)
+    assert other.scores is not None
+    with pytest.raises(ValueError, match="the scores rank 0 wrote at .*batches differ"):
+        ImportanceInheritance(0.3, criterion="activation", calibration_batches=2).prepare(
+            Calibration(no_batches, path, torch.device("cpu"), main=False), teacher)

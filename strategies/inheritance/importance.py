@@ -164,12 +164,19 @@ class ImportanceInheritance(Inheritance):
 
     def prepare(self, calibration: Calibration, source: nn.Module) -> None:
         """The scores of ``source``: from ``scores_from``, else from the stage's cache when its key matches, else
-        computed (on the calibration batches) and written there by the main process."""
+        computed (on the calibration batches) and written there by the main process. The other processes only read
+        that file (strictly: missing or of another key is an error), so every rank prunes by the same scores."""
         key = self.score_key(source)
         if self.scores_from is not None:
-            self.scores = _read(Path(self.scores_from), key, strict=True)
+            self.scores = _read(Path(self.scores_from), key, strict=True, fields=SOURCE_FIELDS)
             return
         path = Path(calibration.scores_path)
+        if not calibration.main:  # rank 0 wrote them a moment ago: a rank never scores on its own
+            if not path.is_file():
+                raise ValueError(f"importance: no scores file at {path} on this rank (rank 0 writes it there before "
+                                 "the others read it): the run directory must be shared by all ranks")
+            self.scores = _read(path, key, strict=True, what="the scores rank 0 wrote at")
+            return
         self.scores = _read(path, key, strict=False) if path.is_file() else None
         if self.scores is not None:
             logger.info("importance: scores read from %s (no calibration pass)", path)
@@ -247,18 +254,24 @@ def _costs(model: nn.Module, structure: Mapping[str, Any], towers: tuple[str, ..
     return out
 
 
-def _read(path: Path, key: Mapping[str, Any], strict: bool) -> Scores | None:
-    """The scores at ``path`` if its key matches ``key`` (the calibration batch count aside for ``scores_from``);
+#: the fields of a scores key that a scores file of another run (``scores_from``) must match: its calibration
+#: batches may differ (the scores are reused as they are)
+SOURCE_FIELDS = ("source", "criterion", "towers")
+
+
+def _read(path: Path, key: Mapping[str, Any], strict: bool, what: str = "scores_from",
+          fields: tuple[str, ...] | None = None) -> Scores | None:
+    """The scores at ``path`` if its key matches ``key`` on ``fields`` (all of ``key``'s by default);
     ``strict``: a mismatch is an error, else None (the scores are computed again)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         stored = json.loads((f.metadata() or {}).get("key", "{}"))
-    fields = ("source", "criterion", "towers") if strict else ("source", "criterion", "batches", "towers")
+    fields = tuple(key) if fields is None else fields
     wrong = [f for f in fields if stored.get(f) != key.get(f)]
     if wrong:
         if strict:
-            raise ValueError(f"scores_from {path}: its {', '.join(wrong)} differ from this stage's "
+            raise ValueError(f"{what} {path}: its {', '.join(wrong)} differ from this stage's "
                              f"({ {f: stored.get(f) for f in wrong} } vs { {f: key.get(f) for f in wrong} })")
         return None
     return {k: v for k, v in load_file(str(path)).items()}
