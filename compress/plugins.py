@@ -77,13 +77,17 @@ class Calibration:
     ``importance_scores``). ``device``: where the source lives. ``main``: whether this process writes files (the
     engine calls ``prepare`` on rank 0 first, then on the others). A process with ``main=False`` never computes:
     it reads the file rank 0 wrote at ``scores_path``, strictly (missing, or of another key, is an error naming
-    the path), so the run directory must be shared by all ranks.
+    the path), so the run directory must be shared by all ranks. ``micro_batch``, ``world_size``: the samples of
+    one of those micro-batches (per process) and the number of processes (what the batches are, beside their count:
+    a scores file kept for another layout is not the same scores; 0: unknown).
     """
 
     batches: Callable[[], list[dict[str, Any]]]
     scores_path: Path
     device: Any
     main: bool = True
+    micro_batch: int = 0
+    world_size: int = 1
 
 
 class Inheritance:

@@ -345,12 +345,14 @@ def prepare_inheritance(run: StageRun, inheritance: Any) -> None:
         return cache["batches"]
 
     scores = RunDir(run.directory).importance_scores
+    world = distributed.world_size()
+    layout = {"micro_batch": run.cfg.train.micro_batch(world), "world_size": world}
     saved = rng_state()
     try:
-        distributed.main_first(lambda: inheritance.prepare(Calibration(batches, scores, source_device, True),
-                                                           run.source))
+        distributed.main_first(lambda: inheritance.prepare(Calibration(batches, scores, source_device, True,
+                                                                       **layout), run.source))
         if not distributed.is_main_process():
-            inheritance.prepare(Calibration(batches, scores, source_device, False), run.source)
+            inheritance.prepare(Calibration(batches, scores, source_device, False, **layout), run.source)
     finally:
         set_rng_state(saved)
 

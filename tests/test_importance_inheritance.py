@@ -396,3 +396,22 @@ def test_a_rank_other_than_0_never_scores_it_reads_rank_0s_file_strictly(teacher
     with pytest.raises(ValueError, match="the scores rank 0 wrote at .*batches differ"):
         ImportanceInheritance(0.3, criterion="activation", calibration_batches=2).prepare(
             Calibration(no_batches, path, torch.device("cpu"), main=False), teacher)
+
+
+def test_kept_scores_of_another_micro_batch_size_or_world_size_are_not_reused(teacher, tmp_path):
+    def no_batches():
+        raise AssertionError("calibration batches were drawn")
+
+    path = tmp_path / "importance" / "scores.safetensors"
+
+    def calibration(batches, micro_batch, world_size):
+        return Calibration(batches, path, torch.device("cpu"), micro_batch=micro_batch, world_size=world_size)
+
+    ImportanceInheritance(0.3, criterion="activation", calibration_batches=1).prepare(
+        calibration(lambda: [batch()], 4, 1), teacher)
+    same = ImportanceInheritance(0.3, criterion="activation", calibration_batches=1)
+    same.prepare(calibration(no_batches, 4, 1), teacher)  # the same layout: read, not drawn
+    for micro_batch, world_size in ((8, 1), (4, 2)):
+        with pytest.raises(AssertionError, match="drawn"):
+            ImportanceInheritance(0.3, criterion="activation", calibration_batches=1).prepare(
+                calibration(no_batches, micro_batch, world_size), teacher)

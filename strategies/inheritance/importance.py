@@ -16,11 +16,11 @@ residual channels stay whole and the export is a plain open_clip model with a sm
 ``layers``). Residual channels are never pruned here.
 
 Scores are kept in the stage's folder (:attr:`compress.rundir.RunDir.importance_scores`, keyed by a SHA-256 of the
-source's weights, the criterion and the number of calibration batches): a restart before the first checkpoint reads
-them instead of scoring again, and ``scores_from`` (a scores file of another run of the same source) re-prunes to
-another target without a calibration pass. Cost at ViT-B/32 (measured on 2 busy CPU cores): hashing the source
-(600 MB in fp32) 1.3 s on every process, the scores (see the scores module), a scores file of 0.25 MB, then one copy
-of the source (600 MB) selected and pruned in place, 5-7 s.
+source's weights, the criterion, the number of calibration batches, their micro-batch size and the number of
+processes): a restart before the first checkpoint reads them instead of scoring again, and ``scores_from`` (a scores
+file of another run of the same source) re-prunes to another target without a calibration pass. Cost at ViT-B/32
+(measured on 2 busy CPU cores): hashing the source (600 MB in fp32) 1.3 s on every process, the scores (see the
+scores module), a scores file of 0.25 MB, then one copy of the source (600 MB) selected and pruned in place, 5-7 s.
 """
 
 from __future__ import annotations
@@ -153,20 +153,24 @@ class ImportanceInheritance(Inheritance):
                                  f"{needed[key]:,.0f} ({key}): drop fewer layers or raise target_sparsity")
 
     # -- scores ----------------------------------------------------------------------------
-    def score_key(self, source: nn.Module) -> dict[str, Any]:
-        """What the scores depend on: the source's weights (SHA-256), the criterion, the calibration batches."""
+    def score_key(self, source: nn.Module, calibration: Calibration | None = None) -> dict[str, Any]:
+        """What the scores depend on: the source's weights (SHA-256), the criterion, the calibration batches (their
+        count, and the micro-batch size and number of processes that drew them), the towers."""
         digest = hashlib.sha256()
         for name, tensor in sorted(source.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return {"source": digest.hexdigest(), "criterion": self.criterion, "batches": self.n_calibration,
-                "towers": list(self.towers)}
+        key = {"source": digest.hexdigest(), "criterion": self.criterion, "batches": self.n_calibration,
+               "towers": list(self.towers)}
+        if calibration is not None and self.n_calibration:  # magnitude reads no data: any layout has its scores
+            key.update(micro_batch=calibration.micro_batch, world_size=calibration.world_size)
+        return key
 
     def prepare(self, calibration: Calibration, source: nn.Module) -> None:
         """The scores of ``source``: from ``scores_from``, else from the stage's cache when its key matches, else
         computed (on the calibration batches) and written there by the main process. The other processes only read
         that file (strictly: missing or of another key is an error), so every rank prunes by the same scores."""
-        key = self.score_key(source)
+        key = self.score_key(source, calibration)
         if self.scores_from is not None:
             self.scores = _read(Path(self.scores_from), key, strict=True, fields=SOURCE_FIELDS)
             return
