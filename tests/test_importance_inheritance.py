@@ -342,6 +342,9 @@ def test_a_uniform_run_with_dropped_layers_resumes_exactly(tmp_path, monkeypatch
     assert_same(outcome(run_dir_for(cfg)), outcome(run_dir_for(straight)))
     exported = load_model(json.loads((run_dir_for(cfg) / "result.json").read_text())["metrics"]["export/path"])
     assert len(get_tower(exported, "vision").blocks) == 3 and len(get_tower(exported, "text").blocks) == 4
+    # the structure report aligns the student with its source by the layer map, which the resume restored
+    resumed, uninterrupted = (json.loads((run_dir_for(c) / "structure.json").read_text()) for c in (cfg, straight))
+    assert resumed == uninterrupted
 
 
 def test_the_dry_run_refuses_more_layers_dropped_than_the_source_has_or_the_budget_allows(tmp_path):

@@ -194,6 +194,17 @@ class ImportanceInheritance(Inheritance):
             tmp.replace(path)
 
     # -- the contract ---------------------------------------------------------------------
+    def record(self, student: nn.Module) -> dict[str, Any]:
+        """The default record and the source layer of each student layer (``layer_map``), which the weights do not
+        say: a resumed run's structure report aligns the student with its source as an uninterrupted one's."""
+        return {**super().record(student), "layer_map": self.layer_map}
+
+    def restore(self, record: Mapping[str, Any], source: nn.Module | None) -> nn.Module | None:
+        """``layer_map`` from the record; the engine rebuilds the plain student of the recorded structure."""
+        layer_map = record.get("layer_map")
+        self.layer_map = {k: list(v) for k, v in layer_map.items()} if layer_map is not None else None
+        return None
+
     @torch.no_grad()
     def inherit(self, student: nn.Module | None, source: nn.Module) -> nn.Module:
         if self.scores is None:
