@@ -124,6 +124,10 @@ class Inheritance:
     #: removes (None: it does not prune to a target). A staged run sets it to each stage's own share of the
     #: stage's cumulative ``target_sparsity`` (:mod:`compress.recipe.stages`).
     target_parameter: ClassVar[str | None] = None
+    #: constructor parameters bound to one particular source model (a file computed from its weights, say):
+    #: a stage whose source is the previous stage's student (a model that does not exist before the run) is refused
+    #: with any of them set, when the config is read (:mod:`compress.recipe.stages`)
+    source_bound: ClassVar[tuple[str, ...]] = ()
     #: after ``inherit``, the source layer of each student layer per tower (``{"vision": [0, 2, ...]}``), where
     #: the strategy maps layers; the structure report aligns the student with its source by it
     layer_map: dict[str, list[int]] | None = None

@@ -197,7 +197,7 @@ def test_the_scores_cache_and_scores_from_skip_the_calibration_pass(teacher, tmp
     b = again.inherit(None, teacher)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     # another target from the same scores: no calibration either
-    other = ImportanceInheritance(0.6, criterion="taylor", calibration_batches=1, scores_from=str(path))
+    other = ImportanceInheritance(0.6, criterion="taylor", scores_from=str(path))
     assert other.calibration_batches() == 0
     other.prepare(Calibration(no_batches, tmp_path / "other.safetensors", torch.device("cpu")), source)
     assert achieved(other.inherit(None, teacher), teacher) == pytest.approx(0.6, abs=0.02)
@@ -206,7 +206,7 @@ def test_the_scores_cache_and_scores_from_skip_the_calibration_pass(teacher, tmp
         ImportanceInheritance(0.3, criterion="activation", calibration_batches=1).prepare(
             Calibration(no_batches, path, torch.device("cpu")), source)
     with pytest.raises(ValueError, match="criterion differ"):
-        ImportanceInheritance(0.3, criterion="activation", calibration_batches=1, scores_from=str(path)).prepare(
+        ImportanceInheritance(0.3, criterion="activation", scores_from=str(path)).prepare(
             Calibration(no_batches, path, torch.device("cpu")), teacher)
 
 
@@ -378,7 +378,7 @@ def test_the_engine_draws_calibration_batches_of_them_and_none_with_scores_from(
     stage.prepare_inheritance(run, ImportanceInheritance(0.3, criterion="activation", calibration_batches=3))
     assert drawn == [3]
     scores = tmp_path / "a" / "importance" / "scores.safetensors"
-    reuse = ImportanceInheritance(0.5, criterion="activation", calibration_batches=3, scores_from=str(scores))
+    reuse = ImportanceInheritance(0.5, criterion="activation", scores_from=str(scores))
     stage.prepare_inheritance(stage.StageRun(cfg, tmp_path / "b", None, teacher, cfg.seed), reuse)
     assert drawn == [3] and reuse.scores is not None
 
@@ -418,3 +418,25 @@ def test_kept_scores_of_another_micro_batch_size_or_world_size_are_not_reused(te
         with pytest.raises(AssertionError, match="drawn"):
             ImportanceInheritance(0.3, criterion="activation", calibration_batches=1).prepare(
                 calibration(no_batches, micro_batch, world_size), teacher)
+
+
+def test_scores_from_is_checked_when_the_config_is_read(teacher, tmp_path, monkeypatch):
+    from compress.config import ConfigError
+
+    path = tmp_path / "importance" / "scores.safetensors"
+    ImportanceInheritance(0.3, criterion="magnitude").prepare(
+        Calibration(lambda: [], path, torch.device("cpu")), teacher)
+    readme = tmp_path / "README.md"
+    readme.write_text("# not scores\n")
+    with pytest.raises(ValueError, match=f"{readme} is not a scores file"):
+        ImportanceInheritance(0.3, criterion="magnitude", scores_from=str(readme))
+    with pytest.raises(ValueError, match="calibration_batches has no effect with scores_from"):
+        ImportanceInheritance(0.3, criterion="taylor", calibration_batches=8, scores_from=str(path))
+    monkeypatch.chdir(tmp_path)
+    relative = ImportanceInheritance(0.3, criterion="magnitude", scores_from="importance/scores.safetensors")
+    assert relative.scores_from == str(path.resolve())
+    # a stage sourced from the previous stage's student: the strategy binds scores_from to one source (refused)
+    spec = {"name": "importance", "criterion": "magnitude", "scores_from": str(path)}
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.inheritance\.scores_from: this stage's source is the prev"):
+        tiny_config(tmp_path, inheritance=spec, student=None, stages={"targets": [0.2, 0.4]}, eval=NO_EVAL)
+    tiny_config(tmp_path, inheritance=spec, student=None, eval=NO_EVAL)  # from the teacher: accepted

@@ -60,6 +60,7 @@ class ImportanceInheritance(Inheritance):
 
     needs_student_config = False
     target_parameter = "target_sparsity"
+    source_bound = ("scores_from",)
     structure_decided_by = "the importance scores, before step 0"
 
     def __init__(
@@ -90,6 +91,11 @@ class ImportanceInheritance(Inheritance):
             raise ValueError(f"round_to must be an integer >= 1 (1 = no rounding), got {round_to!r}")
         self.towers = resolve_towers(towers if isinstance(towers, str) else tuple(towers))
         self.drop_layers = _drop_layers(drop_layers, self.towers)
+        if scores_from is not None:
+            if calibration_batches is not None:
+                raise ValueError("calibration_batches has no effect with scores_from (the scores are read, no "
+                                 "calibration pass): leave it unset")
+            scores_from = _check_scores_file(scores_from)
         if calibration_batches is None:
             calibration_batches = 0 if criterion == "magnitude" else DEFAULT_CALIBRATION
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int):
@@ -100,8 +106,6 @@ class ImportanceInheritance(Inheritance):
         if criterion != "magnitude" and calibration_batches < 1:
             raise ValueError(f"criterion {criterion!r} scores on calibration batches: calibration_batches must be "
                              f">= 1, got {calibration_batches}")
-        if scores_from is not None and not Path(scores_from).is_file():
-            raise ValueError(f"scores_from: no scores file at {scores_from}")
         self.target_sparsity = float(target_sparsity)
         self.criterion, self.budget, self.widths, self.round_to = criterion, budget, widths, round_to
         self.n_calibration = int(calibration_batches)
@@ -272,6 +276,26 @@ def _costs(model: nn.Module, structure: Mapping[str, Any], towers: tuple[str, ..
 #: the fields of a scores key that a scores file of another run (``scores_from``) must match: its calibration
 #: batches may differ (the scores are reused as they are)
 SOURCE_FIELDS = ("source", "criterion", "towers")
+
+
+def _check_scores_file(scores_from: str) -> str:
+    """``scores_from`` as an absolute path, once it is a safetensors file whose key names a source, a criterion and
+    towers (a scores file this strategy wrote); else the error naming it."""
+    from safetensors import safe_open
+
+    path = Path(scores_from).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError(f"scores_from: no scores file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            key = json.loads((f.metadata() or {}).get("key", "{}"))
+    except Exception as e:  # not a safetensors file, or its metadata not JSON
+        raise ValueError(f"scores_from: {path} is not a scores file of importance inheritance ({e})") from None
+    missing = [f for f in SOURCE_FIELDS if not isinstance(key, dict) or f not in key]
+    if missing:
+        raise ValueError(f"scores_from: {path} is not a scores file of importance inheritance (its key lacks "
+                         f"{', '.join(missing)})")
+    return str(path)
 
 
 def _read(path: Path, key: Mapping[str, Any], strict: bool, what: str = "scores_from",
