@@ -128,6 +128,11 @@ class Inheritance:
     #: a stage whose source is the previous stage's student (a model that does not exist before the run) is refused
     #: with any of them set, when the config is read (:mod:`compress.recipe.stages`)
     source_bound: ClassVar[tuple[str, ...]] = ()
+    #: whether what the strategy can remove from the teacher in one go bounds what a chain of its stages can: then
+    #: the dry run also checks a stage sourced from the previous stage (whose shape it cannot know) by
+    #: ``check(None, teacher)`` at the stage's cumulative target, so an unreachable target is refused before the
+    #: first stage trains (an instance may set it from its parameters)
+    bounded_by_teacher: bool = False
     #: after ``inherit``, the source layer of each student layer per tower (``{"vision": [0, 2, ...]}``), where
     #: the strategy maps layers; the structure report aligns the student with its source by it
     layer_map: dict[str, list[int]] | None = None

@@ -440,3 +440,21 @@ def test_scores_from_is_checked_when_the_config_is_read(teacher, tmp_path, monke
     with pytest.raises(ConfigError, match=r"stages\[1\]\.inheritance\.scores_from: this stage's source is the prev"):
         tiny_config(tmp_path, inheritance=spec, student=None, stages={"targets": [0.2, 0.4]}, eval=NO_EVAL)
     tiny_config(tmp_path, inheritance=spec, student=None, eval=NO_EVAL)  # from the teacher: accepted
+
+
+def test_an_unreachable_target_is_refused_naming_the_most_that_can_go(teacher, tmp_path):
+    from compress.config import ConfigError
+    from compress.plan.build import check_inheritances
+
+    with pytest.raises(ValueError, match=r"widths uniform can remove at most 255,936 \(61\.1%\): only MLP neurons"):
+        ImportanceInheritance(0.9, criterion="magnitude", widths="uniform").inherit(None, teacher)
+    with pytest.raises(ValueError, match=r"widths per_layer can remove at most 355,392 \(84\.9%\)"):
+        ImportanceInheritance(0.9, criterion="magnitude").check(None, teacher)
+    ImportanceInheritance(0.6, criterion="magnitude", widths="uniform").check(None, teacher)  # within reach
+    # the dry run: a stage sourced from the previous stage is checked at its cumulative target from the teacher
+    spec = {"name": "importance", "criterion": "magnitude", "widths": "uniform"}
+    with pytest.raises(ConfigError, match=r"stages\[2\]\.inheritance \(its cumulative target.*at most 255,936"):
+        check_inheritances(tiny_config(tmp_path, inheritance=spec, student=None, stages={"targets": [0.2, 0.4, 0.7]},
+                                       eval=NO_EVAL))
+    check_inheritances(tiny_config(tmp_path, inheritance=spec, student=None, stages={"targets": [0.2, 0.4, 0.6]},
+                                   eval=NO_EVAL))

@@ -112,6 +112,9 @@ class ImportanceInheritance(Inheritance):
         self.scores_from = scores_from
         self.scores: Scores | None = None
         self.layer_map: dict[str, list[int]] | None = None
+        # heads and neurons have per-layer floors whichever the source: one go from the teacher bounds a chain of
+        # stages, unless layers are dropped (k per stage drops more in a chain than k once)
+        self.bounded_by_teacher = not any(self.drop_layers.values())
 
     # -- what the engine asks of it --------------------------------------------------------
     def calibration_batches(self) -> int:
@@ -155,6 +158,24 @@ class ImportanceInheritance(Inheritance):
             if value > needed[key] + 1e-9:
                 raise ValueError(f"drop_layers removes at least {value:,.0f} parameters, more than the target's "
                                  f"{needed[key]:,.0f} ({key}): drop fewer layers or raise target_sparsity")
+        most = max_removable(describe_structure(source), costs, self.towers, self.widths, self.drop_layers,
+                             self.round_to)
+        totals: dict[str, float] = {}
+        reach: dict[str, float] = {}
+        for name in self.towers:
+            totals[keys[name]] = totals.get(keys[name], 0.0) + costs[name]["total"]
+            reach[keys[name]] = reach.get(keys[name], 0.0) + most[name]
+        drop = ", ".join(f"{k} {v}" for k, v in self.drop_layers.items() if v) or "none"
+        for key, value in reach.items():
+            if needed[key] > value + 1e-9:
+                what = (f"only MLP neurons (down to round_to={self.round_to} per layer) and the dropped layers "
+                        f"({drop}) go" if self.widths == "uniform" else f"every layer keeps one head and "
+                        f"round_to={self.round_to} neurons, the dropped layers ({drop}) go")
+                other = ", or use widths: per_layer" if self.widths == "uniform" else ""
+                raise ValueError(
+                    f"target_sparsity {self.target_sparsity:.1%} needs {needed[key]:,.0f} parameters removed "
+                    f"({key}); widths {self.widths} can remove at most {value:,.0f} ({value / totals[key]:.1%}): "
+                    f"{what}. Lower the target, drop layers{other}")
 
     # -- scores ----------------------------------------------------------------------------
     def score_key(self, source: nn.Module, calibration: Calibration | None = None) -> dict[str, Any]:
@@ -242,6 +263,21 @@ def prune_kept(model: nn.Module, keep: Mapping[str, TowerKeep]) -> nn.Module:
     if cfg is not None:
         model.clip_cfg = cfg
     return prune_model(model, plain)
+
+
+def max_removable(structure: Mapping[str, Any], costs: Mapping[str, Mapping[str, Any]], towers: tuple[str, ...],
+                  widths: str, drop: Mapping[str, int], round_to: int) -> dict[str, float]:
+    """The most parameters of each tower the selection can remove: a kept layer loses its MLP neurons down to
+    ``min(round_to, width)`` and (``per_layer``) its heads down to one; ``drop[name]`` layers go whole (the best
+    choice of them: sum of what every layer can lose, plus the k largest gains of dropping a layer instead)."""
+    out = {}
+    for name in towers:
+        t, c = structure[name], costs[name]
+        kept = [((h - min(h, 1)) * c["head"] if widths == "per_layer" else 0) + (n - min(n, round_to)) * c["neuron"]
+                for h, n in zip(t["heads"], t["mlp_width"], strict=True)]
+        gains = sorted((layer - k for layer, k in zip(c["layers"], kept, strict=True)), reverse=True)
+        out[name] = float(sum(kept) + sum(gains[: drop.get(name, 0)]))
+    return out
 
 
 def _drop_layers(value: int | Mapping[str, int], towers: tuple[str, ...]) -> dict[str, int]:
