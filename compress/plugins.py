@@ -75,13 +75,19 @@ class Calibration:
     (never if not called): the run's data position and random states are as if they had not been drawn.
     ``scores_path``: the file the stage's run directory keeps the strategy's scores in (:class:`~compress.rundir.RunDir`
     ``importance_scores``). ``device``: where the source lives. ``main``: whether this process writes files (the
-    engine calls ``prepare`` on rank 0 first, then on the others, which then find the file rank 0 wrote).
+    engine calls ``prepare`` on rank 0 first, then on the others). A process with ``main=False`` never computes:
+    it reads the file rank 0 wrote at ``scores_path``, strictly (missing, or of another key, is an error naming
+    the path), so the run directory must be shared by all ranks. ``micro_batch``, ``world_size``: the samples of
+    one of those micro-batches (per process) and the number of processes (what the batches are, beside their count:
+    a scores file kept for another layout is not the same scores; 0: unknown).
     """
 
     batches: Callable[[], list[dict[str, Any]]]
     scores_path: Path
     device: Any
     main: bool = True
+    micro_batch: int = 0
+    world_size: int = 1
 
 
 class Inheritance:
@@ -121,6 +127,15 @@ class Inheritance:
     #: removes (None: it does not prune to a target). A staged run sets it to each stage's own share of the
     #: stage's cumulative ``target_sparsity`` (:mod:`compress.recipe.stages`).
     target_parameter: ClassVar[str | None] = None
+    #: constructor parameters bound to one particular source model (a file computed from its weights, say):
+    #: a stage whose source is the previous stage's student (a model that does not exist before the run) is refused
+    #: with any of them set, when the config is read (:mod:`compress.recipe.stages`)
+    source_bound: ClassVar[tuple[str, ...]] = ()
+    #: whether what the strategy can remove from the teacher in one go bounds what a chain of its stages can: then
+    #: the dry run also checks a stage sourced from the previous stage (whose shape it cannot know) by
+    #: ``check(None, teacher)`` at the stage's cumulative target, so an unreachable target is refused before the
+    #: first stage trains (an instance may set it from its parameters)
+    bounded_by_teacher: bool = False
     #: after ``inherit``, the source layer of each student layer per tower (``{"vision": [0, 2, ...]}``), where
     #: the strategy maps layers; the structure report aligns the student with its source by it
     layer_map: dict[str, list[int]] | None = None
@@ -129,7 +144,8 @@ class Inheritance:
         raise NotImplementedError
 
     def calibration_batches(self) -> int:
-        """How many training micro-batches :meth:`prepare` may draw (the plan counts their cost); 0 by default."""
+        """How many training micro-batches :meth:`prepare` may draw (the strategy's :meth:`schedule_lines` say
+        what they cost); 0 by default."""
         return 0
 
     def prepare(self, calibration: Calibration, source: nn.Module) -> None:

@@ -36,7 +36,6 @@ from compress.models import load_model
 from compress.models.forward import context_length_of, tokenizer_for
 from compress.models.params import parameter_report, prunable_count
 from compress.models.towers import TOWERS
-from compress.plugins import Inheritance
 from compress.precision import Precision
 from compress.recipe import Recipe, pruned_towers, run_dir_for, with_source_fraction
 from compress.rundir import METRICS_FILE, MODEL_DIR, RunDir
@@ -331,10 +330,11 @@ def calibration_batches(run: StageRun, count: int, device: torch.device) -> list
 def prepare_inheritance(run: StageRun, inheritance: Any) -> None:
     """A fresh start's calibration seam (:meth:`compress.plugins.Inheritance.prepare`): rank 0 first (it scores the
     source and writes the scores into the stage's folder), then the others (which read them). The random states
-    are put back as they were after it: the run trains as one whose strategy prepares nothing."""
+    are put back as they were after it: the run trains as one whose strategy prepares nothing. Called for every
+    strategy that reads a source (the default :meth:`~compress.plugins.Inheritance.prepare` does nothing)."""
     from compress.plugins import Calibration
 
-    if run.source is None or type(inheritance).prepare is Inheritance.prepare:
+    if run.source is None:
         return
     source_device = next(run.source.parameters()).device
     cache: dict[str, list[dict[str, Any]]] = {}
@@ -345,12 +345,14 @@ def prepare_inheritance(run: StageRun, inheritance: Any) -> None:
         return cache["batches"]
 
     scores = RunDir(run.directory).importance_scores
+    world = distributed.world_size()
+    layout = {"micro_batch": run.cfg.train.micro_batch(world), "world_size": world}
     saved = rng_state()
     try:
-        distributed.main_first(lambda: inheritance.prepare(Calibration(batches, scores, source_device, True),
-                                                           run.source))
+        distributed.main_first(lambda: inheritance.prepare(Calibration(batches, scores, source_device, True,
+                                                                       **layout), run.source))
         if not distributed.is_main_process():
-            inheritance.prepare(Calibration(batches, scores, source_device, False), run.source)
+            inheritance.prepare(Calibration(batches, scores, source_device, False, **layout), run.source)
     finally:
         set_rng_state(saved)
 

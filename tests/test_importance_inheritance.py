@@ -224,7 +224,7 @@ def test_the_scores_cache_and_scores_from_skip_the_calibration_pass(teacher, tmp
     b = again.inherit(None, teacher)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     # another target from the same scores: no calibration either
-    other = ImportanceInheritance(0.6, criterion="taylor", calibration_batches=1, scores_from=str(path))
+    other = ImportanceInheritance(0.6, criterion="taylor", scores_from=str(path))
     assert other.calibration_batches() == 0
     other.prepare(Calibration(no_batches, tmp_path / "other.safetensors", torch.device("cpu")), source)
     assert achieved(other.inherit(None, teacher), teacher) == pytest.approx(0.6, abs=0.02)
@@ -233,7 +233,7 @@ def test_the_scores_cache_and_scores_from_skip_the_calibration_pass(teacher, tmp
         ImportanceInheritance(0.3, criterion="activation", calibration_batches=1).prepare(
             Calibration(no_batches, path, torch.device("cpu")), source)
     with pytest.raises(ValueError, match="criterion differ"):
-        ImportanceInheritance(0.3, criterion="activation", calibration_batches=1, scores_from=str(path)).prepare(
+        ImportanceInheritance(0.3, criterion="activation", scores_from=str(path)).prepare(
             Calibration(no_batches, path, torch.device("cpu")), teacher)
 
 
@@ -369,6 +369,9 @@ def test_a_uniform_run_with_dropped_layers_resumes_exactly(tmp_path, monkeypatch
     assert_same(outcome(run_dir_for(cfg)), outcome(run_dir_for(straight)))
     exported = load_model(json.loads((run_dir_for(cfg) / "result.json").read_text())["metrics"]["export/path"])
     assert len(get_tower(exported, "vision").blocks) == 3 and len(get_tower(exported, "text").blocks) == 4
+    # the structure report aligns the student with its source by the layer map, which the resume restored
+    resumed, uninterrupted = (json.loads((run_dir_for(c) / "structure.json").read_text()) for c in (cfg, straight))
+    assert resumed == uninterrupted
 
 
 def test_the_dry_run_refuses_more_layers_dropped_than_the_source_has_or_the_budget_allows(tmp_path):
@@ -402,6 +405,83 @@ def test_the_engine_draws_calibration_batches_of_them_and_none_with_scores_from(
     stage.prepare_inheritance(run, ImportanceInheritance(0.3, criterion="activation", calibration_batches=3))
     assert drawn == [3]
     scores = tmp_path / "a" / "importance" / "scores.safetensors"
-    reuse = ImportanceInheritance(0.5, criterion="activation", calibration_batches=3, scores_from=str(scores))
+    reuse = ImportanceInheritance(0.5, criterion="activation", scores_from=str(scores))
     stage.prepare_inheritance(stage.StageRun(cfg, tmp_path / "b", None, teacher, cfg.seed), reuse)
     assert drawn == [3] and reuse.scores is not None
+
+
+def test_a_rank_other_than_0_never_scores_it_reads_rank_0s_file_strictly(teacher, tmp_path):
+    def no_batches():
+        raise AssertionError("calibration batches were drawn")
+
+    path = tmp_path / "importance" / "scores.safetensors"
+    with pytest.raises(ValueError, match=f"no scores file at {path}.*shared by all ranks"):
+        ImportanceInheritance(0.3, criterion="activation", calibration_batches=1).prepare(
+            Calibration(no_batches, path, torch.device("cpu"), main=False), teacher)
+    ImportanceInheritance(0.3, criterion="activation", calibration_batches=1).prepare(
+        Calibration(lambda: [batch()], path, torch.device("cpu")), teacher)
+    other = ImportanceInheritance(0.3, criterion="activation", calibration_batches=1)
+    other.prepare(Calibration(no_batches, path, torch.device("cpu"), main=False), teacher)
+    assert other.scores is not None
+    with pytest.raises(ValueError, match="the scores rank 0 wrote at .*batches differ"):
+        ImportanceInheritance(0.3, criterion="activation", calibration_batches=2).prepare(
+            Calibration(no_batches, path, torch.device("cpu"), main=False), teacher)
+
+
+def test_kept_scores_of_another_micro_batch_size_or_world_size_are_not_reused(teacher, tmp_path):
+    def no_batches():
+        raise AssertionError("calibration batches were drawn")
+
+    path = tmp_path / "importance" / "scores.safetensors"
+
+    def calibration(batches, micro_batch, world_size):
+        return Calibration(batches, path, torch.device("cpu"), micro_batch=micro_batch, world_size=world_size)
+
+    ImportanceInheritance(0.3, criterion="activation", calibration_batches=1).prepare(
+        calibration(lambda: [batch()], 4, 1), teacher)
+    same = ImportanceInheritance(0.3, criterion="activation", calibration_batches=1)
+    same.prepare(calibration(no_batches, 4, 1), teacher)  # the same layout: read, not drawn
+    for micro_batch, world_size in ((8, 1), (4, 2)):
+        with pytest.raises(AssertionError, match="drawn"):
+            ImportanceInheritance(0.3, criterion="activation", calibration_batches=1).prepare(
+                calibration(no_batches, micro_batch, world_size), teacher)
+
+
+def test_scores_from_is_checked_when_the_config_is_read(teacher, tmp_path, monkeypatch):
+    from compress.config import ConfigError
+
+    path = tmp_path / "importance" / "scores.safetensors"
+    ImportanceInheritance(0.3, criterion="magnitude").prepare(
+        Calibration(lambda: [], path, torch.device("cpu")), teacher)
+    readme = tmp_path / "README.md"
+    readme.write_text("# not scores\n")
+    with pytest.raises(ValueError, match=f"{readme} is not a scores file"):
+        ImportanceInheritance(0.3, criterion="magnitude", scores_from=str(readme))
+    with pytest.raises(ValueError, match="calibration_batches has no effect with scores_from"):
+        ImportanceInheritance(0.3, criterion="taylor", calibration_batches=8, scores_from=str(path))
+    monkeypatch.chdir(tmp_path)
+    relative = ImportanceInheritance(0.3, criterion="magnitude", scores_from="importance/scores.safetensors")
+    assert relative.scores_from == str(path.resolve())
+    # a stage sourced from the previous stage's student: the strategy binds scores_from to one source (refused)
+    spec = {"name": "importance", "criterion": "magnitude", "scores_from": str(path)}
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.inheritance\.scores_from: this stage's source is the prev"):
+        tiny_config(tmp_path, inheritance=spec, student=None, stages={"targets": [0.2, 0.4]}, eval=NO_EVAL)
+    tiny_config(tmp_path, inheritance=spec, student=None, eval=NO_EVAL)  # from the teacher: accepted
+
+
+def test_an_unreachable_target_is_refused_naming_the_most_that_can_go(teacher, tmp_path):
+    from compress.config import ConfigError
+    from compress.plan.build import check_inheritances
+
+    with pytest.raises(ValueError, match=r"widths uniform can remove at most 255,936 \(61\.1%\): only MLP neurons"):
+        ImportanceInheritance(0.9, criterion="magnitude", widths="uniform").inherit(None, teacher)
+    with pytest.raises(ValueError, match=r"widths per_layer can remove at most 355,392 \(84\.9%\)"):
+        ImportanceInheritance(0.9, criterion="magnitude").check(None, teacher)
+    ImportanceInheritance(0.6, criterion="magnitude", widths="uniform").check(None, teacher)  # within reach
+    # the dry run: a stage sourced from the previous stage is checked at its cumulative target from the teacher
+    spec = {"name": "importance", "criterion": "magnitude", "widths": "uniform"}
+    with pytest.raises(ConfigError, match=r"stages\[2\]\.inheritance \(its cumulative target.*at most 255,936"):
+        check_inheritances(tiny_config(tmp_path, inheritance=spec, student=None, stages={"targets": [0.2, 0.4, 0.7]},
+                                       eval=NO_EVAL))
+    check_inheritances(tiny_config(tmp_path, inheritance=spec, student=None, stages={"targets": [0.2, 0.4, 0.6]},
+                                   eval=NO_EVAL))

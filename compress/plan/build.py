@@ -38,7 +38,7 @@ from compress.memory import (
 from compress.plan.cache import cache_lines
 from compress.plan.facts import ModelFacts, model_facts
 from compress.plan.state import missing_paths, run_state, stage_state
-from compress.recipe import Recipe, schedule_context
+from compress.recipe import Recipe, schedule_context, with_source_fraction
 from compress.registry import spec_text
 from compress.rundir import stage_dir
 
@@ -217,6 +217,10 @@ def check_inheritances(cfg: RunConfig, teacher: ModelFacts | None = None, recipe
         elif not inheritance.needs_student_config and stage.source == "teacher":  # derived from the teacher alone
             check_inheritance(inheritance, None, teacher,
                               f"stages[{stage.index}].inheritance" if recipe.staged else "inheritance")
+        elif (not inheritance.needs_student_config and inheritance.bounded_by_teacher
+              and stage.target_sparsity is not None):  # from the previous stage: its cumulative target, one go
+            check_inheritance(Recipe.inheritance(with_source_fraction(stage, 1.0)), None, teacher,
+                              f"stages[{stage.index}].inheritance (its cumulative target, from the teacher)")
         previous = student
 
 

@@ -42,6 +42,8 @@ def resolve_stages(cfg: RunConfig) -> list[ResolvedStage]:
         where = f"stages[{k}]"
         name, source = stage_source(stage, k, names)
         data = stage_data(top, stage, k)
+        if source == "previous":
+            _refuse_source_bound(where, data["inheritance"])
         target = stage.target_sparsity
         if target is not None:
             _check_target(where, target, previous_target if source == "previous" else 0.0, data["inheritance"])
@@ -125,6 +127,22 @@ def _check_target(where: str, target: float, floor: float, inheritance: Any) -> 
         raise ConfigError(
             f"{where}: inheritance.{parameter} is set, but in a staged run the target is the stage's "
             f"cumulative target_sparsity; remove inheritance.{parameter}"
+        )
+
+
+def _refuse_source_bound(where: str, inheritance: Any) -> None:
+    """A stage sourced from the previous stage's student cannot set what the strategy binds to one source model
+    (:attr:`compress.plugins.Inheritance.source_bound`): that model is made by the run itself."""
+    spec = plain_spec(inheritance)
+    name = spec.get("name")
+    if not (isinstance(name, str) and name in INHERITANCE):
+        return
+    bound = [p for p in getattr(INHERITANCE.get(name), "source_bound", ()) if spec.get(p) is not None]
+    if bound:
+        raise ConfigError(
+            f"{where}.inheritance.{bound[0]}: this stage's source is the previous stage's student, made by this run; "
+            f"inheritance {name!r} binds {', '.join(bound)} to one source model: unset it for this stage "
+            "(or give the stage source: teacher)"
         )
 
 

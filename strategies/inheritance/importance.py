@@ -23,11 +23,11 @@ moves the width by a head dim together with one head in every layer, so the expo
 with a smaller ``width`` (see :mod:`strategies.inheritance.importance_select`).
 
 Scores are kept in the stage's folder (:attr:`compress.rundir.RunDir.importance_scores`, keyed by a SHA-256 of the
-source's weights, the criterion and the number of calibration batches): a restart before the first checkpoint reads
-them instead of scoring again, and ``scores_from`` (a scores file of another run of the same source) re-prunes to
-another target without a calibration pass. Cost at ViT-B/32 (measured on 2 busy CPU cores): hashing the source
-(600 MB in fp32) 1.3 s on every process, the scores (see the scores module), a scores file of 0.25 MB, then one copy
-of the source (600 MB) selected and pruned in place, 5-7 s.
+source's weights, the criterion, the number of calibration batches, their micro-batch size and the number of
+processes): a restart before the first checkpoint reads them instead of scoring again, and ``scores_from`` (a scores
+file of another run of the same source) re-prunes to another target without a calibration pass. Cost at ViT-B/32
+(measured on 2 busy CPU cores): hashing the source (600 MB in fp32) 1.3 s on every process, the scores (see the
+scores module), a scores file of 0.25 MB, then one copy of the source (600 MB) selected and pruned in place, 5-7 s.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ class ImportanceInheritance(Inheritance):
     needs_student_config = False
     identity_optional = ("channels",)
     target_parameter = "target_sparsity"
+    source_bound = ("scores_from",)
     structure_decided_by = "the importance scores, before step 0"
 
     def __init__(
@@ -103,6 +104,11 @@ class ImportanceInheritance(Inheritance):
             raise ValueError(f"round_to must be an integer >= 1 (1 = no rounding), got {round_to!r}")
         self.towers = resolve_towers(towers if isinstance(towers, str) else tuple(towers))
         self.drop_layers = _drop_layers(drop_layers, self.towers)
+        if scores_from is not None:
+            if calibration_batches is not None:
+                raise ValueError("calibration_batches has no effect with scores_from (the scores are read, no "
+                                 "calibration pass): leave it unset")
+            scores_from = _check_scores_file(scores_from)
         if calibration_batches is None:
             calibration_batches = 0 if criterion == "magnitude" else DEFAULT_CALIBRATION
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int):
@@ -113,8 +119,6 @@ class ImportanceInheritance(Inheritance):
         if criterion != "magnitude" and calibration_batches < 1:
             raise ValueError(f"criterion {criterion!r} scores on calibration batches: calibration_batches must be "
                              f">= 1, got {calibration_batches}")
-        if scores_from is not None and not Path(scores_from).is_file():
-            raise ValueError(f"scores_from: no scores file at {scores_from}")
         self.target_sparsity = float(target_sparsity)
         self.criterion, self.budget, self.widths, self.round_to = criterion, budget, widths, round_to
         self.channels = channels
@@ -122,6 +126,9 @@ class ImportanceInheritance(Inheritance):
         self.scores_from = scores_from
         self.scores: Scores | None = None
         self.layer_map: dict[str, list[int]] | None = None
+        # heads and neurons have per-layer floors whichever the source: one go from the teacher bounds a chain of
+        # stages, unless layers are dropped (k per stage drops more in a chain than k once)
+        self.bounded_by_teacher = not any(self.drop_layers.values())
 
     # -- what the engine asks of it --------------------------------------------------------
     def calibration_batches(self) -> int:
@@ -181,26 +188,57 @@ class ImportanceInheritance(Inheritance):
             if value > needed[key] + 1e-9:
                 raise ValueError(f"drop_layers removes at least {value:,.0f} parameters, more than the target's "
                                  f"{needed[key]:,.0f} ({key}): drop fewer layers or raise target_sparsity")
+        if self.channels == "prune":  # narrower residual streams: the bound below counts heads and neurons only
+            return
+        most = max_removable(describe_structure(source), costs, self.towers, self.widths, self.drop_layers,
+                             self.round_to)
+        totals: dict[str, float] = {}
+        reach: dict[str, float] = {}
+        for name in self.towers:
+            totals[keys[name]] = totals.get(keys[name], 0.0) + costs[name]["total"]
+            reach[keys[name]] = reach.get(keys[name], 0.0) + most[name]
+        drop = ", ".join(f"{k} {v}" for k, v in self.drop_layers.items() if v) or "none"
+        for key, value in reach.items():
+            if needed[key] > value + 1e-9:
+                what = (f"only MLP neurons (down to round_to={self.round_to} per layer) and the dropped layers "
+                        f"({drop}) go" if self.widths == "uniform" else f"every layer keeps one head and "
+                        f"round_to={self.round_to} neurons, the dropped layers ({drop}) go")
+                other = ", or use widths: per_layer" if self.widths == "uniform" else ""
+                raise ValueError(
+                    f"target_sparsity {self.target_sparsity:.1%} needs {needed[key]:,.0f} parameters removed "
+                    f"({key}); widths {self.widths} can remove at most {value:,.0f} ({value / totals[key]:.1%}): "
+                    f"{what}. Lower the target, drop layers{other}")
 
     # -- scores ----------------------------------------------------------------------------
-    def score_key(self, source: nn.Module) -> dict[str, Any]:
-        """What the scores depend on: the source's weights (SHA-256), the criterion, the calibration batches."""
+    def score_key(self, source: nn.Module, calibration: Calibration | None = None) -> dict[str, Any]:
+        """What the scores depend on: the source's weights (SHA-256), the criterion, the calibration batches (their
+        count, and the micro-batch size and number of processes that drew them), the towers."""
         digest = hashlib.sha256()
         for name, tensor in sorted(source.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return {"source": digest.hexdigest(), "criterion": self.criterion, "batches": self.n_calibration,
-                "towers": list(self.towers)}
+        key = {"source": digest.hexdigest(), "criterion": self.criterion, "batches": self.n_calibration,
+               "towers": list(self.towers)}
+        if calibration is not None and self.n_calibration:  # magnitude reads no data: any layout has its scores
+            key.update(micro_batch=calibration.micro_batch, world_size=calibration.world_size)
+        return key
 
     def prepare(self, calibration: Calibration, source: nn.Module) -> None:
         """The scores of ``source``: from ``scores_from``, else from the stage's cache when its key matches, else
-        computed (on the calibration batches) and written there by the main process."""
-        key = self.score_key(source)
+        computed (on the calibration batches) and written there by the main process. The other processes only read
+        that file (strictly: missing or of another key is an error), so every rank prunes by the same scores."""
+        key = self.score_key(source, calibration)
         needs = [f"{name}/channels" for name in self.towers] if self.channels == "prune" else []
         if self.scores_from is not None:
-            self.scores = _read(Path(self.scores_from), key, strict=True, needs=needs)
+            self.scores = _read(Path(self.scores_from), key, strict=True, fields=SOURCE_FIELDS, needs=needs)
             return
         path = Path(calibration.scores_path)
+        if not calibration.main:  # rank 0 wrote them a moment ago: a rank never scores on its own
+            if not path.is_file():
+                raise ValueError(f"importance: no scores file at {path} on this rank (rank 0 writes it there before "
+                                 "the others read it): the run directory must be shared by all ranks")
+            self.scores = _read(path, key, strict=True, what="the scores rank 0 wrote at", needs=needs)
+            return
         self.scores = _read(path, key, strict=False, needs=needs) if path.is_file() else None
         if self.scores is not None:
             logger.info("importance: scores read from %s (no calibration pass)", path)
@@ -214,6 +252,17 @@ class ImportanceInheritance(Inheritance):
             tmp.replace(path)
 
     # -- the contract ---------------------------------------------------------------------
+    def record(self, student: nn.Module) -> dict[str, Any]:
+        """The default record and the source layer of each student layer (``layer_map``), which the weights do not
+        say: a resumed run's structure report aligns the student with its source as an uninterrupted one's."""
+        return {**super().record(student), "layer_map": self.layer_map}
+
+    def restore(self, record: Mapping[str, Any], source: nn.Module | None) -> nn.Module | None:
+        """``layer_map`` from the record; the engine rebuilds the plain student of the recorded structure."""
+        layer_map = record.get("layer_map")
+        self.layer_map = {k: list(v) for k, v in layer_map.items()} if layer_map is not None else None
+        return None
+
     @torch.no_grad()
     def inherit(self, student: nn.Module | None, source: nn.Module) -> nn.Module:
         if self.scores is None:
@@ -248,6 +297,21 @@ def prune_kept(model: nn.Module, keep: Mapping[str, TowerKeep]) -> nn.Module:
     if cfg is not None:
         model.clip_cfg = cfg
     return prune_model(model, plain)
+
+
+def max_removable(structure: Mapping[str, Any], costs: Mapping[str, Mapping[str, Any]], towers: tuple[str, ...],
+                  widths: str, drop: Mapping[str, int], round_to: int) -> dict[str, float]:
+    """The most parameters of each tower the selection can remove: a kept layer loses its MLP neurons down to
+    ``min(round_to, width)`` and (``per_layer``) its heads down to one; ``drop[name]`` layers go whole (the best
+    choice of them: sum of what every layer can lose, plus the k largest gains of dropping a layer instead)."""
+    out = {}
+    for name in towers:
+        t, c = structure[name], costs[name]
+        kept = [((h - min(h, 1)) * c["head"] if widths == "per_layer" else 0) + (n - min(n, round_to)) * c["neuron"]
+                for h, n in zip(t["heads"], t["mlp_width"], strict=True)]
+        gains = sorted((layer - k for layer, k in zip(c["layers"], kept, strict=True)), reverse=True)
+        out[name] = float(sum(kept) + sum(gains[: drop.get(name, 0)]))
+    return out
 
 
 def _drop_layers(value: int | Mapping[str, int], towers: tuple[str, ...]) -> dict[str, int]:
@@ -295,26 +359,52 @@ def _costs(model: nn.Module, structure: Mapping[str, Any], towers: tuple[str, ..
     return out
 
 
-def _read(path: Path, key: Mapping[str, Any], strict: bool, needs: list[str] | tuple[str, ...] = ()) -> Scores | None:
-    """The scores at ``path`` if its key matches ``key`` (the calibration batch count aside for ``scores_from``) and
-    it holds the entries ``needs`` (channel scores: a file written before they existed has none); ``strict``: a
-    mismatch is an error, else None (the scores are computed again)."""
+#: the fields of a scores key that a scores file of another run (``scores_from``) must match: its calibration
+#: batches may differ (the scores are reused as they are)
+SOURCE_FIELDS = ("source", "criterion", "towers")
+
+
+def _check_scores_file(scores_from: str) -> str:
+    """``scores_from`` as an absolute path, once it is a safetensors file whose key names a source, a criterion and
+    towers (a scores file this strategy wrote); else the error naming it."""
+    from safetensors import safe_open
+
+    path = Path(scores_from).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError(f"scores_from: no scores file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            key = json.loads((f.metadata() or {}).get("key", "{}"))
+    except Exception as e:  # not a safetensors file, or its metadata not JSON
+        raise ValueError(f"scores_from: {path} is not a scores file of importance inheritance ({e})") from None
+    missing = [f for f in SOURCE_FIELDS if not isinstance(key, dict) or f not in key]
+    if missing:
+        raise ValueError(f"scores_from: {path} is not a scores file of importance inheritance (its key lacks "
+                         f"{', '.join(missing)})")
+    return str(path)
+
+
+def _read(path: Path, key: Mapping[str, Any], strict: bool, what: str = "scores_from",
+          fields: tuple[str, ...] | None = None, needs: list[str] | tuple[str, ...] = ()) -> Scores | None:
+    """The scores at ``path`` if its key matches ``key`` on ``fields`` (all of ``key``'s by default) and it holds the
+    entries ``needs`` (channel scores: a file written before they existed has none); ``strict``: a mismatch is an
+    error, else None (the scores are computed again)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         stored = json.loads((f.metadata() or {}).get("key", "{}"))
-    fields = ("source", "criterion", "towers") if strict else ("source", "criterion", "batches", "towers")
+    fields = tuple(key) if fields is None else fields
     wrong = [f for f in fields if stored.get(f) != key.get(f)]
     if wrong:
         if strict:
-            raise ValueError(f"scores_from {path}: its {', '.join(wrong)} differ from this stage's "
+            raise ValueError(f"{what} {path}: its {', '.join(wrong)} differ from this stage's "
                              f"({ {f: stored.get(f) for f in wrong} } vs { {f: key.get(f) for f in wrong} })")
         return None
     scores = {k: v for k, v in load_file(str(path)).items()}
     missing = [k for k in needs if k not in scores]
     if missing:
         if strict:
-            raise ValueError(f"scores_from {path}: no {', '.join(missing)} scores (written before channel scores "
+            raise ValueError(f"{what} {path}: no {', '.join(missing)} scores (written before channel scores "
                              "existed): score the source again (leave scores_from unset)")
         return None
     return scores
