@@ -205,6 +205,26 @@ def failure_with_causes(folder: Path, error: BaseException, wait_s: float = 2.0)
     return DistributedError(f"{causes} (rank 0: {type(error).__name__}: {error})")
 
 
+#: how long a rank waits for a file rank 0 wrote to appear on its node (NFS caches a negative lookup for up to
+#: ``acdirmax``, 60 s by default)
+SHARED_FILE_WAIT_S = 60.0
+
+
+def wait_for_shared_file(path: Path, timeout_s: float | None = None, poll_s: float = 0.5) -> bool:
+    """Whether ``path`` (written by rank 0 before a barrier) is visible here within ``timeout_s`` (default
+    :data:`SHARED_FILE_WAIT_S`): on a shared file system another node may see it only after its directory cache
+    expires, so the parent folder is listed again every ``poll_s`` (a listing revalidates it). No wait where it is
+    there already (one node, a local disk)."""
+    deadline = time.monotonic() + (SHARED_FILE_WAIT_S if timeout_s is None else timeout_s)
+    while True:
+        with contextlib.suppress(OSError):
+            if path.name in os.listdir(path.parent) and path.is_file():
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+
+
 def main_first(action: Callable[[], None]) -> None:
     """Rank 0 runs ``action`` while the others wait; if it fails, every rank raises (rank 0 its own
     error, the others a :class:`DistributedError` naming it), so no rank is left waiting."""

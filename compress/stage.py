@@ -355,6 +355,9 @@ def prepare_inheritance(run: StageRun, inheritance: Any) -> None:
             inheritance.prepare(Calibration(batches, scores, source_device, False, **layout), run.source)
     finally:
         set_rng_state(saved)
+        cache.clear()
+        if source_device.type == "cuda":  # the calibration's activations and gradients go back to the device
+            torch.cuda.empty_cache()
 
 
 def _student(run: StageRun, inheritance: Any, checkpoint: Checkpoint | None, teacher: nn.Module | None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -42,19 +43,24 @@ def test_each_ablation_has_three_seeds_one_teacher_and_one_budget(bench, name, t
     assert students <= {"cc-demo-student", None}  # None: automatic inheritance at the same budget
 
 
-def test_the_inheritance_ablation_prunes_to_the_manual_students_budget():
+@pytest.mark.parametrize("config_dir", [CONFIG_DIR, CONFIG_DIR / "web"], ids=["shapes", "web"])
+def test_the_inheritance_ablation_prunes_to_the_manual_students_budget(config_dir):
+    """auto and importance prune the teacher to the manual student's prunable parameters, in both benchmarks."""
     from compress.models import load_model
     from compress.stage import prunable_parameters
 
-    auto = [spec for spec in load_sweep_text("inheritance")["zip"][0]["inheritance"] if spec["name"] == "auto"][0]
+    specs = load_sweep_text("inheritance", config_dir)["zip"][0]["inheritance"]
     kept = prunable_parameters(load_model("cc-demo-student")) / prunable_parameters(load_model("cc-demo-teacher"))
-    assert auto["target_sparsity"] == pytest.approx(1 - kept, abs=0.001)
+    targets = {spec["name"]: spec.get("target_sparsity") for spec in specs}
+    assert set(targets) == {"none", "manual", "auto", "importance"}
+    for name in ("auto", "importance"):
+        assert targets[name] == pytest.approx(1 - kept, abs=0.001), name
 
 
-def load_sweep_text(name: str) -> dict:
+def load_sweep_text(name: str, config_dir: Path = CONFIG_DIR) -> dict:
     import yaml
 
-    return yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+    return yaml.safe_load((config_dir / f"{name}.yaml").read_text())
 
 
 def test_without_the_trained_teacher_the_sweeps_are_refused():

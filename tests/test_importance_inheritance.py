@@ -13,13 +13,14 @@ from torch.nn import functional as F
 from compress.checkpoint import rng_state
 from compress.models import load_model
 from compress.models.params import prunable_count
-from compress.models.structure import TowerKeep
+from compress.models.structure import TowerKeep, describe_structure
 from compress.models.towers import get_tower
 from compress.plan import build_plan, format_plan
 from compress.plugins import Calibration
 from compress.run import run_dir_for, run_experiment
-from strategies.inheritance.importance import ImportanceInheritance, prune_kept
+from strategies.inheritance.importance import ImportanceInheritance, _costs, prune_kept
 from strategies.inheritance.importance_scores import activation_scores, magnitude_scores, taylor_scores
+from strategies.inheritance.importance_select import select_units
 from tests.test_resume import TRAIN, Stop, assert_same, outcome, stop_at
 from tests.test_run_e2e import tiny_config
 
@@ -129,6 +130,29 @@ def test_activation_scores_are_mean_activations_and_block_importance_over_the_re
     assert not torch.allclose(scores["text/neurons/2"], padded_mean, rtol=1e-3)
 
 
+def test_vision_activation_scores_average_over_every_token_of_every_image(teacher):
+    b = batch()
+    scores = activation_scores(teacher, ("vision",), [b], torch.device("cpu"))
+    block = get_tower(teacher, "vision").blocks[1]
+    seen = {}
+    hooks = [block.mlp.c_fc.register_forward_hook(lambda m, a, out: seen.__setitem__("fc", out)),
+             block.attn.out_proj.register_forward_hook(lambda m, a, out: seen.__setitem__("heads", a[0])),
+             block.register_forward_hook(lambda m, a, out: seen.__setitem__("io", (a[0], out)))]
+    with torch.no_grad():
+        teacher.encode_image(b["images"])
+    for h in hooks:
+        h.remove()
+    width, h, d = seen["fc"].shape[-1], block.attn.num_heads, block.attn.head_dim
+    act = block.mlp.gelu(seen["fc"]).reshape(-1, width)
+    assert len(act) == len(b["images"]) * (1 + (32 // teacher.visual.patch_size[0]) ** 2)  # class token + patches
+    torch.testing.assert_close(scores["vision/neurons/1"], act.abs().mean(0), rtol=1e-4, atol=1e-6)
+    heads = seen["heads"].reshape(-1, h, d).norm(dim=-1).mean(0)
+    torch.testing.assert_close(scores["vision/heads/1"], heads, rtol=1e-4, atol=1e-6)
+    x, y = (t.reshape(-1, t.shape[-1]) for t in seen["io"])
+    assert float(scores["vision/layers"][1]) == pytest.approx(float(1 - F.cosine_similarity(x, y, dim=-1).mean()),
+                                                              rel=1e-4)
+
+
 def achieved(model, source, towers=TOWERS):
     return 1 - prunable_count(model, towers) / prunable_count(source, towers)
 
@@ -155,6 +179,29 @@ def test_uniform_widths_keep_every_head_and_one_mlp_width_a_multiple_of_round_to
     with torch.no_grad():
         torch.testing.assert_close(plain.encode_image(b["images"]), student.eval().encode_image(b["images"]))
         torch.testing.assert_close(plain.encode_text(b["texts"]), student.encode_text(b["texts"]))
+
+
+@pytest.mark.parametrize("widths", ["per_layer", "uniform"])
+def test_each_layer_keeps_its_best_scored_heads_and_neurons(teacher, widths):
+    """The kept heads and neurons of a layer are the top-k of its scores (k the count kept), not any k of them."""
+    scores = magnitude_scores(teacher, TOWERS)
+    structure = describe_structure(teacher)
+    keep = select_units(scores, structure, _costs(teacher, structure, TOWERS), TOWERS, 0.5, "pooled", widths, {}, 1)
+    pruned = 0
+    for name in TOWERS:
+        for i, (heads, neurons) in enumerate(zip(keep[name].heads, keep[name].neurons, strict=True)):
+            for kind, kept in (("heads", heads), ("neurons", neurons)):
+                score = scores[f"{name}/{kind}/{i}"]
+                best = torch.argsort(score, descending=True)[:len(kept)]
+                assert set(kept.tolist()) == set(best.tolist()), (name, kind, i)
+                pruned += len(score) - len(kept)
+    assert pruned > 0
+
+
+def test_a_uniform_selection_open_clip_cannot_build_is_refused_not_saved_in_the_non_uniform_form(teacher, monkeypatch):
+    monkeypatch.setattr("strategies.inheritance.importance.open_clip_config", lambda cfg, structure: None)
+    with pytest.raises(ValueError, match="widths: uniform selected a student open_clip cannot build.*per_layer"):
+        ImportanceInheritance(0.4, criterion="magnitude", widths="uniform").inherit(None, teacher)
 
 
 def test_per_layer_widths_round_each_layers_neurons_to_round_to(teacher):
@@ -259,6 +306,41 @@ def test_calibration_batches_are_the_runs_first_batches_and_leave_its_random_sta
     after = rng_state()
     assert torch.equal(before["torch"], after["torch"]) and before["python"] == after["python"]
     assert (tmp_path / "stage" / "importance" / "scores.safetensors").is_file() and strategy.scores is not None
+
+
+def test_in_a_run_the_calibration_batches_are_the_first_micro_batches_its_own_loader_trains_on(tmp_path, monkeypatch):
+    """End to end: the batches prepare() is given equal the first micro-batches of the run's own loader (built for
+    the student, with the teacher's views), images and texts."""
+    import compress.data.pipeline as pipeline
+
+    real, streams, given = pipeline.train_batches, [], []
+
+    def recording(*args, **kwargs):
+        stream, stats = real(*args, **kwargs)
+        seen = []
+        streams.append(seen)
+
+        def tee():
+            for b in stream:
+                seen.append({k: b[k].clone() for k in ("images", "texts")})
+                yield b
+        return tee(), stats
+
+    prepare = ImportanceInheritance.prepare
+
+    def keep_batches(self, calibration, source):
+        given.extend(calibration.batches())
+        return prepare(self, calibration, source)
+
+    monkeypatch.setattr(pipeline, "train_batches", recording)
+    monkeypatch.setattr(ImportanceInheritance, "prepare", keep_batches)
+    cfg = tiny_config(tmp_path, inheritance={"name": "importance", "criterion": "taylor", "calibration_batches": 2,
+                                             "target_sparsity": 0.3},
+                      student=None, train={**TRAIN, "steps": 2}, eval=NO_EVAL)
+    assert run_experiment(cfg)["status"] == "completed"
+    assert len(given) == 2 and len(streams) == 2  # the calibration's loader, then the run's
+    for got, want in zip(given, streams[1][:2], strict=True):
+        assert torch.equal(got["images"], want["images"]) and torch.equal(got["texts"], want["texts"])
 
 
 def staged(tmp_path, out="runs", targets=(0.2, 0.4, 0.6)):
@@ -410,12 +492,13 @@ def test_the_engine_draws_calibration_batches_of_them_and_none_with_scores_from(
     assert drawn == [3] and reuse.scores is not None
 
 
-def test_a_rank_other_than_0_never_scores_it_reads_rank_0s_file_strictly(teacher, tmp_path):
+def test_a_rank_other_than_0_never_scores_it_reads_rank_0s_file_strictly(teacher, tmp_path, monkeypatch):
     def no_batches():
         raise AssertionError("calibration batches were drawn")
 
+    monkeypatch.setattr("compress.distributed.SHARED_FILE_WAIT_S", 0.2)
     path = tmp_path / "importance" / "scores.safetensors"
-    with pytest.raises(ValueError, match=f"no scores file at {path}.*shared by all ranks"):
+    with pytest.raises(ValueError, match=f"no scores file at {path} on this rank after 0 s.*shared by all ranks"):
         ImportanceInheritance(0.3, criterion="activation", calibration_batches=1).prepare(
             Calibration(no_batches, path, torch.device("cpu"), main=False), teacher)
     ImportanceInheritance(0.3, criterion="activation", calibration_batches=1).prepare(
@@ -426,6 +509,24 @@ def test_a_rank_other_than_0_never_scores_it_reads_rank_0s_file_strictly(teacher
     with pytest.raises(ValueError, match="the scores rank 0 wrote at .*batches differ"):
         ImportanceInheritance(0.3, criterion="activation", calibration_batches=2).prepare(
             Calibration(no_batches, path, torch.device("cpu"), main=False), teacher)
+
+
+def test_a_rank_waits_for_a_scores_file_its_node_sees_late(tmp_path):
+    """A shared file system may show rank 0's file on another node only after its directory cache expires: the
+    other ranks poll for it (up to SHARED_FILE_WAIT_S) instead of failing at once."""
+    import threading
+
+    from compress.distributed import wait_for_shared_file
+
+    path = tmp_path / "importance" / "scores.safetensors"
+    path.parent.mkdir()
+    assert not wait_for_shared_file(path, timeout_s=0.1, poll_s=0.05)
+    writer = threading.Timer(0.3, path.write_bytes, args=(b"x",))
+    writer.start()
+    try:
+        assert wait_for_shared_file(path, timeout_s=10, poll_s=0.05)
+    finally:
+        writer.join()
 
 
 def test_kept_scores_of_another_micro_batch_size_or_world_size_are_not_reused(teacher, tmp_path):

@@ -320,3 +320,17 @@ def test_exported_folder_refuses_pretrained_and_forced_activation(tmp_path: Path
         load_model(str(folder), pretrained="x.pt")
     with pytest.raises(ModelLoadError, match="QuickGELU"):
         load_model(str(folder), force_quick_gelu=True)
+
+
+@pytest.mark.parametrize(("width", "mlp_width"), [(704, 1480), (448, 488), (768, 3072), (64, 100)])
+def test_mlp_ratio_gives_open_clip_the_mlp_width_where_the_quotient_rounds_down(width: int, mlp_width: int) -> None:
+    """open_clip builds ``int(width * mlp_ratio)`` neurons; 704 x (1480 / 704) is 1479.99..., so the quotient
+    alone would build 1479 (the first ViT-B/32 width step of importance inheritance with channels: prune)."""
+    from open_clip.transformer import Transformer
+
+    from compress.models.structure import mlp_ratio
+
+    ratio = mlp_ratio(width, mlp_width)
+    assert ratio is not None and int(width * ratio) == mlp_width
+    block = Transformer(width=width, layers=1, heads=width // 64 or 1, mlp_ratio=ratio).resblocks[0]
+    assert block.mlp.c_fc.out_features == mlp_width

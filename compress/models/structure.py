@@ -27,6 +27,7 @@ model config's shapes.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -116,6 +117,17 @@ def describe_against(
     return out
 
 
+def mlp_ratio(width: int, mlp_width: int) -> float | None:
+    """The ``mlp_ratio`` from which open_clip builds ``mlp_width`` neurons (``int(width * mlp_ratio)``): the
+    quotient, or the next float above it where the quotient's product rounds down (704 x (1480 / 704) is
+    1479.99...); None where neither gives ``mlp_width``."""
+    ratio = mlp_width / width
+    for r in (ratio, math.nextafter(ratio, math.inf)):
+        if int(width * r) == mlp_width:
+            return r
+    return None
+
+
 def open_clip_config(cfg: Mapping[str, Any], structure: Mapping[str, Any]) -> dict[str, Any] | None:
     """The open_clip model config of a structure that open_clip can build (every layer alike: one MLP width, and
     either all heads and the full width kept, or a narrower width ``heads x head_dim`` with that many heads in
@@ -138,8 +150,8 @@ def open_clip_config(cfg: Mapping[str, Any], structure: Mapping[str, Any]) -> di
         elif t["heads"] != full["heads"]:
             return None
         if t["mlp_width"] and (t["mlp_width"] != full["mlp_width"] or t["width"] != full["width"]):
-            ratio = t["mlp_width"][0] / t["width"]
-            if int(t["width"] * ratio) != t["mlp_width"][0]:
+            ratio = mlp_ratio(t["width"], t["mlp_width"][0])
+            if ratio is None:
                 return None
             new[key]["mlp_ratio"] = ratio
     return new

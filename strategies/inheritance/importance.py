@@ -26,8 +26,9 @@ Scores are kept in the stage's folder (:attr:`compress.rundir.RunDir.importance_
 source's weights, the criterion, the number of calibration batches, their micro-batch size and the number of
 processes): a restart before the first checkpoint reads them instead of scoring again, and ``scores_from`` (a scores
 file of another run of the same source) re-prunes to another target without a calibration pass. Cost at ViT-B/32
-(measured on 2 busy CPU cores): hashing the source (600 MB in fp32) 1.3 s on every process, the scores (see the
-scores module), a scores file of 0.25 MB, then one copy of the source (600 MB) selected and pruned in place, 5-7 s.
+(measured once by hand on 2 busy CPU cores, not by a benchmark script): hashing the source (600 MB in fp32) 1.3 s
+on every process, the scores (see the scores module), a scores file of 0.25 MB, then one copy of the source
+(600 MB) selected and pruned in place, 5-7 s.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from compress import distributed
+from compress.distributed import wait_for_shared_file
 from compress.models.params import prunable_count
-from compress.models.structure import TowerKeep, describe_structure, prune_model
+from compress.models.structure import TowerKeep, describe_structure, open_clip_config, prune_model
 from compress.models.towers import get_tower, resolve_towers
 from compress.plugins import Calibration, Inheritance
 from compress.registry import INHERITANCE
@@ -234,9 +237,10 @@ class ImportanceInheritance(Inheritance):
             return
         path = Path(calibration.scores_path)
         if not calibration.main:  # rank 0 wrote them a moment ago: a rank never scores on its own
-            if not path.is_file():
-                raise ValueError(f"importance: no scores file at {path} on this rank (rank 0 writes it there before "
-                                 "the others read it): the run directory must be shared by all ranks")
+            if not wait_for_shared_file(path):
+                raise ValueError(f"importance: no scores file at {path} on this rank after "
+                                 f"{distributed.SHARED_FILE_WAIT_S:.0f} s (rank 0 writes it there before the others "
+                                 "read it): the run directory must be shared by all ranks")
             self.scores = _read(path, key, strict=True, what="the scores rank 0 wrote at", needs=needs)
             return
         self.scores = _read(path, key, strict=False, needs=needs) if path.is_file() else None
@@ -277,7 +281,14 @@ class ImportanceInheritance(Inheritance):
                             self.target_sparsity, self.budget, self.widths, self.drop_layers, self.round_to,
                             channels=self.channels == "prune")
         self.layer_map = {name: list(k.layers) for name, k in keep.items() if k.layers is not None}
-        return prune_kept(model, keep)
+        student = prune_kept(model, keep)
+        cfg = getattr(student, "clip_cfg", None)
+        if self.widths == "uniform" and cfg is not None and open_clip_config(cfg, student.clip_structure) is None:
+            shapes = {n: f"width {t['width']}, heads {sorted(set(t['heads']))}, MLP {sorted(set(t['mlp_width']))}"
+                      for n, t in student.clip_structure.items()}
+            raise ValueError(f"widths: uniform selected a student open_clip cannot build from a config ({shapes}); "
+                             "use widths: per_layer")
+        return student
 
 
 def prune_kept(model: nn.Module, keep: Mapping[str, TowerKeep]) -> nn.Module:
