@@ -25,8 +25,8 @@ from strategies.inheritance.importance_scores import (
     real_text_tokens,
     taylor_scores,
 )
-from tests.test_importance_inheritance import NO_EVAL, achieved, batch
-from tests.test_resume import TRAIN, Stop, assert_same, outcome, stop_at
+from tests.test_importance_inheritance import NO_EVAL, achieved, assert_resumes_exactly, batch
+from tests.test_resume import TRAIN
 from tests.test_run_e2e import tiny_config
 
 TOWERS = ("vision", "text")
@@ -288,9 +288,4 @@ def test_a_two_stage_uniform_run_with_channels_pruned_resumes_exactly(tmp_path, 
     final = load_model(last["export/path"])
     assert final.clip_cfg["vision_cfg"]["width"] < 64 or final.clip_cfg["text_cfg"]["width"] < 64
     resumed = cfg("runs")
-    with monkeypatch.context() as patch:
-        stop_at(patch, "1-sparsity60", 5)
-        with pytest.raises(Stop):
-            run_experiment(resumed)
-    assert run_experiment(resumed)["status"] == "completed"
-    assert_same(outcome(run_dir_for(resumed)), outcome(run_dir_for(straight)))
+    assert_resumes_exactly(monkeypatch, resumed, straight, "1-sparsity60", 5)

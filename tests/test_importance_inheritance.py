@@ -100,20 +100,29 @@ def test_taylor_scores_are_the_per_batch_sum_of_abs_weight_times_gradient_of_the
     torch.testing.assert_close(scores["vision/neurons/1"], neurons, rtol=1e-4, atol=1e-8)
 
 
+def block_tensors(block, forward) -> dict:
+    """What ``forward()`` (no grad) passes through ``block``: ``fc`` (c_fc's output), ``heads`` (out_proj's input),
+    ``io`` (the block's input and output)."""
+    seen = {}
+    hooks = [block.mlp.c_fc.register_forward_hook(lambda m, a, out: seen.__setitem__("fc", out)),
+             block.attn.out_proj.register_forward_hook(lambda m, a, out: seen.__setitem__("heads", a[0])),
+             block.register_forward_hook(lambda m, a, out: seen.__setitem__("io", (a[0], out)))]
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 def test_activation_scores_are_mean_activations_and_block_importance_over_the_real_tokens(teacher):
     """Text: only the positions up to each text's end-of-text token count (the padding after it never reaches the
     pooled feature)."""
     b = padded_batch()
     scores = activation_scores(teacher, TOWERS, [b], torch.device("cpu"))
     block = get_tower(teacher, "text").blocks[2]
-    seen = {}
-    hooks = [block.mlp.c_fc.register_forward_hook(lambda m, a, out: seen.__setitem__("fc", out)),
-             block.attn.out_proj.register_forward_hook(lambda m, a, out: seen.__setitem__("heads", a[0])),
-             block.register_forward_hook(lambda m, a, out: seen.__setitem__("io", (a[0], out)))]
-    with torch.no_grad():
-        teacher.encode_text(b["texts"])
-    for h in hooks:
-        h.remove()
+    seen = block_tensors(block, lambda: teacher.encode_text(b["texts"]))
     ends = b["texts"].argmax(dim=-1).tolist()
     real = torch.zeros(b["texts"].shape, dtype=torch.bool)
     for i, end in enumerate(ends):
@@ -134,14 +143,7 @@ def test_vision_activation_scores_average_over_every_token_of_every_image(teache
     b = batch()
     scores = activation_scores(teacher, ("vision",), [b], torch.device("cpu"))
     block = get_tower(teacher, "vision").blocks[1]
-    seen = {}
-    hooks = [block.mlp.c_fc.register_forward_hook(lambda m, a, out: seen.__setitem__("fc", out)),
-             block.attn.out_proj.register_forward_hook(lambda m, a, out: seen.__setitem__("heads", a[0])),
-             block.register_forward_hook(lambda m, a, out: seen.__setitem__("io", (a[0], out)))]
-    with torch.no_grad():
-        teacher.encode_image(b["images"])
-    for h in hooks:
-        h.remove()
+    seen = block_tensors(block, lambda: teacher.encode_image(b["images"]))
     width, h, d = seen["fc"].shape[-1], block.attn.num_heads, block.attn.head_dim
     act = block.mlp.gelu(seen["fc"]).reshape(-1, width)
     assert len(act) == len(b["images"]) * (1 + (32 // teacher.visual.patch_size[0]) ** 2)  # class token + patches
@@ -343,6 +345,17 @@ def test_in_a_run_the_calibration_batches_are_the_first_micro_batches_its_own_lo
         assert torch.equal(got["images"], want["images"]) and torch.equal(got["texts"], want["texts"])
 
 
+def assert_resumes_exactly(monkeypatch, cfg, straight, stage, step):
+    """``cfg`` stopped at ``step`` of ``stage`` (None: a run without stages), then run again, ends as ``straight``
+    (run uninterrupted)."""
+    with monkeypatch.context() as patch:
+        stop_at(patch, stage, step)
+        with pytest.raises(Stop):
+            run_experiment(cfg)
+    assert run_experiment(cfg)["status"] == "completed"
+    assert_same(outcome(run_dir_for(cfg)), outcome(run_dir_for(straight)))
+
+
 def staged(tmp_path, out="runs", targets=(0.2, 0.4, 0.6)):
     return tiny_config(tmp_path, inheritance={"name": "importance", "criterion": "taylor", "calibration_batches": 2},
                        student=None, stages={"targets": list(targets)}, train=TRAIN, eval=NO_EVAL,
@@ -358,12 +371,7 @@ def test_a_three_stage_importance_run_stopped_in_its_second_stage_resumes_exactl
     last = json.loads((stages[-1] / "result.json").read_text())["metrics"]
     assert last["sparsity/achieved"] == pytest.approx(0.6, abs=0.02)
     cfg = staged(tmp_path)
-    with monkeypatch.context() as patch:
-        stop_at(patch, "1-sparsity40", 5)
-        with pytest.raises(Stop):
-            run_experiment(cfg)
-    assert run_experiment(cfg)["status"] == "completed"
-    assert_same(outcome(run_dir_for(cfg)), outcome(run_dir_for(straight)))
+    assert_resumes_exactly(monkeypatch, cfg, straight, "1-sparsity40", 5)
 
 
 def test_the_dry_run_shows_criterion_target_widths_and_calibration(tmp_path):
@@ -443,12 +451,7 @@ def test_a_uniform_run_with_dropped_layers_resumes_exactly(tmp_path, monkeypatch
     straight = run("straight")
     assert run_experiment(straight)["status"] == "completed"
     cfg = run("runs")
-    with monkeypatch.context() as patch:
-        stop_at(patch, None, 5)
-        with pytest.raises(Stop):
-            run_experiment(cfg)
-    assert run_experiment(cfg)["status"] == "completed"
-    assert_same(outcome(run_dir_for(cfg)), outcome(run_dir_for(straight)))
+    assert_resumes_exactly(monkeypatch, cfg, straight, None, 5)
     exported = load_model(json.loads((run_dir_for(cfg) / "result.json").read_text())["metrics"]["export/path"])
     assert len(get_tower(exported, "vision").blocks) == 3 and len(get_tower(exported, "text").blocks) == 4
     # the structure report aligns the student with its source by the layer map, which the resume restored
