@@ -310,6 +310,7 @@ def test_calibration_batches_are_the_runs_first_batches_and_leave_its_random_sta
     assert (tmp_path / "stage" / "importance" / "scores.safetensors").is_file() and strategy.scores is not None
 
 
+@pytest.mark.slow
 def test_in_a_run_the_calibration_batches_are_the_first_micro_batches_its_own_loader_trains_on(tmp_path, monkeypatch):
     """End to end: the batches prepare() is given equal the first micro-batches of the run's own loader (built for
     the student, with the teacher's views), images and texts."""
