@@ -206,8 +206,8 @@ def failure_with_causes(folder: Path, error: BaseException, wait_s: float = 2.0)
 
 
 #: how long a rank waits for a file rank 0 wrote to appear on its node (NFS caches a negative lookup for up to
-#: ``acdirmax``, 60 s by default)
-SHARED_FILE_WAIT_S = 60.0
+#: ``acdirmax``, 60 s by default: twice that)
+SHARED_FILE_WAIT_S = 120.0
 
 
 def wait_for_shared_file(path: Path, timeout_s: float | None = None, poll_s: float = 0.5) -> bool:
@@ -223,6 +223,19 @@ def wait_for_shared_file(path: Path, timeout_s: float | None = None, poll_s: flo
         if time.monotonic() >= deadline:
             return False
         time.sleep(poll_s)
+
+
+def wait_for_main_files(folder: Path) -> None:
+    """After rank 0 wrote ``folder`` (and every rank passed a barrier): the other ranks wait until each file rank 0
+    sees there is visible on their node (:func:`wait_for_shared_file`), else raise naming the first missing one."""
+    if not is_distributed():
+        return
+    names = [sorted(p.name for p in folder.iterdir() if p.is_file()) if is_main_process() and folder.is_dir() else None]
+    dist.broadcast_object_list(names, src=0)
+    for name in names[0] or []:
+        if not wait_for_shared_file(folder / name):
+            raise DistributedError(f"{folder / name}, written by rank 0, is not visible on rank {rank()} after "
+                                   f"{SHARED_FILE_WAIT_S:.0f} s: the run directory must be shared by all ranks")
 
 
 def main_first(action: Callable[[], None]) -> None:

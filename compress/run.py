@@ -161,7 +161,9 @@ class _Attempt:
                 self.write_rows(STATUS_COMPLETED, run_row=False)
                 _after_success(self.current)
                 self.current = None  # its row is final: a later failure must not overwrite it
-                # the next stage starts from this stage's exported model as saved (on every rank)
+                # the next stage starts from this stage's exported model as saved (on every rank, once its node
+                # sees rank 0's files)
+                distributed.wait_for_main_files(directory / MODEL_DIR)
                 previous = load_model(str(directory / MODEL_DIR))
 
     def row_for(self, status: str, error: BaseException | None = None, step: int | None = None) -> dict[str, Any]:

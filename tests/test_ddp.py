@@ -103,6 +103,18 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def spawn_and_join(worker, args: tuple, processes: int, limit_s: float) -> None:
+    """Run ``worker(rank, *args)`` in ``processes`` processes; fail the test (kill them) after ``limit_s`` (a deadlock
+    fails it instead of waiting for the process group's timeout)."""
+    context = mp.spawn(worker, args=args, nprocs=processes, join=False)
+    deadline = time.monotonic() + limit_s
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {processes} processes did not finish within {limit_s:.0f} s")
+
+
 #: runs of the two processes that are meant to fail: (name, config overrides, what fails where)
 FAILING: dict[str, dict] = {
     "rn-student-on-cpu": {"student": {"model": "cc-test-rn-teacher"}, "inheritance": {"name": "none"}},
@@ -181,14 +193,7 @@ def runs(tmp_path_factory):
     """Run directories of every case: two processes (``ddp``) and one process with the doubled batch."""
     root = tmp_path_factory.mktemp("ddp")
     names = list(CASES)
-    context = mp.spawn(worker, args=(names, str(root / "two"), free_ports(len(names) + 2 + len(FAILING))),
-                       nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 900  # a deadlock fails the test instead of waiting for the group's timeout
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two processes did not finish within 15 minutes")
+    spawn_and_join(worker, (names, str(root / "two"), free_ports(len(names) + 2 + len(FAILING))), WORLD, 900)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -189,15 +189,16 @@ def test_each_layer_keeps_its_best_scored_heads_and_neurons(teacher, widths):
     scores = magnitude_scores(teacher, TOWERS)
     structure = describe_structure(teacher)
     keep = select_units(scores, structure, _costs(teacher, structure, TOWERS), TOWERS, 0.5, "pooled", widths, {}, 1)
-    pruned = 0
+    pruned = {"heads": 0, "neurons": 0}
     for name in TOWERS:
         for i, (heads, neurons) in enumerate(zip(keep[name].heads, keep[name].neurons, strict=True)):
             for kind, kept in (("heads", heads), ("neurons", neurons)):
                 score = scores[f"{name}/{kind}/{i}"]
                 best = torch.argsort(score, descending=True)[:len(kept)]
                 assert set(kept.tolist()) == set(best.tolist()), (name, kind, i)
-                pruned += len(score) - len(kept)
-    assert pruned > 0
+                pruned[kind] += len(score) - len(kept)
+    assert pruned["neurons"] > 0
+    assert (pruned["heads"] > 0) == (widths == "per_layer")  # uniform keeps every head (channels: keep)
 
 
 def test_a_uniform_selection_open_clip_cannot_build_is_refused_not_saved_in_the_non_uniform_form(teacher, monkeypatch):

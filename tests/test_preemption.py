@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import yaml
 
 from compress.checkpoint import latest_checkpoint
@@ -23,6 +22,7 @@ from compress.recipe import config_from_dict, load_config, run_id_of
 from compress.run import run_dir_for, run_experiment
 from compress.stopping import RunInterrupted, StoppedAtStep
 from compress.train import Trainer
+from tests.test_ddp import spawn_and_join
 from tests.test_resume import assert_same, config, outcome
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,17 +309,6 @@ def two_rank_worker(rank: int, out: str, ports: list[int]) -> None:
         (Path(out) / "checkpoints.json").write_text(json.dumps(checkpoints))
     row = run_experiment(cfg)
     assert row["status"] == "completed", row.get("error")
-
-
-def spawn_and_join(worker, args: tuple, processes: int, limit_s: float) -> None:
-    """Run ``worker(rank, *args)`` in ``processes`` processes; fail the test (kill them) after ``limit_s``."""
-    context = mp.spawn(worker, args=args, nprocs=processes, join=False)
-    deadline = time.monotonic() + limit_s
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {processes} processes did not finish within {limit_s:.0f} s")
 
 
 @pytest.mark.slow

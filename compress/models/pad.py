@@ -29,11 +29,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from compress.models.build import ModelLoadError, build_from_config, check_fits, set_preprocess
-from compress.models.structure import tower_structure
+from compress.models.structure import mlp_ratio, tower_structure
 from compress.models.towers import TOWERS, UnsupportedTower, get_tower
 
 _CFG_KEY = {"vision": "vision_cfg", "text": "text_cfg"}
@@ -71,13 +70,10 @@ def uniform_config(cfg: dict[str, Any], structure: dict[str, Any]) -> dict[str, 
 
 def _mlp_ratio(mlp_width: int, width: int) -> float:
     """A float ``r`` with ``int(width * r) == mlp_width`` (open_clip's rule for the MLP width)."""
-    ratio = mlp_width / width
-    for _ in range(4):
-        if int(width * ratio) == mlp_width:
-            return ratio
-        ratio = float(torch.nextafter(torch.tensor(ratio, dtype=torch.float64), torch.tensor(float("inf"),
-                                      dtype=torch.float64)))
-    raise PaddingError(f"no float mlp_ratio gives an MLP width of {mlp_width} at width {width}")
+    ratio = mlp_ratio(width, mlp_width)
+    if ratio is None:
+        raise PaddingError(f"no float mlp_ratio gives an MLP width of {mlp_width} at width {width}")
+    return ratio
 
 
 def model_structure(model: nn.Module) -> dict[str, Any]:

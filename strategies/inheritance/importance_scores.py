@@ -2,9 +2,10 @@
 
 - ``magnitude``: torch-pruning's ``GroupMagnitudeImportance`` (p=2: the sum of the squares of the unit's weights,
   the squared L2; Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017), on a group per layer.
-- ``taylor``: torch-pruning's ``GroupTaylorImportance``, sum of |w * dL/dw| over the unit's weights (the first-order
-  Taylor criterion of Molchanov et al., "Pruning Convolutional Neural Networks for Resource Efficient Inference",
-  ICLR 2017; their CVPR 2019 paper squares the product instead), L the source's own CLIP contrastive loss on one
+- ``taylor``: torch-pruning's ``GroupTaylorImportance``, sum of |w * dL/dw| over the unit's weights (the absolute
+  value per weight, torch-pruning's default; after the first-order Taylor criterion of Molchanov et al., "Pruning
+  Convolutional Neural Networks for Resource Efficient Inference", ICLR 2017, which takes |sum w * dL/dw| per unit,
+  and their CVPR 2019 paper, which squares it), L the source's own CLIP contrastive loss on one
   calibration batch, the scores of the batches summed (per batch, as both papers accumulate over mini-batches).
 - ``activation``: Minitron-style activation importance (after Muralidharan et al., "Compact Language Models via
   Pruning and Knowledge Distillation", 2024): a neuron's mean |activation| after the MLP's non-linearity (the input
@@ -160,10 +161,11 @@ def clip_loss(model: nn.Module, batch: Mapping[str, Any], device: torch.device) 
 
 def taylor_scores(model: nn.Module, towers: tuple[str, ...], batches: list[Mapping[str, Any]],
                   device: torch.device) -> Scores:
-    """First-order Taylor scores, Molchanov et al. (ICLR 2017; CVPR 2019 squares the product): |w * dL/dw| summed
-    over a unit's weights, computed per calibration batch (L: the source's CLIP loss on that batch) and summed over
-    the batches. Per batch, not on the summed gradient: at a converged source the batches' gradients largely cancel,
-    their magnitudes do not. The source's training mode, ``requires_grad`` flags and gradients are as before."""
+    """First-order Taylor scores after Molchanov et al. (ICLR 2017, CVPR 2019), torch-pruning's default form:
+    |w * dL/dw| summed over a unit's weights, computed per calibration batch (L: the source's CLIP loss on that
+    batch) and summed over the batches. Per batch, not on the summed gradient: at a converged source the batches'
+    gradients largely cancel, their magnitudes do not. The source's training mode, ``requires_grad`` flags and
+    gradients are as before."""
     frozen = {p: p.requires_grad for p in model.parameters()}
     training = model.training
     model.eval().zero_grad(set_to_none=True)
