@@ -376,6 +376,43 @@ def test_a_three_stage_importance_run_stopped_in_its_second_stage_resumes_exactl
     assert_resumes_exactly(monkeypatch, cfg, straight, "1-sparsity40", 5)
 
 
+@pytest.mark.slow
+def test_sigkill_in_the_second_importance_stage_then_the_same_command_resumes_exactly(tmp_path):
+    """A real process of a 2-stage Taylor importance run, killed with SIGKILL in its second stage (after a checkpoint
+    of that stage), then started again with the same command: the same weights, metrics series and rows as a run
+    never stopped (the resumed stage rebuilds its student from the checkpoint's record)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.test_resume import ROOT, kill_at_checkpoint
+
+    train = {"steps": 12, "batch_size": 8, "lr": 1e-3, "log_every": 1, "progress": False, "checkpoint_every": 3}
+    runs = {}
+    for out in ("straight", "killed"):
+        cfg = tiny_config(tmp_path, name="kill", student=None, stages={"targets": [0.2, 0.4]}, train=train,
+                          inheritance={"name": "importance", "criterion": "taylor", "calibration_batches": 2},
+                          eval=NO_EVAL, output={"dir": str(tmp_path / out)})
+        runs[out] = tmp_path / f"{out}.yaml"
+        runs[out].write_text(yaml.safe_dump(cfg.to_dict()))
+    command = [sys.executable, "-m", "experiments", "run"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([*command, str(runs["straight"])], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed_at = kill_at_checkpoint([*command, str(runs["killed"])], env, tmp_path / "killed", "*/stages/1-*", 3)
+    (killed_dir,) = (tmp_path / "killed").glob("kill-*")
+    assert (next((killed_dir / "stages").glob("1-*")) / "importance" / "scores.safetensors").is_file()
+    again = subprocess.run([*command, str(runs["killed"])], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming" in again.stderr and f"step {killed_at.step} of 12" in again.stderr
+    (straight_dir,) = (tmp_path / "straight").glob("kill-*")
+    assert_same(outcome(killed_dir), outcome(straight_dir))
+
+
 def test_the_dry_run_shows_criterion_target_widths_and_calibration(tmp_path):
     text = format_plan(build_plan(staged(tmp_path)))
     assert "student      the teacher pruned once by taylor importance (per-layer widths" in text
