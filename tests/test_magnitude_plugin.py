@@ -4,7 +4,6 @@ with cumulative targets, resumes exactly after a stop, and shows in ``--dry-run`
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from compress.plan import build_plan, format_plan
 from compress.registry import INHERITANCE
 from compress.run import run_dir_for, run_experiment
 from tests.plugins.magnitude_inheritance import MagnitudeInheritance
-from tests.test_resume import TRAIN, Stop, assert_same, kill_at_checkpoint, outcome, stop_at
+from tests.test_resume import TRAIN, Stop, assert_same, kill_and_resume, outcome, stop_at
 from tests.test_run_e2e import tiny_config
 
 NO_EVAL = {"zero_shot": [], "retrieval": False, "throughput": False, "macs": False}
@@ -111,16 +110,5 @@ def test_sigkill_in_the_second_magnitude_stage_then_the_same_command_resumes_exa
                           output={"dir": str(tmp_path / out)})
         runs[out] = tmp_path / f"{out}.yaml"
         runs[out].write_text(yaml.safe_dump(cfg.to_dict()))
-    command = [sys.executable, "-c", RUN_WITH_PLUGIN]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([*command, str(runs["straight"])], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    killed_at = kill_at_checkpoint([*command, str(runs["killed"])], env, tmp_path / "killed", "*/stages/1-*", 3)
-    again = subprocess.run([*command, str(runs["killed"])], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "resuming" in again.stderr and f"step {killed_at.step} of 30" in again.stderr
-    (straight_dir,) = (tmp_path / "straight").glob("kill-*")
-    (killed_dir,) = (tmp_path / "killed").glob("kill-*")
-    assert_same(outcome(killed_dir), outcome(straight_dir))
+    kill_and_resume([sys.executable, "-c", RUN_WITH_PLUGIN],
+                    {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}, runs, tmp_path, 30)

@@ -132,6 +132,28 @@ def kill_at_checkpoint(command: list[str], env: dict[str, str], root: Path, stag
     return latest_checkpoint(stage)
 
 
+def kill_and_resume(command: list[str], env: dict[str, str], runs: dict[str, Path], root: Path, steps: int,
+                    on_kill=None):
+    """``command`` on ``runs["straight"]`` to its end; on ``runs["killed"]`` SIGKILLed once its second stage holds a
+    checkpoint of step 3 (``on_kill(checkpoint)`` then checks it), then the same command again: it resumes at that
+    step (of the stage's ``steps``) and ends as the straight run (weights, metrics series, rows). Run folders are
+    ``root/straight/kill-*`` and ``root/killed/kill-*``; returns the checkpoint it was killed at."""
+    done = subprocess.run([*command, str(runs["straight"])], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed_at = kill_at_checkpoint([*command, str(runs["killed"])], env, root / "killed", "*/stages/1-*", 3)
+    if on_kill is not None:
+        on_kill(killed_at)
+    again = subprocess.run([*command, str(runs["killed"])], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming" in again.stderr and f"step {killed_at.step} of {steps}" in again.stderr
+    (straight_dir,) = (root / "straight").glob("kill-*")
+    (killed_dir,) = (root / "killed").glob("kill-*")
+    assert_same(outcome(killed_dir), outcome(straight_dir))
+    return killed_at
+
+
 @pytest.mark.slow
 def test_sigkill_mid_masked_stage_then_the_same_command_resumes_exactly(tmp_path):
     """A real process, killed with SIGKILL in the masked phase of its second stage (after a checkpoint
@@ -152,23 +174,12 @@ def test_sigkill_mid_masked_stage_then_the_same_command_resumes_exactly(tmp_path
         path = tmp_path / f"{out}.yaml"
         path.write_text(yaml.safe_dump({**data, "output": {"dir": str(tmp_path / out)}}))
         runs[out] = path
-    command = [sys.executable, "-m", "experiments", "run"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([*command, str(runs["straight"])], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    def still_masked(killed_at) -> None:
+        assert killed_at.step < 24  # the masks were still attached
+        assert json.loads(killed_at.path.joinpath("student.json").read_text())["masked"] is True
 
-    killed_at = kill_at_checkpoint([*command, str(runs["killed"])], env, tmp_path / "killed", "*/stages/1-*", 3)
-    assert killed_at.step < 24  # the masks were still attached
-    assert json.loads(killed_at.path.joinpath("student.json").read_text())["masked"] is True
-
-    again = subprocess.run([*command, str(runs["killed"])], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "resuming" in again.stderr and f"step {killed_at.step} of 30" in again.stderr
-    (straight_dir,) = (tmp_path / "straight").glob("kill-*")
-    (killed_dir,) = (tmp_path / "killed").glob("kill-*")
-    assert_same(outcome(killed_dir), outcome(straight_dir))
+    kill_and_resume([sys.executable, "-m", "experiments", "run"], {**os.environ, "HF_HUB_OFFLINE": "1"}, runs,
+                    tmp_path, 30, still_masked)
 
 
 @pytest.mark.slow
